@@ -1,0 +1,306 @@
+"""Transport benchmark: the tensor codec against bare gRPC, over the same mutual TLS.
+
+A float32 tensor of ``--size-mib`` MiB (random, fixed seed) goes client -> server -> client
+two ways, for each chunk size (64 KiB to 4 MiB, and always ``DEFAULT_CHUNK_BYTES``):
+
+* codec: ``DiagnosticsClient.echo`` -> ``Diagnostics.EchoTensors``. The codec chunks and
+  checksums the tensor; the server reassembles and verifies it whole, then re-chunks it.
+* bare: a raw-bytes stream-stream RPC (no protobuf, no checksum, no validation) carrying
+  the same bytes in the same chunk size. Its server does the codec server's work minus
+  the codec: one buffer for the whole tensor (sized from call metadata), every message
+  copied in, then the buffer sent back in slices of the chunk size.
+
+Both are store-and-forward, share one channel per chunk size (same ``create_channel``
+options, same mTLS) and one server per chunk size (same ``create_server`` call), hosted
+in a child process so that client and server do not share a GIL. Each chunk size runs one
+untimed warm-up of each path, then ``--repeats`` interleaved rounds (bare, codec, ...).
+MB/s counts the bytes both ways (2 * size / seconds / 1e6); the ratio is codec median /
+bare median. Every codec echo must be bit-exact and every bare echo the same bytes.
+
+Run from the repository root::
+
+    python bench/transport.py [--size-mib 256] [--repeats 3] [--chunk-kib 64 ...] \
+        [--json PATH]
+
+Besides the table it prints ``ratio transport codec/bare @<chunk>: <value>`` for each
+chunk size and the headline ``ratio transport codec/bare: <value>`` for the default one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from splitfed.clients.diagnostics import DiagnosticsClient
+from splitfed.retry import RetryPolicy
+from splitfed.security.ca import CertificateAuthority
+from splitfed.security.tls import TLSConfig
+from splitfed.transport import (
+    MAX_CHUNK_BYTES,
+    Server,
+    ServiceBinding,
+    TransportOptions,
+    create_channel,
+    create_server,
+)
+from splitfed.wire import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_TENSOR_BYTES, KiB, MiB
+
+BARE_SERVICE = "splitfed.bench.Bare"
+SERVER_NAME = "backbone.bench.local"
+DEFAULT_CHUNKS_KIB = (64, 256, 1024, 4096)
+SEED = 0
+CALL_TIMEOUT_S = 600.0
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes // MiB}MiB" if nbytes % MiB == 0 else f"{nbytes // KiB}KiB"
+
+
+def _chunk_sizes(chunk_kib: list[int] | None) -> list[int]:
+    sizes = {kib * KiB for kib in chunk_kib or DEFAULT_CHUNKS_KIB} | {DEFAULT_CHUNK_BYTES}
+    return sorted(sizes)
+
+
+# --- server side (child process) --------------------------------------------------------
+
+
+def _bare_echo(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    # The same store-and-forward work as the codec's server, minus protobuf, checksum and
+    # validation: one buffer for the whole tensor (its size from call metadata, as the
+    # codec takes it from the header), each message copied in, then sent back in slices.
+    metadata = dict(context.invocation_metadata())
+    size, chunk = int(metadata["x-total-bytes"]), int(metadata["x-chunk-bytes"])
+    whole = memoryview(bytearray(size))
+    received = 0
+    for message in requests:
+        whole[received : received + len(message)] = message
+        received += len(message)
+    for start in range(0, received, chunk):
+        yield bytes(whole[start : start + chunk])
+
+
+def _register_bare(_servicer: object, server: grpc.Server) -> None:
+    # No serializers: the messages are the raw bytes, as sent.
+    handler: grpc.RpcMethodHandler[bytes, bytes] = grpc.stream_stream_rpc_method_handler(_bare_echo)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(BARE_SERVICE, {"Echo": handler}),)
+    )
+
+
+def _serve(tls_dir: Path, chunk_sizes: list[int]) -> int:
+    """Serve Diagnostics and the bare echo, one server per chunk size, until stdin closes."""
+    from splitfed.services import diagnostics
+
+    tls = TLSConfig.from_dir(tls_dir)
+    servers: list[Server] = []
+    try:
+        for chunk in chunk_sizes:
+            bindings = [
+                diagnostics.binding(chunk_bytes=chunk),
+                ServiceBinding(BARE_SERVICE, None, _register_bare),
+            ]
+            options = TransportOptions(chunk_bytes=chunk)
+            servers.append(create_server(bindings, tls, options=options).start())
+            print(f"port {chunk} {servers[-1].port}", flush=True)
+        print("ready", flush=True)
+        sys.stdin.read()  # returns when the parent closes the pipe or dies
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for server in servers:
+            server.stop(grace_s=1.0)
+    return 0
+
+
+@contextlib.contextmanager
+def _server_process(tls_dir: Path, chunk_kib: list[int] | None) -> Iterator[dict[int, int]]:
+    """Start the server child; yield its port per chunk size; always stop it."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve-tls-dir", str(tls_dir)]
+    for kib in chunk_kib or ():
+        command += ["--chunk-kib", str(kib)]
+    proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ports: dict[int, int] = {}
+        for line in proc.stdout:
+            words = line.split()
+            if words == ["ready"]:
+                break
+            if len(words) == 3 and words[0] == "port":
+                ports[int(words[1])] = int(words[2])
+        else:
+            raise BenchError(f"server process exited with code {proc.wait()} before serving")
+        yield ports
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- client side ------------------------------------------------------------------------
+
+
+def _bare_round(
+    call: grpc.StreamStreamMultiCallable[bytes, bytes], payload: bytes, chunk: int
+) -> float:
+    received = 0
+    start = time.perf_counter()
+    # A fresh buffer per round, as the codec allocates one per received tensor.
+    out = bytearray(len(payload))
+    view = memoryview(out)
+    requests = (payload[i : i + chunk] for i in range(0, len(payload), chunk))
+    metadata = (("x-total-bytes", str(len(payload))), ("x-chunk-bytes", str(chunk)))
+    for message in call(requests, timeout=CALL_TIMEOUT_S, metadata=metadata):
+        view[received : received + len(message)] = message
+        received += len(message)
+    elapsed = time.perf_counter() - start
+    if received != len(payload) or out != payload:
+        raise BenchError(f"bare echo returned {received} bytes, not the {len(payload)} sent")
+    return elapsed
+
+
+def _codec_round(client: DiagnosticsClient, tensor: torch.Tensor) -> float:
+    start = time.perf_counter()
+    echoed = client.echo([("bench", tensor)])
+    elapsed = time.perf_counter() - start
+    if len(echoed) != 1 or not torch.equal(echoed[0].tensor, tensor):
+        raise BenchError("codec echo is not bit-exact")
+    return elapsed
+
+
+def _measure(
+    port: int, chunk: int, tls: TLSConfig, tensor: torch.Tensor, repeats: int
+) -> dict[str, Any]:
+    payload = tensor.numpy().tobytes()  # what the bare path sends
+    mb_s = 2 * len(payload) / 1e6
+    options = TransportOptions(chunk_bytes=chunk)
+    with create_channel(
+        f"127.0.0.1:{port}", tls, server_name=SERVER_NAME, options=options
+    ) as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        bare: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            f"/{BARE_SERVICE}/Echo"
+        )
+        client = DiagnosticsClient(
+            channel, chunk_bytes=chunk, retry=RetryPolicy(max_attempts=1), timeout_s=CALL_TIMEOUT_S
+        )
+        _bare_round(bare, payload, chunk)  # warm-up
+        _codec_round(client, tensor)
+        bare_mb_s: list[float] = []
+        codec_mb_s: list[float] = []
+        for _ in range(repeats):
+            bare_mb_s.append(mb_s / _bare_round(bare, payload, chunk))
+            codec_mb_s.append(mb_s / _codec_round(client, tensor))
+    bare_median = statistics.median(bare_mb_s)
+    codec_median = statistics.median(codec_mb_s)
+    return {
+        "chunk_bytes": chunk,
+        "bare_mb_s": bare_mb_s,
+        "codec_mb_s": codec_mb_s,
+        "bare_median_mb_s": bare_median,
+        "codec_median_mb_s": codec_median,
+        "ratio": codec_median / bare_median,
+    }
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--size-mib", type=int, default=256, help="tensor size (default 256)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per path")
+    parser.add_argument(
+        "--chunk-kib", type=int, action="append", help="chunk size in KiB; repeat for several"
+    )
+    parser.add_argument("--json", type=Path, help="write all figures to this file")
+    parser.add_argument("--serve-tls-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not 1 <= args.size_mib * MiB <= DEFAULT_MAX_TENSOR_BYTES:
+        parser.error(f"--size-mib must be between 1 and {DEFAULT_MAX_TENSOR_BYTES // MiB}")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if any(not 1 <= kib * KiB <= MAX_CHUNK_BYTES for kib in args.chunk_kib or ()):
+        parser.error(f"--chunk-kib must be between 1 and {MAX_CHUNK_BYTES // KiB}")
+    chunk_sizes = _chunk_sizes(args.chunk_kib)
+    if args.serve_tls_dir is not None:
+        return _serve(args.serve_tls_dir, chunk_sizes)
+
+    machine = _machine()
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    ca = CertificateAuthority.create("bench CA")
+    client_cert = ca.issue("bench-client", "client")
+    assert client_cert.key_pem is not None
+    client_tls = TLSConfig(ca.cert_pem, client_cert.cert_pem, client_cert.key_pem)
+    generator = torch.Generator().manual_seed(SEED)
+    tensor = torch.rand(args.size_mib * MiB // 4, generator=generator, dtype=torch.float32)
+    results: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
+            ca.issue("bench-server", "backbone", dns_names=[SERVER_NAME]).write(Path(tmp))
+            with _server_process(Path(tmp), args.chunk_kib) as ports:
+                for chunk in chunk_sizes:
+                    result = _measure(ports[chunk], chunk, client_tls, tensor, args.repeats)
+                    results.append(result)
+                    print(f"[{_size(chunk)} done]", file=sys.stderr, flush=True)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    print(f"\n{args.size_mib} MiB tensor, both ways, median of {args.repeats} rounds")
+    print(f"{'chunk':>8} {'bare MB/s':>10} {'codec MB/s':>11} {'codec/bare':>11}")
+    for r in results:
+        print(
+            f"{_size(r['chunk_bytes']):>8} {r['bare_median_mb_s']:>10.1f} "
+            f"{r['codec_median_mb_s']:>11.1f} {r['ratio']:>11.2f}"
+        )
+    ratios = {f"transport codec/bare @{_size(r['chunk_bytes'])}": r["ratio"] for r in results}
+    ratios["transport codec/bare"] = ratios[f"transport codec/bare @{_size(DEFAULT_CHUNK_BYTES)}"]
+    print()
+    for what, value in ratios.items():
+        print(f"ratio {what}: {value:.2f}")
+    if args.json is not None:
+        figures = {
+            "benchmark": "transport",
+            "size_mib": args.size_mib,
+            "repeats": args.repeats,
+            "default_chunk_bytes": DEFAULT_CHUNK_BYTES,
+            "machine": machine,
+            "chunks": results,
+            "ratios": ratios,
+        }
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The splitfed client SDK."""

@@ -1,0 +1,1 @@
+"""Partitioning of Hugging Face causal LMs into head, body and tail."""

@@ -1,0 +1,1 @@
+"""Identities, certificates and TLS credentials for every splitfed party."""

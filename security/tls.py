@@ -1,0 +1,110 @@
+"""TLS material for servers and channels: mutual TLS by default, plaintext only on request."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+
+from splitfed.security.ca import load_private_key, same_public_key
+
+logger = logging.getLogger(__name__)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{what} file {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} file {path}: {exc.strerror}") from None
+
+
+@dataclass(frozen=True, repr=False)
+class TLSConfig:
+    """Certificates of one party: the deployment CA, its own chain and private key.
+
+    ``insecure=True`` turns TLS off entirely (plaintext HTTP/2, no identities); it exists
+    for debugging on loopback and logs a warning wherever it is used.
+    """
+
+    ca_cert: bytes | None = None
+    cert_chain: bytes | None = None
+    private_key: bytes | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        material = (self.ca_cert, self.cert_chain, self.private_key)
+        if self.insecure:
+            if any(m is not None for m in material):
+                raise ValueError("insecure mode takes no certificates; drop them or insecure=True")
+            return
+        if any(m is None for m in material):
+            raise ValueError(
+                "mutual TLS needs the CA certificate, a certificate chain and a private key "
+                "(ca.pem, cert.pem, key.pem); plaintext needs an explicit insecure=True"
+            )
+        assert self.ca_cert is not None and self.cert_chain is not None
+        assert self.private_key is not None
+        try:
+            x509.load_pem_x509_certificates(self.ca_cert)
+        except ValueError:
+            raise ValueError("CA certificate is not a PEM certificate") from None
+        try:
+            leaf = x509.load_pem_x509_certificates(self.cert_chain)[0]
+        except ValueError:
+            raise ValueError("certificate chain is not a PEM certificate") from None
+        try:
+            key = load_private_key(self.private_key)
+        except (ValueError, TypeError):
+            raise ValueError("private key is not an unencrypted PEM EC private key") from None
+        if not same_public_key(leaf, key):
+            raise ValueError("private key does not belong to the certificate")
+
+    def __repr__(self) -> str:  # never print key material
+        return "TLSConfig(insecure=True)" if self.insecure else "TLSConfig(mtls)"
+
+    @classmethod
+    def from_files(cls, ca_cert: Path, cert_chain: Path, private_key: Path) -> TLSConfig:
+        return cls(
+            ca_cert=_read(ca_cert, "CA certificate"),
+            cert_chain=_read(cert_chain, "certificate"),
+            private_key=_read(private_key, "private key"),
+        )
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> TLSConfig:
+        """Load ``ca.pem``, ``cert.pem`` and ``key.pem`` from one directory."""
+        return cls.from_files(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+
+    @classmethod
+    def plaintext(cls) -> TLSConfig:
+        return cls(insecure=True)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Credentials that demand and verify a client certificate from the deployment CA."""
+        assert self.private_key is not None and self.cert_chain is not None
+        return grpc.ssl_server_credentials(
+            [(self.private_key, self.cert_chain)],
+            root_certificates=self.ca_cert,
+            require_client_auth=True,
+        )
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials that present this party's certificate and verify the server's."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_cert,
+            private_key=self.private_key,
+            certificate_chain=self.cert_chain,
+        )
+
+
+def warn_plaintext(where: str) -> None:
+    logger.warning(
+        "[%s] TLS is OFF (insecure mode): traffic is plaintext and peers are not "
+        "authenticated; use only for local debugging",
+        where,
+    )

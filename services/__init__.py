@@ -1,0 +1,1 @@
+"""splitfed services: each a thin gRPC servicer over plain handler functions."""

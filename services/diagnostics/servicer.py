@@ -1,0 +1,69 @@
+"""gRPC servicer for splitfed.v1.Diagnostics: converts messages, calls the handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from splitfed import __version__
+from splitfed.errors import stream_errors, unary_errors
+from splitfed.security.identity import peer_identity
+from splitfed.services.diagnostics.handlers import handle_echo, handle_who_am_i
+from splitfed.transport import ServiceBinding
+from splitfed.v1 import diagnostics_pb2, diagnostics_pb2_grpc, tensor_pb2
+from splitfed.wire import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_LIMITS,
+    TensorLimits,
+    iter_frames,
+    iter_tensors,
+)
+
+SERVICE_NAME = diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name
+
+
+def _response_frame() -> tuple[diagnostics_pb2.EchoTensorsResponse, tensor_pb2.TensorChunk]:
+    response = diagnostics_pb2.EchoTensorsResponse()
+    return response, response.chunk
+
+
+class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
+    def __init__(
+        self, limits: TensorLimits = DEFAULT_LIMITS, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> None:
+        self.limits = limits
+        self.chunk_bytes = chunk_bytes
+
+    @stream_errors
+    def EchoTensors(
+        self,
+        request_iterator: Iterator[diagnostics_pb2.EchoTensorsRequest],
+        context: grpc.ServicerContext,
+    ) -> Iterator[diagnostics_pb2.EchoTensorsResponse]:
+        chunks = (request.chunk for request in request_iterator)
+        for echo in handle_echo(iter_tensors(chunks, self.limits)):
+            yield from iter_frames(
+                echo.tensor,
+                echo.name,
+                _response_frame,
+                chunk_bytes=self.chunk_bytes,
+                encoding=echo.encoding,
+            )
+
+    @unary_errors
+    def WhoAmI(
+        self, request: diagnostics_pb2.WhoAmIRequest, context: grpc.ServicerContext
+    ) -> diagnostics_pb2.WhoAmIResponse:
+        name, role = handle_who_am_i(peer_identity(context))
+        return diagnostics_pb2.WhoAmIResponse(identity=name, role=role, server_version=__version__)
+
+
+def binding(
+    limits: TensorLimits = DEFAULT_LIMITS, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> ServiceBinding:
+    return ServiceBinding(
+        name=SERVICE_NAME,
+        servicer=DiagnosticsServicer(limits, chunk_bytes),
+        register=diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server,
+    )

@@ -1,0 +1,231 @@
+"""The ``splitfed`` command line.
+
+Exit codes: 0 success, 2 usage or configuration error, 1 runtime failure. Errors print
+one line; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any, TypeVar
+
+import click
+
+from splitfed import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger(__name__)
+
+
+class _Context:
+    def __init__(self, debug: bool) -> None:
+        self.debug = debug
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(ctx: click.Context, exc: BaseException, *, usage: bool) -> None:
+    obj: _Context = ctx.find_root().obj
+    if obj is not None and obj.debug:
+        raise exc
+    click.echo(f"error: {exc}", err=True)
+    ctx.exit(2 if usage else 1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="splitfed")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, log_level: str, debug: bool) -> None:
+    """splitfed: split federated fine-tuning and inference of LLMs."""
+    _setup_logging(log_level)
+    ctx.obj = _Context(debug)
+
+
+def tls_options(func: F) -> F:
+    options = [
+        click.option(
+            "--tls-dir",
+            type=click.Path(path_type=Path, file_okay=False),
+            help="Directory with ca.pem, cert.pem and key.pem.",
+        ),
+        click.option(
+            "--ca",
+            "ca_path",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="Deployment CA certificate (overrides --tls-dir).",
+        ),
+        click.option(
+            "--cert",
+            "cert_path",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="This party's certificate chain (overrides --tls-dir).",
+        ),
+        click.option(
+            "--key",
+            "key_path",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="This party's private key (overrides --tls-dir).",
+        ),
+        click.option(
+            "--insecure",
+            is_flag=True,
+            help="Plaintext without authentication. Local debugging only.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _tls_from_options(
+    tls_dir: Path | None,
+    ca_path: Path | None,
+    cert_path: Path | None,
+    key_path: Path | None,
+    insecure: bool,
+) -> Any:
+    from splitfed.security.tls import TLSConfig
+
+    if insecure:
+        if tls_dir or ca_path or cert_path or key_path:
+            raise ValueError("--insecure cannot be combined with --tls-dir/--ca/--cert/--key")
+        return TLSConfig.plaintext()
+    if tls_dir is None and not (ca_path and cert_path and key_path):
+        raise ValueError("give --tls-dir, or all of --ca, --cert and --key (or --insecure)")
+    base = tls_dir or Path()
+    return TLSConfig.from_files(
+        ca_path or base / "ca.pem", cert_path or base / "cert.pem", key_path or base / "key.pem"
+    )
+
+
+@cli.group()
+def serve() -> None:
+    """Run a splitfed service."""
+
+
+@serve.command("diagnostics")
+@click.option(
+    "--listen",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="host:port to bind; port 0 picks a free one.",
+)
+@tls_options
+@click.option("--chunk-bytes", type=int, default=None, help="Chunk size of responses.")
+@click.option(
+    "--max-tensor-bytes", type=int, default=None, help="Largest tensor accepted (default 2 GiB)."
+)
+@click.option(
+    "--port-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the bound port here once serving.",
+)
+@click.option(
+    "--grace",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds running calls get to finish on shutdown.",
+)
+@click.pass_context
+def serve_diagnostics(
+    ctx: click.Context,
+    listen: str,
+    tls_dir: Path | None,
+    ca_path: Path | None,
+    cert_path: Path | None,
+    key_path: Path | None,
+    insecure: bool,
+    chunk_bytes: int | None,
+    max_tensor_bytes: int | None,
+    port_file: Path | None,
+    grace: float,
+) -> None:
+    """Serve splitfed.v1.Diagnostics (tensor echo, WhoAmI) with health and reflection."""
+    from splitfed.services.diagnostics import binding
+    from splitfed.transport import TransportOptions, create_server
+    from splitfed.wire import DEFAULT_CHUNK_BYTES, TensorLimits
+
+    try:
+        tls = _tls_from_options(tls_dir, ca_path, cert_path, key_path, insecure)
+        options = TransportOptions(
+            chunk_bytes=DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        )
+        limits = TensorLimits() if max_tensor_bytes is None else TensorLimits(max_tensor_bytes)
+    except ValueError as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    try:
+        server = create_server(
+            [binding(limits, options.chunk_bytes)], tls, address=listen, options=options
+        )
+    except OSError as exc:
+        _fail(ctx, exc, usage=False)
+        return
+    run_until_signalled(server, port_file=port_file, grace_s=grace)
+
+
+def run_until_signalled(server: Any, *, port_file: Path | None, grace_s: float) -> None:
+    """Start ``server``, announce its address, and stop it gracefully on SIGTERM/SIGINT."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("[serve] received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    if port_file is not None:
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(f"{server.port}\n")
+        tmp.replace(port_file)
+    click.echo(f"listening on {server.address}")
+    sys.stdout.flush()
+    stop.wait()
+    server.stop(grace_s)
+
+
+@cli.command()
+@click.option(
+    "--size-mib", type=int, default=256, show_default=True, help="Size of the largest tensor sent."
+)
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Keep certificates and logs here (default: a temporary directory).",
+)
+@click.pass_context
+def demo(ctx: click.Context, size_mib: int, workdir: Path | None) -> None:
+    """Run the most complete local deployment there is, end to end, and report."""
+    from splitfed.demo import DemoError, run_demo
+
+    if size_mib < 1:
+        _fail(ctx, ValueError("--size-mib must be at least 1"), usage=True)
+    try:
+        run_demo(size_mib=size_mib, workdir=workdir)
+    except DemoError as exc:
+        _fail(ctx, exc, usage=False)
+
+
+def main() -> None:
+    cli(prog_name="splitfed")

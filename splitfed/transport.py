@@ -1,0 +1,209 @@
+"""The one factory for gRPC servers and channels.
+
+:func:`create_server` and :func:`create_channel` own TLS (mutual by default), message
+size limits derived from the chunk size, keepalive, and graceful shutdown. Every server
+also serves ``grpc.health.v1.Health`` and server reflection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from splitfed.runtime import tune_allocator
+from splitfed.security.tls import TLSConfig, warn_plaintext
+from splitfed.wire import DEFAULT_CHUNK_BYTES, KiB, MiB
+
+logger = logging.getLogger(__name__)
+
+# Room in each message for everything besides the chunk's payload: header, frame fields.
+MESSAGE_HEADROOM_BYTES = 64 * KiB
+MAX_CHUNK_BYTES = 64 * MiB
+
+
+@dataclass(frozen=True)
+class TransportOptions:
+    """Settings shared by both ends of a connection."""
+
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+    max_workers: int = 16
+    max_concurrent_rpcs: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"chunk_bytes must be between 1 and {MAX_CHUNK_BYTES}, got {self.chunk_bytes}"
+            )
+        if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0:
+            raise ValueError("keepalive_time_s and keepalive_timeout_s must be positive")
+        if self.max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.chunk_bytes + MESSAGE_HEADROOM_BYTES
+
+    def _common(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+
+    def server_options(self) -> list[tuple[str, Any]]:
+        return [
+            *self._common(),
+            # Accept client pings as often as clients are configured to send them.
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_time_s * 500)),
+            # Never share a port silently with another process.
+            ("grpc.so_reuseport", 0),
+        ]
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        return self._common()
+
+
+DEFAULT_OPTIONS = TransportOptions()
+
+
+@dataclass(frozen=True)
+class ServiceBinding:
+    """A servicer and the generated function that registers it, with its full name."""
+
+    name: str
+    servicer: object
+    register: Callable[[Any, grpc.Server], None]
+
+
+class Server:
+    """A started-or-startable gRPC server with health and reflection; see :func:`create_server`."""
+
+    def __init__(
+        self,
+        grpc_server: grpc.Server,
+        port: int,
+        health_servicer: health.HealthServicer,
+        service_names: Sequence[str],
+        address: str,
+    ) -> None:
+        self.grpc_server = grpc_server
+        self.port = port
+        self.health = health_servicer
+        self.service_names = list(service_names)
+        self._host = address.rsplit(":", 1)[0]
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self._host}:{self.port}"
+
+    def start(self) -> Server:
+        self.grpc_server.start()
+        self._set_status(health_pb2.HealthCheckResponse.SERVING)
+        logger.info("[Server.start] serving %s on %s", ", ".join(self.service_names), self.address)
+        return self
+
+    def _set_status(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        self.health.set("", status)
+        for name in self.service_names:
+            self.health.set(name, status)
+
+    def stop(self, grace_s: float | None = 5.0) -> None:
+        """Graceful shutdown: report NOT_SERVING, refuse new calls, let running ones finish."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace_s).wait()
+        logger.info("[Server.stop] stopped %s", self.address)
+
+    def wait_for_termination(self, timeout_s: float | None = None) -> bool:
+        return bool(self.grpc_server.wait_for_termination(timeout_s))
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def create_server(
+    services: Sequence[ServiceBinding],
+    tls: TLSConfig,
+    *,
+    address: str = "127.0.0.1:0",
+    options: TransportOptions = DEFAULT_OPTIONS,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> Server:
+    """Build (not start) a server for ``services`` bound to ``address`` (port 0 picks one).
+
+    Mutual TLS unless ``tls.insecure``: the server presents its certificate and requires a
+    client certificate signed by the deployment CA.
+    """
+    tune_allocator()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="grpc"),
+        interceptors=list(interceptors),
+        options=options.server_options(),
+        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
+    )
+    for binding in services:
+        binding.register(binding.servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [b.name for b in services]
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    try:
+        if tls.insecure:
+            warn_plaintext(f"create_server {address}")
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, tls.server_credentials())
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address} (address in use or not local)")
+    return Server(server, port, health_servicer, names, address)
+
+
+def create_channel(
+    target: str,
+    tls: TLSConfig,
+    *,
+    server_name: str | None = None,
+    options: TransportOptions = DEFAULT_OPTIONS,
+) -> grpc.Channel:
+    """A channel to ``target`` ("host:port").
+
+    With TLS the server's certificate must name ``server_name`` (default: the host in
+    ``target``), and this party's own certificate is presented for mutual TLS.
+    """
+    tune_allocator()
+    channel_options = options.channel_options()
+    if tls.insecure:
+        warn_plaintext(f"create_channel {target}")
+        return grpc.insecure_channel(target, options=channel_options)
+    if server_name is not None:
+        channel_options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, tls.channel_credentials(), options=channel_options)

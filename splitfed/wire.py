@@ -1,0 +1,421 @@
+"""The codec: the one module that turns tensors into protobuf messages and back.
+
+* :func:`to_proto` / :func:`from_proto` convert a whole tensor to one ``Tensor`` message.
+* :func:`iter_chunks` splits a tensor into ``TensorChunk`` messages, header first;
+  :func:`iter_frames` writes the same chunks in place into a stream's own messages.
+* :class:`TensorAssembler` rebuilds tensors from chunks, checking every declared size
+  against :class:`TensorLimits` *before* it allocates, and verifying order, byte counts
+  and the CRC-32C checksum. :func:`iter_tensors` wraps it for a whole stream.
+
+Payload bytes are row-major and little-endian (see :mod:`splitfed.encodings`). No pickle,
+and no NumPy dtype conversion (bfloat16 has none): tensors are viewed as bytes directly.
+
+Copies: sending copies each chunk once out of the tensor (protobuf needs ``bytes``);
+receiving copies each chunk once into a buffer allocated for the whole payload, and the
+decoded tensor is a view of that buffer for ``raw`` payloads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, NamedTuple, TypeVar
+
+import google_crc32c
+import numpy as np
+import torch
+from google.protobuf.message import Message
+
+from splitfed import metrics
+from splitfed.encodings import Encoding, get_encoding
+from splitfed.errors import DataLossError, InvalidArgumentError, LimitExceededError
+from splitfed.v1 import tensor_pb2
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+MiB = 1 << 20
+KiB = 1 << 10
+DEFAULT_MAX_TENSOR_BYTES = 2 * GiB
+# Chosen from bench/transport.py (docs/benchmarks.md).
+DEFAULT_CHUNK_BYTES = 1 * MiB
+
+_DTYPE_TO_PROTO: dict[torch.dtype, int] = {
+    torch.float32: tensor_pb2.DTYPE_FLOAT32,
+    torch.float16: tensor_pb2.DTYPE_FLOAT16,
+    torch.bfloat16: tensor_pb2.DTYPE_BFLOAT16,
+    torch.float64: tensor_pb2.DTYPE_FLOAT64,
+    torch.int64: tensor_pb2.DTYPE_INT64,
+    torch.int32: tensor_pb2.DTYPE_INT32,
+    torch.int16: tensor_pb2.DTYPE_INT16,
+    torch.int8: tensor_pb2.DTYPE_INT8,
+    torch.uint8: tensor_pb2.DTYPE_UINT8,
+    torch.bool: tensor_pb2.DTYPE_BOOL,
+}
+_PROTO_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in _DTYPE_TO_PROTO.items()}
+SUPPORTED_DTYPES: frozenset[torch.dtype] = frozenset(_DTYPE_TO_PROTO)
+
+
+def dtype_to_proto(dtype: torch.dtype) -> tensor_pb2.Dtype.ValueType:
+    try:
+        return tensor_pb2.Dtype.ValueType(_DTYPE_TO_PROTO[dtype])
+    except KeyError:
+        raise ValueError(
+            f"dtype {dtype} cannot go on the wire; supported: "
+            + ", ".join(sorted(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES))
+        ) from None
+
+
+def dtype_from_proto(value: int) -> torch.dtype:
+    try:
+        return _PROTO_TO_DTYPE[value]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown or unspecified dtype {value}") from None
+
+
+@dataclass(frozen=True)
+class TensorLimits:
+    """What a receiver accepts. Checked against declared sizes before any allocation."""
+
+    max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    max_rank: int = 8
+    max_name_chars: int = 256
+    dtypes: frozenset[torch.dtype] = field(default=SUPPORTED_DTYPES)
+    encodings: frozenset[str] | None = None  # None: every registered encoding
+
+    def __post_init__(self) -> None:
+        if self.max_tensor_bytes <= 0:
+            raise ValueError(f"max_tensor_bytes must be positive, got {self.max_tensor_bytes}")
+        if not 0 <= self.max_rank <= 64:
+            raise ValueError(f"max_rank must be between 0 and 64, got {self.max_rank}")
+        if self.max_name_chars < 0:
+            raise ValueError(f"max_name_chars must be >= 0, got {self.max_name_chars}")
+        unknown = self.dtypes - SUPPORTED_DTYPES
+        if unknown:
+            raise ValueError(f"dtypes {sorted(map(str, unknown))} are not supported on the wire")
+        if self.encodings is not None:
+            for name in self.encodings:
+                get_encoding(name)
+
+    def check(
+        self, name: str, dtype_value: int, shape: Sequence[int], encoding_name: str
+    ) -> tuple[torch.dtype, Encoding, int]:
+        """Validate a declared tensor; return its dtype, encoding and exact payload length."""
+        where = f"tensor {name[: self.max_name_chars]!r}"
+        if len(name) > self.max_name_chars:
+            raise InvalidArgumentError(
+                f"tensor name is {len(name)} characters long; the limit is {self.max_name_chars}"
+            )
+        dtype = dtype_from_proto(dtype_value)
+        if dtype not in self.dtypes:
+            raise InvalidArgumentError(f"{where}: dtype {dtype} is not accepted here")
+        if len(shape) > self.max_rank:
+            raise InvalidArgumentError(
+                f"{where}: rank {len(shape)} exceeds the limit of {self.max_rank}"
+            )
+        if any(d < 0 for d in shape):
+            raise InvalidArgumentError(f"{where}: negative dimension in shape {list(shape)}")
+        if self.encodings is not None and (encoding_name or "raw") not in self.encodings:
+            raise InvalidArgumentError(
+                f"{where}: wire encoding {encoding_name!r} is not accepted here"
+            )
+        encoding = get_encoding(encoding_name)
+        if not encoding.supports(dtype):
+            raise InvalidArgumentError(
+                f"{where}: wire encoding {encoding.name!r} does not apply to dtype {dtype}"
+            )
+        # Python integers: no overflow, however large the declared dimensions.
+        nbytes = encoding.encoded_nbytes(dtype, shape)
+        if nbytes > self.max_tensor_bytes:
+            raise LimitExceededError(
+                f"{where}: shape {list(shape)} needs {nbytes} bytes; "
+                f"the limit is {self.max_tensor_bytes} bytes per tensor"
+            )
+        return dtype, encoding, nbytes
+
+
+DEFAULT_LIMITS = TensorLimits()
+
+
+# --- whole tensors ---------------------------------------------------------------------
+
+
+def to_proto(tensor: torch.Tensor, encoding: str = "raw") -> tensor_pb2.Tensor:
+    """One ``Tensor`` message holding ``tensor`` in the given wire encoding."""
+    enc = get_encoding(encoding)
+    if not enc.supports(tensor.dtype):
+        raise ValueError(f"wire encoding {enc.name!r} does not apply to dtype {tensor.dtype}")
+    payload = enc.encode(tensor)
+    return tensor_pb2.Tensor(
+        dtype=dtype_to_proto(tensor.dtype),
+        shape=tensor.shape,
+        data=_payload_bytes(payload),
+        encoding=enc.name,
+    )
+
+
+def from_proto(message: tensor_pb2.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """The tensor in a ``Tensor`` message, validated against ``limits``."""
+    dtype, encoding, nbytes = limits.check("", message.dtype, message.shape, message.encoding)
+    data = message.data
+    if len(data) != nbytes:
+        raise InvalidArgumentError(
+            f"tensor payload has {len(data)} bytes; dtype {dtype} and shape {list(message.shape)} "
+            f"in encoding {encoding.name!r} need {nbytes}"
+        )
+    payload = (
+        torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if nbytes
+        else torch.empty(0, dtype=torch.uint8)
+    )
+    return encoding.decode(payload, dtype, list(message.shape))
+
+
+def _payload_bytes(payload: torch.Tensor) -> bytes:
+    if payload.numel() == 0:
+        return b""
+    return payload.numpy().tobytes()
+
+
+# --- chunked streams -------------------------------------------------------------------
+
+
+def iter_chunks(
+    tensor: torch.Tensor,
+    name: str,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    encoding: str = "raw",
+) -> Iterator[tensor_pb2.TensorChunk]:
+    """Split ``tensor`` into chunks of at most ``chunk_bytes`` payload bytes, header first.
+
+    The first chunk carries the header and the first bytes; an empty tensor is one
+    header-only chunk. The tensor is encoded and check-summed once, up front; each chunk
+    then costs one copy of its bytes.
+    """
+
+    def new_chunk() -> tuple[tensor_pb2.TensorChunk, tensor_pb2.TensorChunk]:
+        chunk = tensor_pb2.TensorChunk()
+        return chunk, chunk
+
+    return iter_frames(tensor, name, new_chunk, chunk_bytes=chunk_bytes, encoding=encoding)
+
+
+Frame = TypeVar("Frame", bound=Message)
+
+
+def iter_frames(
+    tensor: torch.Tensor,
+    name: str,
+    new_frame: Callable[[], tuple[Frame, tensor_pb2.TensorChunk]],
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    encoding: str = "raw",
+) -> Iterator[Frame]:
+    """Like :func:`iter_chunks`, but each chunk is written in place into a stream message.
+
+    ``new_frame`` returns a fresh message of the stream and the ``TensorChunk`` field
+    inside it, for example ``lambda: (m := EchoTensorsRequest(), m.chunk)``. Filling the
+    field in place avoids copying every chunk a second time into its envelope.
+    """
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    enc = get_encoding(encoding)
+    if not enc.supports(tensor.dtype):
+        raise ValueError(f"wire encoding {enc.name!r} does not apply to dtype {tensor.dtype}")
+    dtype = dtype_to_proto(tensor.dtype)
+    payload = enc.encode(tensor)
+    total = payload.numel()
+    # A NumPy uint8 view of the payload (no copy): google_crc32c reads it directly and
+    # slices of it become the chunks' bytes with one copy each.
+    view = payload.numpy()
+    sent = metrics.WIRE_BYTES.labels(direction="sent")
+    chunks = metrics.WIRE_CHUNKS.labels(direction="sent")
+    for seq, start in enumerate(range(0, max(total, 1), chunk_bytes)):
+        frame, chunk = new_frame()
+        chunk.seq = seq
+        if seq == 0:
+            header = chunk.header
+            header.name = name
+            header.dtype = dtype
+            header.shape.extend(tensor.shape)
+            header.total_bytes = total
+            header.crc32c = google_crc32c.value(view) if total else 0
+            header.encoding = enc.name
+        piece = view[start : start + chunk_bytes].tobytes()
+        chunk.data = piece
+        yield frame
+        sent.inc(len(piece))
+        chunks.inc()
+
+
+class ReceivedTensor(NamedTuple):
+    """A tensor rebuilt from a stream, with the name and wire encoding it arrived with."""
+
+    name: str
+    tensor: torch.Tensor
+    encoding: str
+
+
+@dataclass
+class _Pending:
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    encoding: Encoding
+    total: int
+    crc32c: int
+    buffer: torch.Tensor
+    array: np.ndarray[Any, np.dtype[np.uint8]]
+    received: int = 0
+    next_seq: int = 1
+    running_crc: int = 0
+
+
+class TensorAssembler:
+    """Rebuilds tensors from a sequence of chunks; one tensor at a time.
+
+    :meth:`feed` returns a :class:`ReceivedTensor` when a chunk completes one, else ``None``.
+    Errors raise :class:`InvalidArgumentError` (malformed framing), :class:`LimitExceededError`
+    (over a limit) or :class:`DataLossError` (checksum mismatch, stream ended mid-tensor);
+    the partial buffer is released at once. Use as a context manager (or call
+    :meth:`close`) so that a stream that breaks mid-tensor frees what it held.
+    """
+
+    def __init__(self, limits: TensorLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._pending: _Pending | None = None
+        self._received = metrics.WIRE_BYTES.labels(direction="received")
+        self._chunks = metrics.WIRE_CHUNKS.labels(direction="received")
+
+    @property
+    def in_progress(self) -> bool:
+        return self._pending is not None
+
+    def feed(self, chunk: tensor_pb2.TensorChunk) -> ReceivedTensor | None:
+        try:
+            return self._feed(chunk)
+        except Exception:
+            self._release()
+            raise
+
+    def _feed(self, chunk: tensor_pb2.TensorChunk) -> ReceivedTensor | None:
+        self._chunks.inc()
+        pending = self._pending
+        data = chunk.data
+        if pending is None:
+            if not chunk.HasField("header"):
+                raise InvalidArgumentError(
+                    f"chunk with seq {chunk.seq} arrived without a preceding header; "
+                    "the first chunk of each tensor must carry one"
+                )
+            if chunk.seq != 0:
+                raise InvalidArgumentError(f"header chunk has seq {chunk.seq}; expected 0")
+            pending = self._start(chunk.header)
+        else:
+            if chunk.HasField("header"):
+                raise InvalidArgumentError(
+                    f"tensor {pending.name!r}: a second header arrived at seq {chunk.seq} "
+                    f"after {pending.received} of {pending.total} bytes"
+                )
+            if chunk.seq != pending.next_seq:
+                raise InvalidArgumentError(
+                    f"tensor {pending.name!r}: chunk seq {chunk.seq} out of order; "
+                    f"expected {pending.next_seq}"
+                )
+            pending.next_seq += 1
+        size = len(data)
+        if pending.received + size > pending.total:
+            raise InvalidArgumentError(
+                f"tensor {pending.name!r}: more bytes than declared "
+                f"({pending.received + size} > {pending.total})"
+            )
+        if size:
+            pending.array[pending.received : pending.received + size] = np.frombuffer(
+                data, dtype=np.uint8
+            )
+            pending.running_crc = google_crc32c.extend(pending.running_crc, data)
+            pending.received += size
+            self._received.inc(size)
+        if pending.received < pending.total:
+            return None
+        return self._complete(pending)
+
+    def _start(self, header: tensor_pb2.TensorHeader) -> _Pending:
+        dtype, encoding, nbytes = self.limits.check(
+            header.name, header.dtype, header.shape, header.encoding
+        )
+        if header.total_bytes != nbytes:
+            raise InvalidArgumentError(
+                f"tensor {header.name!r}: header declares {header.total_bytes} bytes but "
+                f"dtype {dtype} and shape {list(header.shape)} in encoding {encoding.name!r} "
+                f"need {nbytes}"
+            )
+        # Only now, with the size checked against the limit, allocate the payload buffer.
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        metrics.WIRE_BUFFER_BYTES.inc(nbytes)
+        self._pending = _Pending(
+            name=header.name,
+            dtype=dtype,
+            shape=list(header.shape),
+            encoding=encoding,
+            total=nbytes,
+            crc32c=header.crc32c,
+            buffer=buffer,
+            array=buffer.numpy(),
+        )
+        return self._pending
+
+    def _complete(self, pending: _Pending) -> ReceivedTensor:
+        if pending.total and pending.running_crc != pending.crc32c:
+            raise DataLossError(
+                f"tensor {pending.name!r}: checksum mismatch (crc32c {pending.running_crc:#010x}, "
+                f"header says {pending.crc32c:#010x})"
+            )
+        tensor = pending.encoding.decode(pending.buffer, pending.dtype, pending.shape)
+        self._release()
+        return ReceivedTensor(pending.name, tensor, pending.encoding.name)
+
+    def finish(self) -> None:
+        """Call at end of stream: a tensor still in progress is data loss."""
+        pending = self._pending
+        if pending is not None:
+            self._release()
+            raise DataLossError(
+                f"stream ended after {pending.received} of {pending.total} bytes "
+                f"of tensor {pending.name!r}"
+            )
+
+    def _release(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            metrics.WIRE_BUFFER_BYTES.dec(pending.total)
+
+    def close(self) -> None:
+        self._release()
+
+    def __enter__(self) -> TensorAssembler:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def iter_tensors(
+    chunks: Iterable[tensor_pb2.TensorChunk], limits: TensorLimits = DEFAULT_LIMITS
+) -> Iterator[ReceivedTensor]:
+    """Every tensor of a chunk stream, in order; raises if the stream ends mid-tensor."""
+    with TensorAssembler(limits) as assembler:
+        for chunk in chunks:
+            done = assembler.feed(chunk)
+            if done is not None:
+                yield done
+        assembler.finish()

@@ -1,0 +1,38 @@
+"""Helpers shared by tests (importable as ``helpers``: pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from splitfed.security.ca import CertificateAuthority, IssuedCertificate
+from splitfed.security.tls import TLSConfig
+from splitfed.transport import TransportOptions
+
+SERVER_NAME = "backbone.splitfed.local"
+SMALL_CHUNKS = TransportOptions(chunk_bytes=64 * 1024)
+
+
+def tls_of(ca: CertificateAuthority, issued: IssuedCertificate) -> TLSConfig:
+    assert issued.key_pem is not None
+    return TLSConfig(ca.cert_pem, issued.cert_pem, issued.key_pem)
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: CertificateAuthority
+    server: TLSConfig
+    client: TLSConfig
+    other_ca_client: TLSConfig
+    expired_client: TLSConfig
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout_s`` passes (state in another thread)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

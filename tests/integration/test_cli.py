@@ -1,0 +1,99 @@
+"""The command line: exit codes, one-line errors, serving, the demo."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers import SERVER_NAME, Pki
+
+from splitfed.cli import cli
+from splitfed.clients.diagnostics import DiagnosticsClient
+from splitfed.launcher import ServiceProcess
+from splitfed.transport import create_channel
+
+
+@pytest.fixture
+def server_dir(pki: Pki, tmp_path: Path) -> Path:
+    pki.ca.issue("backbone-0", "backbone", dns_names=[SERVER_NAME]).write(tmp_path / "srv")
+    return tmp_path / "srv"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "diagnostics"], "give --tls-dir, or all of --ca, --cert and --key"),
+        (["serve", "diagnostics", "--tls-dir", "/nonexistent"], "does not exist"),
+        (["serve", "diagnostics", "--insecure", "--tls-dir", "x"], "cannot be combined"),
+        (["serve", "diagnostics", "--insecure", "--chunk-bytes", "0"], "chunk_bytes must be"),
+        (["demo", "--size-mib", "0"], "--size-mib must be at least 1"),
+    ],
+)
+def test_configuration_errors_exit_2_with_one_line(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_port_in_use_exits_1(server_dir: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        args = [
+            "serve",
+            "diagnostics",
+            "--tls-dir",
+            str(server_dir),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ]
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert f"error: cannot listen on 127.0.0.1:{port}" in result.output
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["serve", "diagnostics"], ["demo"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+
+
+def test_serve_answers_and_stops_cleanly_on_sigterm(
+    pki: Pki, server_dir: Path, tmp_path: Path
+) -> None:
+    port_file = tmp_path / "port"
+    args = ["serve", "diagnostics", "--tls-dir", str(server_dir), "--port-file", str(port_file)]
+    server = ServiceProcess("diagnostics", args, log_path=tmp_path / "log")
+    address = server.start()
+    try:
+        assert int(port_file.read_text()) == server.port
+        with create_channel(address, pki.client, server_name=SERVER_NAME) as channel:
+            assert DiagnosticsClient(channel).health() == "SERVING"
+    finally:
+        code = server.stop()
+    assert code == 0
+    log = (tmp_path / "log").read_text()
+    assert "received SIGTERM, shutting down" in log
+
+
+@pytest.mark.slow
+def test_make_demo_runs_end_to_end(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "splitfed", "demo", "--size-mib", "8", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "bit-exact" in result.stdout
+    assert result.stdout.count("refused, as it should be") == 2
+    assert "server stopped gracefully (exit code 0)" in result.stdout
+    assert (tmp_path / "hospital-a" / "key.pem").exists()

@@ -1,0 +1,220 @@
+"""The receiver's checks: each malformed stream gets its own error, and nothing is kept."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import google_crc32c
+import pytest
+import torch
+
+from splitfed import metrics
+from splitfed.errors import DataLossError, InvalidArgumentError, LimitExceededError
+from splitfed.v1 import tensor_pb2
+from splitfed.wire import (
+    DEFAULT_MAX_TENSOR_BYTES,
+    TensorAssembler,
+    TensorLimits,
+    iter_chunks,
+    iter_tensors,
+)
+
+Chunks = list[tensor_pb2.TensorChunk]
+
+
+def good(n: int = 40, chunk_bytes: int = 16) -> Chunks:
+    return list(iter_chunks(torch.arange(n, dtype=torch.int32), "h1", chunk_bytes=chunk_bytes))
+
+
+def header_chunk(shape: list[int], dtype: int = tensor_pb2.DTYPE_FLOAT32, **kw: object) -> Chunks:
+    numel = 1
+    for d in shape:
+        numel *= d
+    fields: dict[str, object] = {
+        "name": "h1",
+        "dtype": dtype,
+        "shape": shape,
+        "total_bytes": max(numel, 0) * 4,
+    }
+    fields.update(kw)
+    return [tensor_pb2.TensorChunk(seq=0, header=tensor_pb2.TensorHeader(**fields))]  # type: ignore[arg-type]
+
+
+def buffered() -> float:
+    return metrics.WIRE_BUFFER_BYTES._value.get()
+
+
+def drop_header(c: Chunks) -> Chunks:
+    c[0].ClearField("header")
+    return c
+
+
+def dup_header(c: Chunks) -> Chunks:
+    c[1].header.CopyFrom(c[0].header)
+    return c
+
+
+def swap(c: Chunks) -> Chunks:
+    c[1], c[2] = c[2], c[1]
+    return c
+
+
+def skip(c: Chunks) -> Chunks:
+    del c[1]
+    return c
+
+
+def extra(c: Chunks) -> Chunks:
+    c[-1].data += b"\x00"
+    return c
+
+
+def flip_bit(c: Chunks) -> Chunks:
+    c[1].data = bytes([c[1].data[0] ^ 1]) + c[1].data[1:]
+    return c
+
+
+def bad_header_seq(c: Chunks) -> Chunks:
+    c[0].seq = 3
+    return c
+
+
+def wrong_total(c: Chunks) -> Chunks:
+    c[0].header.total_bytes += 4
+    return c
+
+
+CASES: list[tuple[str, Callable[[Chunks], Chunks], type[Exception], str]] = [
+    ("missing header", drop_header, InvalidArgumentError, "without a preceding header"),
+    ("duplicate header", dup_header, InvalidArgumentError, "a second header arrived"),
+    ("reordered chunks", swap, InvalidArgumentError, "out of order; expected 1"),
+    ("missing chunk", skip, InvalidArgumentError, "out of order; expected 1"),
+    ("header seq", bad_header_seq, InvalidArgumentError, "header chunk has seq 3"),
+    ("more bytes", extra, InvalidArgumentError, "more bytes than declared"),
+    ("corrupted", flip_bit, DataLossError, "checksum mismatch"),
+    ("declared total", wrong_total, InvalidArgumentError, "header declares 164 bytes"),
+]
+
+
+@pytest.mark.parametrize(("case", "mangle", "error", "message"), CASES, ids=[c[0] for c in CASES])
+def test_malformed_stream_is_rejected_and_frees_its_buffer(
+    case: str, mangle: Callable[[Chunks], Chunks], error: type[Exception], message: str
+) -> None:
+    before = buffered()
+    with pytest.raises(error, match=message):
+        list(iter_tensors(mangle(good())))
+    assert buffered() == before
+
+
+def test_stream_ending_mid_tensor_is_data_loss_and_frees_the_buffer() -> None:
+    before = buffered()
+    with pytest.raises(DataLossError, match=r"stream ended after 32 of 160 bytes of tensor 'h1'"):
+        list(iter_tensors(good()[:2]))
+    assert buffered() == before
+
+
+def test_abandoned_assembler_frees_the_buffer_on_close() -> None:
+    before = buffered()
+    with TensorAssembler() as assembler:
+        assembler.feed(good()[0])
+        assert assembler.in_progress
+        assert buffered() == before + 160
+    assert buffered() == before
+
+
+def test_closing_a_consumer_mid_tensor_frees_the_buffer() -> None:
+    before = buffered()
+    chunks = good()
+    gen = iter_tensors(iter([*chunks, *chunks[:2]]))
+    next(gen)  # first tensor complete, second one half-received once we pull again
+    assert buffered() == before
+    gen.close()
+    assert buffered() == before
+
+
+@pytest.mark.parametrize(
+    ("chunk", "error", "message"),
+    [
+        (header_chunk([2, 3], dtype=0), InvalidArgumentError, "unknown or unspecified dtype 0"),
+        (header_chunk([2, 3], dtype=99), InvalidArgumentError, "unknown or unspecified dtype 99"),
+        (header_chunk([1] * 9), InvalidArgumentError, "rank 9 exceeds the limit of 8"),
+        (header_chunk([4, -1]), InvalidArgumentError, "negative dimension"),
+        (header_chunk([2], name="x" * 300), InvalidArgumentError, "300 characters long"),
+        (header_chunk([2], encoding="zstd"), InvalidArgumentError, "unknown wire encoding"),
+        (
+            header_chunk([2], dtype=tensor_pb2.DTYPE_INT64, encoding="bf16", total_bytes=4),
+            InvalidArgumentError,
+            "'bf16' does not apply to dtype torch.int64",
+        ),
+        # 2**124 bytes: had the receiver allocated before checking, this would not be
+        # a LimitExceededError but an allocation failure.
+        (
+            header_chunk([1 << 60, 1 << 62], total_bytes=0),
+            LimitExceededError,
+            "the limit is 2147483648 bytes",
+        ),
+        (header_chunk([1 << 29, 2]), LimitExceededError, "needs 4294967296 bytes"),
+    ],
+)
+def test_declared_header_is_checked_before_allocation(
+    chunk: Chunks, error: type[Exception], message: str
+) -> None:
+    before = buffered()
+    with pytest.raises(error, match=message):
+        TensorAssembler().feed(chunk[0])
+    assert buffered() == before
+
+
+def test_configured_limits_apply() -> None:
+    small = TensorLimits(max_tensor_bytes=100, max_rank=1, dtypes=frozenset({torch.int32}))
+    with pytest.raises(LimitExceededError, match="needs 160 bytes; the limit is 100"):
+        list(iter_tensors(good(), small))
+    with pytest.raises(InvalidArgumentError, match="rank 2 exceeds the limit of 1"):
+        list(iter_tensors(iter_chunks(torch.zeros(2, 2, dtype=torch.int32), "m"), small))
+    with pytest.raises(InvalidArgumentError, match=r"dtype torch\.float32 is not accepted here"):
+        list(iter_tensors(iter_chunks(torch.zeros(2), "f"), small))
+    only_raw = TensorLimits(encodings=frozenset({"raw"}))
+    with pytest.raises(InvalidArgumentError, match="'int8' is not accepted here"):
+        list(iter_tensors(iter_chunks(torch.zeros(2), "f", encoding="int8"), only_raw))
+
+
+def test_default_limit_is_two_gib() -> None:
+    assert TensorLimits().max_tensor_bytes == DEFAULT_MAX_TENSOR_BYTES == 2 << 30
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_tensor_bytes": 0}, "max_tensor_bytes must be positive"),
+        ({"max_rank": 65}, "max_rank must be between 0 and 64"),
+        ({"encodings": frozenset({"nope"})}, "unknown wire encoding"),
+        ({"dtypes": frozenset({torch.complex64})}, "not supported on the wire"),
+    ],
+)
+def test_limits_validate_themselves(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TensorLimits(**kwargs)  # type: ignore[arg-type]
+
+
+def test_bool_payload_with_other_bytes_is_rejected() -> None:
+    payload = bytes([0, 1, 2])
+    chunk = tensor_pb2.TensorChunk(
+        seq=0,
+        header=tensor_pb2.TensorHeader(
+            name="mask",
+            dtype=tensor_pb2.DTYPE_BOOL,
+            shape=[3],
+            total_bytes=3,
+            crc32c=google_crc32c.value(payload),
+        ),
+        data=payload,
+    )
+    with pytest.raises(InvalidArgumentError, match="bool tensor payload holds bytes other than"):
+        list(iter_tensors([chunk]))
+
+
+def test_a_good_stream_after_a_bad_one_works_on_a_fresh_assembler() -> None:
+    with pytest.raises(InvalidArgumentError):
+        list(iter_tensors(swap(good())))
+    (received,) = list(iter_tensors(good()))
+    assert torch.equal(received.tensor, torch.arange(40, dtype=torch.int32))
