@@ -230,8 +230,6 @@ class CertificateAuthority:
         not_before: dt.datetime | None = None,
     ) -> bytes:
         """Sign a CSR for ``identity`` in ``role``; the CSR's own subject is ignored."""
-        validate_identity(identity)
-        validate_role(role)
         csr = x509.load_pem_x509_csr(csr_pem)
         if not csr.is_signature_valid:
             raise ValueError("certificate signing request has an invalid signature")
@@ -251,8 +249,6 @@ class CertificateAuthority:
         not_before: dt.datetime | None = None,
     ) -> IssuedCertificate:
         """Generate a key and certificate in one step (tests, the local demo)."""
-        validate_identity(identity)
-        validate_role(role)
         key = generate_private_key()
         cert_pem = self._sign(
             key.public_key(), identity, role, dns_names, ip_addresses, validity, not_before
@@ -269,6 +265,8 @@ class CertificateAuthority:
         validity: dt.timedelta,
         not_before: dt.datetime | None,
     ) -> bytes:
+        validate_identity(identity)
+        validate_role(role)
         start = not_before if not_before is not None else _now() - CLOCK_SKEW
         sans: list[x509.GeneralName] = [
             x509.UniformResourceIdentifier(spiffe_uri(self.trust_domain, role, identity))

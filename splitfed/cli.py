@@ -135,6 +135,12 @@ def serve() -> None:
     "--max-tensor-bytes", type=int, default=None, help="Largest tensor accepted (default 2 GiB)."
 )
 @click.option(
+    "--max-buffered-bytes",
+    type=int,
+    default=None,
+    help="Bytes the receive buffers of all streams may hold together (default: 2 x largest).",
+)
+@click.option(
     "--port-file",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write the bound port here once serving.",
@@ -157,13 +163,14 @@ def serve_diagnostics(
     insecure: bool,
     chunk_bytes: int | None,
     max_tensor_bytes: int | None,
+    max_buffered_bytes: int | None,
     port_file: Path | None,
     grace: float,
 ) -> None:
     """Serve splitfed.v1.Diagnostics (tensor echo, WhoAmI) with health and reflection."""
     from splitfed.services.diagnostics import binding
     from splitfed.transport import TransportOptions, create_server
-    from splitfed.wire import DEFAULT_CHUNK_BYTES, TensorLimits
+    from splitfed.wire import DEFAULT_CHUNK_BYTES, ReceiveBudget, TensorLimits
 
     try:
         tls = _tls_from_options(tls_dir, ca_path, cert_path, key_path, insecure)
@@ -171,12 +178,13 @@ def serve_diagnostics(
             chunk_bytes=DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         )
         limits = TensorLimits() if max_tensor_bytes is None else TensorLimits(max_tensor_bytes)
+        budget = None if max_buffered_bytes is None else ReceiveBudget(max_buffered_bytes)
     except ValueError as exc:
         _fail(ctx, exc, usage=True)
         return
     try:
         server = create_server(
-            [binding(limits, options.chunk_bytes)], tls, address=listen, options=options
+            [binding(limits, options.chunk_bytes, budget)], tls, address=listen, options=options
         )
     except OSError as exc:
         _fail(ctx, exc, usage=False)

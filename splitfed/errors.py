@@ -118,6 +118,8 @@ def unary_errors(
     def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Resp:
         try:
             return method(self, request, context)
+        except grpc.RpcError:
+            raise  # the call itself failed (cancelled, deadline): gRPC already knows
         except Exception as exc:
             abort_with(context, exc, where)
 
@@ -134,6 +136,9 @@ def stream_errors(
     def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Iterator[Resp]:
         try:
             yield from method(self, request, context)
+        except grpc.RpcError:
+            logger.info("[%s] call ended by the peer or its deadline", where)
+            raise  # the call itself failed (cancelled, deadline): gRPC already knows
         except Exception as exc:
             abort_with(context, exc, where)
 

@@ -18,6 +18,7 @@ decoded tensor is a view of that buffer for ``raw`` payloads.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -139,6 +140,39 @@ class TensorLimits:
 DEFAULT_LIMITS = TensorLimits()
 
 
+class ReceiveBudget:
+    """Bytes that the receive buffers of many streams may hold together.
+
+    A receiver reserves a tensor's declared size here before allocating its buffer and
+    releases it when the tensor is complete or abandoned, so clients that declare large
+    tensors and then stall cannot make a server allocate without bound.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        with self._lock:
+            if self._held + nbytes > self.max_bytes:
+                raise LimitExceededError(
+                    f"{what}: receive buffers already hold {self._held} of {self.max_bytes} "
+                    f"bytes; {nbytes} more do not fit, try again later"
+                )
+            self._held += nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._held -= nbytes
+
+
 # --- whole tensors ---------------------------------------------------------------------
 
 
@@ -219,32 +253,40 @@ def iter_frames(
     ``new_frame`` returns a fresh message of the stream and the ``TensorChunk`` field
     inside it, for example ``lambda: (m := EchoTensorsRequest(), m.chunk)``. Filling the
     field in place avoids copying every chunk a second time into its envelope.
+
+    Arguments are checked and the tensor encoded when this is called, not when the first
+    frame is taken, so mistakes surface here rather than inside a gRPC request iterator.
     """
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     enc = get_encoding(encoding)
     if not enc.supports(tensor.dtype):
         raise ValueError(f"wire encoding {enc.name!r} does not apply to dtype {tensor.dtype}")
-    dtype = dtype_to_proto(tensor.dtype)
-    payload = enc.encode(tensor)
-    total = payload.numel()
-    # A NumPy uint8 view of the payload (no copy): google_crc32c reads it directly and
-    # slices of it become the chunks' bytes with one copy each.
-    view = payload.numpy()
+    header = tensor_pb2.TensorHeader(
+        name=name, dtype=dtype_to_proto(tensor.dtype), shape=tensor.shape, encoding=enc.name
+    )
+    # A NumPy uint8 view of the encoded payload (no copy): google_crc32c reads it
+    # directly and slices of it become the chunks' bytes with one copy each.
+    payload = enc.encode(tensor).numpy()
+    header.total_bytes = payload.size
+    header.crc32c = google_crc32c.value(payload) if payload.size else 0
+    return _fill_frames(payload, header, new_frame, chunk_bytes)
+
+
+def _fill_frames(
+    payload: np.ndarray[Any, np.dtype[np.uint8]],
+    header: tensor_pb2.TensorHeader,
+    new_frame: Callable[[], tuple[Frame, tensor_pb2.TensorChunk]],
+    chunk_bytes: int,
+) -> Iterator[Frame]:
     sent = metrics.WIRE_BYTES.labels(direction="sent")
     chunks = metrics.WIRE_CHUNKS.labels(direction="sent")
-    for seq, start in enumerate(range(0, max(total, 1), chunk_bytes)):
+    for seq, start in enumerate(range(0, max(payload.size, 1), chunk_bytes)):
         frame, chunk = new_frame()
         chunk.seq = seq
         if seq == 0:
-            header = chunk.header
-            header.name = name
-            header.dtype = dtype
-            header.shape.extend(tensor.shape)
-            header.total_bytes = total
-            header.crc32c = google_crc32c.value(view) if total else 0
-            header.encoding = enc.name
-        piece = view[start : start + chunk_bytes].tobytes()
+            chunk.header.CopyFrom(header)
+        piece = payload[start : start + chunk_bytes].tobytes()
         chunk.data = piece
         yield frame
         sent.inc(len(piece))
@@ -284,8 +326,11 @@ class TensorAssembler:
     :meth:`close`) so that a stream that breaks mid-tensor frees what it held.
     """
 
-    def __init__(self, limits: TensorLimits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, limits: TensorLimits = DEFAULT_LIMITS, budget: ReceiveBudget | None = None
+    ) -> None:
         self.limits = limits
+        self.budget = budget
         self._pending: _Pending | None = None
         self._received = metrics.WIRE_BYTES.labels(direction="received")
         self._chunks = metrics.WIRE_CHUNKS.labels(direction="received")
@@ -353,8 +398,15 @@ class TensorAssembler:
                 f"dtype {dtype} and shape {list(header.shape)} in encoding {encoding.name!r} "
                 f"need {nbytes}"
             )
-        # Only now, with the size checked against the limit, allocate the payload buffer.
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        # Only now, with the size checked against the limits, allocate the payload buffer.
+        if self.budget is not None:
+            self.budget.reserve(nbytes, f"tensor {header.name!r}")
+        try:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        except BaseException:
+            if self.budget is not None:
+                self.budget.release(nbytes)
+            raise
         metrics.WIRE_BUFFER_BYTES.inc(nbytes)
         self._pending = _Pending(
             name=header.name,
@@ -393,6 +445,8 @@ class TensorAssembler:
         if pending is not None:
             self._pending = None
             metrics.WIRE_BUFFER_BYTES.dec(pending.total)
+            if self.budget is not None:
+                self.budget.release(pending.total)
 
     def close(self) -> None:
         self._release()
@@ -410,10 +464,12 @@ class TensorAssembler:
 
 
 def iter_tensors(
-    chunks: Iterable[tensor_pb2.TensorChunk], limits: TensorLimits = DEFAULT_LIMITS
+    chunks: Iterable[tensor_pb2.TensorChunk],
+    limits: TensorLimits = DEFAULT_LIMITS,
+    budget: ReceiveBudget | None = None,
 ) -> Iterator[ReceivedTensor]:
     """Every tensor of a chunk stream, in order; raises if the stream ends mid-tensor."""
-    with TensorAssembler(limits) as assembler:
+    with TensorAssembler(limits, budget) as assembler:
         for chunk in chunks:
             done = assembler.feed(chunk)
             if done is not None:

@@ -15,6 +15,7 @@ from splitfed.v1 import diagnostics_pb2, diagnostics_pb2_grpc, tensor_pb2
 from splitfed.wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_LIMITS,
+    ReceiveBudget,
     TensorLimits,
     iter_frames,
     iter_tensors,
@@ -30,10 +31,15 @@ def _response_frame() -> tuple[diagnostics_pb2.EchoTensorsResponse, tensor_pb2.T
 
 class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
     def __init__(
-        self, limits: TensorLimits = DEFAULT_LIMITS, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+        self,
+        limits: TensorLimits = DEFAULT_LIMITS,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        budget: ReceiveBudget | None = None,
     ) -> None:
         self.limits = limits
         self.chunk_bytes = chunk_bytes
+        # All streams of this servicer together; by default room for two largest tensors.
+        self.budget = budget or ReceiveBudget(2 * limits.max_tensor_bytes)
 
     @stream_errors
     def EchoTensors(
@@ -42,7 +48,7 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
         context: grpc.ServicerContext,
     ) -> Iterator[diagnostics_pb2.EchoTensorsResponse]:
         chunks = (request.chunk for request in request_iterator)
-        for echo in handle_echo(iter_tensors(chunks, self.limits)):
+        for echo in handle_echo(iter_tensors(chunks, self.limits, self.budget)):
             yield from iter_frames(
                 echo.tensor,
                 echo.name,
@@ -60,10 +66,12 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
 
 
 def binding(
-    limits: TensorLimits = DEFAULT_LIMITS, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    limits: TensorLimits = DEFAULT_LIMITS,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    budget: ReceiveBudget | None = None,
 ) -> ServiceBinding:
     return ServiceBinding(
         name=SERVICE_NAME,
-        servicer=DiagnosticsServicer(limits, chunk_bytes),
+        servicer=DiagnosticsServicer(limits, chunk_bytes, budget),
         register=diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server,
     )

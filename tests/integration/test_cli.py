@@ -31,6 +31,10 @@ def server_dir(pki: Pki, tmp_path: Path) -> Path:
         (["serve", "diagnostics", "--insecure", "--tls-dir", "x"], "cannot be combined"),
         (["serve", "diagnostics", "--insecure", "--chunk-bytes", "0"], "chunk_bytes must be"),
         (["demo", "--size-mib", "0"], "--size-mib must be at least 1"),
+        (
+            ["serve", "diagnostics", "--insecure", "--max-buffered-bytes", "0"],
+            "max_bytes must be positive",
+        ),
     ],
 )
 def test_configuration_errors_exit_2_with_one_line(args: list[str], message: str) -> None:

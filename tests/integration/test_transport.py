@@ -30,7 +30,7 @@ from splitfed.transport import (
     create_server,
 )
 from splitfed.v1 import diagnostics_pb2, diagnostics_pb2_grpc, tensor_pb2
-from splitfed.wire import iter_chunks
+from splitfed.wire import ReceiveBudget, iter_chunks
 
 Connect = Callable[..., grpc.Channel]
 ONCE = RetryPolicy(max_attempts=1)
@@ -167,8 +167,11 @@ def test_malformed_stream_gets_its_status_and_the_server_keeps_serving(
     assert wait_until(lambda: metrics.WIRE_BUFFER_BYTES._value.get() == 0)
 
 
-def test_cancelled_stream_mid_tensor_frees_the_server_buffer(connect: Connect, pki: Pki) -> None:
+def test_cancelled_stream_mid_tensor_frees_the_server_buffer(
+    connect: Connect, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
     """A client that vanishes half-way through a 16 MiB tensor leaves nothing behind."""
+    caplog.set_level(logging.INFO)
     assert metrics.WIRE_BUFFER_BYTES._value.get() == 0
     stub = diagnostics_pb2_grpc.DiagnosticsStub(connect(pki.client))
     chunks = list(iter_chunks(torch.zeros(4 << 20), "h1", chunk_bytes=SMALL_CHUNKS.chunk_bytes))
@@ -184,6 +187,9 @@ def test_cancelled_stream_mid_tensor_frees_the_server_buffer(connect: Connect, p
     call.cancel()
     release.set()
     assert wait_until(lambda: metrics.WIRE_BUFFER_BYTES._value.get() == 0)
+    # A peer going away is not a server error.
+    assert wait_until(lambda: any("ended by the peer" in r.getMessage() for r in caplog.records))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_client_without_certificate_is_refused(diagnostics_server: Server, pki: Pki) -> None:
@@ -293,3 +299,34 @@ def test_message_above_the_servers_size_limit_is_refused(
         chunks = list(iter_chunks(torch.zeros(1 << 18), "h1", chunk_bytes=1 << 20))
         status, details = rpc_status(raw_echo(channel, chunks))
     assert status == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+
+
+def test_stalled_streams_cannot_reserve_more_than_the_budget(pki: Pki) -> None:
+    """A client that declares tensors and stalls holds at most the server's receive budget."""
+    budget = ReceiveBudget(3 << 20)
+    server = create_server(
+        [binding(chunk_bytes=SMALL_CHUNKS.chunk_bytes, budget=budget)],
+        pki.server,
+        options=SMALL_CHUNKS,
+    )
+    release = threading.Event()
+
+    def stalled(n: int) -> Iterator[diagnostics_pb2.EchoTensorsRequest]:
+        chunks = iter_chunks(torch.zeros(n // 4), "h1", chunk_bytes=SMALL_CHUNKS.chunk_bytes)
+        yield diagnostics_pb2.EchoTensorsRequest(chunk=next(iter(chunks)))
+        release.wait(30)
+
+    with server, create_channel(server.address, pki.client, server_name=SERVER_NAME) as channel:
+        stub = diagnostics_pb2_grpc.DiagnosticsStub(channel)
+        holding = stub.EchoTensors(stalled(2 << 20), timeout=60)
+        assert wait_until(lambda: budget.held == 2 << 20)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.EchoTensors(stalled(2 << 20), timeout=60))
+        status, details = rpc_status(info.value)
+        assert status == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "receive buffers already hold" in details
+        holding.cancel()
+        release.set()
+        assert wait_until(lambda: budget.held == 0)
+        (received,) = client(channel).echo([("h1", torch.ones(2 << 18))])
+        assert torch.equal(received.tensor, torch.ones(2 << 18))

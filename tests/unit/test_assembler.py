@@ -13,6 +13,7 @@ from splitfed.errors import DataLossError, InvalidArgumentError, LimitExceededEr
 from splitfed.v1 import tensor_pb2
 from splitfed.wire import (
     DEFAULT_MAX_TENSOR_BYTES,
+    ReceiveBudget,
     TensorAssembler,
     TensorLimits,
     iter_chunks,
@@ -218,3 +219,22 @@ def test_a_good_stream_after_a_bad_one_works_on_a_fresh_assembler() -> None:
         list(iter_tensors(swap(good())))
     (received,) = list(iter_tensors(good()))
     assert torch.equal(received.tensor, torch.arange(40, dtype=torch.int32))
+
+
+def test_receive_budget_is_shared_and_released() -> None:
+    budget = ReceiveBudget(200)
+    first, second = TensorAssembler(budget=budget), TensorAssembler(budget=budget)
+    first.feed(good()[0])  # 160 bytes reserved
+    assert budget.held == 160
+    with pytest.raises(LimitExceededError, match="already hold 160 of 200 bytes; 160 more"):
+        second.feed(good()[0])
+    assert budget.held == 160
+    first.close()
+    assert budget.held == 0
+    (received,) = list(iter_tensors(good(), budget=budget))
+    assert received.name == "h1" and budget.held == 0
+
+
+def test_receive_budget_validates() -> None:
+    with pytest.raises(ValueError, match="max_bytes must be positive"):
+        ReceiveBudget(0)

@@ -141,6 +141,8 @@ def test_unsupported_dtype_is_a_clear_error() -> None:
         to_proto(torch.zeros(2, dtype=torch.complex64))
 
 
-def test_chunk_size_must_be_positive() -> None:
+def test_bad_arguments_fail_at_the_call_not_at_the_first_chunk() -> None:
     with pytest.raises(ValueError, match="chunk_bytes must be positive"):
-        list(iter_chunks(torch.zeros(2), "t", chunk_bytes=0))
+        iter_chunks(torch.zeros(2), "t", chunk_bytes=0)
+    with pytest.raises(ValueError, match="needs finite values"):
+        iter_chunks(torch.tensor([float("nan")]), "t", encoding="int8")
