@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo    - create $(VENV), install, run the local end-to-end demo"
-	@echo "make test    - create $(VENV), install, run lint, stub drift check, mypy, pytest"
+	@echo "make test    - create $(VENV), install, run ruff, mypy, pytest (incl. stub drift, buf lint)"
 	@echo "make protos  - regenerate splitfed/v1 stubs from protos/"
 	@echo "make bench   - run the benchmarks in bench/"
 
@@ -57,7 +57,8 @@ typecheck: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/pytest tests $(PYTEST_ARGS)
 
-test: lint protos-check typecheck test-unit
+# Stub drift and buf lint run inside pytest (tests/unit/test_project.py).
+test: lint typecheck test-unit
 
 bench: $(STAMP)
 	$(BIN)/python bench/transport.py
