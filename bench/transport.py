@@ -13,13 +13,13 @@ two ways, for each chunk size (64 KiB to 4 MiB, and always ``DEFAULT_CHUNK_BYTES
 Both are store-and-forward, share one channel per chunk size (same ``create_channel``
 options, same mTLS) and one server per chunk size (same ``create_server`` call), hosted
 in a child process so that client and server do not share a GIL. Each chunk size runs one
-untimed warm-up of each path, then ``--repeats`` interleaved rounds (bare, codec, ...).
+untimed warm-up of each path, then ``--repeats`` (default 5) interleaved rounds
 MB/s counts the bytes both ways (2 * size / seconds / 1e6); the ratio is codec median /
 bare median. Every codec echo must be bit-exact and every bare echo the same bytes.
 
 Run from the repository root::
 
-    python bench/transport.py [--size-mib 256] [--repeats 3] [--chunk-kib 64 ...] \
+    python bench/transport.py [--size-mib 256] [--repeats 5] [--chunk-kib 64 ...] \
         [--json PATH]
 
 Besides the table it prints ``ratio transport codec/bare @<chunk>: <value>`` for each
@@ -238,7 +238,7 @@ def _machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size-mib", type=int, default=256, help="tensor size (default 256)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per path")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per path")
     parser.add_argument(
         "--chunk-kib", type=int, action="append", help="chunk size in KiB; repeat for several"
     )
@@ -276,13 +276,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    print(f"\n{args.size_mib} MiB tensor, both ways, median of {args.repeats} rounds")
-    print(f"{'chunk':>8} {'bare MB/s':>10} {'codec MB/s':>11} {'codec/bare':>11}")
+    print(f"\n{args.size_mib} MiB tensor, both ways, median (min-max) of {args.repeats} rounds")
+    print(f"{'chunk':>8} {'bare MB/s':>18} {'codec MB/s':>18} {'codec/bare':>11}")
     for r in results:
-        print(
-            f"{_size(r['chunk_bytes']):>8} {r['bare_median_mb_s']:>10.1f} "
-            f"{r['codec_median_mb_s']:>11.1f} {r['ratio']:>11.2f}"
+        bare = f"{r['bare_median_mb_s']:.0f} ({min(r['bare_mb_s']):.0f}-{max(r['bare_mb_s']):.0f})"
+        codec = (
+            f"{r['codec_median_mb_s']:.0f} ({min(r['codec_mb_s']):.0f}-{max(r['codec_mb_s']):.0f})"
         )
+        print(f"{_size(r['chunk_bytes']):>8} {bare:>18} {codec:>18} {r['ratio']:>11.2f}")
     ratios = {f"transport codec/bare @{_size(r['chunk_bytes'])}": r["ratio"] for r in results}
     ratios["transport codec/bare"] = ratios[f"transport codec/bare @{_size(DEFAULT_CHUNK_BYTES)}"]
     print()

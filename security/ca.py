@@ -13,10 +13,12 @@ sees a private key other than its own.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROLES = frozenset({"client", "backbone", "aggregator", "keymanager", "admin"})
+# Roles that run servers; only their certificates may authenticate a server.
+SERVER_ROLES = frozenset({"backbone", "aggregator", "keymanager"})
 DEFAULT_TRUST_DOMAIN = "splitfed"
 DEFAULT_CERT_VALIDITY = dt.timedelta(hours=24)
 DEFAULT_CA_VALIDITY = dt.timedelta(days=3650)
@@ -102,16 +106,21 @@ def make_csr(key: PrivateKey, identity: str) -> bytes:
 def write_pem(path: Path, data: bytes, *, private: bool) -> None:
     """Write PEM data; private material is created with mode 0600 and never widened."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = 0o600 if private else 0o644
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    # mkstemp creates a fresh file, exclusively and with mode 0600, in the same directory,
+    # so the data never sits in a file others can read and the rename is atomic.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+        if not private:
+            os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 @dataclass(frozen=True)
@@ -267,6 +276,12 @@ class CertificateAuthority:
     ) -> bytes:
         validate_identity(identity)
         validate_role(role)
+        dns_names, ip_addresses = list(dns_names), list(ip_addresses)
+        if (dns_names or ip_addresses) and role not in SERVER_ROLES:
+            raise ValueError(f"only server roles get DNS names or IP addresses, not {role!r}")
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        if role in SERVER_ROLES:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
         start = not_before if not_before is not None else _now() - CLOCK_SKEW
         sans: list[x509.GeneralName] = [
             x509.UniformResourceIdentifier(spiffe_uri(self.trust_domain, role, identity))
@@ -305,9 +320,7 @@ class CertificateAuthority:
                 critical=True,
             )
             .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
+                x509.ExtendedKeyUsage(usages),
                 critical=False,
             )
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
-from splitfed.security.ca import load_private_key, same_public_key
+from splitfed.security.ca import CLOCK_SKEW, load_private_key, same_public_key
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,41 @@ class TLSConfig:
     @classmethod
     def plaintext(cls) -> TLSConfig:
         return cls(insecure=True)
+
+    def verify_own_certificate(self, now: dt.datetime | None = None) -> None:
+        """Fail early and clearly if peers would refuse this party's certificate.
+
+        Checks that the leaf certificate is within its validity period and was issued by
+        a CA in ``ca_cert`` (or by the next certificate of the chain). Without this, a
+        server that refuses the certificate under TLS 1.3 only closes the connection,
+        which a client cannot tell from a network fault.
+        """
+        if self.insecure:
+            return
+        assert self.ca_cert is not None and self.cert_chain is not None
+        chain = x509.load_pem_x509_certificates(self.cert_chain)
+        leaf = chain[0]
+        when = now or dt.datetime.now(dt.UTC)
+        if when > leaf.not_valid_after_utc:
+            raise ValueError(
+                f"certificate {leaf.subject.rfc4514_string()} expired at "
+                f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC; renew it"
+            )
+        if when < leaf.not_valid_before_utc - CLOCK_SKEW:
+            raise ValueError(
+                f"certificate {leaf.subject.rfc4514_string()} is not valid before "
+                f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC; check the clock"
+            )
+        for issuer in [*chain[1:], *x509.load_pem_x509_certificates(self.ca_cert)]:
+            try:
+                leaf.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return
+        raise ValueError(
+            f"certificate {leaf.subject.rfc4514_string()} was not issued by the deployment "
+            "CA in the CA certificate file; enroll again with this deployment"
+        )
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Credentials that demand and verify a client certificate from the deployment CA."""

@@ -7,6 +7,7 @@ one line; ``--debug`` adds the traceback.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -146,6 +147,11 @@ def serve() -> None:
     help="Write the bound port here once serving.",
 )
 @click.option(
+    "--stop-on-stdin-eof",
+    is_flag=True,
+    help="Also stop when standard input closes (for supervisors that run splitfed as a child).",
+)
+@click.option(
     "--grace",
     type=float,
     default=5.0,
@@ -165,6 +171,7 @@ def serve_diagnostics(
     max_tensor_bytes: int | None,
     max_buffered_bytes: int | None,
     port_file: Path | None,
+    stop_on_stdin_eof: bool,
     grace: float,
 ) -> None:
     """Serve splitfed.v1.Diagnostics (tensor echo, WhoAmI) with health and reflection."""
@@ -179,29 +186,42 @@ def serve_diagnostics(
         )
         limits = TensorLimits() if max_tensor_bytes is None else TensorLimits(max_tensor_bytes)
         budget = None if max_buffered_bytes is None else ReceiveBudget(max_buffered_bytes)
+        service = binding(limits, options.chunk_bytes, budget)
+        server = create_server([service], tls, address=listen, options=options)
     except ValueError as exc:
         _fail(ctx, exc, usage=True)
         return
-    try:
-        server = create_server(
-            [binding(limits, options.chunk_bytes, budget)], tls, address=listen, options=options
-        )
     except OSError as exc:
         _fail(ctx, exc, usage=False)
         return
-    run_until_signalled(server, port_file=port_file, grace_s=grace)
+    run_until_signalled(
+        server, port_file=port_file, grace_s=grace, stop_on_stdin_eof=stop_on_stdin_eof
+    )
 
 
-def run_until_signalled(server: Any, *, port_file: Path | None, grace_s: float) -> None:
-    """Start ``server``, announce its address, and stop it gracefully on SIGTERM/SIGINT."""
+def run_until_signalled(
+    server: Any, *, port_file: Path | None, grace_s: float, stop_on_stdin_eof: bool = False
+) -> None:
+    """Start ``server``, announce its address, and stop it gracefully on SIGTERM/SIGINT
+    (or, with ``stop_on_stdin_eof``, when standard input closes: its parent is gone)."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         logger.info("[serve] received %s, shutting down", signal.Signals(signum).name)
         stop.set()
 
+    def on_stdin_eof() -> None:
+        # Raw reads: a daemon thread blocked in a buffered read would abort the
+        # interpreter at exit (the buffer's lock is held).
+        while os.read(sys.stdin.fileno(), 4096):
+            pass
+        logger.info("[serve] standard input closed, shutting down")
+        stop.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if stop_on_stdin_eof:
+        threading.Thread(target=on_stdin_eof, name="stdin-watch", daemon=True).start()
     server.start()
     if port_file is not None:
         tmp = port_file.with_name(port_file.name + ".tmp")

@@ -129,6 +129,7 @@ class Bf16Encoding(Encoding):
 
 class Int8Encoding(Encoding):
     name = "int8"
+    _BLOCK_ELEMENTS = 1 << 22
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in FLOATING
@@ -156,13 +157,22 @@ class Int8Encoding(Encoding):
         self, payload: torch.Tensor, dtype: torch.dtype, shape: Sequence[int]
     ) -> torch.Tensor:
         rows = self._rows(shape)
+        cols = numel_of(shape) // rows if rows else 0
         scale = from_bytes(payload[: 4 * rows].clone(), torch.float32, (rows,))
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
             raise InvalidArgumentError("int8 payload holds a negative or non-finite scale")
-        q = from_bytes(
-            payload[4 * rows :], torch.int8, (rows, numel_of(shape) // rows if rows else 0)
-        )
-        return (q.to(torch.float32) * scale[:, None]).to(dtype).reshape(tuple(shape))
+        if bool((scale > torch.finfo(dtype).max / 127).any()):
+            raise InvalidArgumentError(f"int8 payload holds a scale too large for {dtype}")
+        q = from_bytes(payload[4 * rows :], torch.int8, (rows, cols))
+        if q.numel() and int(q.min()) < -127:
+            raise InvalidArgumentError("int8 payload holds -128; values must be in [-127, 127]")
+        out = torch.empty((rows, cols), dtype=dtype)
+        # In blocks of rows, so the float32 intermediate stays small whatever the tensor.
+        step = max(1, self._BLOCK_ELEMENTS // max(cols, 1))
+        for start in range(0, rows, step):
+            block = q[start : start + step].to(torch.float32) * scale[start : start + step, None]
+            out[start : start + step] = block
+        return out.reshape(tuple(shape))
 
 
 _REGISTRY: dict[str, Encoding] = {}

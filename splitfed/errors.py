@@ -118,9 +118,9 @@ def unary_errors(
     def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Resp:
         try:
             return method(self, request, context)
-        except grpc.RpcError:
-            raise  # the call itself failed (cancelled, deadline): gRPC already knows
         except Exception as exc:
+            if isinstance(exc, grpc.RpcError) and not context.is_active():
+                raise  # this call itself ended (cancelled, deadline): gRPC already knows
             abort_with(context, exc, where)
 
     return wrapper
@@ -136,10 +136,10 @@ def stream_errors(
     def wrapper(self: Self, request: Req, context: grpc.ServicerContext) -> Iterator[Resp]:
         try:
             yield from method(self, request, context)
-        except grpc.RpcError:
-            logger.info("[%s] call ended by the peer or its deadline", where)
-            raise  # the call itself failed (cancelled, deadline): gRPC already knows
         except Exception as exc:
+            if isinstance(exc, grpc.RpcError) and not context.is_active():
+                logger.info("[%s] call ended by the peer or its deadline", where)
+                raise  # this call itself ended (cancelled, deadline): gRPC already knows
             abort_with(context, exc, where)
 
     return wrapper

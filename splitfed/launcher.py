@@ -2,6 +2,9 @@
 
 Used by the demo and by tests: a child runs ``python -m splitfed serve ...``, announces
 ``listening on HOST:PORT`` on stdout once it serves, and stops gracefully on SIGTERM.
+The child also watches its standard input, a pipe from this process: if this process
+dies without stopping it (SIGKILL, a crash), the pipe closes and the child shuts down,
+so no server is left orphaned.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class ServiceProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
-        self.args = [sys.executable, "-m", "splitfed", *args]
+        self.args = [sys.executable, "-m", "splitfed", *args, "--stop-on-stdin-eof"]
         self.log_path = log_path
         self.env = env
         self.address: str | None = None
@@ -69,6 +72,7 @@ class ServiceProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._proc = subprocess.Popen(
             self.args,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log if self._log is not None else None,
             text=True,
@@ -123,6 +127,8 @@ class ServiceProcess:
                 logger.warning("[launcher] %s ignored SIGTERM; killing it", self.name)
                 proc.kill()
                 proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
         if self._pump_thread is not None:
             self._pump_thread.join(timeout=5)
         if self._log is not None:

@@ -7,7 +7,8 @@ messages, ``bytes`` objects); with the defaults each of those touches fresh page
 the page faults cost more than the copies themselves: serialising a fresh 1 MiB chunk
 message took ~1.4 ms instead of ~0.07 ms here (see docs/benchmarks.md). Raising both
 thresholds lets those buffers be reused from the heap. Tensors above 32 MiB still get
-their own mappings and go back to the kernel when freed.
+their own mappings and go back to the kernel when freed; each malloc arena keeps at most
+64 MiB of freed memory before trimming.
 
 :func:`tune_allocator` is called by the channel and server factories; set
 ``SPLITFED_MALLOC_TUNING=off`` to leave the allocator alone.
@@ -27,7 +28,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 # glibc caps the mmap threshold at 32 MiB on 64-bit hosts.
 MMAP_THRESHOLD_BYTES = 32 << 20
-TRIM_THRESHOLD_BYTES = 256 << 20
+TRIM_THRESHOLD_BYTES = 64 << 20
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -105,7 +106,8 @@ class Server:
         self.health = health_servicer
         self.service_names = list(service_names)
         self._host = address.rsplit(":", 1)[0]
-        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+        self._stopped = False
 
     @property
     def address(self) -> str:
@@ -122,12 +124,17 @@ class Server:
         for name in self.service_names:
             self.health.set(name, status)
 
-    def stop(self, grace_s: float | None = 5.0) -> None:
-        """Graceful shutdown: report NOT_SERVING, refuse new calls, let running ones finish."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+    def stop(self, grace_s: float | None = 5.0, drain_s: float = 0.0) -> None:
+        """Graceful shutdown: report NOT_SERVING; after ``drain_s`` (time for readiness
+        probes and load balancers to notice) refuse new calls; give running calls
+        ``grace_s`` to finish."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
         self.health.enter_graceful_shutdown()
+        if drain_s > 0:
+            time.sleep(drain_s)
         self.grpc_server.stop(grace_s).wait()
         logger.info("[Server.stop] stopped %s", self.address)
 
@@ -146,6 +153,14 @@ class Server:
         self.stop()
 
 
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6); the port must be 0-65535."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"address {address!r} is not host:port with a port from 0 to 65535")
+    return host.removeprefix("[").removesuffix("]"), int(port_text)
+
+
 def create_server(
     services: Sequence[ServiceBinding],
     tls: TLSConfig,
@@ -160,6 +175,8 @@ def create_server(
     client certificate signed by the deployment CA.
     """
     tune_allocator()
+    tls.verify_own_certificate()
+    parse_address(address)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="grpc"),
         interceptors=list(interceptors),
@@ -200,6 +217,8 @@ def create_channel(
     ``target``), and this party's own certificate is presented for mutual TLS.
     """
     tune_allocator()
+    tls.verify_own_certificate()
+    parse_address(target)
     channel_options = options.channel_options()
     if tls.insecure:
         warn_plaintext(f"create_channel {target}")

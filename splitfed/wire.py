@@ -18,6 +18,7 @@ decoded tensor is a view of that buffer for ``raw`` payloads.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ import torch
 from google.protobuf.message import Message
 
 from splitfed import metrics
-from splitfed.encodings import Encoding, get_encoding
+from splitfed.encodings import Encoding, get_encoding, numel_of
 from splitfed.errors import DataLossError, InvalidArgumentError, LimitExceededError
 from splitfed.v1 import tensor_pb2
 
@@ -76,6 +77,17 @@ def dtype_from_proto(value: int) -> torch.dtype:
         raise InvalidArgumentError(f"unknown or unspecified dtype {value}") from None
 
 
+class Declared(NamedTuple):
+    """A tensor header that passed the limits."""
+
+    dtype: torch.dtype
+    encoding: Encoding
+    # Exact payload length on the wire.
+    nbytes: int
+    # Bytes of the decoded tensor where decoding allocates it anew (0 for raw: a view).
+    decoded_nbytes: int
+
+
 @dataclass(frozen=True)
 class TensorLimits:
     """What a receiver accepts. Checked against declared sizes before any allocation."""
@@ -102,8 +114,8 @@ class TensorLimits:
 
     def check(
         self, name: str, dtype_value: int, shape: Sequence[int], encoding_name: str
-    ) -> tuple[torch.dtype, Encoding, int]:
-        """Validate a declared tensor; return its dtype, encoding and exact payload length."""
+    ) -> Declared:
+        """Validate a declared tensor: what it is, and the bytes it needs on both sides."""
         where = f"tensor {name[: self.max_name_chars]!r}"
         if len(name) > self.max_name_chars:
             raise InvalidArgumentError(
@@ -127,25 +139,32 @@ class TensorLimits:
             raise InvalidArgumentError(
                 f"{where}: wire encoding {encoding.name!r} does not apply to dtype {dtype}"
             )
-        # Python integers: no overflow, however large the declared dimensions.
+        # Python integers: no overflow, however large the declared dimensions. The decoded
+        # size counts too (an int8 payload decodes to 2-8x its bytes), and so does the
+        # product of the non-zero dimensions: an empty tensor with huge dimensions would
+        # still overflow torch's stride computation.
         nbytes = encoding.encoded_nbytes(dtype, shape)
-        if nbytes > self.max_tensor_bytes:
+        span = math.prod(max(d, 1) for d in shape) * dtype.itemsize
+        if max(nbytes, span) > self.max_tensor_bytes:
             raise LimitExceededError(
-                f"{where}: shape {list(shape)} needs {nbytes} bytes; "
+                f"{where}: shape {list(shape)} of {dtype} needs {max(nbytes, span)} bytes; "
                 f"the limit is {self.max_tensor_bytes} bytes per tensor"
             )
-        return dtype, encoding, nbytes
+        decoded = 0 if encoding.name == "raw" else numel_of(shape) * dtype.itemsize
+        return Declared(dtype, encoding, nbytes, decoded)
 
 
 DEFAULT_LIMITS = TensorLimits()
 
 
 class ReceiveBudget:
-    """Bytes that the receive buffers of many streams may hold together.
+    """Bytes that the tensors received on many streams may hold together.
 
-    A receiver reserves a tensor's declared size here before allocating its buffer and
-    releases it when the tensor is complete or abandoned, so clients that declare large
-    tensors and then stall cannot make a server allocate without bound.
+    A receiver reserves what a tensor needs (its payload buffer, plus the decoded tensor
+    where decoding allocates one) before allocating anything, and keeps the reservation
+    while the tensor is in use: until the consumer of :func:`iter_tensors` asks for the
+    next tensor, or the stream ends. Clients that declare large tensors and then stall,
+    or stop reading replies, cannot make a server allocate without bound.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -192,7 +211,7 @@ def to_proto(tensor: torch.Tensor, encoding: str = "raw") -> tensor_pb2.Tensor:
 
 def from_proto(message: tensor_pb2.Tensor, limits: TensorLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """The tensor in a ``Tensor`` message, validated against ``limits``."""
-    dtype, encoding, nbytes = limits.check("", message.dtype, message.shape, message.encoding)
+    dtype, encoding, nbytes, _ = limits.check("", message.dtype, message.shape, message.encoding)
     data = message.data
     if len(data) != nbytes:
         raise InvalidArgumentError(
@@ -204,7 +223,7 @@ def from_proto(message: tensor_pb2.Tensor, limits: TensorLimits = DEFAULT_LIMITS
         if nbytes
         else torch.empty(0, dtype=torch.uint8)
     )
-    return encoding.decode(payload, dtype, list(message.shape))
+    return _decode(encoding, payload, dtype, list(message.shape), "tensor")
 
 
 def _payload_bytes(payload: torch.Tensor) -> bytes:
@@ -293,6 +312,15 @@ def _fill_frames(
         chunks.inc()
 
 
+def _decode(
+    encoding: Encoding, payload: torch.Tensor, dtype: torch.dtype, shape: list[int], what: str
+) -> torch.Tensor:
+    try:
+        return encoding.decode(payload, dtype, shape)
+    except RuntimeError as exc:  # torch refusing what passed the checks: still bad input
+        raise InvalidArgumentError(f"{what}: payload cannot be decoded: {exc}") from None
+
+
 class ReceivedTensor(NamedTuple):
     """A tensor rebuilt from a stream, with the name and wire encoding it arrived with."""
 
@@ -308,6 +336,7 @@ class _Pending:
     shape: list[int]
     encoding: Encoding
     total: int
+    reserved: int
     crc32c: int
     buffer: torch.Tensor
     array: np.ndarray[Any, np.dtype[np.uint8]]
@@ -324,6 +353,10 @@ class TensorAssembler:
     (over a limit) or :class:`DataLossError` (checksum mismatch, stream ended mid-tensor);
     the partial buffer is released at once. Use as a context manager (or call
     :meth:`close`) so that a stream that breaks mid-tensor frees what it held.
+
+    With a :class:`ReceiveBudget`, a completed tensor's reservation is kept until
+    :meth:`release_completed` (called by :func:`iter_tensors` when its consumer asks for
+    the next tensor), the next tensor starts, or :meth:`close`.
     """
 
     def __init__(
@@ -332,6 +365,7 @@ class TensorAssembler:
         self.limits = limits
         self.budget = budget
         self._pending: _Pending | None = None
+        self._completed_reservation = 0
         self._received = metrics.WIRE_BYTES.labels(direction="received")
         self._chunks = metrics.WIRE_CHUNKS.labels(direction="received")
 
@@ -389,7 +423,8 @@ class TensorAssembler:
         return self._complete(pending)
 
     def _start(self, header: tensor_pb2.TensorHeader) -> _Pending:
-        dtype, encoding, nbytes = self.limits.check(
+        self.release_completed()
+        dtype, encoding, nbytes, decoded = self.limits.check(
             header.name, header.dtype, header.shape, header.encoding
         )
         if header.total_bytes != nbytes:
@@ -398,14 +433,15 @@ class TensorAssembler:
                 f"dtype {dtype} and shape {list(header.shape)} in encoding {encoding.name!r} "
                 f"need {nbytes}"
             )
-        # Only now, with the size checked against the limits, allocate the payload buffer.
+        # Only now, with the sizes checked against the limits, reserve and allocate.
+        reserved = nbytes + decoded if self.budget is not None else 0
         if self.budget is not None:
-            self.budget.reserve(nbytes, f"tensor {header.name!r}")
+            self.budget.reserve(reserved, f"tensor {header.name!r}")
         try:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
         except BaseException:
             if self.budget is not None:
-                self.budget.release(nbytes)
+                self.budget.release(reserved)
             raise
         metrics.WIRE_BUFFER_BYTES.inc(nbytes)
         self._pending = _Pending(
@@ -414,6 +450,7 @@ class TensorAssembler:
             shape=list(header.shape),
             encoding=encoding,
             total=nbytes,
+            reserved=reserved,
             crc32c=header.crc32c,
             buffer=buffer,
             array=buffer.numpy(),
@@ -426,8 +463,10 @@ class TensorAssembler:
                 f"tensor {pending.name!r}: checksum mismatch (crc32c {pending.running_crc:#010x}, "
                 f"header says {pending.crc32c:#010x})"
             )
-        tensor = pending.encoding.decode(pending.buffer, pending.dtype, pending.shape)
-        self._release()
+        tensor = _decode(
+            pending.encoding, pending.buffer, pending.dtype, pending.shape, repr(pending.name)
+        )
+        self._release(keep_reservation=True)
         return ReceivedTensor(pending.name, tensor, pending.encoding.name)
 
     def finish(self) -> None:
@@ -440,16 +479,25 @@ class TensorAssembler:
                 f"of tensor {pending.name!r}"
             )
 
-    def _release(self) -> None:
+    def _release(self, *, keep_reservation: bool = False) -> None:
         pending = self._pending
         if pending is not None:
             self._pending = None
             metrics.WIRE_BUFFER_BYTES.dec(pending.total)
-            if self.budget is not None:
-                self.budget.release(pending.total)
+            if keep_reservation:
+                self._completed_reservation += pending.reserved
+            elif self.budget is not None:
+                self.budget.release(pending.reserved)
+
+    def release_completed(self) -> None:
+        """The consumer is done with the tensors completed so far: free their reservation."""
+        if self._completed_reservation and self.budget is not None:
+            self.budget.release(self._completed_reservation)
+        self._completed_reservation = 0
 
     def close(self) -> None:
         self._release()
+        self.release_completed()
 
     def __enter__(self) -> TensorAssembler:
         return self
@@ -474,4 +522,5 @@ def iter_tensors(
             done = assembler.feed(chunk)
             if done is not None:
                 yield done
+                assembler.release_completed()  # the consumer asked for the next one
         assembler.finish()

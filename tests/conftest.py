@@ -33,6 +33,7 @@ def pki() -> Pki:
             ca,
             ca.issue("hospital-old", "client", not_before=long_ago, validity=dt.timedelta(hours=1)),
         ),
+        other_deployment=tls_of(other, stranger),
     )
 
 

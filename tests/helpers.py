@@ -26,6 +26,8 @@ class Pki:
     client: TLSConfig
     other_ca_client: TLSConfig
     expired_client: TLSConfig
+    # A whole other deployment's client: its own CA, its own certificate.
+    other_deployment: TLSConfig
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:

@@ -10,6 +10,7 @@ from splitfed import __version__
 from splitfed.errors import stream_errors, unary_errors
 from splitfed.security.identity import peer_identity
 from splitfed.services.diagnostics.handlers import handle_echo, handle_who_am_i
+from splitfed.streams import StreamGuard
 from splitfed.transport import ServiceBinding
 from splitfed.v1 import diagnostics_pb2, diagnostics_pb2_grpc, tensor_pb2
 from splitfed.wire import (
@@ -35,11 +36,18 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
         limits: TensorLimits = DEFAULT_LIMITS,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         budget: ReceiveBudget | None = None,
+        streams: StreamGuard | None = None,
     ) -> None:
         self.limits = limits
         self.chunk_bytes = chunk_bytes
         # All streams of this servicer together; by default room for two largest tensors.
         self.budget = budget or ReceiveBudget(2 * limits.max_tensor_bytes)
+        if self.budget.max_bytes < limits.max_tensor_bytes:
+            raise ValueError(
+                f"the receive budget ({self.budget.max_bytes} bytes) must hold at least one "
+                f"largest tensor ({limits.max_tensor_bytes} bytes)"
+            )
+        self.streams = streams or StreamGuard("Diagnostics.EchoTensors")
 
     @stream_errors
     def EchoTensors(
@@ -47,15 +55,18 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
         request_iterator: Iterator[diagnostics_pb2.EchoTensorsRequest],
         context: grpc.ServicerContext,
     ) -> Iterator[diagnostics_pb2.EchoTensorsResponse]:
-        chunks = (request.chunk for request in request_iterator)
-        for echo in handle_echo(iter_tensors(chunks, self.limits, self.budget)):
-            yield from iter_frames(
-                echo.tensor,
-                echo.name,
-                _response_frame,
-                chunk_bytes=self.chunk_bytes,
-                encoding=echo.encoding,
-            )
+        with self.streams.open(context, request_iterator) as requests:
+            chunks = (request.chunk for request in requests)
+            for echo in handle_echo(iter_tensors(chunks, self.limits, self.budget)):
+                yield from requests.pace(
+                    iter_frames(
+                        echo.tensor,
+                        echo.name,
+                        _response_frame,
+                        chunk_bytes=self.chunk_bytes,
+                        encoding=echo.encoding,
+                    )
+                )
 
     @unary_errors
     def WhoAmI(
@@ -69,9 +80,10 @@ def binding(
     limits: TensorLimits = DEFAULT_LIMITS,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     budget: ReceiveBudget | None = None,
+    streams: StreamGuard | None = None,
 ) -> ServiceBinding:
     return ServiceBinding(
         name=SERVICE_NAME,
-        servicer=DiagnosticsServicer(limits, chunk_bytes, budget),
+        servicer=DiagnosticsServicer(limits, chunk_bytes, budget, streams),
         register=diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server,
     )

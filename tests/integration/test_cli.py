@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import SERVER_NAME, Pki
+from helpers import SERVER_NAME, Pki, wait_until
 
 from splitfed.cli import cli
 from splitfed.clients.diagnostics import DiagnosticsClient
@@ -31,6 +31,19 @@ def server_dir(pki: Pki, tmp_path: Path) -> Path:
         (["serve", "diagnostics", "--insecure", "--tls-dir", "x"], "cannot be combined"),
         (["serve", "diagnostics", "--insecure", "--chunk-bytes", "0"], "chunk_bytes must be"),
         (["demo", "--size-mib", "0"], "--size-mib must be at least 1"),
+        (["serve", "diagnostics", "--insecure", "--listen", "127.0.0.1:99999"], "not host:port"),
+        (
+            [
+                "serve",
+                "diagnostics",
+                "--insecure",
+                "--max-tensor-bytes",
+                "100",
+                "--max-buffered-bytes",
+                "50",
+            ],
+            "must hold at least one largest tensor",
+        ),
         (
             ["serve", "diagnostics", "--insecure", "--max-buffered-bytes", "0"],
             "max_bytes must be positive",
@@ -101,3 +114,33 @@ def test_make_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert result.stdout.count("refused, as it should be") == 2
     assert "server stopped gracefully (exit code 0)" in result.stdout
     assert (tmp_path / "hospital-a" / "key.pem").exists()
+
+
+PARENT = """
+import sys, time
+from splitfed.launcher import ServiceProcess
+child = ServiceProcess("diagnostics", ["serve", "diagnostics", "--insecure"])
+child.start()
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in {"Z", "X"}  # exited, not yet reaped
+
+
+def test_a_killed_parent_leaves_no_orphaned_server() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert parent.stdout is not None
+    child_pid = int(parent.stdout.readline())
+    assert not process_gone(child_pid)
+    parent.kill()
+    parent.wait()
+    assert wait_until(lambda: process_gone(child_pid), timeout_s=30)

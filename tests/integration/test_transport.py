@@ -22,6 +22,7 @@ from splitfed.errors import rpc_status
 from splitfed.retry import RetryPolicy, is_retryable
 from splitfed.security.tls import TLSConfig
 from splitfed.services.diagnostics import binding
+from splitfed.streams import StreamGuard
 from splitfed.transport import (
     Server,
     ServiceBinding,
@@ -30,7 +31,7 @@ from splitfed.transport import (
     create_server,
 )
 from splitfed.v1 import diagnostics_pb2, diagnostics_pb2_grpc, tensor_pb2
-from splitfed.wire import ReceiveBudget, iter_chunks
+from splitfed.wire import ReceiveBudget, TensorLimits, iter_chunks
 
 Connect = Callable[..., grpc.Channel]
 ONCE = RetryPolicy(max_attempts=1)
@@ -135,6 +136,10 @@ def _negative_dim(c: Chunks) -> None:
     c[0].header.shape[0] = -1000
 
 
+def _total_mismatch(c: Chunks) -> None:
+    c[0].header.total_bytes += 4
+
+
 INVALID, DATA_LOSS = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS
 MALFORMED = [
     ("missing header", _no_header, INVALID),
@@ -147,6 +152,7 @@ MALFORMED = [
     ("rank", _rank_9, INVALID),
     ("dtype", _dtype_42, INVALID),
     ("negative dimension", _negative_dim, INVALID),
+    ("declared total bytes", _total_mismatch, INVALID),
 ]
 
 
@@ -187,12 +193,16 @@ def test_cancelled_stream_mid_tensor_frees_the_server_buffer(
     call.cancel()
     release.set()
     assert wait_until(lambda: metrics.WIRE_BUFFER_BYTES._value.get() == 0)
-    # A peer going away is not a server error.
-    assert wait_until(lambda: any("ended by the peer" in r.getMessage() for r in caplog.records))
+    # A peer going away is not a server error. Depending on when the cancellation reaches
+    # the handler, it sees the call end or the stream end mid-tensor (DATA_LOSS).
+    ended = ("ended by the peer", "DATA_LOSS")
+    assert wait_until(lambda: any(e in r.getMessage() for r in caplog.records for e in ended))
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_client_without_certificate_is_refused(diagnostics_server: Server, pki: Pki) -> None:
+def test_client_without_certificate_is_refused(
+    diagnostics_server: Server, connect: Connect, pki: Pki
+) -> None:
     assert pki.client.ca_cert is not None
     channel = grpc.secure_channel(
         diagnostics_server.address,
@@ -201,6 +211,7 @@ def test_client_without_certificate_is_refused(diagnostics_server: Server, pki: 
     )
     with channel:
         _assert_refused(channel)
+    assert client(connect(pki.client)).who_am_i().identity == "hospital-a"
 
 
 def _assert_refused(channel: grpc.Channel, *, client_side: bool = False) -> None:
@@ -212,25 +223,57 @@ def _assert_refused(channel: grpc.Channel, *, client_side: bool = False) -> None
         assert not is_retryable(info.value)
 
 
-def test_client_with_certificate_from_another_ca_is_refused(connect: Connect, pki: Pki) -> None:
-    _assert_refused(connect(pki.other_ca_client))
+def unchecked_channel(server: Server, tls: TLSConfig) -> grpc.Channel:
+    """A channel that skips create_channel's own-certificate check: the server must refuse."""
+    return grpc.secure_channel(
+        server.address,
+        tls.channel_credentials(),
+        options=[("grpc.ssl_target_name_override", SERVER_NAME)],
+    )
 
 
-def test_client_with_expired_certificate_is_refused(connect: Connect, pki: Pki) -> None:
-    _assert_refused(connect(pki.expired_client))
+def test_client_with_certificate_from_another_ca_is_refused(
+    diagnostics_server: Server, connect: Connect, pki: Pki
+) -> None:
+    with unchecked_channel(diagnostics_server, pki.other_ca_client) as channel:
+        _assert_refused(channel)
+    assert client(connect(pki.client)).who_am_i().identity == "hospital-a"
+
+
+def test_client_with_expired_certificate_is_refused(
+    diagnostics_server: Server, connect: Connect, pki: Pki
+) -> None:
+    with unchecked_channel(diagnostics_server, pki.expired_client) as channel:
+        _assert_refused(channel)
+    assert client(connect(pki.client)).who_am_i().identity == "hospital-a"
+
+
+@pytest.mark.parametrize(
+    ("which", "message"),
+    [("expired_client", "expired at .*; renew it"), ("other_ca_client", "not issued by the")],
+)
+def test_create_channel_refuses_a_certificate_peers_would_refuse(
+    diagnostics_server: Server, pki: Pki, which: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        create_channel(diagnostics_server.address, getattr(pki, which), server_name=SERVER_NAME)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:99999", "127.0.0.1", ":50", "host:port"])
+def test_bad_addresses_are_refused(pki: Pki, address: str) -> None:
+    with pytest.raises(ValueError, match="is not host:port"):
+        create_server([binding()], pki.server, address=address)
+    with pytest.raises(ValueError, match="is not host:port"):
+        create_channel(address, pki.client)
 
 
 def test_client_refuses_a_server_with_the_wrong_name(connect: Connect, pki: Pki) -> None:
     _assert_refused(connect(pki.client, server_name="aggregator.splitfed.local"), client_side=True)
+    assert client(connect(pki.client)).who_am_i().identity == "hospital-a"
 
 
 def test_client_refuses_a_server_from_another_ca(connect: Connect, pki: Pki) -> None:
-    other = TLSConfig(
-        pki.other_ca_client.cert_chain,  # trusts only the other CA (its own chain)
-        pki.other_ca_client.cert_chain,
-        pki.other_ca_client.private_key,
-    )
-    _assert_refused(connect(other), client_side=True)
+    _assert_refused(connect(pki.other_deployment), client_side=True)
 
 
 def test_insecure_mode_works_only_when_asked_and_warns(
@@ -305,7 +348,7 @@ def test_stalled_streams_cannot_reserve_more_than_the_budget(pki: Pki) -> None:
     """A client that declares tensors and stalls holds at most the server's receive budget."""
     budget = ReceiveBudget(3 << 20)
     server = create_server(
-        [binding(chunk_bytes=SMALL_CHUNKS.chunk_bytes, budget=budget)],
+        [binding(TensorLimits(max_tensor_bytes=2 << 20), SMALL_CHUNKS.chunk_bytes, budget)],
         pki.server,
         options=SMALL_CHUNKS,
     )
@@ -330,3 +373,40 @@ def test_stalled_streams_cannot_reserve_more_than_the_budget(pki: Pki) -> None:
         assert wait_until(lambda: budget.held == 0)
         (received,) = client(channel).echo([("h1", torch.ones(2 << 18))])
         assert torch.equal(received.tensor, torch.ones(2 << 18))
+
+
+def test_idle_streams_are_capped_and_cancelled_and_health_stays_up(pki: Pki) -> None:
+    guard = StreamGuard("Diagnostics.EchoTensors", max_streams=2, idle_timeout_s=0.5)
+    server = create_server([binding(streams=guard)], pki.server)
+    release = threading.Event()
+
+    def silent() -> Iterator[diagnostics_pb2.EchoTensorsRequest]:
+        release.wait(30)
+        yield from ()
+
+    with server, create_channel(server.address, pki.client, server_name=SERVER_NAME) as channel:
+        stub = diagnostics_pb2_grpc.DiagnosticsStub(channel)
+        idle = [stub.EchoTensors(silent(), timeout=60) for _ in range(2)]
+        assert wait_until(lambda: guard.open_streams == 2)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.EchoTensors(silent(), timeout=60))
+        status, details = rpc_status(info.value)
+        assert status == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 streams are already open" in details
+        assert client(channel).health() == "SERVING"
+        # The watchdog ends the silent streams; their clients see the cancellation.
+        for call in idle:
+            with pytest.raises(grpc.RpcError) as ended:
+                list(call)
+            assert rpc_status(ended.value)[0] == grpc.StatusCode.CANCELLED
+        release.set()
+        assert wait_until(lambda: guard.open_streams == 0)
+        (received,) = client(channel).echo([("h1", torch.ones(3))])
+        assert torch.equal(received.tensor, torch.ones(3))
+
+
+def test_stream_guard_validates() -> None:
+    with pytest.raises(ValueError, match="max_streams"):
+        StreamGuard("x", max_streams=0)
+    with pytest.raises(ValueError, match="idle_timeout_s"):
+        StreamGuard("x", idle_timeout_s=0)

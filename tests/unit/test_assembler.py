@@ -238,3 +238,40 @@ def test_receive_budget_is_shared_and_released() -> None:
 def test_receive_budget_validates() -> None:
     with pytest.raises(ValueError, match="max_bytes must be positive"):
         ReceiveBudget(0)
+
+
+def test_decoded_size_counts_against_the_limit() -> None:
+    """An int8 payload declared as float64 decodes to ~8x its wire bytes."""
+    limits = TensorLimits(max_tensor_bytes=1 << 20)
+    chunk = header_chunk(
+        [1, 1 << 20], dtype=tensor_pb2.DTYPE_FLOAT64, encoding="int8", total_bytes=(1 << 20) + 4
+    )
+    with pytest.raises(LimitExceededError, match="needs 8388608 bytes"):
+        TensorAssembler(limits).feed(chunk[0])
+
+
+def test_empty_tensor_with_huge_dimensions_is_refused() -> None:
+    chunk = header_chunk([0, 1 << 62, 1 << 62], total_bytes=0)
+    with pytest.raises(LimitExceededError, match="the limit is"):
+        TensorAssembler().feed(chunk[0])
+    (ok,) = list(iter_tensors(iter_chunks(torch.empty(0, 1000, 3), "e")))
+    assert ok.tensor.shape == (0, 1000, 3)
+
+
+def test_reservation_lasts_until_the_consumer_takes_the_next_tensor() -> None:
+    budget = ReceiveBudget(10_000)
+    stream = [*good(), *iter_chunks(torch.zeros(8, dtype=torch.int32), "b"), *good()]
+    tensors = iter_tensors(stream, budget=budget)
+    first = next(tensors)
+    assert first.name == "h1" and budget.held == 160  # still in use by the consumer
+    second = next(tensors)
+    assert second.name == "b" and budget.held == 32
+    tensors.close()
+    assert budget.held == 0
+
+
+def test_lossy_encodings_reserve_the_decoded_tensor_too() -> None:
+    budget = ReceiveBudget(10_000)
+    tensors = iter_tensors(iter_chunks(torch.ones(4, 100), "x", encoding="bf16"), budget=budget)
+    next(tensors)
+    assert budget.held == 4 * 100 * 2 + 4 * 100 * 4

@@ -15,6 +15,7 @@ from splitfed.encodings import (
     register_encoding,
 )
 from splitfed.errors import InvalidArgumentError
+from splitfed.v1 import tensor_pb2
 from splitfed.wire import iter_chunks, iter_tensors
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -138,3 +139,30 @@ def test_int8_receiver_rejects_a_bad_scale(bad_scale: float) -> None:
     chunks[0].header.crc32c = google_crc32c.value(bytes(payload))
     with pytest.raises(InvalidArgumentError, match="negative or non-finite scale"):
         list(iter_tensors(chunks))
+
+
+def int8_chunks(
+    scale: float, q: list[int], dtype: torch.dtype = torch.float32
+) -> list[tensor_pb2.TensorChunk]:
+    chunks = list(iter_chunks(torch.ones(1, len(q), dtype=dtype), "x", encoding="int8"))
+    payload = torch.tensor([scale]).view(torch.uint8).numpy().tobytes()
+    payload += torch.tensor(q, dtype=torch.int8).view(torch.uint8).numpy().tobytes()
+    chunks[0].data = payload
+    chunks[0].header.crc32c = google_crc32c.value(payload)
+    return chunks
+
+
+def test_int8_receiver_rejects_minus_128_and_scales_that_overflow_the_dtype() -> None:
+    with pytest.raises(InvalidArgumentError, match="holds -128"):
+        list(iter_tensors(int8_chunks(1.0, [1, -128])))
+    with pytest.raises(InvalidArgumentError, match=r"scale too large for torch\.float16"):
+        list(iter_tensors(int8_chunks(1000.0, [127, 1], torch.float16)))
+    (ok,) = list(iter_tensors(int8_chunks(0.5, [127, -127])))
+    assert ok.tensor.tolist() == [[63.5, -63.5]]
+
+
+def test_int8_decodes_in_blocks_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(37, 11)
+    whole = round_trip(x, "int8")
+    monkeypatch.setattr(type(get_encoding("int8")), "_BLOCK_ELEMENTS", 20)
+    assert torch.equal(round_trip(x, "int8"), whole)

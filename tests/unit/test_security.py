@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from splitfed.security.ca import (
     CertificateAuthority,
@@ -26,16 +26,26 @@ def ca() -> CertificateAuthority:
 
 
 def test_issued_certificate_names_identity_and_role(ca: CertificateAuthority) -> None:
-    issued = ca.issue("hospital-a", "client", dns_names=["a.example"], ip_addresses=["127.0.0.1"])
+    issued = ca.issue("backbone-0", "backbone", dns_names=["b.example"], ip_addresses=["10.0.0.1"])
     cert = x509.load_pem_x509_certificate(issued.cert_pem)
-    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "hospital-a"
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "backbone-0"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    assert uris == ["spiffe://splitfed/client/hospital-a"]
-    assert san.get_values_for_type(x509.DNSName) == ["a.example"]
+    assert uris == ["spiffe://splitfed/backbone/backbone-0"]
+    assert san.get_values_for_type(x509.DNSName) == ["b.example"]
+    usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(usages) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert cert.issuer == ca.certificate.subject
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     cert.verify_directly_issued_by(ca.certificate)
+
+
+def test_client_certificates_cannot_authenticate_servers(ca: CertificateAuthority) -> None:
+    cert = x509.load_pem_x509_certificate(ca.issue("hospital-a", "client").cert_pem)
+    usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usages) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    with pytest.raises(ValueError, match="only server roles get DNS names"):
+        ca.issue("hospital-a", "client", dns_names=["backbone.splitfed.local"])
 
 
 def test_csr_signing_uses_the_requested_identity_not_the_csr_subject(
