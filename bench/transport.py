@@ -12,8 +12,9 @@ two ways, for each chunk size (64 KiB to 4 MiB, and always ``DEFAULT_CHUNK_BYTES
 
 Both are store-and-forward, share one channel per chunk size (same ``create_channel``
 options, same mTLS) and one server per chunk size (same ``create_server`` call), hosted
-in a child process so that client and server do not share a GIL. Each chunk size runs one
-untimed warm-up of each path, then ``--repeats`` (default 5) interleaved rounds
+in a child process so that client and server do not share a GIL. Client and server each
+get half the cores (one each on a 2-core machine), as two machines would. Each chunk size runs one
+untimed warm-up of each path, then ``--repeats`` (default 5) interleaved rounds (bare, codec, ...).
 MB/s counts the bytes both ways (2 * size / seconds / 1e6); the ratio is codec median /
 bare median. Every codec echo must be bit-exact and every bare echo the same bytes.
 
@@ -130,6 +131,15 @@ def _serve(tls_dir: Path, chunk_sizes: list[int]) -> int:
     return 0
 
 
+def _pin(pid: int, *, server: bool) -> None:
+    """On 2+ cores, give the server process and this client process a core each, as two
+    machines would have; less scheduler noise between rounds."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= 2:
+        half = len(cores) // 2
+        os.sched_setaffinity(pid, cores[half:] if server else cores[:half])
+
+
 @contextlib.contextmanager
 def _server_process(tls_dir: Path, chunk_kib: list[int] | None) -> Iterator[dict[int, int]]:
     """Start the server child; yield its port per chunk size; always stop it."""
@@ -137,6 +147,7 @@ def _server_process(tls_dir: Path, chunk_kib: list[int] | None) -> Iterator[dict
     for kib in chunk_kib or ():
         command += ["--chunk-kib", str(kib)]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _pin(proc.pid, server=True)
     try:
         assert proc.stdout is not None
         ports: dict[int, int] = {}
@@ -267,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
             ca.issue("bench-server", "backbone", dns_names=[SERVER_NAME]).write(Path(tmp))
+            _pin(os.getpid(), server=False)
             with _server_process(Path(tmp), args.chunk_kib) as ports:
                 for chunk in chunk_sizes:
                     result = _measure(ports[chunk], chunk, client_tls, tensor, args.repeats)

@@ -11,10 +11,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitfed.encodings import get_encoding
 from splitfed.retry import DEFAULT_RETRY, RetryPolicy, call_with_retry
-from splitfed.v1 import diagnostics_pb2, diagnostics_pb2_grpc, tensor_pb2
+from splitfed.services.diagnostics.servicer import REQUEST_FRAMES, RESPONSE_FRAMES, SERVICE
+from splitfed.transport import framed_stream
+from splitfed.v1 import diagnostics_pb2, diagnostics_pb2_grpc
 from splitfed.wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_LIMITS,
+    OutgoingFrame,
     ReceivedTensor,
     TensorLimits,
     iter_frames,
@@ -40,6 +43,9 @@ class DiagnosticsClient:
         timeout_s: float | None = 300.0,
     ) -> None:
         self._stub = diagnostics_pb2_grpc.DiagnosticsStub(channel)
+        self._echo = framed_stream(
+            channel, SERVICE.methods_by_name["EchoTensors"], REQUEST_FRAMES, RESPONSE_FRAMES
+        )
         self._health = health_pb2_grpc.HealthStub(channel)
         self.chunk_bytes = chunk_bytes
         self.limits = limits
@@ -67,14 +73,10 @@ class DiagnosticsClient:
 
     def _requests(
         self, tensors: Iterable[tuple[str, torch.Tensor]], encoding: str
-    ) -> Iterator[diagnostics_pb2.EchoTensorsRequest]:
-        def new_frame() -> tuple[diagnostics_pb2.EchoTensorsRequest, tensor_pb2.TensorChunk]:
-            request = diagnostics_pb2.EchoTensorsRequest()
-            return request, request.chunk
-
+    ) -> Iterator[OutgoingFrame]:
         for name, tensor in tensors:
             yield from iter_frames(
-                tensor, name, new_frame, chunk_bytes=self.chunk_bytes, encoding=encoding
+                tensor, name, REQUEST_FRAMES, chunk_bytes=self.chunk_bytes, encoding=encoding
             )
 
     def echo(
@@ -89,9 +91,7 @@ class DiagnosticsClient:
                 )
 
         def call() -> list[ReceivedTensor]:
-            responses = self._stub.EchoTensors(
-                self._requests(tensors, encoding), timeout=self.timeout_s
-            )
-            return list(iter_tensors((r.chunk for r in responses), self.limits))
+            responses = self._echo(self._requests(tensors, encoding), timeout=self.timeout_s)
+            return list(iter_tensors((r.chunk_view() for r in responses), self.limits))
 
         return call_with_retry(call, self.retry, what="Diagnostics.EchoTensors")

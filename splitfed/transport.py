@@ -17,12 +17,14 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from splitfed.runtime import tune_allocator
 from splitfed.security.tls import TLSConfig, warn_plaintext
-from splitfed.wire import DEFAULT_CHUNK_BYTES, KiB, MiB
+from splitfed.wire import DEFAULT_CHUNK_BYTES, FrameSpec, KiB, MiB
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,67 @@ class ServiceBinding:
     name: str
     servicer: object
     register: Callable[[Any, grpc.Server], None]
+
+
+_HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def service_binding(
+    descriptor: ServiceDescriptor, servicer: object, frames: Sequence[FrameSpec[Any]] = ()
+) -> ServiceBinding:
+    """Register ``servicer``'s methods for the service ``descriptor`` describes.
+
+    Like the generated ``add_*Servicer_to_server``, except that stream messages with a
+    :class:`~splitfed.wire.FrameSpec` in ``frames`` are parsed and serialised by it (the
+    servicer receives :class:`~splitfed.wire.IncomingFrame` objects and may yield
+    :class:`~splitfed.wire.OutgoingFrame` ones). Methods the servicer lacks answer
+    UNIMPLEMENTED.
+    """
+    specs = {spec.message_type.DESCRIPTOR.full_name: spec for spec in frames}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for method in descriptor.methods:
+        behaviour = getattr(servicer, method.name, None)
+        if behaviour is None:
+            continue
+        request_spec = specs.get(method.input_type.full_name)
+        response_spec = specs.get(method.output_type.full_name)
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            behaviour,
+            request_deserializer=request_spec.parse if request_spec else request_type.FromString,
+            response_serializer=(
+                response_spec.serialize if response_spec else response_type.SerializeToString
+            ),
+        )
+
+    def register(_: object, server: grpc.Server) -> None:
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(descriptor.full_name, handlers),)
+        )
+        server.add_registered_method_handlers(descriptor.full_name, handlers)
+
+    return ServiceBinding(descriptor.full_name, servicer, register)
+
+
+def framed_stream(
+    channel: grpc.Channel,
+    method: MethodDescriptor,
+    request: FrameSpec[Any],
+    response: FrameSpec[Any],
+) -> grpc.StreamStreamMultiCallable[Any, Any]:
+    """A client-side bidirectional stream whose messages go through :class:`FrameSpec`s."""
+    return channel.stream_stream(
+        f"/{method.containing_service.full_name}/{method.name}",
+        request_serializer=request.serialize,
+        response_deserializer=response.parse,
+    )
 
 
 class Server:

@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import google_crc32c
 import numpy as np
@@ -42,7 +42,7 @@ MiB = 1 << 20
 KiB = 1 << 10
 DEFAULT_MAX_TENSOR_BYTES = 2 * GiB
 # Chosen from bench/transport.py (docs/benchmarks.md).
-DEFAULT_CHUNK_BYTES = 1 * MiB
+DEFAULT_CHUNK_BYTES = 4 * MiB
 
 _DTYPE_TO_PROTO: dict[torch.dtype, int] = {
     torch.float32: tensor_pb2.DTYPE_FLOAT32,
@@ -58,6 +58,7 @@ _DTYPE_TO_PROTO: dict[torch.dtype, int] = {
 }
 _PROTO_TO_DTYPE: dict[int, torch.dtype] = {v: k for k, v in _DTYPE_TO_PROTO.items()}
 SUPPORTED_DTYPES: frozenset[torch.dtype] = frozenset(_DTYPE_TO_PROTO)
+M = TypeVar("M", bound=Message)
 
 
 def dtype_to_proto(dtype: torch.dtype) -> tensor_pb2.Dtype.ValueType:
@@ -235,47 +236,13 @@ def _payload_bytes(payload: torch.Tensor) -> bytes:
 # --- chunked streams -------------------------------------------------------------------
 
 
-def iter_chunks(
-    tensor: torch.Tensor,
-    name: str,
-    *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    encoding: str = "raw",
-) -> Iterator[tensor_pb2.TensorChunk]:
-    """Split ``tensor`` into chunks of at most ``chunk_bytes`` payload bytes, header first.
-
-    The first chunk carries the header and the first bytes; an empty tensor is one
-    header-only chunk. The tensor is encoded and check-summed once, up front; each chunk
-    then costs one copy of its bytes.
-    """
-
-    def new_chunk() -> tuple[tensor_pb2.TensorChunk, tensor_pb2.TensorChunk]:
-        chunk = tensor_pb2.TensorChunk()
-        return chunk, chunk
-
-    return iter_frames(tensor, name, new_chunk, chunk_bytes=chunk_bytes, encoding=encoding)
+Payload = np.ndarray[Any, np.dtype[np.uint8]]
 
 
-Frame = TypeVar("Frame", bound=Message)
-
-
-def iter_frames(
-    tensor: torch.Tensor,
-    name: str,
-    new_frame: Callable[[], tuple[Frame, tensor_pb2.TensorChunk]],
-    *,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    encoding: str = "raw",
-) -> Iterator[Frame]:
-    """Like :func:`iter_chunks`, but each chunk is written in place into a stream message.
-
-    ``new_frame`` returns a fresh message of the stream and the ``TensorChunk`` field
-    inside it, for example ``lambda: (m := EchoTensorsRequest(), m.chunk)``. Filling the
-    field in place avoids copying every chunk a second time into its envelope.
-
-    Arguments are checked and the tensor encoded when this is called, not when the first
-    frame is taken, so mistakes surface here rather than inside a gRPC request iterator.
-    """
+def _prepare(
+    tensor: torch.Tensor, name: str, chunk_bytes: int, encoding: str
+) -> tuple[tensor_pb2.TensorHeader, Payload]:
+    """Check arguments, encode the tensor, and build its header (with the checksum)."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     enc = get_encoding(encoding)
@@ -285,31 +252,252 @@ def iter_frames(
         name=name, dtype=dtype_to_proto(tensor.dtype), shape=tensor.shape, encoding=enc.name
     )
     # A NumPy uint8 view of the encoded payload (no copy): google_crc32c reads it
-    # directly and slices of it become the chunks' bytes with one copy each.
+    # directly, and chunks are slices of it.
     payload = enc.encode(tensor).numpy()
     header.total_bytes = payload.size
     header.crc32c = google_crc32c.value(payload) if payload.size else 0
-    return _fill_frames(payload, header, new_frame, chunk_bytes)
+    return header, payload
 
 
-def _fill_frames(
-    payload: np.ndarray[Any, np.dtype[np.uint8]],
-    header: tensor_pb2.TensorHeader,
-    new_frame: Callable[[], tuple[Frame, tensor_pb2.TensorChunk]],
-    chunk_bytes: int,
-) -> Iterator[Frame]:
+def _pieces(payload: Payload, chunk_bytes: int) -> Iterator[tuple[int, Payload]]:
     sent = metrics.WIRE_BYTES.labels(direction="sent")
     chunks = metrics.WIRE_CHUNKS.labels(direction="sent")
     for seq, start in enumerate(range(0, max(payload.size, 1), chunk_bytes)):
-        frame, chunk = new_frame()
-        chunk.seq = seq
-        if seq == 0:
-            chunk.header.CopyFrom(header)
-        piece = payload[start : start + chunk_bytes].tobytes()
-        chunk.data = piece
-        yield frame
-        sent.inc(len(piece))
+        piece = payload[start : start + chunk_bytes]
+        yield seq, piece
+        sent.inc(piece.size)
         chunks.inc()
+
+
+def iter_chunks(
+    tensor: torch.Tensor,
+    name: str,
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    encoding: str = "raw",
+) -> Iterator[tensor_pb2.TensorChunk]:
+    """Split ``tensor`` into ``TensorChunk`` messages of at most ``chunk_bytes`` payload
+    bytes, header first; an empty tensor is one header-only chunk.
+
+    Arguments are checked, and the tensor encoded and check-summed, when this is called,
+    not when the first chunk is taken. Streams should send :func:`iter_frames` instead,
+    which saves two copies of every chunk.
+    """
+    header, payload = _prepare(tensor, name, chunk_bytes, encoding)
+
+    def chunks() -> Iterator[tensor_pb2.TensorChunk]:
+        for seq, piece in _pieces(payload, chunk_bytes):
+            chunk = tensor_pb2.TensorChunk(seq=seq, data=piece.tobytes())
+            if seq == 0:
+                chunk.header.CopyFrom(header)
+            yield chunk
+
+    return chunks()
+
+
+def iter_frames(
+    tensor: torch.Tensor,
+    name: str,
+    spec: FrameSpec[M],
+    *,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    encoding: str = "raw",
+) -> Iterator[OutgoingFrame]:
+    """The chunks of ``tensor`` as frames of a stream whose messages are ``spec``'s type.
+
+    Each frame holds the stream message (its chunk's ``seq`` and, first, ``header`` set)
+    and a view of the chunk's payload; ``spec.serialize`` turns it into wire bytes with
+    a single copy of the payload. Arguments are checked when this is called.
+    """
+    header, payload = _prepare(tensor, name, chunk_bytes, encoding)
+
+    def frames() -> Iterator[OutgoingFrame]:
+        for seq, piece in _pieces(payload, chunk_bytes):
+            message, chunk = spec.new()
+            chunk.seq = seq
+            if seq == 0:
+                chunk.header.CopyFrom(header)
+            yield OutgoingFrame(message, spec, piece)
+
+    return frames()
+
+
+# --- frames: stream messages that carry a TensorChunk, serialised without extra copies ---
+#
+# protobuf's Python API copies a bytes field when it is set, again when the message is
+# serialised, and twice more when it is parsed and read. For stream messages that carry a
+# TensorChunk, FrameSpec writes and reads the chunk's payload itself, in plain protobuf
+# wire format that any implementation reads and writes: a frame is serialised as the
+# message's other fields, then the chunk field with the payload as its last field (one
+# copy of the payload); a received frame is parsed as the message minus the payload
+# (small) plus a zero-copy view of the payload. Frames of another shape (a field repeated,
+# say) fall back to protobuf's own parser, with the same result.
+
+_LEN = 2
+_DATA_FIELD = tensor_pb2.TensorChunk.DESCRIPTOR.fields_by_name["data"].number
+_DATA_KEY = (_DATA_FIELD << 3) | _LEN
+EMPTY = memoryview(b"")
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
+    """A varint at ``pos``; raises IndexError or ValueError on malformed input."""
+    result = shift = 0
+    while True:
+        byte = raw[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift >= 64:
+            raise ValueError("varint too long")
+
+
+def _skip_field(raw: bytes, key: int, pos: int) -> int:
+    """The position after the value of a field whose key ended at ``pos``."""
+    wire_type = key & 7
+    if wire_type == 0:
+        return _read_varint(raw, pos)[1]
+    if wire_type == 1:
+        return pos + 8
+    if wire_type == 5:
+        return pos + 4
+    if wire_type == _LEN:
+        length, start = _read_varint(raw, pos)
+        return start + length
+    raise ValueError(f"wire type {wire_type} is not expected in a frame")
+
+
+def _single_len_field(raw: bytes, start: int, end: int, key: int) -> tuple[int, int, int] | None:
+    """Where the one occurrence of LEN field ``key`` lies in ``raw[start:end]``:
+    (key start, value start, value end); ``None`` if absent. Raises ValueError if it
+    occurs more than once or the bytes are not well-formed."""
+    found: tuple[int, int, int] | None = None
+    pos = start
+    while pos < end:
+        key_start = pos
+        field_key, pos = _read_varint(raw, pos)
+        if field_key == key:
+            if found is not None:
+                raise ValueError("field occurs more than once")
+            length, value_start = _read_varint(raw, pos)
+            pos = value_start + length
+            found = (key_start, value_start, pos)
+        else:
+            pos = _skip_field(raw, field_key, pos)
+    if pos != end:
+        raise ValueError("truncated field")
+    return found
+
+
+class OutgoingFrame(NamedTuple):
+    """A stream message to send, and the payload of its chunk (a view, not yet copied)."""
+
+    message: Message
+    spec: FrameSpec[Any]
+    data: Payload
+
+
+class IncomingFrame(NamedTuple, Generic[M]):
+    """A received stream message (its chunk without payload) and the chunk's payload."""
+
+    message: M
+    data: memoryview
+
+    def chunk_view(self, field_name: str = "chunk") -> ChunkView:
+        return ChunkView(getattr(self.message, field_name), self.data)
+
+
+class ChunkView(NamedTuple):
+    """A chunk whose payload is held apart from the message (see :class:`IncomingFrame`)."""
+
+    chunk: tensor_pb2.TensorChunk
+    data: memoryview | bytes
+
+
+@dataclass(frozen=True)
+class FrameSpec(Generic[M]):
+    """How the stream messages of type ``message_type`` carry a ``TensorChunk``."""
+
+    message_type: type[M]
+    chunk_field: str = "chunk"
+
+    def __post_init__(self) -> None:
+        field_descriptor = self.message_type.DESCRIPTOR.fields_by_name.get(self.chunk_field)
+        if (
+            field_descriptor is None
+            or field_descriptor.message_type is not tensor_pb2.TensorChunk.DESCRIPTOR
+        ):
+            raise ValueError(
+                f"{self.message_type.__name__} has no TensorChunk field {self.chunk_field!r}"
+            )
+
+    @property
+    def _chunk_key(self) -> int:
+        number = self.message_type.DESCRIPTOR.fields_by_name[self.chunk_field].number
+        return int((number << 3) | _LEN)
+
+    def new(self) -> tuple[M, tensor_pb2.TensorChunk]:
+        message = self.message_type()
+        return message, getattr(message, self.chunk_field)
+
+    def serialize(self, frame: OutgoingFrame | M) -> bytes:
+        """Wire bytes of a frame (one copy of its payload) or of a plain message."""
+        if not isinstance(frame, OutgoingFrame):
+            return frame.SerializeToString()
+        if frame.data.size == 0:
+            return frame.message.SerializeToString()
+        # The chunk field once, as [chunk without data][data field]; the rest of the
+        # message before it. One occurrence keeps the receiver on its fast path.
+        chunk = getattr(frame.message, self.chunk_field).SerializeToString()
+        frame.message.ClearField(self.chunk_field)
+        rest = frame.message.SerializeToString()
+        data_key = _encode_varint(_DATA_KEY) + _encode_varint(frame.data.size)
+        chunk_len = len(chunk) + len(data_key) + frame.data.size
+        outer = _encode_varint(self._chunk_key) + _encode_varint(chunk_len)
+        return b"".join((rest, outer, chunk, data_key, frame.data.data))
+
+    def parse(self, raw: bytes) -> IncomingFrame[M]:
+        """A received message, its chunk's payload as a view into ``raw``."""
+        try:
+            return self._parse_fast(raw)
+        except (ValueError, IndexError):
+            return self._parse_slow(raw)
+
+    def _parse_fast(self, raw: bytes) -> IncomingFrame[M]:
+        chunk = _single_len_field(raw, 0, len(raw), self._chunk_key)
+        data = chunk and _single_len_field(raw, chunk[1], chunk[2], _DATA_KEY)
+        if chunk is None or data is None:
+            return self._parse_slow(raw)
+        chunk_key_end = _read_varint(raw, chunk[0])[1]
+        data_len = data[2] - data[0]
+        rest = b"".join(
+            (
+                raw[:chunk_key_end],
+                _encode_varint(chunk[2] - chunk[1] - data_len),
+                raw[chunk[1] : data[0]],
+                raw[data[2] : chunk[2]],
+                raw[chunk[2] :],
+            )
+        )
+        message = self.message_type.FromString(rest)
+        return IncomingFrame(message, memoryview(raw)[data[1] : data[2]])
+
+    def _parse_slow(self, raw: bytes) -> IncomingFrame[M]:
+        message = self.message_type.FromString(raw)
+        chunk: tensor_pb2.TensorChunk = getattr(message, self.chunk_field)
+        data = chunk.data
+        chunk.ClearField("data")
+        return IncomingFrame(message, memoryview(data))
 
 
 def _decode(
@@ -373,17 +561,17 @@ class TensorAssembler:
     def in_progress(self) -> bool:
         return self._pending is not None
 
-    def feed(self, chunk: tensor_pb2.TensorChunk) -> ReceivedTensor | None:
+    def feed(self, chunk: tensor_pb2.TensorChunk | ChunkView) -> ReceivedTensor | None:
         try:
             return self._feed(chunk)
         except Exception:
             self._release()
             raise
 
-    def _feed(self, chunk: tensor_pb2.TensorChunk) -> ReceivedTensor | None:
+    def _feed(self, item: tensor_pb2.TensorChunk | ChunkView) -> ReceivedTensor | None:
         self._chunks.inc()
         pending = self._pending
-        data = chunk.data
+        chunk, data = (item.chunk, item.data) if isinstance(item, ChunkView) else (item, item.data)
         if pending is None:
             if not chunk.HasField("header"):
                 raise InvalidArgumentError(
@@ -412,10 +600,9 @@ class TensorAssembler:
                 f"({pending.received + size} > {pending.total})"
             )
         if size:
-            pending.array[pending.received : pending.received + size] = np.frombuffer(
-                data, dtype=np.uint8
-            )
-            pending.running_crc = google_crc32c.extend(pending.running_crc, data)
+            piece = np.frombuffer(data, dtype=np.uint8)
+            pending.array[pending.received : pending.received + size] = piece
+            pending.running_crc = google_crc32c.extend(pending.running_crc, piece)
             pending.received += size
             self._received.inc(size)
         if pending.received < pending.total:
@@ -512,7 +699,7 @@ class TensorAssembler:
 
 
 def iter_tensors(
-    chunks: Iterable[tensor_pb2.TensorChunk],
+    chunks: Iterable[tensor_pb2.TensorChunk | ChunkView],
     limits: TensorLimits = DEFAULT_LIMITS,
     budget: ReceiveBudget | None = None,
 ) -> Iterator[ReceivedTensor]:

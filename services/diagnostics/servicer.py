@@ -11,26 +11,29 @@ from splitfed.errors import stream_errors, unary_errors
 from splitfed.security.identity import peer_identity
 from splitfed.services.diagnostics.handlers import handle_echo, handle_who_am_i
 from splitfed.streams import StreamGuard
-from splitfed.transport import ServiceBinding
-from splitfed.v1 import diagnostics_pb2, diagnostics_pb2_grpc, tensor_pb2
+from splitfed.transport import ServiceBinding, service_binding
+from splitfed.v1 import diagnostics_pb2
 from splitfed.wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_LIMITS,
+    FrameSpec,
+    IncomingFrame,
+    OutgoingFrame,
     ReceiveBudget,
     TensorLimits,
     iter_frames,
     iter_tensors,
 )
 
-SERVICE_NAME = diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"].full_name
+SERVICE = diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"]
+SERVICE_NAME = SERVICE.full_name
+REQUEST_FRAMES = FrameSpec(diagnostics_pb2.EchoTensorsRequest)
+RESPONSE_FRAMES = FrameSpec(diagnostics_pb2.EchoTensorsResponse)
 
 
-def _response_frame() -> tuple[diagnostics_pb2.EchoTensorsResponse, tensor_pb2.TensorChunk]:
-    response = diagnostics_pb2.EchoTensorsResponse()
-    return response, response.chunk
+class DiagnosticsServicer:
+    """Implements splitfed.v1.Diagnostics (registered by :func:`binding`)."""
 
-
-class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
     def __init__(
         self,
         limits: TensorLimits = DEFAULT_LIMITS,
@@ -52,17 +55,17 @@ class DiagnosticsServicer(diagnostics_pb2_grpc.DiagnosticsServicer):
     @stream_errors
     def EchoTensors(
         self,
-        request_iterator: Iterator[diagnostics_pb2.EchoTensorsRequest],
+        request_iterator: Iterator[IncomingFrame[diagnostics_pb2.EchoTensorsRequest]],
         context: grpc.ServicerContext,
-    ) -> Iterator[diagnostics_pb2.EchoTensorsResponse]:
+    ) -> Iterator[OutgoingFrame]:
         with self.streams.open(context, request_iterator) as requests:
-            chunks = (request.chunk for request in requests)
+            chunks = (frame.chunk_view() for frame in requests)
             for echo in handle_echo(iter_tensors(chunks, self.limits, self.budget)):
                 yield from requests.pace(
                     iter_frames(
                         echo.tensor,
                         echo.name,
-                        _response_frame,
+                        RESPONSE_FRAMES,
                         chunk_bytes=self.chunk_bytes,
                         encoding=echo.encoding,
                     )
@@ -82,8 +85,5 @@ def binding(
     budget: ReceiveBudget | None = None,
     streams: StreamGuard | None = None,
 ) -> ServiceBinding:
-    return ServiceBinding(
-        name=SERVICE_NAME,
-        servicer=DiagnosticsServicer(limits, chunk_bytes, budget, streams),
-        register=diagnostics_pb2_grpc.add_DiagnosticsServicer_to_server,
-    )
+    servicer = DiagnosticsServicer(limits, chunk_bytes, budget, streams)
+    return service_binding(SERVICE, servicer, [REQUEST_FRAMES, RESPONSE_FRAMES])
