@@ -317,7 +317,7 @@ def iter_frames(
             chunk.seq = seq
             if seq == 0:
                 chunk.header.CopyFrom(header)
-            yield OutgoingFrame(message, spec, piece)
+            yield OutgoingFrame(message, piece)
 
     return frames()
 
@@ -400,10 +400,13 @@ def _single_len_field(raw: bytes, start: int, end: int, key: int) -> tuple[int, 
 
 
 class OutgoingFrame(NamedTuple):
-    """A stream message to send, and the payload of its chunk (a view, not yet copied)."""
+    """A stream message to send, and the payload of its chunk (a view, not yet copied).
+
+    Serialising a frame consumes it: :meth:`FrameSpec.serialize` moves the chunk out of
+    ``message``.
+    """
 
     message: Message
-    spec: FrameSpec[Any]
     data: Payload
 
 
@@ -412,9 +415,11 @@ class IncomingFrame(NamedTuple, Generic[M]):
 
     message: M
     data: memoryview
+    chunk_field: str = "chunk"
 
-    def chunk_view(self, field_name: str = "chunk") -> ChunkView:
-        return ChunkView(getattr(self.message, field_name), self.data)
+    def chunk_view(self) -> ChunkView:
+        """The chunk, with its payload, for :class:`TensorAssembler`."""
+        return ChunkView(getattr(self.message, self.chunk_field), self.data)
 
 
 class ChunkView(NamedTuple):
@@ -490,14 +495,14 @@ class FrameSpec(Generic[M]):
             )
         )
         message = self.message_type.FromString(rest)
-        return IncomingFrame(message, memoryview(raw)[data[1] : data[2]])
+        return IncomingFrame(message, memoryview(raw)[data[1] : data[2]], self.chunk_field)
 
     def _parse_slow(self, raw: bytes) -> IncomingFrame[M]:
         message = self.message_type.FromString(raw)
         chunk: tensor_pb2.TensorChunk = getattr(message, self.chunk_field)
         data = chunk.data
         chunk.ClearField("data")
-        return IncomingFrame(message, memoryview(data))
+        return IncomingFrame(message, memoryview(data), self.chunk_field)
 
 
 def _decode(

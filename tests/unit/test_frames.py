@@ -91,7 +91,7 @@ def build(f: dict[str, Any]) -> tuple[Message, OutgoingFrame]:
     message, chunk = SPEC.new()
     message.CopyFrom(full)
     chunk.ClearField("data")
-    return full, OutgoingFrame(message, SPEC, np.frombuffer(f["data"], dtype=np.uint8))
+    return full, OutgoingFrame(message, np.frombuffer(f["data"], dtype=np.uint8))
 
 
 @settings(max_examples=300, deadline=None)
