@@ -336,7 +336,6 @@ def iter_frames(
 _LEN = 2
 _DATA_FIELD = tensor_pb2.TensorChunk.DESCRIPTOR.fields_by_name["data"].number
 _DATA_KEY = (_DATA_FIELD << 3) | _LEN
-EMPTY = memoryview(b"")
 
 
 def _encode_varint(value: int) -> bytes:
