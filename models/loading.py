@@ -1,0 +1,155 @@
+"""Selective loading: build one part from a local safetensors checkpoint, reading only the
+tensors of that part, never the whole model.
+
+Tensors are read through safetensors' memory map: without a dtype conversion a frozen
+weight stays backed by the file's pages (no copy, shared by every process on the host
+that maps the same file); with one, each tensor is converted as it is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+
+from splitfed.models.families import Family, family_for
+from splitfed.models.parts import PART_CLASSES, PartName, SplitPart, SplitSpec, empty_base
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def load_config(path: Path) -> PretrainedConfig:
+    """The model config of a local checkpoint directory (never downloads)."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path} is not a model directory: it has no config.json")
+    config: PretrainedConfig = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return config
+
+
+def checkpoint_index(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for a single-file or sharded checkpoint."""
+    index_file = path / INDEX_FILE
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{index_file} is not a safetensors index: {exc}") from None
+        files = {name: path / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.is_file():
+                raise ValueError(f"{index_file} names {file.name}, which does not exist")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as handle:
+            return dict.fromkeys(handle.keys(), single)
+    raise ValueError(
+        f"{path} has no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints can be "
+        "loaded by part (convert with save_pretrained(..., safe_serialization=True))"
+    )
+
+
+def part_tensor_names(
+    family: Family, config: PretrainedConfig, spec: SplitSpec, part: PartName, available: set[str]
+) -> dict[str, str]:
+    """Checkpoint name -> name inside the part module, for every tensor the part needs."""
+    base, layers = "base.", family.layers_attr
+    names: dict[str, str] = {}
+    for index in spec.layers(part):
+        prefix = family.layer_key(index)
+        for name in available:
+            if name.startswith(prefix):
+                names[name] = (
+                    f"{base}{layers}.{index - spec.layers(part).start}.{name[len(prefix) :]}"
+                )
+    if part == "head":
+        for prefix in family.embed_keys():
+            for name in available:
+                if name.startswith(prefix):
+                    names[name] = base + name[len(family.base_attr) + 1 :]
+    if part == "tail":
+        norm = family.norm_key()
+        for name in available:
+            if name.startswith(norm):
+                names[name] = base + name[len(family.base_attr) + 1 :]
+        head_weight = f"{family.lm_head_key()}weight"
+        if head_weight in available:
+            names[head_weight] = "lm_head.weight"
+            if f"{family.lm_head_key()}bias" in available:
+                names[f"{family.lm_head_key()}bias"] = "lm_head.bias"
+        elif (
+            getattr(config, "tie_word_embeddings", False)
+            and family.tied_lm_head_source() in available
+        ):
+            names[family.tied_lm_head_source()] = "lm_head.weight"
+        else:
+            raise ValueError(f"checkpoint has no {head_weight} and its embeddings are not tied")
+    return names
+
+
+def load_part(
+    path: Path,
+    part: PartName,
+    k: int = 1,
+    m: int = 1,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> SplitPart:
+    """Build ``part`` of the checkpoint in ``path`` split at (k, m), reading only its tensors.
+
+    Parameters are frozen (adapters add the trainable ones) and the part is in eval mode.
+    ``part.source_tensors`` lists the checkpoint tensors that were read.
+    """
+    config = load_config(path)
+    family = family_for(config)
+    spec = SplitSpec(family.num_layers(config), k, m)
+    files = checkpoint_index(path)
+    names = part_tensor_names(family, config, spec, part, set(files))
+    base = empty_base(config, family, part, spec.layers(part))
+    lm_head: nn.Module | None = None
+    if part == "tail":
+        with init_empty_weights():
+            lm_head = nn.Linear(
+                config.hidden_size, config.vocab_size, bias="lm_head.bias" in names.values()
+            )
+    holder = nn.Module()
+    holder.base = base
+    if lm_head is not None:
+        holder.lm_head = lm_head
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name in names:
+        by_file[files[name]].append(name)
+    for file, file_names in sorted(by_file.items()):
+        with safe_open(str(file), framework="pt", device=str(device)) as handle:
+            for name in sorted(file_names):
+                tensor = handle.get_tensor(name)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                state[names[name]] = tensor
+    expected = {name for name, _ in holder.named_parameters()} | {
+        name for name, _ in holder.named_buffers() if _is_persistent(holder, name)
+    }
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors of the {part}: {', '.join(missing[:5])}")
+    holder.load_state_dict(state, strict=False, assign=True)
+    built = PART_CLASSES[part](family, config, spec, base, lm_head)
+    built.requires_grad_(False)
+    built.eval()
+    built.source_tensors = tuple(sorted(names))  # type: ignore[assignment]
+    return built.to(device)
+
+
+def _is_persistent(module: nn.Module, name: str) -> bool:
+    owner_name, _, buffer = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return buffer not in owner._non_persistent_buffers_set
