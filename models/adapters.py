@@ -34,8 +34,8 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
-    # peft's default initialises B to zero (the adapter starts as a no-op); "gaussian"
-    # also draws B, which tests use to get non-trivial outputs.
+    # peft's default (True) initialises B to zero, so the adapter starts as a no-op;
+    # False draws both A and B at random (tests use it to get non-trivial outputs).
     init: str | bool = True
 
     def __post_init__(self) -> None:

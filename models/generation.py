@@ -103,12 +103,13 @@ class SplitGenerator:
     def __init__(self, head: Head, body: BodyStage, tail: Tail) -> None:
         self.head = LocalStage(head)
         self.body = body
-        self.tail = LocalStage(tail)
+        self.tail = tail
+        self.tail_cache = tail.new_cache()
 
     def reset(self) -> None:
         self.head.reset()
         self.body.reset()
-        self.tail.reset()
+        self.tail_cache.reset()
 
     @torch.no_grad()
     def stream(
@@ -129,7 +130,7 @@ class SplitGenerator:
         for _ in range(options.max_new_tokens):
             hidden = self.head.step(step_input, mask)
             hidden = self.body.step(hidden, mask)
-            logits = self.tail.step(hidden, mask)
+            logits = self.tail(hidden, mask, self.tail_cache, logits_to_keep=1)
             scores = processors(cast(torch.LongTensor, sequence), logits[:, -1, :].float())
             if options.do_sample:
                 probs = torch.softmax(scores, dim=-1)

@@ -126,8 +126,8 @@ class PartCache:
             raise ValueError(f"cannot trim a cache of {self.length} positions to {length}")
         if length == 0:
             self.reset()
-            return
-        self.kv.crop(self.prefix_length + length)
+        elif length < self.length:
+            self.kv.crop(length - self.length)  # transformers 5 crops by -tokens_to_remove
 
     def nbytes(self) -> int:
         total = 0
@@ -254,8 +254,13 @@ class Tail(SplitPart):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: PartCache | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
+        """Logits for every position, or only the last ``logits_to_keep`` (generation
+        needs one: the lm head is the costliest matmul of a decoding step)."""
         hidden = self._run(attention_mask, cache, inputs_embeds=hidden_states)
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
         assert self.lm_head is not None
         logits: torch.Tensor = self.lm_head(hidden)
         return logits

@@ -9,6 +9,6 @@ from __future__ import annotations
 from splitfed.models.families.base import Family, family_for, register_family, registered_families
 
 # Importing the family modules registers them.
-from splitfed.models.families import glm, gpt2, llama  # noqa: F401  # isort: skip
+from splitfed.models.families import chatglm, glm, gpt2, llama  # noqa: F401  # isort: skip
 
 __all__ = ["Family", "family_for", "register_family", "registered_families"]

@@ -38,15 +38,16 @@ def test_logits_equal_the_unsplit_model(family: str, k: int, m: int, side: str) 
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "glm4", "gpt2"])
-def test_lora_loss_and_every_gradient_equal_the_unsplit_model(family: str) -> None:
+@pytest.mark.parametrize(("k", "m"), [(1, 1), (2, 2)])
+def test_lora_loss_and_every_gradient_equal_the_unsplit_model(family: str, k: int, m: int) -> None:
     model = tiny_model(family)
-    settings = LoraSettings(r=4, alpha=8, init="gaussian")
+    settings = LoraSettings(r=4, alpha=8, init=False)
     inject_adapter_in_model(settings.peft_config(family_for(model.config).lora_targets), model)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(".lora_" in name)
     ids, mask = padded_batch(side="right")
     labels = ids.masked_fill(mask == 0, -100)
-    parts = split_model(copy.deepcopy(model), 2, 2)
+    parts = split_model(copy.deepcopy(model), k, m)
 
     expected = model(
         input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, 9), labels=labels
@@ -117,7 +118,8 @@ def test_p_tuning_v2_split_equals_unsplit(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_greedy_generation_equals_generate(family: str) -> None:
+@pytest.mark.parametrize(("k", "m"), [(1, 1), (2, 3)])
+def test_greedy_generation_equals_generate(family: str, k: int, m: int) -> None:
     model = tiny_model(family)
     ids, mask = padded_batch(side="left")
     expected = model.generate(
@@ -128,7 +130,7 @@ def test_greedy_generation_equals_generate(family: str) -> None:
         pad_token_id=0,
         eos_token_id=None,
     )[:, ids.shape[1] :]
-    head, body, tail = split_model(copy.deepcopy(model), 2, 1)
+    head, body, tail = split_model(copy.deepcopy(model), k, m)
     got = SplitGenerator(head, LocalStage(body), tail).generate(
         ids, mask, SamplingOptions(max_new_tokens=32)
     )
@@ -207,12 +209,13 @@ def test_unknown_architectures_name_the_supported_families() -> None:
         family_for(BertConfig())
 
 
-def test_bf16_split_is_close_to_bf16_unsplit() -> None:
-    model = tiny_model("llama").to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_split_is_close_to_half_precision_unsplit(dtype: torch.dtype) -> None:
+    model = tiny_model("llama").to(dtype)
     ids, mask = padded_batch()
     expected = model(
         input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask, 9)
     ).logits
     got = run_split(split_model(copy.deepcopy(model), 2, 1), ids, mask)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == dtype
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)

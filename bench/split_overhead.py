@@ -1,0 +1,213 @@
+"""Split overhead: head -> body -> tail in one process against the unsplit model.
+
+Same weights and the same LoRA adapters (r=16 on q, k, v, o) on both. A Llama-layout
+model of hidden size 512 and 8 layers (vocab 32000), batch 4 x 256 tokens:
+
+* training step: forward + backward (cross-entropy on all tokens), median over blocks
+  of rounds per path (unsplit, split, unsplit, split); the ratio is split time /
+  unsplit time (<= 1.05 is the target: the split itself should cost nothing);
+* generation: greedy, 64 new tokens for 4 prompts of 32 tokens with left padding, split
+  (``SplitGenerator`` with a local body) against ``model.generate``; the ratio is split
+  tokens/s / unsplit tokens/s (>= 0.95 is the target).
+
+    python bench/split_overhead.py [--rounds 10] [--json PATH]
+
+Prints a table and ``ratio split/unsplit train step time: X`` and ``ratio generation
+tokens/s split/unsplit: Y``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from peft import inject_adapter_in_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from splitfed.models import split_model
+from splitfed.models.adapters import LoraSettings
+from splitfed.models.generation import LocalStage, SamplingOptions, SplitGenerator
+from splitfed.runtime import tune_allocator
+
+
+def build(seed: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    inject_adapter_in_model(
+        LoraSettings().peft_config(["q_proj", "k_proj", "v_proj", "o_proj"]), model
+    )
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(".lora_" in name)
+    return model
+
+
+def train_step_unsplit(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    start = time.perf_counter()
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def train_step_split(parts: Any, loss_fn: Any, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    head, body, tail = parts
+    start = time.perf_counter()
+    logits = tail(body(head(ids, mask), mask), mask)
+    loss_fn(logits, ids, vocab_size=logits.shape[-1]).backward()
+    for part in parts:
+        part.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rounds", type=int, default=10, help="timed rounds per path")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path, help="write all figures to this file")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.new_tokens < 1:
+        parser.error("--rounds and --new-tokens must be at least 1")
+
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    tune_allocator()  # as every splitfed process does (its channel/server factories call it)
+    model = build(seed=0).train()
+    parts = split_model(copy.deepcopy(model), 1, 1)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 32000, (4, 256), generator=gen)
+    mask = torch.ones_like(ids)
+
+    # Training step. Each path runs in blocks of rounds (A, B, A, B) after its own
+    # warm-up: interleaving single steps made each step pay for the other's freed
+    # memory (page faults), which swamped the difference being measured.
+    unsplit_train: list[float] = []
+    split_train: list[float] = []
+    for _ in range(2):
+        train_step_unsplit(model, ids, mask)
+        unsplit_train += [
+            train_step_unsplit(model, ids, mask) for _ in range(args.rounds // 2 or 1)
+        ]
+        train_step_split(parts, model.loss_function, ids, mask)
+        split_train += [
+            train_step_split(parts, model.loss_function, ids, mask)
+            for _ in range(args.rounds // 2 or 1)
+        ]
+
+    # Generation: greedy, left-padded prompts.
+    model.eval()
+    for part in parts:
+        part.eval()
+    prompts = torch.randint(3, 32000, (4, 32), generator=gen)
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[1, :5] = 0
+    prompt_mask[3, :11] = 0
+    generator = SplitGenerator(parts[0], LocalStage(parts[1]), parts[2])
+    options = SamplingOptions(max_new_tokens=args.new_tokens)
+
+    def unsplit_generate() -> tuple[float, torch.Tensor]:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=prompts,
+                attention_mask=prompt_mask,
+                max_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        return time.perf_counter() - start, out[:, prompts.shape[1] :]
+
+    def split_generate() -> tuple[float, torch.Tensor]:
+        start = time.perf_counter()
+        out = generator.generate(prompts, prompt_mask, options)
+        return time.perf_counter() - start, out
+
+    unsplit_generate()
+    split_generate()
+    unsplit_gen, split_gen = [], []
+    for _ in range(max(3, args.rounds // 2)):
+        seconds, reference = unsplit_generate()
+        unsplit_gen.append(seconds)
+        seconds, tokens = split_generate()
+        split_gen.append(seconds)
+        if not torch.equal(tokens, reference):
+            print("error: split greedy tokens differ from generate", file=sys.stderr)
+            return 1
+
+    tokens_total = prompts.shape[0] * args.new_tokens
+    figures = {
+        "train_step_s": {
+            "unsplit": statistics.median(unsplit_train),
+            "split": statistics.median(split_train),
+        },
+        "generation_tokens_per_s": {
+            "unsplit": tokens_total / statistics.median(unsplit_gen),
+            "split": tokens_total / statistics.median(split_gen),
+        },
+    }
+    ratios = {
+        "split/unsplit train step time": figures["train_step_s"]["split"]
+        / figures["train_step_s"]["unsplit"],
+        "generation tokens/s split/unsplit": figures["generation_tokens_per_s"]["split"]
+        / figures["generation_tokens_per_s"]["unsplit"],
+    }
+    print(f"\n{'':28} {'unsplit':>10} {'split':>10}")
+    train = figures["train_step_s"]
+    print(f"{'train step (s, median)':28} {train['unsplit']:>10.3f} {train['split']:>10.3f}")
+    print(
+        f"{'generation (tokens/s)':28} {figures['generation_tokens_per_s']['unsplit']:>10.1f} "
+        f"{figures['generation_tokens_per_s']['split']:>10.1f}"
+    )
+    print()
+    for what, value in ratios.items():
+        print(f"ratio {what}: {value:.3f}")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "benchmark": "split_overhead",
+                    "machine": machine,
+                    "rounds": args.rounds,
+                    "raw": {
+                        "unsplit_train": unsplit_train,
+                        "split_train": split_train,
+                        "unsplit_generation": unsplit_gen,
+                        "split_generation": split_gen,
+                    },
+                    "figures": figures,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
