@@ -113,3 +113,24 @@ def padded_batch(
             mask[row, tokens - pad :] = 0
     ids = ids.masked_fill(mask == 0, 0)
     return ids, mask
+
+
+def assert_adapter_grads_equal(model: Any, parts: Any, atol: float = 1e-5) -> int:
+    """Every adapter gradient of the split parts equals the unsplit model's (by global
+    name); returns how many were compared."""
+    import torch
+
+    from splitfed.models.adapters import adapter_state
+
+    reference = {
+        name.replace(".default", ""): p.grad
+        for name, p in model.named_parameters()
+        if p.grad is not None
+    }
+    grads: dict[str, Any] = {}
+    for part in parts:
+        grads.update(adapter_state(part, grads=True))
+    assert set(grads) == set(reference) and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference[name], atol=atol, rtol=0, msg=name)
+    return len(grads)

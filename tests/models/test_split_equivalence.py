@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TINY_FAMILIES, padded_batch, tiny_model
+from helpers import TINY_FAMILIES, assert_adapter_grads_equal, padded_batch, tiny_model
 from peft import inject_adapter_in_model
 from transformers.cache_utils import DynamicCache
 
@@ -58,17 +58,7 @@ def test_lora_loss_and_every_gradient_equal_the_unsplit_model(family: str, k: in
     loss.backward()
 
     torch.testing.assert_close(loss, expected.loss, atol=ATOL, rtol=0)
-    reference = {
-        name.replace(".default", ""): p.grad
-        for name, p in model.named_parameters()
-        if p.grad is not None
-    }
-    grads: dict[str, torch.Tensor] = {}
-    for part in parts:
-        grads.update(adapter_state(part, grads=True))
-    assert set(grads) == set(reference) and len(grads) > 0
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference[name], atol=ATOL, rtol=0, msg=name)
+    assert_adapter_grads_equal(model, parts, ATOL)
 
 
 def reference_prefix_forward(model, prefix_keys, prefix_values, ids, mask):  # type: ignore[no-untyped-def]
