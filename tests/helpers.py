@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from splitfed.security.ca import CertificateAuthority, IssuedCertificate
 from splitfed.security.tls import TLSConfig
@@ -39,98 +38,3 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
-
-
-# --- tiny random causal LMs, built from Hugging Face configs in the test itself -------
-
-TINY_FAMILIES = ("llama", "qwen2", "mistral", "glm", "glm4", "gpt2")
-
-
-def tiny_config(family: str, layers: int = 6) -> Any:
-    import transformers as tf
-
-    common = {
-        "vocab_size": 128,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
-    if family == "llama":
-        return tf.LlamaConfig(**common)
-    if family == "qwen2":  # sliding-window attention in the upper layers
-        return tf.Qwen2Config(
-            **common, use_sliding_window=True, sliding_window=6, max_window_layers=layers // 2
-        )
-    if family == "mistral":
-        return tf.MistralConfig(**common, sliding_window=6)
-    if family == "glm":
-        return tf.GlmConfig(**common, head_dim=8)
-    if family == "glm4":
-        return tf.Glm4Config(**common, head_dim=8)
-    if family == "gpt2":
-        return tf.GPT2Config(
-            vocab_size=128,
-            n_embd=32,
-            n_layer=layers,
-            n_head=4,
-            n_positions=256,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
-    raise ValueError(family)
-
-
-def tiny_model(family: str, layers: int = 6, seed: int = 0) -> Any:
-    """A random-initialised causal LM in eval mode, with untied-by-default settings of
-    its family (GPT-2 ties its lm head to the embeddings)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(family, layers)).eval()
-
-
-def padded_batch(
-    seed: int = 0, batch: int = 3, tokens: int = 9, side: str = "left"
-) -> tuple[Any, Any]:
-    """Token ids and a 2-D mask with different amounts of padding per sequence."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (batch, tokens), generator=gen)
-    mask = torch.ones(batch, tokens, dtype=torch.long)
-    for row in range(1, batch):
-        pad = min(tokens - 1, 2 * row + 1)
-        if side == "left":
-            mask[row, :pad] = 0
-        else:
-            mask[row, tokens - pad :] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    return ids, mask
-
-
-def assert_adapter_grads_equal(model: Any, parts: Any, atol: float = 1e-5) -> int:
-    """Every adapter gradient of the split parts equals the unsplit model's (by global
-    name); returns how many were compared."""
-    import torch
-
-    from splitfed.models.adapters import adapter_state
-
-    reference = {
-        name.replace(".default", ""): p.grad
-        for name, p in model.named_parameters()
-        if p.grad is not None
-    }
-    grads: dict[str, Any] = {}
-    for part in parts:
-        grads.update(adapter_state(part, grads=True))
-    assert set(grads) == set(reference) and grads
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference[name], atol=atol, rtol=0, msg=name)
-    return len(grads)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import padded_batch, tiny_model
+from modelkit import padded_batch, tiny_model
 
 from splitfed.models import split_model
 from splitfed.models.adapters import (

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import assert_adapter_grads_equal
+from modelkit import assert_adapter_grads_equal
 from peft import inject_adapter_in_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import padded_batch, tiny_model
+from modelkit import padded_batch, tiny_model
 from safetensors import safe_open
 
 from splitfed.models import loading, split_model

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import TINY_FAMILIES, assert_adapter_grads_equal, padded_batch, tiny_model
+from modelkit import TINY_FAMILIES, assert_adapter_grads_equal, padded_batch, tiny_model
 from peft import inject_adapter_in_model
 from transformers.cache_utils import DynamicCache
 
