@@ -1,0 +1,380 @@
+"""Client side of splitfed.v1.Backbone: sessions, the training and generation streams,
+and the body as a torch module (:class:`RemoteBody`)."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+from torch import nn
+
+from splitfed.errors import error_from_rpc, rpc_status
+from splitfed.retry import RETRYABLE, RetryPolicy, call_with_retry
+from splitfed.services.backbone.handlers import (
+    EXPORT_RESPONSE,
+    GENERATE_REQUEST,
+    GENERATE_RESPONSE,
+    IMPORT_REQUEST,
+    TRAIN_REQUEST,
+    TRAIN_RESPONSE,
+)
+from splitfed.services.backbone.servicer import SERVICE, SESSION_METADATA
+from splitfed.transport import framed_stream
+from splitfed.v1 import backbone_pb2, backbone_pb2_grpc
+from splitfed.wire import (
+    DEFAULT_CHUNK_BYTES,
+    FrameSpec,
+    IncomingFrame,
+    OutgoingFrame,
+    TensorAssembler,
+    TensorLimits,
+    iter_frames,
+)
+
+logger = logging.getLogger(__name__)
+
+# Large enough for any activation a client receives (the backbone enforces its own).
+CLIENT_LIMITS = TensorLimits(max_tensor_bytes=8 << 30, max_rank=3)
+
+
+class StreamLostError(RuntimeError):
+    """The stream to the backbone broke; the current step must be redone."""
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str
+    step: int
+    resumed: bool
+    info: backbone_pb2.ModelInfo
+
+
+class _Outbox:
+    """A request iterator fed from another thread; ``close`` ends the stream."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
+
+    def put(self, item: Any) -> None:
+        self._queue.put(item)
+
+    def close(self) -> None:
+        self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            yield item
+
+
+class _Stream:
+    """A bidirectional stream used as request/response: send frames, await answers."""
+
+    def __init__(
+        self,
+        multicallable: grpc.StreamStreamMultiCallable[Any, Any],
+        session_id: str,
+        chunk_bytes: int,
+        timeout_s: float | None,
+    ) -> None:
+        self._outbox = _Outbox()
+        self.chunk_bytes = chunk_bytes
+        self._call = multicallable(
+            iter(self._outbox), metadata=((SESSION_METADATA, session_id),), timeout=timeout_s
+        )
+        self._responses: Iterator[IncomingFrame[Any]] = iter(self._call)
+        self._lock = threading.Lock()
+
+    def send_tensor(
+        self, tensor: torch.Tensor, name: str, spec: FrameSpec[Any], encoding: str, **fields: Any
+    ) -> None:
+        for frame in iter_frames(
+            tensor, name, spec, chunk_bytes=self.chunk_bytes, encoding=encoding
+        ):
+            for key, value in fields.items():
+                setattr(frame.message, key, value)
+            self._outbox.put(frame)
+
+    def send(self, message: Any) -> None:
+        self._outbox.put(message)
+
+    def next(self) -> IncomingFrame[Any]:
+        try:
+            return next(self._responses)
+        except StopIteration:
+            raise StreamLostError("the backbone ended the stream") from None
+        except grpc.RpcError as err:
+            raise _translate(err) from None
+
+    def receive_tensor(self) -> tuple[Any, torch.Tensor]:
+        with TensorAssembler(CLIENT_LIMITS) as assembler:
+            while True:
+                frame = self.next()
+                received = assembler.feed(frame.chunk_view())
+                if received is not None:
+                    return frame.message, received.tensor
+
+    def close(self) -> None:
+        self._outbox.close()
+        self._call.cancel()
+
+
+def _translate(err: grpc.RpcError) -> Exception:
+    code, details = rpc_status(err)
+    if code in RETRYABLE or code == grpc.StatusCode.CANCELLED:
+        return StreamLostError(
+            f"stream to the backbone lost ({code.name if code else '?'}: {details})"
+        )
+    mapped = error_from_rpc(err)
+    return mapped if mapped is not None else RuntimeError(f"backbone failed: {details}")
+
+
+class TrainStream:
+    """The training stream of one session."""
+
+    def __init__(self, client: BackboneClient, session_id: str, encoding: str) -> None:
+        self.encoding = encoding
+        self._stream = _Stream(
+            client.train_call, session_id, client.chunk_bytes, client.stream_timeout_s
+        )
+
+    def forward(
+        self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
+    ) -> torch.Tensor:
+        op = backbone_pb2.TRAIN_OP_FORWARD if train else backbone_pb2.TRAIN_OP_EVAL
+        fields = {"op": op, "step": step, "micro_batch": micro}
+        self._stream.send_tensor(hidden, "h1", TRAIN_REQUEST, self.encoding, **fields)
+        self._stream.send_tensor(
+            mask.to(torch.int8), "attention_mask", TRAIN_REQUEST, "raw", **fields
+        )
+        _, output = self._stream.receive_tensor()
+        return output
+
+    def backward(self, step: int, micro: int, grad: torch.Tensor) -> torch.Tensor:
+        self._stream.send_tensor(
+            grad,
+            "grad_h2",
+            TRAIN_REQUEST,
+            "raw",
+            op=backbone_pb2.TRAIN_OP_BACKWARD,
+            step=step,
+            micro_batch=micro,
+        )
+        _, grad_in = self._stream.receive_tensor()
+        return grad_in
+
+    def step(
+        self, step: int, client_sq_norm: float, max_grad_norm: float
+    ) -> backbone_pb2.StepResult:
+        self._stream.send(
+            backbone_pb2.TrainRequest(
+                op=backbone_pb2.TRAIN_OP_STEP,
+                step=step,
+                command=backbone_pb2.StepCommand(
+                    client_grad_sq_norm=client_sq_norm, max_grad_norm=max_grad_norm
+                ),
+            )
+        )
+        result: backbone_pb2.StepResult = self._stream.next().message.result
+        return result
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class GenerateStream:
+    def __init__(self, client: BackboneClient, session_id: str, encoding: str) -> None:
+        self.encoding = encoding
+        self._stream = _Stream(
+            client.generate_call, session_id, client.chunk_bytes, client.stream_timeout_s
+        )
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        fields = {"op": backbone_pb2.GENERATE_OP_FORWARD}
+        self._stream.send_tensor(hidden, "h1", GENERATE_REQUEST, self.encoding, **fields)
+        self._stream.send_tensor(
+            mask.to(torch.int8), "attention_mask", GENERATE_REQUEST, "raw", **fields
+        )
+        _, output = self._stream.receive_tensor()
+        return output
+
+    def reset(self) -> None:
+        self._stream.send(backbone_pb2.GenerateRequest(op=backbone_pb2.GENERATE_OP_RESET))
+        self._stream.next()
+
+    def trim(self, length: int) -> int:
+        self._stream.send(
+            backbone_pb2.GenerateRequest(op=backbone_pb2.GENERATE_OP_TRIM, length=length)
+        )
+        return int(self._stream.next().message.cache_length)
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class BackboneClient:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        retry: RetryPolicy | None = None,
+        timeout_s: float = 60.0,
+        stream_timeout_s: float | None = None,
+    ) -> None:
+        self._stub = backbone_pb2_grpc.BackboneStub(channel)
+        methods = SERVICE.methods_by_name
+        self.train_call = framed_stream(channel, methods["Train"], TRAIN_REQUEST, TRAIN_RESPONSE)
+        self.generate_call = framed_stream(
+            channel, methods["Generate"], GENERATE_REQUEST, GENERATE_RESPONSE
+        )
+        self._export = channel.unary_stream(
+            f"/{SERVICE.full_name}/ExportAdapter",
+            request_serializer=backbone_pb2.ExportAdapterRequest.SerializeToString,
+            response_deserializer=EXPORT_RESPONSE.parse,
+        )
+        self._import = channel.stream_unary(
+            f"/{SERVICE.full_name}/ImportAdapter",
+            request_serializer=IMPORT_REQUEST.serialize,
+            response_deserializer=backbone_pb2.ImportAdapterResponse.FromString,
+        )
+        self.chunk_bytes = chunk_bytes
+        self.retry = retry or RetryPolicy()
+        self.timeout_s = timeout_s
+        self.stream_timeout_s = stream_timeout_s
+
+    def _unary(self, what: str, call: Any) -> Any:
+        try:
+            return call_with_retry(call, self.retry, what=what)
+        except grpc.RpcError as err:
+            raise _translate(err) from None
+
+    def model_info(self) -> backbone_pb2.ModelInfo:
+        response = self._unary(
+            "Backbone.GetModelInfo",
+            lambda: self._stub.GetModelInfo(
+                backbone_pb2.GetModelInfoRequest(), timeout=self.timeout_s
+            ),
+        )
+        info: backbone_pb2.ModelInfo = response.info
+        return info
+
+    def open_session(self, request: backbone_pb2.OpenSessionRequest) -> SessionInfo:
+        response = self._unary(
+            "Backbone.OpenSession", lambda: self._stub.OpenSession(request, timeout=self.timeout_s)
+        )
+        return SessionInfo(response.session_id, int(response.step), response.resumed, response.info)
+
+    def close_session(self, session_id: str) -> None:
+        self._unary(
+            "Backbone.CloseSession",
+            lambda: self._stub.CloseSession(
+                backbone_pb2.CloseSessionRequest(session_id=session_id), timeout=self.timeout_s
+            ),
+        )
+
+    def export_adapter(self, session_id: str) -> dict[str, torch.Tensor]:
+        def call() -> dict[str, torch.Tensor]:
+            responses = self._export(
+                backbone_pb2.ExportAdapterRequest(session_id=session_id), timeout=self.timeout_s
+            )
+            tensors: dict[str, torch.Tensor] = {}
+            with TensorAssembler(CLIENT_LIMITS) as assembler:
+                for frame in responses:
+                    received = assembler.feed(frame.chunk_view())
+                    if received is not None:
+                        tensors[received.name] = received.tensor
+            return tensors
+
+        return self._unary("Backbone.ExportAdapter", call)  # type: ignore[no-any-return]
+
+    def import_adapter(self, session_id: str, tensors: Mapping[str, torch.Tensor]) -> int:
+        def frames() -> Iterator[OutgoingFrame]:
+            for name in sorted(tensors):
+                yield from iter_frames(
+                    tensors[name], name, IMPORT_REQUEST, chunk_bytes=self.chunk_bytes
+                )
+
+        response = self._unary(
+            "Backbone.ImportAdapter",
+            lambda: self._import(
+                frames(), metadata=((SESSION_METADATA, session_id),), timeout=self.timeout_s
+            ),
+        )
+        return int(response.tensors)
+
+
+class _RemoteBodyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, mask: torch.Tensor, anchor: torch.Tensor, body: RemoteBody
+    ) -> torch.Tensor:
+        key = body.next_key()
+        ctx.body, ctx.key = body, key
+        output = body.stream.forward(key[0], key[1], hidden.detach(), mask, train=True)
+        return output.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        step, micro = ctx.key
+        grad_in = ctx.body.stream.backward(step, micro, grad.contiguous())
+        return grad_in.to(grad.dtype), None, None, None
+
+
+class RemoteBody(nn.Module):
+    """The backbone's body as a module: ``forward(h1, mask) -> h2`` over the training
+    stream, and its backward sends dL/dh2 and returns dL/dh1, so an ordinary PyTorch
+    loop trains head, body and tail together.
+
+    Call :meth:`begin_step` before the micro-batches of each optimizer step. In eval
+    mode, or under ``torch.no_grad()``, forward passes keep no state on the backbone.
+    """
+
+    def __init__(self, stream: TrainStream) -> None:
+        super().__init__()
+        self.stream = stream
+        self.step = 1
+        self.micro = 0
+        # Makes the output require grad even when the head has nothing to train, so the
+        # backbone always receives dL/dh2 for its own adapter.
+        self.anchor = torch.zeros((), requires_grad=True)
+
+    def begin_step(self, step: int) -> None:
+        self.step, self.micro = step, 0
+
+    def next_key(self) -> tuple[int, int]:
+        key = (self.step, self.micro)
+        self.micro += 1
+        return key
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            output: torch.Tensor = _RemoteBodyFunction.apply(  # type: ignore[no-untyped-call]
+                hidden, attention_mask, self.anchor, self
+            )
+            return output
+        result = self.stream.forward(self.step, 0, hidden.detach(), attention_mask, train=False)
+        return result.to(hidden.dtype)
+
+
+class RemoteBodyStage:
+    """The body of :class:`~splitfed.models.generation.SplitGenerator`, on the backbone."""
+
+    def __init__(self, stream: GenerateStream) -> None:
+        self.stream = stream
+
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.stream.forward(hidden, attention_mask).to(hidden.dtype)
+
+    def reset(self) -> None:
+        self.stream.reset()

@@ -1,0 +1,1 @@
+"""The backbone service: the shared middle of the model, for many clients' sessions."""

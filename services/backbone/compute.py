@@ -1,0 +1,88 @@
+"""One worker runs all model computation of a backbone, fairly across sessions.
+
+Work for the device is serialised (one forward or backward at a time keeps memory
+predictable and avoids thrashing the GPU); sessions take turns: the worker picks the
+next job round-robin over the sessions that have work waiting, so a session that
+queues many jobs cannot starve the others.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ComputeQueue:
+    def __init__(self, name: str = "backbone-compute") -> None:
+        self._lock = threading.Condition()
+        self._queues: OrderedDict[str, deque[tuple[Callable[[], Any], Future[Any], float]]] = (
+            OrderedDict()
+        )
+        self._closed = False
+        self.waited_s = 0.0
+        self.jobs = 0
+        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
+        self._worker.start()
+
+    def submit(self, key: str, job: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the compute queue is closed")
+            self._queues.setdefault(key, deque()).append((job, future, time.monotonic()))
+            self._lock.notify()
+        return future
+
+    def run(self, key: str, job: Callable[[], T]) -> T:
+        """Run ``job`` on the worker, in ``key``'s turn, and return its result."""
+        return self.submit(key, job).result()
+
+    @property
+    def depth(self) -> int:
+        with self._lock:
+            return sum(len(q) for q in self._queues.values())
+
+    def _next(self) -> tuple[Callable[[], Any], Future[Any], float] | None:
+        with self._lock:
+            while not self._closed and not self._queues:
+                self._lock.wait()
+            if not self._queues:
+                return None
+            key, queue = next(iter(self._queues.items()))
+            item = queue.popleft()
+            # Round robin: this session goes to the back of the line.
+            del self._queues[key]
+            if queue:
+                self._queues[key] = queue
+            return item
+
+    def _run(self) -> None:
+        while True:
+            item = self._next()
+            if item is None:
+                return
+            job, future, queued = item
+            self.waited_s += time.monotonic() - queued
+            self.jobs += 1
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # delivered to the caller
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending = [item for queue in self._queues.values() for item in queue]
+            self._queues.clear()
+            self._lock.notify_all()
+        for _, future, _ in pending:
+            future.cancel()
+        self._worker.join(timeout=10)

@@ -1,0 +1,312 @@
+"""Plain functions behind the Backbone servicer: requests in, responses out, Python
+errors for everything wrong. The servicer only converts messages and calls these."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from functools import partial
+from typing import Any
+
+import torch
+
+from splitfed.errors import DataLossError, InvalidArgumentError
+from splitfed.models.optim import OptimizerSettings
+from splitfed.services.backbone.state import AdapterSpec, BackboneState, Session
+from splitfed.v1 import backbone_pb2
+from splitfed.wire import (
+    FrameSpec,
+    IncomingFrame,
+    OutgoingFrame,
+    ReceiveBudget,
+    TensorAssembler,
+    TensorLimits,
+    dtype_to_proto,
+    iter_frames,
+)
+
+logger = logging.getLogger(__name__)
+
+TRAIN_REQUEST = FrameSpec(backbone_pb2.TrainRequest)
+TRAIN_RESPONSE = FrameSpec(backbone_pb2.TrainResponse)
+GENERATE_REQUEST = FrameSpec(backbone_pb2.GenerateRequest)
+GENERATE_RESPONSE = FrameSpec(backbone_pb2.GenerateResponse)
+EXPORT_RESPONSE = FrameSpec(backbone_pb2.ExportAdapterResponse)
+IMPORT_REQUEST = FrameSpec(backbone_pb2.ImportAdapterRequest)
+
+FORWARD_TENSORS = frozenset({"h1", "attention_mask"})
+GRAD_TENSORS = frozenset({"grad_h2"})
+
+
+def tensor_limits(state: BackboneState) -> TensorLimits:
+    s = state.settings
+    largest = s.max_batch_size * s.max_sequence_length * state.shared.summary.hidden_size * 4
+    return TensorLimits(max_tensor_bytes=largest, max_rank=3, encodings=frozenset(s.encodings))
+
+
+def model_info(state: BackboneState) -> backbone_pb2.ModelInfo:
+    summary, s = state.shared.summary, state.settings
+    return backbone_pb2.ModelInfo(
+        model_id=summary.model_id,
+        family=summary.family,
+        num_layers=summary.num_layers,
+        hidden_size=summary.hidden_size,
+        vocab_size=summary.vocab_size,
+        dtype=dtype_to_proto(summary.dtype),
+        min_k=summary.min_k,
+        min_m=summary.min_m,
+        max_sequence_length=s.max_sequence_length,
+        max_batch_size=s.max_batch_size,
+        encodings=list(s.encodings),
+        adapter_mode=s.adapter_mode,
+    )
+
+
+def adapter_spec(config: backbone_pb2.AdapterConfig) -> AdapterSpec:
+    kind = config.WhichOneof("kind")
+    if kind == "prefix":
+        return AdapterSpec(kind="prefix", prefix_length=config.prefix.length, seed=config.seed)
+    lora = config.lora if kind == "lora" else backbone_pb2.LoraConfig()
+    return AdapterSpec(
+        kind="lora",
+        r=lora.r or 16,
+        alpha=lora.alpha or 32.0,
+        dropout=lora.dropout,
+        target_modules=tuple(lora.target_modules),
+        seed=config.seed,
+    )
+
+
+def optimizer_settings(config: backbone_pb2.OptimizerConfig) -> OptimizerSettings:
+    defaults = OptimizerSettings()
+    try:
+        return OptimizerSettings(
+            learning_rate=config.learning_rate or defaults.learning_rate,
+            weight_decay=config.weight_decay,
+            beta1=config.beta1 or defaults.beta1,
+            beta2=config.beta2 or defaults.beta2,
+            eps=config.eps or defaults.eps,
+            schedule=config.schedule or defaults.schedule,
+            warmup_steps=config.warmup_steps,
+            total_steps=config.total_steps,
+        )
+    except ValueError as exc:
+        raise InvalidArgumentError(f"optimizer: {exc}") from None
+
+
+def handle_open(
+    state: BackboneState, owner: str, request: backbone_pb2.OpenSessionRequest
+) -> backbone_pb2.OpenSessionResponse:
+    session, resumed = state.open_session(
+        owner,
+        model_id=request.model_id,
+        k=request.k or state.settings.min_k,
+        m=request.m or state.settings.min_m,
+        adapter=adapter_spec(request.adapter),
+        optimizer=optimizer_settings(request.optimizer),
+        encoding=request.encoding,
+        session_id=request.session_id,
+    )
+    return backbone_pb2.OpenSessionResponse(
+        session_id=session.session_id, info=model_info(state), step=session.step, resumed=resumed
+    )
+
+
+def _send(
+    tensor: torch.Tensor,
+    name: str,
+    spec: FrameSpec[Any],
+    chunk_bytes: int,
+    encoding: str,
+    **fields: int,
+) -> Iterator[OutgoingFrame]:
+    for frame in iter_frames(tensor, name, spec, chunk_bytes=chunk_bytes, encoding=encoding):
+        for key, value in fields.items():
+            setattr(frame.message, key, value)
+        yield frame
+
+
+def handle_train(
+    state: BackboneState,
+    session: Session,
+    frames: Iterable[IncomingFrame[backbone_pb2.TrainRequest]],
+    chunk_bytes: int,
+    budget: ReceiveBudget,
+) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
+    """One training stream of one session: see ``Backbone.Train`` in backbone.proto."""
+    sid = session.session_id
+    with (
+        state.stream(session, training=True) as generation,
+        TensorAssembler(tensor_limits(state), budget) as assembler,
+    ):
+        tensors: dict[str, torch.Tensor] = {}
+        current: tuple[int, int, int] | None = None
+        for frame in frames:
+            request = frame.message
+            session.touch()
+            if session.generation != generation:
+                raise DataLossError("a newer training stream of this session took over")
+            op = request.op
+            if op in (
+                backbone_pb2.TRAIN_OP_FORWARD,
+                backbone_pb2.TRAIN_OP_EVAL,
+                backbone_pb2.TRAIN_OP_BACKWARD,
+            ):
+                key = (op, request.step, request.micro_batch)
+                if current is not None and key != current:
+                    raise InvalidArgumentError(
+                        f"frames of step {request.step} arrived before step {current[1]} "
+                        f"micro-batch {current[2]} was complete"
+                    )
+                current = key
+                received = assembler.feed(frame.chunk_view())
+                if received is None:
+                    continue
+                assembler.release_completed()
+                tensors[received.name] = received.tensor
+                needed = GRAD_TENSORS if op == backbone_pb2.TRAIN_OP_BACKWARD else FORWARD_TENSORS
+                if not set(tensors) <= needed:
+                    raise InvalidArgumentError(
+                        f"unexpected tensor {received.name!r}; this operation takes "
+                        f"{', '.join(sorted(needed))}"
+                    )
+                if set(tensors) != needed:
+                    continue
+                step, micro = request.step, request.micro_batch
+                args = dict(tensors)
+                tensors, current = {}, None
+                if op == backbone_pb2.TRAIN_OP_BACKWARD:
+                    out = state.queue.run(
+                        sid, partial(state.backward, session, step, micro, args["grad_h2"])
+                    )
+                    yield from _send(
+                        out,
+                        "grad_h1",
+                        TRAIN_RESPONSE,
+                        chunk_bytes,
+                        "raw",
+                        op=op,
+                        step=step,
+                        micro_batch=micro,
+                    )
+                else:
+                    train = op == backbone_pb2.TRAIN_OP_FORWARD
+                    forward = partial(
+                        state.forward, session, step, micro, args["h1"], args["attention_mask"]
+                    )
+                    out = state.queue.run(sid, partial(forward, train=train))
+                    yield from _send(
+                        out,
+                        "h2",
+                        TRAIN_RESPONSE,
+                        chunk_bytes,
+                        session.encoding,
+                        op=op,
+                        step=step,
+                        micro_batch=micro,
+                    )
+            elif op == backbone_pb2.TRAIN_OP_STEP:
+                step, command = request.step, request.command
+                result = state.queue.run(
+                    sid,
+                    partial(
+                        state.apply_step,
+                        session,
+                        step,
+                        command.client_grad_sq_norm,
+                        command.max_grad_norm,
+                    ),
+                )
+                yield backbone_pb2.TrainResponse(
+                    op=op, step=step, result=backbone_pb2.StepResult(**result)
+                )
+            elif op == backbone_pb2.TRAIN_OP_ZERO_GRAD:
+                state.queue.run(sid, partial(state.zero_grad, session))
+                yield backbone_pb2.TrainResponse(op=op, step=request.step)
+            else:
+                raise InvalidArgumentError(f"unknown training operation {op}")
+        assembler.finish()
+
+
+def handle_generate(
+    state: BackboneState,
+    session: Session,
+    frames: Iterable[IncomingFrame[backbone_pb2.GenerateRequest]],
+    chunk_bytes: int,
+    budget: ReceiveBudget,
+) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
+    sid = session.session_id
+    with (
+        state.stream(session, training=False),
+        TensorAssembler(tensor_limits(state), budget) as assembler,
+    ):
+        tensors: dict[str, torch.Tensor] = {}
+        for frame in frames:
+            request = frame.message
+            session.touch()
+            op = request.op
+            if op == backbone_pb2.GENERATE_OP_FORWARD:
+                received = assembler.feed(frame.chunk_view())
+                if received is None:
+                    continue
+                assembler.release_completed()
+                tensors[received.name] = received.tensor
+                if not set(tensors) <= FORWARD_TENSORS:
+                    raise InvalidArgumentError(f"unexpected tensor {received.name!r}")
+                if set(tensors) != FORWARD_TENSORS:
+                    continue
+                args, tensors = dict(tensors), {}
+                out = state.queue.run(
+                    sid, partial(state.generate, session, args["h1"], args["attention_mask"])
+                )
+                length = session.cache.length if session.cache is not None else 0
+                yield from _send(
+                    out,
+                    "h2",
+                    GENERATE_RESPONSE,
+                    chunk_bytes,
+                    session.encoding,
+                    op=op,
+                    cache_length=length,
+                )
+            elif op == backbone_pb2.GENERATE_OP_RESET:
+                state.queue.run(sid, partial(state.reset_cache, session))
+                yield backbone_pb2.GenerateResponse(op=op, cache_length=0)
+            elif op == backbone_pb2.GENERATE_OP_TRIM:
+                target = request.length
+                length = state.queue.run(sid, partial(state.trim_cache, session, target))
+                yield backbone_pb2.GenerateResponse(op=op, cache_length=length)
+            else:
+                raise InvalidArgumentError(f"unknown generation operation {op}")
+        assembler.finish()
+
+
+def handle_export(
+    state: BackboneState, session: Session, chunk_bytes: int
+) -> Iterator[OutgoingFrame]:
+    tensors = state.queue.run(session.session_id, partial(state.export_adapter, session))
+    for name in sorted(tensors):
+        for frame in iter_frames(tensors[name], name, EXPORT_RESPONSE, chunk_bytes=chunk_bytes):
+            setattr(frame.message, "step", session.step)  # noqa: B010
+            yield frame
+
+
+def handle_import(
+    state: BackboneState,
+    session: Session,
+    frames: Iterable[IncomingFrame[backbone_pb2.ImportAdapterRequest]],
+    budget: ReceiveBudget,
+) -> backbone_pb2.ImportAdapterResponse:
+    tensors: dict[str, torch.Tensor] = {}
+    with TensorAssembler(tensor_limits(state), budget) as assembler:
+        for frame in frames:
+            received = assembler.feed(frame.chunk_view())
+            if received is not None:
+                assembler.release_completed()
+                if received.name in tensors:
+                    raise InvalidArgumentError(f"tensor {received.name!r} was sent twice")
+                tensors[received.name] = received.tensor
+        assembler.finish()
+    count = state.queue.run(session.session_id, partial(state.import_adapter, session, tensors))
+    logger.info("[Backbone.ImportAdapter] session %s: %d tensors", session.session_id, count)
+    return backbone_pb2.ImportAdapterResponse(tensors=count)

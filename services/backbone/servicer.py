@@ -1,0 +1,126 @@
+"""gRPC servicer for splitfed.v1.Backbone: converts messages and calls the handlers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from splitfed.errors import InvalidArgumentError, stream_errors, unary_errors
+from splitfed.security.identity import peer_identity
+from splitfed.services.backbone import handlers
+from splitfed.services.backbone.state import BackboneState, Session
+from splitfed.streams import StreamGuard
+from splitfed.transport import ServiceBinding, TransportOptions, service_binding
+from splitfed.v1 import backbone_pb2
+from splitfed.wire import IncomingFrame, OutgoingFrame, ReceiveBudget
+
+SERVICE = backbone_pb2.DESCRIPTOR.services_by_name["Backbone"]
+SESSION_METADATA = "x-splitfed-session"
+ANONYMOUS = "anonymous"
+
+
+def owner_of(context: grpc.ServicerContext) -> str:
+    """The identity a session belongs to: ``role/name`` from the client certificate."""
+    identity = peer_identity(context)
+    return str(identity) if identity is not None else ANONYMOUS
+
+
+class BackboneServicer:
+    def __init__(self, state: BackboneState, options: TransportOptions) -> None:
+        self.state = state
+        self.chunk_bytes = options.chunk_bytes
+        limits = handlers.tensor_limits(state)
+        self.budget = ReceiveBudget(max(2 * limits.max_tensor_bytes, 64 << 20))
+        settings = state.settings
+        self.streams = StreamGuard(
+            "Backbone",
+            max_streams=settings.max_streams,
+            idle_timeout_s=settings.stream_idle_timeout_s,
+        )
+
+    def _session(self, context: grpc.ServicerContext, session_id: str | None = None) -> Session:
+        if session_id is None:
+            values = [v for k, v in context.invocation_metadata() if k == SESSION_METADATA]
+            if len(values) != 1 or not isinstance(values[0], str) or not values[0]:
+                raise InvalidArgumentError(
+                    f"the call needs one {SESSION_METADATA!r} metadata entry"
+                )
+            session_id = values[0]
+        return self.state.get_session(session_id, owner_of(context))
+
+    @unary_errors
+    def GetModelInfo(
+        self, request: backbone_pb2.GetModelInfoRequest, context: grpc.ServicerContext
+    ) -> backbone_pb2.GetModelInfoResponse:
+        return backbone_pb2.GetModelInfoResponse(info=handlers.model_info(self.state))
+
+    @unary_errors
+    def OpenSession(
+        self, request: backbone_pb2.OpenSessionRequest, context: grpc.ServicerContext
+    ) -> backbone_pb2.OpenSessionResponse:
+        return handlers.handle_open(self.state, owner_of(context), request)
+
+    @unary_errors
+    def CloseSession(
+        self, request: backbone_pb2.CloseSessionRequest, context: grpc.ServicerContext
+    ) -> backbone_pb2.CloseSessionResponse:
+        self.state.close_session(request.session_id, owner_of(context))
+        return backbone_pb2.CloseSessionResponse()
+
+    @stream_errors
+    def Train(
+        self,
+        request_iterator: Iterator[IncomingFrame[backbone_pb2.TrainRequest]],
+        context: grpc.ServicerContext,
+    ) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
+        session = self._session(context)
+        with self.streams.open(context, request_iterator) as requests:
+            yield from requests.pace(
+                handlers.handle_train(self.state, session, requests, self.chunk_bytes, self.budget)
+            )
+
+    @stream_errors
+    def Generate(
+        self,
+        request_iterator: Iterator[IncomingFrame[backbone_pb2.GenerateRequest]],
+        context: grpc.ServicerContext,
+    ) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
+        session = self._session(context)
+        with self.streams.open(context, request_iterator) as requests:
+            yield from requests.pace(
+                handlers.handle_generate(
+                    self.state, session, requests, self.chunk_bytes, self.budget
+                )
+            )
+
+    @stream_errors
+    def ExportAdapter(
+        self, request: backbone_pb2.ExportAdapterRequest, context: grpc.ServicerContext
+    ) -> Iterator[OutgoingFrame]:
+        session = self._session(context, request.session_id)
+        yield from handlers.handle_export(self.state, session, self.chunk_bytes)
+
+    @unary_errors
+    def ImportAdapter(
+        self,
+        request_iterator: Iterator[IncomingFrame[backbone_pb2.ImportAdapterRequest]],
+        context: grpc.ServicerContext,
+    ) -> backbone_pb2.ImportAdapterResponse:
+        session = self._session(context)
+        return handlers.handle_import(self.state, session, request_iterator, self.budget)
+
+
+def binding(state: BackboneState, options: TransportOptions) -> ServiceBinding:
+    return service_binding(
+        SERVICE,
+        BackboneServicer(state, options),
+        [
+            handlers.TRAIN_REQUEST,
+            handlers.TRAIN_RESPONSE,
+            handlers.GENERATE_REQUEST,
+            handlers.GENERATE_RESPONSE,
+            handlers.EXPORT_RESPONSE,
+            handlers.IMPORT_REQUEST,
+        ],
+    )

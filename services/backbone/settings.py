@@ -1,0 +1,75 @@
+"""Settings of a backbone (one flat, validated dataclass; loaded from YAML or TOML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitfed.encodings import encoding_names
+
+ADAPTER_MODES = ("per-client", "shared")
+
+
+@dataclass(frozen=True)
+class BackboneSettings:
+    # Local checkpoint directory (safetensors) of the model whose body this serves.
+    model_path: Path
+    # The name clients ask for; defaults to the directory name.
+    model_id: str = ""
+    # Smallest head and tail sessions may use: the backbone loads blocks [min_k, L - min_m).
+    min_k: int = 1
+    min_m: int = 1
+    # Weights dtype: "float32", "bfloat16" or "float16"; "auto" keeps the checkpoint's.
+    dtype: str = "auto"
+    device: str = "cpu"
+    adapter_mode: str = "per-client"
+    # Where session state (adapters, optimizer state) is checkpointed; none: memory only.
+    state_dir: Path | None = None
+    max_sessions: int = 64
+    # Training and generation streams open at once (each holds a server thread).
+    max_streams: int = 32
+    # A stream on which nothing moved for this long is cancelled.
+    stream_idle_timeout_s: float = 300.0
+    max_batch_size: int = 64
+    max_sequence_length: int = 4096
+    # Bytes all sessions' KV caches may hold together.
+    max_cache_bytes: int = 4 << 30
+    # A session nobody touched for this long is closed and its state deleted.
+    idle_timeout_s: float = 3600.0
+    encodings: tuple[str, ...] = field(default_factory=lambda: tuple(encoding_names()))
+
+    def __post_init__(self) -> None:
+        # Paths may arrive as strings from a config file.
+        object.__setattr__(self, "model_path", Path(self.model_path))
+        if self.state_dir is not None:
+            object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if not self.model_id:
+            object.__setattr__(self, "model_id", self.model_path.name)
+        if self.min_k < 1 or self.min_m < 1:
+            raise ValueError(f"min_k and min_m must be >= 1, got {self.min_k}, {self.min_m}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+            )
+        if self.adapter_mode not in ADAPTER_MODES:
+            raise ValueError(
+                f"adapter_mode must be one of {', '.join(ADAPTER_MODES)}, got {self.adapter_mode!r}"
+            )
+        for name, value in (
+            ("max_sessions", self.max_sessions),
+            ("max_streams", self.max_streams),
+            ("max_batch_size", self.max_batch_size),
+            ("max_sequence_length", self.max_sequence_length),
+            ("max_cache_bytes", self.max_cache_bytes),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.stream_idle_timeout_s <= 0:
+            raise ValueError(
+                f"stream_idle_timeout_s must be positive, got {self.stream_idle_timeout_s}"
+            )
+        if self.idle_timeout_s <= 0:
+            raise ValueError(f"idle_timeout_s must be positive, got {self.idle_timeout_s}")
+        unknown = set(self.encodings) - set(encoding_names())
+        if unknown:
+            raise ValueError(f"unknown encodings {sorted(unknown)}; known: {encoding_names()}")

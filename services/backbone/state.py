@@ -1,0 +1,640 @@
+"""The backbone's state: the shared frozen body, sessions with their adapters, optimizer
+state and KV caches, the compute queue, limits and expiry. No gRPC in here."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from splitfed.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LimitExceededError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from splitfed.models.adapters import (
+    LoraSettings,
+    adapter_state,
+    add_lora,
+    add_prefix,
+    kv_geometry,
+    load_adapter_state,
+)
+from splitfed.models.families import family_for
+from splitfed.models.loading import load_config, load_part
+from splitfed.models.optim import (
+    OptimizerSettings,
+    build_optimizer,
+    clip_factor,
+    grad_sq_norm,
+    init_adapter_tensors,
+    scale_grads,
+)
+from splitfed.models.parts import Body, PartCache, SplitSpec, empty_base
+from splitfed.services.backbone.compute import ComputeQueue
+from splitfed.services.backbone.settings import BackboneSettings
+from splitfed.services.backbone.store import (
+    DirectoryStore,
+    MemoryStore,
+    SessionRecord,
+    SessionStore,
+    Snapshot,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """The body adapter a session trains (validated; JSON-able for checkpoints)."""
+
+    kind: str = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    prefix_length: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("lora", "prefix"):
+            raise InvalidArgumentError(f"adapter kind must be lora or prefix, got {self.kind!r}")
+        if self.kind == "prefix" and not 1 <= self.prefix_length <= 1024:
+            raise InvalidArgumentError(f"prefix length must be 1-1024, got {self.prefix_length}")
+        if self.kind == "lora":
+            try:
+                self.lora()
+            except ValueError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(
+            r=self.r,
+            alpha=self.alpha,  # type: ignore[arg-type]
+            dropout=self.dropout,
+            target_modules=tuple(self.target_modules) or None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterSpec:
+        values = dict(data)
+        values["target_modules"] = tuple(values.get("target_modules", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    model_id: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: torch.dtype
+    min_k: int
+    min_m: int
+
+
+class SharedBody:
+    """The frozen middle blocks, loaded once; sessions get bodies that share its weights."""
+
+    def __init__(self, settings: BackboneSettings) -> None:
+        self.settings = settings
+        self.config = load_config(settings.model_path)
+        self.family = family_for(self.config)
+        self.num_layers = self.family.num_layers(self.config)
+        SplitSpec(self.num_layers, settings.min_k, settings.min_m)
+        dtype = DTYPES.get(settings.dtype)
+        self.part = load_part(
+            settings.model_path,
+            "body",
+            settings.min_k,
+            settings.min_m,
+            dtype=dtype,
+            device=settings.device,
+        )
+        self.part.requires_grad_(False)
+        self.dtype = next(self.part.parameters()).dtype
+        self.summary = ModelSummary(
+            model_id=settings.model_id,
+            family=self.family.name,
+            num_layers=self.num_layers,
+            hidden_size=int(self.config.hidden_size),
+            vocab_size=int(self.config.vocab_size),
+            dtype=self.dtype,
+            min_k=settings.min_k,
+            min_m=settings.min_m,
+        )
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.part.parameters())
+
+    def body_for(self, k: int, m: int) -> Body:
+        """A body for the split (k, m), sharing this body's frozen tensors (no copy)."""
+        if k < self.settings.min_k or m < self.settings.min_m:
+            raise InvalidArgumentError(
+                f"this backbone holds blocks for k >= {self.settings.min_k} and "
+                f"m >= {self.settings.min_m}; got k={k}, m={m}"
+            )
+        try:
+            spec = SplitSpec(self.num_layers, k, m)
+        except ValueError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        blocks = [self.part.blocks[i - self.settings.min_k] for i in spec.layers("body")]
+        shared: dict[int, Any] = {}
+        for block in blocks:
+            for tensor in itertools.chain(block.parameters(), block.buffers()):
+                shared[id(tensor)] = tensor
+        copies = [copy.deepcopy(block, shared) for block in blocks]
+        base = empty_base(self.config, self.family, "body", spec.layers("body"))
+        self.family.set_layers(base, copies)
+        body = Body(self.family, self.config, spec, base).to(self.settings.device)
+        body.train()
+        return body
+
+    def per_position_cache_bytes(self, body: Body) -> int:
+        kv_heads, head_dim = kv_geometry(body)
+        return 2 * len(body.layer_range) * kv_heads * head_dim * self.dtype.itemsize
+
+
+class Trainable:
+    """A body with an adapter, its AdamW optimizer and learning-rate schedule."""
+
+    def __init__(self, body: Body, adapter: AdapterSpec, optimizer: OptimizerSettings) -> None:
+        self.body = body
+        self.adapter = adapter
+        if adapter.kind == "lora":
+            add_lora(body, adapter.lora())
+        else:
+            add_prefix(body, adapter.prefix_length)
+        init_adapter_tensors(adapter_state(body), adapter.seed)
+        self.params = [p for p in body.parameters() if p.requires_grad]
+        self.optimizer, self.scheduler = build_optimizer(self.params, optimizer)
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return adapter_state(self.body)
+
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        state = self.optimizer.state_dict()
+        tensors: dict[str, torch.Tensor] = {}
+        scalars: dict[str, Any] = {}
+        for index, values in state["state"].items():
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{index}.{key}"] = value
+                else:
+                    scalars[f"{index}.{key}"] = value
+        meta = {
+            "param_groups": state["param_groups"],
+            "scalars": scalars,
+            "scheduler": self.scheduler.state_dict(),
+        }
+        return tensors, meta
+
+    def restore(
+        self,
+        adapter: Mapping[str, torch.Tensor],
+        tensors: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any],
+    ) -> None:
+        load_adapter_state(self.body, adapter)
+        if not meta:
+            return
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in itertools.chain(tensors.items(), meta["scalars"].items()):
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.scheduler.load_state_dict(meta["scheduler"])
+
+
+@dataclass
+class Session:
+    session_id: str
+    owner: str
+    k: int
+    m: int
+    adapter: AdapterSpec
+    optimizer_settings: OptimizerSettings
+    encoding: str
+    trainable: Trainable
+    step: int = 0
+    last_result: dict[str, Any] | None = None
+    pending: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    cache: PartCache | None = None
+    cache_bytes: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+    streams: int = 0
+    # Bumped by each new training stream; older streams of the session stop.
+    generation: int = 0
+
+    @property
+    def body(self) -> Body:
+        return self.trainable.body
+
+    def touch(self) -> None:
+        self.last_activity = time.monotonic()
+
+    def record(self) -> SessionRecord:
+        return SessionRecord(
+            session_id=self.session_id,
+            owner=self.owner,
+            k=self.k,
+            m=self.m,
+            adapter=self.adapter.to_dict(),
+            optimizer=asdict(self.optimizer_settings),
+            encoding=self.encoding,
+            step=self.step,
+            last_result=self.last_result,
+        )
+
+
+class BackboneState:
+    """Everything a backbone serves, behind plain methods; handlers call these."""
+
+    def __init__(self, settings: BackboneSettings, store: SessionStore | None = None) -> None:
+        self.settings = settings
+        self.shared = SharedBody(settings)
+        if store is None:
+            store = DirectoryStore(settings.state_dir) if settings.state_dir else MemoryStore()
+        self.store = store
+        self.queue = ComputeQueue()
+        self._lock = threading.RLock()
+        self._sessions: dict[str, Session] = {}
+        self._shared_trainable: Trainable | None = None
+        self._stop = threading.Event()
+        self._janitor = threading.Thread(
+            target=self._expire_loop, name="session-janitor", daemon=True
+        )
+        self._janitor.start()
+        # Stored sessions whose records survive a restart come back on first use.
+        self._stored = {r.session_id for r in self.store.records()}
+        if self._stored:
+            logger.info("[Backbone] %d stored sessions can be resumed", len(self._stored))
+
+    # --- sessions --------------------------------------------------------------------
+
+    def open_session(
+        self,
+        owner: str,
+        *,
+        model_id: str,
+        k: int,
+        m: int,
+        adapter: AdapterSpec,
+        optimizer: OptimizerSettings,
+        encoding: str,
+        session_id: str = "",
+    ) -> tuple[Session, bool]:
+        if model_id and model_id != self.settings.model_id:
+            raise NotFoundError(
+                f"this backbone serves {self.settings.model_id!r}, not {model_id!r}"
+            )
+        if encoding and encoding not in self.settings.encodings:
+            raise InvalidArgumentError(
+                f"encoding {encoding!r} is not accepted; use one of "
+                f"{', '.join(self.settings.encodings)}"
+            )
+        if session_id:
+            session = self.get_session(session_id, owner)
+            return session, True
+        with self._lock:
+            if len(self._sessions) + len(self._stored) >= self.settings.max_sessions:
+                raise LimitExceededError(
+                    f"the backbone holds {self.settings.max_sessions} sessions, its limit; "
+                    "close one or try later"
+                )
+            trainable = self._trainable_for(k, m, adapter, optimizer)
+            session = Session(
+                session_id=secrets.token_hex(12),
+                owner=owner,
+                k=k,
+                m=m,
+                adapter=adapter,
+                optimizer_settings=optimizer,
+                encoding=encoding or "raw",
+                trainable=trainable,
+            )
+            self._sessions[session.session_id] = session
+        self.checkpoint(session)
+        logger.info(
+            "[Backbone.OpenSession] %s opened session %s (k=%d, m=%d, %s)",
+            owner,
+            session.session_id,
+            k,
+            m,
+            adapter.kind,
+        )
+        return session, False
+
+    def _trainable_for(
+        self, k: int, m: int, adapter: AdapterSpec, optimizer: OptimizerSettings
+    ) -> Trainable:
+        if self.settings.adapter_mode == "per-client":
+            return Trainable(self.shared.body_for(k, m), adapter, optimizer)
+        if (k, m) != (self.settings.min_k, self.settings.min_m):
+            raise FailedPreconditionError(
+                f"in shared adapter mode every session uses k={self.settings.min_k}, "
+                f"m={self.settings.min_m}"
+            )
+        if self._shared_trainable is None:
+            self._shared_trainable = Trainable(self.shared.body_for(k, m), adapter, optimizer)
+        elif self._shared_trainable.adapter != adapter:
+            raise FailedPreconditionError(
+                "in shared adapter mode every session trains the same adapter configuration"
+            )
+        return self._shared_trainable
+
+    def get_session(self, session_id: str, owner: str) -> Session:
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None and session_id in self._stored:
+                session = self._restore(session_id)
+            if session is None:
+                raise NotFoundError(f"no session {session_id!r}: it was closed or has expired")
+            if session.owner != owner:
+                logger.warning(
+                    "[Backbone] %s denied access to session %s of %s",
+                    owner or "(anonymous)",
+                    session_id,
+                    session.owner,
+                )
+                raise PermissionDeniedError(f"session {session_id!r} belongs to another identity")
+            session.touch()
+            return session
+
+    def _restore(self, session_id: str) -> Session:
+        snapshot = self.store.load(session_id)
+        record = snapshot.record
+        adapter = AdapterSpec.from_dict(record.adapter)
+        optimizer = OptimizerSettings(**record.optimizer)
+        trainable = self._trainable_for(record.k, record.m, adapter, optimizer)
+        trainable.restore(snapshot.adapter, snapshot.optimizer, record.optimizer_meta)
+        session = Session(
+            session_id=record.session_id,
+            owner=record.owner,
+            k=record.k,
+            m=record.m,
+            adapter=adapter,
+            optimizer_settings=optimizer,
+            encoding=record.encoding,
+            trainable=trainable,
+            step=record.step,
+            last_result=record.last_result,
+        )
+        self._sessions[session_id] = session
+        self._stored.discard(session_id)
+        logger.info("[Backbone] resumed session %s at step %d", session_id, record.step)
+        return session
+
+    def close_session(self, session_id: str, owner: str) -> None:
+        session = self.get_session(session_id, owner)
+        self._drop(session)
+
+    def _drop(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.pop(session.session_id, None)
+            self._stored.discard(session.session_id)
+        session.pending.clear()
+        session.cache = None
+        session.cache_bytes = 0
+        self.store.delete(session.session_id)
+        logger.info("[Backbone] session %s closed", session.session_id)
+
+    def sessions(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
+
+    def checkpoint(self, session: Session) -> None:
+        record = session.record()
+        tensors, meta = session.trainable.optimizer_state()
+        record.optimizer_meta = meta
+        self.store.save(Snapshot(record, session.trainable.adapter_tensors(), tensors))
+
+    def _expire_loop(self) -> None:
+        period = min(30.0, self.settings.idle_timeout_s / 4)
+        while not self._stop.wait(period):
+            self.expire_idle()
+
+    def expire_idle(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        expired = [
+            s
+            for s in self.sessions()
+            if s.streams == 0 and now - s.last_activity > self.settings.idle_timeout_s
+        ]
+        for session in expired:
+            logger.info("[Backbone] session %s expired after being idle", session.session_id)
+            self._drop(session)
+        return [s.session_id for s in expired]
+
+    def close(self) -> None:
+        self._stop.set()
+        self.queue.close()
+
+    @contextmanager
+    def stream(self, session: Session, *, training: bool) -> Iterator[int]:
+        """Mark a stream of ``session`` open (it does not expire meanwhile). A new
+        training stream discards the unfinished step of an earlier one: the client
+        redoes that step from its first micro-batch. Yields the stream's generation."""
+        with self._lock:
+            session.streams += 1
+            if training:
+                session.generation += 1
+            generation = session.generation
+        try:
+            if training:
+                self.queue.run(session.session_id, lambda: self.zero_grad(session))
+            yield generation
+        finally:
+            with self._lock:
+                session.streams -= 1
+            session.touch()
+
+    # --- compute (run on the queue's worker) -------------------------------------------
+
+    def _check_batch(self, hidden: torch.Tensor, mask: torch.Tensor, cached: int) -> None:
+        summary = self.shared.summary
+        if hidden.dim() != 3 or hidden.shape[-1] != summary.hidden_size:
+            raise InvalidArgumentError(
+                f"h1 must be [batch, tokens, {summary.hidden_size}], got {list(hidden.shape)}"
+            )
+        if not hidden.is_floating_point():
+            raise InvalidArgumentError(f"h1 must be floating point, got {hidden.dtype}")
+        batch, tokens = hidden.shape[0], hidden.shape[1]
+        if batch > self.settings.max_batch_size:
+            raise LimitExceededError(
+                f"batch of {batch} exceeds the limit of {self.settings.max_batch_size}"
+            )
+        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] != cached + tokens:
+            raise InvalidArgumentError(
+                f"attention mask must be [{batch}, {cached + tokens}], got {list(mask.shape)}"
+            )
+        if mask.shape[1] > self.settings.max_sequence_length:
+            raise LimitExceededError(
+                f"sequence of {mask.shape[1]} positions exceeds the limit of "
+                f"{self.settings.max_sequence_length}"
+            )
+        if mask.is_floating_point():
+            raise InvalidArgumentError(f"attention mask must be integer, got {mask.dtype}")
+
+    def _inputs(
+        self, hidden: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.settings.device
+        return hidden.to(device=device, dtype=self.shared.dtype), mask.to(device=device)
+
+    def forward(
+        self,
+        session: Session,
+        step: int,
+        micro: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        train: bool,
+    ) -> torch.Tensor:
+        self._check_batch(hidden, mask, 0)
+        hidden, mask = self._inputs(hidden, mask)
+        if not train:
+            with torch.no_grad():
+                result: torch.Tensor = session.body(hidden, mask)
+                return result.detach()
+        if (step, micro) in session.pending:
+            raise FailedPreconditionError(
+                f"step {step} micro-batch {micro} was already sent forward"
+            )
+        if step != session.step + 1:
+            raise FailedPreconditionError(
+                f"the session has applied {session.step} steps; expected step "
+                f"{session.step + 1}, got {step}"
+            )
+        hidden.requires_grad_(True)
+        with torch.enable_grad():
+            output: torch.Tensor = session.body(hidden, mask)
+        session.pending[(step, micro)] = (hidden, output)
+        return output.detach()
+
+    def backward(self, session: Session, step: int, micro: int, grad: torch.Tensor) -> torch.Tensor:
+        pending = session.pending.pop((step, micro), None)
+        if pending is None:
+            raise FailedPreconditionError(
+                f"no forward pass of step {step} micro-batch {micro} is waiting for its gradient"
+            )
+        hidden, output = pending
+        if grad.shape != output.shape:
+            raise InvalidArgumentError(
+                f"grad_h2 must have the shape of h2 {list(output.shape)}, got {list(grad.shape)}"
+            )
+        torch.autograd.backward(output, grad.to(device=output.device, dtype=output.dtype))
+        assert hidden.grad is not None
+        return hidden.grad.detach()
+
+    def apply_step(
+        self, session: Session, step: int, client_sq_norm: float, max_norm: float
+    ) -> dict[str, Any]:
+        if step <= session.step:
+            if session.last_result is not None and step == session.step:
+                return {**session.last_result, "already_applied": True}
+            raise FailedPreconditionError(
+                f"step {step} was applied long ago (now at {session.step})"
+            )
+        if step != session.step + 1:
+            raise FailedPreconditionError(
+                f"the session has applied {session.step} steps; cannot apply step {step}"
+            )
+        if session.pending:
+            raise FailedPreconditionError(
+                f"{len(session.pending)} forward passes of step {step} still await their gradients"
+            )
+        trainable = session.trainable
+        backbone_sq = grad_sq_norm(trainable.params)
+        scale_grads(trainable.params, clip_factor(client_sq_norm + backbone_sq, max_norm))
+        learning_rate = trainable.optimizer.param_groups[0]["lr"]
+        trainable.optimizer.step()
+        trainable.scheduler.step()
+        trainable.optimizer.zero_grad(set_to_none=True)
+        session.step = step
+        session.last_result = {
+            "backbone_grad_sq_norm": backbone_sq,
+            "learning_rate": float(learning_rate),
+            "already_applied": False,
+        }
+        self.checkpoint(session)
+        return session.last_result
+
+    def zero_grad(self, session: Session) -> None:
+        session.pending.clear()
+        session.trainable.optimizer.zero_grad(set_to_none=True)
+
+    def generate(self, session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        cache = session.cache if session.cache is not None else session.body.new_cache()
+        self._check_batch(hidden, mask, cache.length)
+        new_bytes = (
+            hidden.shape[0]
+            * (cache.length + hidden.shape[1])
+            * self.shared.per_position_cache_bytes(session.body)
+        )
+        others = sum(s.cache_bytes for s in self.sessions() if s is not session)
+        if others + new_bytes > self.settings.max_cache_bytes:
+            raise LimitExceededError(
+                f"KV caches would hold {others + new_bytes} bytes; the limit is "
+                f"{self.settings.max_cache_bytes}: reset a cache or try later"
+            )
+        hidden, mask = self._inputs(hidden, mask)
+        with torch.no_grad():
+            output: torch.Tensor = session.body(hidden, mask, cache)
+        session.cache = cache
+        session.cache_bytes = cache.nbytes()
+        return output
+
+    def reset_cache(self, session: Session) -> None:
+        session.cache = None
+        session.cache_bytes = 0
+
+    def trim_cache(self, session: Session, length: int) -> int:
+        if session.cache is None:
+            if length:
+                raise InvalidArgumentError("the session has no cache to trim")
+            return 0
+        try:
+            session.cache.trim(length)
+        except ValueError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        session.cache_bytes = session.cache.nbytes()
+        return session.cache.length
+
+    def export_adapter(self, session: Session) -> dict[str, torch.Tensor]:
+        return {
+            name: t.detach().to("cpu") for name, t in session.trainable.adapter_tensors().items()
+        }
+
+    def import_adapter(self, session: Session, tensors: Mapping[str, torch.Tensor]) -> int:
+        own = session.trainable.adapter_tensors()
+        unknown = sorted(set(tensors) - set(own))
+        if unknown:
+            raise InvalidArgumentError(f"the session's adapter has no tensor {unknown[0]!r}")
+        try:
+            load_adapter_state(session.body, tensors)
+        except ValueError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        self.checkpoint(session)
+        return len(own)
