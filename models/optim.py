@@ -13,6 +13,7 @@ import math
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.optim import AdamW
@@ -132,3 +133,40 @@ def init_adapter_tensors(tensors: Mapping[str, torch.Tensor], seed: int) -> None
             tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * 0.02)
         else:
             raise ValueError(f"{name!r} is not an adapter tensor")
+
+
+def optimizer_tensors(
+    optimizer: torch.optim.Optimizer, scheduler: LambdaLR
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer and schedule state split into tensors (for safetensors) and the rest
+    (JSON-able), to checkpoint without pickle."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    meta = {
+        "param_groups": state["param_groups"],
+        "scalars": scalars,
+        "scheduler": scheduler.state_dict(),
+    }
+    return tensors, meta
+
+
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer,
+    scheduler: LambdaLR,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+) -> None:
+    """Inverse of :func:`optimizer_tensors`."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(dict(meta["scheduler"]))

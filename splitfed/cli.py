@@ -104,18 +104,9 @@ def _tls_from_options(
     key_path: Path | None,
     insecure: bool,
 ) -> Any:
-    from splitfed.security.tls import TLSConfig
+    from splitfed.serving import tls_config
 
-    if insecure:
-        if tls_dir or ca_path or cert_path or key_path:
-            raise ValueError("--insecure cannot be combined with --tls-dir/--ca/--cert/--key")
-        return TLSConfig.plaintext()
-    if tls_dir is None and not (ca_path and cert_path and key_path):
-        raise ValueError("give --tls-dir, or all of --ca, --cert and --key (or --insecure)")
-    base = tls_dir or Path()
-    return TLSConfig.from_files(
-        ca_path or base / "ca.pem", cert_path or base / "cert.pem", key_path or base / "key.pem"
-    )
+    return tls_config(tls_dir, ca_path, cert_path, key_path, insecure)
 
 
 @cli.group()
@@ -197,6 +188,77 @@ def serve_diagnostics(
     run_until_signalled(
         server, port_file=port_file, grace_s=grace, stop_on_stdin_eof=stop_on_stdin_eof
     )
+
+
+@serve.command("backbone")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML or TOML file with [backbone] and [server] sections.",
+)
+@click.option("--listen", default=None, help="host:port to bind (overrides [server] listen).")
+@click.option(
+    "--port-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the bound port here once serving.",
+)
+@click.option(
+    "--stop-on-stdin-eof",
+    is_flag=True,
+    help="Also stop when standard input closes (for supervisors that run splitfed as a child).",
+)
+@click.pass_context
+def serve_backbone(
+    ctx: click.Context,
+    config_path: Path,
+    listen: str | None,
+    port_file: Path | None,
+    stop_on_stdin_eof: bool,
+) -> None:
+    """Serve splitfed.v1.Backbone: the shared body of a model, for many clients' sessions."""
+    from dataclasses import replace
+
+    from splitfed.config import build, read_config, section
+    from splitfed.services.backbone.servicer import binding
+    from splitfed.services.backbone.settings import BackboneSettings
+    from splitfed.services.backbone.state import BackboneState
+    from splitfed.serving import ServerSettings
+    from splitfed.transport import create_server
+
+    try:
+        config = read_config(config_path)
+        settings = build(BackboneSettings, section(config, "backbone"), "backbone")
+        server_settings = build(ServerSettings, section(config, "server", required=False), "server")
+        if listen is not None:
+            server_settings = replace(server_settings, listen=listen)
+        tls = server_settings.tls()
+        options = replace(
+            server_settings.options(),
+            max_workers=max(server_settings.max_workers, settings.max_streams + 8),
+        )
+        state = BackboneState(settings)
+    except ValueError as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    try:
+        server = create_server(
+            [binding(state, options)], tls, address=server_settings.listen, options=options
+        )
+    except (OSError, ValueError) as exc:
+        state.close()
+        _fail(ctx, exc, usage=isinstance(exc, ValueError))
+        return
+    try:
+        run_until_signalled(
+            server,
+            port_file=port_file,
+            grace_s=server_settings.grace_s,
+            stop_on_stdin_eof=stop_on_stdin_eof,
+        )
+    finally:
+        state.close()
 
 
 def run_until_signalled(

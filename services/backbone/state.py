@@ -39,6 +39,8 @@ from splitfed.models.optim import (
     clip_factor,
     grad_sq_norm,
     init_adapter_tensors,
+    load_optimizer_tensors,
+    optimizer_tensors,
     scale_grads,
 )
 from splitfed.models.parts import Body, PartCache, SplitSpec, empty_base
@@ -193,21 +195,7 @@ class Trainable:
         return adapter_state(self.body)
 
     def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        state = self.optimizer.state_dict()
-        tensors: dict[str, torch.Tensor] = {}
-        scalars: dict[str, Any] = {}
-        for index, values in state["state"].items():
-            for key, value in values.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"{index}.{key}"] = value
-                else:
-                    scalars[f"{index}.{key}"] = value
-        meta = {
-            "param_groups": state["param_groups"],
-            "scalars": scalars,
-            "scheduler": self.scheduler.state_dict(),
-        }
-        return tensors, meta
+        return optimizer_tensors(self.optimizer, self.scheduler)
 
     def restore(
         self,
@@ -216,14 +204,8 @@ class Trainable:
         meta: Mapping[str, Any],
     ) -> None:
         load_adapter_state(self.body, adapter)
-        if not meta:
-            return
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in itertools.chain(tensors.items(), meta["scalars"].items()):
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        self.scheduler.load_state_dict(meta["scheduler"])
+        if meta:
+            load_optimizer_tensors(self.optimizer, self.scheduler, tensors, meta)
 
 
 @dataclass

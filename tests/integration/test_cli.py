@@ -26,7 +26,7 @@ def server_dir(pki: Pki, tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["serve", "diagnostics"], "give --tls-dir, or all of --ca, --cert and --key"),
+        (["serve", "diagnostics"], "give tls_dir, or all of ca, cert and key"),
         (["serve", "diagnostics", "--tls-dir", "/nonexistent"], "does not exist"),
         (["serve", "diagnostics", "--insecure", "--tls-dir", "x"], "cannot be combined"),
         (["serve", "diagnostics", "--insecure", "--chunk-bytes", "0"], "chunk_bytes must be"),

@@ -1,0 +1,420 @@
+"""Split fine-tuning from the data owner's side.
+
+The client holds head and tail (with their adapters), its tokens and its labels; the
+backbone holds the body. Each optimizer step runs the micro-batches through head ->
+RemoteBody -> tail, back-propagates through all three, exchanges squared gradient norms
+with the backbone to clip by the global norm, and both sides apply AdamW. A stream that
+breaks mid-step is reopened and the step redone from its first micro-batch (the backbone
+discards what it had of that step and never applies a step twice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from splitfed.clients.backbone import (
+    BackboneClient,
+    RemoteBody,
+    SessionInfo,
+    StreamLostError,
+    TrainStream,
+)
+from splitfed.clients.data import MicroBatches, read_examples
+from splitfed.models.adapters import (
+    LoraSettings,
+    adapter_state,
+    add_lora,
+    add_prefix,
+    load_adapter,
+    load_adapter_state,
+    save_adapter,
+)
+from splitfed.models.loading import load_part
+from splitfed.models.optim import (
+    OptimizerSettings,
+    build_optimizer,
+    clip_factor,
+    grad_sq_norm,
+    init_adapter_tensors,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    scale_grads,
+)
+from splitfed.models.parts import Head, Tail
+from splitfed.retry import RetryPolicy
+from splitfed.v1 import backbone_pb2
+
+logger = logging.getLogger(__name__)
+
+# Reconnecting outlasts a backbone restart (tens of seconds), unlike ordinary calls.
+RECONNECT = RetryPolicy(max_attempts=60, initial_backoff_s=0.2, max_backoff_s=2.0)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled positions (-100 is ignored)."""
+    shifted = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+    targets = labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(shifted, targets, ignore_index=-100)
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    kind: str = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    prefix_length: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("lora", "prefix"):
+            raise ValueError(f"adapter kind must be lora or prefix, got {self.kind!r}")
+        if self.kind == "lora":
+            self.lora()
+        elif self.prefix_length < 1:
+            raise ValueError(f"prefix_length must be >= 1, got {self.prefix_length}")
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(
+            r=self.r,
+            alpha=self.alpha,  # type: ignore[arg-type]
+            dropout=self.dropout,
+            target_modules=self.target_modules or None,
+        )
+
+    def proto(self) -> backbone_pb2.AdapterConfig:
+        if self.kind == "prefix":
+            return backbone_pb2.AdapterConfig(
+                prefix=backbone_pb2.PrefixConfig(length=self.prefix_length), seed=self.seed
+            )
+        return backbone_pb2.AdapterConfig(
+            lora=backbone_pb2.LoraConfig(
+                r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules
+            ),
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    data: Path
+    model_path: Path
+    k: int = 1
+    m: int = 1
+    eval_data: Path | None = None
+    batch_size: int = 4
+    accumulation: int = 1
+    max_steps: int = 100
+    max_length: int = 512
+    max_grad_norm: float = 1.0
+    eval_every: int = 0
+    eval_batches: int = 4
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 1
+    seed: int = 0
+    shuffle: bool = True
+    encoding: str = "raw"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "model_path", Path(self.model_path))
+        for name in ("batch_size", "accumulation", "max_steps", "max_length", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_grad_norm < 0:
+            raise ValueError(
+                f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}"
+            )
+
+
+@dataclass
+class StepReport:
+    step: int
+    loss: float
+    learning_rate: float
+    grad_norm: float
+    seconds: float
+    eval_loss: float | None = None
+    retries: int = 0
+
+
+@dataclass
+class _ClientState:
+    session_id: str
+    step: int
+    losses: list[float] = field(default_factory=list)
+
+
+class SplitTrainer:
+    def __init__(
+        self,
+        client: BackboneClient,
+        settings: TrainSettings,
+        adapter: AdapterSettings,
+        optimizer: OptimizerSettings,
+        *,
+        tokenizer: Any = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.adapter = adapter
+        self.optimizer_settings = optimizer
+        path = settings.model_path
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True
+        )
+        self.head: Head = load_part(path, "head", settings.k, settings.m)  # type: ignore[assignment]
+        self.tail: Tail = load_part(path, "tail", settings.k, settings.m)  # type: ignore[assignment]
+        for part in (self.head, self.tail):
+            if adapter.kind == "lora":
+                add_lora(part, adapter.lora())
+            else:
+                add_prefix(part, adapter.prefix_length)
+            init_adapter_tensors(adapter_state(part), adapter.seed)
+            part.train()
+        self.params = [
+            p for part in (self.head, self.tail) for p in part.parameters() if p.requires_grad
+        ]
+        self.optimizer, self.scheduler = build_optimizer(self.params, optimizer)
+        self.data = MicroBatches(
+            read_examples(settings.data),
+            self.tokenizer,
+            batch_size=settings.batch_size,
+            accumulation=settings.accumulation,
+            max_length=settings.max_length,
+            seed=settings.seed,
+            shuffle=settings.shuffle,
+        )
+        self.eval_data = (
+            MicroBatches(
+                read_examples(settings.eval_data),
+                self.tokenizer,
+                batch_size=settings.batch_size,
+                max_length=settings.max_length,
+                shuffle=False,
+            )
+            if settings.eval_data
+            else None
+        )
+        self.session: SessionInfo | None = None
+        self.step = 0
+        self.stream: TrainStream | None = None
+        self.body: RemoteBody | None = None
+
+    # --- session -------------------------------------------------------------------------
+
+    def _open_request(self, session_id: str = "") -> backbone_pb2.OpenSessionRequest:
+        o = self.optimizer_settings
+        return backbone_pb2.OpenSessionRequest(
+            k=self.settings.k,
+            m=self.settings.m,
+            adapter=self.adapter.proto(),
+            optimizer=backbone_pb2.OptimizerConfig(
+                learning_rate=o.learning_rate,
+                weight_decay=o.weight_decay,
+                beta1=o.beta1,
+                beta2=o.beta2,
+                eps=o.eps,
+                schedule=o.schedule,
+                warmup_steps=o.warmup_steps,
+                total_steps=o.total_steps,
+            ),
+            encoding=self.settings.encoding,
+            session_id=session_id,
+        )
+
+    def start(self) -> SessionInfo:
+        """Open a session, or resume the one of the checkpoint in ``checkpoint_dir``."""
+        state = self._load_checkpoint()
+        if state is None:
+            self.session = self.client.open_session(self._open_request())
+            self._save_checkpoint()
+        else:
+            self.session = self._resume(state.session_id)
+            if self.session.step != self.step:
+                raise RuntimeError(
+                    f"the backbone's session is at step {self.session.step} but the client "
+                    f"checkpoint at step {self.step}; they cannot be brought together"
+                )
+        self._open_stream()
+        return self.session
+
+    def _resume(self, session_id: str) -> SessionInfo:
+        """Reopen the session, waiting out a backbone that is restarting."""
+        delays = RECONNECT.delays()
+        while True:
+            try:
+                return self.client.open_session(self._open_request(session_id))
+            except StreamLostError:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                time.sleep(delay)
+
+    def _open_stream(self) -> None:
+        assert self.session is not None
+        if self.stream is not None:
+            self.stream.close()
+        self.stream = TrainStream(self.client, self.session.session_id, self.settings.encoding)
+        self.body = RemoteBody(self.stream)
+        self.body.train()
+
+    def _reconnect(self) -> int:
+        assert self.session is not None
+        self.session = self._resume(self.session.session_id)
+        self._open_stream()
+        logger.info("[trainer] reconnected; the backbone is at step %d", self.session.step)
+        return self.session.step
+
+    def close(self, *, delete_session: bool = False) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        if delete_session and self.session is not None:
+            self.client.close_session(self.session.session_id)
+
+    # --- training ------------------------------------------------------------------------
+
+    def _forward_backward(self, step: int) -> tuple[float, float]:
+        assert self.body is not None
+        batches = self.data.for_step(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.body.begin_step(step)
+        total = 0.0
+        for batch in batches:
+            hidden = self.head(batch.input_ids, batch.attention_mask)
+            hidden = self.body(hidden, batch.attention_mask)
+            logits = self.tail(hidden, batch.attention_mask)
+            loss = causal_lm_loss(logits, batch.labels) / len(batches)
+            torch.autograd.backward(loss)
+            total += float(loss.detach())
+        return total, grad_sq_norm(self.params)
+
+    def train_step(self) -> StepReport:
+        """Run step ``self.step + 1`` to completion (reconnecting if needed)."""
+        step = self.step + 1
+        started = time.monotonic()
+        retries = 0
+        loss, client_sq = math.nan, 0.0
+        backward_done = False
+        while True:
+            assert self.stream is not None
+            try:
+                if not backward_done:
+                    loss, client_sq = self._forward_backward(step)
+                    backward_done = True
+                result = self.stream.step(step, client_sq, self.settings.max_grad_norm)
+                break
+            except StreamLostError as exc:
+                retries += 1
+                logger.warning("[trainer] step %d: %s; reconnecting", step, exc)
+                server_step = self._reconnect()
+                if server_step < step:
+                    backward_done = False  # the backbone lost this step: redo it
+                elif server_step > step:
+                    raise RuntimeError(
+                        f"the backbone is at step {server_step}, past {step}"
+                    ) from exc
+        total_sq = client_sq + result.backbone_grad_sq_norm
+        scale_grads(self.params, clip_factor(total_sq, self.settings.max_grad_norm))
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step
+        report = StepReport(
+            step=step,
+            loss=loss,
+            learning_rate=float(learning_rate),
+            grad_norm=math.sqrt(total_sq),
+            seconds=time.monotonic() - started,
+            retries=retries,
+        )
+        if self.settings.eval_every and step % self.settings.eval_every == 0:
+            report.eval_loss = self.evaluate()
+        if self.settings.checkpoint_dir and step % self.settings.checkpoint_every == 0:
+            self._save_checkpoint()
+        return report
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        if self.eval_data is None:
+            return math.nan
+        assert self.body is not None
+        for part in (self.head, self.tail, self.body):
+            part.eval()
+        try:
+            losses = []
+            count = min(self.settings.eval_batches, self.eval_data.per_epoch)
+            for index in range(count):
+                batch = self.eval_data.batch(index)
+                hidden = self.body(
+                    self.head(batch.input_ids, batch.attention_mask), batch.attention_mask
+                )
+                logits = self.tail(hidden, batch.attention_mask)
+                losses.append(float(causal_lm_loss(logits, batch.labels)))
+            return sum(losses) / len(losses)
+        finally:
+            for part in (self.head, self.tail, self.body):
+                part.train()
+
+    def run(self, on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
+        if self.session is None:
+            self.start()
+        reports = []
+        while self.step < self.settings.max_steps:
+            report = self.train_step()
+            reports.append(report)
+            if on_step is not None:
+                on_step(report)
+        return reports
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        """The client's adapter (head and tail) under global names."""
+        return {**adapter_state(self.head), **adapter_state(self.tail)}
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    def _save_checkpoint(self) -> None:
+        directory = self.settings.checkpoint_dir
+        if directory is None or self.session is None:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors, meta = optimizer_tensors(self.optimizer, self.scheduler)
+        save_adapter(directory / "adapter.tmp.safetensors", self.adapter_tensors())
+        save_adapter(directory / "optimizer.tmp.safetensors", tensors)
+        state = {"session_id": self.session.session_id, "step": self.step, "optimizer": meta}
+        (directory / "client.tmp.json").write_text(json.dumps(state))
+        for name in ("adapter", "optimizer"):
+            (directory / f"{name}.tmp.safetensors").replace(directory / f"{name}.safetensors")
+        (directory / "client.tmp.json").replace(directory / "client.json")
+
+    def _load_checkpoint(self) -> _ClientState | None:
+        directory = self.settings.checkpoint_dir
+        if directory is None or not (directory / "client.json").is_file():
+            return None
+        state = json.loads((directory / "client.json").read_text())
+        adapter = load_adapter(directory / "adapter.safetensors")
+        for part in (self.head, self.tail):
+            load_adapter_state(part, adapter)
+        if state["optimizer"]["param_groups"]:
+            load_optimizer_tensors(
+                self.optimizer,
+                self.scheduler,
+                load_adapter(directory / "optimizer.safetensors"),
+                state["optimizer"],
+            )
+        self.step = int(state["step"])
+        logger.info("[trainer] resuming session %s at step %d", state["session_id"], self.step)
+        return _ClientState(state["session_id"], self.step)

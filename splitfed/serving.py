@@ -1,0 +1,53 @@
+"""The [server] section every splitfed service shares: where it listens and its TLS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from splitfed.security.tls import TLSConfig
+from splitfed.transport import TransportOptions, parse_address
+from splitfed.wire import DEFAULT_CHUNK_BYTES
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str = "127.0.0.1:0"
+    # ca.pem, cert.pem and key.pem of this service; or the three paths separately.
+    tls_dir: Path | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    # Plaintext without authentication: local debugging only.
+    insecure: bool = False
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    grace_s: float = 5.0
+    max_workers: int = 16
+
+    def __post_init__(self) -> None:
+        parse_address(self.listen)
+        TransportOptions(chunk_bytes=self.chunk_bytes, max_workers=self.max_workers)
+        if self.grace_s < 0:
+            raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
+
+    def tls(self) -> TLSConfig:
+        return tls_config(self.tls_dir, self.ca, self.cert, self.key, self.insecure)
+
+    def options(self) -> TransportOptions:
+        return TransportOptions(chunk_bytes=self.chunk_bytes, max_workers=self.max_workers)
+
+
+def tls_config(
+    tls_dir: Path | None, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool
+) -> TLSConfig:
+    """TLS material from a directory and/or explicit files, or plaintext if asked."""
+    if insecure:
+        if tls_dir or ca or cert or key:
+            raise ValueError("insecure mode cannot be combined with tls_dir/ca/cert/key")
+        return TLSConfig.plaintext()
+    if tls_dir is None and not (ca and cert and key):
+        raise ValueError("give tls_dir, or all of ca, cert and key (or insecure)")
+    base = tls_dir or Path()
+    return TLSConfig.from_files(
+        ca or base / "ca.pem", cert or base / "cert.pem", key or base / "key.pem"
+    )
