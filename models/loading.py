@@ -13,13 +13,19 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from splitfed.models.families import Family, family_for
-from splitfed.models.parts import PART_CLASSES, PartName, SplitPart, SplitSpec, empty_base
+from splitfed.models.parts import (
+    PART_CLASSES,
+    PartName,
+    SplitPart,
+    SplitSpec,
+    empty_base,
+    meta_parameters,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -116,7 +122,7 @@ def load_part(
     base = empty_base(config, family, part, spec.layers(part))
     lm_head: nn.Module | None = None
     if part == "tail":
-        with init_empty_weights():
+        with meta_parameters():
             lm_head = nn.Linear(
                 config.hidden_size, config.vocab_size, bias="lm_head.bias" in names.values()
             )

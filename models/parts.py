@@ -16,12 +16,13 @@ hidden states ``[batch, tokens, hidden]`` and the 2-D padding mask
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -84,13 +85,44 @@ def _reindex(layers: Iterable[nn.Module]) -> None:
                 setattr(module, "layer_idx", index)  # noqa: B010
 
 
+_meta = threading.local()
+_patch_lock = threading.Lock()
+_original_register_parameter = nn.Module.register_parameter
+
+
+def _register_parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _original_register_parameter(self, name, param)
+    if param is not None and getattr(_meta, "active", False):
+        current = self._parameters[name]
+        assert current is not None
+        extra = dict(current.__dict__)
+        extra["requires_grad"] = current.requires_grad
+        self._parameters[name] = type(current)(current.to("meta"), **extra)
+
+
+@contextmanager
+def meta_parameters() -> Iterator[None]:
+    """Parameters of modules built in this block land on the meta device (buffers stay
+    real), like accelerate's ``init_empty_weights`` but for this thread only: building
+    a part never disturbs modules that other threads build at the same time."""
+    with _patch_lock:
+        if nn.Module.register_parameter is not _register_parameter:
+            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+    previous = getattr(_meta, "active", False)
+    _meta.active = True
+    try:
+        yield
+    finally:
+        _meta.active = previous
+
+
 def empty_base(
     config: PretrainedConfig, family: Family, part: PartName, layers: range
 ) -> nn.Module:
     """The part's base model with parameters on the meta device (nothing allocated);
     buffers such as rotary frequencies are real."""
     sub = part_config(config, family, layers)
-    with init_empty_weights(include_buffers=False):
+    with meta_parameters():
         base = family.build_base(sub)
     if part != "head":
         family.drop_embeddings(base, sub)

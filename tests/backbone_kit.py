@@ -8,9 +8,24 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
+from peft import inject_adapter_in_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.cache_utils import DynamicCache
 
 from splitfed.clients.backbone import BackboneClient
+from splitfed.clients.data import MicroBatches, read_examples
+from splitfed.clients.trainer import AdapterSettings, TrainSettings, causal_lm_loss
 from splitfed.launcher import ServiceProcess
+from splitfed.models import positions_from_mask
+from splitfed.models.optim import (
+    OptimizerSettings,
+    build_optimizer,
+    clip_factor,
+    grad_sq_norm,
+    init_adapter_tensors,
+    scale_grads,
+)
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
 from splitfed.tiny import BUNDLED_DATASET, make_tiny_checkpoint
@@ -19,12 +34,14 @@ from splitfed.transport import create_channel
 SERVER_NAME = "backbone.splitfed.local"
 
 
-def tiny_checkpoint(directory: Path, *, layers: int = 6, seed: int = 0) -> Path:
+def tiny_checkpoint(
+    directory: Path, *, layers: int = 6, hidden_size: int = 64, seed: int = 0
+) -> Path:
     texts = []
     for line in BUNDLED_DATASET.read_text().splitlines():
         row = json.loads(line)
         texts.append(" ".join(str(v) for v in row.values()))
-    return make_tiny_checkpoint(directory, texts, layers=layers, seed=seed)
+    return make_tiny_checkpoint(directory, texts, layers=layers, hidden_size=hidden_size, seed=seed)
 
 
 @dataclass
@@ -61,9 +78,11 @@ class Deployment:
             self.process.stop()
 
 
-def deployment(root: Path, **backbone: Any) -> Deployment:
+def deployment(
+    root: Path, *, layers: int = 6, hidden_size: int = 64, **backbone: Any
+) -> Deployment:
     ca = CertificateAuthority.create("test CA")
-    model = tiny_checkpoint(root / "model")
+    model = tiny_checkpoint(root / "model", layers=layers, hidden_size=hidden_size)
     ca.issue("backbone-0", "backbone", dns_names=[SERVER_NAME]).write(root / "backbone-tls")
     settings = {"model_path": str(model), "state_dir": str(root / "state"), **backbone}
     config = root / "backbone.yaml"
@@ -71,3 +90,104 @@ def deployment(root: Path, **backbone: Any) -> Deployment:
     lines += ["server:", f"  tls_dir: {json.dumps(str(root / 'backbone-tls'))}"]
     config.write_text("\n".join(lines) + "\n")
     return Deployment(root, ca, model, config)
+
+
+class Centralized:
+    """The unsplit model trained the same way, for comparison."""
+
+    def __init__(
+        self,
+        dep: Deployment,
+        train: TrainSettings,
+        adapter: AdapterSettings,
+        optimizer: OptimizerSettings,
+    ) -> None:
+        torch.manual_seed(0)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            str(dep.model_path), local_files_only=True
+        )
+        self.model.train()
+        self.model.requires_grad_(False)
+        self.tensors: dict[str, torch.Tensor] = {}
+        config = self.model.config
+        if adapter.kind == "lora":
+            targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+            inject_adapter_in_model(adapter.lora().peft_config(targets), self.model)
+            for name, parameter in self.model.named_parameters():
+                if ".lora_" in name:
+                    parameter.requires_grad_(True)
+                    self.tensors[name.replace(".default", "")] = parameter
+            self.params = list(self.tensors.values())
+            init_adapter_tensors({n: t.data for n, t in self.tensors.items()}, adapter.seed)
+        else:
+            kv_heads = config.num_key_value_heads
+            head_dim = config.hidden_size // config.num_attention_heads
+            shape = (config.num_hidden_layers, kv_heads, adapter.prefix_length, head_dim)
+            self.keys = torch.nn.Parameter(torch.zeros(shape))
+            self.values = torch.nn.Parameter(torch.zeros(shape))
+            views = {}
+            for layer in range(shape[0]):
+                views[f"prefix.{layer}.keys"] = self.keys.data[layer]
+                views[f"prefix.{layer}.values"] = self.values.data[layer]
+            init_adapter_tensors(views, adapter.seed)
+            self.params = [self.keys, self.values]
+        self.adapter = adapter
+        self.optimizer, self.scheduler = build_optimizer(self.params, optimizer)
+        tokenizer = AutoTokenizer.from_pretrained(str(dep.model_path), local_files_only=True)
+        self.data = MicroBatches(
+            read_examples(train.data),
+            tokenizer,
+            batch_size=train.batch_size,
+            accumulation=train.accumulation,
+            max_length=train.max_length,
+            seed=train.seed,
+        )
+        self.max_norm = train.max_grad_norm
+
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        positions = positions_from_mask(mask, ids.shape[1])
+        if self.adapter.kind == "lora":
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        cache = DynamicCache(config=self.model.config)
+        batch = ids.shape[0]
+        for layer in range(self.keys.shape[0]):
+            cache.update(
+                self.keys[layer].unsqueeze(0).expand(batch, -1, -1, -1),
+                self.values[layer].unsqueeze(0).expand(batch, -1, -1, -1),
+                layer,
+            )
+        extended = torch.cat([mask.new_ones((batch, self.adapter.prefix_length)), mask], -1)
+        return self.model(
+            input_ids=ids,
+            attention_mask=extended,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+        ).logits
+
+    def run(self, steps: int) -> list[float]:
+        losses = []
+        for step in range(1, steps + 1):
+            self.optimizer.zero_grad(set_to_none=True)
+            batches = self.data.for_step(step)
+            total = 0.0
+            for batch in batches:
+                loss = causal_lm_loss(
+                    self.logits(batch.input_ids, batch.attention_mask), batch.labels
+                )
+                (loss / len(batches)).backward()
+                total += float(loss.detach()) / len(batches)
+            scale_grads(self.params, clip_factor(grad_sq_norm(self.params), self.max_norm))
+            self.optimizer.step()
+            self.scheduler.step()
+            losses.append(total)
+        return losses
+
+    def final(self) -> dict[str, torch.Tensor]:
+        if self.adapter.kind == "lora":
+            return {n: t.detach() for n, t in self.tensors.items()}
+        out = {}
+        for layer in range(self.keys.shape[0]):
+            out[f"prefix.{layer}.keys"] = self.keys.detach()[layer]
+            out[f"prefix.{layer}.values"] = self.values.detach()[layer]
+        return out

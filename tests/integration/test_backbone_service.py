@@ -1,0 +1,331 @@
+"""The backbone service over real mTLS: generation, ownership, limits, expiry, faults,
+many clients at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from backbone_kit import Centralized, Deployment, deployment
+from helpers import wait_until
+from transformers import AutoModelForCausalLM
+
+from splitfed.clients.backbone import (
+    BackboneClient,
+    GenerateStream,
+    RemoteBodyStage,
+    TrainStream,
+)
+from splitfed.clients.trainer import AdapterSettings, SplitTrainer, TrainSettings
+from splitfed.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from splitfed.models.generation import SamplingOptions, SplitGenerator
+from splitfed.models.loading import load_part
+from splitfed.models.optim import OptimizerSettings
+from splitfed.services.backbone.servicer import SESSION_METADATA
+from splitfed.tiny import BUNDLED_DATASET
+from splitfed.v1 import backbone_pb2, backbone_pb2_grpc
+
+LORA = AdapterSettings(kind="lora", r=4, alpha=8, seed=3)
+OPTIMIZER = OptimizerSettings(learning_rate=5e-3)
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    dep = deployment(tmp_path_factory.mktemp("service"), idle_timeout_s=600.0)
+    dep.start()
+    yield dep
+    dep.stop()
+
+
+def open_lora(client: BackboneClient, k: int = 1, m: int = 1) -> str:
+    request = backbone_pb2.OpenSessionRequest(k=k, m=m, adapter=LORA.proto())
+    return client.open_session(request).session_id
+
+
+def test_split_generation_over_grpc_equals_generate(backbone: Deployment) -> None:
+    model = AutoModelForCausalLM.from_pretrained(
+        str(backbone.model_path), local_files_only=True
+    ).eval()
+    ids = torch.tensor([[0, 0, 0, 5, 17, 42, 9, 11], [3, 8, 13, 21, 34, 55, 89, 7]])
+    mask = (torch.arange(8) >= torch.tensor([[3], [0]])).long()
+    expected = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=32,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )[:, ids.shape[1] :]
+    channel, client = backbone.connect()
+    with channel:
+        session = open_lora(client, k=2, m=1)
+        head = load_part(backbone.model_path, "head", 2, 1)
+        tail = load_part(backbone.model_path, "tail", 2, 1)
+        stream = GenerateStream(client, session, "raw")
+        got = SplitGenerator(head, RemoteBodyStage(stream), tail).generate(
+            ids, mask, SamplingOptions(max_new_tokens=32)
+        )
+        assert stream.trim(4) == 4
+        stream.close()
+        client.close_session(session)
+    # LoRA B starts at zero, so the untrained session's body is the base model's.
+    assert torch.equal(got, expected)
+
+
+def test_another_identity_cannot_use_a_session(backbone: Deployment) -> None:
+    owner_channel, owner = backbone.connect("hospital-a")
+    other_channel, other = backbone.connect("bank-b")
+    with owner_channel, other_channel:
+        session = open_lora(owner)
+        with pytest.raises(PermissionDeniedError, match="belongs to another identity"):
+            other.open_session(backbone_pb2.OpenSessionRequest(session_id=session))
+        with pytest.raises(PermissionDeniedError):
+            other.export_adapter(session)
+        with pytest.raises(PermissionDeniedError):
+            other.close_session(session)
+        stream = TrainStream(other, session, "raw")
+        with pytest.raises(PermissionDeniedError):
+            stream.forward(1, 0, torch.zeros(1, 3, 64), torch.ones(1, 3))
+        stream.close()
+        # The owner still can.
+        assert owner.open_session(backbone_pb2.OpenSessionRequest(session_id=session)).resumed
+        owner.close_session(session)
+        with pytest.raises(NotFoundError):
+            owner.open_session(backbone_pb2.OpenSessionRequest(session_id=session))
+
+
+def test_streams_need_a_session_and_valid_frames(backbone: Deployment) -> None:
+    channel, client = backbone.connect()
+    with channel:
+        stub = backbone_pb2_grpc.BackboneStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Generate(iter([backbone_pb2.GenerateRequest()]), timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        session = open_lora(client)
+        stream = TrainStream(client, session, "raw")
+        with pytest.raises(InvalidArgumentError, match=r"h1 must be \[batch, tokens, 64\]"):
+            stream.forward(1, 0, torch.zeros(1, 3, 5), torch.ones(1, 3))
+        stream.close()
+        stream = TrainStream(client, session, "raw")
+        with pytest.raises(InvalidArgumentError, match=r"attention mask must be \[1, 3\]"):
+            stream.forward(1, 0, torch.zeros(1, 3, 64), torch.ones(1, 4))
+        stream.close()
+        client.close_session(session)
+    metadata = ((SESSION_METADATA, "nope"),)
+    channel, _ = backbone.connect()
+    with channel:
+        stub = backbone_pb2_grpc.BackboneStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Train(iter([backbone_pb2.TrainRequest()]), metadata=metadata, timeout=30))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+
+
+def test_limits_answer_resource_exhausted(tmp_path: Path) -> None:
+    dep = deployment(tmp_path, max_sessions=1, max_batch_size=2)
+    dep.start()
+    try:
+        channel, client = dep.connect()
+        with channel:
+            session = open_lora(client)
+            with pytest.raises(Exception, match="its limit"):
+                open_lora(client)
+            stream = TrainStream(client, session, "raw")
+            with pytest.raises(Exception, match="batch of 3 exceeds the limit of 2"):
+                stream.forward(1, 0, torch.zeros(3, 2, 64), torch.ones(3, 2))
+            stream.close()
+    finally:
+        dep.stop()
+
+
+def test_a_client_that_disappears_leaves_nothing_after_expiry(tmp_path: Path) -> None:
+    dep = deployment(tmp_path, idle_timeout_s=1.0)
+    dep.start()
+    try:
+        channel, client = dep.connect()
+        with channel:
+            settings = TrainSettings(
+                data=BUNDLED_DATASET,
+                model_path=dep.model_path,
+                max_steps=1,
+                batch_size=2,
+                max_length=32,
+            )
+            trainer = SplitTrainer(client, settings, LORA, OPTIMIZER)
+            trainer.run()
+            session = trainer.session.session_id  # type: ignore[union-attr]
+            assert (dep.root / "state" / session / "session.json").is_file()
+        # The client vanishes without closing anything.
+        assert wait_until(lambda: not (dep.root / "state" / session).exists(), timeout_s=30)
+        channel, client = dep.connect()
+        with channel, pytest.raises(NotFoundError, match="closed or has expired"):
+            client.open_session(backbone_pb2.OpenSessionRequest(session_id=session))
+    finally:
+        dep.stop()
+
+
+@pytest.mark.slow
+def test_backbone_killed_mid_training_resumes_with_the_same_result(tmp_path: Path) -> None:
+    def run(dep: Deployment, kill_at: int | None) -> tuple[list[float], dict[str, torch.Tensor]]:
+        channel, client = dep.connect()
+        with channel:
+            settings = TrainSettings(
+                data=BUNDLED_DATASET,
+                model_path=dep.model_path,
+                max_steps=12,
+                batch_size=2,
+                accumulation=2,
+                max_length=48,
+                seed=4,
+            )
+            trainer = SplitTrainer(client, settings, LORA, OPTIMIZER)
+            restarted = threading.Event()
+
+            def on_step(report: object) -> None:
+                if kill_at is not None and trainer.step == kill_at and not restarted.is_set():
+                    assert dep.process is not None
+                    os.kill(dep.process.pid, signal.SIGKILL)  # no goodbye, no checkpoint flush
+                    dep.process.stop()
+
+                    def restart() -> None:
+                        dep.start()
+                        restarted.set()
+
+                    threading.Thread(target=restart, daemon=True).start()
+
+            reports = trainer.run(on_step)
+            adapter = {
+                **trainer.adapter_tensors(),
+                **client.export_adapter(trainer.session.session_id),
+            }  # type: ignore[union-attr]
+            if kill_at is not None:
+                assert restarted.is_set() and sum(r.retries for r in reports) >= 1
+            return [r.loss for r in reports], adapter
+
+    first = deployment(tmp_path / "uninterrupted")
+    first.start()
+    try:
+        expected_losses, expected = run(first, None)
+    finally:
+        first.stop()
+    second = deployment(tmp_path / "killed")
+    second.start()
+    try:
+        losses, adapter = run(second, kill_at=5)
+    finally:
+        second.stop()
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(expected_losses), atol=1e-5, rtol=0
+    )
+    for name, tensor in expected.items():
+        torch.testing.assert_close(adapter[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_eight_clients_train_concurrently_each_matching_its_centralized_run(tmp_path: Path) -> None:
+    dep = deployment(tmp_path)
+    dep.start()
+    clients = 8
+    results: dict[int, tuple[list[float], dict[str, torch.Tensor]]] = {}
+    errors: list[BaseException] = []
+
+    def train_settings(index: int) -> TrainSettings:
+        return TrainSettings(
+            data=BUNDLED_DATASET,
+            model_path=dep.model_path,
+            max_steps=20,
+            batch_size=2,
+            max_length=48,
+            seed=100 + index,
+        )
+
+    def adapter(index: int) -> AdapterSettings:
+        return AdapterSettings(kind="lora", r=4, alpha=8, seed=index)
+
+    def one(index: int) -> None:
+        try:
+            channel, client = dep.connect(f"hospital-{index}")
+            with channel:
+                trainer = SplitTrainer(client, train_settings(index), adapter(index), OPTIMIZER)
+                reports = trainer.run()
+                tensors = {
+                    **trainer.adapter_tensors(),
+                    **client.export_adapter(trainer.session.session_id),  # type: ignore[union-attr]
+                }
+                results[index] = ([r.loss for r in reports], tensors)
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+    finally:
+        dep.stop()
+    assert not errors, errors
+    assert len(results) == clients
+    names = sorted(results[0][1])
+    body_name = next(n for n in names if ".layers.2." in n and "lora_A" in n)
+    assert (
+        len({tuple(results[i][1][body_name].flatten()[:8].tolist()) for i in range(clients)})
+        == clients
+    )
+    for index in range(clients):
+        reference = Centralized(dep, train_settings(index), adapter(index), OPTIMIZER)
+        expected_losses = reference.run(20)
+        losses, tensors = results[index]
+        torch.testing.assert_close(
+            torch.tensor(losses), torch.tensor(expected_losses), atol=1e-4, rtol=0
+        )
+        for name, tensor in reference.final().items():
+            torch.testing.assert_close(
+                tensors[name], tensor, atol=1e-4, rtol=0, msg=f"{index} {name}"
+            )
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow
+def test_sessions_share_one_copy_of_the_base_weights(tmp_path: Path) -> None:
+    """A body of ~75 MB; eight sessions with their own adapters add far less than a copy."""
+    dep = deployment(tmp_path, hidden_size=512, layers=8)
+    dep.start()
+    try:
+        assert dep.process is not None
+        sessions = []
+        channel, client = dep.connect()
+        with channel:
+            info = client.model_info()
+            body_bytes = (info.num_layers - 2) * 4 * (4 * 512 * 512 + 3 * 512 * 1024)
+            first = open_lora(client)
+            warm = TrainStream(client, first, "raw")
+            warm.forward(1, 0, torch.randn(2, 16, 512), torch.ones(2, 16), train=False)
+            warm.close()
+            before = rss_bytes(dep.process.pid)
+            for _ in range(7):
+                session = open_lora(client)
+                stream = TrainStream(client, session, "raw")
+                stream.forward(1, 0, torch.randn(2, 16, 512), torch.ones(2, 16), train=False)
+                stream.close()
+                sessions.append(session)
+            after = rss_bytes(dep.process.pid)
+    finally:
+        dep.stop()
+    growth = after - before
+    print(
+        f"body weights {body_bytes / 2**20:.0f} MiB; backbone RSS {before / 2**20:.0f} MiB with "
+        f"1 session, {after / 2**20:.0f} MiB with 8 (+{growth / 2**20:.0f} MiB)"
+    )
+    assert growth < body_bytes  # seven more copies would add 7x
