@@ -39,7 +39,7 @@ from splitfed.models.adapters import (
     load_adapter_state,
     save_adapter,
 )
-from splitfed.models.loading import load_part
+from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import (
     OptimizerSettings,
     build_optimizer,
@@ -174,8 +174,8 @@ class SplitTrainer:
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(
             str(path), local_files_only=True
         )
-        self.head: Head = load_part(path, "head", settings.k, settings.m)  # type: ignore[assignment]
-        self.tail: Tail = load_part(path, "tail", settings.k, settings.m)  # type: ignore[assignment]
+        self.head: Head = load_head(path, settings.k, settings.m)
+        self.tail: Tail = load_tail(path, settings.k, settings.m)
         for part in (self.head, self.tail):
             if adapter.kind == "lora":
                 add_lora(part, adapter.lora())

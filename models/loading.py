@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -20,9 +21,12 @@ from transformers import AutoConfig, PretrainedConfig
 from splitfed.models.families import Family, family_for
 from splitfed.models.parts import (
     PART_CLASSES,
+    Body,
+    Head,
     PartName,
     SplitPart,
     SplitSpec,
+    Tail,
     empty_base,
     meta_parameters,
 )
@@ -159,3 +163,21 @@ def _is_persistent(module: nn.Module, name: str) -> bool:
     owner_name, _, buffer = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     return buffer not in owner._non_persistent_buffers_set
+
+
+def load_head(path: Path, k: int = 1, m: int = 1, **kwargs: Any) -> Head:
+    part = load_part(path, "head", k, m, **kwargs)
+    assert isinstance(part, Head)
+    return part
+
+
+def load_body(path: Path, k: int = 1, m: int = 1, **kwargs: Any) -> Body:
+    part = load_part(path, "body", k, m, **kwargs)
+    assert isinstance(part, Body)
+    return part
+
+
+def load_tail(path: Path, k: int = 1, m: int = 1, **kwargs: Any) -> Tail:
+    part = load_part(path, "tail", k, m, **kwargs)
+    assert isinstance(part, Tail)
+    return part

@@ -224,6 +224,7 @@ def serve_backbone(
     from splitfed.services.backbone.servicer import binding
     from splitfed.services.backbone.settings import BackboneSettings
     from splitfed.services.backbone.state import BackboneState
+    from splitfed.services.diagnostics import binding as diagnostics
     from splitfed.serving import ServerSettings
     from splitfed.transport import create_server
 
@@ -243,9 +244,8 @@ def serve_backbone(
         _fail(ctx, exc, usage=True)
         return
     try:
-        server = create_server(
-            [binding(state, options)], tls, address=server_settings.listen, options=options
-        )
+        services = [binding(state, options), diagnostics(chunk_bytes=options.chunk_bytes)]
+        server = create_server(services, tls, address=server_settings.listen, options=options)
     except (OSError, ValueError) as exc:
         state.close()
         _fail(ctx, exc, usage=isinstance(exc, ValueError))
@@ -297,22 +297,127 @@ def run_until_signalled(
 
 @cli.command()
 @click.option(
-    "--size-mib", type=int, default=256, show_default=True, help="Size of the largest tensor sent."
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML or TOML with [backbone], [training], [adapter] and [optimizer] sections.",
 )
+@click.option("--max-steps", type=int, default=None, help="Override [training] max_steps.")
+@click.pass_context
+def train(ctx: click.Context, config_path: Path, max_steps: int | None) -> None:
+    """Fine-tune split: head and tail here, the body on the backbone; tokens stay here."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from splitfed.clients.app import ClientConfig, backbone_client, make_trainer
+    from splitfed.clients.trainer import StepReport
+    from splitfed.errors import SplitfedError
+
+    try:
+        config = ClientConfig.load(config_path, max_steps=max_steps)
+    except ValueError as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    try:
+        with backbone_client(config.backbone) as client:
+            trainer = make_trainer(client, config)
+            session = trainer.start()
+            click.echo(
+                f"session {session.session_id} on {config.backbone.address}, step {trainer.step}"
+            )
+            columns = (
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeRemainingColumn(),
+            )
+            with Progress(*columns) as progress:
+                task = progress.add_task(
+                    "train", total=config.training.max_steps, completed=trainer.step, loss="-"
+                )
+
+                def on_step(report: StepReport) -> None:
+                    progress.update(task, completed=report.step, loss=f"{report.loss:.4f}")
+                    if report.eval_loss is not None:
+                        progress.console.print(
+                            f"step {report.step}: eval loss {report.eval_loss:.4f}"
+                        )
+
+                reports = trainer.run(on_step)
+            trainer.close()
+    except (ValueError, RuntimeError, SplitfedError) as exc:
+        _fail(ctx, exc, usage=False)
+        return
+    if reports:
+        first, last = reports[0], reports[-1]
+        click.echo(f"trained to step {last.step}: loss {first.loss:.4f} -> {last.loss:.4f}")
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The client config used for training (its checkpoint holds the adapters).",
+)
+@click.option(
+    "--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for a batch."
+)
+@click.option("--max-new-tokens", type=int, default=None)
+@click.pass_context
+def generate(
+    ctx: click.Context, config_path: Path, prompts: tuple[str, ...], max_new_tokens: int | None
+) -> None:
+    """Generate with the split model: the body runs on the backbone with a KV cache."""
+    from splitfed.clients.app import ClientConfig, backbone_client
+    from splitfed.clients.app import generate as run_generate
+    from splitfed.errors import SplitfedError
+
+    try:
+        config = ClientConfig.load(config_path)
+    except ValueError as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    options = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    try:
+        with backbone_client(config.backbone) as client:
+            outputs = run_generate(client, config, list(prompts), **options)
+    except (ValueError, RuntimeError, SplitfedError) as exc:
+        _fail(ctx, exc, usage=False)
+        return
+    for prompt, output in zip(prompts, outputs, strict=True):
+        click.echo(f"> {prompt}\n{output}")
+
+
+@cli.command()
+@click.option(
+    "--size-mib", type=int, default=64, show_default=True, help="Size of the tensor sent."
+)
+@click.option("--steps", type=int, default=100, show_default=True, help="Training steps.")
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path, file_okay=False),
     help="Keep certificates and logs here (default: a temporary directory).",
 )
 @click.pass_context
-def demo(ctx: click.Context, size_mib: int, workdir: Path | None) -> None:
+def demo(ctx: click.Context, size_mib: int, steps: int, workdir: Path | None) -> None:
     """Run the most complete local deployment there is, end to end, and report."""
     from splitfed.demo import DemoError, run_demo
 
     if size_mib < 1:
         _fail(ctx, ValueError("--size-mib must be at least 1"), usage=True)
+    if steps < 5:
+        _fail(ctx, ValueError("--steps must be at least 5"), usage=True)
     try:
-        run_demo(size_mib=size_mib, workdir=workdir)
+        run_demo(size_mib=size_mib, workdir=workdir, steps=steps)
     except DemoError as exc:
         _fail(ctx, exc, usage=False)
 

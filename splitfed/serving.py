@@ -51,3 +51,28 @@ def tls_config(
     return TLSConfig.from_files(
         ca or base / "ca.pem", cert or base / "cert.pem", key or base / "key.pem"
     )
+
+
+@dataclass(frozen=True)
+class ConnectSettings:
+    """Where a client finds a service, and its own TLS material."""
+
+    address: str
+    # The name the server's certificate must carry (default: the host in address).
+    server_name: str | None = None
+    tls_dir: Path | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    insecure: bool = False
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        parse_address(self.address)
+        TransportOptions(chunk_bytes=self.chunk_bytes)
+
+    def tls(self) -> TLSConfig:
+        return tls_config(self.tls_dir, self.ca, self.cert, self.key, self.insecure)
+
+    def options(self) -> TransportOptions:
+        return TransportOptions(chunk_bytes=self.chunk_bytes)

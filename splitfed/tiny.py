@@ -32,6 +32,40 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 384) -> PreTrainedTo
     )
 
 
+def pretrain(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: list[str],
+    *,
+    steps: int,
+    seed: int = 0,
+    learning_rate: float = 3e-3,
+    batch_size: int = 16,
+) -> float:
+    """Full-parameter language-model training on ``texts``, so the tiny base model knows
+    the words before it is fine-tuned; returns the last loss."""
+    rows = [[tokenizer.bos_token_id, *tokenizer.encode(t), tokenizer.eos_token_id] for t in texts]
+    length = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), length), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        pick = torch.randint(0, len(rows), (batch_size,), generator=generator)
+        loss = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return float(loss)
+
+
 def make_tiny_checkpoint(
     directory: Path,
     texts: Iterable[str],
@@ -39,8 +73,11 @@ def make_tiny_checkpoint(
     layers: int = 6,
     hidden_size: int = 64,
     seed: int = 0,
+    pretrain_texts: list[str] | None = None,
+    pretrain_steps: int = 0,
 ) -> Path:
-    """Save a random Llama-layout model and a tokenizer trained on ``texts``."""
+    """Save a random Llama-layout model and a tokenizer trained on ``texts``; with
+    ``pretrain_texts``, first train the whole model on them for ``pretrain_steps``."""
     tokenizer = train_tokenizer(texts)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -56,6 +93,8 @@ def make_tiny_checkpoint(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    if pretrain_texts and pretrain_steps:
+        pretrain(model, tokenizer, pretrain_texts, steps=pretrain_steps, seed=seed)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

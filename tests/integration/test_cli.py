@@ -14,6 +14,7 @@ from helpers import SERVER_NAME, Pki, wait_until
 from splitfed.cli import cli
 from splitfed.clients.diagnostics import DiagnosticsClient
 from splitfed.launcher import ServiceProcess
+from splitfed.tiny import BUNDLED_DATASET
 from splitfed.transport import create_channel
 
 
@@ -75,7 +76,18 @@ def test_port_in_use_exits_1(server_dir: Path) -> None:
     assert f"error: cannot listen on 127.0.0.1:{port}" in result.output
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["serve", "diagnostics"], ["demo"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["serve"],
+        ["serve", "diagnostics"],
+        ["serve", "backbone"],
+        ["demo"],
+        ["train"],
+        ["generate"],
+    ],
+)
 def test_every_command_has_help(command: list[str]) -> None:
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0
@@ -103,7 +115,18 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(
 @pytest.mark.slow
 def test_make_demo_runs_end_to_end(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "splitfed", "demo", "--size-mib", "8", "--workdir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "splitfed",
+            "demo",
+            "--size-mib",
+            "4",
+            "--steps",
+            "20",
+            "--workdir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -112,13 +135,55 @@ def test_make_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "bit-exact" in result.stdout
     assert result.stdout.count("refused, as it should be") == 2
-    assert "server stopped gracefully (exit code 0)" in result.stdout
+    assert "loss " in result.stdout and "> Add 2 and 3." in result.stdout
+    assert "backbone stopped gracefully (exit code 0)" in result.stdout
     assert (tmp_path / "hospital-a" / "key.pem").exists()
+    assert (tmp_path / "client" / "adapter.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_train_and_generate_commands_with_a_config_file(tmp_path: Path) -> None:
+    from backbone_kit import deployment
+
+    dep = deployment(tmp_path)
+    dep.start()
+    try:
+        dep.ca.issue("hospital-a", "client").write(tmp_path / "client-tls")
+        config = tmp_path / "client.toml"
+        config.write_text(
+            "[backbone]\n"
+            f'address = "{dep.address}"\n'
+            'server_name = "backbone.splitfed.local"\n'
+            f'tls_dir = "{tmp_path / "client-tls"}"\n'
+            "[training]\n"
+            f'data = "{BUNDLED_DATASET}"\n'
+            f'model_path = "{dep.model_path}"\n'
+            "max_steps = 3\nbatch_size = 2\nmax_length = 32\n"
+            f'checkpoint_dir = "{tmp_path / "ckpt"}"\n'
+            "[adapter]\nr = 4\nalpha = 8\n"
+            "[generation]\nmax_new_tokens = 4\n"
+        )
+        result = CliRunner().invoke(cli, ["train", "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        assert "trained to step 3" in result.output
+        result = CliRunner().invoke(
+            cli, ["generate", "--config", str(config), "--prompt", "Add 1 and 2."]
+        )
+        assert result.exit_code == 0, result.output
+        assert "> Add 1 and 2." in result.output
+        bad = tmp_path / "bad.toml"
+        bad.write_text(config.read_text().replace("max_steps = 3", "max_stepz = 3"))
+        result = CliRunner().invoke(cli, ["train", "--config", str(bad)])
+        assert result.exit_code == 2
+        assert "[training] has no field 'max_stepz'" in result.output
+    finally:
+        dep.stop()
 
 
 PARENT = """
 import sys, time
 from splitfed.launcher import ServiceProcess
+from splitfed.tiny import BUNDLED_DATASET
 child = ServiceProcess("diagnostics", ["serve", "diagnostics", "--insecure"])
 child.start()
 print(child.pid, flush=True)

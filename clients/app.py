@@ -1,0 +1,125 @@
+"""What ``splitfed train`` and ``splitfed generate`` run: a client config file
+([backbone], [training], [adapter], [optimizer], [generation]) to a trainer or generator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from transformers import AutoTokenizer
+
+from splitfed.clients.backbone import BackboneClient, GenerateStream, RemoteBodyStage
+from splitfed.clients.trainer import AdapterSettings, SplitTrainer, TrainSettings
+from splitfed.config import build, read_config, section
+from splitfed.models.adapters import load_adapter, load_adapter_state
+from splitfed.models.generation import SamplingOptions, SplitGenerator
+from splitfed.models.loading import load_head, load_tail
+from splitfed.models.optim import OptimizerSettings
+from splitfed.serving import ConnectSettings
+from splitfed.transport import create_channel
+from splitfed.v1 import backbone_pb2
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    backbone: ConnectSettings
+    training: TrainSettings
+    adapter: AdapterSettings
+    optimizer: OptimizerSettings
+    generation: SamplingOptions
+
+    @classmethod
+    def load(cls, path: Path, **training_overrides: Any) -> ClientConfig:
+        config = read_config(path)
+        training = section(config, "training")
+        training.update({k: v for k, v in training_overrides.items() if v is not None})
+        return cls(
+            backbone=build(ConnectSettings, section(config, "backbone"), "backbone"),
+            training=build(TrainSettings, training, "training"),
+            adapter=build(AdapterSettings, section(config, "adapter", required=False), "adapter"),
+            optimizer=build(
+                OptimizerSettings, section(config, "optimizer", required=False), "optimizer"
+            ),
+            generation=build(
+                SamplingOptions, section(config, "generation", required=False), "generation"
+            ),
+        )
+
+
+@contextmanager
+def backbone_client(settings: ConnectSettings) -> Iterator[BackboneClient]:
+    channel: grpc.Channel = create_channel(
+        settings.address,
+        settings.tls(),
+        server_name=settings.server_name,
+        options=settings.options(),
+    )
+    with channel:
+        yield BackboneClient(channel, chunk_bytes=settings.chunk_bytes)
+
+
+def prompt_ids(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts in the training format (bos, prompt, newline), left-padded."""
+    rows = [
+        [tokenizer.bos_token_id, *tokenizer.encode(p + "\n", add_special_tokens=False)]
+        for p in prompts
+    ]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), int(tokenizer.pad_token_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row) :] = torch.tensor(row)
+        mask[i, length - len(row) :] = 1
+    return ids, mask
+
+
+def generate(
+    client: BackboneClient, config: ClientConfig, prompts: list[str], **options: Any
+) -> list[str]:
+    """Complete ``prompts`` with the adapters of the training checkpoint (if any)."""
+    train = config.training
+    tokenizer = AutoTokenizer.from_pretrained(str(train.model_path), local_files_only=True)
+    head = load_head(train.model_path, train.k, train.m)
+    tail = load_tail(train.model_path, train.k, train.m)
+    session_id = ""
+    checkpoint = train.checkpoint_dir
+    if checkpoint is not None and (checkpoint / "client.json").is_file():
+        from splitfed.models.adapters import add_lora, add_prefix
+
+        state = json.loads((checkpoint / "client.json").read_text())
+        adapter = load_adapter(checkpoint / "adapter.safetensors")
+        for part in (head, tail):
+            if config.adapter.kind == "lora":
+                add_lora(part, config.adapter.lora())
+            else:
+                add_prefix(part, config.adapter.prefix_length)
+            load_adapter_state(part, adapter)
+        session_id = state["session_id"]
+    session = client.open_session(
+        backbone_pb2.OpenSessionRequest(
+            k=train.k, m=train.m, adapter=config.adapter.proto(), session_id=session_id
+        )
+    )
+    stream = GenerateStream(client, session.session_id, train.encoding)
+    try:
+        sampling = replace(
+            config.generation,
+            stop_token_ids=config.generation.stop_token_ids or (int(tokenizer.eos_token_id),),
+            pad_token_id=int(tokenizer.pad_token_id),
+            **options,
+        )
+        ids, mask = prompt_ids(tokenizer, prompts)
+        tokens = SplitGenerator(head, RemoteBodyStage(stream), tail).generate(ids, mask, sampling)
+    finally:
+        stream.close()
+    return [str(tokenizer.decode(row, skip_special_tokens=True)) for row in tokens.tolist()]
+
+
+def make_trainer(client: BackboneClient, config: ClientConfig) -> SplitTrainer:
+    return SplitTrainer(client, config.training, config.adapter, config.optimizer)
