@@ -25,6 +25,8 @@ class ComputeQueue:
             OrderedDict()
         )
         self._closed = False
+        # A job is running (on the worker, or inline in a caller): others wait.
+        self._running = False
         self.waited_s = 0.0
         self.jobs = 0
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
@@ -40,8 +42,24 @@ class ComputeQueue:
         return future
 
     def run(self, key: str, job: Callable[[], T]) -> T:
-        """Run ``job`` on the worker, in ``key``'s turn, and return its result."""
-        return self.submit(key, job).result()
+        """Run ``job`` in ``key``'s turn and return its result.
+
+        When nothing else is running or waiting, the job runs at once in the calling
+        thread (still one job at a time): no hand-off to the worker, which matters for
+        the many small jobs of generation. Otherwise it queues for its turn."""
+        with self._lock:
+            idle = not self._running and not self._queues and not self._closed
+            if idle:
+                self._running = True
+        if not idle:
+            return self.submit(key, job).result()
+        self.jobs += 1
+        try:
+            return job()
+        finally:
+            with self._lock:
+                self._running = False
+                self._lock.notify_all()
 
     @property
     def depth(self) -> int:
@@ -50,10 +68,11 @@ class ComputeQueue:
 
     def _next(self) -> tuple[Callable[[], Any], Future[Any], float] | None:
         with self._lock:
-            while not self._closed and not self._queues:
+            while not self._closed and (not self._queues or self._running):
                 self._lock.wait()
             if not self._queues:
                 return None
+            self._running = True
             key, queue = next(iter(self._queues.items()))
             item = queue.popleft()
             # Round robin: this session goes to the back of the line.
@@ -70,12 +89,16 @@ class ComputeQueue:
             job, future, queued = item
             self.waited_s += time.monotonic() - queued
             self.jobs += 1
-            if not future.set_running_or_notify_cancel():
-                continue
             try:
-                future.set_result(job())
-            except BaseException as exc:  # delivered to the caller
-                future.set_exception(exc)
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(job())
+                    except BaseException as exc:  # delivered to the caller
+                        future.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._running = False
+                    self._lock.notify_all()
 
     def close(self) -> None:
         with self._lock:

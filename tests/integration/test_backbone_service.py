@@ -329,3 +329,74 @@ def test_sessions_share_one_copy_of_the_base_weights(tmp_path: Path) -> None:
         f"1 session, {after / 2**20:.0f} MiB with 8 (+{growth / 2**20:.0f} MiB)"
     )
     assert growth < body_bytes  # seven more copies would add 7x
+
+
+def test_shared_adapter_mode_trains_one_adapter_for_all_sessions(tmp_path: Path) -> None:
+    dep = deployment(tmp_path, adapter_mode="shared")
+    dep.start()
+    try:
+        exports = []
+        for identity in ("hospital-a", "bank-b"):
+            channel, client = dep.connect(identity)
+            with channel:
+                settings = TrainSettings(
+                    data=BUNDLED_DATASET,
+                    model_path=dep.model_path,
+                    max_steps=2,
+                    batch_size=2,
+                    max_length=32,
+                )
+                trainer = SplitTrainer(client, settings, LORA, OPTIMIZER)
+                trainer.run()
+                exports.append(client.export_adapter(trainer.session.session_id))  # type: ignore[union-attr]
+                other = AdapterSettings(kind="lora", r=8, alpha=16, seed=3)
+                request = backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=other.proto())
+                with pytest.raises(Exception, match="same adapter configuration"):
+                    client.open_session(request)
+        # Both sessions see one adapter, trained by both clients' steps.
+        assert exports[0].keys() == exports[1].keys()
+        assert not all(
+            torch.equal(exports[0][n], exports[1][n]) for n in exports[0]
+        )  # b trained on
+    finally:
+        dep.stop()
+
+
+def test_a_client_restarted_from_its_checkpoint_finishes_like_an_uninterrupted_one(
+    backbone: Deployment, tmp_path: Path
+) -> None:
+    def settings(steps: int, checkpoint: Path | None) -> TrainSettings:
+        return TrainSettings(
+            data=BUNDLED_DATASET,
+            model_path=backbone.model_path,
+            max_steps=steps,
+            batch_size=2,
+            max_length=32,
+            seed=9,
+            checkpoint_dir=checkpoint,
+            eval_data=BUNDLED_DATASET,
+            eval_every=3,
+            eval_batches=2,
+        )
+
+    channel, client = backbone.connect("clinic-c")
+    with channel:
+        whole = SplitTrainer(client, settings(6, None), LORA, OPTIMIZER)
+        expected = whole.run()
+        expected_adapter = whole.adapter_tensors()
+        first = SplitTrainer(client, settings(3, tmp_path / "ckpt"), LORA, OPTIMIZER)
+        head_reports = first.run()
+        first.close()
+        # A new client process: same config, resumes from the checkpoint directory.
+        second = SplitTrainer(client, settings(6, tmp_path / "ckpt"), LORA, OPTIMIZER)
+        session = second.start()
+        assert session.resumed and second.step == 3
+        tail_reports = second.run()
+    losses = [r.loss for r in head_reports + tail_reports]
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor([r.loss for r in expected]), atol=1e-5, rtol=0
+    )
+    for name, tensor in expected_adapter.items():
+        torch.testing.assert_close(second.adapter_tensors()[name], tensor, atol=1e-5, rtol=0)
+    evals = [r.eval_loss for r in expected if r.eval_loss is not None]
+    assert len(evals) == 2 and all(0 < e < 20 for e in evals)

@@ -1,0 +1,313 @@
+"""Split training and generation over mTLS against the same work done centrally.
+
+A Llama-layout model (hidden 512, 8 layers, vocab 32000) with LoRA r=16 on q, k, v, o.
+The backbone runs in its own process (``splitfed serve backbone``) on loopback with
+mutual TLS; this process is the client (head and tail, k = m = 1). Like two machines,
+client and backbone each get half of the cores (one each here) and as many torch
+threads; the centralized and local baselines run in the client's half.
+
+* training step: forward + backward + AdamW step with global-norm clipping, batch 4 x
+  256 tokens; split (head -> RemoteBody over the Train stream -> tail, norms exchanged,
+  both sides step) against the unsplit model with the same adapters in this process;
+  median of ``--rounds`` steps each, run in four alternating blocks per path; ratio
+  split/centralized time (target <= 1.10).
+* generation: greedy, 64 new tokens for 4 left-padded prompts of 32 tokens: split
+  (SplitGenerator, body over the Generate stream with the backbone's KV cache) against
+  ``model.generate`` here; ratio split tokens/s / local tokens/s (target >= 0.85).
+
+    python bench/split_step.py [--rounds 12] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import inject_adapter_in_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from splitfed.clients.backbone import (
+    BackboneClient,
+    GenerateStream,
+    RemoteBody,
+    RemoteBodyStage,
+    TrainStream,
+)
+from splitfed.clients.trainer import AdapterSettings, causal_lm_loss
+from splitfed.launcher import ServiceProcess
+from splitfed.models.adapters import adapter_state, add_lora
+from splitfed.models.generation import SamplingOptions, SplitGenerator
+from splitfed.models.loading import load_head, load_tail
+from splitfed.models.optim import (
+    OptimizerSettings,
+    build_optimizer,
+    clip_factor,
+    grad_sq_norm,
+    init_adapter_tensors,
+    scale_grads,
+)
+from splitfed.runtime import tune_allocator
+from splitfed.security.ca import CertificateAuthority
+from splitfed.security.tls import TLSConfig
+from splitfed.transport import create_channel
+from splitfed.v1 import backbone_pb2
+
+SERVER_NAME = "backbone.bench.local"
+ADAPTER = AdapterSettings(kind="lora", r=16, alpha=32, seed=7)
+OPTIMIZER = OptimizerSettings(learning_rate=1e-4)
+MAX_NORM = 1.0
+
+
+ALL_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def pin(pid: int, *, second_half: bool) -> int:
+    """Pin ``pid`` to one half of the cores this benchmark started with; returns how
+    many it got (all of them, unpinned, on a single core)."""
+    if len(ALL_CORES) < 2:
+        return max(1, len(ALL_CORES))
+    half = len(ALL_CORES) // 2
+    chosen = ALL_CORES[half:] if second_half else ALL_CORES[:half]
+    os.sched_setaffinity(pid, chosen)
+    return len(chosen)
+
+
+def build_model(path: Path) -> None:
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+
+
+def centralized(path: Path) -> tuple[Any, list[torch.nn.Parameter], Any, Any]:
+    model = LlamaForCausalLM.from_pretrained(str(path), local_files_only=True)
+    model.requires_grad_(False)
+    inject_adapter_in_model(
+        ADAPTER.lora().peft_config(["q_proj", "k_proj", "v_proj", "o_proj"]), model
+    )
+    named = {n.replace(".default", ""): p for n, p in model.named_parameters() if ".lora_" in n}
+    for parameter in named.values():
+        parameter.requires_grad_(True)
+    init_adapter_tensors({n: p.data for n, p in named.items()}, ADAPTER.seed)
+    optimizer, scheduler = build_optimizer(named.values(), OPTIMIZER)
+    return model.train(), list(named.values()), optimizer, scheduler
+
+
+def centralized_step(
+    model: Any, params: list[Any], optimizer: Any, scheduler: Any, ids: Any, mask: Any
+) -> float:
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    causal_lm_loss(logits, ids).backward()
+    scale_grads(params, clip_factor(grad_sq_norm(params), MAX_NORM))
+    optimizer.step()
+    scheduler.step()
+    return time.perf_counter() - start
+
+
+class SplitClient:
+    def __init__(self, path: Path, client: BackboneClient) -> None:
+        self.head, self.tail = load_head(path), load_tail(path)
+        for part in (self.head, self.tail):
+            add_lora(part, ADAPTER.lora())
+            init_adapter_tensors(adapter_state(part), ADAPTER.seed)
+            part.train()
+        self.params = [
+            p for part in (self.head, self.tail) for p in part.parameters() if p.requires_grad
+        ]
+        self.optimizer, self.scheduler = build_optimizer(self.params, OPTIMIZER)
+        request = backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=ADAPTER.proto())
+        self.session = client.open_session(request).session_id
+        self.stream = TrainStream(client, self.session, "raw")
+        self.body = RemoteBody(self.stream).train()
+        self.step_number = 0
+
+    def step(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.step_number += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.body.begin_step(self.step_number)
+        logits = self.tail(self.body(self.head(ids, mask), mask), mask)
+        causal_lm_loss(logits, ids).backward()
+        client_sq = grad_sq_norm(self.params)
+        result = self.stream.step(self.step_number, client_sq, MAX_NORM)
+        scale_grads(self.params, clip_factor(client_sq + result.backbone_grad_sq_norm, MAX_NORM))
+        self.optimizer.step()
+        self.scheduler.step()
+        return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.rounds < 2 or args.new_tokens < 1:
+        parser.error("--rounds must be >= 2 and --new-tokens >= 1")
+    machine = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    # Client and backbone as two machines: each half of the cores (one each on a 2-core
+    # host) and as many torch threads; the centralized and local baselines get the
+    # client's half.
+    threads = pin(os.getpid(), second_half=False)
+    torch.set_num_threads(threads)
+    machine["threads"] = threads
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    tune_allocator()
+    with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
+        root = Path(tmp)
+        build_model(root / "model")
+        ca = CertificateAuthority.create("bench CA")
+        ca.issue("backbone-0", "backbone", dns_names=[SERVER_NAME]).write(root / "tls")
+        me = ca.issue("bench", "client")
+        assert me.key_pem is not None
+        (root / "backbone.yaml").write_text(
+            f"backbone:\n  model_path: {json.dumps(str(root / 'model'))}\n"
+            f"server:\n  tls_dir: {json.dumps(str(root / 'tls'))}\n"
+        )
+        server = ServiceProcess(
+            "backbone", ["serve", "backbone", "--config", str(root / "backbone.yaml")]
+        )
+        address = server.start(timeout_s=300)
+        try:
+            tls = TLSConfig(ca.cert_pem, me.cert_pem, me.key_pem)
+            with create_channel(address, tls, server_name=SERVER_NAME) as channel:
+                client = BackboneClient(channel)
+                figures = run(root / "model", client, args)
+        finally:
+            server.stop()
+    ratios = {
+        "split/centralized train step time": figures["train_step_s"]["split"]
+        / figures["train_step_s"]["centralized"],
+        "split/local generation tokens/s": figures["generation_tokens_per_s"]["split"]
+        / figures["generation_tokens_per_s"]["local"],
+    }
+    train, gen = figures["train_step_s"], figures["generation_tokens_per_s"]
+    print(f"\n{'':30} {'centralized/local':>18} {'split':>10}")
+    print(f"{'train step (s, median)':30} {train['centralized']:>18.3f} {train['split']:>10.3f}")
+    print(f"{'generation (tokens/s)':30} {gen['local']:>18.1f} {gen['split']:>10.1f}\n")
+    for what, value in ratios.items():
+        print(f"ratio {what}: {value:.3f}")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "benchmark": "split_step",
+                    "machine": machine,
+                    "figures": figures,
+                    "ratios": ratios,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0
+
+
+def run(path: Path, client: BackboneClient, args: argparse.Namespace) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 32000, (4, 256), generator=gen)
+    mask = torch.ones_like(ids)
+    model, params, optimizer, scheduler = centralized(path)
+    split = SplitClient(path, client)
+    central_times: list[float] = []
+    split_times: list[float] = []
+    centralized_step(model, params, optimizer, scheduler, ids, mask)  # warm-ups
+    split.step(ids, mask)
+    blocks = 4  # centralized, split, centralized, split, ...: drifts of the machine hit both
+    per_block = max(1, args.rounds // blocks)
+    for _ in range(blocks):
+        central_times += [
+            centralized_step(model, params, optimizer, scheduler, ids, mask)
+            for _ in range(per_block)
+        ]
+        split_times += [split.step(ids, mask) for _ in range(per_block)]
+    split.stream.close()
+
+    model.eval()
+    prompts = torch.randint(3, 32000, (4, 32), generator=gen)
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[1, :5] = 0
+    prompt_mask[3, :11] = 0
+    session = client.open_session(
+        backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=ADAPTER.proto())
+    ).session_id
+    stream = GenerateStream(client, session, "raw")
+    head, tail = load_head(path), load_tail(path)
+    generator = SplitGenerator(head, RemoteBodyStage(stream), tail)
+    options = SamplingOptions(max_new_tokens=args.new_tokens)
+    local_model = copy.deepcopy(model)
+
+    def local() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            local_model.generate(
+                input_ids=prompts,
+                attention_mask=prompt_mask,
+                max_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+                eos_token_id=None,
+            )
+        return time.perf_counter() - start
+
+    def remote() -> float:
+        start = time.perf_counter()
+        generator.generate(prompts, prompt_mask, options)
+        return time.perf_counter() - start
+
+    local()
+    remote()
+    local_times, remote_times = [], []
+    for _ in range(max(3, args.rounds // 3)):
+        local_times.append(local())
+        remote_times.append(remote())
+    stream.close()
+    tokens = prompts.shape[0] * args.new_tokens
+    return {
+        "train_step_s": {
+            "centralized": statistics.median(central_times),
+            "split": statistics.median(split_times),
+        },
+        "generation_tokens_per_s": {
+            "local": tokens / statistics.median(local_times),
+            "split": tokens / statistics.median(remote_times),
+        },
+        "raw": {
+            "centralized": central_times,
+            "split": split_times,
+            "local": local_times,
+            "remote": remote_times,
+        },
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
