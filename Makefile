@@ -63,6 +63,7 @@ test: lint typecheck test-unit
 bench: $(STAMP)
 	$(BIN)/python bench/transport.py
 	$(BIN)/python bench/split_overhead.py
+	$(BIN)/python bench/split_step.py
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache .hypothesis
