@@ -43,9 +43,9 @@ from splitfed.clients.backbone import (
     RemoteBodyStage,
     TrainStream,
 )
-from splitfed.clients.trainer import AdapterSettings, causal_lm_loss
+from splitfed.clients.trainer import causal_lm_loss
 from splitfed.launcher import ServiceProcess
-from splitfed.models.adapters import adapter_state, add_lora
+from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import (
@@ -59,6 +59,7 @@ from splitfed.models.optim import (
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
+from splitfed.services.backbone.handlers import adapter_config
 from splitfed.transport import create_channel
 from splitfed.v1 import backbone_pb2
 
@@ -130,14 +131,13 @@ class SplitClient:
     def __init__(self, path: Path, client: BackboneClient) -> None:
         self.head, self.tail = load_head(path), load_tail(path)
         for part in (self.head, self.tail):
-            add_lora(part, ADAPTER.lora())
-            init_adapter_tensors(adapter_state(part), ADAPTER.seed)
+            ADAPTER.apply(part)
             part.train()
         self.params = [
             p for part in (self.head, self.tail) for p in part.parameters() if p.requires_grad
         ]
         self.optimizer, self.scheduler = build_optimizer(self.params, OPTIMIZER)
-        request = backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=ADAPTER.proto())
+        request = backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(ADAPTER))
         self.session = client.open_session(request).session_id
         self.stream = TrainStream(client, self.session, "raw")
         self.body = RemoteBody(self.stream).train()
@@ -257,7 +257,7 @@ def run(path: Path, client: BackboneClient, args: argparse.Namespace) -> dict[st
     prompt_mask[1, :5] = 0
     prompt_mask[3, :11] = 0
     session = client.open_session(
-        backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=ADAPTER.proto())
+        backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(ADAPTER))
     ).session_id
     stream = GenerateStream(client, session, "raw")
     head, tail = load_head(path), load_tail(path)

@@ -15,12 +15,13 @@ import torch
 from transformers import AutoTokenizer
 
 from splitfed.clients.backbone import BackboneClient, GenerateStream, RemoteBodyStage
-from splitfed.clients.trainer import AdapterSettings, SplitTrainer, TrainSettings
+from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
-from splitfed.models.adapters import load_adapter, load_adapter_state
+from splitfed.models.adapters import AdapterSettings, load_adapter, load_adapter_state
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import OptimizerSettings
+from splitfed.services.backbone.handlers import adapter_config
 from splitfed.serving import ConnectSettings
 from splitfed.transport import create_channel
 from splitfed.v1 import backbone_pb2
@@ -90,20 +91,15 @@ def generate(
     session_id = ""
     checkpoint = train.checkpoint_dir
     if checkpoint is not None and (checkpoint / "client.json").is_file():
-        from splitfed.models.adapters import add_lora, add_prefix
-
         state = json.loads((checkpoint / "client.json").read_text())
         adapter = load_adapter(checkpoint / "adapter.safetensors")
         for part in (head, tail):
-            if config.adapter.kind == "lora":
-                add_lora(part, config.adapter.lora())
-            else:
-                add_prefix(part, config.adapter.prefix_length)
+            config.adapter.apply(part)
             load_adapter_state(part, adapter)
         session_id = state["session_id"]
     session = client.open_session(
         backbone_pb2.OpenSessionRequest(
-            k=train.k, m=train.m, adapter=config.adapter.proto(), session_id=session_id
+            k=train.k, m=train.m, adapter=adapter_config(config.adapter), session_id=session_id
         )
     )
     stream = GenerateStream(client, session.session_id, train.encoding)

@@ -31,10 +31,8 @@ from splitfed.clients.backbone import (
 )
 from splitfed.clients.data import MicroBatches, read_examples
 from splitfed.models.adapters import (
-    LoraSettings,
+    AdapterSettings,
     adapter_state,
-    add_lora,
-    add_prefix,
     load_adapter,
     load_adapter_state,
     save_adapter,
@@ -45,13 +43,13 @@ from splitfed.models.optim import (
     build_optimizer,
     clip_factor,
     grad_sq_norm,
-    init_adapter_tensors,
     load_optimizer_tensors,
     optimizer_tensors,
     scale_grads,
 )
 from splitfed.models.parts import Head, Tail
 from splitfed.retry import RetryPolicy
+from splitfed.services.backbone.handlers import adapter_config
 from splitfed.v1 import backbone_pb2
 
 logger = logging.getLogger(__name__)
@@ -65,45 +63,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     shifted = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
     targets = labels[:, 1:].reshape(-1)
     return torch.nn.functional.cross_entropy(shifted, targets, ignore_index=-100)
-
-
-@dataclass(frozen=True)
-class AdapterSettings:
-    kind: str = "lora"
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
-    prefix_length: int = 16
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("lora", "prefix"):
-            raise ValueError(f"adapter kind must be lora or prefix, got {self.kind!r}")
-        if self.kind == "lora":
-            self.lora()
-        elif self.prefix_length < 1:
-            raise ValueError(f"prefix_length must be >= 1, got {self.prefix_length}")
-
-    def lora(self) -> LoraSettings:
-        return LoraSettings(
-            r=self.r,
-            alpha=self.alpha,  # type: ignore[arg-type]
-            dropout=self.dropout,
-            target_modules=self.target_modules or None,
-        )
-
-    def proto(self) -> backbone_pb2.AdapterConfig:
-        if self.kind == "prefix":
-            return backbone_pb2.AdapterConfig(
-                prefix=backbone_pb2.PrefixConfig(length=self.prefix_length), seed=self.seed
-            )
-        return backbone_pb2.AdapterConfig(
-            lora=backbone_pb2.LoraConfig(
-                r=self.r, alpha=self.alpha, dropout=self.dropout, target_modules=self.target_modules
-            ),
-            seed=self.seed,
-        )
 
 
 @dataclass(frozen=True)
@@ -177,11 +136,7 @@ class SplitTrainer:
         self.head: Head = load_head(path, settings.k, settings.m)
         self.tail: Tail = load_tail(path, settings.k, settings.m)
         for part in (self.head, self.tail):
-            if adapter.kind == "lora":
-                add_lora(part, adapter.lora())
-            else:
-                add_prefix(part, adapter.prefix_length)
-            init_adapter_tensors(adapter_state(part), adapter.seed)
+            adapter.apply(part)
             part.train()
         self.params = [
             p for part in (self.head, self.tail) for p in part.parameters() if p.requires_grad
@@ -219,7 +174,7 @@ class SplitTrainer:
         return backbone_pb2.OpenSessionRequest(
             k=self.settings.k,
             m=self.settings.m,
-            adapter=self.adapter.proto(),
+            adapter=adapter_config(self.adapter),
             optimizer=backbone_pb2.OptimizerConfig(
                 learning_rate=o.learning_rate,
                 weight_decay=o.weight_decay,

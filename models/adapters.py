@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from splitfed.models.optim import init_adapter_tensors
 from splitfed.models.parts import SplitPart
 
 ADAPTER = "default"
@@ -54,6 +56,56 @@ class LoraSettings:
             target_modules=list(self.target_modules or default_targets),
             init_lora_weights=self.init,  # type: ignore[arg-type]
         )
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """Which adapter a part trains: LoRA or a P-Tuning v2 prefix, and the seed its
+    tensors are initialised from (with their global names, so every party that knows
+    the seed builds the same initial adapter). Both sides of a split use it."""
+
+    kind: str = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    prefix_length: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("lora", "prefix"):
+            raise ValueError(f"adapter kind must be lora or prefix, got {self.kind!r}")
+        if self.kind == "lora":
+            self.lora()
+        elif not 1 <= self.prefix_length <= 1024:
+            raise ValueError(f"prefix_length must be 1-1024, got {self.prefix_length}")
+
+    def lora(self) -> LoraSettings:
+        return LoraSettings(
+            r=self.r,
+            alpha=self.alpha,  # type: ignore[arg-type]
+            dropout=self.dropout,
+            target_modules=tuple(self.target_modules) or None,
+        )
+
+    def apply(self, part: SplitPart) -> None:
+        """Add this adapter to ``part`` and initialise it from the seed."""
+        if self.kind == "lora":
+            add_lora(part, self.lora())
+        else:
+            add_prefix(part, self.prefix_length)
+        init_adapter_tensors(adapter_state(part), self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterSettings:
+        values = dict(data)
+        values["target_modules"] = tuple(values.get("target_modules", ()))
+        return cls(**values)
 
 
 def add_lora(part: SplitPart, settings: LoraSettings | None = None) -> list[str]:

@@ -22,10 +22,11 @@ from rich.table import Table
 from splitfed.clients.app import generate
 from splitfed.clients.backbone import BackboneClient
 from splitfed.clients.diagnostics import DiagnosticsClient
-from splitfed.clients.trainer import AdapterSettings, SplitTrainer, StepReport, TrainSettings
+from splitfed.clients.trainer import SplitTrainer, StepReport, TrainSettings
 from splitfed.encodings import get_encoding
 from splitfed.errors import rpc_status
 from splitfed.launcher import ServiceProcess, ServiceStartError
+from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions
 from splitfed.models.optim import OptimizerSettings
 from splitfed.retry import RetryPolicy

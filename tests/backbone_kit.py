@@ -15,9 +15,10 @@ from transformers.cache_utils import DynamicCache
 
 from splitfed.clients.backbone import BackboneClient
 from splitfed.clients.data import MicroBatches, read_examples
-from splitfed.clients.trainer import AdapterSettings, TrainSettings, causal_lm_loss
+from splitfed.clients.trainer import TrainSettings, causal_lm_loss
 from splitfed.launcher import ServiceProcess
 from splitfed.models import positions_from_mask
+from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import (
     OptimizerSettings,
     build_optimizer,

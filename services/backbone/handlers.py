@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from splitfed.errors import DataLossError, InvalidArgumentError
+from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
-from splitfed.services.backbone.state import AdapterSpec, BackboneState, Session
+from splitfed.services.backbone.state import BackboneState, Session
 from splitfed.v1 import backbone_pb2
 from splitfed.wire import (
     FrameSpec,
@@ -62,18 +63,40 @@ def model_info(state: BackboneState) -> backbone_pb2.ModelInfo:
     )
 
 
-def adapter_spec(config: backbone_pb2.AdapterConfig) -> AdapterSpec:
+def adapter_settings(config: backbone_pb2.AdapterConfig) -> AdapterSettings:
     kind = config.WhichOneof("kind")
-    if kind == "prefix":
-        return AdapterSpec(kind="prefix", prefix_length=config.prefix.length, seed=config.seed)
-    lora = config.lora if kind == "lora" else backbone_pb2.LoraConfig()
-    return AdapterSpec(
-        kind="lora",
-        r=lora.r or 16,
-        alpha=lora.alpha or 32.0,
-        dropout=lora.dropout,
-        target_modules=tuple(lora.target_modules),
-        seed=config.seed,
+    try:
+        if kind == "prefix":
+            return AdapterSettings(
+                kind="prefix", prefix_length=config.prefix.length, seed=config.seed
+            )
+        lora = config.lora if kind == "lora" else backbone_pb2.LoraConfig()
+        return AdapterSettings(
+            kind="lora",
+            r=lora.r or 16,
+            alpha=lora.alpha or 32.0,
+            dropout=lora.dropout,
+            target_modules=tuple(lora.target_modules),
+            seed=config.seed,
+        )
+    except ValueError as exc:
+        raise InvalidArgumentError(f"adapter: {exc}") from None
+
+
+def adapter_config(settings: AdapterSettings) -> backbone_pb2.AdapterConfig:
+    """The proto form of ``settings`` (what a client sends in OpenSession)."""
+    if settings.kind == "prefix":
+        return backbone_pb2.AdapterConfig(
+            prefix=backbone_pb2.PrefixConfig(length=settings.prefix_length), seed=settings.seed
+        )
+    return backbone_pb2.AdapterConfig(
+        lora=backbone_pb2.LoraConfig(
+            r=settings.r,
+            alpha=settings.alpha,
+            dropout=settings.dropout,
+            target_modules=settings.target_modules,
+        ),
+        seed=settings.seed,
     )
 
 
@@ -102,7 +125,7 @@ def handle_open(
         model_id=request.model_id,
         k=request.k or state.settings.min_k,
         m=request.m or state.settings.min_m,
-        adapter=adapter_spec(request.adapter),
+        adapter=adapter_settings(request.adapter),
         optimizer=optimizer_settings(request.optimizer),
         encoding=request.encoding,
         session_id=request.session_id,

@@ -24,10 +24,8 @@ from splitfed.errors import (
     PermissionDeniedError,
 )
 from splitfed.models.adapters import (
-    LoraSettings,
+    AdapterSettings,
     adapter_state,
-    add_lora,
-    add_prefix,
     kv_geometry,
     load_adapter_state,
 )
@@ -38,7 +36,6 @@ from splitfed.models.optim import (
     build_optimizer,
     clip_factor,
     grad_sq_norm,
-    init_adapter_tensors,
     load_optimizer_tensors,
     optimizer_tensors,
     scale_grads,
@@ -57,49 +54,6 @@ from splitfed.services.backbone.store import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """The body adapter a session trains (validated; JSON-able for checkpoints)."""
-
-    kind: str = "lora"
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ()
-    prefix_length: int = 0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("lora", "prefix"):
-            raise InvalidArgumentError(f"adapter kind must be lora or prefix, got {self.kind!r}")
-        if self.kind == "prefix" and not 1 <= self.prefix_length <= 1024:
-            raise InvalidArgumentError(f"prefix length must be 1-1024, got {self.prefix_length}")
-        if self.kind == "lora":
-            try:
-                self.lora()
-            except ValueError as exc:
-                raise InvalidArgumentError(str(exc)) from None
-
-    def lora(self) -> LoraSettings:
-        return LoraSettings(
-            r=self.r,
-            alpha=self.alpha,  # type: ignore[arg-type]
-            dropout=self.dropout,
-            target_modules=tuple(self.target_modules) or None,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["target_modules"] = list(self.target_modules)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AdapterSpec:
-        values = dict(data)
-        values["target_modules"] = tuple(values.get("target_modules", ()))
-        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -180,14 +134,10 @@ class SharedBody:
 class Trainable:
     """A body with an adapter, its AdamW optimizer and learning-rate schedule."""
 
-    def __init__(self, body: Body, adapter: AdapterSpec, optimizer: OptimizerSettings) -> None:
+    def __init__(self, body: Body, adapter: AdapterSettings, optimizer: OptimizerSettings) -> None:
         self.body = body
         self.adapter = adapter
-        if adapter.kind == "lora":
-            add_lora(body, adapter.lora())
-        else:
-            add_prefix(body, adapter.prefix_length)
-        init_adapter_tensors(adapter_state(body), adapter.seed)
+        adapter.apply(body)
         self.params = [p for p in body.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, optimizer)
 
@@ -214,7 +164,7 @@ class Session:
     owner: str
     k: int
     m: int
-    adapter: AdapterSpec
+    adapter: AdapterSettings
     optimizer_settings: OptimizerSettings
     encoding: str
     trainable: Trainable
@@ -281,7 +231,7 @@ class BackboneState:
         model_id: str,
         k: int,
         m: int,
-        adapter: AdapterSpec,
+        adapter: AdapterSettings,
         optimizer: OptimizerSettings,
         encoding: str,
         session_id: str = "",
@@ -328,7 +278,7 @@ class BackboneState:
         return session, False
 
     def _trainable_for(
-        self, k: int, m: int, adapter: AdapterSpec, optimizer: OptimizerSettings
+        self, k: int, m: int, adapter: AdapterSettings, optimizer: OptimizerSettings
     ) -> Trainable:
         if self.settings.adapter_mode == "per-client":
             return Trainable(self.shared.body_for(k, m), adapter, optimizer)
@@ -366,7 +316,7 @@ class BackboneState:
     def _restore(self, session_id: str) -> Session:
         snapshot = self.store.load(session_id)
         record = snapshot.record
-        adapter = AdapterSpec.from_dict(record.adapter)
+        adapter = AdapterSettings.from_dict(record.adapter)
         optimizer = OptimizerSettings(**record.optimizer)
         trainable = self._trainable_for(record.k, record.m, adapter, optimizer)
         trainable.restore(snapshot.adapter, snapshot.optimizer, record.optimizer_meta)

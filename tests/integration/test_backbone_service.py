@@ -22,11 +22,13 @@ from splitfed.clients.backbone import (
     RemoteBodyStage,
     TrainStream,
 )
-from splitfed.clients.trainer import AdapterSettings, SplitTrainer, TrainSettings
+from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_part
 from splitfed.models.optim import OptimizerSettings
+from splitfed.services.backbone.handlers import adapter_config
 from splitfed.services.backbone.servicer import SESSION_METADATA
 from splitfed.tiny import BUNDLED_DATASET
 from splitfed.v1 import backbone_pb2, backbone_pb2_grpc
@@ -44,7 +46,7 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 
 
 def open_lora(client: BackboneClient, k: int = 1, m: int = 1) -> str:
-    request = backbone_pb2.OpenSessionRequest(k=k, m=m, adapter=LORA.proto())
+    request = backbone_pb2.OpenSessionRequest(k=k, m=m, adapter=adapter_config(LORA))
     return client.open_session(request).session_id
 
 
@@ -350,7 +352,7 @@ def test_shared_adapter_mode_trains_one_adapter_for_all_sessions(tmp_path: Path)
                 trainer.run()
                 exports.append(client.export_adapter(trainer.session.session_id))  # type: ignore[union-attr]
                 other = AdapterSettings(kind="lora", r=8, alpha=16, seed=3)
-                request = backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=other.proto())
+                request = backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(other))
                 with pytest.raises(Exception, match="same adapter configuration"):
                     client.open_session(request)
         # Both sessions see one adapter, trained by both clients' steps.

@@ -10,7 +10,8 @@ import pytest
 import torch
 from backbone_kit import Centralized, Deployment, deployment
 
-from splitfed.clients.trainer import AdapterSettings, SplitTrainer, TrainSettings
+from splitfed.clients.trainer import SplitTrainer, TrainSettings
+from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import (
     OptimizerSettings,
 )
