@@ -1,12 +1,13 @@
 """What ``splitfed train`` and ``splitfed generate`` run: a client config file
-([backbone], [training], [adapter], [optimizer], [generation]) to a trainer or generator."""
+([backbone], [training], [adapter], [optimizer], [generation], [security]) to a trainer or
+generator."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,22 @@ import grpc
 import torch
 from transformers import AutoTokenizer
 
-from splitfed.clients.backbone import BackboneClient, GenerateStream, RemoteBodyStage
+from splitfed.clients.backbone import (
+    BackboneClient,
+    GenerateStream,
+    RemoteBodyStage,
+    client_crypto,
+)
+from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
 from splitfed.models.adapters import AdapterSettings, load_adapter, load_adapter_state
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import OptimizerSettings
+from splitfed.security.tls import TLSConfig
 from splitfed.services.backbone.handlers import adapter_config
-from splitfed.serving import ConnectSettings
+from splitfed.serving import ConnectSettings, SecuritySettings
 from splitfed.transport import create_channel
 from splitfed.v1 import backbone_pb2
 
@@ -34,6 +42,7 @@ class ClientConfig:
     adapter: AdapterSettings
     optimizer: OptimizerSettings
     generation: SamplingOptions
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     @classmethod
     def load(cls, path: Path, **training_overrides: Any) -> ClientConfig:
@@ -50,6 +59,9 @@ class ClientConfig:
             generation=build(
                 SamplingOptions, section(config, "generation", required=False), "generation"
             ),
+            security=build(
+                SecuritySettings, section(config, "security", required=False), "security"
+            ),
         )
 
 
@@ -63,6 +75,40 @@ def backbone_client(settings: ConnectSettings) -> Iterator[BackboneClient]:
     )
     with channel:
         yield BackboneClient(channel, chunk_bytes=settings.chunk_bytes)
+
+
+@contextmanager
+def keymanager_for(config: ClientConfig) -> Iterator[KeyManagerClient | None]:
+    """A client of the key manager in [security] (``None`` without one); while it is
+    open, this party's certificate (a [backbone] tls_dir) is renewed before it expires."""
+    security = config.security
+    if not security.keymanager:
+        yield None
+        return
+    tls = config.backbone.tls()
+    keys = KeyManagerClient.connect(
+        security.keymanager, tls, server_name=security.keymanager_server_name
+    )
+    renewer = None
+    if security.renew and tls.source_dir is not None:
+        source, name = tls.source_dir, security.keymanager_server_name
+        renewer = CertificateRenewer(
+            source,
+            security.keymanager,
+            server_name=name,
+            renew_fraction=security.renew_fraction,
+            check_every_s=security.renew_check_s,
+            on_renew=lambda _: keys.reconnect(
+                TLSConfig.from_dir(source), security.keymanager, name
+            ),
+        )
+        renewer.start()
+    try:
+        yield keys
+    finally:
+        if renewer is not None:
+            renewer.stop()
+        keys.close()
 
 
 def prompt_ids(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +127,11 @@ def prompt_ids(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.
 
 
 def generate(
-    client: BackboneClient, config: ClientConfig, prompts: list[str], **options: Any
+    client: BackboneClient,
+    config: ClientConfig,
+    prompts: list[str],
+    keymanager: KeyManagerClient | None = None,
+    **options: Any,
 ) -> list[str]:
     """Complete ``prompts`` with the adapters of the training checkpoint (if any)."""
     train = config.training
@@ -97,12 +147,22 @@ def generate(
             config.adapter.apply(part)
             load_adapter_state(part, adapter)
         session_id = state["session_id"]
+    if train.encrypted and keymanager is None:
+        raise ValueError("encrypted sessions need the key manager: set [security] keymanager")
     session = client.open_session(
         backbone_pb2.OpenSessionRequest(
-            k=train.k, m=train.m, adapter=adapter_config(config.adapter), session_id=session_id
+            k=train.k,
+            m=train.m,
+            adapter=adapter_config(config.adapter),
+            session_id=session_id,
+            encrypted=train.encrypted,
         )
     )
-    stream = GenerateStream(client, session.session_id, train.encoding)
+    crypto = None
+    if train.encrypted:
+        assert keymanager is not None
+        crypto = client_crypto(keymanager, session.session_id)
+    stream = GenerateStream(client, session.session_id, train.encoding, crypto)
     try:
         sampling = replace(
             config.generation,
@@ -117,5 +177,9 @@ def generate(
     return [str(tokenizer.decode(row, skip_special_tokens=True)) for row in tokens.tolist()]
 
 
-def make_trainer(client: BackboneClient, config: ClientConfig) -> SplitTrainer:
-    return SplitTrainer(client, config.training, config.adapter, config.optimizer)
+def make_trainer(
+    client: BackboneClient, config: ClientConfig, keymanager: KeyManagerClient | None = None
+) -> SplitTrainer:
+    return SplitTrainer(
+        client, config.training, config.adapter, config.optimizer, keymanager=keymanager
+    )

@@ -14,8 +14,11 @@ import grpc
 import torch
 from torch import nn
 
-from splitfed.errors import error_from_rpc, rpc_status
+from splitfed.clients.keys import KeyManagerClient
+from splitfed.errors import InvalidArgumentError, error_from_rpc, rpc_status
 from splitfed.retry import RETRYABLE, RetryPolicy, call_with_retry
+from splitfed.security.sealing import TO_BACKBONE, DataKey, FrameContext
+from splitfed.security.session_crypto import SessionCrypto
 from splitfed.services.backbone.handlers import (
     EXPORT_RESPONSE,
     GENERATE_REQUEST,
@@ -86,9 +89,13 @@ class _Stream:
         session_id: str,
         chunk_bytes: int,
         timeout_s: float | None,
+        crypto: SessionCrypto | None = None,
     ) -> None:
         self._outbox = _Outbox()
         self.chunk_bytes = chunk_bytes
+        self.crypto = crypto
+        # One opener per stream: its replay state follows this stream's frames.
+        self._opener = crypto.opener() if crypto is not None else None
         self._call = multicallable(
             iter(self._outbox), metadata=((SESSION_METADATA, session_id),), timeout=timeout_s
         )
@@ -98,11 +105,23 @@ class _Stream:
     def send_tensor(
         self, tensor: torch.Tensor, name: str, spec: FrameSpec[Any], encoding: str, **fields: Any
     ) -> None:
-        for frame in iter_frames(
-            tensor, name, spec, chunk_bytes=self.chunk_bytes, encoding=encoding
-        ):
-            for key, value in fields.items():
-                setattr(frame.message, key, value)
+        frames = iter_frames(tensor, name, spec, chunk_bytes=self.chunk_bytes, encoding=encoding)
+
+        def with_fields() -> Iterator[OutgoingFrame]:
+            for frame in frames:
+                for key, value in fields.items():
+                    setattr(frame.message, key, value)
+                yield frame
+
+        outgoing: Iterator[OutgoingFrame] = with_fields()
+        if self.crypto is not None:
+            context = FrameContext(
+                op=int(fields.get("op", 0)),
+                step=int(fields.get("step", 0)),
+                micro_batch=int(fields.get("micro_batch", 0)),
+            )
+            outgoing = self.crypto.seal(outgoing, context)
+        for frame in outgoing:
             self._outbox.put(frame)
 
     def send(self, message: Any) -> None:
@@ -120,8 +139,16 @@ class _Stream:
         with TensorAssembler(CLIENT_LIMITS) as assembler:
             while True:
                 frame = self.next()
-                received = assembler.feed(frame.chunk_view())
+                if self.crypto is not None and self._opener is not None:
+                    view = self.crypto.open(self._opener, frame)
+                elif frame.message.chunk.HasField("seal"):
+                    raise InvalidArgumentError("the backbone sealed a chunk of a plain session")
+                else:
+                    view = frame.chunk_view()
+                received = assembler.feed(view)
                 if received is not None:
+                    if self.crypto is not None and self._opener is not None:
+                        self.crypto.follow(self._opener)
                     return frame.message, received.tensor
 
     def close(self) -> None:
@@ -142,10 +169,16 @@ def _translate(err: grpc.RpcError) -> Exception:
 class TrainStream:
     """The training stream of one session."""
 
-    def __init__(self, client: BackboneClient, session_id: str, encoding: str) -> None:
+    def __init__(
+        self,
+        client: BackboneClient,
+        session_id: str,
+        encoding: str,
+        crypto: SessionCrypto | None = None,
+    ) -> None:
         self.encoding = encoding
         self._stream = _Stream(
-            client.train_call, session_id, client.chunk_bytes, client.stream_timeout_s
+            client.train_call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto
         )
 
     def forward(
@@ -193,10 +226,16 @@ class TrainStream:
 
 
 class GenerateStream:
-    def __init__(self, client: BackboneClient, session_id: str, encoding: str) -> None:
+    def __init__(
+        self,
+        client: BackboneClient,
+        session_id: str,
+        encoding: str,
+        crypto: SessionCrypto | None = None,
+    ) -> None:
         self.encoding = encoding
         self._stream = _Stream(
-            client.generate_call, session_id, client.chunk_bytes, client.stream_timeout_s
+            client.generate_call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto
         )
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -378,3 +417,21 @@ class RemoteBodyStage:
 
     def reset(self) -> None:
         self.stream.reset()
+
+
+def client_crypto(keymanager: KeyManagerClient, session_id: str) -> SessionCrypto:
+    """The client's sealing state for an encrypted session: keys from the key manager."""
+
+    def fetch(key_id: int) -> DataKey:
+        grant = keymanager.session_key(session_id, key_id)
+        return DataKey(grant.key_id, grant.secret, grant.nonce_prefix)
+
+    return SessionCrypto(session_id, TO_BACKBONE, fetch)
+
+
+def rotate_session_key(keymanager: KeyManagerClient, crypto: SessionCrypto) -> int:
+    """Ask the key manager for the session's next key and seal under it from now on
+    (between steps); the backbone follows when it sees the new key id."""
+    grant = keymanager.rotate_session_key(crypto.session_id)
+    crypto.rotate_to(DataKey(grant.key_id, grant.secret, grant.nonce_prefix))
+    return grant.key_id

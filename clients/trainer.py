@@ -6,6 +6,10 @@ RemoteBody -> tail, back-propagates through all three, exchanges squared gradien
 with the backbone to clip by the global norm, and both sides apply AdamW. A stream that
 breaks mid-step is reopened and the step redone from its first micro-batch (the backbone
 discards what it had of that step and never applies a step twice).
+
+With ``TrainSettings.perturbation`` on, the hidden states sent to the backbone (and
+optionally the gradients sent back) are clipped per token and noised, and a privacy
+accountant reports the (epsilon, delta) spent (security/perturbation.py, docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +32,12 @@ from splitfed.clients.backbone import (
     SessionInfo,
     StreamLostError,
     TrainStream,
+    client_crypto,
+    rotate_session_key,
 )
 from splitfed.clients.data import MicroBatches, read_examples
+from splitfed.clients.keys import KeyManagerClient
+from splitfed.config import build
 from splitfed.models.adapters import (
     AdapterSettings,
     adapter_state,
@@ -49,6 +57,15 @@ from splitfed.models.optim import (
 )
 from splitfed.models.parts import Head, Tail
 from splitfed.retry import RetryPolicy
+from splitfed.security.perturbation import (
+    EVAL_STREAM,
+    PRIVACY_EPSILON,
+    PerturbationSettings,
+    Perturber,
+    PrivacyAccountant,
+    PrivacySpent,
+)
+from splitfed.security.session_crypto import SessionCrypto
 from splitfed.services.backbone.handlers import adapter_config
 from splitfed.v1 import backbone_pb2
 
@@ -84,10 +101,30 @@ class TrainSettings:
     seed: int = 0
     shuffle: bool = True
     encoding: str = "raw"
+    # Seal activations and gradients with the session's data keys (needs the key manager:
+    # [security] keymanager); rotate the key every N steps and/or seconds (0: never).
+    encrypted: bool = False
+    rotate_key_every_steps: int = 0
+    rotate_key_every_s: float = 0.0
+    # A nested section of the config file: [training.perturbation] in TOML.
+    perturbation: PerturbationSettings = field(default_factory=PerturbationSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "model_path", Path(self.model_path))
+        perturbation: object = self.perturbation
+        if isinstance(perturbation, Mapping):
+            perturbation = build(PerturbationSettings, perturbation, "perturbation")
+            object.__setattr__(self, "perturbation", perturbation)
+        elif not isinstance(perturbation, PerturbationSettings):
+            raise ValueError(
+                "perturbation must be a mapping with the fields of PerturbationSettings "
+                f"(clip_norm, noise_multiplier, ...), got {perturbation!r}"
+            )
+        if self.rotate_key_every_steps < 0 or self.rotate_key_every_s < 0:
+            raise ValueError("rotate_key_every_steps and rotate_key_every_s must be >= 0")
+        if (self.rotate_key_every_steps or self.rotate_key_every_s) and not self.encrypted:
+            raise ValueError("key rotation needs encrypted = true")
         for name in ("batch_size", "accumulation", "max_steps", "max_length", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -106,6 +143,10 @@ class StepReport:
     seconds: float
     eval_loss: float | None = None
     retries: int = 0
+    # Privacy spent so far on what was sent (None without perturbation).
+    epsilon: float | None = None
+    delta: float | None = None
+    step_epsilon: float | None = None
 
 
 @dataclass
@@ -124,8 +165,14 @@ class SplitTrainer:
         optimizer: OptimizerSettings,
         *,
         tokenizer: Any = None,
+        keymanager: KeyManagerClient | None = None,
     ) -> None:
+        if settings.encrypted and keymanager is None:
+            raise ValueError("encrypted training needs the key manager: set [security] keymanager")
         self.client = client
+        self.keymanager = keymanager
+        self.crypto: SessionCrypto | None = None
+        self._key_rotated_at = (0, time.monotonic())
         self.settings = settings
         self.adapter = adapter
         self.optimizer_settings = optimizer
@@ -166,6 +213,96 @@ class SplitTrainer:
         self.step = 0
         self.stream: TrainStream | None = None
         self.body: RemoteBody | None = None
+        perturbation = settings.perturbation
+        self.perturber = Perturber(perturbation) if perturbation.enabled else None
+        self.accountant = (
+            PrivacyAccountant.for_settings(perturbation, self.sample_rate())
+            if perturbation.enabled
+            else None
+        )
+
+    # --- privacy -------------------------------------------------------------------------
+
+    def sample_rate(self) -> float:
+        """The chance that an example is sent in a step, for the privacy accountant:
+        examples per step / examples, or 1.0 without shuffling (known batches are not
+        sampled, so no amplification by sampling applies)."""
+        if not self.settings.shuffle:
+            return 1.0
+        per_step = self.settings.batch_size * self.settings.accumulation
+        return min(1.0, per_step / len(self.data.encoded))
+
+    def _release(self) -> int:
+        """Account one more release of a step's hidden states (every attempt sends them,
+        a redone one too) before anything is sent, and return its number (>= 1; 0 without
+        perturbation). With a checkpoint directory the count is saved at once, so even an
+        attempt cut short by a crash stays counted."""
+        if self.accountant is None:
+            return 0
+        self.accountant.step()
+        directory = self.settings.checkpoint_dir
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            state = {"history": self.accountant.history()}
+            (directory / "privacy.tmp.json").write_text(json.dumps(state))
+            (directory / "privacy.tmp.json").replace(directory / "privacy.json")
+        return self.accountant.steps
+
+    def privacy_spent(self) -> PrivacySpent | None:
+        """The (epsilon, delta) spent so far; ``None`` without perturbation."""
+        return self.accountant.spent() if self.accountant is not None else None
+
+    def _log_privacy_settings(self) -> None:
+        p, accountant = self.settings.perturbation, self.accountant
+        if accountant is None:
+            return
+        examples = len(self.data.encoded)
+        logger.info(
+            "[SplitTrainer.start] perturbation: hidden states clipped to %s per token, "
+            "noise multiplier %s; gradients clipped to %s, noise multiplier %s; RDP "
+            "accountant with noise multiplier %.4g, sample rate %.4g (%d x %d of %d examples), "
+            "delta %s",
+            p.clip_norm,
+            p.noise_multiplier,
+            p.grad_clip_norm,
+            p.grad_noise_multiplier,
+            accountant.noise_multiplier,
+            accountant.sample_rate,
+            self.settings.batch_size,
+            self.settings.accumulation,
+            examples,
+            p.delta,
+        )
+        if p.noise_multiplier == 0:
+            logger.warning(
+                "[SplitTrainer.start] epsilon is infinite: the hidden states are sent "
+                "without noise (noise_multiplier = 0)"
+            )
+        elif p.grad_noise_multiplier == 0:
+            logger.warning(
+                "[SplitTrainer.start] epsilon covers the hidden states only: the gradients "
+                "sent back (grad_h2, which depend on the labels) carry no noise; set "
+                "grad_clip_norm and grad_noise_multiplier to cover them"
+            )
+        if p.seed is not None:
+            logger.warning(
+                "[SplitTrainer.start] the perturbation seed is fixed: whoever knows it can "
+                "remove the noise (use it for tests and reproducible experiments only)"
+            )
+        if p.delta >= 1 / examples:
+            logger.warning(
+                "[SplitTrainer.start] delta %s is not below 1 / %d examples: such a "
+                "guarantee allows revealing an example outright",
+                p.delta,
+                examples,
+            )
+        if self.settings.shuffle and self.settings.batch_size * self.settings.accumulation > (
+            examples
+        ):
+            logger.warning(
+                "[SplitTrainer.start] a step takes more examples than the dataset holds, so "
+                "an example can be sent twice in one step and epsilon understates the loss"
+            )
 
     # --- session -------------------------------------------------------------------------
 
@@ -187,10 +324,12 @@ class SplitTrainer:
             ),
             encoding=self.settings.encoding,
             session_id=session_id,
+            encrypted=self.settings.encrypted,
         )
 
     def start(self) -> SessionInfo:
         """Open a session, or resume the one of the checkpoint in ``checkpoint_dir``."""
+        self._log_privacy_settings()
         state = self._load_checkpoint()
         if state is None:
             self.session = self.client.open_session(self._open_request())
@@ -221,7 +360,12 @@ class SplitTrainer:
         assert self.session is not None
         if self.stream is not None:
             self.stream.close()
-        self.stream = TrainStream(self.client, self.session.session_id, self.settings.encoding)
+        if self.settings.encrypted and self.crypto is None:
+            assert self.keymanager is not None
+            self.crypto = client_crypto(self.keymanager, self.session.session_id)
+        self.stream = TrainStream(
+            self.client, self.session.session_id, self.settings.encoding, self.crypto
+        )
         self.body = RemoteBody(self.stream)
         self.body.train()
 
@@ -241,25 +385,62 @@ class SplitTrainer:
 
     # --- training ------------------------------------------------------------------------
 
-    def _forward_backward(self, step: int) -> tuple[float, float]:
+    def _forward_backward(self, step: int, release: int) -> tuple[float, float]:
         assert self.body is not None
         batches = self.data.for_step(step)
         self.optimizer.zero_grad(set_to_none=True)
         self.body.begin_step(step)
         total = 0.0
-        for batch in batches:
-            hidden = self.head(batch.input_ids, batch.attention_mask)
-            hidden = self.body(hidden, batch.attention_mask)
-            logits = self.tail(hidden, batch.attention_mask)
+        for micro, batch in enumerate(batches):
+            mask = batch.attention_mask
+            hidden = self.head(batch.input_ids, mask)
+            if self.perturber is not None:
+                hidden = self.perturber.hidden(hidden, mask, release=release, micro=micro)
+            hidden = self.body(hidden, mask)
+            if self.perturber is not None and self.settings.perturbation.gradient_enabled:
+                self._perturb_gradient(hidden, mask, release, micro)
+            logits = self.tail(hidden, mask)
             loss = causal_lm_loss(logits, batch.labels) / len(batches)
             torch.autograd.backward(loss)
             total += float(loss.detach())
         return total, grad_sq_norm(self.params)
 
+    def _perturb_gradient(
+        self, h2: torch.Tensor, mask: torch.Tensor, release: int, micro: int
+    ) -> None:
+        """Perturb dL/dh2 on its way into the body, i.e. the grad_h2 that is sent."""
+        perturber = self.perturber
+        assert perturber is not None and h2.requires_grad
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            return perturber.gradient(grad, mask, release=release, micro=micro)
+
+        h2.register_hook(hook)  # type: ignore[no-untyped-call]  # torch leaves it untyped
+
+    def _maybe_rotate_key(self, step: int) -> None:
+        """Between steps: move to the session's next data key when one is due."""
+        if self.crypto is None or self.keymanager is None:
+            return
+        last_step, last_time = self._key_rotated_at
+        every_steps, every_s = (
+            self.settings.rotate_key_every_steps,
+            self.settings.rotate_key_every_s,
+        )
+        due = (every_steps and step - 1 - last_step >= every_steps) or (
+            every_s and time.monotonic() - last_time >= every_s
+        )
+        if due:
+            key_id = rotate_session_key(self.keymanager, self.crypto)
+            self._key_rotated_at = (step - 1, time.monotonic())
+            logger.info(
+                "[SplitTrainer.train_step] step %d: session key rotated to %d", step, key_id
+            )
+
     def train_step(self) -> StepReport:
         """Run step ``self.step + 1`` to completion (reconnecting if needed)."""
         step = self.step + 1
         started = time.monotonic()
+        self._maybe_rotate_key(step)
         retries = 0
         loss, client_sq = math.nan, 0.0
         backward_done = False
@@ -267,7 +448,7 @@ class SplitTrainer:
             assert self.stream is not None
             try:
                 if not backward_done:
-                    loss, client_sq = self._forward_backward(step)
+                    loss, client_sq = self._forward_backward(step, self._release())
                     backward_done = True
                 result = self.stream.step(step, client_sq, self.settings.max_grad_norm)
                 break
@@ -296,6 +477,21 @@ class SplitTrainer:
             seconds=time.monotonic() - started,
             retries=retries,
         )
+        spent = self.privacy_spent()
+        if spent is not None:
+            assert self.session is not None
+            report.epsilon, report.delta = spent.epsilon, spent.delta
+            report.step_epsilon = spent.step_epsilon
+            PRIVACY_EPSILON.labels(session=self.session.session_id).set(spent.epsilon)
+            logger.info(
+                "[SplitTrainer.train_step] step %d: privacy spent epsilon %.4g at delta %s "
+                "(%.4g per step, steps accounted: %d)",
+                step,
+                spent.epsilon,
+                spent.delta,
+                spent.step_epsilon,
+                spent.steps,
+            )
         if self.settings.eval_every and step % self.settings.eval_every == 0:
             report.eval_loss = self.evaluate()
         if self.settings.checkpoint_dir and step % self.settings.checkpoint_every == 0:
@@ -314,9 +510,16 @@ class SplitTrainer:
             count = min(self.settings.eval_batches, self.eval_data.per_epoch)
             for index in range(count):
                 batch = self.eval_data.batch(index)
-                hidden = self.body(
-                    self.head(batch.input_ids, batch.attention_mask), batch.attention_mask
-                )
+                hidden = self.head(batch.input_ids, batch.attention_mask)
+                if self.perturber is not None:
+                    hidden = self.perturber.hidden(
+                        hidden,
+                        batch.attention_mask,
+                        release=self.accountant.steps if self.accountant is not None else 0,
+                        micro=index,
+                        stream=EVAL_STREAM,
+                    )
+                hidden = self.body(hidden, batch.attention_mask)
                 logits = self.tail(hidden, batch.attention_mask)
                 losses.append(float(causal_lm_loss(logits, batch.labels)))
             return sum(losses) / len(losses)
@@ -333,6 +536,18 @@ class SplitTrainer:
             reports.append(report)
             if on_step is not None:
                 on_step(report)
+        spent = self.privacy_spent()
+        if spent is not None:
+            logger.info(
+                "[SplitTrainer.run] privacy spent over %d steps: epsilon %.4g at delta %s "
+                "(%.4g per step, noise multiplier %.4g, sample rate %.4g)",
+                spent.steps,
+                spent.epsilon,
+                spent.delta,
+                spent.step_epsilon,
+                spent.noise_multiplier,
+                spent.sample_rate,
+            )
         return reports
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -355,6 +570,22 @@ class SplitTrainer:
             (directory / f"{name}.tmp.safetensors").replace(directory / f"{name}.safetensors")
         (directory / "client.tmp.json").replace(directory / "client.json")
 
+    def _load_privacy(self, directory: Path) -> None:
+        """What the accountant counted before the restart (privacy.json, written before
+        every release); steps of a checkpoint without it were sent without noise."""
+        assert self.accountant is not None
+        path = directory / "privacy.json"
+        if path.is_file():
+            history = json.loads(path.read_text())["history"]
+            self.accountant.load_history([(float(s), float(q), int(n)) for s, q, n in history])
+        elif self.step > 0:
+            logger.warning(
+                "[SplitTrainer.start] the checkpoint's %d steps were sent without "
+                "perturbation: epsilon is infinite",
+                self.step,
+            )
+            self.accountant.load_history([(0.0, 1.0, self.step)])
+
     def _load_checkpoint(self) -> _ClientState | None:
         directory = self.settings.checkpoint_dir
         if directory is None or not (directory / "client.json").is_file():
@@ -371,5 +602,7 @@ class SplitTrainer:
                 state["optimizer"],
             )
         self.step = int(state["step"])
+        if self.accountant is not None:
+            self._load_privacy(directory)
         logger.info("[trainer] resuming session %s at step %d", state["session_id"], self.step)
         return _ClientState(state["session_id"], self.step)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import grpc
 from cryptography import x509
@@ -37,6 +40,9 @@ class TLSConfig:
     cert_chain: bytes | None = None
     private_key: bytes | None = None
     insecure: bool = False
+    # Where the material was read from (``from_dir``); servers then pick up renewed
+    # certificates written there without a restart (see :meth:`server_credentials`).
+    source_dir: Path | None = None
 
     def __post_init__(self) -> None:
         material = (self.ca_cert, self.cert_chain, self.private_key)
@@ -80,7 +86,18 @@ class TLSConfig:
     @classmethod
     def from_dir(cls, directory: Path) -> TLSConfig:
         """Load ``ca.pem``, ``cert.pem`` and ``key.pem`` from one directory."""
-        return cls.from_files(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+        loaded = cls.from_files(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+        return dataclasses.replace(loaded, source_dir=directory)
+
+    def reload(self) -> TLSConfig:
+        """The material as it is now in :attr:`source_dir` (itself if not from a directory)."""
+        return self if self.source_dir is None else TLSConfig.from_dir(self.source_dir)
+
+    def _fingerprint(self) -> tuple[float, ...]:
+        assert self.source_dir is not None
+        return tuple(
+            (self.source_dir / name).stat().st_mtime for name in ("ca.pem", "cert.pem", "key.pem")
+        )
 
     @classmethod
     def plaintext(cls) -> TLSConfig:
@@ -121,13 +138,46 @@ class TLSConfig:
             "CA in the CA certificate file; enroll again with this deployment"
         )
 
-    def server_credentials(self) -> grpc.ServerCredentials:
-        """Credentials that demand and verify a client certificate from the deployment CA."""
+    def server_credentials(self, *, client_auth: bool = True) -> grpc.ServerCredentials:
+        """Credentials that demand and verify a client certificate from the deployment CA
+        (``client_auth=False``: server-authenticated TLS only, for enrollment).
+
+        Material read with :meth:`from_dir` is re-read for new connections when its files
+        change, so a renewed certificate takes effect without a restart.
+        """
         assert self.private_key is not None and self.cert_chain is not None
-        return grpc.ssl_server_credentials(
-            [(self.private_key, self.cert_chain)],
-            root_certificates=self.ca_cert,
-            require_client_auth=True,
+        if self.source_dir is None:
+            return grpc.ssl_server_credentials(
+                [(self.private_key, self.cert_chain)],
+                root_certificates=self.ca_cert if client_auth else None,
+                require_client_auth=client_auth,
+            )
+        state = {"seen": self._fingerprint()}
+
+        def configuration(tls: TLSConfig) -> grpc.ServerCertificateConfiguration:
+            assert tls.private_key is not None and tls.cert_chain is not None
+            return grpc.ssl_server_certificate_configuration(
+                [(tls.private_key, tls.cert_chain)],
+                root_certificates=tls.ca_cert if client_auth else None,
+            )
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            try:
+                seen = self._fingerprint()
+                if seen == state["seen"]:
+                    return None
+                fresh = self.reload()
+            except (OSError, ValueError) as exc:  # mid-write or broken: keep the old one
+                logger.warning("[TLSConfig] not reloading %s: %s", self.source_dir, exc)
+                return None
+            state["seen"] = seen
+            logger.info("[TLSConfig] reloaded the certificate in %s", self.source_dir)
+            return configuration(fresh)
+
+        # The fetcher returns None for "unchanged" (grpc's stub types it too narrowly).
+        fetcher = cast(Callable[[], grpc.ServerCertificateConfiguration], fetch)
+        return grpc.dynamic_ssl_server_credentials(
+            configuration(self), fetcher, require_client_authentication=client_auth
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:

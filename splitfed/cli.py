@@ -167,6 +167,9 @@ def serve_diagnostics(
 ) -> None:
     """Serve splitfed.v1.Diagnostics (tensor echo, WhoAmI) with health and reflection."""
     from splitfed.services.diagnostics import binding
+    from splitfed.services.diagnostics.servicer import POLICY, SERVICE_NAME
+    from splitfed.services.security import server_security
+    from splitfed.serving import SecuritySettings
     from splitfed.transport import TransportOptions, create_server
     from splitfed.wire import DEFAULT_CHUNK_BYTES, ReceiveBudget, TensorLimits
 
@@ -178,7 +181,10 @@ def serve_diagnostics(
         limits = TensorLimits() if max_tensor_bytes is None else TensorLimits(max_tensor_bytes)
         budget = None if max_buffered_bytes is None else ReceiveBudget(max_buffered_bytes)
         service = binding(limits, options.chunk_bytes, budget)
-        server = create_server([service], tls, address=listen, options=options)
+        security = server_security({SERVICE_NAME: POLICY}, tls, SecuritySettings())
+        server = create_server(
+            [service], tls, address=listen, options=options, interceptors=[security.interceptor]
+        )
     except ValueError as exc:
         _fail(ctx, exc, usage=True)
         return
@@ -221,17 +227,24 @@ def serve_backbone(
     from dataclasses import replace
 
     from splitfed.config import build, read_config, section
-    from splitfed.services.backbone.servicer import binding
+    from splitfed.services.backbone.crypto import BackboneKeys
+    from splitfed.services.backbone.servicer import POLICY, SERVICE, binding
     from splitfed.services.backbone.settings import BackboneSettings
     from splitfed.services.backbone.state import BackboneState
     from splitfed.services.diagnostics import binding as diagnostics
-    from splitfed.serving import ServerSettings
+    from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
+    from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
+    from splitfed.services.security import server_security
+    from splitfed.serving import SecuritySettings, ServerSettings
     from splitfed.transport import create_server
 
     try:
         config = read_config(config_path)
         settings = build(BackboneSettings, section(config, "backbone"), "backbone")
         server_settings = build(ServerSettings, section(config, "server", required=False), "server")
+        security_settings = build(
+            SecuritySettings, section(config, "security", required=False), "security"
+        )
         if listen is not None:
             server_settings = replace(server_settings, listen=listen)
         tls = server_settings.tls()
@@ -239,17 +252,29 @@ def serve_backbone(
             server_settings.options(),
             max_workers=max(server_settings.max_workers, settings.max_streams + 8),
         )
+        security = server_security(
+            {SERVICE.full_name: POLICY, DIAGNOSTICS: DIAGNOSTICS_POLICY}, tls, security_settings
+        )
         state = BackboneState(settings)
     except ValueError as exc:
         _fail(ctx, exc, usage=True)
         return
     try:
-        services = [binding(state, options), diagnostics(chunk_bytes=options.chunk_bytes)]
-        server = create_server(services, tls, address=server_settings.listen, options=options)
+        keys = BackboneKeys(security.keymanager)
+        services = [binding(state, options, keys), diagnostics(chunk_bytes=options.chunk_bytes)]
+        server = create_server(
+            services,
+            tls,
+            address=server_settings.listen,
+            options=options,
+            interceptors=[security.interceptor],
+        )
     except (OSError, ValueError) as exc:
         state.close()
+        security.stop()
         _fail(ctx, exc, usage=isinstance(exc, ValueError))
         return
+    security.start()
     try:
         run_until_signalled(
             server,
@@ -258,11 +283,17 @@ def serve_backbone(
             stop_on_stdin_eof=stop_on_stdin_eof,
         )
     finally:
+        security.stop()
         state.close()
 
 
 def run_until_signalled(
-    server: Any, *, port_file: Path | None, grace_s: float, stop_on_stdin_eof: bool = False
+    server: Any,
+    *,
+    port_file: Path | None,
+    grace_s: float,
+    stop_on_stdin_eof: bool = False,
+    port_text: str | None = None,
 ) -> None:
     """Start ``server``, announce its address, and stop it gracefully on SIGTERM/SIGINT
     (or, with ``stop_on_stdin_eof``, when standard input closes: its parent is gone)."""
@@ -287,7 +318,7 @@ def run_until_signalled(
     server.start()
     if port_file is not None:
         tmp = port_file.with_name(port_file.name + ".tmp")
-        tmp.write_text(f"{server.port}\n")
+        tmp.write_text(f"{port_text or server.port}\n")
         tmp.replace(port_file)
     click.echo(f"listening on {server.address}")
     sys.stdout.flush()
@@ -315,7 +346,7 @@ def train(ctx: click.Context, config_path: Path, max_steps: int | None) -> None:
         TimeRemainingColumn,
     )
 
-    from splitfed.clients.app import ClientConfig, backbone_client, make_trainer
+    from splitfed.clients.app import ClientConfig, backbone_client, keymanager_for, make_trainer
     from splitfed.clients.trainer import StepReport
     from splitfed.errors import SplitfedError
 
@@ -325,8 +356,8 @@ def train(ctx: click.Context, config_path: Path, max_steps: int | None) -> None:
         _fail(ctx, exc, usage=True)
         return
     try:
-        with backbone_client(config.backbone) as client:
-            trainer = make_trainer(client, config)
+        with backbone_client(config.backbone) as client, keymanager_for(config) as keys:
+            trainer = make_trainer(client, config, keys)
             session = trainer.start()
             click.echo(
                 f"session {session.session_id} on {config.backbone.address}, step {trainer.step}"
@@ -357,7 +388,10 @@ def train(ctx: click.Context, config_path: Path, max_steps: int | None) -> None:
         return
     if reports:
         first, last = reports[0], reports[-1]
-        click.echo(f"trained to step {last.step}: loss {first.loss:.4f} -> {last.loss:.4f}")
+        line = f"trained to step {last.step}: loss {first.loss:.4f} -> {last.loss:.4f}"
+        if last.epsilon is not None:
+            line += f", privacy spent epsilon {last.epsilon:.4g} at delta {last.delta}"
+        click.echo(line)
 
 
 @cli.command()
@@ -377,7 +411,7 @@ def generate(
     ctx: click.Context, config_path: Path, prompts: tuple[str, ...], max_new_tokens: int | None
 ) -> None:
     """Generate with the split model: the body runs on the backbone with a KV cache."""
-    from splitfed.clients.app import ClientConfig, backbone_client
+    from splitfed.clients.app import ClientConfig, backbone_client, keymanager_for
     from splitfed.clients.app import generate as run_generate
     from splitfed.errors import SplitfedError
 
@@ -388,8 +422,8 @@ def generate(
         return
     options = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     try:
-        with backbone_client(config.backbone) as client:
-            outputs = run_generate(client, config, list(prompts), **options)
+        with backbone_client(config.backbone) as client, keymanager_for(config) as keys:
+            outputs = run_generate(client, config, list(prompts), keys, **options)
     except (ValueError, RuntimeError, SplitfedError) as exc:
         _fail(ctx, exc, usage=False)
         return
@@ -424,3 +458,7 @@ def demo(ctx: click.Context, size_mib: int, steps: int, workdir: Path | None) ->
 
 def main() -> None:
     cli(prog_name="splitfed")
+
+
+# Command groups kept in their own modules register themselves on the groups above.
+import splitfed.cli_keys  # noqa: E402, F401

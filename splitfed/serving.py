@@ -47,6 +47,8 @@ def tls_config(
         return TLSConfig.plaintext()
     if tls_dir is None and not (ca and cert and key):
         raise ValueError("give tls_dir, or all of ca, cert and key (or insecure)")
+    if tls_dir is not None and not (ca or cert or key):
+        return TLSConfig.from_dir(tls_dir)  # renewed certificates are picked up
     base = tls_dir or Path()
     return TLSConfig.from_files(
         ca or base / "ca.pem", cert or base / "cert.pem", key or base / "key.pem"
@@ -76,3 +78,30 @@ class ConnectSettings:
 
     def options(self) -> TransportOptions:
         return TransportOptions(chunk_bytes=self.chunk_bytes)
+
+
+@dataclass(frozen=True)
+class SecuritySettings:
+    """The [security] section: where a party finds the key manager, and how often it
+    renews its certificate and (servers) fetches the revocation list."""
+
+    # Key manager mTLS host:port; empty: no renewal, no revocation list, no encryption.
+    keymanager: str = ""
+    keymanager_server_name: str | None = None
+    revocation_poll_s: float = 10.0
+    renew: bool = True
+    renew_fraction: float = 2 / 3
+    renew_check_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.keymanager:
+            parse_address(self.keymanager)
+        if not 0 < self.revocation_poll_s <= 30:
+            raise ValueError(
+                "revocation_poll_s must be in (0, 30] so that revoked certificates lose "
+                f"their streams within 30 s, got {self.revocation_poll_s}"
+            )
+        if not 0 < self.renew_fraction < 1:
+            raise ValueError(f"renew_fraction must be in (0, 1), got {self.renew_fraction}")
+        if self.renew_check_s <= 0:
+            raise ValueError(f"renew_check_s must be positive, got {self.renew_check_s}")

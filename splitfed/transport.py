@@ -231,11 +231,13 @@ def create_server(
     address: str = "127.0.0.1:0",
     options: TransportOptions = DEFAULT_OPTIONS,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    client_auth: bool = True,
 ) -> Server:
     """Build (not start) a server for ``services`` bound to ``address`` (port 0 picks one).
 
     Mutual TLS unless ``tls.insecure``: the server presents its certificate and requires a
-    client certificate signed by the deployment CA.
+    client certificate signed by the deployment CA (``client_auth=False``: the server
+    presents its certificate only; the key manager's enrollment port).
     """
     tune_allocator()
     tls.verify_own_certificate()
@@ -259,7 +261,7 @@ def create_server(
             warn_plaintext(f"create_server {address}")
             port = server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(address, tls.server_credentials())
+            port = server.add_secure_port(address, tls.server_credentials(client_auth=client_auth))
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from None
     if port == 0:

@@ -80,15 +80,23 @@ class Deployment:
 
 
 def deployment(
-    root: Path, *, layers: int = 6, hidden_size: int = 64, **backbone: Any
+    root: Path,
+    *,
+    layers: int = 6,
+    hidden_size: int = 64,
+    ca: CertificateAuthority | None = None,
+    security: dict[str, Any] | None = None,
+    **backbone: Any,
 ) -> Deployment:
-    ca = CertificateAuthority.create("test CA")
+    ca = ca or CertificateAuthority.create("test CA")
     model = tiny_checkpoint(root / "model", layers=layers, hidden_size=hidden_size)
     ca.issue("backbone-0", "backbone", dns_names=[SERVER_NAME]).write(root / "backbone-tls")
     settings = {"model_path": str(model), "state_dir": str(root / "state"), **backbone}
     config = root / "backbone.yaml"
     lines = ["backbone:"] + [f"  {k}: {json.dumps(v)}" for k, v in settings.items()]
     lines += ["server:", f"  tls_dir: {json.dumps(str(root / 'backbone-tls'))}"]
+    if security:
+        lines += ["security:"] + [f"  {k}: {json.dumps(v)}" for k, v in security.items()]
     config.write_text("\n".join(lines) + "\n")
     return Deployment(root, ca, model, config)
 

@@ -10,12 +10,16 @@ from typing import Any
 
 import torch
 
-from splitfed.errors import DataLossError, InvalidArgumentError
+from splitfed.errors import DataLossError, FailedPreconditionError, InvalidArgumentError
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
+from splitfed.security.sealing import FrameContext
+from splitfed.security.session_crypto import SessionCrypto
+from splitfed.services.backbone.crypto import BackboneKeys
 from splitfed.services.backbone.state import BackboneState, Session
 from splitfed.v1 import backbone_pb2
 from splitfed.wire import (
+    ChunkView,
     FrameSpec,
     IncomingFrame,
     OutgoingFrame,
@@ -45,7 +49,7 @@ def tensor_limits(state: BackboneState) -> TensorLimits:
     return TensorLimits(max_tensor_bytes=largest, max_rank=3, encodings=frozenset(s.encodings))
 
 
-def model_info(state: BackboneState) -> backbone_pb2.ModelInfo:
+def model_info(state: BackboneState, keys: BackboneKeys | None = None) -> backbone_pb2.ModelInfo:
     summary, s = state.shared.summary, state.settings
     return backbone_pb2.ModelInfo(
         model_id=summary.model_id,
@@ -60,6 +64,7 @@ def model_info(state: BackboneState) -> backbone_pb2.ModelInfo:
         max_batch_size=s.max_batch_size,
         encodings=list(s.encodings),
         adapter_mode=s.adapter_mode,
+        encryption=keys is not None and keys.available,
     )
 
 
@@ -118,8 +123,16 @@ def optimizer_settings(config: backbone_pb2.OptimizerConfig) -> OptimizerSetting
 
 
 def handle_open(
-    state: BackboneState, owner: str, request: backbone_pb2.OpenSessionRequest
+    state: BackboneState,
+    owner: str,
+    request: backbone_pb2.OpenSessionRequest,
+    keys: BackboneKeys | None = None,
 ) -> backbone_pb2.OpenSessionResponse:
+    if request.encrypted and (keys is None or not keys.available):
+        raise FailedPreconditionError(
+            "this backbone has no key manager ([security] keymanager), so it cannot encrypt "
+            "activations; open the session without encryption or ask the operator"
+        )
     session, resumed = state.open_session(
         owner,
         model_id=request.model_id,
@@ -129,9 +142,21 @@ def handle_open(
         optimizer=optimizer_settings(request.optimizer),
         encoding=request.encoding,
         session_id=request.session_id,
+        encrypted=request.encrypted,
     )
+    if session.encrypted and not resumed:
+        assert keys is not None
+        try:
+            keys.register(session.session_id, owner)
+        except BaseException:
+            state.close_session(session.session_id, owner)
+            raise
     return backbone_pb2.OpenSessionResponse(
-        session_id=session.session_id, info=model_info(state), step=session.step, resumed=resumed
+        session_id=session.session_id,
+        info=model_info(state, keys),
+        step=session.step,
+        resumed=resumed,
+        encrypted=session.encrypted,
     )
 
 
@@ -141,12 +166,42 @@ def _send(
     spec: FrameSpec[Any],
     chunk_bytes: int,
     encoding: str,
+    crypto: SessionCrypto | None = None,
     **fields: int,
 ) -> Iterator[OutgoingFrame]:
-    for frame in iter_frames(tensor, name, spec, chunk_bytes=chunk_bytes, encoding=encoding):
-        for key, value in fields.items():
-            setattr(frame.message, key, value)
-        yield frame
+    frames = iter_frames(tensor, name, spec, chunk_bytes=chunk_bytes, encoding=encoding)
+
+    def with_fields() -> Iterator[OutgoingFrame]:
+        for frame in frames:
+            for key, value in fields.items():
+                setattr(frame.message, key, value)
+            yield frame
+
+    if crypto is None:
+        return with_fields()
+    context = FrameContext(
+        op=fields.get("op", 0), step=fields.get("step", 0), micro_batch=fields.get("micro_batch", 0)
+    )
+    return crypto.seal(with_fields(), context)
+
+
+class _Incoming:
+    """Chunks of one receiving stream: opened (and checked) when the session is sealed."""
+
+    def __init__(self, crypto: SessionCrypto | None) -> None:
+        self.crypto = crypto
+        self.opener = crypto.opener() if crypto is not None else None
+
+    def view(self, frame: IncomingFrame[Any]) -> ChunkView:
+        if self.crypto is None or self.opener is None:
+            if frame.message.chunk.HasField("seal"):
+                raise InvalidArgumentError("this session is not encrypted; send plain chunks")
+            return frame.chunk_view()
+        return self.crypto.open(self.opener, frame)
+
+    def tensor_done(self) -> None:
+        if self.crypto is not None and self.opener is not None:
+            self.crypto.follow(self.opener)
 
 
 def handle_train(
@@ -155,9 +210,11 @@ def handle_train(
     frames: Iterable[IncomingFrame[backbone_pb2.TrainRequest]],
     chunk_bytes: int,
     budget: ReceiveBudget,
+    crypto: SessionCrypto | None = None,
 ) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
     """One training stream of one session: see ``Backbone.Train`` in backbone.proto."""
     sid = session.session_id
+    incoming = _Incoming(crypto)
     with (
         state.stream(session, training=True) as generation,
         TensorAssembler(tensor_limits(state), budget) as assembler,
@@ -182,9 +239,10 @@ def handle_train(
                         f"micro-batch {current[2]} was complete"
                     )
                 current = key
-                received = assembler.feed(frame.chunk_view())
+                received = assembler.feed(incoming.view(frame))
                 if received is None:
                     continue
+                incoming.tensor_done()
                 assembler.release_completed()
                 tensors[received.name] = received.tensor
                 needed = GRAD_TENSORS if op == backbone_pb2.TRAIN_OP_BACKWARD else FORWARD_TENSORS
@@ -208,6 +266,7 @@ def handle_train(
                         TRAIN_RESPONSE,
                         chunk_bytes,
                         "raw",
+                        crypto,
                         op=op,
                         step=step,
                         micro_batch=micro,
@@ -224,6 +283,7 @@ def handle_train(
                         TRAIN_RESPONSE,
                         chunk_bytes,
                         session.encoding,
+                        crypto,
                         op=op,
                         step=step,
                         micro_batch=micro,
@@ -257,8 +317,10 @@ def handle_generate(
     frames: Iterable[IncomingFrame[backbone_pb2.GenerateRequest]],
     chunk_bytes: int,
     budget: ReceiveBudget,
+    crypto: SessionCrypto | None = None,
 ) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
     sid = session.session_id
+    incoming = _Incoming(crypto)
     with (
         state.stream(session, training=False),
         TensorAssembler(tensor_limits(state), budget) as assembler,
@@ -269,9 +331,10 @@ def handle_generate(
             session.touch()
             op = request.op
             if op == backbone_pb2.GENERATE_OP_FORWARD:
-                received = assembler.feed(frame.chunk_view())
+                received = assembler.feed(incoming.view(frame))
                 if received is None:
                     continue
+                incoming.tensor_done()
                 assembler.release_completed()
                 tensors[received.name] = received.tensor
                 if not set(tensors) <= FORWARD_TENSORS:
@@ -289,6 +352,7 @@ def handle_generate(
                     GENERATE_RESPONSE,
                     chunk_bytes,
                     session.encoding,
+                    crypto,
                     op=op,
                     cache_length=length,
                 )

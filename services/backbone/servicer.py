@@ -7,8 +7,11 @@ from collections.abc import Iterator
 import grpc
 
 from splitfed.errors import InvalidArgumentError, stream_errors, unary_errors
+from splitfed.security.authz import Policy
 from splitfed.security.identity import peer_identity
+from splitfed.security.session_crypto import SessionCrypto
 from splitfed.services.backbone import handlers
+from splitfed.services.backbone.crypto import BackboneKeys
 from splitfed.services.backbone.state import BackboneState, Session
 from splitfed.streams import StreamGuard
 from splitfed.transport import ServiceBinding, TransportOptions, service_binding
@@ -26,9 +29,24 @@ def owner_of(context: grpc.ServicerContext) -> str:
     return str(identity) if identity is not None else ANONYMOUS
 
 
+POLICY: Policy = {
+    "GetModelInfo": frozenset({"client", "aggregator", "admin"}),
+    "OpenSession": frozenset({"client"}),
+    "CloseSession": frozenset({"client"}),
+    "Train": frozenset({"client"}),
+    "Generate": frozenset({"client"}),
+    "ExportAdapter": frozenset({"client"}),
+    "ImportAdapter": frozenset({"client"}),
+}
+
+
 class BackboneServicer:
-    def __init__(self, state: BackboneState, options: TransportOptions) -> None:
+    def __init__(
+        self, state: BackboneState, options: TransportOptions, keys: BackboneKeys | None = None
+    ) -> None:
         self.state = state
+        self.keys = keys or BackboneKeys(None)
+        state.on_drop.append(self._end_keys)
         self.chunk_bytes = options.chunk_bytes
         limits = handlers.tensor_limits(state)
         self.budget = ReceiveBudget(max(2 * limits.max_tensor_bytes, 64 << 20))
@@ -38,6 +56,13 @@ class BackboneServicer:
             max_streams=settings.max_streams,
             idle_timeout_s=settings.stream_idle_timeout_s,
         )
+
+    def _end_keys(self, session: Session) -> None:
+        if session.encrypted:
+            self.keys.end(session.session_id)
+
+    def _crypto(self, session: Session) -> SessionCrypto | None:
+        return self.keys.for_session(session.session_id) if session.encrypted else None
 
     def _session(self, context: grpc.ServicerContext, session_id: str | None = None) -> Session:
         if session_id is None:
@@ -53,13 +78,13 @@ class BackboneServicer:
     def GetModelInfo(
         self, request: backbone_pb2.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> backbone_pb2.GetModelInfoResponse:
-        return backbone_pb2.GetModelInfoResponse(info=handlers.model_info(self.state))
+        return backbone_pb2.GetModelInfoResponse(info=handlers.model_info(self.state, self.keys))
 
     @unary_errors
     def OpenSession(
         self, request: backbone_pb2.OpenSessionRequest, context: grpc.ServicerContext
     ) -> backbone_pb2.OpenSessionResponse:
-        return handlers.handle_open(self.state, owner_of(context), request)
+        return handlers.handle_open(self.state, owner_of(context), request, self.keys)
 
     @unary_errors
     def CloseSession(
@@ -77,7 +102,14 @@ class BackboneServicer:
         session = self._session(context)
         with self.streams.open(context, request_iterator) as requests:
             yield from requests.pace(
-                handlers.handle_train(self.state, session, requests, self.chunk_bytes, self.budget)
+                handlers.handle_train(
+                    self.state,
+                    session,
+                    requests,
+                    self.chunk_bytes,
+                    self.budget,
+                    self._crypto(session),
+                )
             )
 
     @stream_errors
@@ -90,7 +122,12 @@ class BackboneServicer:
         with self.streams.open(context, request_iterator) as requests:
             yield from requests.pace(
                 handlers.handle_generate(
-                    self.state, session, requests, self.chunk_bytes, self.budget
+                    self.state,
+                    session,
+                    requests,
+                    self.chunk_bytes,
+                    self.budget,
+                    self._crypto(session),
                 )
             )
 
@@ -111,10 +148,12 @@ class BackboneServicer:
         return handlers.handle_import(self.state, session, request_iterator, self.budget)
 
 
-def binding(state: BackboneState, options: TransportOptions) -> ServiceBinding:
+def binding(
+    state: BackboneState, options: TransportOptions, keys: BackboneKeys | None = None
+) -> ServiceBinding:
     return service_binding(
         SERVICE,
-        BackboneServicer(state, options),
+        BackboneServicer(state, options, keys),
         [
             handlers.TRAIN_REQUEST,
             handlers.TRAIN_RESPONSE,

@@ -9,7 +9,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -177,6 +177,8 @@ class Session:
     streams: int = 0
     # Bumped by each new training stream; older streams of the session stop.
     generation: int = 0
+    # Activations and gradients are sealed with the session's data keys.
+    encrypted: bool = False
 
     @property
     def body(self) -> Body:
@@ -196,6 +198,7 @@ class Session:
             encoding=self.encoding,
             step=self.step,
             last_result=self.last_result,
+            encrypted=self.encrypted,
         )
 
 
@@ -209,6 +212,8 @@ class BackboneState:
             store = DirectoryStore(settings.state_dir) if settings.state_dir else MemoryStore()
         self.store = store
         self.queue = ComputeQueue()
+        # Called with each session that closes or expires (e.g. to end its keys).
+        self.on_drop: list[Callable[[Session], None]] = []
         self._lock = threading.RLock()
         self._sessions: dict[str, Session] = {}
         self._shared_trainable: Trainable | None = None
@@ -235,6 +240,7 @@ class BackboneState:
         optimizer: OptimizerSettings,
         encoding: str,
         session_id: str = "",
+        encrypted: bool = False,
     ) -> tuple[Session, bool]:
         if model_id and model_id != self.settings.model_id:
             raise NotFoundError(
@@ -247,6 +253,11 @@ class BackboneState:
             )
         if session_id:
             session = self.get_session(session_id, owner)
+            if session.encrypted != encrypted:
+                raise FailedPreconditionError(
+                    f"session {session_id!r} was opened with encrypted={session.encrypted}; "
+                    "resume it with the same setting"
+                )
             return session, True
         with self._lock:
             if len(self._sessions) + len(self._stored) >= self.settings.max_sessions:
@@ -264,6 +275,7 @@ class BackboneState:
                 optimizer_settings=optimizer,
                 encoding=encoding or "raw",
                 trainable=trainable,
+                encrypted=encrypted,
             )
             self._sessions[session.session_id] = session
         self.checkpoint(session)
@@ -331,6 +343,7 @@ class BackboneState:
             trainable=trainable,
             step=record.step,
             last_result=record.last_result,
+            encrypted=record.encrypted,
         )
         self._sessions[session_id] = session
         self._stored.discard(session_id)
@@ -349,6 +362,8 @@ class BackboneState:
         session.cache = None
         session.cache_bytes = 0
         self.store.delete(session.session_id)
+        for hook in self.on_drop:
+            hook(session)
         logger.info("[Backbone] session %s closed", session.session_id)
 
     def sessions(self) -> list[Session]:

@@ -38,6 +38,7 @@ class SessionRecord:
     last_result: dict[str, Any] | None = None
     # Non-tensor optimizer and scheduler state.
     optimizer_meta: dict[str, Any] = field(default_factory=dict)
+    encrypted: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

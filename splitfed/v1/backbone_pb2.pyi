@@ -109,6 +109,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     ENCODINGS_FIELD_NUMBER: _builtins.int
     ADAPTER_MODE_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     family: _builtins.str
     """Model family in splitfed's registry ("llama", "glm", "gpt2", "chatglm")."""
@@ -124,6 +125,8 @@ class ModelInfo(_message.Message):
     max_batch_size: _builtins.int
     adapter_mode: _builtins.str
     """"per-client" (each session trains its own body adapter) or "shared" (one for all)."""
+    encryption: _builtins.bool
+    """Whether the backbone can encrypt activations (it has a key manager to get keys from)."""
     @_builtins.property
     def encodings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Wire encodings the backbone accepts for activations ("raw", "bf16", "int8")."""
@@ -143,10 +146,11 @@ class ModelInfo(_message.Message):
         max_batch_size: _builtins.int = ...,
         encodings: _abc.Iterable[_builtins.str] | None = ...,
         adapter_mode: _builtins.str = ...,
+        encryption: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mode", b"adapter_mode", "dtype", b"dtype", "encodings", b"encodings", "family", b"family", "hidden_size", b"hidden_size", "max_batch_size", b"max_batch_size", "max_sequence_length", b"max_sequence_length", "min_k", b"min_k", "min_m", b"min_m", "model_id", b"model_id", "num_layers", b"num_layers", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mode", b"adapter_mode", "dtype", b"dtype", "encodings", b"encodings", "encryption", b"encryption", "family", b"family", "hidden_size", b"hidden_size", "max_batch_size", b"max_batch_size", "max_sequence_length", b"max_sequence_length", "min_k", b"min_k", "min_m", b"min_m", "model_id", b"model_id", "num_layers", b"num_layers", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,6 +327,7 @@ class OpenSessionRequest(_message.Message):
     OPTIMIZER_FIELD_NUMBER: _builtins.int
     ENCODING_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     k: _builtins.int
     m: _builtins.int
@@ -330,6 +335,10 @@ class OpenSessionRequest(_message.Message):
     """Wire encoding of the activations the backbone returns ("" = "raw")."""
     session_id: _builtins.str
     """Set to resume an existing session of the same owner; empty opens a new one."""
+    encrypted: _builtins.bool
+    """Seal every activation and gradient chunk with the session's data key (AES-256-GCM,
+    keys from the key manager; see docs/security.md). Fixed for the session's life.
+    """
     @_builtins.property
     def adapter(self) -> Global___AdapterConfig: ...
     @_builtins.property
@@ -344,10 +353,11 @@ class OpenSessionRequest(_message.Message):
         optimizer: Global___OptimizerConfig | None = ...,
         encoding: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        encrypted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "encoding", b"encoding", "k", b"k", "m", b"m", "model_id", b"model_id", "optimizer", b"optimizer", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "encoding", b"encoding", "encrypted", b"encrypted", "k", b"k", "m", b"m", "model_id", b"model_id", "optimizer", b"optimizer", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -361,10 +371,12 @@ class OpenSessionResponse(_message.Message):
     INFO_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     RESUMED_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     step: _builtins.int
     """Optimizer steps the body adapter has applied; a resuming client continues after it."""
     resumed: _builtins.bool
+    encrypted: _builtins.bool
     @_builtins.property
     def info(self) -> Global___ModelInfo: ...
     def __init__(
@@ -374,10 +386,11 @@ class OpenSessionResponse(_message.Message):
         info: Global___ModelInfo | None = ...,
         step: _builtins.int = ...,
         resumed: _builtins.bool = ...,
+        encrypted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "resumed", b"resumed", "session_id", b"session_id", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encrypted", b"encrypted", "info", b"info", "resumed", b"resumed", "session_id", b"session_id", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splitfed/v1/tensor.proto\x12\x0bsplitfed.v1\"Z\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.splitfed.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x04 \x01(\t\"\x85\x01\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.splitfed.v1.Dtype\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\x07\x12\x10\n\x08\x65ncoding\x18\x06 \x01(\t\"S\n\x0bTensorChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12)\n\x06header\x18\x02 \x01(\x0b\x32\x19.splitfed.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*\xcf\x01\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0e\n\nDTYPE_INT8\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\nb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splitfed/v1/tensor.proto\x12\x0bsplitfed.v1\"Z\n\x06Tensor\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.splitfed.v1.Dtype\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18\x04 \x01(\t\"\x85\x01\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.splitfed.v1.Dtype\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\x07\x12\x10\n\x08\x65ncoding\x18\x06 \x01(\t\"*\n\tChunkSeal\x12\x0e\n\x06key_id\x18\x01 \x01(\r\x12\r\n\x05nonce\x18\x02 \x01(\x0c\"y\n\x0bTensorChunk\x12\x0b\n\x03seq\x18\x01 \x01(\r\x12)\n\x06header\x18\x02 \x01(\x0b\x32\x19.splitfed.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12$\n\x04seal\x18\x04 \x01(\x0b\x32\x16.splitfed.v1.ChunkSeal*\xcf\x01\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x11\n\rDTYPE_FLOAT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x0f\n\x0b\x44TYPE_INT32\x10\x06\x12\x0f\n\x0b\x44TYPE_INT16\x10\x07\x12\x0e\n\nDTYPE_INT8\x10\x08\x12\x0f\n\x0b\x44TYPE_UINT8\x10\t\x12\x0e\n\nDTYPE_BOOL\x10\nb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitfed.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=355
-  _globals['_DTYPE']._serialized_end=562
+  _globals['_DTYPE']._serialized_start=437
+  _globals['_DTYPE']._serialized_end=644
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=131
   _globals['_TENSORHEADER']._serialized_start=134
   _globals['_TENSORHEADER']._serialized_end=267
-  _globals['_TENSORCHUNK']._serialized_start=269
-  _globals['_TENSORCHUNK']._serialized_end=352
+  _globals['_CHUNKSEAL']._serialized_start=269
+  _globals['_CHUNKSEAL']._serialized_end=311
+  _globals['_TENSORCHUNK']._serialized_start=313
+  _globals['_TENSORCHUNK']._serialized_end=434
 # @@protoc_insertion_point(module_scope)

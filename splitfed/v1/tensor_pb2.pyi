@@ -137,31 +137,61 @@ class TensorHeader(_message.Message):
 Global___TensorHeader: _TypeAlias = TensorHeader  # noqa: Y015
 
 @_typing.final
-class TensorChunk(_message.Message):
+class ChunkSeal(_message.Message):
     """One piece of a chunked tensor. A tensor is sent as chunks with seq 0, 1, 2, ...;
     seq 0 carries the header (and may carry the first bytes), later chunks only bytes.
     A stream may carry several tensors one after another; each starts again at seq 0.
+    Present when activation encryption is on: `data` is the AES-256-GCM ciphertext of the
+    chunk's payload followed by the 16-byte tag (docs/security.md).
     """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    NONCE_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.int
+    """Session data key that sealed the chunk (issued by the key manager)."""
+    nonce: _builtins.bytes
+    """12 bytes: the sender's 4-byte nonce prefix, then a big-endian 8-byte counter."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.int = ...,
+        nonce: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "nonce", b"nonce"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkSeal: _TypeAlias = ChunkSeal  # noqa: Y015
+
+@_typing.final
+class TensorChunk(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQ_FIELD_NUMBER: _builtins.int
     HEADER_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    SEAL_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     data: _builtins.bytes
     @_builtins.property
     def header(self) -> Global___TensorHeader: ...
+    @_builtins.property
+    def seal(self) -> Global___ChunkSeal: ...
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         header: Global___TensorHeader | None = ...,
         data: _builtins.bytes = ...,
+        seal: Global___ChunkSeal | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "seal", b"seal"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "header", b"header", "seal", b"seal", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

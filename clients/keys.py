@@ -1,0 +1,377 @@
+"""Client side of splitfed.v1.KeyManager: enrollment, renewal, admin calls, session keys,
+and the background helpers every service and SDK runs (:class:`CertificateRenewer`,
+:class:`RevocationPoller`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+
+from splitfed.errors import error_from_rpc
+from splitfed.retry import DEFAULT_RETRY, RetryPolicy, call_with_retry
+from splitfed.security.authz import RevocationList
+from splitfed.security.ca import (
+    generate_private_key,
+    make_csr,
+    private_key_pem,
+    write_pem,
+)
+from splitfed.security.tls import TLSConfig
+from splitfed.transport import DEFAULT_OPTIONS, TransportOptions, create_channel, parse_address
+from splitfed.v1 import keys_pb2, keys_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+def _call(fn: Callable[[], object], what: str, retry: RetryPolicy) -> object:
+    try:
+        return call_with_retry(fn, retry, what=what)
+    except grpc.RpcError as err:
+        mapped = error_from_rpc(err)
+        if mapped is not None:
+            raise mapped from None
+        raise
+
+
+@dataclass(frozen=True, repr=False)
+class SessionKeyGrant:
+    session_id: str
+    key_id: int
+    secret: bytes
+    nonce_prefix: bytes
+
+    def __repr__(self) -> str:  # never print key material
+        return f"SessionKeyGrant({self.session_id!r}, key_id={self.key_id})"
+
+
+def _grant(key: keys_pb2.SessionKey) -> SessionKeyGrant:
+    return SessionKeyGrant(key.session_id, key.key_id, key.secret, key.nonce_prefix)
+
+
+@dataclass(frozen=True)
+class Revocations:
+    version: int
+    serials: frozenset[str]
+    records: tuple[keys_pb2.CertificateRecord, ...]
+
+
+class KeyManagerClient:
+    """The key manager's mTLS port, as plain Python calls (errors as splitfed errors)."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.channel = channel
+        self._stub = keys_pb2_grpc.KeyManagerStub(channel)
+        self.retry = retry
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def connect(
+        cls,
+        address: str,
+        tls: TLSConfig,
+        *,
+        server_name: str | None = None,
+        options: TransportOptions = DEFAULT_OPTIONS,
+    ) -> KeyManagerClient:
+        return cls(create_channel(address, tls, server_name=server_name, options=options))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def reconnect(self, tls: TLSConfig, address: str, server_name: str | None = None) -> None:
+        """Use a new channel (e.g. with a renewed certificate) from now on."""
+        old = self.channel
+        self.channel = create_channel(address, tls, server_name=server_name)
+        self._stub = keys_pb2_grpc.KeyManagerStub(self.channel)
+        old.close()
+
+    def renew(self, csr_pem: bytes) -> tuple[bytes, bytes]:
+        r = _call(
+            lambda: self._stub.Renew(
+                keys_pb2.RenewRequest(csr_pem=csr_pem), timeout=self.timeout_s
+            ),
+            "KeyManager.Renew",
+            self.retry,
+        )
+        assert isinstance(r, keys_pb2.RenewResponse)
+        return r.certificate_pem, r.ca_pem
+
+    def create_token(
+        self,
+        identity: str,
+        role: str,
+        *,
+        ttl_s: int = 0,
+        dns_names: tuple[str, ...] = (),
+        ip_addresses: tuple[str, ...] = (),
+    ) -> tuple[str, int]:
+        request = keys_pb2.CreateTokenRequest(
+            identity=identity,
+            role=role,
+            ttl_s=ttl_s,
+            dns_names=dns_names,
+            ip_addresses=ip_addresses,
+        )
+        r = _call(
+            lambda: self._stub.CreateToken(request, timeout=self.timeout_s),
+            "KeyManager.CreateToken",
+            self.retry,
+        )
+        assert isinstance(r, keys_pb2.CreateTokenResponse)
+        return r.token, r.expires_at
+
+    def revoke(self, *, identity: str = "", serial: str = "", reason: str = "") -> int:
+        request = keys_pb2.RevokeRequest(identity=identity, serial=serial, reason=reason)
+        r = _call(
+            lambda: self._stub.Revoke(request, timeout=self.timeout_s),
+            "KeyManager.Revoke",
+            self.retry,
+        )
+        assert isinstance(r, keys_pb2.RevokeResponse)
+        return r.revoked
+
+    def list_certificates(self, identity: str = "") -> list[keys_pb2.CertificateRecord]:
+        r = _call(
+            lambda: self._stub.ListCertificates(
+                keys_pb2.ListCertificatesRequest(identity=identity), timeout=self.timeout_s
+            ),
+            "KeyManager.ListCertificates",
+            self.retry,
+        )
+        assert isinstance(r, keys_pb2.ListCertificatesResponse)
+        return list(r.certificates)
+
+    def revocations(self) -> Revocations:
+        r = _call(
+            lambda: self._stub.GetRevocations(
+                keys_pb2.GetRevocationsRequest(), timeout=self.timeout_s
+            ),
+            "KeyManager.GetRevocations",
+            self.retry,
+        )
+        assert isinstance(r, keys_pb2.GetRevocationsResponse)
+        return Revocations(r.version, frozenset(c.serial for c in r.revoked), tuple(r.revoked))
+
+    def register_session(self, session_id: str, owner: str) -> SessionKeyGrant:
+        request = keys_pb2.RegisterSessionRequest(session_id=session_id, owner=owner)
+        r = _call(
+            lambda: self._stub.RegisterSession(request, timeout=self.timeout_s),
+            "KeyManager.RegisterSession",
+            self.retry,
+        )
+        assert isinstance(r, keys_pb2.RegisterSessionResponse)
+        return _grant(r.key)
+
+    def session_key(self, session_id: str, key_id: int = 0) -> SessionKeyGrant:
+        request = keys_pb2.GetSessionKeyRequest(session_id=session_id, key_id=key_id)
+        r = _call(
+            lambda: self._stub.GetSessionKey(request, timeout=self.timeout_s),
+            "KeyManager.GetSessionKey",
+            self.retry,
+        )
+        assert isinstance(r, keys_pb2.GetSessionKeyResponse)
+        return _grant(r.key)
+
+    def rotate_session_key(self, session_id: str) -> SessionKeyGrant:
+        request = keys_pb2.RotateSessionKeyRequest(session_id=session_id)
+        r = _call(
+            lambda: self._stub.RotateSessionKey(request, timeout=self.timeout_s),
+            "KeyManager.RotateSessionKey",
+            self.retry,
+        )
+        assert isinstance(r, keys_pb2.RotateSessionKeyResponse)
+        return _grant(r.key)
+
+    def end_session(self, session_id: str) -> None:
+        request = keys_pb2.EndSessionRequest(session_id=session_id)
+        _call(
+            lambda: self._stub.EndSession(request, timeout=self.timeout_s),
+            "KeyManager.EndSession",
+            self.retry,
+        )
+
+
+def enroll(
+    address: str,
+    ca_pem: bytes,
+    token: str,
+    identity: str,
+    out_dir: Path,
+    *,
+    server_name: str | None = None,
+    timeout_s: float = 30.0,
+) -> x509.Certificate:
+    """Enroll this party: generate its private key here, send a CSR and the bootstrap
+    token to the key manager's enrollment port (server-authenticated TLS against
+    ``ca_pem``), and write ``key.pem`` (0600), ``cert.pem`` and ``ca.pem`` to ``out_dir``."""
+    parse_address(address)
+    key = generate_private_key()
+    options = [*DEFAULT_OPTIONS.channel_options()]
+    if server_name is not None:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    channel = grpc.secure_channel(
+        address, grpc.ssl_channel_credentials(root_certificates=ca_pem), options=options
+    )
+    try:
+        stub = keys_pb2_grpc.KeyManagerStub(channel)
+        response = _call(
+            lambda: stub.Enroll(
+                keys_pb2.EnrollRequest(token=token, csr_pem=make_csr(key, identity)),
+                timeout=timeout_s,
+            ),
+            "KeyManager.Enroll",
+            DEFAULT_RETRY,
+        )
+    finally:
+        channel.close()
+    assert isinstance(response, keys_pb2.EnrollResponse)
+    write_pem(out_dir / "key.pem", private_key_pem(key), private=True)
+    write_pem(out_dir / "cert.pem", response.certificate_pem, private=False)
+    write_pem(out_dir / "ca.pem", response.ca_pem, private=False)
+    return x509.load_pem_x509_certificate(response.certificate_pem)
+
+
+def renew_certificate(client: KeyManagerClient, tls_dir: Path, identity: str) -> x509.Certificate:
+    """Renew the certificate in ``tls_dir`` over mTLS with a fresh local key."""
+    key = generate_private_key()
+    cert_pem, ca_pem = client.renew(make_csr(key, identity))
+    # The key first: a reader that sees the new key with the old certificate refuses the
+    # pair (TLSConfig checks they match) and retries; cert.pem then completes the switch.
+    write_pem(tls_dir / "key.pem.next", private_key_pem(key), private=True)
+    write_pem(tls_dir / "cert.pem.next", cert_pem, private=False)
+    (tls_dir / "key.pem.next").replace(tls_dir / "key.pem")
+    (tls_dir / "cert.pem.next").replace(tls_dir / "cert.pem")
+    write_pem(tls_dir / "ca.pem", ca_pem, private=False)
+    return x509.load_pem_x509_certificate(cert_pem)
+
+
+def _lifetime(tls_dir: Path) -> tuple[str, dt.datetime, dt.datetime]:
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_pem_x509_certificate((tls_dir / "cert.pem").read_bytes())
+    name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    return str(name), cert.not_valid_before_utc, cert.not_valid_after_utc
+
+
+class _Periodic:
+    """A daemon thread running ``tick`` every ``period_s`` until :meth:`stop`."""
+
+    def __init__(self, name: str, period_s: float) -> None:
+        self.period_s = period_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self.tick()
+            except Exception:  # keep going: the next tick may succeed
+                logger.warning("[%s] tick failed", self._thread.name, exc_info=True)
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+
+class CertificateRenewer(_Periodic):
+    """Renews the certificate in ``tls_dir`` once ``renew_fraction`` of its lifetime has
+    passed. Servers re-read the directory on new connections; channels made afterwards
+    (``TLSConfig.from_dir``) present the new certificate."""
+
+    def __init__(
+        self,
+        tls_dir: Path,
+        keymanager: str,
+        *,
+        server_name: str | None = None,
+        renew_fraction: float = 2 / 3,
+        check_every_s: float = 60.0,
+        on_renew: Callable[[x509.Certificate], None] | None = None,
+    ) -> None:
+        if not 0 < renew_fraction < 1:
+            raise ValueError(f"renew_fraction must be in (0, 1), got {renew_fraction}")
+        super().__init__("certificate-renewer", check_every_s)
+        self.tls_dir = tls_dir
+        self.keymanager = keymanager
+        self.server_name = server_name
+        self.renew_fraction = renew_fraction
+        self.on_renew = on_renew
+        self.renewals = 0
+
+    def due(self, now: dt.datetime | None = None) -> bool:
+        _, start, end = _lifetime(self.tls_dir)
+        now = now or dt.datetime.now(dt.UTC)
+        return now >= start + (end - start) * self.renew_fraction
+
+    def tick(self) -> None:
+        if self.due():
+            self.renew_now()
+
+    def renew_now(self) -> x509.Certificate:
+        identity = _lifetime(self.tls_dir)[0]
+        client = KeyManagerClient.connect(
+            self.keymanager, TLSConfig.from_dir(self.tls_dir), server_name=self.server_name
+        )
+        try:
+            cert = renew_certificate(client, self.tls_dir, identity)
+        finally:
+            client.close()
+        self.renewals += 1
+        logger.info(
+            "[CertificateRenewer] renewed %s, valid until %s",
+            identity,
+            cert.not_valid_after_utc.isoformat(),
+        )
+        if self.on_renew is not None:
+            self.on_renew(cert)
+        return cert
+
+
+class RevocationPoller(_Periodic):
+    """Fetches the key manager's revocation list every ``period_s`` into ``revocations``
+    (which ends the open streams of newly revoked certificates)."""
+
+    def __init__(
+        self,
+        revocations: RevocationList,
+        keymanager: str,
+        tls: Callable[[], TLSConfig],
+        *,
+        server_name: str | None = None,
+        period_s: float = 10.0,
+    ) -> None:
+        super().__init__("revocation-poller", period_s)
+        self.revocations = revocations
+        self.keymanager = keymanager
+        self.tls = tls
+        self.server_name = server_name
+
+    def tick(self) -> None:
+        client = KeyManagerClient.connect(
+            self.keymanager, self.tls().reload(), server_name=self.server_name
+        )
+        try:
+            state = client.revocations()
+        finally:
+            client.close()
+        self.revocations.update(state.version, state.serials)

@@ -1,0 +1,1 @@
+"""The key manager: deployment CA, enrollment, renewal, revocation, session data keys."""

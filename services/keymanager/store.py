@@ -1,0 +1,492 @@
+"""Persistent state of the key manager, in one SQLite database.
+
+Tables: bootstrap tokens (only their SHA-256 digests), issued certificates with their
+revocation state, sessions with their data keys (sealed with AES-256-GCM under a key
+derived from the key-encryption key), counters, and an append-only audit log of every
+issuance and revocation. Every change is one transaction, so a crash leaves either the
+old or the new state; ``path=None`` keeps everything in memory (tests).
+
+The store never sees a party's private key; session data keys exist in the clear only in
+memory while they are handed out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    digest TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    role TEXT NOT NULL,
+    dns_names TEXT NOT NULL,
+    ip_addresses TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    used_at REAL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    identity TEXT NOT NULL,
+    role TEXT NOT NULL,
+    not_before REAL NOT NULL,
+    not_after REAL NOT NULL,
+    pem BLOB NOT NULL,
+    revoked_at REAL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS certificates_identity ON certificates (identity);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    backbone TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    current_key INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS session_keys (
+    session_id TEXT NOT NULL,
+    key_id INTEGER NOT NULL,
+    sealed BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    next_prefix INTEGER NOT NULL,
+    PRIMARY KEY (session_id, key_id)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+"""
+
+# Nonce prefixes are 4 bytes: each key hands out at most this many.
+MAX_PREFIXES = 1 << 32
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    identity: str
+    role: str
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
+    expires_at: float
+    used_at: float | None
+
+
+@dataclass(frozen=True)
+class CertificateRow:
+    serial: str
+    identity: str
+    role: str
+    not_before: float
+    not_after: float
+    revoked_at: float | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    session_id: str
+    owner: str
+    backbone: str
+    current_key: int
+
+
+@dataclass(frozen=True, repr=False)
+class IssuedKey:
+    session_id: str
+    key_id: int
+    secret: bytes
+    nonce_prefix: bytes
+
+    def __repr__(self) -> str:  # never print key material
+        return f"IssuedKey({self.session_id!r}, key_id={self.key_id})"
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    at: float
+    actor: str
+    action: str
+    subject: str
+    detail: str
+
+
+class TokenRefusedError(Exception):
+    """An enrollment token is unknown, used or expired (the message says which)."""
+
+
+class KeyStore:
+    """All durable state of a key manager. Thread-safe; one writer at a time."""
+
+    def __init__(self, path: Path | None, kek: bytes) -> None:
+        if len(kek) < 16:
+            raise ValueError("the key-encryption key must be at least 16 bytes")
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                # Created 0600 before SQLite opens it.
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self._db = sqlite3.connect(
+            ":memory:" if path is None else str(path), check_same_thread=False, isolation_level=None
+        )
+        if path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self._aead = AESGCM(
+            HKDF(
+                algorithm=hashes.SHA256(), length=32, salt=None, info=b"splitfed session keys v1"
+            ).derive(kek)
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _audit(
+        self, db: sqlite3.Connection, actor: str, action: str, subject: str, **detail: object
+    ) -> None:
+        db.execute(
+            "INSERT INTO audit (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), actor, action, subject, json.dumps(detail, sort_keys=True)),
+        )
+
+    # --- tokens -----------------------------------------------------------------------
+
+    def create_token(
+        self,
+        identity: str,
+        role: str,
+        ttl_s: float,
+        *,
+        actor: str,
+        dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[str] = (),
+    ) -> tuple[str, float]:
+        """A fresh one-time token and its expiry; only its digest is stored."""
+        token = secrets.token_urlsafe(32)
+        now = time.time()
+        expires = now + ttl_s
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                (
+                    token_digest(token),
+                    identity,
+                    role,
+                    json.dumps(list(dns_names)),
+                    json.dumps(list(ip_addresses)),
+                    now,
+                    expires,
+                ),
+            )
+            self._audit(db, actor, "token.create", identity, role=role, expires_at=expires)
+        return token, expires
+
+    def peek_token(self, token: str) -> TokenRecord:
+        """The token's grant; raises :class:`TokenRefusedError` if it cannot be used now."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT identity, role, dns_names, ip_addresses, expires_at, used_at "
+                "FROM tokens WHERE digest = ?",
+                (token_digest(token),),
+            ).fetchone()
+        if row is None:
+            raise TokenRefusedError("unknown enrollment token")
+        record = TokenRecord(
+            row[0], row[1], tuple(json.loads(row[2])), tuple(json.loads(row[3])), row[4], row[5]
+        )
+        if record.used_at is not None:
+            raise TokenRefusedError("enrollment token was already used")
+        if record.expires_at <= time.time():
+            raise TokenRefusedError("enrollment token has expired; ask the operator for a new one")
+        return record
+
+    def consume_token(self, token: str, certificate: CertificateRow, pem: bytes) -> None:
+        """Mark the token used and record the certificate it bought, atomically: of two
+        concurrent enrollments with one token, exactly one succeeds."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE tokens SET used_at = ? WHERE digest = ? AND used_at IS NULL "
+                "AND expires_at > ?",
+                (time.time(), token_digest(token), time.time()),
+            )
+            if cursor.rowcount != 1:
+                raise TokenRefusedError("enrollment token was already used or has expired")
+            self._insert_certificate(db, certificate, pem)
+            self._audit(
+                db,
+                f"token/{certificate.identity}",
+                "certificate.enroll",
+                certificate.identity,
+                role=certificate.role,
+                serial=certificate.serial,
+                not_after=certificate.not_after,
+            )
+
+    # --- certificates -----------------------------------------------------------------
+
+    def _insert_certificate(
+        self, db: sqlite3.Connection, certificate: CertificateRow, pem: bytes
+    ) -> None:
+        db.execute(
+            "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, NULL, '')",
+            (
+                certificate.serial,
+                certificate.identity,
+                certificate.role,
+                certificate.not_before,
+                certificate.not_after,
+                pem,
+            ),
+        )
+
+    def record_certificate(
+        self, certificate: CertificateRow, pem: bytes, *, actor: str, action: str
+    ) -> None:
+        with self._tx() as db:
+            self._insert_certificate(db, certificate, pem)
+            self._audit(
+                db,
+                actor,
+                action,
+                certificate.identity,
+                role=certificate.role,
+                serial=certificate.serial,
+                not_after=certificate.not_after,
+            )
+
+    def certificates(self, identity: str = "") -> list[CertificateRow]:
+        query = (
+            "SELECT serial, identity, role, not_before, not_after, revoked_at, reason "
+            "FROM certificates"
+        )
+        args: tuple[str, ...] = ()
+        if identity:
+            query += " WHERE identity = ?"
+            args = (identity,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY not_before, serial", args).fetchall()
+        return [CertificateRow(*row) for row in rows]
+
+    def certificate(self, serial: str) -> CertificateRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT serial, identity, role, not_before, not_after, revoked_at, reason "
+                "FROM certificates WHERE serial = ?",
+                (serial,),
+            ).fetchone()
+        return None if row is None else CertificateRow(*row)
+
+    def revoke(self, *, identity: str = "", serial: str = "", reason: str, actor: str) -> int:
+        """Revoke all certificates of ``identity`` (and delete its unused tokens) or the
+        one with ``serial``; returns how many certificates were newly revoked."""
+        if bool(identity) == bool(serial):
+            raise ValueError("revoke needs exactly one of identity or serial")
+        now = time.time()
+        with self._tx() as db:
+            if identity:
+                cursor = db.execute(
+                    "UPDATE certificates SET revoked_at = ?, reason = ? "
+                    "WHERE identity = ? AND revoked_at IS NULL",
+                    (now, reason, identity),
+                )
+                db.execute("DELETE FROM tokens WHERE identity = ? AND used_at IS NULL", (identity,))
+            else:
+                cursor = db.execute(
+                    "UPDATE certificates SET revoked_at = ?, reason = ? "
+                    "WHERE serial = ? AND revoked_at IS NULL",
+                    (now, reason, serial),
+                )
+            count = cursor.rowcount
+            if count:
+                db.execute(
+                    "INSERT INTO counters VALUES ('revocations', 1) "
+                    "ON CONFLICT(name) DO UPDATE SET value = value + 1"
+                )
+            self._audit(
+                db, actor, "certificate.revoke", identity or serial, reason=reason, count=count
+            )
+        return count
+
+    def revocations(self) -> tuple[int, list[CertificateRow]]:
+        """The revocation version and the revoked certificates not yet expired."""
+        with self._lock:
+            version_row = self._db.execute(
+                "SELECT value FROM counters WHERE name = 'revocations'"
+            ).fetchone()
+            rows = self._db.execute(
+                "SELECT serial, identity, role, not_before, not_after, revoked_at, reason "
+                "FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ?",
+                (time.time(),),
+            ).fetchall()
+        return (version_row[0] if version_row else 0), [CertificateRow(*r) for r in rows]
+
+    def is_revoked(self, serial: str) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)
+            ).fetchone()
+        return row is not None and row[0] is not None
+
+    # --- session data keys ------------------------------------------------------------
+
+    def _seal(self, session_id: str, key_id: int, secret: bytes) -> bytes:
+        nonce = secrets.token_bytes(12)
+        return nonce + self._aead.encrypt(nonce, secret, f"{session_id}/{key_id}".encode())
+
+    def _unseal(self, session_id: str, key_id: int, sealed: bytes) -> bytes:
+        try:
+            return self._aead.decrypt(sealed[:12], sealed[12:], f"{session_id}/{key_id}".encode())
+        except InvalidTag:
+            raise ValueError(
+                "a stored session key does not decrypt: wrong key-encryption key?"
+            ) from None
+
+    def session(self, session_id: str) -> SessionRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT session_id, owner, backbone, current_key FROM sessions "
+                "WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()
+        return None if row is None else SessionRow(*row)
+
+    def register_session(self, session_id: str, owner: str, backbone: str) -> SessionRow:
+        """Record a session (idempotent for the same owner and backbone) with key 1."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT session_id, owner, backbone, current_key FROM sessions "
+                "WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()
+            if row is not None:
+                return SessionRow(*row)
+            db.execute(
+                "INSERT INTO sessions VALUES (?, ?, ?, ?, 1)",
+                (session_id, owner, backbone, time.time()),
+            )
+            self._insert_key(db, session_id, 1)
+            self._audit(db, backbone, "session.register", session_id, owner=owner)
+        return SessionRow(session_id, owner, backbone, 1)
+
+    def _insert_key(self, db: sqlite3.Connection, session_id: str, key_id: int) -> None:
+        db.execute(
+            "INSERT INTO session_keys VALUES (?, ?, ?, ?, 0)",
+            (
+                session_id,
+                key_id,
+                self._seal(session_id, key_id, secrets.token_bytes(32)),
+                time.time(),
+            ),
+        )
+
+    def issue_key(self, session_id: str, key_id: int = 0) -> IssuedKey:
+        """Key ``key_id`` of a session (0: the current one) with a nonce prefix never
+        handed out before for that key, also across restarts."""
+        with self._tx() as db:
+            session = db.execute(
+                "SELECT current_key FROM sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            if session is None:
+                raise KeyError(f"no session {session_id!r}")
+            wanted = key_id or session[0]
+            row = db.execute(
+                "SELECT sealed, next_prefix FROM session_keys WHERE session_id = ? AND key_id = ?",
+                (session_id, wanted),
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"session {session_id!r} has no key {wanted} (retired or unknown)")
+            if row[1] >= MAX_PREFIXES:
+                raise OverflowError(f"key {wanted} of {session_id!r} has no nonce prefixes left")
+            db.execute(
+                "UPDATE session_keys SET next_prefix = next_prefix + 1 "
+                "WHERE session_id = ? AND key_id = ?",
+                (session_id, wanted),
+            )
+        secret = self._unseal(session_id, wanted, row[0])
+        return IssuedKey(session_id, wanted, secret, int(row[1]).to_bytes(4, "big"))
+
+    def rotate_key(self, session_id: str, actor: str) -> int:
+        """Make a new current key; keep the previous one (frames in flight), destroy older."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT current_key FROM sessions WHERE session_id = ?", (session_id,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"no session {session_id!r}")
+            new = int(row[0]) + 1
+            self._insert_key(db, session_id, new)
+            db.execute(
+                "UPDATE sessions SET current_key = ? WHERE session_id = ?", (new, session_id)
+            )
+            db.execute(
+                "DELETE FROM session_keys WHERE session_id = ? AND key_id < ?",
+                (session_id, new - 1),
+            )
+            self._audit(db, actor, "session.rotate", session_id, key_id=new)
+        return new
+
+    def end_session(self, session_id: str, actor: str) -> bool:
+        with self._tx() as db:
+            db.execute("DELETE FROM session_keys WHERE session_id = ?", (session_id,))
+            count = db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount
+            if count:
+                self._audit(db, actor, "session.end", session_id)
+        return bool(count)
+
+    def key_ids(self, session_id: str) -> list[int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key_id FROM session_keys WHERE session_id = ? ORDER BY key_id",
+                (session_id,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # --- audit --------------------------------------------------------------------------
+
+    def audit_log(self) -> list[AuditEntry]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT at, actor, action, subject, detail FROM audit ORDER BY id"
+            ).fetchall()
+        return [AuditEntry(*row) for row in rows]
