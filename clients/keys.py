@@ -266,7 +266,7 @@ def _lifetime(tls_dir: Path) -> tuple[str, dt.datetime, dt.datetime]:
     return str(name), cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
-class _Periodic:
+class Periodic:
     """A daemon thread running ``tick`` every ``period_s`` until :meth:`stop`."""
 
     def __init__(self, name: str, period_s: float) -> None:
@@ -293,7 +293,7 @@ class _Periodic:
         raise NotImplementedError
 
 
-class CertificateRenewer(_Periodic):
+class CertificateRenewer(Periodic):
     """Renews the certificate in ``tls_dir`` once ``renew_fraction`` of its lifetime has
     passed. Servers re-read the directory on new connections; channels made afterwards
     (``TLSConfig.from_dir``) present the new certificate."""
@@ -347,7 +347,7 @@ class CertificateRenewer(_Periodic):
         return cert
 
 
-class RevocationPoller(_Periodic):
+class RevocationPoller(Periodic):
     """Fetches the key manager's revocation list every ``period_s`` into ``revocations``
     (which ends the open streams of newly revoked certificates)."""
 

@@ -26,6 +26,9 @@ from splitfed.errors import (
 from splitfed.security.ca import (
     DEFAULT_TRUST_DOMAIN,
     CertificateAuthority,
+    generate_private_key,
+    make_csr,
+    private_key_pem,
     validate_identity,
     validate_role,
     write_pem,
@@ -262,6 +265,37 @@ class KeyAuthority:
             )
         except ValueError as exc:
             raise InvalidArgumentError(str(exc)) from None
+
+    def renew_own(self, tls_dir: Path, renew_fraction: float = 2 / 3) -> bool:
+        """Renew the key manager's own server certificate in ``tls_dir`` (it signs it
+        itself) once ``renew_fraction`` of its lifetime has passed; True if renewed."""
+        current = x509.load_pem_x509_certificate((tls_dir / "cert.pem").read_bytes())
+        start, end = current.not_valid_before_utc, current.not_valid_after_utc
+        if dt.datetime.now(dt.UTC) < start + (end - start) * renew_fraction:
+            return False
+        try:
+            sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            dns_names = tuple(sans.get_values_for_type(x509.DNSName))
+            ips = tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
+        except x509.ExtensionNotFound:
+            dns_names, ips = (), ()
+        key = generate_private_key()
+        pem = self._sign(
+            make_csr(key, KEYMANAGER_IDENTITY), KEYMANAGER_IDENTITY, "keymanager", dns_names, ips
+        )
+        self.store.record_certificate(
+            certificate_row(pem, KEYMANAGER_IDENTITY, "keymanager"),
+            pem,
+            actor="keymanager",
+            action="certificate.renew",
+        )
+        # The key first: a reader that sees the new key with the old certificate refuses
+        # the pair and keeps the old material until cert.pem follows.
+        write_pem(tls_dir / "key.pem", private_key_pem(key), private=True)
+        write_pem(tls_dir / "cert.pem", pem, private=False)
+        write_pem(tls_dir / "ca.pem", self.ca.cert_pem, private=False)
+        logger.info("[KeyAuthority] renewed the key manager's own certificate in %s", tls_dir)
+        return True
 
     def revoke(self, actor: Identity, *, identity: str = "", serial: str = "", reason: str) -> int:
         if bool(identity) == bool(serial):

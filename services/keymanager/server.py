@@ -6,6 +6,7 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitfed.clients.keys import Periodic
 from splitfed.security.authz import AuthorizationInterceptor, RevocationList
 from splitfed.security.tls import TLSConfig
 from splitfed.services.keymanager.authority import SERVER_DIR, KeyAuthority
@@ -15,19 +16,36 @@ from splitfed.serving import ServerSettings
 from splitfed.transport import Server, TransportOptions, create_server
 
 
+class SelfRenewer(Periodic):
+    """Keeps the key manager's own server certificate fresh (it is its own CA)."""
+
+    def __init__(self, authority: KeyAuthority, tls_dir: Path, check_every_s: float) -> None:
+        super().__init__("keymanager-self-renewer", check_every_s)
+        self.authority = authority
+        self.tls_dir = tls_dir
+
+    def tick(self) -> None:
+        self.authority.renew_own(self.tls_dir)
+
+
 @dataclass
 class KeyManagerServers:
     authority: KeyAuthority
     main: Server
     enroll: Server
     revocations: RevocationList
+    renewer: SelfRenewer | None = None
 
     def start(self) -> KeyManagerServers:
         self.main.start()
         self.enroll.start()
+        if self.renewer is not None:
+            self.renewer.start()
         return self
 
     def stop(self, grace_s: float | None = 5.0) -> None:
+        if self.renewer is not None:
+            self.renewer.stop()
         self.enroll.stop(grace_s)
         self.main.stop(grace_s)
         self.authority.close()
@@ -66,6 +84,8 @@ def build_servers(
         max_token_ttl=dt.timedelta(seconds=settings.max_token_ttl_s),
     )
     try:
+        if tls.source_dir is not None and authority.renew_own(tls.source_dir):
+            tls = tls.reload()  # an expired certificate would not even start
         revocations = RevocationList()
 
         def refresh() -> None:
@@ -97,4 +117,7 @@ def build_servers(
     except BaseException:
         authority.close()
         raise
-    return KeyManagerServers(authority, main, enroll, revocations)
+    renewer = None
+    if tls.source_dir is not None:
+        renewer = SelfRenewer(authority, tls.source_dir, settings.renew_check_s)
+    return KeyManagerServers(authority, main, enroll, revocations, renewer)

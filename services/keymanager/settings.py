@@ -25,6 +25,8 @@ class KeyManagerSettings:
     certificate_validity_s: float = 24 * 3600.0
     token_ttl_s: float = 24 * 3600.0
     max_token_ttl_s: float = 7 * 24 * 3600.0
+    # How often the key manager checks whether its own certificate needs renewing.
+    renew_check_s: float = 60.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))
@@ -35,6 +37,8 @@ class KeyManagerSettings:
             raise ValueError(
                 f"certificate_validity_s must be >= 60, got {self.certificate_validity_s}"
             )
+        if self.renew_check_s <= 0:
+            raise ValueError(f"renew_check_s must be positive, got {self.renew_check_s}")
         if not 0 < self.token_ttl_s <= self.max_token_ttl_s:
             raise ValueError(
                 f"token_ttl_s must be in (0, max_token_ttl_s={self.max_token_ttl_s}], "

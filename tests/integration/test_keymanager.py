@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from helpers import wait_until
 from prometheus_client import REGISTRY
-from security_kit import SERVER_NAME, KeyManagerKit, keymanager_kit
+from security_kit import KEK, SERVER_NAME, KeyManagerKit, keymanager_kit
 
 from splitfed.cli import cli
 from splitfed.clients.diagnostics import DiagnosticsClient
@@ -29,6 +29,7 @@ from splitfed.security.tls import TLSConfig
 from splitfed.services.diagnostics import binding as diagnostics_binding
 from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
 from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
+from splitfed.services.keymanager.authority import KeyAuthority
 from splitfed.transport import create_channel, create_server
 
 
@@ -267,3 +268,25 @@ def test_a_server_serves_its_renewed_certificate_without_a_restart(
         renewer.stop()
         server.stop(0)
         kit.stop()
+
+
+def test_the_key_manager_renews_its_own_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kit = keymanager_kit(tmp_path, monkeypatch)
+    server_dir = kit.state_dir / "server"
+    authority = KeyAuthority(kit.state_dir, KEK.encode())
+    before = (server_dir / "cert.pem").read_bytes()
+    assert not authority.renew_own(server_dir)
+    assert authority.renew_own(server_dir, renew_fraction=1e-9)
+    after = x509.load_pem_x509_certificate((server_dir / "cert.pem").read_bytes())
+    assert (server_dir / "cert.pem").read_bytes() != before
+    assert after.subject.rfc4514_string() == "CN=keymanager,OU=keymanager,O=splitfed"
+    TLSConfig.from_dir(server_dir).verify_own_certificate()
+    authority.close()
+    kit.start()  # and serves with it
+    admin = kit.admin()
+    serials = {c.serial for c in admin.list_certificates("keymanager")}
+    assert format(after.serial_number, "x") in serials and len(serials) == 2
+    admin.close()
+    kit.stop()
