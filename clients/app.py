@@ -21,6 +21,7 @@ from splitfed.clients.backbone import (
     RemoteBodyStage,
     client_crypto,
 )
+from splitfed.clients.federated import AggregatorClient, FederatedTrainer
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
@@ -31,8 +32,29 @@ from splitfed.models.optim import OptimizerSettings
 from splitfed.security.tls import TLSConfig
 from splitfed.services.backbone.handlers import adapter_config
 from splitfed.serving import ConnectSettings, SecuritySettings
-from splitfed.transport import create_channel
+from splitfed.transport import create_channel, parse_address
 from splitfed.v1 import backbone_pb2
+
+
+@dataclass(frozen=True)
+class FederatedSettings:
+    """The [federated] section: train as a member of a federation on an aggregator."""
+
+    aggregator: str
+    federation: str
+    # The name the aggregator's certificate carries (default: the host in aggregator).
+    server_name: str | None = None
+    # Give up if the federation has not finished after this long.
+    max_wait_s: float = 3600.0
+    # Keep a copy of every update sent (round<r>-attempt<a>.safetensors) here.
+    record_updates: Path | None = None
+
+    def __post_init__(self) -> None:
+        parse_address(self.aggregator)
+        if not self.federation:
+            raise ValueError("federation is required")
+        if self.max_wait_s <= 0:
+            raise ValueError(f"max_wait_s must be positive, got {self.max_wait_s}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,7 @@ class ClientConfig:
     optimizer: OptimizerSettings
     generation: SamplingOptions
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    federated: FederatedSettings | None = None
 
     @classmethod
     def load(cls, path: Path, **training_overrides: Any) -> ClientConfig:
@@ -61,6 +84,11 @@ class ClientConfig:
             ),
             security=build(
                 SecuritySettings, section(config, "security", required=False), "security"
+            ),
+            federated=(
+                build(FederatedSettings, section(config, "federated"), "federated")
+                if "federated" in config
+                else None
             ),
         )
 
@@ -183,3 +211,41 @@ def make_trainer(
     return SplitTrainer(
         client, config.training, config.adapter, config.optimizer, keymanager=keymanager
     )
+
+
+@contextmanager
+def federated_trainer(
+    client: BackboneClient, config: ClientConfig, keymanager: KeyManagerClient | None = None
+) -> Iterator[FederatedTrainer]:
+    """A :class:`FederatedTrainer` for the [federated] section, with its aggregator channel."""
+    federated = config.federated
+    if federated is None:
+        raise ValueError("the config has no [federated] section")
+    tls = config.backbone.tls()
+    channel = create_channel(
+        federated.aggregator,
+        tls,
+        server_name=federated.server_name,
+        options=config.backbone.options(),
+    )
+    with channel:
+        trainer = make_trainer(client, config, keymanager)
+        yield FederatedTrainer(
+            trainer,
+            AggregatorClient(channel, chunk_bytes=config.backbone.chunk_bytes),
+            federated.federation,
+            identity=certificate_identity(tls),
+            record_dir=federated.record_updates,
+        )
+
+
+def certificate_identity(tls: TLSConfig) -> str:
+    """The identity (subject common name) in this party's certificate; "" without TLS."""
+    if tls.cert_chain is None:
+        return ""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_pem_x509_certificates(tls.cert_chain)[0]
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""

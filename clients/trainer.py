@@ -554,6 +554,11 @@ class SplitTrainer:
         """The client's adapter (head and tail) under global names."""
         return {**adapter_state(self.head), **adapter_state(self.tail)}
 
+    def load_adapter_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Set the head and tail adapters (global names; e.g. a federation's version)."""
+        for part in (self.head, self.tail):
+            load_adapter_state(part, tensors)
+
     # --- checkpoints ---------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:

@@ -356,6 +356,9 @@ def train(ctx: click.Context, config_path: Path, max_steps: int | None) -> None:
         _fail(ctx, exc, usage=True)
         return
     try:
+        if config.federated is not None:
+            run_federated(config)
+            return
         with backbone_client(config.backbone) as client, keymanager_for(config) as keys:
             trainer = make_trainer(client, config, keys)
             session = trainer.start()
@@ -392,6 +395,32 @@ def train(ctx: click.Context, config_path: Path, max_steps: int | None) -> None:
         if last.epsilon is not None:
             line += f", privacy spent epsilon {last.epsilon:.4g} at delta {last.delta}"
         click.echo(line)
+
+
+def run_federated(config: Any) -> None:
+    """``splitfed train`` with a [federated] section: the federation's rounds."""
+    from splitfed.clients.app import backbone_client, federated_trainer, keymanager_for
+    from splitfed.clients.federated import RoundReport
+
+    with (
+        backbone_client(config.backbone) as client,
+        keymanager_for(config) as keys,
+        federated_trainer(client, config, keys) as federated,
+    ):
+        click.echo(
+            f"federation {config.federated.federation} on {config.federated.aggregator} "
+            f"as {federated.identity or 'anonymous'}"
+        )
+
+        def on_round(report: RoundReport) -> None:
+            click.echo(
+                f"round {report.round}: trained from version {report.version}, "
+                f"loss {report.losses[0]:.4f} -> {report.losses[-1]:.4f}, uploaded"
+            )
+
+        reports = federated.run(on_round=on_round, max_wait_s=config.federated.max_wait_s)
+        federated.trainer.close()
+    click.echo(f"federation finished at version {federated.version} after {len(reports)} round(s)")
 
 
 @cli.command()

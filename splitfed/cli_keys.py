@@ -379,3 +379,56 @@ def serve_keymanager(
         stop_on_stdin_eof=stop_on_stdin_eof,
         port_text=f"{servers.main.port} {servers.enroll.port}",
     )
+
+
+@serve.command("aggregator")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="YAML or TOML file with [aggregator], [server] and [security] sections.",
+)
+@click.option("--listen", default=None, help="host:port (overrides [server] listen).")
+@click.option(
+    "--port-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the bound port here once serving.",
+)
+@click.option("--stop-on-stdin-eof", is_flag=True, help="Also stop when standard input closes.")
+@click.pass_context
+def serve_aggregator(
+    ctx: click.Context,
+    config_path: Path,
+    listen: str | None,
+    port_file: Path | None,
+    stop_on_stdin_eof: bool,
+) -> None:
+    """Serve splitfed.v1.Aggregator: federated rounds over clients' adapters."""
+    from splitfed.config import build, read_config, section
+    from splitfed.services.aggregator.server import build_server
+    from splitfed.services.aggregator.settings import AggregatorSettings
+    from splitfed.serving import SecuritySettings, ServerSettings
+
+    try:
+        config = read_config(config_path)
+        settings = build(AggregatorSettings, section(config, "aggregator"), "aggregator")
+        server = build(ServerSettings, section(config, "server", required=False), "server")
+        security = build(SecuritySettings, section(config, "security", required=False), "security")
+        aggregator = build_server(settings, server, security, listen=listen)
+    except ValueError as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    except OSError as exc:
+        _fail(ctx, exc, usage=False)
+        return
+    aggregator.security.start()
+    aggregator.ticker.start()
+    run_until_signalled(
+        aggregator.server,
+        port_file=port_file,
+        grace_s=server.grace_s,
+        stop_on_stdin_eof=stop_on_stdin_eof,
+    )
+    aggregator.ticker.stop()
+    aggregator.security.stop()

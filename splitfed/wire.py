@@ -498,6 +498,8 @@ class FrameSpec(Generic[M]):
 
     def _parse_slow(self, raw: bytes) -> IncomingFrame[M]:
         message = self.message_type.FromString(raw)
+        if not message.HasField(self.chunk_field):  # touching it would make it present
+            return IncomingFrame(message, memoryview(b""), self.chunk_field)
         chunk: tensor_pb2.TensorChunk = getattr(message, self.chunk_field)
         data = chunk.data
         chunk.ClearField("data")

@@ -1,0 +1,354 @@
+"""Client side of splitfed.v1.Aggregator: the calls, and :class:`FederatedTrainer`, which
+runs a :class:`~splitfed.clients.trainer.SplitTrainer` through a federation's rounds.
+
+A federation's global adapter at version v is the seeded initial adapter (every party
+builds the same one from the federation's ``adapter_seed``) plus the offset the
+aggregator holds. Each round a selected client loads version v, trains ``local_steps``
+steps, and uploads its delta (trained minus version v) with its sample count; with secure
+aggregation the delta is fixed-point encoded and masked first (:mod:`.secagg`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from splitfed.errors import error_from_rpc
+from splitfed.models.adapters import save_adapter
+from splitfed.retry import DEFAULT_RETRY, RETRYABLE, RetryPolicy, call_with_retry
+from splitfed.services.aggregator.servicer import DOWNLOAD_RESPONSE, SERVICE, UPLOAD_REQUEST
+from splitfed.v1 import aggregator_pb2, aggregator_pb2_grpc
+from splitfed.wire import (
+    DEFAULT_CHUNK_BYTES,
+    OutgoingFrame,
+    TensorAssembler,
+    TensorLimits,
+    iter_frames,
+)
+
+logger = logging.getLogger(__name__)
+
+LIMITS = TensorLimits(max_tensor_bytes=8 << 30, max_rank=4)
+
+
+def _mapped(err: grpc.RpcError) -> Exception:
+    mapped = error_from_rpc(err)
+    return mapped if mapped is not None else err
+
+
+class AggregatorClient:
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        *,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self._stub = aggregator_pb2_grpc.AggregatorStub(channel)
+        self._upload = channel.stream_unary(
+            f"/{SERVICE.full_name}/UploadUpdate",
+            request_serializer=UPLOAD_REQUEST.serialize,
+            response_deserializer=aggregator_pb2.UploadUpdateResponse.FromString,
+        )
+        self._download = channel.unary_stream(
+            f"/{SERVICE.full_name}/DownloadGlobal",
+            request_serializer=aggregator_pb2.DownloadGlobalRequest.SerializeToString,
+            response_deserializer=DOWNLOAD_RESPONSE.parse,
+        )
+        self.chunk_bytes = chunk_bytes
+        self.retry = retry
+        self.timeout_s = timeout_s
+
+    def _call(self, what: str, call: Callable[[], Any]) -> Any:
+        try:
+            return call_with_retry(call, self.retry, what=what)
+        except grpc.RpcError as err:
+            raise _mapped(err) from None
+
+    def join(self, federation: str) -> aggregator_pb2.RoundPlan:
+        request = aggregator_pb2.JoinRequest(federation=federation)
+        response = self._call(
+            "Aggregator.Join", lambda: self._stub.Join(request, timeout=self.timeout_s)
+        )
+        plan: aggregator_pb2.RoundPlan = response.plan
+        return plan
+
+    def plan(self, federation: str) -> aggregator_pb2.RoundPlan:
+        request = aggregator_pb2.GetRoundPlanRequest(federation=federation)
+        response = self._call(
+            "Aggregator.GetRoundPlan",
+            lambda: self._stub.GetRoundPlan(request, timeout=self.timeout_s),
+        )
+        plan: aggregator_pb2.RoundPlan = response.plan
+        return plan
+
+    def advertise_key(self, plan: aggregator_pb2.RoundPlan, public_key: bytes) -> None:
+        request = aggregator_pb2.AdvertiseKeyRequest(
+            federation=plan.federation,
+            round=plan.round,
+            attempt=plan.attempt,
+            public_key=public_key,
+        )
+        self._call(
+            "Aggregator.AdvertiseKey",
+            lambda: self._stub.AdvertiseKey(request, timeout=self.timeout_s),
+        )
+
+    def reveal(self, plan: aggregator_pb2.RoundPlan, seeds: Mapping[str, bytes]) -> None:
+        request = aggregator_pb2.RevealSeedsRequest(
+            federation=plan.federation, round=plan.round, attempt=plan.attempt, seeds=seeds
+        )
+        self._call(
+            "Aggregator.RevealSeeds",
+            lambda: self._stub.RevealSeeds(request, timeout=self.timeout_s),
+        )
+
+    def upload(
+        self,
+        plan: aggregator_pb2.RoundPlan,
+        num_samples: int,
+        tensors: Mapping[str, torch.Tensor],
+    ) -> aggregator_pb2.UploadUpdateResponse:
+        """Upload ``tensors`` (deltas, or masked fixed point) for ``plan``'s round."""
+
+        def frames() -> Iterator[OutgoingFrame]:
+            first = True
+            for name in sorted(tensors):
+                for frame in iter_frames(
+                    tensors[name], name, UPLOAD_REQUEST, chunk_bytes=self.chunk_bytes
+                ):
+                    if first:
+                        message = frame.message
+                        message.federation = plan.federation  # type: ignore[attr-defined]
+                        message.round = plan.round  # type: ignore[attr-defined]
+                        message.attempt = plan.attempt  # type: ignore[attr-defined]
+                        message.base_version = plan.global_version  # type: ignore[attr-defined]
+                        message.num_samples = num_samples  # type: ignore[attr-defined]
+                        first = False
+                    yield frame
+
+        response: aggregator_pb2.UploadUpdateResponse = self._call(
+            "Aggregator.UploadUpdate", lambda: self._upload(frames(), timeout=self.timeout_s)
+        )
+        return response
+
+    def download(self, federation: str, version: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
+        """The global offset at ``version`` (0: the latest) and its version number."""
+
+        def call() -> tuple[int, dict[str, torch.Tensor]]:
+            request = aggregator_pb2.DownloadGlobalRequest(federation=federation, version=version)
+            tensors: dict[str, torch.Tensor] = {}
+            got = version
+            with TensorAssembler(LIMITS) as assembler:
+                for frame in self._download(request, timeout=self.timeout_s):
+                    got = frame.message.version
+                    if not frame.message.HasField("chunk"):
+                        continue
+                    done = assembler.feed(frame.chunk_view())
+                    if done is not None:
+                        tensors[done.name] = done.tensor
+                assembler.finish()
+            return got, tensors
+
+        result: tuple[int, dict[str, torch.Tensor]] = self._call("Aggregator.DownloadGlobal", call)
+        return result
+
+    def wait_for_change(
+        self, plan: aggregator_pb2.RoundPlan, timeout_s: float = 60.0
+    ) -> aggregator_pb2.RoundPlan:
+        """Block until the federation's round, attempt, phase or version moves on."""
+        key = _plan_key(plan)
+        call = self._stub.WatchRound(
+            aggregator_pb2.WatchRoundRequest(federation=plan.federation), timeout=timeout_s
+        )
+        try:
+            for status in call:
+                if _plan_key(status.plan) != key:
+                    return status.plan
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise _mapped(err) from None
+        finally:
+            call.cancel()
+        return self.plan(plan.federation)
+
+
+def _plan_key(plan: aggregator_pb2.RoundPlan) -> tuple[int, ...]:
+    return (plan.round, plan.attempt, plan.phase, plan.global_version)
+
+
+@dataclass
+class RoundReport:
+    round: int
+    version: int
+    losses: list[float]
+    uploaded: bool
+
+
+class FederatedTrainer:
+    """Runs ``trainer`` (already constructed, not started from a checkpoint) through the
+    rounds of ``federation``: load the global version, train, upload the delta."""
+
+    def __init__(
+        self,
+        trainer: Any,
+        aggregator: AggregatorClient,
+        federation: str,
+        *,
+        identity: str = "",
+        record_dir: Path | None = None,
+    ) -> None:
+        # ``identity``: this client's certificate name (secure aggregation names peers so).
+        self.identity = identity
+        # Where to keep a copy of every update this client sends (its own audit trail).
+        self.record_dir = record_dir
+        self.trainer = trainer
+        self.aggregator = aggregator
+        self.federation = federation
+        # Version 0: what the adapter settings' seed initialised (before any training).
+        self.initial = {k: v.detach().clone() for k, v in trainer.adapter_tensors().items()}
+        self.version = 0
+        self.samples = len(trainer.data.encoded)
+        self._participant: Any = None
+        self._participant_round: tuple[int, int] | None = None
+
+    def _load_version(self, version: int) -> dict[str, torch.Tensor]:
+        """Set the trainer's adapter to the global ``version``; returns its values."""
+        got, offset = self.aggregator.download(self.federation, version)
+        missing = set(offset) - set(self.initial)
+        if missing:
+            raise ValueError(
+                f"the global adapter has tensors this client lacks: {sorted(missing)[:3]}"
+            )
+        values = {
+            n: t + offset[n].to(t.dtype) if n in offset else t.clone()
+            for n, t in self.initial.items()
+        }
+        self.trainer.load_adapter_tensors(values)
+        self.version = got
+        return values
+
+    def run(
+        self,
+        *,
+        on_round: Callable[[RoundReport], None] | None = None,
+        max_wait_s: float = 3600.0,
+    ) -> list[RoundReport]:
+        plan = self.aggregator.join(self.federation)
+        if plan.adapter_seed != self.trainer.adapter.seed:
+            raise ValueError(
+                f"federation {self.federation!r} initialises adapters from seed "
+                f"{plan.adapter_seed}; this client's [adapter] seed is {self.trainer.adapter.seed}"
+            )
+        if self.trainer.session is None:
+            self.trainer.start()
+        reports: list[RoundReport] = []
+        deadline = time.monotonic() + max_wait_s
+        while plan.phase != aggregator_pb2.ROUND_PHASE_FINISHED:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"federation {self.federation!r} did not finish in time")
+            try:
+                acted = self._act(plan, reports, on_round)
+                plan = (
+                    self.aggregator.plan(self.federation)
+                    if acted
+                    else self.aggregator.wait_for_change(plan, timeout_s=10.0)
+                )
+            except grpc.RpcError as err:
+                if err.code() not in RETRYABLE:
+                    raise
+                # The aggregator is restarting: its state is durable, ask again.
+                logger.warning(
+                    "[FederatedTrainer] aggregator unavailable (%s); retrying", err.code()
+                )
+                time.sleep(1.0)
+                plan = self._plan_when_back(deadline)
+        self._load_version(0)
+        return reports
+
+    def _plan_when_back(self, deadline: float) -> aggregator_pb2.RoundPlan:
+        while True:
+            try:
+                return self.aggregator.plan(self.federation)
+            except grpc.RpcError as err:
+                if err.code() not in RETRYABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    def _act(
+        self,
+        plan: aggregator_pb2.RoundPlan,
+        reports: list[RoundReport],
+        on_round: Callable[[RoundReport], None] | None,
+    ) -> bool:
+        """Do what the plan asks of this client; False if there is nothing to do now."""
+        phase = plan.phase
+        if phase == aggregator_pb2.ROUND_PHASE_KEYS and plan.selected:
+            if self._participant_round == (plan.round, plan.attempt):
+                return False
+            from splitfed.security.secagg import Participant, SecAggParams
+
+            params = SecAggParams(plan.federation, plan.round, scale=plan.secagg_scale)
+            self._participant = Participant(self._identity(), params)
+            self._participant_round = (plan.round, plan.attempt)
+            self.aggregator.advertise_key(plan, self._participant.public_key)
+            return True
+        if phase == aggregator_pb2.ROUND_PHASE_UPLOAD and plan.selected and not plan.uploaded:
+            if plan.secure_aggregation and self._participant_round != (plan.round, plan.attempt):
+                return False  # no key in this attempt (joined late or restarted): wait
+            base = self._load_version(plan.global_version)
+            losses = [self.trainer.train_step().loss for _ in range(plan.local_steps)]
+            trained = self.trainer.adapter_tensors()
+            delta = {n: (trained[n].detach() - base[n]).float() for n in base}
+            if plan.secure_aggregation:
+                self._participant.set_peers({p.identity: p.public_key for p in plan.peers})
+                tensors = {
+                    n: torch.from_numpy(
+                        self._participant.encode_and_mask(n, d, float(self.samples))
+                        .view("int64")
+                        .reshape(d.shape)
+                    )
+                    for n, d in delta.items()
+                }
+            else:
+                tensors = delta
+            if self.record_dir is not None:
+                save_adapter(
+                    self.record_dir / f"round{plan.round}-attempt{plan.attempt}.safetensors",
+                    {n: d.contiguous() for n, d in delta.items()},
+                    metadata={"samples": str(self.samples), "base": str(plan.global_version)},
+                )
+            response = self.aggregator.upload(plan, self.samples, tensors)
+            logger.info(
+                "[FederatedTrainer] round %d: uploaded (%d received so far%s)",
+                plan.round,
+                response.received,
+                ", duplicate" if response.duplicate else "",
+            )
+            report = RoundReport(plan.round, plan.global_version, losses, True)
+            reports.append(report)
+            if on_round is not None:
+                on_round(report)
+            return True
+        if phase == aggregator_pb2.ROUND_PHASE_REVEAL and plan.uploaded and plan.dropped:
+            if self._participant is None or self._participant_round != (plan.round, plan.attempt):
+                return False
+            self.aggregator.reveal(plan, self._participant.reveal(plan.dropped))
+            self._participant_round = None  # revealed once
+            return True
+        return False
+
+    def _identity(self) -> str:
+        if not self.identity:
+            raise ValueError(
+                "secure aggregation needs the client's identity (its certificate name)"
+            )
+        return self.identity

@@ -1,0 +1,1 @@
+"""The aggregator: federated rounds that average clients' adapter updates."""

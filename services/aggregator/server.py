@@ -1,0 +1,67 @@
+"""The aggregator process: its federations, the gRPC server and the deadline ticker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitfed.services.aggregator.federation import Federation, federations
+from splitfed.services.aggregator.servicer import POLICY, SERVICE_NAME, Ticker, binding
+from splitfed.services.aggregator.settings import AggregatorSettings
+from splitfed.services.diagnostics import binding as diagnostics
+from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
+from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
+from splitfed.services.security import ServerSecurity, server_security
+from splitfed.serving import SecuritySettings, ServerSettings
+from splitfed.transport import Server, create_server
+
+
+@dataclass
+class AggregatorServer:
+    server: Server
+    federations: dict[str, Federation]
+    ticker: Ticker
+    security: ServerSecurity
+
+    def start(self) -> AggregatorServer:
+        self.security.start()
+        self.server.start()
+        self.ticker.start()
+        return self
+
+    def stop(self, grace_s: float | None = 5.0) -> None:
+        self.ticker.stop()
+        self.server.stop(grace_s)
+        self.security.stop()
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+
+def build_server(
+    settings: AggregatorSettings,
+    server: ServerSettings,
+    security_settings: SecuritySettings | None = None,
+    *,
+    listen: str | None = None,
+) -> AggregatorServer:
+    tls = server.tls()
+    security = server_security(
+        {SERVICE_NAME: POLICY, DIAGNOSTICS: DIAGNOSTICS_POLICY},
+        tls,
+        security_settings or SecuritySettings(),
+    )
+    feds = federations(settings.federations, settings.state_dir)
+    options = server.options()
+    grpc_server = create_server(
+        [binding(feds, options.chunk_bytes), diagnostics(chunk_bytes=options.chunk_bytes)],
+        tls,
+        address=listen or server.listen,
+        options=options,
+        interceptors=[security.interceptor],
+    )
+    return AggregatorServer(grpc_server, feds, Ticker(feds), security)

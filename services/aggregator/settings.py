@@ -1,0 +1,98 @@
+"""Settings of an aggregator: where it keeps state, and its federations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from splitfed.config import build
+
+FEDERATION_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    name: str
+    # Rounds to run (0: until stopped).
+    rounds: int = 3
+    # A round aggregates only with at least this many updates.
+    min_clients: int = 2
+    # A round starts once this many clients joined (0: min_clients).
+    start_clients: int = 0
+    # Fraction of the joined clients selected each round (at least min_clients).
+    sample_fraction: float = 1.0
+    # Seconds a round (or one of its phases) may take before it closes or is retried.
+    deadline_s: float = 600.0
+    # Optimizer steps each selected client runs per round.
+    local_steps: int = 10
+    # Aggregation strategy from the registry: "fedavg", "fedavgm", "fedadam".
+    strategy: str = "fedavg"
+    strategy_options: dict[str, float] = field(default_factory=dict)
+    # The seed every party initialises the adapter from (version 0).
+    adapter_seed: int = 0
+    secure_aggregation: bool = False
+    # Fixed-point scale of secure aggregation.
+    secagg_scale: float = float(2**24)
+    # Largest adapter (bytes of all delta tensors) an upload may declare.
+    max_adapter_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if not self.name or not set(self.name) <= FEDERATION_NAME_CHARS or len(self.name) > 63:
+            raise ValueError(
+                f"federation name {self.name!r}: use 1-63 characters of a-z, 0-9, '-', '_', '.'"
+            )
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
+        if self.start_clients == 0:
+            object.__setattr__(self, "start_clients", self.min_clients)
+        elif self.start_clients < self.min_clients:
+            raise ValueError(
+                f"start_clients ({self.start_clients}) must be >= min_clients ({self.min_clients})"
+            )
+        if not 0 < self.sample_fraction <= 1:
+            raise ValueError(f"sample_fraction must be in (0, 1], got {self.sample_fraction}")
+        if self.deadline_s <= 0:
+            raise ValueError(f"deadline_s must be positive, got {self.deadline_s}")
+        if self.local_steps < 1:
+            raise ValueError(f"local_steps must be >= 1, got {self.local_steps}")
+        if self.max_adapter_bytes < 1:
+            raise ValueError(f"max_adapter_bytes must be >= 1, got {self.max_adapter_bytes}")
+        if self.secure_aggregation and self.min_clients < 2:
+            raise ValueError(
+                "secure aggregation needs min_clients >= 2: a single survivor's update would "
+                "be its own sum"
+            )
+        if self.secagg_scale <= 1:
+            raise ValueError(f"secagg_scale must be > 1, got {self.secagg_scale}")
+        from splitfed.services.aggregator.strategies import make_strategy
+
+        make_strategy(self.strategy, self.strategy_options)  # validates name and options
+
+
+@dataclass(frozen=True)
+class AggregatorSettings:
+    state_dir: Path
+    federations: tuple[FederationSettings, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        federations = []
+        items: tuple[object, ...] = self.federations
+        for index, item in enumerate(items):
+            if isinstance(item, FederationSettings):
+                federations.append(item)
+            elif isinstance(item, dict):
+                federations.append(build(FederationSettings, item, f"federations[{index}]"))
+            else:
+                raise ValueError(f"federations[{index}] must be a mapping of fields")
+        names = [f.name for f in federations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"federation names must be unique, got {names}")
+        if not federations:
+            raise ValueError("configure at least one federation under [aggregator] federations")
+        object.__setattr__(self, "federations", tuple(federations))
+
+    def federation(self, name: str) -> FederationSettings | None:
+        return next((f for f in self.federations if f.name == name), None)

@@ -1,0 +1,118 @@
+"""Aggregation strategies, looked up by name.
+
+Every strategy turns the sample-weighted average of the clients' deltas into the next
+global offset (the global adapter minus the seeded initial one). ``fedavg`` adds the
+average delta (so the global adapter is exactly the weighted average of the clients'
+adapters when they all started from the previous version); ``fedavgm`` and ``fedadam``
+treat the average delta as a pseudo-gradient for a server optimizer (Hsu et al. 2019;
+Reddi et al., "Adaptive Federated Optimization", 2021). Server-optimizer state is a dict
+of tensors that the aggregator persists with each version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Strategy(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def step(
+        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
+    ) -> Tensors:
+        """The next offset from the current one and the average delta; updates ``state``."""
+        ...
+
+
+def _current(offset: Mapping[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
+    current = offset.get(name)
+    return torch.zeros_like(like) if current is None else current
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    name: str = "fedavg"
+
+    def step(
+        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
+    ) -> Tensors:
+        return {n: _current(offset, n, d) + d for n, d in delta.items()}
+
+
+@dataclass(frozen=True)
+class FedAvgM:
+    """Server momentum: v <- beta v + delta; offset <- offset + server_lr v."""
+
+    server_lr: float = 1.0
+    momentum: float = 0.9
+    name: str = "fedavgm"
+
+    def __post_init__(self) -> None:
+        if self.server_lr <= 0 or not 0 <= self.momentum < 1:
+            raise ValueError("fedavgm needs server_lr > 0 and 0 <= momentum < 1")
+
+    def step(
+        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
+    ) -> Tensors:
+        out = {}
+        for n, d in delta.items():
+            velocity = state.get(f"v.{n}")
+            velocity = d.clone() if velocity is None else velocity.mul_(self.momentum).add_(d)
+            state[f"v.{n}"] = velocity
+            out[n] = _current(offset, n, d) + self.server_lr * velocity
+        return out
+
+
+@dataclass(frozen=True)
+class FedAdam:
+    """m <- b1 m + (1-b1) delta; v <- b2 v + (1-b2) delta^2;
+    offset <- offset + server_lr m / (sqrt(v) + tau)."""
+
+    server_lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    name: str = "fedadam"
+
+    def __post_init__(self) -> None:
+        if self.server_lr <= 0 or self.tau <= 0:
+            raise ValueError("fedadam needs server_lr > 0 and tau > 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("fedadam needs 0 <= beta1, beta2 < 1")
+
+    def step(
+        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
+    ) -> Tensors:
+        out = {}
+        for n, d in delta.items():
+            m = state.get(f"m.{n}", torch.zeros_like(d))
+            v = state.get(f"v.{n}", torch.zeros_like(d))
+            m = m.mul_(self.beta1).add_(d, alpha=1 - self.beta1)
+            v = v.mul_(self.beta2).addcmul_(d, d, value=1 - self.beta2)
+            state[f"m.{n}"], state[f"v.{n}"] = m, v
+            out[n] = _current(offset, n, d) + self.server_lr * m / (v.sqrt() + self.tau)
+        return out
+
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+}
+
+
+def make_strategy(name: str, options: Mapping[str, float] | None = None) -> Strategy:
+    factory = STRATEGIES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+    try:
+        return factory(**dict(options or {}))
+    except TypeError as exc:
+        raise ValueError(f"strategy {name!r}: {exc}") from None

@@ -1,0 +1,162 @@
+"""A federation on 127.0.0.1: a backbone and an aggregator process, clients as
+`splitfed train` processes with a [federated] section."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from backbone_kit import SERVER_NAME as BACKBONE_NAME
+from backbone_kit import Deployment, deployment
+from safetensors.torch import load_file
+
+from splitfed.launcher import ServiceProcess
+from splitfed.tiny import BUNDLED_DATASET
+
+AGGREGATOR_NAME = "aggregator.splitfed.local"
+
+
+def _toml(value: Any) -> str:
+    return json.dumps(str(value) if isinstance(value, Path) else value)
+
+
+def write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in values.items() if v is not None]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def split_dataset(root: Path, sizes: list[int]) -> list[Path]:
+    """Disjoint pieces of the bundled dataset, of the given sizes (non-IID by position)."""
+    rows = BUNDLED_DATASET.read_text().splitlines()
+    paths, start = [], 0
+    for index, size in enumerate(sizes):
+        path = root / f"data-{index}.jsonl"
+        path.write_text("\n".join(rows[start : start + size]) + "\n")
+        paths.append(path)
+        start += size
+    return paths
+
+
+@dataclass
+class Federation:
+    root: Path
+    backbone: Deployment
+    config: Path
+    aggregator: ServiceProcess | None = None
+    clients: list[subprocess.Popen[str]] = field(default_factory=list)
+
+    def start_aggregator(self) -> str:
+        args = ["serve", "aggregator", "--config", str(self.config)]
+        if self.aggregator is not None and self.aggregator.address:
+            args += ["--listen", self.aggregator.address]  # same port after a restart
+        self.aggregator = ServiceProcess("aggregator", args, log_path=self.root / "aggregator.log")
+        return self.aggregator.start(timeout_s=60)
+
+    def client_config(
+        self, name: str, data: Path, federation: str = "fed", **training: Any
+    ) -> Path:
+        tls = self.root / "clients" / name
+        if not (tls / "cert.pem").exists():
+            self.backbone.ca.issue(name, "client").write(tls)
+        assert self.aggregator is not None
+        return write_toml(
+            self.root / f"{name}.toml",
+            {
+                "backbone": {
+                    "address": self.backbone.address,
+                    "server_name": BACKBONE_NAME,
+                    "tls_dir": tls,
+                },
+                "training": {
+                    "data": data,
+                    "model_path": self.backbone.model_path,
+                    "batch_size": 2,
+                    "max_length": 32,
+                    "max_steps": 1000,
+                    "seed": 1,
+                    **training,
+                },
+                "adapter": {"kind": "lora", "r": 4, "alpha": 8, "seed": 7},
+                "optimizer": {"learning_rate": 0.005},
+                "federated": {
+                    "aggregator": self.aggregator.address,
+                    "federation": federation,
+                    "server_name": AGGREGATOR_NAME,
+                    "record_updates": self.root / "updates" / name,
+                    "max_wait_s": 300,
+                },
+            },
+        )
+
+    def run_client(self, config: Path, name: str) -> subprocess.Popen[str]:
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "splitfed", "train", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        self.clients.append(process)
+        return process
+
+    def version(self, version: int, federation: str = "fed") -> dict[str, torch.Tensor]:
+        path = self.root / "aggregator-state" / federation / "versions" / f"v{version}.safetensors"
+        return load_file(str(path))
+
+    def updates(self, name: str) -> dict[str, tuple[dict[str, torch.Tensor], int]]:
+        out = {}
+        for path in sorted((self.root / "updates" / name).glob("*.safetensors")):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                samples = int(handle.metadata()["samples"])
+            out[path.stem] = (load_file(str(path)), samples)
+        return out
+
+    def stop(self) -> None:
+        for process in self.clients:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if self.aggregator is not None:
+            self.aggregator.stop()
+        self.backbone.stop()
+
+
+def federation(root: Path, **federation_settings: Any) -> Federation:
+    backbone = deployment(root / "backbone", idle_timeout_s=600.0)
+    backbone.start()
+    backbone.ca.issue("aggregator-0", "aggregator", dns_names=[AGGREGATOR_NAME]).write(
+        root / "aggregator-tls"
+    )
+    settings = {
+        "name": "fed",
+        "rounds": 3,
+        "min_clients": 3,
+        "local_steps": 2,
+        "deadline_s": 120.0,
+        "adapter_seed": 7,
+        **federation_settings,
+    }
+    config = root / "aggregator.yaml"
+    config.write_text(
+        "aggregator:\n"
+        f"  state_dir: {json.dumps(str(root / 'aggregator-state'))}\n"
+        f"  federations: [{json.dumps(settings)}]\n"
+        "server:\n"
+        f"  tls_dir: {json.dumps(str(root / 'aggregator-tls'))}\n"
+    )
+    fed = Federation(root, backbone, config)
+    fed.start_aggregator()
+    return fed

@@ -1,0 +1,165 @@
+"""Federated rounds with real processes: a backbone, an aggregator and client processes
+(`splitfed train` with a [federated] section), all over mTLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from federated_kit import Federation, federation, split_dataset
+from helpers import wait_until
+from safetensors import safe_open
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[Federation]:
+    deployment = federation(tmp_path)
+    yield deployment
+    deployment.stop()
+
+
+def test_three_clients_three_rounds_global_is_the_sample_weighted_average(
+    fed: Federation,
+) -> None:
+    names = ["hospital-a", "hospital-b", "bank-c"]
+    data = split_dataset(fed.root, [6, 10, 16])
+    processes = [
+        fed.run_client(fed.client_config(name, path), name)
+        for name, path in zip(names, data, strict=True)
+    ]
+    for name, process in zip(names, processes, strict=True):
+        assert process.wait(timeout=300) == 0, (fed.root / f"{name}.log").read_text()[-3000:]
+    previous: dict[str, torch.Tensor] = {}
+    for round_ in (1, 2, 3):
+        uploads = [fed.updates(name)[f"round{round_}-attempt1"] for name in names]
+        total = sum(samples for _, samples in uploads)
+        offset = fed.version(round_)
+        assert offset.keys() == uploads[0][0].keys()
+        for tensor_name, value in offset.items():
+            expected = sum(delta[tensor_name] * samples for delta, samples in uploads) / total
+            before = previous.get(tensor_name, torch.zeros_like(value))
+            torch.testing.assert_close(value - before, expected, rtol=1e-5, atol=1e-6)
+        previous = offset
+    assert not (fed.root / "aggregator-state" / "fed" / "sum.safetensors").exists()
+    log = (fed.root / "hospital-a.log").read_text()
+    assert "federation finished at version 3 after 3 round(s)" in log
+
+
+def _state(fed: Federation) -> dict[str, Any]:
+    path = fed.root / "aggregator-state" / "fed" / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _contributors(fed: Federation, version: int) -> dict[str, int]:
+    path = fed.root / "aggregator-state" / "fed" / "versions" / f"v{version}.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: int(v) for k, v in json.loads(handle.metadata()["contributors"]).items()}
+
+
+def _check_round(fed: Federation, version: int, names: list[str], previous: dict[str, Any]) -> None:
+    uploads = [fed.updates(name)[f"round{version}-attempt1"] for name in names]
+    total = sum(samples for _, samples in uploads)
+    for tensor_name, value in fed.version(version).items():
+        expected = sum(delta[tensor_name] * samples for delta, samples in uploads) / total
+        before = previous.get(tensor_name, torch.zeros_like(value))
+        torch.testing.assert_close(value - before, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
+def test_a_client_killed_mid_round_does_not_block_the_round(tmp_path: Path, secure: bool) -> None:
+    fed = federation(
+        tmp_path,
+        rounds=1,
+        min_clients=2,
+        start_clients=3,
+        deadline_s=12.0,
+        secure_aggregation=secure,
+    )
+    try:
+        names = ["a", "b", "c"]
+        data = split_dataset(fed.root, [8, 8, 8])
+        processes = [
+            fed.run_client(fed.client_config(n, p, max_steps=1000), n)
+            for n, p in zip(names, data, strict=True)
+        ]
+        assert wait_until(lambda: _state(fed).get("phase") == "upload", timeout_s=120)
+        processes[2].kill()  # selected, still training: it never uploads
+        for name, process in zip(names[:2], processes[:2], strict=True):
+            assert process.wait(timeout=300) == 0, (fed.root / f"{name}.log").read_text()[-3000:]
+        assert set(_contributors(fed, 1)) == {"a", "b"}
+        _check_round(fed, 1, ["a", "b"], {})  # with secure aggregation: c's masks removed
+    finally:
+        fed.stop()
+
+
+def test_an_aggregator_killed_mid_round_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    fed = federation(tmp_path, rounds=2, min_clients=3)
+    try:
+        names = ["a", "b", "c"]
+        data = split_dataset(fed.root, [5, 9, 13])
+        processes = [
+            fed.run_client(fed.client_config(n, p), n) for n, p in zip(names, data, strict=True)
+        ]
+        sum_file = fed.root / "aggregator-state" / "fed" / "sum.safetensors"
+        assert wait_until(sum_file.is_file, timeout_s=180)
+        assert fed.aggregator is not None
+        os.kill(fed.aggregator.pid, signal.SIGKILL)  # an update is counted, others are not
+        fed.aggregator.stop()
+        fed.start_aggregator()
+        for name, process in zip(names, processes, strict=True):
+            assert process.wait(timeout=300) == 0, (fed.root / f"{name}.log").read_text()[-3000:]
+        assert _contributors(fed, 1) == {n: s for n, s in zip(names, [5, 9, 13], strict=True)}
+        _check_round(fed, 1, names, {})
+        _check_round(fed, 2, names, fed.version(1))
+        for name in names:  # exactly one update per round from each client
+            assert sorted(fed.updates(name)) == ["round1-attempt1", "round2-attempt1"]
+    finally:
+        fed.stop()
+
+
+def test_secure_aggregation_gives_the_same_result_without_seeing_an_update(
+    tmp_path: Path,
+) -> None:
+    fed = federation(tmp_path, rounds=2, min_clients=3, secure_aggregation=True)
+    try:
+        names = ["a", "b", "c"]
+        data = split_dataset(fed.root, [6, 10, 16])
+        processes = [
+            fed.run_client(fed.client_config(n, p), n) for n, p in zip(names, data, strict=True)
+        ]
+        sum_file = fed.root / "aggregator-state" / "fed" / "sum.safetensors"
+        snapshots: list[tuple[dict[str, int], dict[str, torch.Tensor]]] = []
+        while any(p.poll() is None for p in processes) and len(snapshots) < 200:
+            try:
+                with safe_open(str(sum_file), framework="pt") as handle:
+                    meta = json.loads(handle.metadata()["contributors"])
+                    stored = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+                snapshots.append((meta, stored))
+            except (FileNotFoundError, OSError, KeyError):
+                pass
+            time.sleep(0.02)
+        for name, process in zip(names, processes, strict=True):
+            assert process.wait(timeout=300) == 0, (fed.root / f"{name}.log").read_text()[-3000:]
+        _check_round(fed, 1, names, {})
+        _check_round(fed, 2, names, fed.version(1))
+        # What the aggregator stored mid-round is masked: read as fixed point it is noise,
+        # nothing like any client's weighted update.
+        assert snapshots, "never saw the running sum"
+        scale = float(2**24)
+        for _, stored in snapshots:
+            for name in names:
+                for round_ in (1, 2):
+                    delta, samples = fed.updates(name)[f"round{round_}-attempt1"]
+                    for tensor_name, masked in stored.items():
+                        plain = masked.view(torch.int64).double() / scale / samples
+                        gap = (plain - delta[tensor_name].double()).abs().max()
+                        assert gap > 1e3, (name, tensor_name)
+    finally:
+        fed.stop()
