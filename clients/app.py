@@ -229,6 +229,10 @@ def federated_trainer(
         options=config.backbone.options(),
     )
     with channel:
+        if not config.training.federation:
+            config = replace(
+                config, training=replace(config.training, federation=federated.federation)
+            )
         trainer = make_trainer(client, config, keymanager)
         yield FederatedTrainer(
             trainer,
@@ -236,6 +240,7 @@ def federated_trainer(
             federated.federation,
             identity=certificate_identity(tls),
             record_dir=federated.record_updates,
+            backbone=config.backbone.address,
         )
 
 

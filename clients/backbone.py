@@ -158,7 +158,9 @@ class _Stream:
 
 def _translate(err: grpc.RpcError) -> Exception:
     code, details = rpc_status(err)
-    if code in RETRYABLE or code == grpc.StatusCode.CANCELLED:
+    # ABORTED: the backbone gave up the step (a client-batch partner went away); the
+    # trainer reconnects and redoes it like after any lost stream.
+    if code in RETRYABLE or code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED):
         return StreamLostError(
             f"stream to the backbone lost ({code.name if code else '?'}: {details})"
         )

@@ -116,6 +116,9 @@ class AggregatorClient:
         plan: aggregator_pb2.RoundPlan,
         num_samples: int,
         tensors: Mapping[str, torch.Tensor],
+        *,
+        backbone: str = "",
+        backbone_session: str = "",
     ) -> aggregator_pb2.UploadUpdateResponse:
         """Upload ``tensors`` (deltas, or masked fixed point) for ``plan``'s round."""
 
@@ -132,6 +135,8 @@ class AggregatorClient:
                         message.attempt = plan.attempt  # type: ignore[attr-defined]
                         message.base_version = plan.global_version  # type: ignore[attr-defined]
                         message.num_samples = num_samples  # type: ignore[attr-defined]
+                        message.backbone = backbone  # type: ignore[attr-defined]
+                        message.backbone_session = backbone_session  # type: ignore[attr-defined]
                         first = False
                     yield frame
 
@@ -205,7 +210,10 @@ class FederatedTrainer:
         *,
         identity: str = "",
         record_dir: Path | None = None,
+        backbone: str = "",
     ) -> None:
+        # The backbone address as the federation knows it (server-side adapters).
+        self.backbone = backbone
         # ``identity``: this client's certificate name (secure aggregation names peers so).
         self.identity = identity
         # Where to keep a copy of every update this client sends (its own audit trail).
@@ -326,7 +334,10 @@ class FederatedTrainer:
                     {n: d.contiguous() for n, d in delta.items()},
                     metadata={"samples": str(self.samples), "base": str(plan.global_version)},
                 )
-            response = self.aggregator.upload(plan, self.samples, tensors)
+            session = self.trainer.session.session_id if self.trainer.session else ""
+            response = self.aggregator.upload(
+                plan, self.samples, tensors, backbone=self.backbone, backbone_session=session
+            )
             logger.info(
                 "[FederatedTrainer] round %d: uploaded (%d received so far%s)",
                 plan.round,

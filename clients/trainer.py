@@ -104,6 +104,8 @@ class TrainSettings:
     # Seal activations and gradients with the session's data keys (needs the key manager:
     # [security] keymanager); rotate the key every N steps and/or seconds (0: never).
     encrypted: bool = False
+    # The federation this session trains for (lets its aggregator average the body adapter).
+    federation: str = ""
     rotate_key_every_steps: int = 0
     rotate_key_every_s: float = 0.0
     # A nested section of the config file: [training.perturbation] in TOML.
@@ -325,6 +327,7 @@ class SplitTrainer:
             encoding=self.settings.encoding,
             session_id=session_id,
             encrypted=self.settings.encrypted,
+            federation=self.settings.federation,
         )
 
     def start(self) -> SessionInfo:

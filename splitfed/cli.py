@@ -464,23 +464,31 @@ def generate(
 @click.option(
     "--size-mib", type=int, default=64, show_default=True, help="Size of the tensor sent."
 )
-@click.option("--steps", type=int, default=100, show_default=True, help="Training steps.")
+@click.option(
+    "--steps",
+    type=int,
+    default=60,
+    show_default=True,
+    help="Local training steps per client, over all rounds.",
+)
+@click.option("--rounds", type=int, default=3, show_default=True, help="Federated rounds.")
 @click.option(
     "--workdir",
     type=click.Path(path_type=Path, file_okay=False),
-    help="Keep certificates and logs here (default: a temporary directory).",
+    help="Keep certificates, state and logs here (default: a temporary directory).",
 )
 @click.pass_context
-def demo(ctx: click.Context, size_mib: int, steps: int, workdir: Path | None) -> None:
-    """Run the most complete local deployment there is, end to end, and report."""
+def demo(ctx: click.Context, size_mib: int, steps: int, rounds: int, workdir: Path | None) -> None:
+    """Run the whole deployment on loopback (key manager, backbone, aggregator, two
+    clients), federated split fine-tuning and generation, and report."""
     from splitfed.demo import DemoError, run_demo
 
     if size_mib < 1:
         _fail(ctx, ValueError("--size-mib must be at least 1"), usage=True)
-    if steps < 5:
-        _fail(ctx, ValueError("--steps must be at least 5"), usage=True)
+    if rounds < 1 or steps < 2 * rounds:
+        _fail(ctx, ValueError("--rounds must be >= 1 and --steps >= 2 x rounds"), usage=True)
     try:
-        run_demo(size_mib=size_mib, workdir=workdir, steps=steps)
+        run_demo(size_mib=size_mib, workdir=workdir, steps=steps, rounds=rounds)
     except DemoError as exc:
         _fail(ctx, exc, usage=False)
 

@@ -1,16 +1,22 @@
 """``splitfed demo`` / ``make demo``: the most complete end-to-end path the project has.
 
-Today: mint a deployment CA; build a tiny model and tokenizer from the bundled dataset;
-start a backbone in its own process on loopback with mutual TLS; check the link (who the
-backbone thinks we are, a large tensor through every wire encoding, strangers refused);
-fine-tune split (head and tail here, body there) for a few dozen steps with the loss
-going down; generate text from the fine-tuned split model; shut down cleanly.
+Today: create a deployment CA in a key manager process; enroll a backbone, an aggregator
+and two hospitals with one-time tokens (each party generates its own key); build a tiny
+model from the bundled dataset; start the backbone and the aggregator as processes on
+loopback with mutual TLS; check the link (who the backbone thinks we are, a large tensor
+through every wire encoding, strangers refused); run a few federated rounds of split
+fine-tuning (activations encrypted, updates masked by secure aggregation, body adapters
+averaged) with the loss going down; generate text with the global adapter; shut
+everything down cleanly.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -19,41 +25,41 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from splitfed.clients.app import generate
-from splitfed.clients.backbone import BackboneClient
+from splitfed.clients.app import prompt_ids
+from splitfed.clients.backbone import (
+    BackboneClient,
+    GenerateStream,
+    RemoteBodyStage,
+    client_crypto,
+)
 from splitfed.clients.diagnostics import DiagnosticsClient
-from splitfed.clients.trainer import SplitTrainer, StepReport, TrainSettings
+from splitfed.clients.federated import AggregatorClient, FederatedTrainer, RoundReport
+from splitfed.clients.keys import KeyManagerClient, enroll
+from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.encodings import get_encoding
 from splitfed.errors import rpc_status
 from splitfed.launcher import ServiceProcess, ServiceStartError
 from splitfed.models.adapters import AdapterSettings
-from splitfed.models.generation import SamplingOptions
+from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.optim import OptimizerSettings
 from splitfed.retry import RetryPolicy
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
-from splitfed.serving import ConnectSettings
+from splitfed.services.keymanager.authority import init_authority
 from splitfed.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.transport import create_channel
 from splitfed.wire import MiB
 
-SERVER_NAME = "backbone.splitfed.local"
+BACKBONE_NAME = "backbone.splitfed.local"
+AGGREGATOR_NAME = "aggregator.splitfed.local"
+FEDERATION = "demo"
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER = AdapterSettings(kind="lora", r=16, alpha=32, target_modules=PROJECTIONS, seed=1)
 PROMPTS = ["Add 2 and 3.", "Add 4 and 4.", "What color is the cat?"]
 
 
 class DemoError(RuntimeError):
     pass
-
-
-def _mint(workdir: Path) -> tuple[CertificateAuthority, TLSConfig]:
-    ca = CertificateAuthority.create("splitfed demo CA")
-    ca.issue("backbone-0", "backbone", dns_names=[SERVER_NAME, "localhost"]).write(
-        workdir / "backbone-0"
-    )
-    ca.issue("hospital-a", "client").write(workdir / "hospital-a")
-    stranger = CertificateAuthority.create("some other CA").issue("mallory", "client")
-    assert stranger.key_pem is not None
-    return ca, TLSConfig(ca.cert_pem, stranger.cert_pem, stranger.key_pem)
 
 
 def _text(row: dict[str, str]) -> str:
@@ -79,52 +85,175 @@ def _model_and_data(workdir: Path) -> tuple[Path, Path]:
     return model, data
 
 
-def run_demo(size_mib: int = 64, workdir: Path | None = None, steps: int = 100) -> None:
+def run_demo(
+    size_mib: int = 64, workdir: Path | None = None, steps: int = 100, rounds: int = 3
+) -> None:
+    """The whole deployment on loopback: key manager, backbone, aggregator, two clients.
+
+    ``steps`` is the total of local training steps per client, spread over ``rounds``.
+    """
     console = Console(width=max(Console().width, 110))
     with tempfile.TemporaryDirectory(prefix="splitfed-demo-") as tmp:
         root = workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        console.rule("[bold]splitfed demo: split fine-tuning over mutual TLS")
-        _, stranger_tls = _mint(root)
-        model, data = _model_and_data(root)
-        config = root / "backbone.yaml"
+        console.rule("[bold]splitfed demo: split federated fine-tuning over mutual TLS")
+        with Deployment(root, console) as deployment:
+            deployment.start_keymanager()
+            deployment.enroll_parties()
+            model, data = _model_and_data(root)
+            deployment.start_backbone(model)
+            deployment.start_aggregator(rounds, max(1, steps // rounds))
+            stranger = CertificateAuthority.create("some other CA").issue("mallory", "client")
+            assert stranger.key_pem is not None
+            _link(
+                console,
+                deployment.backbone_address,
+                TLSConfig.from_dir(root / "hospital-a"),
+                TLSConfig(stranger.cert_pem, stranger.cert_pem, stranger.key_pem),
+                size_mib,
+            )
+            _federate(console, deployment, model, data, steps)
+        console.rule("[bold green]demo finished")
+
+
+class Deployment:
+    """The demo's processes; stops every one of them on exit, also on errors and Ctrl-C."""
+
+    def __init__(self, root: Path, console: Console) -> None:
+        self.root = root
+        self.console = console
+        self.kek = secrets.token_urlsafe(32)
+        self.env = {**os.environ, "SPLITFED_KEK": self.kek}
+        self.processes: list[ServiceProcess] = []
+        self.keymanager_address = ""
+        self.enroll_address = ""
+        self.backbone_address = ""
+        self.aggregator_address = ""
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        failed = []
+        for process in reversed(self.processes):
+            code = process.stop()
+            if code not in (0, None):
+                failed.append(f"{process.name} exited with code {code}")
+        if failed and exc[0] is None:
+            raise DemoError("; ".join(failed) + f"; see the logs in {self.root}")
+        self.console.print(f"stopped {len(self.processes)} services")
+
+    def _start(self, name: str, args: list[str]) -> ServiceProcess:
+        process = ServiceProcess(name, args, log_path=self.root / f"{name}.log", env=self.env)
+        try:
+            process.start(timeout_s=120)
+        except ServiceStartError as exc:
+            raise DemoError(str(exc)) from None
+        self.processes.append(process)
+        return process
+
+    def start_keymanager(self) -> None:
+        init_authority(self.root / "km", self.kek.encode(), admin_dir=self.root / "admin")
+        config = self.root / "keymanager.yaml"
+        config.write_text(f"keymanager:\n  state_dir: {json.dumps(str(self.root / 'km'))}\n")
+        process = self._start("keymanager", ["serve", "keymanager", "--config", str(config)])
+        assert process.address is not None
+        self.keymanager_address = process.address
+        self.enroll_address = next(
+            line.split()[-1] for line in process.preamble if line.startswith("enrollment on")
+        )
+        self.console.print(
+            f"key manager {process.pid}: mTLS on {self.keymanager_address}, enrollment on "
+            f"{self.enroll_address}; CA key encrypted at rest"
+        )
+
+    def enroll_parties(self) -> None:
+        admin = KeyManagerClient.connect(
+            self.keymanager_address,
+            TLSConfig.from_dir(self.root / "admin"),
+            server_name="localhost",
+        )
+        ca_pem = (self.root / "km" / "ca.pem").read_bytes()
+        parties = [
+            ("backbone-0", "backbone", (BACKBONE_NAME,)),
+            ("aggregator-0", "aggregator", (AGGREGATOR_NAME,)),
+            ("hospital-a", "client", ()),
+            ("hospital-b", "client", ()),
+        ]
+        with admin.channel:
+            for identity, role, names in parties:
+                token, _ = admin.create_token(identity, role, ttl_s=600, dns_names=names)
+                enroll(
+                    self.enroll_address,
+                    ca_pem,
+                    token,
+                    identity,
+                    self.root / identity,
+                    server_name="localhost",
+                )
+        self.console.print(
+            "enrolled backbone-0, aggregator-0, hospital-a and hospital-b with one-time tokens "
+            "(each generated its private key itself)"
+        )
+
+    def _security(self) -> str:
+        return (
+            "security:\n"
+            f"  keymanager: {json.dumps(self.keymanager_address)}\n"
+            "  keymanager_server_name: localhost\n"
+        )
+
+    def start_backbone(self, model: Path) -> None:
+        config = self.root / "backbone.yaml"
         config.write_text(
             "backbone:\n"
             f"  model_path: {json.dumps(str(model))}\n"
-            f"  state_dir: {json.dumps(str(root / 'state'))}\n"
+            f"  state_dir: {json.dumps(str(self.root / 'state'))}\n"
+            "  aggregators: [aggregator-0]\n"
             "server:\n"
-            f"  tls_dir: {json.dumps(str(root / 'backbone-0'))}\n"
+            f"  tls_dir: {json.dumps(str(self.root / 'backbone-0'))}\n" + self._security()
         )
-        console.print(
-            f"minted a deployment CA and certificates; pretrained a tiny base model (in {root})"
+        process = self._start("backbone", ["serve", "backbone", "--config", str(config)])
+        assert process.address is not None
+        self.backbone_address = process.address
+        self.console.print(f"backbone {process.pid} serving the body on {process.address}")
+
+    def start_aggregator(self, rounds: int, local_steps: int) -> None:
+        federation = {
+            "name": FEDERATION,
+            "rounds": rounds,
+            "min_clients": 2,
+            "local_steps": local_steps,
+            "deadline_s": 300,
+            "adapter_seed": ADAPTER.seed,
+            "secure_aggregation": True,
+            "server_adapters": True,
+            "backbones": [self.backbone_address],
+            "backbone_server_name": BACKBONE_NAME,
+        }
+        config = self.root / "aggregator.yaml"
+        config.write_text(
+            "aggregator:\n"
+            f"  state_dir: {json.dumps(str(self.root / 'aggregator-state'))}\n"
+            f"  federations: [{json.dumps(federation)}]\n"
+            "server:\n"
+            f"  tls_dir: {json.dumps(str(self.root / 'aggregator-0'))}\n" + self._security()
         )
-        server = ServiceProcess(
-            "backbone",
-            ["serve", "backbone", "--config", str(config)],
-            log_path=root / "backbone.log",
+        process = self._start("aggregator", ["serve", "aggregator", "--config", str(config)])
+        assert process.address is not None
+        self.aggregator_address = process.address
+        self.console.print(
+            f"aggregator {process.pid} on {process.address}: federation {FEDERATION!r}, "
+            f"{rounds} rounds of {local_steps} local steps, secure aggregation, "
+            "server-side adapters averaged"
         )
-        try:
-            address = server.start(timeout_s=120)
-        except ServiceStartError as exc:
-            raise DemoError(str(exc)) from None
-        try:
-            console.print(f"backbone process {server.pid} serving on {address}")
-            client_tls = TLSConfig.from_dir(root / "hospital-a")
-            _link(console, address, client_tls, stranger_tls, size_mib)
-            _train_and_generate(console, address, root, model, data, steps)
-        finally:
-            code = server.stop()
-        console.print(f"backbone stopped gracefully (exit code {code})")
-        if code != 0:
-            raise DemoError(f"backbone exited with code {code}; see {root / 'backbone.log'}")
-        console.rule("[bold green]demo finished")
 
 
 def _link(
     console: Console, address: str, tls: TLSConfig, stranger: TLSConfig, size_mib: int
 ) -> None:
     console.rule("link check")
-    with create_channel(address, tls, server_name=SERVER_NAME) as channel:
+    with create_channel(address, tls, server_name=BACKBONE_NAME) as channel:
         client = DiagnosticsClient(channel)
         peer = client.who_am_i()
         console.print(
@@ -156,7 +285,7 @@ def _link(
     plain = grpc.secure_channel(
         address,
         stranger.channel_credentials(),
-        options=[("grpc.ssl_target_name_override", SERVER_NAME)],
+        options=[("grpc.ssl_target_name_override", BACKBONE_NAME)],
     )
     for what, channel in [
         ("a client whose certificate comes from another CA", plain),
@@ -177,64 +306,119 @@ def _link(
                 raise DemoError(f"{what} was let in")
 
 
-def _train_and_generate(
-    console: Console, address: str, root: Path, model: Path, data: Path, steps: int
+def _federate(
+    console: Console, deployment: Deployment, model: Path, data: Path, steps: int
 ) -> None:
-    console.rule("split fine-tuning: tokens and labels stay here, the body trains there")
-    connect = ConnectSettings(address=address, server_name=SERVER_NAME, tls_dir=root / "hospital-a")
-    settings = TrainSettings(
-        data=data,
-        model_path=model,
-        k=1,
-        m=1,
-        batch_size=4,
-        max_steps=steps,
-        max_length=48,
-        max_grad_norm=1.0,
-        checkpoint_dir=root / "client",
-        seed=1,
-    )
-    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    adapter = AdapterSettings(kind="lora", r=16, alpha=32, target_modules=projections, seed=1)
-    optimizer = OptimizerSettings(
-        learning_rate=1e-2, schedule="cosine", warmup_steps=5, total_steps=steps
-    )
-    with create_channel(connect.address, connect.tls(), server_name=SERVER_NAME) as channel:
-        client = BackboneClient(channel)
-        trainer = SplitTrainer(client, settings, adapter, optimizer)
-        session = trainer.start()
-        body = session.info.num_layers - 2
-        console.print(f"session {session.session_id}: 1 block here, {body} on the backbone, 1 here")
-        table = Table(title="training")
-        for column in ("step", "loss", "learning rate", "grad norm", "ms/step"):
-            table.add_column(column, justify="right")
+    console.rule("federated split fine-tuning: two hospitals, encrypted activations")
+    root = deployment.root
+    rows = data.read_text().splitlines()
+    shards = {"hospital-a": rows[0::2], "hospital-b": rows[1::2]}
+    trainers: dict[str, FederatedTrainer] = {}
+    channels: list[grpc.Channel] = []
+    keys: list[KeyManagerClient] = []
+    for identity, shard in shards.items():
+        path = root / f"{identity}.jsonl"
+        path.write_text("\n".join(shard) + "\n")
+        tls = TLSConfig.from_dir(root / identity)
+        backbone = create_channel(deployment.backbone_address, tls, server_name=BACKBONE_NAME)
+        aggregator = create_channel(deployment.aggregator_address, tls, server_name=AGGREGATOR_NAME)
+        keymanager = KeyManagerClient.connect(
+            deployment.keymanager_address, tls, server_name="localhost"
+        )
+        channels += [backbone, aggregator]
+        keys.append(keymanager)
+        settings = TrainSettings(
+            data=path,
+            model_path=model,
+            batch_size=4,
+            max_steps=steps,
+            max_length=48,
+            seed=1,
+            encrypted=True,
+            federation=FEDERATION,
+        )
+        optimizer = OptimizerSettings(learning_rate=1e-2, schedule="constant")
+        trainer = SplitTrainer(
+            BackboneClient(backbone), settings, ADAPTER, optimizer, keymanager=keymanager
+        )
+        trainers[identity] = FederatedTrainer(
+            trainer,
+            AggregatorClient(aggregator),
+            FEDERATION,
+            identity=identity,
+            backbone=deployment.backbone_address,
+        )
+    reports: dict[str, list[RoundReport]] = {}
+    errors: list[BaseException] = []
 
-        def on_step(report: StepReport) -> None:
-            if report.step == 1 or report.step % 10 == 0:
-                table.add_row(
-                    str(report.step),
-                    f"{report.loss:.4f}",
-                    f"{report.learning_rate:.2e}",
-                    f"{report.grad_norm:.3f}",
-                    f"{report.seconds * 1000:.0f}",
+    def run(identity: str) -> None:
+        try:
+            reports[identity] = trainers[identity].run()
+        except BaseException as exc:  # reported below, in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,), name=i) for i in trainers]
+    with console.status("training: each hospital trains locally, the aggregator averages"):
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    try:
+        if errors:
+            raise DemoError(f"a client failed: {errors[0]}") from errors[0]
+        table = Table(title="rounds (loss: first -> last local step)")
+        table.add_column("round", justify="right")
+        for identity in trainers:
+            table.add_column(identity, justify="right")
+        rounds = max(len(r) for r in reports.values())
+        for index in range(rounds):
+            cells = []
+            for identity in trainers:
+                got = reports[identity]
+                report = got[index] if index < len(got) else None
+                cells.append(
+                    f"{report.losses[0]:.3f} -> {report.losses[-1]:.3f}" if report else "-"
                 )
-
-        reports = trainer.run(on_step)
-        trainer.close()
+            table.add_row(str(index + 1), *cells)
         console.print(table)
-        first, last = reports[0].loss, sum(r.loss for r in reports[-5:]) / 5
-        console.print(f"loss {first:.3f} -> {last:.3f} (mean of the last 5 steps)")
+        first = reports["hospital-a"][0].losses[0]
+        last = reports["hospital-a"][-1].losses[-1]
         if not last < first:
             raise DemoError("the loss did not go down")
-        console.rule("split generation: one position per step against the backbone's KV cache")
-        from splitfed.clients.app import ClientConfig
-
-        config = ClientConfig(
-            backbone=connect,
-            training=settings,
-            adapter=adapter,
-            optimizer=optimizer,
-            generation=SamplingOptions(max_new_tokens=16),
+        version = trainers["hospital-a"].version
+        console.print(
+            f"global version {version}: every update was masked (secure aggregation); the "
+            "backbone's body adapters were averaged too"
         )
-        for prompt, output in zip(PROMPTS, generate(client, config, PROMPTS), strict=True):
-            console.print(f"[bold]> {prompt}[/]\n{output}")
+        _generate(console, trainers["hospital-a"].trainer, keys[0])
+    finally:
+        for federated in trainers.values():
+            federated.trainer.close()
+        for channel in channels:
+            channel.close()
+        for client in keys:
+            client.close()
+
+
+def _generate(console: Console, trainer: SplitTrainer, keymanager: KeyManagerClient) -> None:
+    console.rule("split generation with the global adapter, against the backbone's KV cache")
+    assert trainer.session is not None
+    crypto = client_crypto(keymanager, trainer.session.session_id)
+    stream = GenerateStream(trainer.client, trainer.session.session_id, "raw", crypto)
+    tokenizer = trainer.tokenizer
+    try:
+        ids, mask = prompt_ids(tokenizer, PROMPTS)
+        sampling = SamplingOptions(
+            max_new_tokens=16,
+            stop_token_ids=(int(tokenizer.eos_token_id),),
+            pad_token_id=int(tokenizer.pad_token_id),
+        )
+        trainer.head.eval()
+        trainer.tail.eval()
+        tokens = SplitGenerator(trainer.head, RemoteBodyStage(stream), trainer.tail).generate(
+            ids, mask, sampling
+        )
+    finally:
+        stream.close()
+    for prompt, row in zip(PROMPTS, tokens.tolist(), strict=True):
+        console.print(f"[bold]> {prompt}[/]\n{tokenizer.decode(row, skip_special_tokens=True)}")

@@ -51,6 +51,11 @@ class UnauthenticatedError(SplitfedError):
     """The caller could not be identified."""
 
 
+class AbortedError(SplitfedError):
+    """The operation was abandoned for a reason outside the request (e.g. a session
+    merged with it went away); redoing it from its start may succeed."""
+
+
 # Most specific classes first is not needed: lookup walks the exception's MRO.
 _STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -60,6 +65,7 @@ _STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
     UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    AbortedError: grpc.StatusCode.ABORTED,
 }
 
 _ERROR_BY_STATUS: dict[grpc.StatusCode, type[SplitfedError]] = {

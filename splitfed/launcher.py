@@ -46,6 +46,8 @@ class ServiceProcess:
         self.log_path = log_path
         self.env = env
         self.address: str | None = None
+        # What the child printed before it announced its address (e.g. a second port).
+        self.preamble: list[str] = []
         self._proc: subprocess.Popen[str] | None = None
         self._log: IO[str] | None = None
         self._lines: queue.Queue[str | None] = queue.Queue()
@@ -91,6 +93,8 @@ class ServiceProcess:
                         f"{self.name} exited with code {code} before serving"
                         + (f"; see {self.log_path}" if self.log_path else "")
                     )
+                if not line.startswith(READY_PREFIX):
+                    self.preamble.append(line.rstrip("\n"))
                 if line.startswith(READY_PREFIX):
                     self.address = line[len(READY_PREFIX) :].strip()
                     logger.info(

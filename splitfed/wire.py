@@ -253,7 +253,7 @@ def _prepare(
     )
     # A NumPy uint8 view of the encoded payload (no copy): google_crc32c reads it
     # directly, and chunks are slices of it.
-    payload = enc.encode(tensor).numpy()
+    payload = enc.encode(tensor.detach().cpu()).numpy()
     header.total_bytes = payload.size
     header.crc32c = google_crc32c.value(payload) if payload.size else 0
     return header, payload

@@ -52,6 +52,7 @@ class Federation:
     root: Path
     backbone: Deployment
     config: Path
+    replicas: list[Deployment] = field(default_factory=list)
     aggregator: ServiceProcess | None = None
     clients: list[subprocess.Popen[str]] = field(default_factory=list)
 
@@ -63,8 +64,9 @@ class Federation:
         return self.aggregator.start(timeout_s=60)
 
     def client_config(
-        self, name: str, data: Path, federation: str = "fed", **training: Any
+        self, name: str, data: Path, federation: str = "fed", replica: int = 0, **training: Any
     ) -> Path:
+        backbone = ([self.backbone, *self.replicas])[replica]
         tls = self.root / "clients" / name
         if not (tls / "cert.pem").exists():
             self.backbone.ca.issue(name, "client").write(tls)
@@ -73,7 +75,7 @@ class Federation:
             self.root / f"{name}.toml",
             {
                 "backbone": {
-                    "address": self.backbone.address,
+                    "address": backbone.address,
                     "server_name": BACKBONE_NAME,
                     "tls_dir": tls,
                 },
@@ -131,12 +133,30 @@ class Federation:
                 process.wait()
         if self.aggregator is not None:
             self.aggregator.stop()
+        for replica in self.replicas:
+            replica.stop()
         self.backbone.stop()
 
 
-def federation(root: Path, **federation_settings: Any) -> Federation:
-    backbone = deployment(root / "backbone", idle_timeout_s=600.0)
+def federation(root: Path, *, replicas: int = 1, **federation_settings: Any) -> Federation:
+    """``replicas`` backbones (sharing one CA and model) for server-side adapters."""
+    backbone = deployment(root / "backbone", idle_timeout_s=600.0, aggregators=["aggregator-0"])
     backbone.start()
+    others = []
+    for index in range(1, replicas):
+        other = deployment(
+            root / f"backbone-{index}",
+            ca=backbone.ca,
+            idle_timeout_s=600.0,
+            aggregators=["aggregator-0"],
+        )
+        other.start()
+        others.append(other)
+    if federation_settings.get("server_adapters"):
+        federation_settings.setdefault(
+            "backbones", [backbone.address, *(o.address for o in others)]
+        )
+        federation_settings.setdefault("backbone_server_name", BACKBONE_NAME)
     backbone.ca.issue("aggregator-0", "aggregator", dns_names=[AGGREGATOR_NAME]).write(
         root / "aggregator-tls"
     )
@@ -157,6 +177,6 @@ def federation(root: Path, **federation_settings: Any) -> Federation:
         "server:\n"
         f"  tls_dir: {json.dumps(str(root / 'aggregator-tls'))}\n"
     )
-    fed = Federation(root, backbone, config)
+    fed = Federation(root, backbone, config, others)
     fed.start_aggregator()
     return fed

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -67,6 +67,8 @@ class RoundState:
     dropped: list[str] = field(default_factory=list)
     revealed: dict[str, dict[str, str]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Server-side adapters: every (backbone, session) seen, identity -> [address, id].
+    server_sessions: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,11 @@ class PlainSum:
         self.sums = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
 
     def fold(self, name: str, start: int, values: np.ndarray[Any, Any], weight: float) -> None:
+        """Add ``weight * values``; scales ``values`` (a chunk read for this) in place."""
+        values = values.astype(np.float32, copy=False)
+        values *= np.float32(weight)
         flat = self.sums[name].reshape(-1)
-        flat[start : start + values.size] += values.astype(np.float32) * np.float32(weight)
+        flat[start : start + values.size] += values
 
     def state(self) -> dict[str, np.ndarray[Any, Any]]:
         return self.sums
@@ -122,6 +127,19 @@ class PlainSum:
 
     def average(self, total_weight: float) -> dict[str, torch.Tensor]:
         return {n: torch.from_numpy(s / np.float32(total_weight)) for n, s in self.sums.items()}
+
+
+class ServerAdapters(Protocol):
+    """Averages the body adapters that the backbones hold for a federation's sessions."""
+
+    def aggregate(
+        self,
+        contributors: Mapping[str, tuple[tuple[str, str], int]],
+        sessions: list[tuple[str, ...]],
+    ) -> dict[str, torch.Tensor]:
+        """Pull the contributors' session adapters, average them weighted by samples, push
+        the average into every session of ``sessions``; returns the average."""
+        ...
 
 
 class Federation:
@@ -139,6 +157,9 @@ class Federation:
             stale.unlink()
         self.state = self._load_state()
         self.contributors: dict[str, int] = {}
+        # identity -> (backbone address, session id) of this round's contributors
+        self.sessions: dict[str, tuple[str, str]] = {}
+        self.server_adapters: ServerAdapters | None = None
         self.schema: dict[str, tuple[tuple[int, ...], str]] = {}
         self.accumulator: Any = None
         self._load_sum()
@@ -177,6 +198,7 @@ class Federation:
             path.unlink()
             return
         self.contributors = {k: int(v) for k, v in json.loads(meta["contributors"]).items()}
+        self.sessions = {k: (v[0], v[1]) for k, v in json.loads(meta.get("sessions", "{}")).items()}
         self.schema = {k: (tuple(v[0]), v[1]) for k, v in json.loads(meta["schema"]).items()}
         self.accumulator = self._new_accumulator()
         self.accumulator.load(tensors)
@@ -206,6 +228,7 @@ class Federation:
                 "round": str(self.state.round),
                 "attempt": str(self.state.attempt),
                 "contributors": json.dumps(self.contributors),
+                "sessions": json.dumps({k: list(v) for k, v in self.sessions.items()}),
                 "schema": json.dumps({k: [list(s), d] for k, (s, d) in self.schema.items()}),
             },
         )
@@ -306,11 +329,13 @@ class Federation:
         if self.settings.rounds and s.round > self.settings.rounds:
             s.phase = FINISHED
             self.contributors, self.schema, self.accumulator = {}, {}, None
+            self.sessions = {}
             self._save_state()
             return
         if len(s.joined) < self.settings.start_clients:
             s.phase, s.selected, s.message = WAITING, [], message
             self.contributors, self.schema, self.accumulator = {}, {}, None
+            self.sessions = {}
             self._save_state()
             return
         count = max(
@@ -322,6 +347,7 @@ class Federation:
         s.deadline = now + self.settings.deadline_s
         s.keys, s.dropped, s.revealed, s.message = {}, [], {}, message
         self.contributors, self.schema, self.accumulator = {}, {}, None
+        self.sessions = {}
         self._save_state()
         # After state.json names the new attempt: a sum of an older one is never counted.
         with contextlib.suppress(FileNotFoundError):
@@ -433,7 +459,14 @@ class Federation:
         spool.tensors.append(SpooledTensor(name, tuple(array.shape), array.dtype, offset))
 
     def commit_upload(
-        self, identity: str, round_: int, attempt: int, base: int, samples: int, spool: Spool
+        self,
+        identity: str,
+        round_: int,
+        attempt: int,
+        base: int,
+        samples: int,
+        spool: Spool,
+        session: tuple[str, str] | None = None,
     ) -> tuple[bool, int]:
         """Fold a complete upload into the running sum and persist it; (duplicate, count)."""
         if samples < 1:
@@ -460,10 +493,13 @@ class Federation:
                     else:
                         self.accumulator.fold(name, start, values, weight)
                 self.contributors[identity] = samples
+                if session is not None:
+                    self.sessions[identity] = session
                 self._save_sum()
             except BaseException:
                 # Back to what is on disk: the sum without this update.
                 self.contributors, self.schema, self.accumulator = {}, {}, None
+                self.sessions = {}
                 self._load_sum()
                 raise
             logger.info(
@@ -475,9 +511,10 @@ class Federation:
                 identity,
                 samples,
             )
+            count = len(self.contributors)
             self.changed.notify_all()
             self._maybe_close(time.time())
-            return False, len(self.contributors)
+            return False, count
 
     # --- closing ------------------------------------------------------------------------
 
@@ -529,7 +566,13 @@ class Federation:
         else:
             average = self.accumulator.average(float(total))
         state = self._strategy_state(s.version)
-        offset = self.strategy.step(self.offset(s.version), average, state)
+        previous = self.offset(s.version)
+        # Tensor by tensor (strategies work per tensor name), dropping each average once
+        # its offset exists: the close holds the sum, the average or the new offset, and
+        # one tensor more, instead of sum + average + offset (docs/benchmarks.md).
+        offset: dict[str, torch.Tensor] = {}
+        for name in sorted(average):
+            offset.update(self.strategy.step(previous, {name: average.pop(name)}, state))
         version = s.version + 1
         write_tensors(
             self._version_path(version),
@@ -541,6 +584,24 @@ class Federation:
             {n: t.contiguous().numpy() for n, t in state.items()},
             {"strategy": self.strategy.name},
         )
+        if self.server_adapters is not None:
+            known = {k: tuple(v) for k, v in s.server_sessions.items()}
+            known.update(self.sessions)
+            s.server_sessions = {k: list(v) for k, v in known.items()}
+            body = self.server_adapters.aggregate(
+                {
+                    k: (self.sessions[k], n)
+                    for k, n in self.contributors.items()
+                    if k in self.sessions
+                },
+                list(known.values()),
+            )
+            if body:
+                write_tensors(
+                    self.directory / "versions" / f"v{version}.body.safetensors",
+                    {n: t.contiguous().numpy() for n, t in body.items()},
+                    {"round": str(s.round)},
+                )
         s.history.append(
             {
                 "round": s.round,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitfed.services.aggregator.backbones import BackboneAdapters
 from splitfed.services.aggregator.federation import Federation, federations
 from splitfed.services.aggregator.servicer import POLICY, SERVICE_NAME, Ticker, binding
 from splitfed.services.aggregator.settings import AggregatorSettings
@@ -21,6 +22,7 @@ class AggregatorServer:
     federations: dict[str, Federation]
     ticker: Ticker
     security: ServerSecurity
+    links: list[BackboneAdapters]
 
     def start(self) -> AggregatorServer:
         self.security.start()
@@ -32,6 +34,8 @@ class AggregatorServer:
         self.ticker.stop()
         self.server.stop(grace_s)
         self.security.stop()
+        for link in self.links:
+            link.close()
 
     @property
     def port(self) -> int:
@@ -57,6 +61,14 @@ def build_server(
     )
     feds = federations(settings.federations, settings.state_dir)
     options = server.options()
+    links: list[BackboneAdapters] = []
+    for federation in feds.values():
+        if federation.settings.server_adapters:
+            link = BackboneAdapters(
+                tls, server_name=federation.settings.backbone_server_name, options=options
+            )
+            federation.server_adapters = link
+            links.append(link)
     grpc_server = create_server(
         [binding(feds, options.chunk_bytes), diagnostics(chunk_bytes=options.chunk_bytes)],
         tls,
@@ -64,4 +76,4 @@ def build_server(
         options=options,
         interceptors=[security.interceptor],
     )
-    return AggregatorServer(grpc_server, feds, Ticker(feds), security)
+    return AggregatorServer(grpc_server, feds, Ticker(feds), security, links)

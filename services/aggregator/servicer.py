@@ -124,6 +124,25 @@ class AggregatorServicer:
             )
         return federation
 
+    @staticmethod
+    def _session_of(
+        federation: Federation, head: aggregator_pb2.UploadUpdateRequest
+    ) -> tuple[str, str] | None:
+        settings = federation.settings
+        if not settings.server_adapters:
+            return None
+        if not head.backbone or not head.backbone_session:
+            raise InvalidArgumentError(
+                "this federation averages server-side adapters: the upload must name its "
+                "backbone and backbone_session"
+            )
+        if head.backbone not in settings.backbones:
+            raise InvalidArgumentError(
+                f"backbone {head.backbone!r} is not one of this federation's backbones "
+                f"({', '.join(settings.backbones)})"
+            )
+        return head.backbone, head.backbone_session
+
     @unary_errors
     def Join(
         self, request: aggregator_pb2.JoinRequest, context: grpc.ServicerContext
@@ -175,6 +194,7 @@ class AggregatorServicer:
             head = first.message
             federation = self._federation(head.federation)
             args = (identity, head.round, head.attempt, head.base_version)
+            session = self._session_of(federation, head)
             if not federation.start_upload(*args):
                 for _ in iterator:  # already counted: drain, store nothing
                     pass
@@ -182,15 +202,23 @@ class AggregatorServicer:
                     duplicate=True, received=federation.plan(identity)["received"]
                 )
             spool, out = federation.new_spool()
+            stream = _chain(first, iterator)
+            del first  # a frame keeps its whole message (up to a chunk) alive
             try:
                 with out, TensorAssembler(self.limits, self.budget) as assembler:
-                    for frame in _chain(first, iterator):
+                    for frame in stream:
                         done = assembler.feed(frame.chunk_view())
+                        # One message and one tensor at a time, and none while the upload
+                        # waits for the federation's lock (docs/benchmarks.md).
+                        del frame
                         if done is not None:
                             federation.spool_tensor(spool, out, done.name, done.tensor)
                             assembler.release_completed()
+                            del done
                     assembler.finish()
-                duplicate, received = federation.commit_upload(*args, int(head.num_samples), spool)
+                duplicate, received = federation.commit_upload(
+                    *args, int(head.num_samples), spool, session
+                )
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     spool.path.unlink()
@@ -242,6 +270,7 @@ class AggregatorServicer:
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield first
+    del first  # not kept while the rest of the stream is read
     yield from rest
 
 

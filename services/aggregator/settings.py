@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from splitfed.config import build
+from splitfed.transport import parse_address
 
 FEDERATION_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
@@ -35,6 +36,12 @@ class FederationSettings:
     secagg_scale: float = float(2**24)
     # Largest adapter (bytes of all delta tensors) an upload may declare.
     max_adapter_bytes: int = 1 << 30
+    # Also average the body adapters the backbones hold for the members' sessions
+    # (per-client adapter mode; several backbones: server-hierarchical training).
+    server_adapters: bool = False
+    backbones: tuple[str, ...] = ()
+    # The name the backbones' certificates carry (default: the host of each address).
+    backbone_server_name: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not set(self.name) <= FEDERATION_NAME_CHARS or len(self.name) > 63:
@@ -64,6 +71,10 @@ class FederationSettings:
                 "secure aggregation needs min_clients >= 2: a single survivor's update would "
                 "be its own sum"
             )
+        if self.server_adapters and not self.backbones:
+            raise ValueError("server_adapters needs the backbones' addresses in backbones")
+        for address in self.backbones:
+            parse_address(address)
         if self.secagg_scale <= 1:
             raise ValueError(f"secagg_scale must be > 1, got {self.secagg_scale}")
         from splitfed.services.aggregator.strategies import make_strategy

@@ -143,6 +143,7 @@ def handle_open(
         encoding=request.encoding,
         session_id=request.session_id,
         encrypted=request.encrypted,
+        federation=request.federation,
     )
     if session.encrypted and not resumed:
         assert keys is not None
@@ -257,9 +258,7 @@ def handle_train(
                 args = dict(tensors)
                 tensors, current = {}, None
                 if op == backbone_pb2.TRAIN_OP_BACKWARD:
-                    out = state.queue.run(
-                        sid, partial(state.backward, session, step, micro, args["grad_h2"])
-                    )
+                    out = state.run_backward(session, step, micro, args["grad_h2"])
                     yield from _send(
                         out,
                         "grad_h1",
@@ -273,10 +272,9 @@ def handle_train(
                     )
                 else:
                     train = op == backbone_pb2.TRAIN_OP_FORWARD
-                    forward = partial(
-                        state.forward, session, step, micro, args["h1"], args["attention_mask"]
+                    out = state.run_forward(
+                        session, step, micro, args["h1"], args["attention_mask"], train=train
                     )
-                    out = state.queue.run(sid, partial(forward, train=train))
                     yield from _send(
                         out,
                         "h2",
@@ -290,15 +288,8 @@ def handle_train(
                     )
             elif op == backbone_pb2.TRAIN_OP_STEP:
                 step, command = request.step, request.command
-                result = state.queue.run(
-                    sid,
-                    partial(
-                        state.apply_step,
-                        session,
-                        step,
-                        command.client_grad_sq_norm,
-                        command.max_grad_norm,
-                    ),
+                result = state.run_step(
+                    session, step, command.client_grad_sq_norm, command.max_grad_norm
                 )
                 yield backbone_pb2.TrainResponse(
                     op=op, step=step, result=backbone_pb2.StepResult(**result)

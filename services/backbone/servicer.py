@@ -35,8 +35,9 @@ POLICY: Policy = {
     "CloseSession": frozenset({"client"}),
     "Train": frozenset({"client"}),
     "Generate": frozenset({"client"}),
-    "ExportAdapter": frozenset({"client"}),
-    "ImportAdapter": frozenset({"client"}),
+    # Aggregators: sessions opened for a federation, if listed in [backbone] aggregators.
+    "ExportAdapter": frozenset({"client", "aggregator"}),
+    "ImportAdapter": frozenset({"client", "aggregator"}),
 }
 
 
@@ -72,6 +73,9 @@ class BackboneServicer:
                     f"the call needs one {SESSION_METADATA!r} metadata entry"
                 )
             session_id = values[0]
+        identity = peer_identity(context)
+        if identity is not None and identity.role == "aggregator":
+            return self.state.get_federated_session(session_id, identity.name)
         return self.state.get_session(session_id, owner_of(context))
 
     @unary_errors

@@ -37,6 +37,18 @@ class BackboneSettings:
     # A session nobody touched for this long is closed and its state deleted.
     idle_timeout_s: float = 3600.0
     encodings: tuple[str, ...] = field(default_factory=lambda: tuple(encoding_names()))
+    # Identities (role aggregator) that may export and import the body adapters of
+    # sessions opened for a federation (server-side adapter averaging).
+    aggregators: tuple[str, ...] = ()
+    # Client-batch (adapter_mode "shared" only): the training passes of concurrent sessions
+    # run as one batched pass and one optimizer step (docs/backbone.md, "Client-batch").
+    client_batch: bool = False
+    # How long a merged step waits for more sessions once it could start.
+    batch_window_ms: float = 5.0
+    max_merged_sessions: int = 8
+    # A merged step that waits this long for a member's next frame is given up: every
+    # member gets ABORTED and redoes the step.
+    batch_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         # Paths may arrive as strings from a config file.
@@ -70,6 +82,17 @@ class BackboneSettings:
             )
         if self.idle_timeout_s <= 0:
             raise ValueError(f"idle_timeout_s must be positive, got {self.idle_timeout_s}")
+        if self.client_batch and self.adapter_mode != "shared":
+            raise ValueError(
+                "client_batch merges sessions that train one adapter: it needs "
+                f"adapter_mode 'shared', got {self.adapter_mode!r}"
+            )
+        if self.batch_window_ms < 0:
+            raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.max_merged_sessions < 1:
+            raise ValueError(f"max_merged_sessions must be >= 1, got {self.max_merged_sessions}")
+        if self.batch_timeout_s <= 0:
+            raise ValueError(f"batch_timeout_s must be positive, got {self.batch_timeout_s}")
         unknown = set(self.encodings) - set(encoding_names())
         if unknown:
             raise ValueError(f"unknown encodings {sorted(unknown)}; known: {encoding_names()}")

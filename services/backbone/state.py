@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from splitfed.models.optim import (
     scale_grads,
 )
 from splitfed.models.parts import Body, PartCache, SplitSpec, empty_base
+from splitfed.services.backbone.batching import ClientBatcher
 from splitfed.services.backbone.compute import ComputeQueue
 from splitfed.services.backbone.settings import BackboneSettings
 from splitfed.services.backbone.store import (
@@ -179,6 +181,8 @@ class Session:
     generation: int = 0
     # Activations and gradients are sealed with the session's data keys.
     encrypted: bool = False
+    # The federation the session trains for; its aggregators may move its body adapter.
+    federation: str = ""
 
     @property
     def body(self) -> Body:
@@ -199,6 +203,7 @@ class Session:
             step=self.step,
             last_result=self.last_result,
             encrypted=self.encrypted,
+            federation=self.federation,
         )
 
 
@@ -212,6 +217,10 @@ class BackboneState:
             store = DirectoryStore(settings.state_dir) if settings.state_dir else MemoryStore()
         self.store = store
         self.queue = ComputeQueue()
+        # Client-batch: training passes of concurrent sessions run merged (shared mode).
+        self.batcher = (
+            ClientBatcher(settings, self.queue, self.checkpoint) if settings.client_batch else None
+        )
         # Called with each session that closes or expires (e.g. to end its keys).
         self.on_drop: list[Callable[[Session], None]] = []
         self._lock = threading.RLock()
@@ -241,6 +250,7 @@ class BackboneState:
         encoding: str,
         session_id: str = "",
         encrypted: bool = False,
+        federation: str = "",
     ) -> tuple[Session, bool]:
         if model_id and model_id != self.settings.model_id:
             raise NotFoundError(
@@ -276,6 +286,7 @@ class BackboneState:
                 encoding=encoding or "raw",
                 trainable=trainable,
                 encrypted=encrypted,
+                federation=federation,
             )
             self._sessions[session.session_id] = session
         self.checkpoint(session)
@@ -325,6 +336,22 @@ class BackboneState:
             session.touch()
             return session
 
+    def get_federated_session(self, session_id: str, aggregator: str) -> Session:
+        """A session for one of the configured aggregators: only sessions opened for a
+        federation, only for identities in ``settings.aggregators``."""
+        if aggregator not in self.settings.aggregators:
+            raise PermissionDeniedError(f"{aggregator} is not an aggregator of this backbone")
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None and session_id in self._stored:
+                session = self._restore(session_id)
+        if session is None or not session.federation:
+            raise PermissionDeniedError(
+                f"session {session_id!r} does not exist or trains for no federation"
+            )
+        session.touch()
+        return session
+
     def _restore(self, session_id: str) -> Session:
         snapshot = self.store.load(session_id)
         record = snapshot.record
@@ -344,6 +371,7 @@ class BackboneState:
             step=record.step,
             last_result=record.last_result,
             encrypted=record.encrypted,
+            federation=record.federation,
         )
         self._sessions[session_id] = session
         self._stored.discard(session_id)
@@ -358,6 +386,8 @@ class BackboneState:
         with self._lock:
             self._sessions.pop(session.session_id, None)
             self._stored.discard(session.session_id)
+        if self.batcher is not None:
+            self.batcher.discard(session)
         session.pending.clear()
         session.cache = None
         session.cache_bytes = 0
@@ -407,14 +437,61 @@ class BackboneState:
             if training:
                 session.generation += 1
             generation = session.generation
+        if training and self.batcher is not None:
+            self.batcher.attach(session)
         try:
             if training:
                 self.queue.run(session.session_id, lambda: self.zero_grad(session))
             yield generation
         finally:
+            if training and self.batcher is not None:
+                self.batcher.detach(session, generation)
             with self._lock:
                 session.streams -= 1
             session.touch()
+
+    # --- training operations of a stream ----------------------------------------------
+
+    def run_forward(
+        self,
+        session: Session,
+        step: int,
+        micro: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        train: bool,
+    ) -> torch.Tensor:
+        """:meth:`forward` in the session's turn on the compute queue; with client-batch,
+        a training forward runs merged with other sessions' (``ClientBatcher``)."""
+        if train and self.batcher is not None:
+            self._check_batch(hidden, mask, 0)
+            hidden, mask = self._inputs(hidden, mask)
+            return self.batcher.forward(session, step, micro, hidden, mask)
+        job = partial(self.forward, session, step, micro, hidden, mask, train=train)
+        return self.queue.run(session.session_id, job)
+
+    def run_backward(
+        self, session: Session, step: int, micro: int, grad: torch.Tensor
+    ) -> torch.Tensor:
+        if self.batcher is not None:
+            return self.batcher.backward(session, step, micro, grad)
+        return self.queue.run(
+            session.session_id, partial(self.backward, session, step, micro, grad)
+        )
+
+    def run_step(
+        self, session: Session, step: int, client_sq_norm: float, max_norm: float
+    ) -> dict[str, Any]:
+        if self.batcher is not None:
+            replay = self._replay(session, step)
+            if replay is not None:
+                return replay
+            return self.batcher.step(session, step, client_sq_norm, max_norm)
+        return self.queue.run(
+            session.session_id,
+            partial(self.apply_step, session, step, client_sq_norm, max_norm),
+        )
 
     # --- compute (run on the queue's worker) -------------------------------------------
 
@@ -495,15 +572,20 @@ class BackboneState:
         assert hidden.grad is not None
         return hidden.grad.detach()
 
+    def _replay(self, session: Session, step: int) -> dict[str, Any] | None:
+        """The stored reply to a STEP the session already applied; None for a new step."""
+        if step > session.step:
+            return None
+        if session.last_result is not None and step == session.step:
+            return {**session.last_result, "already_applied": True}
+        raise FailedPreconditionError(f"step {step} was applied long ago (now at {session.step})")
+
     def apply_step(
         self, session: Session, step: int, client_sq_norm: float, max_norm: float
     ) -> dict[str, Any]:
-        if step <= session.step:
-            if session.last_result is not None and step == session.step:
-                return {**session.last_result, "already_applied": True}
-            raise FailedPreconditionError(
-                f"step {step} was applied long ago (now at {session.step})"
-            )
+        replay = self._replay(session, step)
+        if replay is not None:
+            return replay
         if step != session.step + 1:
             raise FailedPreconditionError(
                 f"the session has applied {session.step} steps; cannot apply step {step}"
@@ -530,6 +612,10 @@ class BackboneState:
 
     def zero_grad(self, session: Session) -> None:
         session.pending.clear()
+        if self.batcher is not None:
+            # Only this session's part: the shared gradient belongs to a merged step.
+            self.batcher.discard(session)
+            return
         session.trainable.optimizer.zero_grad(set_to_none=True)
 
     def generate(self, session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

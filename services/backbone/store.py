@@ -39,6 +39,7 @@ class SessionRecord:
     # Non-tensor optimizer and scheduler state.
     optimizer_meta: dict[str, Any] = field(default_factory=dict)
     encrypted: bool = False
+    federation: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -285,12 +285,19 @@ class UploadUpdateRequest(_message.Message):
     BASE_VERSION_FIELD_NUMBER: _builtins.int
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    BACKBONE_FIELD_NUMBER: _builtins.int
+    BACKBONE_SESSION_FIELD_NUMBER: _builtins.int
     federation: _builtins.str
     """First message only."""
     round: _builtins.int
     attempt: _builtins.int
     base_version: _builtins.int
     num_samples: _builtins.int
+    backbone: _builtins.str
+    """First message, federations with server-side adapters: the backbone (one of the
+    federation's configured addresses) and the session whose body adapter to average.
+    """
+    backbone_session: _builtins.str
     @_builtins.property
     def chunk(self) -> _tensor_pb2.TensorChunk:
         """Every message: chunks of the named delta tensors (global names); with secure
@@ -306,10 +313,12 @@ class UploadUpdateRequest(_message.Message):
         base_version: _builtins.int = ...,
         num_samples: _builtins.int = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
+        backbone: _builtins.str = ...,
+        backbone_session: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "base_version", b"base_version", "chunk", b"chunk", "federation", b"federation", "num_samples", b"num_samples", "round", b"round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backbone", b"backbone", "backbone_session", b"backbone_session", "base_version", b"base_version", "chunk", b"chunk", "federation", b"federation", "num_samples", b"num_samples", "round", b"round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from splitfed.v1 import tensor_pb2 as splitfed_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitfed/v1/backbone.proto\x12\x0bsplitfed.v1\x1a\x18splitfed/v1/tensor.proto\"\x9d\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12!\n\x05\x64type\x18\x06 \x01(\x0e\x32\x12.splitfed.v1.Dtype\x12\r\n\x05min_k\x18\x07 \x01(\r\x12\r\n\x05min_m\x18\x08 \x01(\r\x12\x1b\n\x13max_sequence_length\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x11\n\tencodings\x18\x0b \x03(\t\x12\x14\n\x0c\x61\x64\x61pter_mode\x18\x0c \x01(\t\x12\x12\n\nencryption\x18\r \x01(\x08\"\x15\n\x13GetModelInfoRequest\"<\n\x14GetModelInfoResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.splitfed.v1.ModelInfo\"O\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\x1e\n\x0cPrefixConfig\x12\x0e\n\x06length\x18\x01 \x01(\r\"{\n\rAdapterConfig\x12\'\n\x04lora\x18\x01 \x01(\x0b\x32\x17.splitfed.v1.LoraConfigH\x00\x12+\n\x06prefix\x18\x02 \x01(\x0b\x32\x19.splitfed.v1.PrefixConfigH\x00\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x42\x06\n\x04kind\"\xa6\x01\n\x0fOptimizerConfig\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x14\n\x0cwarmup_steps\x18\x07 \x01(\r\x12\x13\n\x0btotal_steps\x18\x08 \x01(\r\"\xd3\x01\n\x12OpenSessionRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\t\n\x01m\x18\x03 \x01(\r\x12+\n\x07\x61\x64\x61pter\x18\x04 \x01(\x0b\x32\x1a.splitfed.v1.AdapterConfig\x12/\n\toptimizer\x18\x05 \x01(\x0b\x32\x1c.splitfed.v1.OptimizerConfig\x12\x10\n\x08\x65ncoding\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x11\n\tencrypted\x18\x08 \x01(\x08\"\x81\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x04info\x18\x02 \x01(\x0b\x32\x16.splitfed.v1.ModelInfo\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\x12\x11\n\tencrypted\x18\x05 \x01(\x08\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"A\n\x0bStepCommand\x12\x1b\n\x13\x63lient_grad_sq_norm\x18\x01 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x02 \x01(\x01\"[\n\nStepResult\x12\x1d\n\x15\x62\x61\x63kbone_grad_sq_norm\x18\x01 \x01(\x01\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x17\n\x0f\x61lready_applied\x18\x03 \x01(\x08\"\xa7\x01\n\x0cTrainRequest\x12 \n\x02op\x18\x01 \x01(\x0e\x32\x14.splitfed.v1.TrainOp\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\'\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12)\n\x07\x63ommand\x18\x05 \x01(\x0b\x32\x18.splitfed.v1.StepCommand\"\xa6\x01\n\rTrainResponse\x12 \n\x02op\x18\x01 \x01(\x0e\x32\x14.splitfed.v1.TrainOp\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\'\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.splitfed.v1.StepResult\"o\n\x0fGenerateRequest\x12#\n\x02op\x18\x01 \x01(\x0e\x32\x17.splitfed.v1.GenerateOp\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12\x0e\n\x06length\x18\x03 \x01(\x04\"v\n\x10GenerateResponse\x12#\n\x02op\x18\x01 \x01(\x0e\x32\x17.splitfed.v1.GenerateOp\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\x04\"*\n\x14\x45xportAdapterRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"N\n\x15\x45xportAdapterResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12\x0c\n\x04step\x18\x02 \x01(\x04\"?\n\x14ImportAdapterRequest\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\"(\n\x15ImportAdapterResponse\x12\x0f\n\x07tensors\x18\x01 \x01(\r*\x8e\x01\n\x07TrainOp\x12\x18\n\x14TRAIN_OP_UNSPECIFIED\x10\x00\x12\x14\n\x10TRAIN_OP_FORWARD\x10\x01\x12\x15\n\x11TRAIN_OP_BACKWARD\x10\x02\x12\x11\n\rTRAIN_OP_STEP\x10\x03\x12\x16\n\x12TRAIN_OP_ZERO_GRAD\x10\x04\x12\x11\n\rTRAIN_OP_EVAL\x10\x05*o\n\nGenerateOp\x12\x1b\n\x17GENERATE_OP_UNSPECIFIED\x10\x00\x12\x17\n\x13GENERATE_OP_FORWARD\x10\x01\x12\x15\n\x11GENERATE_OP_RESET\x10\x02\x12\x14\n\x10GENERATE_OP_TRIM\x10\x03\x32\xcb\x04\n\x08\x42\x61\x63kbone\x12S\n\x0cGetModelInfo\x12 .splitfed.v1.GetModelInfoRequest\x1a!.splitfed.v1.GetModelInfoResponse\x12P\n\x0bOpenSession\x12\x1f.splitfed.v1.OpenSessionRequest\x1a .splitfed.v1.OpenSessionResponse\x12S\n\x0c\x43loseSession\x12 .splitfed.v1.CloseSessionRequest\x1a!.splitfed.v1.CloseSessionResponse\x12\x42\n\x05Train\x12\x19.splitfed.v1.TrainRequest\x1a\x1a.splitfed.v1.TrainResponse(\x01\x30\x01\x12K\n\x08Generate\x12\x1c.splitfed.v1.GenerateRequest\x1a\x1d.splitfed.v1.GenerateResponse(\x01\x30\x01\x12X\n\rExportAdapter\x12!.splitfed.v1.ExportAdapterRequest\x1a\".splitfed.v1.ExportAdapterResponse0\x01\x12X\n\rImportAdapter\x12!.splitfed.v1.ImportAdapterRequest\x1a\".splitfed.v1.ImportAdapterResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitfed/v1/backbone.proto\x12\x0bsplitfed.v1\x1a\x18splitfed/v1/tensor.proto\"\x9d\x02\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x13\n\x0bhidden_size\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12!\n\x05\x64type\x18\x06 \x01(\x0e\x32\x12.splitfed.v1.Dtype\x12\r\n\x05min_k\x18\x07 \x01(\r\x12\r\n\x05min_m\x18\x08 \x01(\r\x12\x1b\n\x13max_sequence_length\x18\t \x01(\r\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12\x11\n\tencodings\x18\x0b \x03(\t\x12\x14\n\x0c\x61\x64\x61pter_mode\x18\x0c \x01(\t\x12\x12\n\nencryption\x18\r \x01(\x08\"\x15\n\x13GetModelInfoRequest\"<\n\x14GetModelInfoResponse\x12$\n\x04info\x18\x01 \x01(\x0b\x32\x16.splitfed.v1.ModelInfo\"O\n\nLoraConfig\x12\t\n\x01r\x18\x01 \x01(\r\x12\r\n\x05\x61lpha\x18\x02 \x01(\x02\x12\x0f\n\x07\x64ropout\x18\x03 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\"\x1e\n\x0cPrefixConfig\x12\x0e\n\x06length\x18\x01 \x01(\r\"{\n\rAdapterConfig\x12\'\n\x04lora\x18\x01 \x01(\x0b\x32\x17.splitfed.v1.LoraConfigH\x00\x12+\n\x06prefix\x18\x02 \x01(\x0b\x32\x19.splitfed.v1.PrefixConfigH\x00\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x42\x06\n\x04kind\"\xa6\x01\n\x0fOptimizerConfig\x12\x15\n\rlearning_rate\x18\x01 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x02 \x01(\x01\x12\r\n\x05\x62\x65ta1\x18\x03 \x01(\x01\x12\r\n\x05\x62\x65ta2\x18\x04 \x01(\x01\x12\x0b\n\x03\x65ps\x18\x05 \x01(\x01\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x14\n\x0cwarmup_steps\x18\x07 \x01(\r\x12\x13\n\x0btotal_steps\x18\x08 \x01(\r\"\xe7\x01\n\x12OpenSessionRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\t\n\x01m\x18\x03 \x01(\r\x12+\n\x07\x61\x64\x61pter\x18\x04 \x01(\x0b\x32\x1a.splitfed.v1.AdapterConfig\x12/\n\toptimizer\x18\x05 \x01(\x0b\x32\x1c.splitfed.v1.OptimizerConfig\x12\x10\n\x08\x65ncoding\x18\x06 \x01(\t\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x11\n\tencrypted\x18\x08 \x01(\x08\x12\x12\n\nfederation\x18\t \x01(\t\"\x81\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12$\n\x04info\x18\x02 \x01(\x0b\x32\x16.splitfed.v1.ModelInfo\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0f\n\x07resumed\x18\x04 \x01(\x08\x12\x11\n\tencrypted\x18\x05 \x01(\x08\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"A\n\x0bStepCommand\x12\x1b\n\x13\x63lient_grad_sq_norm\x18\x01 \x01(\x01\x12\x15\n\rmax_grad_norm\x18\x02 \x01(\x01\"[\n\nStepResult\x12\x1d\n\x15\x62\x61\x63kbone_grad_sq_norm\x18\x01 \x01(\x01\x12\x15\n\rlearning_rate\x18\x02 \x01(\x01\x12\x17\n\x0f\x61lready_applied\x18\x03 \x01(\x08\"\xa7\x01\n\x0cTrainRequest\x12 \n\x02op\x18\x01 \x01(\x0e\x32\x14.splitfed.v1.TrainOp\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\'\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12)\n\x07\x63ommand\x18\x05 \x01(\x0b\x32\x18.splitfed.v1.StepCommand\"\xa6\x01\n\rTrainResponse\x12 \n\x02op\x18\x01 \x01(\x0e\x32\x14.splitfed.v1.TrainOp\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\r\x12\'\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12\'\n\x06result\x18\x05 \x01(\x0b\x32\x17.splitfed.v1.StepResult\"o\n\x0fGenerateRequest\x12#\n\x02op\x18\x01 \x01(\x0e\x32\x17.splitfed.v1.GenerateOp\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12\x0e\n\x06length\x18\x03 \x01(\x04\"v\n\x10GenerateResponse\x12#\n\x02op\x18\x01 \x01(\x0e\x32\x17.splitfed.v1.GenerateOp\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\x04\"*\n\x14\x45xportAdapterRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"N\n\x15\x45xportAdapterResponse\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12\x0c\n\x04step\x18\x02 \x01(\x04\"?\n\x14ImportAdapterRequest\x12\'\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\"(\n\x15ImportAdapterResponse\x12\x0f\n\x07tensors\x18\x01 \x01(\r*\x8e\x01\n\x07TrainOp\x12\x18\n\x14TRAIN_OP_UNSPECIFIED\x10\x00\x12\x14\n\x10TRAIN_OP_FORWARD\x10\x01\x12\x15\n\x11TRAIN_OP_BACKWARD\x10\x02\x12\x11\n\rTRAIN_OP_STEP\x10\x03\x12\x16\n\x12TRAIN_OP_ZERO_GRAD\x10\x04\x12\x11\n\rTRAIN_OP_EVAL\x10\x05*o\n\nGenerateOp\x12\x1b\n\x17GENERATE_OP_UNSPECIFIED\x10\x00\x12\x17\n\x13GENERATE_OP_FORWARD\x10\x01\x12\x15\n\x11GENERATE_OP_RESET\x10\x02\x12\x14\n\x10GENERATE_OP_TRIM\x10\x03\x32\xcb\x04\n\x08\x42\x61\x63kbone\x12S\n\x0cGetModelInfo\x12 .splitfed.v1.GetModelInfoRequest\x1a!.splitfed.v1.GetModelInfoResponse\x12P\n\x0bOpenSession\x12\x1f.splitfed.v1.OpenSessionRequest\x1a .splitfed.v1.OpenSessionResponse\x12S\n\x0c\x43loseSession\x12 .splitfed.v1.CloseSessionRequest\x1a!.splitfed.v1.CloseSessionResponse\x12\x42\n\x05Train\x12\x19.splitfed.v1.TrainRequest\x1a\x1a.splitfed.v1.TrainResponse(\x01\x30\x01\x12K\n\x08Generate\x12\x1c.splitfed.v1.GenerateRequest\x1a\x1d.splitfed.v1.GenerateResponse(\x01\x30\x01\x12X\n\rExportAdapter\x12!.splitfed.v1.ExportAdapterRequest\x1a\".splitfed.v1.ExportAdapterResponse0\x01\x12X\n\rImportAdapter\x12!.splitfed.v1.ImportAdapterRequest\x1a\".splitfed.v1.ImportAdapterResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitfed.v1.backbone_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRAINOP']._serialized_start=2226
-  _globals['_TRAINOP']._serialized_end=2368
-  _globals['_GENERATEOP']._serialized_start=2370
-  _globals['_GENERATEOP']._serialized_end=2481
+  _globals['_TRAINOP']._serialized_start=2246
+  _globals['_TRAINOP']._serialized_end=2388
+  _globals['_GENERATEOP']._serialized_start=2390
+  _globals['_GENERATEOP']._serialized_end=2501
   _globals['_MODELINFO']._serialized_start=70
   _globals['_MODELINFO']._serialized_end=355
   _globals['_GETMODELINFOREQUEST']._serialized_start=357
@@ -51,33 +51,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPTIMIZERCONFIG']._serialized_start=681
   _globals['_OPTIMIZERCONFIG']._serialized_end=847
   _globals['_OPENSESSIONREQUEST']._serialized_start=850
-  _globals['_OPENSESSIONREQUEST']._serialized_end=1061
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=1064
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=1193
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1195
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1236
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1238
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1260
-  _globals['_STEPCOMMAND']._serialized_start=1262
-  _globals['_STEPCOMMAND']._serialized_end=1327
-  _globals['_STEPRESULT']._serialized_start=1329
-  _globals['_STEPRESULT']._serialized_end=1420
-  _globals['_TRAINREQUEST']._serialized_start=1423
-  _globals['_TRAINREQUEST']._serialized_end=1590
-  _globals['_TRAINRESPONSE']._serialized_start=1593
-  _globals['_TRAINRESPONSE']._serialized_end=1759
-  _globals['_GENERATEREQUEST']._serialized_start=1761
-  _globals['_GENERATEREQUEST']._serialized_end=1872
-  _globals['_GENERATERESPONSE']._serialized_start=1874
-  _globals['_GENERATERESPONSE']._serialized_end=1992
-  _globals['_EXPORTADAPTERREQUEST']._serialized_start=1994
-  _globals['_EXPORTADAPTERREQUEST']._serialized_end=2036
-  _globals['_EXPORTADAPTERRESPONSE']._serialized_start=2038
-  _globals['_EXPORTADAPTERRESPONSE']._serialized_end=2116
-  _globals['_IMPORTADAPTERREQUEST']._serialized_start=2118
-  _globals['_IMPORTADAPTERREQUEST']._serialized_end=2181
-  _globals['_IMPORTADAPTERRESPONSE']._serialized_start=2183
-  _globals['_IMPORTADAPTERRESPONSE']._serialized_end=2223
-  _globals['_BACKBONE']._serialized_start=2484
-  _globals['_BACKBONE']._serialized_end=3071
+  _globals['_OPENSESSIONREQUEST']._serialized_end=1081
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=1084
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1213
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1215
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1256
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1258
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1280
+  _globals['_STEPCOMMAND']._serialized_start=1282
+  _globals['_STEPCOMMAND']._serialized_end=1347
+  _globals['_STEPRESULT']._serialized_start=1349
+  _globals['_STEPRESULT']._serialized_end=1440
+  _globals['_TRAINREQUEST']._serialized_start=1443
+  _globals['_TRAINREQUEST']._serialized_end=1610
+  _globals['_TRAINRESPONSE']._serialized_start=1613
+  _globals['_TRAINRESPONSE']._serialized_end=1779
+  _globals['_GENERATEREQUEST']._serialized_start=1781
+  _globals['_GENERATEREQUEST']._serialized_end=1892
+  _globals['_GENERATERESPONSE']._serialized_start=1894
+  _globals['_GENERATERESPONSE']._serialized_end=2012
+  _globals['_EXPORTADAPTERREQUEST']._serialized_start=2014
+  _globals['_EXPORTADAPTERREQUEST']._serialized_end=2056
+  _globals['_EXPORTADAPTERRESPONSE']._serialized_start=2058
+  _globals['_EXPORTADAPTERRESPONSE']._serialized_end=2136
+  _globals['_IMPORTADAPTERREQUEST']._serialized_start=2138
+  _globals['_IMPORTADAPTERREQUEST']._serialized_end=2201
+  _globals['_IMPORTADAPTERRESPONSE']._serialized_start=2203
+  _globals['_IMPORTADAPTERRESPONSE']._serialized_end=2243
+  _globals['_BACKBONE']._serialized_start=2504
+  _globals['_BACKBONE']._serialized_end=3091
 # @@protoc_insertion_point(module_scope)

@@ -328,6 +328,7 @@ class OpenSessionRequest(_message.Message):
     ENCODING_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ENCRYPTED_FIELD_NUMBER: _builtins.int
+    FEDERATION_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     k: _builtins.int
     m: _builtins.int
@@ -338,6 +339,10 @@ class OpenSessionRequest(_message.Message):
     encrypted: _builtins.bool
     """Seal every activation and gradient chunk with the session's data key (AES-256-GCM,
     keys from the key manager; see docs/security.md). Fixed for the session's life.
+    """
+    federation: _builtins.str
+    """The federation this session trains for: the backbone's configured aggregators may
+    then export and import its body adapter (server-side adapter averaging).
     """
     @_builtins.property
     def adapter(self) -> Global___AdapterConfig: ...
@@ -354,10 +359,11 @@ class OpenSessionRequest(_message.Message):
         encoding: _builtins.str = ...,
         session_id: _builtins.str = ...,
         encrypted: _builtins.bool = ...,
+        federation: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "optimizer", b"optimizer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "encoding", b"encoding", "encrypted", b"encrypted", "k", b"k", "m", b"m", "model_id", b"model_id", "optimizer", b"optimizer", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "encoding", b"encoding", "encrypted", b"encrypted", "federation", b"federation", "k", b"k", "m", b"m", "model_id", b"model_id", "optimizer", b"optimizer", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -53,3 +53,44 @@ def test_split_overhead_bench_prints_ratios_and_writes_json(tmp_path: Path) -> N
         "split/unsplit train step time",
         "generation tokens/s split/unsplit",
     }
+
+
+@pytest.mark.slow
+def test_parallel_bench_prints_its_ratio_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "parallel.json"
+    tiny = ["--rounds", "2", "--blocks", "1", "--layers", "3", "--batch", "1", "--tokens", "8"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "parallel.py"), *tiny, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ratio parallel client-batch/serial samples/s: " in result.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["ratios"]) == {"parallel client-batch/serial samples/s"}
+    assert all(figures["figures"]["samples_per_s"][mode] > 0 for mode in ("serial", "client-batch"))
+
+
+@pytest.mark.slow
+def test_aggregator_memory_bench_checks_the_average_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "memory.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "aggregator_memory.py"),
+            *["--clients", "3", "--adapter-mib", "1", "--concurrency", "2", "--json", str(out)],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ratio aggregator peak rss growth/adapter: " in result.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["ratios"]) == {"aggregator peak rss growth/adapter"}
+    assert figures["figures"]["errors"] == []
+    assert figures["figures"]["max_abs_error"] <= 1e-5
+    assert figures["figures"]["baseline_kb"] > 0

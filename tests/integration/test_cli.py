@@ -133,12 +133,14 @@ def test_make_demo_runs_end_to_end(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "bit-exact" in result.stdout
-    assert result.stdout.count("refused, as it should be") == 2
-    assert "loss " in result.stdout and "> Add 2 and 3." in result.stdout
-    assert "backbone stopped gracefully (exit code 0)" in result.stdout
+    out = result.stdout
+    assert "enrolled backbone-0, aggregator-0, hospital-a and hospital-b" in out
+    assert "bit-exact" in out
+    assert out.count("refused, as it should be") == 2
+    assert "global version 3" in out and "> Add 2 and 3." in out
+    assert "stopped 3 services" in out
     assert (tmp_path / "hospital-a" / "key.pem").exists()
-    assert (tmp_path / "client" / "adapter.safetensors").exists()
+    assert (tmp_path / "aggregator-state" / "demo" / "versions" / "v3.body.safetensors").exists()
 
 
 @pytest.mark.slow

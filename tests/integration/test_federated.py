@@ -13,9 +13,16 @@ from typing import Any
 
 import pytest
 import torch
+from backbone_kit import SERVER_NAME as BACKBONE_NAME
 from federated_kit import Federation, federation, split_dataset
 from helpers import wait_until
 from safetensors import safe_open
+from safetensors.torch import load_file
+
+from splitfed.clients.backbone import BackboneClient
+from splitfed.errors import PermissionDeniedError
+from splitfed.security.tls import TLSConfig
+from splitfed.transport import create_channel
 
 
 @pytest.fixture
@@ -72,6 +79,24 @@ def _check_round(fed: Federation, version: int, names: list[str], previous: dict
         torch.testing.assert_close(value - before, expected, rtol=1e-5, atol=1e-6)
 
 
+def _watch_running_sum(
+    fed: Federation, processes: list[Any]
+) -> list[tuple[dict[str, int], dict[str, torch.Tensor]]]:
+    """Snapshots of the aggregator's stored running sum while ``processes`` run."""
+    sum_file = fed.root / "aggregator-state" / "fed" / "sum.safetensors"
+    snapshots = []
+    while any(p.poll() is None for p in processes) and len(snapshots) < 400:
+        try:
+            with safe_open(str(sum_file), framework="pt") as handle:
+                meta = json.loads(handle.metadata()["contributors"])
+                stored = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            snapshots.append((meta, stored))
+        except (FileNotFoundError, OSError, KeyError):
+            pass
+        time.sleep(0.005)
+    return snapshots
+
+
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
 def test_a_client_killed_mid_round_does_not_block_the_round(tmp_path: Path, secure: bool) -> None:
     fed = federation(
@@ -79,7 +104,7 @@ def test_a_client_killed_mid_round_does_not_block_the_round(tmp_path: Path, secu
         rounds=1,
         min_clients=2,
         start_clients=3,
-        deadline_s=12.0,
+        deadline_s=8.0,
         secure_aggregation=secure,
     )
     try:
@@ -91,10 +116,23 @@ def test_a_client_killed_mid_round_does_not_block_the_round(tmp_path: Path, secu
         ]
         assert wait_until(lambda: _state(fed).get("phase") == "upload", timeout_s=120)
         processes[2].kill()  # selected, still training: it never uploads
+        snapshots = _watch_running_sum(fed, processes[:2])
         for name, process in zip(names[:2], processes[:2], strict=True):
             assert process.wait(timeout=300) == 0, (fed.root / f"{name}.log").read_text()[-3000:]
         assert set(_contributors(fed, 1)) == {"a", "b"}
         _check_round(fed, 1, ["a", "b"], {})  # with secure aggregation: c's masks removed
+        if secure:
+            # What the aggregator held with one of the two updates in is masked: read as
+            # fixed point it is noise, nothing like that client's weighted update.
+            partial = [stored for meta, stored in snapshots if len(meta) == 1]
+            assert partial, "never saw the running sum mid-round"
+            for stored in partial:
+                for name in ("a", "b"):
+                    delta, samples = fed.updates(name)["round1-attempt1"]
+                    for tensor_name, masked in stored.items():
+                        plain = masked.view(torch.int64).double() / float(2**24) / samples
+                        gap = (plain - delta[tensor_name].double()).abs().max()
+                        assert gap > 1e3, (name, tensor_name)
     finally:
         fed.stop()
 
@@ -124,42 +162,47 @@ def test_an_aggregator_killed_mid_round_loses_and_doubles_nothing(tmp_path: Path
         fed.stop()
 
 
-def test_secure_aggregation_gives_the_same_result_without_seeing_an_update(
-    tmp_path: Path,
-) -> None:
-    fed = federation(tmp_path, rounds=2, min_clients=3, secure_aggregation=True)
+def test_server_side_adapters_are_averaged_across_backbone_replicas(tmp_path: Path) -> None:
+    """Server-hierarchical: two backbone replicas, each with its clients' body adapters;
+    after every round each session holds the sample-weighted average."""
+    fed = federation(tmp_path, replicas=2, rounds=1, min_clients=3, server_adapters=True)
     try:
         names = ["a", "b", "c"]
         data = split_dataset(fed.root, [6, 10, 16])
         processes = [
-            fed.run_client(fed.client_config(n, p), n) for n, p in zip(names, data, strict=True)
+            fed.run_client(fed.client_config(n, p, replica=1 if n == "c" else 0), n)
+            for n, p in zip(names, data, strict=True)
         ]
-        sum_file = fed.root / "aggregator-state" / "fed" / "sum.safetensors"
-        snapshots: list[tuple[dict[str, int], dict[str, torch.Tensor]]] = []
-        while any(p.poll() is None for p in processes) and len(snapshots) < 200:
-            try:
-                with safe_open(str(sum_file), framework="pt") as handle:
-                    meta = json.loads(handle.metadata()["contributors"])
-                    stored = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-                snapshots.append((meta, stored))
-            except (FileNotFoundError, OSError, KeyError):
-                pass
-            time.sleep(0.02)
         for name, process in zip(names, processes, strict=True):
             assert process.wait(timeout=300) == 0, (fed.root / f"{name}.log").read_text()[-3000:]
-        _check_round(fed, 1, names, {})
-        _check_round(fed, 2, names, fed.version(1))
-        # What the aggregator stored mid-round is masked: read as fixed point it is noise,
-        # nothing like any client's weighted update.
-        assert snapshots, "never saw the running sum"
-        scale = float(2**24)
-        for _, stored in snapshots:
-            for name in names:
-                for round_ in (1, 2):
-                    delta, samples = fed.updates(name)[f"round{round_}-attempt1"]
-                    for tensor_name, masked in stored.items():
-                        plain = masked.view(torch.int64).double() / scale / samples
-                        gap = (plain - delta[tensor_name].double()).abs().max()
-                        assert gap > 1e3, (name, tensor_name)
+        state = _state(fed)
+        sessions = state["server_sessions"]
+        assert set(sessions) == set(names)
+        assert {address for address, _ in sessions.values()} == {
+            fed.backbone.address,
+            fed.replicas[0].address,
+        }
+        body = load_file(
+            str(fed.root / "aggregator-state" / "fed" / "versions" / "v1.body.safetensors")
+        )
+        aggregator = fed.backbone.ca.issue("aggregator-0", "aggregator")
+        assert aggregator.key_pem is not None
+        tls = TLSConfig(fed.backbone.ca.cert_pem, aggregator.cert_pem, aggregator.key_pem)
+        for address, session_id in sessions.values():
+            with create_channel(address, tls, server_name=BACKBONE_NAME) as channel:
+                held = BackboneClient(channel).export_adapter(session_id)
+            assert held.keys() == body.keys()
+            for tensor_name, value in held.items():
+                torch.testing.assert_close(value, body[tensor_name])
+        # Another aggregator identity, or a client, may not touch a federated session.
+        intruder = fed.backbone.ca.issue("aggregator-9", "aggregator")
+        assert intruder.key_pem is not None
+        bad = TLSConfig(fed.backbone.ca.cert_pem, intruder.cert_pem, intruder.key_pem)
+        address, session_id = sessions["a"]
+        with (
+            create_channel(address, bad, server_name=BACKBONE_NAME) as channel,
+            pytest.raises(PermissionDeniedError),
+        ):
+            BackboneClient(channel).export_adapter(session_id)
     finally:
         fed.stop()

@@ -1,0 +1,139 @@
+"""A federation's rounds without gRPC: selection, deadlines, retries, late/stale/duplicate
+uploads, restarts, and the strategies' math."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitfed.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
+from splitfed.services.aggregator.federation import Federation
+from splitfed.services.aggregator.settings import AggregatorSettings, FederationSettings
+from splitfed.services.aggregator.strategies import FedAdam, FedAvg, FedAvgM, make_strategy
+
+SHAPES = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (3, 2)}
+
+
+def settings(**overrides: object) -> FederationSettings:
+    values: dict[str, object] = {"name": "fed", "rounds": 2, "min_clients": 2, "deadline_s": 60}
+    values.update(overrides)
+    return FederationSettings(**values)  # type: ignore[arg-type]
+
+
+def upload(
+    fed: Federation, who: str, tensors: dict[str, torch.Tensor], samples: int, base: int = -1
+) -> tuple[bool, int]:
+    s = fed.state
+    version = s.version if base < 0 else base
+    if not fed.start_upload(who, s.round, s.attempt, version):
+        return True, len(fed.contributors)
+    spool, out = fed.new_spool()
+    with out:
+        for name, tensor in tensors.items():
+            fed.spool_tensor(spool, out, name, tensor)
+    try:
+        return fed.commit_upload(who, s.round, s.attempt, version, samples, spool)
+    finally:
+        spool.path.unlink()
+
+
+def deltas(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(shape, generator=g) for n, shape in SHAPES.items()}
+
+
+def test_a_round_averages_by_samples_and_moves_on(tmp_path: Path) -> None:
+    fed = Federation(settings(), tmp_path)
+    fed.join("a")
+    assert fed.state.phase == "waiting"
+    fed.join("b")
+    assert fed.state.phase == "upload" and fed.state.selected == ["a", "b"]
+    assert upload(fed, "a", deltas(1), 1) == (False, 1)
+    assert upload(fed, "a", deltas(9), 1) == (True, 1)  # duplicate: idempotent, ignored
+    upload(fed, "b", deltas(2), 3)
+    assert (fed.state.round, fed.state.version) == (2, 1)
+    for name, value in fed.offset(1).items():
+        expected = (deltas(1)[name] * 1 + deltas(2)[name] * 3) / 4
+        torch.testing.assert_close(value, expected)
+    # Stale (trained from version 0) and late (round 1) uploads are refused.
+    with pytest.raises(FailedPreconditionError, match="stale"):
+        upload(fed, "a", deltas(3), 1, base=0)
+    with pytest.raises(FailedPreconditionError, match="round 2"):
+        fed.start_upload("a", 1, 1, 1)
+    with pytest.raises(PermissionDeniedError):
+        fed.start_upload("mallory", 2, 1, 1)
+
+
+def test_mismatched_updates_and_bad_dtypes_are_refused(tmp_path: Path) -> None:
+    fed = Federation(settings(), tmp_path)
+    fed.join("a")
+    fed.join("b")
+    upload(fed, "a", deltas(1), 1)
+    with pytest.raises(InvalidArgumentError, match="differ"):
+        upload(fed, "b", {"a.lora_A.weight": torch.zeros(2, 3)}, 1)
+    with pytest.raises(InvalidArgumentError, match="float32"):
+        upload(fed, "b", {"x": torch.zeros(2, dtype=torch.float64)}, 1)
+    assert fed.contributors == {"a": 1}  # nothing of b's counted
+
+
+def test_deadline_retries_below_the_minimum_and_closes_above(tmp_path: Path) -> None:
+    fed = Federation(settings(min_clients=2, start_clients=3), tmp_path)
+    for who in "abc":
+        fed.join(who)
+    upload(fed, "a", deltas(1), 1)
+    fed.tick(fed.state.deadline + 1)
+    assert (fed.state.round, fed.state.attempt) == (1, 2)
+    assert "1 of min 2 updates" in fed.state.message
+    upload(fed, "a", deltas(1), 1)
+    upload(fed, "b", deltas(2), 1)
+    fed.tick(fed.state.deadline + 1)  # c dropped: two updates are enough
+    assert fed.state.version == 1 and fed.state.history[-1]["contributors"] == {"a": 1, "b": 1}
+
+
+def test_a_restart_continues_the_round(tmp_path: Path) -> None:
+    fed = Federation(settings(min_clients=3), tmp_path)
+    for who in "abc":
+        fed.join(who)
+    upload(fed, "a", deltas(1), 2)
+    upload(fed, "b", deltas(2), 1)
+    again = Federation(settings(min_clients=3), tmp_path)
+    assert again.contributors == {"a": 2, "b": 1}
+    assert upload(again, "b", deltas(2), 1)[0]  # counted before the restart: duplicate
+    upload(again, "c", deltas(3), 1)
+    for name, value in again.offset(1).items():
+        expected = (2 * deltas(1)[name] + deltas(2)[name] + deltas(3)[name]) / 4
+        torch.testing.assert_close(value, expected)
+
+
+def test_strategies() -> None:
+    offset = {"w": torch.tensor([1.0, -1.0])}
+    delta = {"w": torch.tensor([0.5, 0.5])}
+    assert torch.equal(FedAvg().step(offset, delta, {})["w"], torch.tensor([1.5, -0.5]))
+    state: dict[str, torch.Tensor] = {}
+    momentum = FedAvgM(server_lr=0.5, momentum=0.9)
+    first = momentum.step(offset, delta, state)
+    second = momentum.step(first, delta, state)
+    torch.testing.assert_close(second["w"], first["w"] + 0.5 * (0.9 * 0.5 + 0.5))
+    adam, state = FedAdam(server_lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3), {}
+    out = adam.step(offset, delta, state)
+    m, v = 0.1 * 0.5, 0.01 * 0.25
+    torch.testing.assert_close(out["w"], offset["w"] + 0.1 * m / (v**0.5 + 1e-3))
+    with pytest.raises(ValueError, match="unknown strategy"):
+        make_strategy("fedsgd")
+    with pytest.raises(ValueError, match="fedavgm"):
+        make_strategy("fedavgm", {"momentum": 1.5})
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="federation name"):
+        settings(name="Bad Name")
+    with pytest.raises(ValueError, match="secure aggregation needs min_clients >= 2"):
+        settings(min_clients=1, secure_aggregation=True)
+    with pytest.raises(ValueError, match="server_adapters needs"):
+        settings(server_adapters=True)
+    with pytest.raises(ValueError, match="at least one federation"):
+        AggregatorSettings(state_dir=Path("x"))
+    with pytest.raises(ValueError, match="unique"):
+        AggregatorSettings(state_dir=Path("x"), federations=(settings(), settings()))
