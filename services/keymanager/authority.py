@@ -66,6 +66,16 @@ def certificate_row(pem: bytes, identity: str, role: str) -> CertificateRow:
     )
 
 
+def server_names(cert: x509.Certificate) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The DNS names and IP addresses a certificate carries (kept on renewal)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return (), ()
+    dns_names = tuple(sans.get_values_for_type(x509.DNSName))
+    return dns_names, tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
+
+
 def serial_hex(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
 
@@ -230,12 +240,7 @@ class KeyAuthority:
                 f"{caller.name!r}"
             )
         current = x509.load_pem_x509_certificate(caller_cert_pem)
-        try:
-            sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            dns_names = tuple(sans.get_values_for_type(x509.DNSName))
-            ips = tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
-        except x509.ExtensionNotFound:
-            dns_names, ips = (), ()
+        dns_names, ips = server_names(current)
         pem = self._sign(csr_pem, caller.name, caller.role, dns_names, ips)
         self.store.record_certificate(
             certificate_row(pem, caller.name, caller.role),
@@ -273,12 +278,7 @@ class KeyAuthority:
         start, end = current.not_valid_before_utc, current.not_valid_after_utc
         if dt.datetime.now(dt.UTC) < start + (end - start) * renew_fraction:
             return False
-        try:
-            sans = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            dns_names = tuple(sans.get_values_for_type(x509.DNSName))
-            ips = tuple(str(ip) for ip in sans.get_values_for_type(x509.IPAddress))
-        except x509.ExtensionNotFound:
-            dns_names, ips = (), ()
+        dns_names, ips = server_names(current)
         key = generate_private_key()
         pem = self._sign(
             make_csr(key, KEYMANAGER_IDENTITY), KEYMANAGER_IDENTITY, "keymanager", dns_names, ips
