@@ -148,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--sample-ms", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-lean-memory",
+        action="store_true",
+        help="run the aggregator with lean_memory = false (its throughput settings)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.clients < 1 or args.concurrency < 1 or args.sample_ms <= 0:
@@ -236,6 +241,7 @@ def run(
         "aggregator:\n"
         f"  state_dir: {json.dumps(str(state_dir))}\n"
         f"  federations: [{json.dumps(settings)}]\n"
+        f"  lean_memory: {json.dumps(not args.no_lean_memory)}\n"
         "server:\n"
         f"  tls_dir: {json.dumps(str(root / 'tls'))}\n"
     )
@@ -311,6 +317,7 @@ def run(
         "peak_threads": sampler.peak_threads,
         "upload_s": upload_s,
         "upload_mb_s": args.clients * adapter_bytes / upload_s / 1e6,
+        "lean_memory": not args.no_lean_memory,
         "max_abs_error": max_abs_error,
         "errors": errors,
         "rss_samples": sampler.samples,

@@ -21,7 +21,7 @@ from splitfed.clients.backbone import (
     RemoteBodyStage,
     client_crypto,
 )
-from splitfed.clients.federated import AggregatorClient, FederatedTrainer
+from splitfed.clients.federated import UPLOAD_CHUNK_BYTES, AggregatorClient, FederatedTrainer
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
@@ -236,7 +236,9 @@ def federated_trainer(
         trainer = make_trainer(client, config, keymanager)
         yield FederatedTrainer(
             trainer,
-            AggregatorClient(channel, chunk_bytes=config.backbone.chunk_bytes),
+            AggregatorClient(
+                channel, chunk_bytes=min(config.backbone.chunk_bytes, UPLOAD_CHUNK_BYTES)
+            ),
             federated.federation,
             identity=certificate_identity(tls),
             record_dir=federated.record_updates,

@@ -26,7 +26,6 @@ from splitfed.retry import DEFAULT_RETRY, RETRYABLE, RetryPolicy, call_with_retr
 from splitfed.services.aggregator.servicer import DOWNLOAD_RESPONSE, SERVICE, UPLOAD_REQUEST
 from splitfed.v1 import aggregator_pb2, aggregator_pb2_grpc
 from splitfed.wire import (
-    DEFAULT_CHUNK_BYTES,
     OutgoingFrame,
     TensorAssembler,
     TensorLimits,
@@ -43,12 +42,17 @@ def _mapped(err: grpc.RpcError) -> Exception:
     return mapped if mapped is not None else err
 
 
+# Uploads go in chunks of 1 MiB: the aggregator holds a received message or two per
+# upload in flight, so smaller messages keep its memory flat (docs/benchmarks.md).
+UPLOAD_CHUNK_BYTES = 1 << 20
+
+
 class AggregatorClient:
     def __init__(
         self,
         channel: grpc.Channel,
         *,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int = UPLOAD_CHUNK_BYTES,
         retry: RetryPolicy = DEFAULT_RETRY,
         timeout_s: float = 60.0,
     ) -> None:

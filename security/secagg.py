@@ -487,18 +487,20 @@ class MaskedSum:
     def decode(self, total_weight: float) -> dict[str, torch.Tensor]:
         """The weighted average, float32 in each tensor's shape: the sum read as int64,
         divided by ``scale * total_weight`` (the sum of the contributors' weights)."""
+        return dict(self.decoded(total_weight))
+
+    def decoded(self, total_weight: float) -> Iterator[tuple[str, torch.Tensor]]:
+        """:meth:`decode` one tensor at a time, by name (holds one decoded tensor)."""
         if isinstance(total_weight, bool) or not isinstance(total_weight, int | float):
             raise InvalidArgumentError(f"total_weight must be a number, got {total_weight!r}")
         if not (math.isfinite(total_weight) and total_weight > 0):
             raise InvalidArgumentError(f"total_weight must be positive, got {total_weight}")
         divisor = float(self.params.scale) * float(total_weight)
-        with self._lock:
-            return {
-                name: torch.from_numpy(
-                    (total.view(np.int64) / divisor).astype(np.float32).reshape(self.shapes[name])
-                )
-                for name, total in self._sums.items()
-            }
+        for name in sorted(self._sums):
+            with self._lock:
+                total = self._sums[name]
+                average = (total.view(np.int64) / divisor).astype(np.float32)
+            yield name, torch.from_numpy(average.reshape(self.shapes[name]))
 
     def state(self) -> dict[str, U64Array]:
         """The accumulators, ``uint64`` copies in each tensor's shape (safetensors stores

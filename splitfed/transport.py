@@ -42,6 +42,13 @@ class TransportOptions:
     keepalive_timeout_s: float = 10.0
     max_workers: int = 16
     max_concurrent_rpcs: int | None = None
+    # Servers: the most a connection's TCP read buffer may grow to (None: gRPC's default,
+    # which grows with the traffic and stays for the connection's life; a service with
+    # many long-lived clients caps it, docs/benchmarks.md "Aggregator memory").
+    max_read_buffer_bytes: int | None = None
+    # HTTP/2 BDP probing widens flow-control windows on fast links (throughput); off, a
+    # peer can send at most the default window ahead of what the service has read.
+    bdp_probe: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
@@ -52,6 +59,10 @@ class TransportOptions:
             raise ValueError("keepalive_time_s and keepalive_timeout_s must be positive")
         if self.max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
+        if self.max_read_buffer_bytes is not None and self.max_read_buffer_bytes < 4 * KiB:
+            raise ValueError(
+                f"max_read_buffer_bytes must be >= 4096, got {self.max_read_buffer_bytes}"
+            )
 
     @property
     def max_message_bytes(self) -> int:
@@ -65,6 +76,7 @@ class TransportOptions:
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            *([] if self.bdp_probe else [("grpc.http2.bdp_probe", 0)]),
         ]
 
     def server_options(self) -> list[tuple[str, Any]]:
@@ -74,6 +86,11 @@ class TransportOptions:
             ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_time_s * 500)),
             # Never share a port silently with another process.
             ("grpc.so_reuseport", 0),
+            *(
+                []
+                if self.max_read_buffer_bytes is None
+                else [("grpc.experimental.tcp_max_read_buffer_size", self.max_read_buffer_bytes)]
+            ),
         ]
 
     def channel_options(self) -> list[tuple[str, Any]]:

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import google_crc32c
 import numpy as np
@@ -31,7 +31,7 @@ import torch
 from google.protobuf.message import Message
 
 from splitfed import metrics
-from splitfed.encodings import Encoding, get_encoding, numel_of
+from splitfed.encodings import Encoding, as_bytes, get_encoding, numel_of
 from splitfed.errors import DataLossError, InvalidArgumentError, LimitExceededError
 from splitfed.v1 import tensor_pb2
 
@@ -523,6 +523,17 @@ class ReceivedTensor(NamedTuple):
     encoding: str
 
 
+class TensorSink(Protocol):
+    """Where a :class:`TensorAssembler` with a sink writes tensors instead of buffering
+    them: ``begin`` (after the header passed the limits, before any byte), then ``write``
+    of the tensor's raw bytes in order. A stream that fails part-way leaves what was
+    written; the owner of the sink discards it."""
+
+    def begin(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> None: ...
+
+    def write(self, data: memoryview) -> None: ...
+
+
 @dataclass
 class _Pending:
     name: str
@@ -532,8 +543,9 @@ class _Pending:
     total: int
     reserved: int
     crc32c: int
-    buffer: torch.Tensor
-    array: np.ndarray[Any, np.dtype[np.uint8]]
+    # None while the payload goes straight to the sink.
+    buffer: torch.Tensor | None
+    array: np.ndarray[Any, np.dtype[np.uint8]] | None
     received: int = 0
     next_seq: int = 1
     running_crc: int = 0
@@ -551,13 +563,23 @@ class TensorAssembler:
     With a :class:`ReceiveBudget`, a completed tensor's reservation is kept until
     :meth:`release_completed` (called by :func:`iter_tensors` when its consumer asks for
     the next tensor), the next tensor starts, or :meth:`close`.
+
+    With a ``sink``, each tensor's bytes are written to it as they arrive (raw encoding;
+    other encodings are decoded first) and :meth:`feed` returns the completed tensor as a
+    ``meta`` tensor: its name, dtype and shape without its values. The checksum is
+    checked when the last chunk arrives, after the bytes went to the sink.
     """
 
     def __init__(
-        self, limits: TensorLimits = DEFAULT_LIMITS, budget: ReceiveBudget | None = None
+        self,
+        limits: TensorLimits = DEFAULT_LIMITS,
+        budget: ReceiveBudget | None = None,
+        *,
+        sink: TensorSink | None = None,
     ) -> None:
         self.limits = limits
         self.budget = budget
+        self.sink = sink
         self._pending: _Pending | None = None
         self._completed_reservation = 0
         self._received = metrics.WIRE_BYTES.labels(direction="received")
@@ -607,8 +629,12 @@ class TensorAssembler:
             )
         if size:
             piece = np.frombuffer(data, dtype=np.uint8)
-            pending.array[pending.received : pending.received + size] = piece
             pending.running_crc = google_crc32c.extend(pending.running_crc, piece)
+            if pending.array is None:
+                assert self.sink is not None
+                self.sink.write(memoryview(data))
+            else:
+                pending.array[pending.received : pending.received + size] = piece
             pending.received += size
             self._received.inc(size)
         if pending.received < pending.total:
@@ -626,6 +652,20 @@ class TensorAssembler:
                 f"dtype {dtype} and shape {list(header.shape)} in encoding {encoding.name!r} "
                 f"need {nbytes}"
             )
+        if self.sink is not None and encoding.name == "raw" and dtype != torch.bool:
+            self.sink.begin(header.name, dtype, list(header.shape))
+            self._pending = _Pending(
+                name=header.name,
+                dtype=dtype,
+                shape=list(header.shape),
+                encoding=encoding,
+                total=nbytes,
+                reserved=0,
+                crc32c=header.crc32c,
+                buffer=None,
+                array=None,
+            )
+            return self._pending
         # Only now, with the sizes checked against the limits, reserve and allocate.
         reserved = nbytes + decoded if self.budget is not None else 0
         if self.budget is not None:
@@ -656,9 +696,19 @@ class TensorAssembler:
                 f"tensor {pending.name!r}: checksum mismatch (crc32c {pending.running_crc:#010x}, "
                 f"header says {pending.crc32c:#010x})"
             )
+        if pending.buffer is None:  # streamed to the sink
+            self._release()
+            meta = torch.empty(pending.shape, dtype=pending.dtype, device="meta")
+            return ReceivedTensor(pending.name, meta, pending.encoding.name)
         tensor = _decode(
             pending.encoding, pending.buffer, pending.dtype, pending.shape, repr(pending.name)
         )
+        if self.sink is not None:
+            self.sink.begin(pending.name, pending.dtype, pending.shape)
+            self.sink.write(as_bytes(tensor).numpy().data)
+            self._release()
+            meta = torch.empty(pending.shape, dtype=pending.dtype, device="meta")
+            return ReceivedTensor(pending.name, meta, pending.encoding.name)
         self._release(keep_reservation=True)
         return ReceivedTensor(pending.name, tensor, pending.encoding.name)
 
@@ -676,6 +726,8 @@ class TensorAssembler:
         pending = self._pending
         if pending is not None:
             self._pending = None
+            if pending.buffer is None:
+                return  # streamed to the sink: nothing held or reserved
             metrics.WIRE_BUFFER_BYTES.dec(pending.total)
             if keep_reservation:
                 self._completed_reservation += pending.reserved

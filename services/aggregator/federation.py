@@ -24,7 +24,7 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -39,7 +39,11 @@ from splitfed.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
-from splitfed.services.aggregator.files import read_tensors, write_tensors
+from splitfed.services.aggregator.files import (
+    read_tensors,
+    write_tensors,
+    write_tensors_streamed,
+)
 from splitfed.services.aggregator.settings import FederationSettings
 from splitfed.services.aggregator.strategies import make_strategy
 
@@ -105,6 +109,53 @@ class Spool:
                     yield tensor.name, start, values
 
 
+class SpoolWriter:
+    """Writes an upload's tensors into its spool file as their chunks arrive (a
+    :class:`~splitfed.wire.TensorSink`): the aggregator never holds an uploaded tensor,
+    only the chunk being written. Checks each tensor's name, dtype and the update's size
+    before a byte of it is written."""
+
+    def __init__(self, spool: Spool, out: BinaryIO, expected: torch.dtype, max_bytes: int):
+        self.spool = spool
+        self.out = out
+        self.expected = expected
+        self.max_bytes = max_bytes
+
+    def begin(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> None:
+        secure = self.expected == torch.int64
+        if dtype != self.expected:
+            raise InvalidArgumentError(
+                f"tensor {name!r}: expected {self.expected} deltas"
+                + (" (masked fixed point)" if secure else "")
+                + f", got {dtype}"
+            )
+        if not name or len(name) > 256 or any(t.name == name for t in self.spool.tensors):
+            raise InvalidArgumentError(f"tensor name {name!r} is empty, too long or repeated")
+        stored = np.dtype(np.uint64) if secure else np.dtype(np.float32)
+        size = math.prod(shape) * stored.itemsize
+        if self.spool.bytes + size > self.max_bytes:
+            raise LimitExceededError(f"the update exceeds max_adapter_bytes ({self.max_bytes})")
+        self.spool.bytes += size
+        self.spool.tensors.append(SpooledTensor(name, tuple(shape), stored, self.out.tell()))
+
+    def write(self, data: memoryview) -> None:
+        try:
+            self.out.write(data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise LimitExceededError("the aggregator's disk is full; retry later") from None
+            raise
+
+    def close(self) -> None:
+        self.out.close()
+
+    def __enter__(self) -> SpoolWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class PlainSum:
     """Running sum of weight * delta per tensor (float32), O(one adapter)."""
 
@@ -125,8 +176,13 @@ class PlainSum:
         for name, array in tensors.items():
             self.sums[name][...] = array
 
-    def average(self, total_weight: float) -> dict[str, torch.Tensor]:
-        return {n: torch.from_numpy(s / np.float32(total_weight)) for n, s in self.sums.items()}
+    def averaged(self, total_weight: float) -> Iterator[tuple[str, torch.Tensor]]:
+        """The average, one tensor at a time by name, computed in place: each tensor of
+        the sum is gone once its average has been taken (the close reads it once)."""
+        for name in sorted(self.sums):
+            array = self.sums.pop(name)
+            array /= np.float32(total_weight)
+            yield name, torch.from_numpy(array)
 
 
 class ServerAdapters(Protocol):
@@ -427,36 +483,19 @@ class Federation:
                 )
             return identity not in self.contributors
 
-    def new_spool(self) -> tuple[Spool, BinaryIO]:
+    def new_spool(self) -> tuple[Spool, SpoolWriter]:
+        """A spool file for one upload and the sink that receives the upload into it."""
         fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="upload-")
-        return Spool(Path(name)), os.fdopen(fd, "wb")
-
-    def spool_tensor(self, spool: Spool, out: BinaryIO, name: str, tensor: torch.Tensor) -> None:
+        spool = Spool(Path(name))
         expected = torch.int64 if self.settings.secure_aggregation else torch.float32
-        if tensor.dtype != expected:
-            raise InvalidArgumentError(
-                f"tensor {name!r}: expected {expected} deltas"
-                + (" (masked fixed point)" if self.settings.secure_aggregation else "")
-                + f", got {tensor.dtype}"
-            )
-        if not name or len(name) > 256 or any(t.name == name for t in spool.tensors):
-            raise InvalidArgumentError(f"tensor name {name!r} is empty, too long or repeated")
-        array = tensor.numpy()
-        if self.settings.secure_aggregation:
-            array = array.view(np.uint64)
-        spool.bytes += array.nbytes
-        if spool.bytes > self.settings.max_adapter_bytes:
-            raise LimitExceededError(
-                f"the update exceeds max_adapter_bytes ({self.settings.max_adapter_bytes})"
-            )
-        offset = out.tell()
-        try:
-            out.write(np.ascontiguousarray(array).data)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise LimitExceededError("the aggregator's disk is full; retry later") from None
-            raise
-        spool.tensors.append(SpooledTensor(name, tuple(array.shape), array.dtype, offset))
+        return spool, SpoolWriter(
+            spool, os.fdopen(fd, "wb"), expected, self.settings.max_adapter_bytes
+        )
+
+    def spool_tensor(self, spool: Spool, out: SpoolWriter, name: str, tensor: torch.Tensor) -> None:
+        """Spool a whole tensor (what the sink receives chunk by chunk in the service)."""
+        out.begin(name, tensor.dtype, tuple(tensor.shape))
+        out.write(np.ascontiguousarray(tensor.numpy()).data.cast("B"))
 
     def commit_upload(
         self,
@@ -556,27 +595,43 @@ class Federation:
                 self._retry(now, "survivors did not reveal their seeds for dropped peers")
 
     def _close(self, now: float) -> None:
+        try:
+            self._close_round(now)
+        except BaseException:
+            # The close consumes the in-memory sum: back to what is on disk (the sum of
+            # this round's updates), so that the next attempt to close starts over.
+            self.contributors, self.schema, self.accumulator = {}, {}, None
+            self.sessions = {}
+            self._load_sum()
+            raise
+
+    def _close_round(self, now: float) -> None:
         s = self.state
         total = sum(self.contributors.values())
         if self.settings.secure_aggregation:
             for survivor, seeds in s.revealed.items():
                 for dropped, seed in seeds.items():
                     self.accumulator.remove_masks(survivor, dropped, bytes.fromhex(seed))
-            average = self.accumulator.decode(float(total))
+            averages = self.accumulator.decoded(float(total))
         else:
-            average = self.accumulator.average(float(total))
+            averages = self.accumulator.averaged(float(total))
         state = self._strategy_state(s.version)
         previous = self.offset(s.version)
-        # Tensor by tensor (strategies work per tensor name), dropping each average once
-        # its offset exists: the close holds the sum, the average or the new offset, and
-        # one tensor more, instead of sum + average + offset (docs/benchmarks.md).
-        offset: dict[str, torch.Tensor] = {}
-        for name in sorted(average):
-            offset.update(self.strategy.step(previous, {name: average.pop(name)}, state))
         version = s.version + 1
-        write_tensors(
+
+        def offsets() -> Iterator[tuple[str, np.ndarray[Any, Any]]]:
+            # Tensor by tensor (strategies work per tensor name), written as it is made:
+            # the close holds the sum and a tensor or two, never a whole second adapter
+            # (docs/benchmarks.md "Aggregator memory").
+            for name, average in averages:
+                step = self.strategy.step(previous, {name: average}, state)
+                del average
+                yield name, step[name].contiguous().numpy()
+
+        write_tensors_streamed(
             self._version_path(version),
-            {n: t.contiguous().numpy() for n, t in offset.items()},
+            {name: (shape, np.dtype(np.float32)) for name, (shape, _) in self.schema.items()},
+            offsets(),
             {"round": str(s.round), "contributors": json.dumps(self.contributors)},
         )
         write_tensors(

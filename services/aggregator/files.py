@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +27,37 @@ _DTYPES = {
 def write_tensors(
     path: Path, tensors: Mapping[str, np.ndarray[Any, Any]], metadata: Mapping[str, str]
 ) -> None:
-    """Write ``tensors`` (C-contiguous NumPy arrays) as a safetensors file, atomically:
-    a temporary file in the same directory, fsync, rename, fsync of the directory."""
+    """Write ``tensors`` (NumPy arrays) as a safetensors file, atomically: a temporary
+    file in the same directory, fsync, rename, fsync of the directory."""
+    schema = {name: (tuple(a.shape), a.dtype) for name, a in tensors.items()}
+    write_tensors_streamed(path, schema, ((n, tensors[n]) for n in sorted(tensors)), metadata)
+
+
+def write_tensors_streamed(
+    path: Path,
+    schema: Mapping[str, tuple[tuple[int, ...], np.dtype[Any]]],
+    tensors: Iterable[tuple[str, np.ndarray[Any, Any]]],
+    metadata: Mapping[str, str],
+) -> None:
+    """:func:`write_tensors` from an iterable that yields the tensors of ``schema`` (name
+    -> shape, dtype) one at a time in name order: only the tensor being written needs to
+    exist. Anything else than the schema in that order raises ``ValueError``, and no
+    file is written."""
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
-    names = sorted(tensors)
+    names = sorted(schema)
     for name in names:
-        array = tensors[name]
-        dtype = _DTYPES.get(array.dtype)
+        shape, np_dtype = schema[name]
+        dtype = _DTYPES.get(np.dtype(np_dtype))
         if dtype is None:
-            raise ValueError(f"tensor {name!r}: dtype {array.dtype} is not supported here")
+            raise ValueError(f"tensor {name!r}: dtype {np_dtype} is not supported here")
+        nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
         header[name] = {
             "dtype": dtype,
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += array.nbytes
+        offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,8 +66,20 @@ def write_tensors(
         with os.fdopen(fd, "wb") as out:
             out.write(len(encoded).to_bytes(8, "little"))
             out.write(encoded)
-            for name in names:
-                out.write(np.ascontiguousarray(tensors[name]).data)
+            expected = iter(names)
+            for name, array in tensors:
+                want = next(expected, None)
+                shape, np_dtype = schema.get(name, ((), np.dtype(np.float32)))
+                if name != want or tuple(array.shape) != shape or array.dtype != np_dtype:
+                    raise ValueError(
+                        f"tensor {name!r} {tuple(array.shape)} {array.dtype} is not the "
+                        f"next one of the schema ({want!r})"
+                    )
+                out.write(np.ascontiguousarray(array).data)
+                del array
+            missing = next(expected, None)
+            if missing is not None:
+                raise ValueError(f"tensor {missing!r} of the schema was not given")
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from splitfed.runtime import tune_allocator
 from splitfed.services.aggregator.backbones import BackboneAdapters
 from splitfed.services.aggregator.federation import Federation, federations
 from splitfed.services.aggregator.servicer import POLICY, SERVICE_NAME, Ticker, binding
@@ -14,6 +15,10 @@ from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
 from splitfed.services.security import ServerSecurity, server_security
 from splitfed.serving import SecuritySettings, ServerSettings
 from splitfed.transport import Server, create_server
+from splitfed.wire import KiB
+
+# What a connection's read buffer may grow to with lean_memory (docs/benchmarks.md).
+LEAN_READ_BUFFER_BYTES = 256 * KiB
 
 
 @dataclass
@@ -53,6 +58,8 @@ def build_server(
     *,
     listen: str | None = None,
 ) -> AggregatorServer:
+    if settings.lean_memory:
+        tune_allocator("lean")  # before the first channel or server allocates
     tls = server.tls()
     security = server_security(
         {SERVICE_NAME: POLICY, DIAGNOSTICS: DIAGNOSTICS_POLICY},
@@ -69,11 +76,16 @@ def build_server(
             )
             federation.server_adapters = link
             links.append(link)
+    server_options = (
+        replace(options, max_read_buffer_bytes=LEAN_READ_BUFFER_BYTES, bdp_probe=False)
+        if settings.lean_memory
+        else options
+    )
     grpc_server = create_server(
         [binding(feds, options.chunk_bytes), diagnostics(chunk_bytes=options.chunk_bytes)],
         tls,
         address=listen or server.listen,
-        options=options,
+        options=server_options,
         interceptors=[security.interceptor],
     )
     return AggregatorServer(grpc_server, feds, Ticker(feds), security, links)

@@ -205,16 +205,12 @@ class AggregatorServicer:
             stream = _chain(first, iterator)
             del first  # a frame keeps its whole message (up to a chunk) alive
             try:
-                with out, TensorAssembler(self.limits, self.budget) as assembler:
+                # Chunks go straight to the spool file: the upload holds one message at a
+                # time and none while it waits for the federation's lock.
+                with out, TensorAssembler(self.limits, self.budget, sink=out) as assembler:
                     for frame in stream:
-                        done = assembler.feed(frame.chunk_view())
-                        # One message and one tensor at a time, and none while the upload
-                        # waits for the federation's lock (docs/benchmarks.md).
+                        assembler.feed(frame.chunk_view())
                         del frame
-                        if done is not None:
-                            federation.spool_tensor(spool, out, done.name, done.tensor)
-                            assembler.release_completed()
-                            del done
                     assembler.finish()
                 duplicate, received = federation.commit_upload(
                     *args, int(head.num_samples), spool, session

@@ -86,6 +86,10 @@ class FederationSettings:
 class AggregatorSettings:
     state_dir: Path
     federations: tuple[FederationSettings, ...] = ()
+    # Keep memory flat however many clients upload: the "lean" allocator profile, capped
+    # per-connection read buffers and no BDP probing (a few tens of percent of upload
+    # throughput; docs/benchmarks.md "Aggregator memory"). False: the throughput defaults.
+    lean_memory: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir))

@@ -66,6 +66,57 @@ def test_a_round_averages_by_samples_and_moves_on(tmp_path: Path) -> None:
         fed.start_upload("mallory", 2, 1, 1)
 
 
+def test_a_close_that_fails_leaves_the_sum_for_the_next_try(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from splitfed.services.aggregator import federation as module
+
+    fed = Federation(settings(), tmp_path)
+    fed.join("a")
+    fed.join("b")
+    upload(fed, "a", deltas(1), 1)
+    real = module.write_tensors_streamed
+
+    def full_disk(path: Path, schema: object, tensors: object, metadata: object) -> None:
+        for _ in tensors:  # type: ignore[attr-defined]
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "write_tensors_streamed", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        upload(fed, "b", deltas(2), 3)
+    assert (fed.state.round, fed.state.version) == (1, 0)
+    assert fed.contributors == {"a": 1, "b": 3}  # both counted, once
+    monkeypatch.setattr(module, "write_tensors_streamed", real)
+    fed.tick()
+    assert (fed.state.round, fed.state.version) == (2, 1)
+    for name, value in fed.offset(1).items():
+        torch.testing.assert_close(value, (deltas(1)[name] + deltas(2)[name] * 3) / 4)
+
+
+def test_streamed_writes_keep_to_their_schema(tmp_path: Path) -> None:
+    import numpy as np
+
+    from splitfed.services.aggregator.files import read_tensors, write_tensors_streamed
+
+    schema = {"a": ((2,), np.dtype(np.float32)), "b": ((3,), np.dtype(np.float32))}
+    ones = np.ones(2, np.float32)
+    cases = [
+        ([("b", np.ones(3, np.float32)), ("a", ones)], "not the next one"),
+        ([("a", np.ones(3, np.float32))], "not the next one"),
+        ([("a", ones)], "'b' of the schema was not given"),
+        ([("a", ones.astype(np.float64))], "not the next one"),
+    ]
+    for tensors, message in cases:
+        with pytest.raises(ValueError, match=message):
+            write_tensors_streamed(tmp_path / "x.safetensors", schema, tensors, {})
+        assert list(tmp_path.iterdir()) == []  # nothing left behind
+    write_tensors_streamed(
+        tmp_path / "x.safetensors", schema, [("a", ones), ("b", np.zeros(3, np.float32))], {}
+    )
+    got, _ = read_tensors(tmp_path / "x.safetensors")
+    assert got["a"].tolist() == [1, 1] and got["b"].tolist() == [0, 0, 0]
+
+
 def test_mismatched_updates_and_bad_dtypes_are_refused(tmp_path: Path) -> None:
     fed = Federation(settings(), tmp_path)
     fed.join("a")

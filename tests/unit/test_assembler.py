@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import google_crc32c
 import pytest
@@ -275,3 +275,80 @@ def test_lossy_encodings_reserve_the_decoded_tensor_too() -> None:
     tensors = iter_tensors(iter_chunks(torch.ones(4, 100), "x", encoding="bf16"), budget=budget)
     next(tensors)
     assert budget.held == 4 * 100 * 2 + 4 * 100 * 4
+
+
+class ListSink:
+    """A TensorSink that records what it is given."""
+
+    def __init__(self, refuse: str = "") -> None:
+        self.begun: list[tuple[str, torch.dtype, list[int]]] = []
+        self.data = bytearray()
+        self.refuse = refuse
+
+    def begin(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> None:
+        if name == self.refuse:
+            raise InvalidArgumentError(f"no {name}")
+        self.begun.append((name, dtype, list(shape)))
+
+    def write(self, data: memoryview) -> None:
+        self.data += data
+
+
+def feed_all(assembler: TensorAssembler, chunks: Chunks) -> None:
+    with assembler:
+        for chunk in chunks:
+            assembler.feed(chunk)
+        assembler.finish()
+
+
+def test_a_sink_receives_the_raw_bytes_and_nothing_is_buffered() -> None:
+    tensors = [torch.randn(7, 5), torch.arange(11, dtype=torch.int64)]
+    chunks = [c for i, t in enumerate(tensors) for c in iter_chunks(t, f"t{i}", chunk_bytes=24)]
+    sink = ListSink()
+    before = buffered()
+    done = []
+    with TensorAssembler(sink=sink) as assembler:
+        for chunk in chunks:
+            result = assembler.feed(chunk)
+            assert buffered() == before
+            if result is not None:
+                done.append(result)
+        assembler.finish()
+    assert [(d.name, d.tensor.device.type, list(d.tensor.shape)) for d in done] == [
+        ("t0", "meta", [7, 5]),
+        ("t1", "meta", [11]),
+    ]
+    assert sink.begun == [("t0", torch.float32, [7, 5]), ("t1", torch.int64, [11])]
+    assert bytes(sink.data) == b"".join(t.numpy().tobytes() for t in tensors)
+
+
+def test_a_sink_sees_a_checksum_mismatch_as_data_loss() -> None:
+    chunks = good()
+    chunks[0].header.crc32c ^= 1
+    with pytest.raises(DataLossError, match="checksum"):
+        feed_all(TensorAssembler(sink=ListSink()), chunks)
+
+
+def test_a_sink_is_not_begun_for_a_header_over_the_limits() -> None:
+    sink = ListSink()
+    limits = TensorLimits(max_tensor_bytes=64)
+    with pytest.raises(LimitExceededError), TensorAssembler(limits, sink=sink) as a:
+        a.feed(header_chunk([100])[0])
+    assert sink.begun == []
+
+
+def test_a_sink_refusing_a_tensor_stops_the_stream() -> None:
+    with pytest.raises(InvalidArgumentError, match="no h1"):
+        feed_all(TensorAssembler(sink=ListSink(refuse="h1")), good())
+
+
+def test_a_sink_gets_encoded_tensors_decoded() -> None:
+    tensor = torch.randn(6, 4)
+    sink = ListSink()
+    with TensorAssembler(sink=sink) as assembler:
+        for chunk in iter_chunks(tensor, "w", encoding="bf16", chunk_bytes=10):
+            assembler.feed(chunk)
+        assembler.finish()
+    expected = tensor.to(torch.bfloat16).to(torch.float32)
+    assert bytes(sink.data) == expected.numpy().tobytes()
+    assert sink.begun == [("w", torch.float32, [6, 4])]
