@@ -1,6 +1,6 @@
 """What ``splitfed train`` and ``splitfed generate`` run: a client config file
-([backbone], [training], [adapter], [optimizer], [generation], [security]) to a trainer or
-generator."""
+([backbone], [training], [adapter], [optimizer], [generation], [security], [metrics]) to a
+trainer or generator."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from splitfed.clients.federated import UPLOAD_CHUNK_BYTES, AggregatorClient, Fed
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
+from splitfed.metrics import MetricsSettings
 from splitfed.models.adapters import AdapterSettings, load_adapter, load_adapter_state
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_head, load_tail
@@ -66,6 +67,7 @@ class ClientConfig:
     generation: SamplingOptions
     security: SecuritySettings = field(default_factory=SecuritySettings)
     federated: FederatedSettings | None = None
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @classmethod
     def load(cls, path: Path, **training_overrides: Any) -> ClientConfig:
@@ -90,6 +92,7 @@ class ClientConfig:
                 if "federated" in config
                 else None
             ),
+            metrics=build(MetricsSettings, section(config, "metrics", required=False), "metrics"),
         )
 
 

@@ -21,6 +21,7 @@ import grpc
 import torch
 
 from splitfed.errors import error_from_rpc
+from splitfed.logs import log_context
 from splitfed.models.adapters import save_adapter
 from splitfed.retry import DEFAULT_RETRY, RETRYABLE, RetryPolicy, call_with_retry
 from splitfed.services.aggregator.servicer import DOWNLOAD_RESPONSE, SERVICE, UPLOAD_REQUEST
@@ -268,7 +269,9 @@ class FederatedTrainer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"federation {self.federation!r} did not finish in time")
             try:
-                acted = self._act(plan, reports, on_round)
+                session = self.trainer.session.session_id if self.trainer.session else ""
+                with log_context(federation=self.federation, round=plan.round, session=session):
+                    acted = self._act(plan, reports, on_round)
                 plan = (
                     self.aggregator.plan(self.federation)
                     if acted

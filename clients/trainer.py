@@ -38,6 +38,7 @@ from splitfed.clients.backbone import (
 from splitfed.clients.data import MicroBatches, read_examples
 from splitfed.clients.keys import KeyManagerClient
 from splitfed.config import build
+from splitfed.logs import log_context
 from splitfed.models.adapters import (
     AdapterSettings,
     adapter_state,
@@ -533,12 +534,14 @@ class SplitTrainer:
     def run(self, on_step: Callable[[StepReport], None] | None = None) -> list[StepReport]:
         if self.session is None:
             self.start()
+        assert self.session is not None
         reports = []
-        while self.step < self.settings.max_steps:
-            report = self.train_step()
-            reports.append(report)
-            if on_step is not None:
-                on_step(report)
+        with log_context(session=self.session.session_id):
+            while self.step < self.settings.max_steps:
+                report = self.train_step()
+                reports.append(report)
+                if on_step is not None:
+                    on_step(report)
         spent = self.privacy_spent()
         if spent is not None:
             logger.info(

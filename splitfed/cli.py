@@ -29,12 +29,10 @@ class _Context:
         self.debug = debug
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from splitfed.logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 def _fail(ctx: click.Context, exc: BaseException, *, usage: bool) -> None:
@@ -53,11 +51,19 @@ def _fail(ctx: click.Context, exc: BaseException, *, usage: bool) -> None:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    envvar="SPLITFED_LOG_FORMAT",
+    type=click.Choice(["text", "json"]),
+    help="json: one JSON object per line, for log collectors (env SPLITFED_LOG_FORMAT).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
-def cli(ctx: click.Context, log_level: str, debug: bool) -> None:
+def cli(ctx: click.Context, log_level: str, log_format: str, debug: bool) -> None:
     """splitfed: split federated fine-tuning and inference of LLMs."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     ctx.obj = _Context(debug)
 
 
@@ -149,6 +155,12 @@ def serve() -> None:
     show_default=True,
     help="Seconds running calls get to finish on shutdown.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics over HTTP on this port of the --listen host (0: a free one).",
+)
 @click.pass_context
 def serve_diagnostics(
     ctx: click.Context,
@@ -164,6 +176,7 @@ def serve_diagnostics(
     port_file: Path | None,
     stop_on_stdin_eof: bool,
     grace: float,
+    metrics_port: int | None,
 ) -> None:
     """Serve splitfed.v1.Diagnostics (tensor echo, WhoAmI) with health and reflection."""
     from splitfed.services.diagnostics import binding
@@ -192,7 +205,11 @@ def serve_diagnostics(
         _fail(ctx, exc, usage=False)
         return
     run_until_signalled(
-        server, port_file=port_file, grace_s=grace, stop_on_stdin_eof=stop_on_stdin_eof
+        server,
+        port_file=port_file,
+        grace_s=grace,
+        stop_on_stdin_eof=stop_on_stdin_eof,
+        metrics=None if metrics_port is None else (listen.rsplit(":", 1)[0], metrics_port),
     )
 
 
@@ -281,10 +298,20 @@ def serve_backbone(
             port_file=port_file,
             grace_s=server_settings.grace_s,
             stop_on_stdin_eof=stop_on_stdin_eof,
+            metrics=server_settings.metrics_endpoint(),
         )
     finally:
         security.stop()
         state.close()
+
+
+def _serve_metrics(host: str, port: int) -> Any:
+    from splitfed.metrics import serve_metrics
+
+    try:
+        return serve_metrics(host, port)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def run_until_signalled(
@@ -294,9 +321,11 @@ def run_until_signalled(
     grace_s: float,
     stop_on_stdin_eof: bool = False,
     port_text: str | None = None,
+    metrics: tuple[str, int] | None = None,
 ) -> None:
     """Start ``server``, announce its address, and stop it gracefully on SIGTERM/SIGINT
-    (or, with ``stop_on_stdin_eof``, when standard input closes: its parent is gone)."""
+    (or, with ``stop_on_stdin_eof``, when standard input closes: its parent is gone).
+    With ``metrics`` (host, port), also serve Prometheus metrics there and announce it."""
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -315,6 +344,10 @@ def run_until_signalled(
     signal.signal(signal.SIGINT, on_signal)
     if stop_on_stdin_eof:
         threading.Thread(target=on_stdin_eof, name="stdin-watch", daemon=True).start()
+    metrics_server = None
+    if metrics is not None:
+        metrics_server = _serve_metrics(*metrics)
+        click.echo(f"metrics on {metrics_server.address}")
     server.start()
     if port_file is not None:
         tmp = port_file.with_name(port_file.name + ".tmp")
@@ -324,6 +357,8 @@ def run_until_signalled(
     sys.stdout.flush()
     stop.wait()
     server.stop(grace_s)
+    if metrics_server is not None:
+        metrics_server.close()
 
 
 @cli.command()
@@ -356,6 +391,8 @@ def train(ctx: click.Context, config_path: Path, max_steps: int | None) -> None:
         _fail(ctx, exc, usage=True)
         return
     try:
+        if config.metrics.port is not None:  # served until the process ends
+            _serve_metrics(config.metrics.host, config.metrics.port)
         if config.federated is not None:
             run_federated(config)
             return

@@ -378,6 +378,7 @@ def serve_keymanager(
         grace_s=server.grace_s,
         stop_on_stdin_eof=stop_on_stdin_eof,
         port_text=f"{servers.main.port} {servers.enroll.port}",
+        metrics=server.metrics_endpoint(listen),
     )
 
 
@@ -429,6 +430,7 @@ def serve_aggregator(
         port_file=port_file,
         grace_s=server.grace_s,
         stop_on_stdin_eof=stop_on_stdin_eof,
+        metrics=server.metrics_endpoint(listen),
     )
     aggregator.ticker.stop()
     aggregator.security.stop()

@@ -1,8 +1,38 @@
-"""Prometheus metrics shared by the transport layer (names follow Prometheus conventions)."""
+"""Prometheus metrics of splitfed, and the HTTP endpoint that serves them.
+
+Names follow the Prometheus conventions: a ``splitfed_`` prefix, base units in the name
+(``_seconds``, ``_bytes``), counters exposed with ``_total``. Every metric of the
+package is defined here, except the authorization denials
+(``splitfed.security.authz.DENIALS``) and the privacy spent
+(``splitfed.security.perturbation.PRIVACY_EPSILON``), which stay with their code.
+docs/observability.md lists them all.
+
+Every server built by :func:`splitfed.transport.create_server` counts its calls with
+:class:`RpcMetricsInterceptor`. Gauges of state (sessions, KV caches, certificates) are
+read when scraped, from the objects alive in the process (:class:`Live`).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import grpc
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# --- transport ------------------------------------------------------------------------
 
 WIRE_BYTES = Counter(
     "splitfed_wire_payload_bytes",
@@ -18,3 +48,353 @@ WIRE_BUFFER_BYTES = Gauge(
     "splitfed_wire_receive_buffer_bytes",
     "Bytes held by receive buffers of tensors still arriving.",
 )
+
+# Calls last from a millisecond (unary) to a whole training session (streams).
+RPC_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+
+RPCS = Counter(
+    "splitfed_rpcs",
+    "Calls a server finished, by gRPC service, method and status code.",
+    ["service", "method", "code"],
+)
+RPC_SECONDS = Histogram(
+    "splitfed_rpc_duration_seconds",
+    "Time from a call's start to its end on the server, by service, method and code.",
+    ["service", "method", "code"],
+    buckets=RPC_BUCKETS,
+)
+RPCS_IN_FLIGHT = Gauge(
+    "splitfed_rpcs_in_flight",
+    "Calls running on a server now (open streams included), by service and method.",
+    ["service", "method"],
+)
+
+# --- backbone -------------------------------------------------------------------------
+
+COMPUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+BACKBONE_SESSIONS = Gauge(
+    "splitfed_backbone_sessions",
+    "Sessions a backbone holds in memory.",
+)
+BACKBONE_KV_CACHE_BYTES = Gauge(
+    "splitfed_backbone_kv_cache_bytes",
+    "Bytes held by the KV caches of generation sessions.",
+)
+COMPUTE_QUEUE_DEPTH = Gauge(
+    "splitfed_backbone_compute_queue_depth",
+    "Jobs waiting for the backbone's compute worker.",
+)
+COMPUTE_WAIT_SECONDS = Histogram(
+    "splitfed_backbone_compute_wait_seconds",
+    "Time a job waited for its turn on the compute worker (0 when it ran at once).",
+    buckets=COMPUTE_BUCKETS,
+)
+COMPUTE_SECONDS = Histogram(
+    "splitfed_backbone_compute_seconds",
+    "Time the device spent on one job, by operation (forward, backward, step, generate, other).",
+    ["operation"],
+    buckets=COMPUTE_BUCKETS,
+)
+
+# --- aggregator -----------------------------------------------------------------------
+
+AGGREGATOR_ROUNDS = Counter(
+    "splitfed_aggregator_rounds",
+    "Rounds that ended, by federation and outcome (closed: a new global version; "
+    "retried: too few keys, updates or reveals before the deadline).",
+    ["federation", "outcome"],
+)
+AGGREGATOR_UPDATES = Counter(
+    "splitfed_aggregator_updates",
+    "Client updates folded into a round's sum, by federation.",
+    ["federation"],
+)
+AGGREGATOR_PARTICIPANTS = Gauge(
+    "splitfed_aggregator_round_participants",
+    "Clients whose updates made the last closed round's version, by federation.",
+    ["federation"],
+)
+AGGREGATOR_ROUND = Gauge(
+    "splitfed_aggregator_round",
+    "The round a federation is in.",
+    ["federation"],
+)
+AGGREGATOR_VERSION = Gauge(
+    "splitfed_aggregator_global_version",
+    "The federation's current global adapter version.",
+    ["federation"],
+)
+AGGREGATOR_JOINED = Gauge(
+    "splitfed_aggregator_joined_clients",
+    "Clients that joined the federation.",
+    ["federation"],
+)
+AGGREGATION_SECONDS = Histogram(
+    "splitfed_aggregator_aggregation_seconds",
+    "Time to close a round: unmask, average, apply the strategy, write the version.",
+    ["federation"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+
+# --- key manager ----------------------------------------------------------------------
+
+CERTIFICATES_ISSUED = Counter(
+    "splitfed_keymanager_certificates_issued",
+    "Certificates the key manager signed, by role and kind (enroll, renew).",
+    ["role", "kind"],
+)
+CERTIFICATES_REVOKED = Counter(
+    "splitfed_keymanager_certificates_revoked",
+    "Certificates the key manager revoked.",
+)
+
+
+# --- state read when scraped ----------------------------------------------------------
+
+
+class Live(Generic[T]):
+    """The objects of one kind alive in this process (usually one), for gauges that read
+    their state when scraped. Weak: a forgotten object drops out by itself."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def add(self, obj: T) -> None:
+        with self._lock:
+            self._objects.add(obj)
+
+    def discard(self, obj: T) -> None:
+        with self._lock:
+            self._objects.discard(obj)
+
+    def __iter__(self) -> Iterator[T]:
+        with self._lock:
+            return iter(list(self._objects))
+
+    def total(self, read: Callable[[T], float]) -> float:
+        return float(sum(read(obj) for obj in self))
+
+
+class CertificateRecord(Protocol):
+    identity: str
+    role: str
+    not_after: float
+    revoked_at: float | None
+
+
+class CertificateSource(Protocol):
+    def certificates(self, identity: str = "") -> list[Any]: ...
+
+
+# The key managers' stores in this process (services/keymanager/authority.py).
+CERTIFICATE_SOURCES: Live[CertificateSource] = Live()
+
+
+class _CertificateGauges(Collector):
+    """The key manager's certificates, read from its database when scraped."""
+
+    COUNT = "splitfed_keymanager_certificates"
+    COUNT_HELP = "Certificates not yet expired, by role and state (valid, revoked)."
+    EXPIRY = "splitfed_keymanager_certificate_expiry_seconds"
+    EXPIRY_HELP = (
+        "Seconds until the first identity of a role runs out of valid certificates (the "
+        "latest unrevoked certificate of each identity counts; renewals push it out)."
+    )
+
+    def describe(self) -> list[Metric]:
+        return [
+            GaugeMetricFamily(self.COUNT, self.COUNT_HELP, labels=["role", "state"]),
+            GaugeMetricFamily(self.EXPIRY, self.EXPIRY_HELP, labels=["role"]),
+        ]
+
+    def collect(self) -> list[Metric]:
+        count, expiry = self.describe()
+        counts: dict[tuple[str, str], int] = {}
+        latest: dict[tuple[str, str], float] = {}
+        now = time.time()
+        for source in CERTIFICATE_SOURCES:
+            try:
+                rows: list[CertificateRecord] = source.certificates()
+            except Exception:  # a store closing meanwhile: skip it this time
+                logger.debug("[metrics] cannot read certificates", exc_info=True)
+                continue
+            for row in rows:
+                if row.not_after <= now:
+                    continue
+                state = "valid" if row.revoked_at is None else "revoked"
+                counts[row.role, state] = counts.get((row.role, state), 0) + 1
+                if state == "valid":
+                    key = (row.role, row.identity)
+                    latest[key] = max(latest.get(key, row.not_after), row.not_after)
+        first: dict[str, float] = {}
+        for (role, _), not_after in latest.items():
+            first[role] = min(first.get(role, not_after), not_after)
+        for (role, state), value in sorted(counts.items()):
+            assert isinstance(count, GaugeMetricFamily)
+            count.add_metric([role, state], value)
+        for role, not_after in sorted(first.items()):
+            assert isinstance(expiry, GaugeMetricFamily)
+            expiry.add_metric([role], not_after - now)
+        return [count, expiry]
+
+
+REGISTRY.register(_CertificateGauges())
+
+
+# --- calls ----------------------------------------------------------------------------
+
+
+def _split_method(full: str) -> tuple[str, str]:
+    service, _, method = full.lstrip("/").rpartition("/")
+    return service or "unknown", method or "unknown"
+
+
+class _Call:
+    """One call being measured; :meth:`end` records it once."""
+
+    def __init__(self, service: str, method: str, context: grpc.ServicerContext) -> None:
+        self.service, self.method, self.context = service, method, context
+        self.started = time.perf_counter()
+        self.ended = False
+        RPCS_IN_FLIGHT.labels(service, method).inc()
+
+    def end(self, failure: BaseException | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        # The code set by abort/set_code (grpc's ServicerContext.code(), absent from stubs).
+        code_of = getattr(self.context, "code", None)
+        code = code_of() if code_of is not None else None
+        if code is None:
+            if isinstance(failure, GeneratorExit) or (
+                failure is not None and not self.context.is_active()
+            ):
+                code = grpc.StatusCode.CANCELLED  # the peer went away mid-call
+            elif failure is not None:
+                code = grpc.StatusCode.UNKNOWN  # gRPC reports an unhandled error so
+            else:
+                code = grpc.StatusCode.OK
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        elapsed = time.perf_counter() - self.started
+        RPCS.labels(self.service, self.method, name).inc()
+        RPC_SECONDS.labels(self.service, self.method, name).observe(elapsed)
+        RPCS_IN_FLIGHT.labels(self.service, self.method).dec()
+
+
+class RpcMetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every call by service, method and status code; installed first
+    (outermost) by :func:`splitfed.transport.create_server`, so refused calls count too."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+        return _measured(handler, service, method)
+
+
+def _measured(
+    handler: grpc.RpcMethodHandler[Any, Any], service: str, method: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    def unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            measured = _Call(service, method, context)
+            try:
+                response = behavior(request, context)
+            except BaseException as exc:
+                measured.end(exc)
+                raise
+            measured.end()
+            return response
+
+        return call
+
+    def streaming(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            measured = _Call(service, method, context)
+            try:
+                yield from behavior(request, context)
+            except BaseException as exc:
+                measured.end(exc)
+                raise
+            measured.end()
+
+        return call
+
+    serializers = (handler.request_deserializer, handler.response_serializer)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), *serializers)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), *serializers)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), *serializers)
+    assert handler.stream_stream is not None
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), *serializers)
+
+
+# --- the endpoint ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """The client's [metrics] section: serve this process's metrics over HTTP.
+
+    ``port`` unset: no endpoint; 0: a free port (logged)."""
+
+    port: int | None = None
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0-65535, got {self.port}")
+        if not self.host:
+            raise ValueError("host must not be empty (0.0.0.0 listens on every interface)")
+
+
+class MetricsServer:
+    """An HTTP server of ``/metrics`` on a daemon thread; see :func:`serve_metrics`."""
+
+    def __init__(self, httpd: Any, thread: threading.Thread, host: str) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self.host = host
+        self.port: int = httpd.server_port
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def serve_metrics(host: str, port: int) -> MetricsServer:
+    """Serve the process's metrics at ``http://host:port/metrics`` (port 0: a free one).
+
+    Also drops the ``_created`` series of counters and histograms from the exposition
+    (process-wide): they double the output and no dashboard or alert reads them."""
+    host = host.strip("[]")
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    try:
+        httpd, thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {host}:{port}: {exc}") from None
+    server = MetricsServer(httpd, thread, host)
+    logger.info("[metrics] serving http://%s/metrics", server.address)
+    return server
+
+
+def start_metrics(settings: MetricsSettings) -> MetricsServer | None:
+    """:func:`serve_metrics` as a [metrics] section asks (nothing without a port)."""
+    if settings.port is None:
+        return None
+    return serve_metrics(settings.host, settings.port)

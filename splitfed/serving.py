@@ -23,9 +23,13 @@ class ServerSettings:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     grace_s: float = 5.0
     max_workers: int = 16
+    # Prometheus metrics over HTTP on this port of the listen host; unset: none, 0: any.
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         parse_address(self.listen)
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0-65535, got {self.metrics_port}")
         TransportOptions(chunk_bytes=self.chunk_bytes, max_workers=self.max_workers)
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
@@ -35,6 +39,13 @@ class ServerSettings:
 
     def options(self) -> TransportOptions:
         return TransportOptions(chunk_bytes=self.chunk_bytes, max_workers=self.max_workers)
+
+    def metrics_endpoint(self, listen: str | None = None) -> tuple[str, int] | None:
+        """(host, port) of the metrics endpoint: ``metrics_port`` on the host of
+        ``listen`` (default: this section's); None without a metrics port."""
+        if self.metrics_port is None:
+            return None
+        return (listen or self.listen).rsplit(":", 1)[0], self.metrics_port
 
 
 def tls_config(

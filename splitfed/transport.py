@@ -22,6 +22,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitfed.metrics import RpcMetricsInterceptor
 from splitfed.runtime import tune_allocator
 from splitfed.security.tls import TLSConfig, warn_plaintext
 from splitfed.wire import DEFAULT_CHUNK_BYTES, FrameSpec, KiB, MiB
@@ -261,7 +262,8 @@ def create_server(
     parse_address(address)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=options.max_workers, thread_name_prefix="grpc"),
-        interceptors=list(interceptors),
+        # Metrics first (outermost): calls that later interceptors refuse count too.
+        interceptors=[RpcMetricsInterceptor(), *interceptors],
         options=options.server_options(),
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
     )

@@ -86,6 +86,7 @@ def deployment(
     hidden_size: int = 64,
     ca: CertificateAuthority | None = None,
     security: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
     **backbone: Any,
 ) -> Deployment:
     ca = ca or CertificateAuthority.create("test CA")
@@ -95,6 +96,7 @@ def deployment(
     config = root / "backbone.yaml"
     lines = ["backbone:"] + [f"  {k}: {json.dumps(v)}" for k, v in settings.items()]
     lines += ["server:", f"  tls_dir: {json.dumps(str(root / 'backbone-tls'))}"]
+    lines += [f"  {k}: {json.dumps(v)}" for k, v in (server or {}).items()]
     if security:
         lines += ["security:"] + [f"  {k}: {json.dumps(v)}" for k, v in security.items()]
     config.write_text("\n".join(lines) + "\n")

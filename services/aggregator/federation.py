@@ -39,6 +39,16 @@ from splitfed.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from splitfed.logs import log_context
+from splitfed.metrics import (
+    AGGREGATION_SECONDS,
+    AGGREGATOR_JOINED,
+    AGGREGATOR_PARTICIPANTS,
+    AGGREGATOR_ROUND,
+    AGGREGATOR_ROUNDS,
+    AGGREGATOR_UPDATES,
+    AGGREGATOR_VERSION,
+)
 from splitfed.services.aggregator.files import (
     read_tensors,
     write_tensors,
@@ -212,6 +222,7 @@ class Federation:
         for stale in self.spool_dir.iterdir():  # unconfirmed uploads: their clients retry
             stale.unlink()
         self.state = self._load_state()
+        self._export_state()
         self.contributors: dict[str, int] = {}
         # identity -> (backbone address, session id) of this round's contributors
         self.sessions: dict[str, tuple[str, str]] = {}
@@ -240,7 +251,17 @@ class Federation:
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
+        self._export_state()
         self.changed.notify_all()
+
+    def _log_context(self) -> contextlib.AbstractContextManager[None]:
+        return log_context(federation=self.settings.name, round=self.state.round)
+
+    def _export_state(self) -> None:
+        name, s = self.settings.name, self.state
+        AGGREGATOR_ROUND.labels(name).set(s.round)
+        AGGREGATOR_VERSION.labels(name).set(s.version)
+        AGGREGATOR_JOINED.labels(name).set(len(s.joined))
 
     def _sum_path(self) -> Path:
         return self.directory / "sum.safetensors"
@@ -366,7 +387,7 @@ class Federation:
     # --- joining and selection ----------------------------------------------------------
 
     def join(self, identity: str) -> None:
-        with self.lock:
+        with self.lock, self._log_context():
             if identity not in self.state.joined:
                 self.state.joined.append(identity)
                 logger.info("[Aggregator.Join] %s joined %s", identity, self.settings.name)
@@ -420,6 +441,7 @@ class Federation:
     def _retry(self, now: float, why: str) -> None:
         s = self.state
         message = f"round {s.round} attempt {s.attempt} failed: {why}; retrying"
+        AGGREGATOR_ROUNDS.labels(self.settings.name, "retried").inc()
         logger.warning("[Aggregator] %s: %s", self.settings.name, message)
         s.attempt += 1
         self._open(now, message)
@@ -452,7 +474,7 @@ class Federation:
             self._save_state()
 
     def reveal(self, identity: str, round_: int, attempt: int, seeds: Mapping[str, bytes]) -> None:
-        with self.lock:
+        with self.lock, self._log_context():
             self._check_round(identity, round_, attempt, REVEAL)
             if identity not in self.contributors:
                 raise FailedPreconditionError(f"{identity} has no update in this round")
@@ -510,7 +532,7 @@ class Federation:
         """Fold a complete upload into the running sum and persist it; (duplicate, count)."""
         if samples < 1:
             raise InvalidArgumentError("num_samples must be >= 1")
-        with self.lock:
+        with self.lock, self._log_context():
             if not self.start_upload(identity, round_, attempt, base):
                 return True, len(self.contributors)
             schema = spool.schema()
@@ -535,6 +557,7 @@ class Federation:
                 if session is not None:
                     self.sessions[identity] = session
                 self._save_sum()
+                AGGREGATOR_UPDATES.labels(self.settings.name).inc()
             except BaseException:
                 # Back to what is on disk: the sum without this update.
                 self.contributors, self.schema, self.accumulator = {}, {}, None
@@ -559,7 +582,7 @@ class Federation:
 
     def tick(self, now: float | None = None) -> None:
         """Apply deadlines."""
-        with self.lock:
+        with self.lock, self._log_context():
             self._maybe_close(time.time() if now is None else now)
 
     def _maybe_close(self, now: float) -> None:
@@ -596,7 +619,8 @@ class Federation:
 
     def _close(self, now: float) -> None:
         try:
-            self._close_round(now)
+            with AGGREGATION_SECONDS.labels(self.settings.name).time():
+                self._close_round(now)
         except BaseException:
             # The close consumes the in-memory sum: back to what is on disk (the sum of
             # this round's updates), so that the next attempt to close starts over.
@@ -604,6 +628,7 @@ class Federation:
             self.sessions = {}
             self._load_sum()
             raise
+        AGGREGATOR_ROUNDS.labels(self.settings.name, "closed").inc()
 
     def _close_round(self, now: float) -> None:
         s = self.state
@@ -675,6 +700,7 @@ class Federation:
             len(self.contributors),
             total,
         )
+        AGGREGATOR_PARTICIPANTS.labels(self.settings.name).set(len(self.contributors))
         s.version, s.round, s.attempt = version, s.round + 1, 1
         self._open(now)
         with contextlib.suppress(FileNotFoundError):

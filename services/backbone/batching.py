@@ -143,6 +143,7 @@ class _Work:
     sessions: int
     job: Callable[[], Any]
     finish: Callable[[Any], None]
+    operation: str = "other"  # the compute time metric's label
 
 
 def _pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
@@ -511,7 +512,7 @@ class ClientBatcher:
         self._cond.release()
         started = time.perf_counter()
         try:
-            result: Any = self._queue.run(BATCH_KEY, work.job)
+            result: Any = self._queue.run(BATCH_KEY, work.job, work.operation)
         except Exception as exc:
             result = exc
         finally:
@@ -567,7 +568,8 @@ class ClientBatcher:
             merged.phase = _Phase.FORWARDED
             self.pass_sizes.append(len(slots))
 
-        return _Work(rnd, f"forward of micro-batch {merged.micro}", len(slots), job, finish)
+        what = f"forward of micro-batch {merged.micro}"
+        return _Work(rnd, what, len(slots), job, finish, "forward")
 
     def _backward_work(self, rnd: _Round, merged: _Pass) -> _Work:
         slots = list(merged.slots.values())
@@ -595,7 +597,8 @@ class ClientBatcher:
                 slot.grad_in, slot.grad = piece, None
             merged.phase = _Phase.DONE
 
-        return _Work(rnd, f"backward of micro-batch {merged.micro}", len(slots), job, finish)
+        what = f"backward of micro-batch {merged.micro}"
+        return _Work(rnd, what, len(slots), job, finish, "backward")
 
     def _apply_work(self, rnd: _Round) -> _Work:
         members, commands, steps = dict(rnd.members), dict(rnd.commands), dict(rnd.steps)
@@ -636,4 +639,4 @@ class ClientBatcher:
             self.rounds_applied += 1
             self._end(rnd, None)
 
-        return _Work(rnd, "optimizer step", len(members), job, finish)
+        return _Work(rnd, "optimizer step", len(members), job, finish, "step")

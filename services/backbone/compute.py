@@ -15,15 +15,25 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from splitfed.metrics import COMPUTE_QUEUE_DEPTH, COMPUTE_SECONDS, COMPUTE_WAIT_SECONDS
+
 T = TypeVar("T")
+# A job, its future, when it was queued, and its operation (a metrics label).
+_Item = tuple[Callable[[], Any], Future[Any], float, str]
+
+
+def _timed(operation: str, job: Callable[[], T]) -> T:
+    started = time.perf_counter()
+    try:
+        return job()
+    finally:
+        COMPUTE_SECONDS.labels(operation).observe(time.perf_counter() - started)
 
 
 class ComputeQueue:
     def __init__(self, name: str = "backbone-compute") -> None:
         self._lock = threading.Condition()
-        self._queues: OrderedDict[str, deque[tuple[Callable[[], Any], Future[Any], float]]] = (
-            OrderedDict()
-        )
+        self._queues: OrderedDict[str, deque[_Item]] = OrderedDict()
         self._closed = False
         # A job is running (on the worker, or inline in a caller): others wait.
         self._running = False
@@ -32,16 +42,17 @@ class ComputeQueue:
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
-    def submit(self, key: str, job: Callable[[], T]) -> Future[T]:
+    def submit(self, key: str, job: Callable[[], T], operation: str = "other") -> Future[T]:
         future: Future[T] = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the compute queue is closed")
-            self._queues.setdefault(key, deque()).append((job, future, time.monotonic()))
+            self._queues.setdefault(key, deque()).append((job, future, time.monotonic(), operation))
+            COMPUTE_QUEUE_DEPTH.inc()
             self._lock.notify()
         return future
 
-    def run(self, key: str, job: Callable[[], T]) -> T:
+    def run(self, key: str, job: Callable[[], T], operation: str = "other") -> T:
         """Run ``job`` in ``key``'s turn and return its result.
 
         When nothing else is running or waiting, the job runs at once in the calling
@@ -52,10 +63,11 @@ class ComputeQueue:
             if idle:
                 self._running = True
         if not idle:
-            return self.submit(key, job).result()
+            return self.submit(key, job, operation).result()
         self.jobs += 1
+        COMPUTE_WAIT_SECONDS.observe(0.0)
         try:
-            return job()
+            return _timed(operation, job)
         finally:
             with self._lock:
                 self._running = False
@@ -66,7 +78,7 @@ class ComputeQueue:
         with self._lock:
             return sum(len(q) for q in self._queues.values())
 
-    def _next(self) -> tuple[Callable[[], Any], Future[Any], float] | None:
+    def _next(self) -> _Item | None:
         with self._lock:
             while not self._closed and (not self._queues or self._running):
                 self._lock.wait()
@@ -75,6 +87,7 @@ class ComputeQueue:
             self._running = True
             key, queue = next(iter(self._queues.items()))
             item = queue.popleft()
+            COMPUTE_QUEUE_DEPTH.dec()
             # Round robin: this session goes to the back of the line.
             del self._queues[key]
             if queue:
@@ -86,13 +99,15 @@ class ComputeQueue:
             item = self._next()
             if item is None:
                 return
-            job, future, queued = item
-            self.waited_s += time.monotonic() - queued
+            job, future, queued, operation = item
+            waited = time.monotonic() - queued
+            self.waited_s += waited
+            COMPUTE_WAIT_SECONDS.observe(waited)
             self.jobs += 1
             try:
                 if future.set_running_or_notify_cancel():
                     try:
-                        future.set_result(job())
+                        future.set_result(_timed(operation, job))
                     except BaseException as exc:  # delivered to the caller
                         future.set_exception(exc)
             finally:
@@ -105,7 +120,8 @@ class ComputeQueue:
             self._closed = True
             pending = [item for queue in self._queues.values() for item in queue]
             self._queues.clear()
+            COMPUTE_QUEUE_DEPTH.dec(len(pending))
             self._lock.notify_all()
-        for _, future, _ in pending:
+        for _, future, _, _ in pending:
             future.cancel()
         self._worker.join(timeout=10)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from splitfed.errors import DataLossError, FailedPreconditionError, InvalidArgumentError
+from splitfed.logs import log_context
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
 from splitfed.security.sealing import FrameContext
@@ -217,6 +218,7 @@ def handle_train(
     sid = session.session_id
     incoming = _Incoming(crypto)
     with (
+        log_context(session=sid),
         state.stream(session, training=True) as generation,
         TensorAssembler(tensor_limits(state), budget) as assembler,
     ):
@@ -313,6 +315,7 @@ def handle_generate(
     sid = session.session_id
     incoming = _Incoming(crypto)
     with (
+        log_context(session=sid),
         state.stream(session, training=False),
         TensorAssembler(tensor_limits(state), budget) as assembler,
     ):
@@ -334,7 +337,9 @@ def handle_generate(
                     continue
                 args, tensors = dict(tensors), {}
                 out = state.queue.run(
-                    sid, partial(state.generate, session, args["h1"], args["attention_mask"])
+                    sid,
+                    partial(state.generate, session, args["h1"], args["attention_mask"]),
+                    "generate",
                 )
                 length = session.cache.length if session.cache is not None else 0
                 yield from _send(

@@ -24,6 +24,7 @@ from splitfed.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from splitfed.metrics import BACKBONE_KV_CACHE_BYTES, BACKBONE_SESSIONS, Live
 from splitfed.models.adapters import (
     AdapterSettings,
     adapter_state,
@@ -56,6 +57,13 @@ from splitfed.services.backbone.store import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The backbones of this process, read when metrics are scraped.
+LIVE: Live[BackboneState] = Live()
+BACKBONE_SESSIONS.set_function(lambda: LIVE.total(lambda b: len(b.sessions())))
+BACKBONE_KV_CACHE_BYTES.set_function(
+    lambda: LIVE.total(lambda b: sum(s.cache_bytes for s in b.sessions()))
+)
 
 
 @dataclass(frozen=True)
@@ -235,6 +243,7 @@ class BackboneState:
         self._stored = {r.session_id for r in self.store.records()}
         if self._stored:
             logger.info("[Backbone] %d stored sessions can be resumed", len(self._stored))
+        LIVE.add(self)
 
     # --- sessions --------------------------------------------------------------------
 
@@ -424,6 +433,7 @@ class BackboneState:
         return [s.session_id for s in expired]
 
     def close(self) -> None:
+        LIVE.discard(self)
         self._stop.set()
         self.queue.close()
 
@@ -469,7 +479,7 @@ class BackboneState:
             hidden, mask = self._inputs(hidden, mask)
             return self.batcher.forward(session, step, micro, hidden, mask)
         job = partial(self.forward, session, step, micro, hidden, mask, train=train)
-        return self.queue.run(session.session_id, job)
+        return self.queue.run(session.session_id, job, "forward")
 
     def run_backward(
         self, session: Session, step: int, micro: int, grad: torch.Tensor
@@ -477,7 +487,7 @@ class BackboneState:
         if self.batcher is not None:
             return self.batcher.backward(session, step, micro, grad)
         return self.queue.run(
-            session.session_id, partial(self.backward, session, step, micro, grad)
+            session.session_id, partial(self.backward, session, step, micro, grad), "backward"
         )
 
     def run_step(
@@ -491,6 +501,7 @@ class BackboneState:
         return self.queue.run(
             session.session_id,
             partial(self.apply_step, session, step, client_sq_norm, max_norm),
+            "step",
         )
 
     # --- compute (run on the queue's worker) -------------------------------------------

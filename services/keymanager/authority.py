@@ -23,6 +23,7 @@ from splitfed.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
+from splitfed.metrics import CERTIFICATE_SOURCES, CERTIFICATES_ISSUED, CERTIFICATES_REVOKED
 from splitfed.security.ca import (
     DEFAULT_TRUST_DOMAIN,
     CertificateAuthority,
@@ -168,11 +169,13 @@ class KeyAuthority:
                 f"cannot decrypt {state_dir / CA_KEY}: wrong key-encryption key"
             ) from None
         self.store = KeyStore(state_dir / DATABASE, kek)
+        CERTIFICATE_SOURCES.add(self.store)
         self.certificate_validity = certificate_validity
         self.token_ttl = token_ttl
         self.max_token_ttl = max_token_ttl
 
     def close(self) -> None:
+        CERTIFICATE_SOURCES.discard(self.store)
         self.store.close()
 
     # --- certificates -----------------------------------------------------------------
@@ -229,6 +232,7 @@ class KeyAuthority:
             self.store.consume_token(token, certificate_row(pem, grant.identity, grant.role), pem)
         except TokenRefusedError as exc:
             raise UnauthenticatedError(str(exc)) from None
+        CERTIFICATES_ISSUED.labels(grant.role, "enroll").inc()
         logger.info("[KeyAuthority] enrolled %s/%s", grant.role, grant.identity)
         return Grant(pem, self.ca.cert_pem)
 
@@ -248,6 +252,7 @@ class KeyAuthority:
             actor=str(caller),
             action="certificate.renew",
         )
+        CERTIFICATES_ISSUED.labels(caller.role, "renew").inc()
         logger.info("[KeyAuthority] renewed %s", caller)
         return Grant(pem, self.ca.cert_pem)
 
@@ -291,6 +296,7 @@ class KeyAuthority:
         )
         # The key first: a reader that sees the new key with the old certificate refuses
         # the pair and keeps the old material until cert.pem follows.
+        CERTIFICATES_ISSUED.labels("keymanager", "renew").inc()
         write_pem(tls_dir / "key.pem", private_key_pem(key), private=True)
         write_pem(tls_dir / "cert.pem", pem, private=False)
         write_pem(tls_dir / "ca.pem", self.ca.cert_pem, private=False)
@@ -305,6 +311,7 @@ class KeyAuthority:
         count = self.store.revoke(
             identity=identity, serial=serial, reason=reason or "unspecified", actor=str(actor)
         )
+        CERTIFICATES_REVOKED.inc(count)
         logger.warning(
             "[KeyAuthority] %s revoked %d certificate(s) of %s", actor, count, identity or serial
         )
