@@ -21,6 +21,7 @@ from splitfed.clients.backbone import (
     RemoteBodyStage,
     client_crypto,
 )
+from splitfed.clients.data import left_padded, prompt_tokens
 from splitfed.clients.federated import UPLOAD_CHUNK_BYTES, AggregatorClient, FederatedTrainer
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
@@ -30,6 +31,7 @@ from splitfed.models.adapters import AdapterSettings, load_adapter, load_adapter
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import OptimizerSettings
+from splitfed.models.parts import Head, Tail
 from splitfed.security.tls import TLSConfig
 from splitfed.services.backbone.handlers import adapter_config
 from splitfed.serving import ConnectSettings, SecuritySettings
@@ -142,19 +144,96 @@ def keymanager_for(config: ClientConfig) -> Iterator[KeyManagerClient | None]:
         keys.close()
 
 
-def prompt_ids(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts in the training format (bos, prompt, newline), left-padded."""
-    rows = [
-        [tokenizer.bos_token_id, *tokenizer.encode(p + "\n", add_special_tokens=False)]
-        for p in prompts
-    ]
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), int(tokenizer.pad_token_id), dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row) :] = torch.tensor(row)
-        mask[i, length - len(row) :] = 1
-    return ids, mask
+def prompt_ids(
+    tokenizer: Any, prompts: list[str], *, chat_template: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts in the training format (the chat template's user turn, or bos, prompt,
+    newline), left-padded."""
+    rows = [prompt_tokens(tokenizer, p, chat_template=chat_template) for p in prompts]
+    return left_padded(rows, int(tokenizer.pad_token_id))
+
+
+@dataclass
+class SplitSession:
+    """Head and tail here and a session of the body on the backbone: the split model
+    that generation and evaluation run through (see :func:`split_session`)."""
+
+    head: Head
+    tail: Tail
+    session_id: str
+    stream: GenerateStream
+    # Whether head, tail and session carry the checkpoint's trained adapter.
+    trained: bool
+
+    def body(self) -> RemoteBodyStage:
+        return RemoteBodyStage(self.stream)
+
+
+@contextmanager
+def split_session(
+    client: BackboneClient,
+    config: ClientConfig,
+    keymanager: KeyManagerClient | None = None,
+    *,
+    trained: bool = True,
+) -> Iterator[SplitSession]:
+    """The split model of ``config``. With ``trained``: the adapters of the training
+    checkpoint (head and tail from ``adapter.safetensors``, the body from the session the
+    checkpoint names), or without a checkpoint a new session of the [adapter] settings.
+    Without ``trained``: the base model (a new session whose LoRA adapter is a no-op).
+    A session opened here is deleted afterwards."""
+    train = config.training
+    head = load_head(train.model_path, train.k, train.m)
+    tail = load_tail(train.model_path, train.k, train.m)
+    session_id = ""
+    adapter = config.adapter
+    checkpoint = train.checkpoint_dir
+    if trained and checkpoint is not None and (checkpoint / "client.json").is_file():
+        state = json.loads((checkpoint / "client.json").read_text())
+        tensors = load_adapter(checkpoint / "adapter.safetensors")
+        for part in (head, tail):
+            config.adapter.apply(part)
+            load_adapter_state(part, tensors)
+        session_id = state["session_id"]
+    elif not trained:
+        if client.model_info().adapter_mode == "shared":
+            raise ValueError(
+                "the backbone trains one shared adapter (adapter_mode shared), so it cannot "
+                "run the base model; evaluate the adapter alone"
+            )
+        adapter = AdapterSettings()  # LoRA with B = 0: exactly the base model
+    if train.encrypted and keymanager is None:
+        raise ValueError("encrypted sessions need the key manager: set [security] keymanager")
+    session = client.open_session(
+        backbone_pb2.OpenSessionRequest(
+            k=train.k,
+            m=train.m,
+            adapter=adapter_config(adapter),
+            session_id=session_id,
+            encrypted=train.encrypted,
+        )
+    )
+    crypto = None
+    if train.encrypted:
+        assert keymanager is not None
+        crypto = client_crypto(keymanager, session.session_id)
+    stream = GenerateStream(client, session.session_id, train.encoding, crypto)
+    try:
+        yield SplitSession(head, tail, session.session_id, stream, trained=bool(session_id))
+    finally:
+        stream.close()
+        if not session_id:
+            client.close_session(session.session_id)
+
+
+def sampling_options(config: ClientConfig, tokenizer: Any, **options: Any) -> SamplingOptions:
+    """[generation] with the tokenizer's eos and pad tokens (and ``options`` on top)."""
+    return replace(
+        config.generation,
+        stop_token_ids=config.generation.stop_token_ids or (int(tokenizer.eos_token_id),),
+        pad_token_id=int(tokenizer.pad_token_id),
+        **options,
+    )
 
 
 def generate(
@@ -167,44 +246,10 @@ def generate(
     """Complete ``prompts`` with the adapters of the training checkpoint (if any)."""
     train = config.training
     tokenizer = AutoTokenizer.from_pretrained(str(train.model_path), local_files_only=True)
-    head = load_head(train.model_path, train.k, train.m)
-    tail = load_tail(train.model_path, train.k, train.m)
-    session_id = ""
-    checkpoint = train.checkpoint_dir
-    if checkpoint is not None and (checkpoint / "client.json").is_file():
-        state = json.loads((checkpoint / "client.json").read_text())
-        adapter = load_adapter(checkpoint / "adapter.safetensors")
-        for part in (head, tail):
-            config.adapter.apply(part)
-            load_adapter_state(part, adapter)
-        session_id = state["session_id"]
-    if train.encrypted and keymanager is None:
-        raise ValueError("encrypted sessions need the key manager: set [security] keymanager")
-    session = client.open_session(
-        backbone_pb2.OpenSessionRequest(
-            k=train.k,
-            m=train.m,
-            adapter=adapter_config(config.adapter),
-            session_id=session_id,
-            encrypted=train.encrypted,
-        )
-    )
-    crypto = None
-    if train.encrypted:
-        assert keymanager is not None
-        crypto = client_crypto(keymanager, session.session_id)
-    stream = GenerateStream(client, session.session_id, train.encoding, crypto)
-    try:
-        sampling = replace(
-            config.generation,
-            stop_token_ids=config.generation.stop_token_ids or (int(tokenizer.eos_token_id),),
-            pad_token_id=int(tokenizer.pad_token_id),
-            **options,
-        )
-        ids, mask = prompt_ids(tokenizer, prompts)
-        tokens = SplitGenerator(head, RemoteBodyStage(stream), tail).generate(ids, mask, sampling)
-    finally:
-        stream.close()
+    with split_session(client, config, keymanager) as split:
+        ids, mask = prompt_ids(tokenizer, prompts, chat_template=train.chat_template)
+        generator = SplitGenerator(split.head, split.body(), split.tail)
+        tokens = generator.generate(ids, mask, sampling_options(config, tokenizer, **options))
     return [str(tokenizer.decode(row, skip_special_tokens=True)) for row in tokens.tolist()]
 
 

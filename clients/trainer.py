@@ -101,6 +101,8 @@ class TrainSettings:
     checkpoint_every: int = 1
     seed: int = 0
     shuffle: bool = True
+    # Format examples with the tokenizer's chat template when it has one.
+    chat_template: bool = True
     encoding: str = "raw"
     # Seal activations and gradients with the session's data keys (needs the key manager:
     # [security] keymanager); rotate the key every N steps and/or seconds (0: never).
@@ -200,6 +202,7 @@ class SplitTrainer:
             max_length=settings.max_length,
             seed=settings.seed,
             shuffle=settings.shuffle,
+            chat_template=settings.chat_template,
         )
         self.eval_data = (
             MicroBatches(
@@ -208,6 +211,7 @@ class SplitTrainer:
                 batch_size=settings.batch_size,
                 max_length=settings.max_length,
                 shuffle=False,
+                chat_template=settings.chat_template,
             )
             if settings.eval_data
             else None

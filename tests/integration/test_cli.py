@@ -86,6 +86,7 @@ def test_port_in_use_exits_1(server_dir: Path) -> None:
         ["demo"],
         ["train"],
         ["generate"],
+        ["eval"],
     ],
 )
 def test_every_command_has_help(command: list[str]) -> None:
