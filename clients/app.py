@@ -5,9 +5,9 @@ trainer or generator."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,16 @@ class ClientConfig:
 
     @classmethod
     def load(cls, path: Path, **training_overrides: Any) -> ClientConfig:
-        config = read_config(path)
+        return cls.from_mapping(read_config(path), **training_overrides)
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any], **training_overrides: Any) -> ClientConfig:
+        unknown = sorted(set(config) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"a client config has no [{unknown[0]}] section; its sections are "
+                + ", ".join(f"[{f.name}]" for f in fields(cls))
+            )
         training = section(config, "training")
         training.update({k: v for k, v in training_overrides.items() if v is not None})
         return cls(

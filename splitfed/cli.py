@@ -43,7 +43,9 @@ def _fail(ctx: click.Context, exc: BaseException, *, usage: bool) -> None:
     ctx.exit(2 if usage else 1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "SPLITFED"}
+)
 @click.version_option(__version__, prog_name="splitfed")
 @click.option(
     "--log-level",
@@ -65,6 +67,33 @@ def cli(ctx: click.Context, log_level: str, log_format: str, debug: bool) -> Non
     """splitfed: split federated fine-tuning and inference of LLMs."""
     _setup_logging(log_level, log_format)
     ctx.obj = _Context(debug)
+
+
+def _store_overrides(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
+    from splitfed.config import OVERRIDES, apply_overrides
+
+    try:
+        apply_overrides({}, value, environ={})  # the syntax, checked now
+    except ValueError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--set ")) from None
+    OVERRIDES.set(value)
+
+
+def config_overrides(func: F) -> F:
+    """``--set SECTION.FIELD=VALUE`` (repeatable) for a command that reads ``--config``;
+    ``SPLITFED__SECTION__FIELD`` environment variables apply too (splitfed/config.py)."""
+    option = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="SECTION.FIELD=VALUE",
+        expose_value=False,
+        is_eager=True,
+        callback=_store_overrides,
+        help="Override a field of the config file (repeatable); "
+        "or set SPLITFED__SECTION__FIELD in the environment.",
+    )
+    return option(func)
 
 
 def tls_options(func: F) -> F:
@@ -232,6 +261,7 @@ def serve_diagnostics(
     is_flag=True,
     help="Also stop when standard input closes (for supervisors that run splitfed as a child).",
 )
+@config_overrides
 @click.pass_context
 def serve_backbone(
     ctx: click.Context,
@@ -243,25 +273,20 @@ def serve_backbone(
     """Serve splitfed.v1.Backbone: the shared body of a model, for many clients' sessions."""
     from dataclasses import replace
 
-    from splitfed.config import build, read_config, section
+    from splitfed.configs import load_as
     from splitfed.services.backbone.crypto import BackboneKeys
     from splitfed.services.backbone.servicer import POLICY, SERVICE, binding
-    from splitfed.services.backbone.settings import BackboneSettings
     from splitfed.services.backbone.state import BackboneState
     from splitfed.services.diagnostics import binding as diagnostics
     from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
     from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
     from splitfed.services.security import server_security
-    from splitfed.serving import SecuritySettings, ServerSettings
     from splitfed.transport import create_server
 
     try:
-        config = read_config(config_path)
-        settings = build(BackboneSettings, section(config, "backbone"), "backbone")
-        server_settings = build(ServerSettings, section(config, "server", required=False), "server")
-        security_settings = build(
-            SecuritySettings, section(config, "security", required=False), "security"
-        )
+        config = load_as(config_path, "backbone")
+        settings, server_settings = config.backbone, config.server
+        security_settings = config.security
         if listen is not None:
             server_settings = replace(server_settings, listen=listen)
         tls = server_settings.tls()
@@ -370,6 +395,7 @@ def run_until_signalled(
     help="YAML or TOML with [backbone], [training], [adapter] and [optimizer] sections.",
 )
 @click.option("--max-steps", type=int, default=None, help="Override [training] max_steps.")
+@config_overrides
 @click.pass_context
 def train(ctx: click.Context, config_path: Path, max_steps: int | None) -> None:
     """Fine-tune split: head and tail here, the body on the backbone; tokens stay here."""
@@ -472,6 +498,7 @@ def run_federated(config: Any) -> None:
     "--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for a batch."
 )
 @click.option("--max-new-tokens", type=int, default=None)
+@config_overrides
 @click.pass_context
 def generate(
     ctx: click.Context, config_path: Path, prompts: tuple[str, ...], max_new_tokens: int | None
@@ -542,6 +569,7 @@ def generate(
 @click.option("--batch-size", type=int, default=None, help="Default: [training] batch_size, or 8.")
 @click.option("--max-new-tokens", type=int, default=None, help="Summary length limit.")
 @click.option("--no-chat-template", is_flag=True, help="Never apply the tokenizer's template.")
+@config_overrides
 @click.pass_context
 def eval_command(
     ctx: click.Context,
@@ -669,9 +697,53 @@ def demo(ctx: click.Context, size_mib: int, steps: int, rounds: int, workdir: Pa
         _fail(ctx, exc, usage=False)
 
 
+@cli.group("config")
+def config_group() -> None:
+    """Check config files."""
+
+
+@config_group.command("validate")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The YAML or TOML file to check.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["client", "backbone", "keymanager", "aggregator"]),
+    default=None,
+    help="What the file configures (default: told by its sections).",
+)
+@click.option("--no-files", is_flag=True, help="Check the fields only, not the files they name.")
+@config_overrides
+@click.pass_context
+def config_validate(
+    ctx: click.Context, config_path: Path, kind: str | None, no_files: bool
+) -> None:
+    """Load a config as the command that uses it would, with --set and SPLITFED__...
+    overrides applied, check the files it reads (TLS material, model, data), and report
+    the first problem (exit 2) or what it configures."""
+    from splitfed.configs import check_files, load
+
+    try:
+        found, config = load(config_path, kind)
+        if not no_files:
+            check_files(found, config)
+    except ValueError as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    click.echo(f"{config_path}: a valid {found} config")
+    for name, value in vars(config).items():
+        if value is not None:
+            click.echo(f"  [{name}] {type(value).__name__}")
+
+
 def main() -> None:
     cli(prog_name="splitfed")
 
 
 # Command groups kept in their own modules register themselves on the groups above.
+import splitfed.cli_adapters  # noqa: E402
 import splitfed.cli_keys  # noqa: E402, F401

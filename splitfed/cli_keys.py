@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from splitfed.cli import F, _fail, cli, run_until_signalled, serve
+from splitfed.cli import F, _fail, cli, config_overrides, run_until_signalled, serve
 
 
 def keymanager_options(func: F) -> F:
@@ -345,6 +345,7 @@ def keys_list(
     help="Write '<mTLS port> <enrollment port>' here once serving.",
 )
 @click.option("--stop-on-stdin-eof", is_flag=True, help="Also stop when standard input closes.")
+@config_overrides
 @click.pass_context
 def serve_keymanager(
     ctx: click.Context,
@@ -355,15 +356,12 @@ def serve_keymanager(
     stop_on_stdin_eof: bool,
 ) -> None:
     """Serve splitfed.v1.KeyManager: an mTLS port and an enrollment port."""
-    from splitfed.config import build, read_config, section
+    from splitfed.configs import load_as
     from splitfed.services.keymanager.server import build_servers
-    from splitfed.services.keymanager.settings import KeyManagerSettings
-    from splitfed.serving import ServerSettings
 
     try:
-        config = read_config(config_path)
-        settings = build(KeyManagerSettings, section(config, "keymanager"), "keymanager")
-        server = build(ServerSettings, section(config, "server", required=False), "server")
+        config = load_as(config_path, "keymanager")
+        settings, server = config.keymanager, config.server
         servers = build_servers(settings, server, listen=listen, enroll_listen=enroll_listen)
     except ValueError as exc:
         _fail(ctx, exc, usage=True)
@@ -397,6 +395,7 @@ def serve_keymanager(
     help="Write the bound port here once serving.",
 )
 @click.option("--stop-on-stdin-eof", is_flag=True, help="Also stop when standard input closes.")
+@config_overrides
 @click.pass_context
 def serve_aggregator(
     ctx: click.Context,
@@ -406,16 +405,12 @@ def serve_aggregator(
     stop_on_stdin_eof: bool,
 ) -> None:
     """Serve splitfed.v1.Aggregator: federated rounds over clients' adapters."""
-    from splitfed.config import build, read_config, section
+    from splitfed.configs import load_as
     from splitfed.services.aggregator.server import build_server
-    from splitfed.services.aggregator.settings import AggregatorSettings
-    from splitfed.serving import SecuritySettings, ServerSettings
 
     try:
-        config = read_config(config_path)
-        settings = build(AggregatorSettings, section(config, "aggregator"), "aggregator")
-        server = build(ServerSettings, section(config, "server", required=False), "server")
-        security = build(SecuritySettings, section(config, "security", required=False), "security")
+        config = load_as(config_path, "aggregator")
+        settings, server, security = config.aggregator, config.server, config.security
         aggregator = build_server(settings, server, security, listen=listen)
     except ValueError as exc:
         _fail(ctx, exc, usage=True)

@@ -4,15 +4,24 @@ One schema for services and clients: a file has sections (``backbone``, ``server
 ``training``, ...), each a flat mapping whose keys are the fields of one dataclass.
 Unknown keys, wrong types and invalid values are errors that name the section, the
 field and what would be accepted.
+
+Every field can be overridden without editing the file, in this order (later wins):
+the file, environment variables ``SPLITFED__SECTION__FIELD=value`` (a nested table:
+``SPLITFED__TRAINING__PERTURBATION__SIGMA``), and ``--set section.field=value`` on the
+command line. Values are read as YAML scalars or lists (``3``, ``1e-4``, ``true``,
+``[q_proj, v_proj]``, ``"text"``).
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import os
+import re
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,9 +29,72 @@ import yaml
 
 T = TypeVar("T")
 
+ENV_PREFIX = "SPLITFED__"
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+# ``--set`` values of the command being run (the CLI sets them; read_config applies them).
+OVERRIDES: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar(
+    "splitfed_config_overrides", default=()
+)
 
-def read_config(path: Path) -> dict[str, Any]:
-    """The mapping in a ``.yaml``/``.yml`` or ``.toml`` file."""
+
+def _value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "1e-4" as a string
+    return value
+
+
+def _assign(data: dict[str, Any], path: Sequence[str], value: Any, origin: str) -> None:
+    node = data
+    for depth, key in enumerate(path[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            where = ".".join(path[: depth + 1])
+            raise ValueError(f"{origin}: {where} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def apply_overrides(
+    data: dict[str, Any],
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """``data`` with the environment's ``SPLITFED__...`` variables, then ``overrides``
+    (``section.field=value``), applied in place."""
+    environ = os.environ if environ is None else environ
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
+        if len(path) < 2 or not all(path):
+            raise ValueError(
+                f"environment variable {name}: expected {ENV_PREFIX}SECTION__FIELD=value"
+            )
+        _assign(data, path, _value(environ[name]), f"environment variable {name}")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or len(path) < 2 or not all(path):
+            raise ValueError(
+                f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. training.max_steps=10"
+            )
+        _assign(data, path, _value(text), f"--set {item!r}")
+    return data
+
+
+def read_config(path: Path, overrides: Sequence[str] | None = None) -> dict[str, Any]:
+    """The mapping in a ``.yaml``/``.yml`` or ``.toml`` file, with the environment's and
+    the command line's overrides (``overrides``; default: the running command's
+    ``--set`` options)."""
+    data = _read_file(path)
+    return apply_overrides(data, OVERRIDES.get() if overrides is None else overrides)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
     text = path.read_text()

@@ -151,3 +151,48 @@ def test_a_session_the_backbone_does_not_know_exits_1(
     assert result.exit_code == 1, result.output
     assert "error: no session 'ffffffffffffffffffffffff'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_an_exported_adapter_is_the_split_model_in_one_piece(
+    trained: tuple[Deployment, Path], tmp_path: Path
+) -> None:
+    """``adapters export`` (head and tail from the checkpoint, body from the backbone) as a
+    PEFT adapter, merged into a full checkpoint: it scores what the split model scores."""
+    from peft import PeftConfig
+
+    _, config = trained
+    peft_dir, merged = tmp_path / "peft", tmp_path / "merged"
+    export = ["adapters", "export", "--config", str(config)]
+    result = CliRunner().invoke(cli, [*export, "--output", str(peft_dir), "--merged", str(merged)])
+    assert result.exit_code == 0, result.output
+    assert "with the body" in result.output
+    peft_config = PeftConfig.from_pretrained(str(peft_dir))
+    assert peft_config.layers_to_transform == [0, 1, 2, 3]  # head, body and tail blocks
+    data = ["--data", str(write_jsonl(tmp_path / "d.jsonl", TRAIN)), "--task", "lm"]
+    split, whole = tmp_path / "split.json", tmp_path / "whole.json"
+    result = CliRunner().invoke(
+        cli, ["eval", "--config", str(config), "--no-base", *data, "--output", str(split)]
+    )
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(
+        cli, ["eval", "--model", str(merged), *data, "--output", str(whole)]
+    )
+    assert result.exit_code == 0, result.output
+    split_loss = json.loads(split.read_text())["results"][0]["scores"]["adapter"]["loss"]
+    whole_loss = json.loads(whole.read_text())["results"][0]["scores"]["base"]["loss"]
+    assert whole_loss == pytest.approx(split_loss, rel=1e-4)
+    # inspect reads what export wrote.
+    summary = tmp_path / "summary.json"
+    result = CliRunner().invoke(
+        cli, ["adapters", "inspect", str(peft_dir), "--tensors", "--json", str(summary)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(summary.read_text())
+    assert report["layers"] == [0, 1, 2, 3] and report["peft_config"]["r"] == 4
+    assert report["tensors"] == len(report["rows"]) > 0
+    # Errors: no adapter there (2), the body's session gone from the backbone (1).
+    result = CliRunner().invoke(cli, ["adapters", "inspect", str(tmp_path)])
+    assert result.exit_code == 2 and "no adapter here" in result.output
+    elsewhere = f"training.checkpoint_dir={tmp_path / 'none'}"
+    result = CliRunner().invoke(cli, [*export, "--output", str(tmp_path / "x"), "--set", elsewhere])
+    assert result.exit_code == 2 and "holds no trained adapter" in result.output

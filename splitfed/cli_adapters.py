@@ -1,0 +1,232 @@
+"""``splitfed adapters export | inspect``: trained adapters out of the split."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from splitfed.cli import _fail, cli, config_overrides
+
+
+@cli.group()
+def adapters() -> None:
+    """Export trained adapters for the whole model, or inspect adapter files."""
+
+
+@adapters.command("export")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The client config used for training (its checkpoint_dir holds the adapter).",
+)
+@click.option(
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Directory to write the adapter to.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["peft", "safetensors"]),
+    default="peft",
+    show_default=True,
+    help="peft: adapter_config.json + adapter_model.safetensors for PeftModel; "
+    "safetensors: the tensors under the checkpoint's names.",
+)
+@click.option(
+    "--no-body",
+    is_flag=True,
+    help="Leave out the body's adapter (do not contact the backbone).",
+)
+@click.option(
+    "--merged",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also write a full checkpoint with the adapter merged into the weights.",
+)
+@config_overrides
+@click.pass_context
+def export(
+    ctx: click.Context,
+    config_path: Path,
+    output: Path,
+    fmt: str,
+    no_body: bool,
+    merged: Path | None,
+) -> None:
+    """Put the head's and tail's adapter (from the training checkpoint) and the body's
+    (from the backbone session the checkpoint names) together as one adapter of the
+    unsplit model."""
+    from splitfed.clients.app import ClientConfig, backbone_client
+    from splitfed.errors import SplitfedError
+    from splitfed.models.adapters import load_adapter, save_adapter
+    from splitfed.models.export import merge_into_checkpoint, write_peft
+
+    try:
+        config = ClientConfig.load(config_path)
+        checkpoint = config.training.checkpoint_dir
+        if checkpoint is None or not (checkpoint / "client.json").is_file():
+            raise ValueError(
+                f"[training] checkpoint_dir ({checkpoint}) holds no trained adapter; "
+                "run splitfed train with a checkpoint_dir first"
+            )
+        if merged is not None and fmt != "peft":
+            raise ValueError("--merged needs --format peft")
+        state = json.loads((checkpoint / "client.json").read_text())
+        tensors = load_adapter(checkpoint / "adapter.safetensors")
+    except ValueError as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    try:
+        if not no_body:
+            with backbone_client(config.backbone) as client:
+                body = client.export_adapter(state["session_id"])
+            overlap = sorted(set(body) & set(tensors))
+            if overlap:
+                raise ValueError(f"the body's adapter repeats a client tensor: {overlap[0]}")
+            tensors.update(body)
+        metadata = {
+            "session_id": state["session_id"],
+            "step": state.get("step"),
+            "body": not no_body,
+            "model_path": str(config.training.model_path),
+            "adapter": config.adapter.to_dict(),
+        }
+        if fmt == "peft":
+            write_peft(
+                output, tensors, config.adapter, config.training.model_path, metadata=metadata
+            )
+        else:
+            save_adapter(
+                output / "adapter.safetensors",
+                tensors,
+                metadata={"splitfed": json.dumps(metadata)},
+            )
+        if merged is not None:
+            merge_into_checkpoint(config.training.model_path, output, merged)
+    except (ValueError, RuntimeError, OSError, SplitfedError) as exc:
+        _fail(ctx, exc, usage=False)
+        return
+    parameters = sum(t.numel() for t in tensors.values())
+    click.echo(
+        f"wrote {len(tensors)} tensors ({parameters:,} parameters, step {state.get('step')}, "
+        f"{'with' if not no_body else 'without'} the body) to {output}"
+        + (f"; merged checkpoint in {merged}" if merged else "")
+    )
+
+
+def _adapter_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in ("adapter_model.safetensors", "adapter.safetensors"):
+        if (path / name).is_file():
+            return path / name
+    raise ValueError(
+        f"{path}: no adapter here; give a .safetensors file, a PEFT adapter directory or "
+        "a training checkpoint_dir"
+    )
+
+
+_LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
+
+
+def summarise(path: Path) -> dict[str, Any]:
+    """What an adapter file holds: tensors, parameters, layers, modules, norms."""
+    from safetensors import safe_open
+
+    file = _adapter_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in sorted(handle.keys())}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ValueError(f"{file}: not a readable safetensors file ({exc})") from None
+    rows = [
+        {
+            "name": name,
+            "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype).removeprefix("torch."),
+            "norm": float(tensor.float().norm()),
+            "max_abs": float(tensor.float().abs().max()) if tensor.numel() else 0.0,
+            "numel": tensor.numel(),
+            "bytes": tensor.numel() * tensor.element_size(),
+        }
+        for name, tensor in tensors.items()
+    ]
+    layers = sorted({int(m.group(1)) for r in rows if (m := _LAYER.search(r["name"]))})
+    modules = sorted(
+        {r["name"].split(".lora_")[0].rsplit(".", 1)[-1] for r in rows if ".lora_" in r["name"]}
+    )
+    config_file = file.parent / "adapter_config.json"
+    return {
+        "file": str(file),
+        "tensors": len(rows),
+        "parameters": sum(r["numel"] for r in rows),
+        "bytes": sum(r["bytes"] for r in rows),
+        "dtypes": sorted({r["dtype"] for r in rows}),
+        "layers": layers,
+        "modules": modules,
+        "metadata": metadata,
+        "peft_config": json.loads(config_file.read_text()) if config_file.is_file() else None,
+        "rows": rows,
+    }
+
+
+@adapters.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the summary as JSON.",
+)
+@click.pass_context
+def inspect(ctx: click.Context, path: Path, show_tensors: bool, json_path: Path | None) -> None:
+    """Summarise an adapter: a .safetensors file, a PEFT directory or a checkpoint_dir."""
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        if not path.exists():
+            raise ValueError(f"{path} does not exist")
+        summary = summarise(path)
+    except ValueError as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    console = Console()
+    table = Table(title=summary["file"], show_header=False)
+    table.add_row("tensors", str(summary["tensors"]))
+    table.add_row("parameters", f"{summary['parameters']:,}")
+    table.add_row("bytes", f"{summary['bytes']:,}")
+    table.add_row("dtypes", ", ".join(summary["dtypes"]))
+    table.add_row("layers", ", ".join(map(str, summary["layers"])) or "-")
+    table.add_row("modules", ", ".join(summary["modules"]) or "-")
+    peft = summary["peft_config"]
+    if peft:
+        table.add_row(
+            "peft", f"{peft.get('peft_type')} r={peft.get('r')} alpha={peft.get('lora_alpha')}"
+        )
+    for key, value in summary["metadata"].items():
+        table.add_row(f"meta {key}", str(value)[:120])
+    console.print(table)
+    if show_tensors:
+        rows = Table("tensor", "shape", "dtype", "norm", "max |x|")
+        for row in summary["rows"]:
+            rows.add_row(
+                row["name"],
+                "x".join(map(str, row["shape"])),
+                row["dtype"],
+                f"{row['norm']:.4g}",
+                f"{row['max_abs']:.4g}",
+            )
+        console.print(rows)
+    if json_path is not None:
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
