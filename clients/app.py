@@ -21,7 +21,7 @@ from splitfed.clients.backbone import (
     RemoteBodyStage,
     client_crypto,
 )
-from splitfed.clients.data import left_padded, prompt_tokens
+from splitfed.clients.data import conversation_tokens, left_padded, prompt_tokens
 from splitfed.clients.federated import UPLOAD_CHUNK_BYTES, AggregatorClient, FederatedTrainer
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
@@ -260,6 +260,60 @@ def generate(
         generator = SplitGenerator(split.head, split.body(), split.tail)
         tokens = generator.generate(ids, mask, sampling_options(config, tokenizer, **options))
     return [str(tokenizer.decode(row, skip_special_tokens=True)) for row in tokens.tolist()]
+
+
+class Chat:
+    """A conversation with the split model: each reply is generated from the whole
+    conversation so far (the oldest turns are dropped when it outgrows the model)."""
+
+    def __init__(
+        self,
+        split: SplitSession,
+        tokenizer: Any,
+        options: SamplingOptions,
+        *,
+        system: str = "",
+        chat_template: bool = True,
+        max_positions: int = 2048,
+    ) -> None:
+        self.generator = SplitGenerator(split.head, split.body(), split.tail)
+        self.tokenizer = tokenizer
+        self.options = options
+        self.system = system
+        self.chat_template = chat_template
+        self.turns: list[tuple[str, str]] = []
+        self.budget = max_positions - options.max_new_tokens
+        if self.budget < 1:
+            raise ValueError(
+                f"max_new_tokens ({options.max_new_tokens}) leaves no room for a prompt in "
+                f"the model's {max_positions} positions"
+            )
+
+    def _tokens(self, prompt: str) -> list[int]:
+        while True:
+            tokens = conversation_tokens(
+                self.tokenizer,
+                self.turns,
+                prompt,
+                system=self.system,
+                chat_template=self.chat_template,
+            )
+            if len(tokens) <= self.budget:
+                return tokens
+            if not self.turns:
+                return tokens[-self.budget :]
+            self.turns.pop(0)
+
+    def say(self, prompt: str) -> str:
+        tokens = self._tokens(prompt)
+        ids = torch.tensor([tokens], dtype=torch.long)
+        out = self.generator.generate(ids, torch.ones_like(ids), self.options)
+        reply = str(self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)).strip()
+        self.turns.append((prompt, reply))
+        return reply
+
+    def reset(self) -> None:
+        self.turns.clear()
 
 
 def make_trainer(

@@ -228,6 +228,31 @@ def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     return Batch(ids, mask, labels)
 
 
+def conversation_tokens(
+    tokenizer: Any,
+    turns: Sequence[tuple[str, str]],
+    prompt: str,
+    *,
+    system: str = "",
+    chat_template: bool = True,
+) -> list[int]:
+    """The tokens before the next reply of a conversation: earlier ``turns`` (user,
+    assistant) and the new ``prompt``, through the chat template when the tokenizer has
+    one (with ``system`` as the system turn), else in the training format: ``bos``, then
+    each user turn and reply on lines of their own."""
+    if chat_template and has_chat_template(tokenizer):
+        messages = [{"role": "system", "content": system}] if system else []
+        for user, reply in turns:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        messages.append({"role": "user", "content": prompt})
+        text = _template(tokenizer, messages, generation=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    lines = [system] if system else []
+    for user, reply in turns:
+        lines += [user, reply]
+    return prompt_tokens(tokenizer, "\n".join([*lines, prompt]), chat_template=False)
+
+
 def left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts for generation: ids and mask, padded on the left."""
     length = max(len(r) for r in rows)

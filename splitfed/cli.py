@@ -524,6 +524,86 @@ def generate(
         click.echo(f"> {prompt}\n{output}")
 
 
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The client config used for training (its checkpoint holds the adapters).",
+)
+@click.option("--system", default="", help="A system turn (with a chat template).")
+@click.option("--max-new-tokens", type=int, default=None, help="Reply length limit.")
+@click.option("--base", is_flag=True, help="Talk to the base model, not the trained adapter.")
+@config_overrides
+@click.pass_context
+def chat(
+    ctx: click.Context,
+    config_path: Path,
+    system: str,
+    max_new_tokens: int | None,
+    base: bool,
+) -> None:
+    """Talk to the split model: the body runs on the backbone, the conversation stays
+    here. /reset forgets it, /exit (or end of input) leaves."""
+    from transformers import AutoTokenizer
+
+    from splitfed.clients.app import (
+        Chat,
+        ClientConfig,
+        backbone_client,
+        keymanager_for,
+        sampling_options,
+        split_session,
+    )
+    from splitfed.errors import SplitfedError
+    from splitfed.models.loading import load_config
+
+    try:
+        config = ClientConfig.load(config_path)
+        options = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        train = config.training
+        tokenizer = AutoTokenizer.from_pretrained(str(train.model_path), local_files_only=True)
+        positions = int(getattr(load_config(train.model_path), "max_position_embeddings", 2048))
+        sampling = sampling_options(config, tokenizer, **options)
+    except (ValueError, OSError) as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    try:
+        with (
+            backbone_client(config.backbone) as client,
+            keymanager_for(config) as keys,
+            split_session(client, config, keys, trained=not base) as split,
+        ):
+            conversation = Chat(
+                split,
+                tokenizer,
+                sampling,
+                system=system,
+                chat_template=train.chat_template,
+                max_positions=positions,
+            )
+            what = "the trained adapter" if split.trained else "the base model"
+            click.echo(f"chatting with {what} (session {split.session_id}); /exit to leave")
+            while True:
+                try:
+                    line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+                except (click.Abort, EOFError):
+                    break
+                text = line.strip()
+                if text in ("/exit", "/quit"):
+                    break
+                if text == "/reset":
+                    conversation.reset()
+                    click.echo("(conversation forgotten)")
+                    continue
+                if text:
+                    click.echo(f"model> {conversation.say(text)}")
+    except (ValueError, RuntimeError, SplitfedError) as exc:
+        _fail(ctx, exc, usage=False)
+        return
+
+
 @cli.command("eval")
 @click.option(
     "--config",

@@ -196,3 +196,20 @@ def test_an_exported_adapter_is_the_split_model_in_one_piece(
     elsewhere = f"training.checkpoint_dir={tmp_path / 'none'}"
     result = CliRunner().invoke(cli, [*export, "--output", str(tmp_path / "x"), "--set", elsewhere])
     assert result.exit_code == 2 and "holds no trained adapter" in result.output
+
+
+def test_chat_keeps_the_conversation_until_reset(trained: tuple[Deployment, Path]) -> None:
+    _, config = trained
+    result = CliRunner().invoke(
+        cli,
+        ["chat", "--config", str(config), "--max-new-tokens", "3"],
+        input="Add 1 and 2.\nAnd 2 and 2?\n/reset\nHello\n/exit\nnever read\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert "chatting with the trained adapter" in result.output
+    assert result.output.count("model> ") == 3
+    assert "(conversation forgotten)" in result.output
+    # End of input leaves too; the base model needs no checkpoint.
+    result = CliRunner().invoke(cli, ["chat", "--config", str(config), "--base"], input="")
+    assert result.exit_code == 0, result.output
+    assert "chatting with the base model" in result.output

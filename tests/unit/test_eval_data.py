@@ -236,3 +236,24 @@ def test_without_a_template_or_turned_off_the_plain_format_is_used(
     assert encode(example, templated, 512, chat_template=False) == expected
     # Plain text (no prompt) is never wrapped in a chat turn.
     assert encode(Example("", "3"), templated, 512) == encode(Example("", "3"), plain, 512)
+
+
+def test_a_conversation_is_framed_turn_by_turn(tokenizers: tuple[Any, Any]) -> None:
+    from splitfed.clients.data import conversation_tokens
+
+    plain, templated = tokenizers
+    turns = [("Add 1 and 2.", "3")]
+    got = conversation_tokens(templated, turns, "And 2 and 2?", system="Be brief.")
+    text = (
+        "<|system|>Be brief.</s><|user|>Add 1 and 2.</s><|assistant|>3</s>"
+        "<|user|>And 2 and 2?</s><|assistant|>"
+    )
+    assert got == templated.encode(text, add_special_tokens=False)
+    # The first turn without a system turn is the training prompt exactly.
+    assert conversation_tokens(templated, [], "Add 1 and 2.") == prompt_tokens(
+        templated, "Add 1 and 2."
+    )
+    # Without a template: the training format with one line per turn.
+    assert conversation_tokens(plain, turns, "And 2 and 2?") == prompt_tokens(
+        plain, "Add 1 and 2.\n3\nAnd 2 and 2?"
+    )
