@@ -6,6 +6,7 @@ one line; ``--debug`` adds the traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -602,6 +603,125 @@ def chat(
     except (ValueError, RuntimeError, SplitfedError) as exc:
         _fail(ctx, exc, usage=False)
         return
+
+
+@cli.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A client config: its backbone, [federated] aggregator, [security] key manager, "
+    "TLS material and checkpoint.",
+)
+@click.option("--backbone", "backbones", multiple=True, help="[NAME@]HOST:PORT; repeatable.")
+@click.option("--aggregator", "aggregators", multiple=True, help="[NAME@]HOST:PORT.")
+@click.option("--keymanager", "keymanagers", multiple=True, help="[NAME@]HOST:PORT.")
+@click.option("--federation", default="", help="The federation whose round to show.")
+@click.option("--metrics", "metrics", multiple=True, help="A Prometheus endpoint URL; repeatable.")
+@tls_options
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Also as JSON."
+)
+@config_overrides
+@click.pass_context
+def status(
+    ctx: click.Context,
+    config_path: Path | None,
+    backbones: tuple[str, ...],
+    aggregators: tuple[str, ...],
+    keymanagers: tuple[str, ...],
+    federation: str,
+    metrics: tuple[str, ...],
+    tls_dir: Path | None,
+    ca_path: Path | None,
+    cert_path: Path | None,
+    key_path: Path | None,
+    insecure: bool,
+    json_path: Path | None,
+) -> None:
+    """Health, model, rounds, certificates and privacy across a deployment's services.
+    Exit 0 when everything answers SERVING, 1 when something does not."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from splitfed.status import collect, target
+
+    try:
+        found = {
+            "backbone": [target(v) for v in backbones],
+            "aggregator": [target(v) for v in aggregators],
+            "keymanager": [target(v) for v in keymanagers],
+        }
+        checkpoint = perturbation = None
+        tls = None
+        if tls_dir or ca_path or cert_path or key_path or insecure:
+            tls = _tls_from_options(tls_dir, ca_path, cert_path, key_path, insecure)
+        if config_path is not None:
+            from splitfed.clients.app import ClientConfig
+
+            config = ClientConfig.load(config_path)
+            tls = tls or config.backbone.tls()
+            found["backbone"].append((config.backbone.address, config.backbone.server_name))
+            if config.federated is not None:
+                found["aggregator"].append(
+                    (config.federated.aggregator, config.federated.server_name)
+                )
+                federation = federation or config.federated.federation
+            if config.security.keymanager:
+                found["keymanager"].append(
+                    (config.security.keymanager, config.security.keymanager_server_name)
+                )
+            checkpoint = config.training.checkpoint_dir
+            perturbation = config.training.perturbation
+        if tls is None:
+            raise ValueError("give --config, or the TLS material (--tls-dir or --ca/--cert/--key)")
+        if not any(found.values()) and not metrics:
+            raise ValueError("nothing to look at: give --config or a service address")
+    except ValueError as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    report = collect(
+        tls,
+        backbones=found["backbone"],
+        aggregators=found["aggregator"],
+        keymanagers=found["keymanager"],
+        federation=federation,
+        metrics=list(metrics),
+        checkpoint=checkpoint,
+        perturbation=perturbation,
+    )
+    console = Console()
+    table = Table("service", "address", "health", "details")
+    for service in report.services:
+        colour = "green" if service.ok else "red"
+        details = ", ".join(f"{k} {v}" for k, v in service.details.items())
+        table.add_row(service.service, service.address, f"[{colour}]{service.health}[/]", details)
+    console.print(table)
+    cert = report.certificate
+    if cert:
+        console.print(
+            "this party: "
+            + ", ".join(
+                f"{k.replace('_', ' ')} {v}" for k, v in cert.items() if k != "expires_in_s"
+            )
+        )
+    if report.privacy:
+        p = report.privacy
+        console.print(
+            f"privacy spent: epsilon {p['epsilon']:.4g} at delta {p['delta']} "
+            f"over {p['steps']} releases"
+        )
+    for url, figures in report.metrics.items():
+        console.print(
+            f"{url}: "
+            + ", ".join(
+                f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
+            )
+        )
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if not report.ok:
+        ctx.exit(1)
 
 
 @cli.command("eval")

@@ -284,6 +284,8 @@ def test_services_expose_metrics_that_move_and_pass_promtool(deployed: Deployed)
     lines = [json.loads(line) for line in log if not line.startswith(("listening", "metrics"))]
     assert any(r.get("federation") == "fed" and r.get("round") == 1 for r in lines), lines
 
+    check_status(deployed, client_config, keymanager, backbone_process)
+
     if PROMTOOL is None:
         pytest.skip("promtool not found (Debian: apt-get install prometheus); counters checked")
     for name, text in texts.items():
@@ -291,6 +293,48 @@ def test_services_expose_metrics_that_move_and_pass_promtool(deployed: Deployed)
             promtool_check(text)
         except AssertionError as exc:
             raise AssertionError(f"{name}: {exc}") from None
+
+
+def check_status(
+    deployed: Deployed,
+    client_config: Path,
+    keymanager: ServiceProcess,
+    backbone: ServiceProcess,
+) -> None:
+    """``splitfed status`` over the same deployment: as the client (from its config),
+    as an admin (the key manager's certificates), and with a service that is down."""
+    from click.testing import CliRunner
+
+    from splitfed.cli import cli
+
+    km = f"{KEYMANAGER_NAME}@{keymanager.address}"
+    report_path = deployed.root / "status.json"
+    metrics = f"http://{metrics_address(backbone)}/metrics"
+    args = ["--config", str(client_config), "--keymanager", km, "--metrics", metrics]
+    result = CliRunner().invoke(cli, ["status", *args, "--json", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    by_service = {s["service"]: s for s in report["services"]}
+    assert {s["health"] for s in report["services"]} == {"SERVING"}
+    assert by_service["backbone"]["details"]["adapter_mode"] == "per-client"
+    assert by_service["aggregator"]["details"]["phase"] == "FINISHED"
+    assert by_service["aggregator"]["details"]["global_version"] == 1
+    assert "PERMISSION_DENIED" in by_service["keymanager"]["details"]["note"]  # not an admin
+    assert report["certificate"]["identity"] == "hospital-a"
+    assert report["certificate"]["expires_in_s"] > 3600
+    (figures,) = report["metrics"].values()
+    assert figures["sessions"] == 0 and figures["RPCs"] > 0
+    # An admin sees the certificates; a service that is down makes it exit 1.
+    admin = ["--tls-dir", str(deployed.root / "admin"), "--keymanager", km]
+    result = CliRunner().invoke(cli, ["status", *admin, "--json", str(report_path)])
+    assert result.exit_code == 0, result.output
+    (service,) = json.loads(report_path.read_text())["services"]
+    assert service["details"]["certificates"] >= 2 and "next_expiry" in service["details"]
+    result = CliRunner().invoke(cli, ["status", *admin, "--backbone", "127.0.0.1:9"])
+    assert result.exit_code == 1
+    assert "UNREACHABLE" in result.output
+    result = CliRunner().invoke(cli, ["status", "--backbone", "127.0.0.1:9"])
+    assert result.exit_code == 2 and "give --config, or the TLS material" in result.output
 
 
 def test_diagnostics_metrics_port_and_json_logs(pki: Pki, tmp_path: Path) -> None:
