@@ -881,8 +881,17 @@ def eval_command(
     type=click.Path(path_type=Path, file_okay=False),
     help="Keep certificates, state and logs here (default: a temporary directory).",
 )
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("splitfed-demo-loss.png"),
+    show_default=True,
+    help="Write the clients' loss curves here (PNG).",
+)
 @click.pass_context
-def demo(ctx: click.Context, size_mib: int, steps: int, rounds: int, workdir: Path | None) -> None:
+def demo(
+    ctx: click.Context, size_mib: int, steps: int, rounds: int, workdir: Path | None, plot: Path
+) -> None:
     """Run the whole deployment on loopback (key manager, backbone, aggregator, two
     clients), federated split fine-tuning and generation, and report."""
     from splitfed.demo import DemoError, run_demo
@@ -892,9 +901,12 @@ def demo(ctx: click.Context, size_mib: int, steps: int, rounds: int, workdir: Pa
     if rounds < 1 or steps < 2 * rounds:
         _fail(ctx, ValueError("--rounds must be >= 1 and --steps >= 2 x rounds"), usage=True)
     try:
-        run_demo(size_mib=size_mib, workdir=workdir, steps=steps, rounds=rounds)
+        run_demo(size_mib=size_mib, workdir=workdir, steps=steps, rounds=rounds, plot=plot)
     except DemoError as exc:
         _fail(ctx, exc, usage=False)
+    except KeyboardInterrupt:
+        click.echo("interrupted: every service was stopped", err=True)
+        ctx.exit(130)
 
 
 @cli.group("config")

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from splitfed.clients.app import prompt_ids
@@ -86,11 +87,16 @@ def _model_and_data(workdir: Path) -> tuple[Path, Path]:
 
 
 def run_demo(
-    size_mib: int = 64, workdir: Path | None = None, steps: int = 100, rounds: int = 3
+    size_mib: int = 64,
+    workdir: Path | None = None,
+    steps: int = 100,
+    rounds: int = 3,
+    plot: Path | None = None,
 ) -> None:
     """The whole deployment on loopback: key manager, backbone, aggregator, two clients.
 
-    ``steps`` is the total of local training steps per client, spread over ``rounds``.
+    ``steps`` is the total of local training steps per client, spread over ``rounds``;
+    the loss curves are drawn into ``plot`` (PNG).
     """
     console = Console(width=max(Console().width, 110))
     with tempfile.TemporaryDirectory(prefix="splitfed-demo-") as tmp:
@@ -112,7 +118,8 @@ def run_demo(
                 TLSConfig(stranger.cert_pem, stranger.cert_pem, stranger.key_pem),
                 size_mib,
             )
-            _federate(console, deployment, model, data, steps)
+            _federate(console, deployment, model, data, steps, plot)
+            _metrics_summary(console, deployment.metrics)
         console.rule("[bold green]demo finished")
 
 
@@ -129,6 +136,9 @@ class Deployment:
         self.enroll_address = ""
         self.backbone_address = ""
         self.aggregator_address = ""
+        # service name -> host:port of its Prometheus endpoint
+        self.metrics: dict[str, str] = {}
+        self.rounds = 0
 
     def __enter__(self) -> Deployment:
         return self
@@ -150,12 +160,18 @@ class Deployment:
         except ServiceStartError as exc:
             raise DemoError(str(exc)) from None
         self.processes.append(process)
+        for line in process.preamble:
+            if line.startswith("metrics on "):
+                self.metrics[name] = line.removeprefix("metrics on ")
         return process
 
     def start_keymanager(self) -> None:
         init_authority(self.root / "km", self.kek.encode(), admin_dir=self.root / "admin")
         config = self.root / "keymanager.yaml"
-        config.write_text(f"keymanager:\n  state_dir: {json.dumps(str(self.root / 'km'))}\n")
+        config.write_text(
+            f"keymanager:\n  state_dir: {json.dumps(str(self.root / 'km'))}\n"
+            "server:\n  metrics_port: 0\n"
+        )
         process = self._start("keymanager", ["serve", "keymanager", "--config", str(config)])
         assert process.address is not None
         self.keymanager_address = process.address
@@ -211,7 +227,8 @@ class Deployment:
             f"  state_dir: {json.dumps(str(self.root / 'state'))}\n"
             "  aggregators: [aggregator-0]\n"
             "server:\n"
-            f"  tls_dir: {json.dumps(str(self.root / 'backbone-0'))}\n" + self._security()
+            f"  tls_dir: {json.dumps(str(self.root / 'backbone-0'))}\n"
+            "  metrics_port: 0\n" + self._security()
         )
         process = self._start("backbone", ["serve", "backbone", "--config", str(config)])
         assert process.address is not None
@@ -237,11 +254,13 @@ class Deployment:
             f"  state_dir: {json.dumps(str(self.root / 'aggregator-state'))}\n"
             f"  federations: [{json.dumps(federation)}]\n"
             "server:\n"
-            f"  tls_dir: {json.dumps(str(self.root / 'aggregator-0'))}\n" + self._security()
+            f"  tls_dir: {json.dumps(str(self.root / 'aggregator-0'))}\n"
+            "  metrics_port: 0\n" + self._security()
         )
         process = self._start("aggregator", ["serve", "aggregator", "--config", str(config)])
         assert process.address is not None
         self.aggregator_address = process.address
+        self.rounds = rounds
         self.console.print(
             f"aggregator {process.pid} on {process.address}: federation {FEDERATION!r}, "
             f"{rounds} rounds of {local_steps} local steps, secure aggregation, "
@@ -307,7 +326,12 @@ def _link(
 
 
 def _federate(
-    console: Console, deployment: Deployment, model: Path, data: Path, steps: int
+    console: Console,
+    deployment: Deployment,
+    model: Path,
+    data: Path,
+    steps: int,
+    plot: Path | None,
 ) -> None:
     console.rule("federated split fine-tuning: two hospitals, encrypted activations")
     root = deployment.root
@@ -350,19 +374,37 @@ def _federate(
         )
     reports: dict[str, list[RoundReport]] = {}
     errors: list[BaseException] = []
+    rounds_total = max(1, deployment.rounds)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("round {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        tasks = {
+            identity: progress.add_task(identity, total=rounds_total, loss="-")
+            for identity in trainers
+        }
 
-    def run(identity: str) -> None:
-        try:
-            reports[identity] = trainers[identity].run()
-        except BaseException as exc:  # reported below, in the main thread
-            errors.append(exc)
+        def run(identity: str) -> None:
+            def on_round(report: RoundReport) -> None:
+                progress.update(tasks[identity], advance=1, loss=f"{report.losses[-1]:.3f}")
 
-    threads = [threading.Thread(target=run, args=(i,), name=i) for i in trainers]
-    with console.status("training: each hospital trains locally, the aggregator averages"):
+            try:
+                reports[identity] = trainers[identity].run(on_round=on_round)
+            except BaseException as exc:  # reported below, in the main thread
+                errors.append(exc)
+
+        # Daemon threads: Ctrl-C in the main thread ends the demo (the services are
+        # stopped on the way out) without waiting for a client to finish its round.
+        threads = [threading.Thread(target=run, args=(i,), name=i, daemon=True) for i in trainers]
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            while thread.is_alive():
+                thread.join(timeout=0.2)
     try:
         if errors:
             raise DemoError(f"a client failed: {errors[0]}") from errors[0]
@@ -385,6 +427,9 @@ def _federate(
         last = reports["hospital-a"][-1].losses[-1]
         if not last < first:
             raise DemoError("the loss did not go down")
+        if plot is not None:
+            plot_losses(plot, reports)
+            console.print(f"loss curves written to {plot}")
         version = trainers["hospital-a"].version
         console.print(
             f"global version {version}: every update was masked (secure aggregation); the "
@@ -398,6 +443,76 @@ def _federate(
             channel.close()
         for client in keys:
             client.close()
+
+
+def plot_losses(path: Path, reports: dict[str, list[RoundReport]]) -> None:
+    """Each client's local training loss by step, the rounds marked, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    boundaries: set[int] = set()
+    for identity, rounds in reports.items():
+        losses = [loss for report in rounds for loss in report.losses]
+        axes.plot(range(1, len(losses) + 1), losses, label=identity, linewidth=1.5)
+        step = 0
+        for report in rounds[:-1]:
+            step += len(report.losses)
+            boundaries.add(step)
+    for step in sorted(boundaries):
+        axes.axvline(step + 0.5, color="grey", linewidth=0.8, linestyle=":")
+    axes.set_xlabel("local training step (dotted: a round ends, the global adapter is loaded)")
+    axes.set_ylabel("training loss")
+    axes.set_title("splitfed demo: federated split fine-tuning")
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+# What the metrics summary shows: (metric sample name, labels to match, what it is).
+SUMMARY = [
+    ("splitfed_rpcs_total", {}, "RPCs served"),
+    ("splitfed_wire_payload_bytes_total", {"direction": "received"}, "tensor bytes received"),
+    ("splitfed_wire_payload_bytes_total", {"direction": "sent"}, "tensor bytes sent"),
+    ("splitfed_backbone_compute_seconds_count", {}, "backbone compute calls"),
+    ("splitfed_aggregator_rounds_total", {"outcome": "closed"}, "rounds closed"),
+    ("splitfed_aggregator_updates_total", {}, "updates aggregated"),
+    ("splitfed_keymanager_certificates_issued_total", {}, "certificates issued"),
+    ("splitfed_authorization_denials_total", {}, "authorization denials"),
+]
+
+
+def _metrics_summary(console: Console, endpoints: dict[str, str]) -> None:
+    """The services' own Prometheus figures, summed over labels."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    if not endpoints:
+        return
+    table = Table(title="metrics (each service's /metrics endpoint)")
+    table.add_column("metric")
+    for name in endpoints:
+        table.add_column(name, justify="right")
+    values: dict[str, dict[str, float]] = {}
+    for service, address in endpoints.items():
+        url = f"http://{address}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                for metric, labels, label in SUMMARY:
+                    if sample.name == metric and labels.items() <= sample.labels.items():
+                        row = values.setdefault(label, {})
+                        row[service] = row.get(service, 0.0) + sample.value
+    for _, _, label in SUMMARY:
+        row = values.get(label, {})
+        table.add_row(label, *(f"{row[s]:,.0f}" if s in row else "-" for s in endpoints))
+    console.print(table)
 
 
 def _generate(console: Console, trainer: SplitTrainer, keymanager: KeyManagerClient) -> None:

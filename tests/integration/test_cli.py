@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -113,21 +114,27 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(
     assert "received SIGTERM, shutting down" in log
 
 
+def processes_under(path: Path) -> list[int]:
+    """Live processes whose command line names ``path`` (the demo's services do)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(path) in cmdline and not process_gone(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
 @pytest.mark.slow
 def test_make_demo_runs_end_to_end(tmp_path: Path) -> None:
+    plot = tmp_path / "plots" / "loss.png"
+    args = ["demo", "--size-mib", "4", "--steps", "20", "--workdir", str(tmp_path)]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "splitfed",
-            "demo",
-            "--size-mib",
-            "4",
-            "--steps",
-            "20",
-            "--workdir",
-            str(tmp_path),
-        ],
+        [sys.executable, "-m", "splitfed", *args, "--plot", str(plot)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -139,9 +146,39 @@ def test_make_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "bit-exact" in out
     assert out.count("refused, as it should be") == 2
     assert "global version 3" in out and "> Add 2 and 3." in out
+    # Generated text follows each prompt.
+    after = out.split("> Add 2 and 3.", 1)[1].splitlines()
+    assert after[1].strip(), out
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and plot.stat().st_size > 10_000
+    assert f"loss curves written to {plot}" in out
+    assert "rounds closed" in out and "certificates issued" in out  # the metrics summary
     assert "stopped 3 services" in out
     assert (tmp_path / "hospital-a" / "key.pem").exists()
     assert (tmp_path / "aggregator-state" / "demo" / "versions" / "v3.body.safetensors").exists()
+    assert processes_under(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_demo_and_every_service(tmp_path: Path) -> None:
+    """SIGINT to the demo alone (not its process group): it stops its services itself."""
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "splitfed", "demo", "--steps", "20", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert demo.stdout is not None
+    for line in demo.stdout:
+        if line.startswith("key manager "):
+            break
+    assert wait_until(lambda: processes_under(tmp_path) != [], timeout_s=30)
+    demo.send_signal(signal.SIGINT)
+    _, err = demo.communicate(timeout=120)
+    assert demo.returncode == 130, err
+    assert "interrupted: every service was stopped" in err
+    assert "Traceback" not in err
+    assert wait_until(lambda: processes_under(tmp_path) == [], timeout_s=30)
 
 
 @pytest.mark.slow
