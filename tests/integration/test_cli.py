@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 from helpers import SERVER_NAME, Pki, wait_until
@@ -77,23 +78,33 @@ def test_port_in_use_exits_1(server_dir: Path) -> None:
     assert f"error: cannot listen on 127.0.0.1:{port}" in result.output
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        [],
-        ["serve"],
-        ["serve", "diagnostics"],
-        ["serve", "backbone"],
-        ["demo"],
-        ["train"],
-        ["generate"],
-        ["eval"],
-    ],
-)
+def all_commands(group: click.Group = cli, path: tuple[str, ...] = ()) -> list[list[str]]:
+    """Every command and group of the CLI, as the words that name it."""
+    found = [list(path)]
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found += all_commands(command, (*path, name))
+        else:
+            found.append([*path, name])
+    return found
+
+
+def test_the_cli_has_the_commands_of_the_design() -> None:
+    names = {" ".join(c) for c in all_commands()}
+    assert {
+        "demo", "train", "generate", "chat", "eval", "status", "serve keymanager",
+        "serve aggregator", "serve backbone", "keys init", "keys token create", "keys enroll",
+        "keys renew", "keys revoke", "keys list", "adapters export", "adapters inspect",
+        "config validate",
+    } <= names  # fmt: skip
+
+
+@pytest.mark.parametrize("command", all_commands(), ids=lambda c: " ".join(c) or "splitfed")
 def test_every_command_has_help(command: list[str]) -> None:
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0
     assert "Usage:" in result.output
+    assert "Show this message and exit." in result.output
 
 
 def test_serve_answers_and_stops_cleanly_on_sigterm(
