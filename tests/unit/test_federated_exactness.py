@@ -1,0 +1,180 @@
+"""FedAvg through ``FederatedTrainer`` and the aggregator's ``Federation`` is exact: with
+one local step of plain SGD (no clipping, no momentum), a round moves the global adapter
+by exactly one SGD step on the clients' losses weighted by their sample counts, i.e. one
+centralized step on the union. Clients run in threads against an in-process federation
+(no gRPC), so this checks what the client uploads (trained minus the version it loaded)
+and how the global version is rebuilt from the offset, not the transport."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from splitfed.clients.federated import FederatedTrainer
+from splitfed.services.aggregator.federation import Federation
+from splitfed.services.aggregator.servicer import to_plan
+from splitfed.services.aggregator.settings import FederationSettings
+from splitfed.v1 import aggregator_pb2
+
+NAMES = ("blocks.0.q.lora_A.weight", "blocks.0.q.lora_B.weight")
+SHAPES = {NAMES[0]: (2, 3), NAMES[1]: (3, 2)}
+LR = 0.1
+SIZES = (3, 5, 8, 16)
+
+
+def initial() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)  # the "adapter seed": every party builds the same
+    return {n: torch.randn(shape, generator=g, dtype=torch.float64) for n, shape in SHAPES.items()}
+
+
+def client_data(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + index)
+    x = torch.randn(SIZES[index], 3, generator=g, dtype=torch.float64)
+    y = torch.randn(SIZES[index], 3, generator=g, dtype=torch.float64) + index  # non-IID
+    return x, y
+
+
+def loss(tensors: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A LoRA-shaped product B @ A, fitted by mean squared error over the client's data."""
+    prediction = x @ (tensors[NAMES[1]] @ tensors[NAMES[0]]).T
+    return ((prediction - y) ** 2).mean()
+
+
+@dataclass
+class _Report:
+    loss: float
+
+
+@dataclass
+class _Seed:
+    seed: int = 7
+
+
+class SGDTrainer:
+    """The part of ``SplitTrainer`` that ``FederatedTrainer`` uses: plain SGD, full batch."""
+
+    def __init__(self, index: int) -> None:
+        self.x, self.y = client_data(index)
+        self.params = {n: t.clone().requires_grad_() for n, t in initial().items()}
+        self.data = type("Data", (), {"encoded": list(range(SIZES[index]))})()
+        self.adapter = _Seed()
+        self.session: Any = None
+
+    def start(self) -> None:
+        self.session = type("Session", (), {"session_id": ""})()
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.params.items()}
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[n])
+
+    def train_step(self) -> _Report:
+        value = loss(self.params, self.x, self.y)
+        grads = torch.autograd.grad(value, list(self.params.values()))
+        with torch.no_grad():
+            for p, g in zip(self.params.values(), grads, strict=True):
+                p.sub_(LR * g)
+        return _Report(float(value.detach()))
+
+
+class InProcessAggregator:
+    """``AggregatorClient``'s calls, answered by a ``Federation`` in this process."""
+
+    def __init__(self, federation: Federation, identity: str) -> None:
+        self.federation = federation
+        self.identity = identity
+
+    def join(self, name: str) -> aggregator_pb2.RoundPlan:
+        self.federation.join(self.identity)
+        return self.plan(name)
+
+    def plan(self, name: str) -> aggregator_pb2.RoundPlan:
+        return to_plan(self.federation.plan(self.identity))
+
+    def download(self, name: str, version: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
+        version = version or self.federation.state.version
+        return version, self.federation.offset(version)
+
+    def upload(
+        self, plan: aggregator_pb2.RoundPlan, num_samples: int, tensors: dict[str, Any], **_: Any
+    ) -> aggregator_pb2.UploadUpdateResponse:
+        fed, args = self.federation, (plan.round, plan.attempt, plan.global_version)
+        spool, out = fed.new_spool()
+        with out:
+            for name, tensor in tensors.items():
+                fed.spool_tensor(spool, out, name, tensor)
+        try:
+            duplicate, received = fed.commit_upload(self.identity, *args, num_samples, spool)
+        finally:
+            spool.path.unlink()
+        return aggregator_pb2.UploadUpdateResponse(duplicate=duplicate, received=received)
+
+    def wait_for_change(
+        self, plan: aggregator_pb2.RoundPlan, timeout_s: float = 60.0
+    ) -> aggregator_pb2.RoundPlan:
+        seen = self.federation.wait_for_change(None, 0)
+        current = self.plan(plan.federation)
+        key = (plan.round, plan.attempt, plan.phase, plan.global_version)
+        if (current.round, current.attempt, current.phase, current.global_version) == key:
+            self.federation.wait_for_change(seen, min(timeout_s, 0.5))
+            current = self.plan(plan.federation)
+        return current
+
+
+def test_one_local_sgd_step_per_round_is_one_centralized_step_on_the_union(
+    tmp_path: Path,
+) -> None:
+    rounds = 3
+    settings = FederationSettings(
+        name="fed", rounds=rounds, min_clients=4, local_steps=1, adapter_seed=7, deadline_s=60
+    )
+    federation = Federation(settings, tmp_path / "fed")
+    trainers = [SGDTrainer(i) for i in range(len(SIZES))]
+    members = [
+        FederatedTrainer(t, InProcessAggregator(federation, f"c{i}"), "fed")  # type: ignore[arg-type]
+        for i, t in enumerate(trainers)
+    ]
+    errors: list[BaseException] = []
+
+    def run(member: FederatedTrainer) -> None:
+        try:
+            member.run(max_wait_s=60)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in members]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert federation.state.version == rounds
+
+    # Centralized: one SGD step per round on sum_i (n_i / N) * loss_i.
+    weights = [n / sum(SIZES) for n in SIZES]
+    data = [client_data(i) for i in range(len(SIZES))]
+    expected = {n: t.clone().requires_grad_() for n, t in initial().items()}
+    for _ in range(rounds):
+        union = sum(w * loss(expected, x, y) for w, (x, y) in zip(weights, data, strict=True))
+        grads = torch.autograd.grad(union, list(expected.values()))
+        with torch.no_grad():
+            for p, g in zip(expected.values(), grads, strict=True):
+                p.sub_(LR * g)
+    start = initial()
+    offset = federation.offset(rounds)
+    for name, value in expected.items():
+        # The aggregator keeps float32 offsets: exact up to float32 rounding.
+        torch.testing.assert_close(
+            start[name] + offset[name].double(), value.detach(), atol=1e-6, rtol=1e-5
+        )
+        for trainer in trainers:  # every client ends on the latest global version
+            torch.testing.assert_close(
+                trainer.params[name].detach(), start[name] + offset[name].double()
+            )
