@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ class Report:
     services: list[ServiceStatus] = field(default_factory=list)
     certificate: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float | str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -180,7 +180,7 @@ def privacy_spent(checkpoint: Path | None, settings: Any) -> dict[str, Any]:
     return {"epsilon": spent.epsilon, "delta": spent.delta, "steps": spent.steps}
 
 
-# Figures worth a line in the status, by metric family: (label to group by, reduce).
+# Samples worth a line in the status: metric sample name -> what the status calls it.
 WATCHED = {
     "splitfed_backbone_sessions": "sessions",
     "splitfed_aggregator_round": "round",
@@ -192,7 +192,7 @@ WATCHED = {
 }
 
 
-def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float]:
+def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float | str]:
     """The watched figures of one Prometheus endpoint (sums over labels; epsilon and
     expiry: the largest and smallest value)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -201,7 +201,7 @@ def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float]:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             text = response.read().decode()
     except (OSError, ValueError) as exc:
-        return {"error": str(exc)}  # type: ignore[dict-item]
+        return {"error": str(exc)}
     figures: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -214,7 +214,7 @@ def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float]:
                 figures[label] = max(figures.get(label, sample.value), sample.value)
             else:
                 figures[label] = figures.get(label, 0.0) + sample.value
-    return figures
+    return dict(figures)
 
 
 def _duration(seconds: float) -> str:
@@ -241,7 +241,7 @@ def collect(
     aggregators: list[tuple[str, str | None]],
     keymanagers: list[tuple[str, str | None]],
     federation: str = "",
-    metrics: list[str] = (),  # type: ignore[assignment]
+    metrics: Sequence[str] = (),
     checkpoint: Path | None = None,
     perturbation: Any = None,
 ) -> Report:
