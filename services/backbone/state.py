@@ -191,6 +191,9 @@ class Session:
     encrypted: bool = False
     # The federation the session trains for; its aggregators may move its body adapter.
     federation: str = ""
+    # Between its first training forward of a step and that step (or ZERO_GRAD): the
+    # adapter's gradients and graphs belong to this step (shared mode checks it).
+    in_step: bool = False
 
     @property
     def body(self) -> Body:
@@ -456,6 +459,10 @@ class BackboneState:
         finally:
             if training and self.batcher is not None:
                 self.batcher.detach(session, generation)
+            if training and session.in_step and generation == session.generation:
+                # The stream ended mid-step: the step is discarded (the client redoes it
+                # on its next stream), so it no longer holds the shared adapter.
+                self.queue.run(session.session_id, lambda: self.zero_grad(session))
             with self._lock:
                 session.streams -= 1
             session.touch()
@@ -562,11 +569,35 @@ class BackboneState:
                 f"the session has applied {session.step} steps; expected step "
                 f"{session.step + 1}, got {step}"
             )
+        self._claim_shared_step(session)
         hidden.requires_grad_(True)
         with torch.enable_grad():
             output: torch.Tensor = session.body(hidden, mask)
         session.pending[(step, micro)] = (hidden, output)
         return output.detach()
+
+    def _claim_shared_step(self, session: Session) -> None:
+        """In shared mode without client-batch, one session's step at a time: another
+        session's graph or gradients on the one adapter would be corrupted by this one's
+        (its STEP updates the adapter in place). Refused clearly instead."""
+        with self._lock:
+            busy = next(
+                (
+                    other
+                    for other in self._sessions.values()
+                    if other is not session
+                    and other.in_step
+                    and other.trainable is session.trainable
+                ),
+                None,
+            )
+            if busy is not None:
+                raise FailedPreconditionError(
+                    "adapter_mode shared trains one session's step at a time and session "
+                    f"{busy.session_id} is in the middle of step {busy.step + 1}; turn "
+                    "client_batch on to train concurrent sessions together"
+                )
+            session.in_step = True
 
     def backward(self, session: Session, step: int, micro: int, grad: torch.Tensor) -> torch.Tensor:
         pending = session.pending.pop((step, micro), None)
@@ -613,6 +644,7 @@ class BackboneState:
         trainable.scheduler.step()
         trainable.optimizer.zero_grad(set_to_none=True)
         session.step = step
+        session.in_step = False
         session.last_result = {
             "backbone_grad_sq_norm": backbone_sq,
             "learning_rate": float(learning_rate),
@@ -623,6 +655,7 @@ class BackboneState:
 
     def zero_grad(self, session: Session) -> None:
         session.pending.clear()
+        session.in_step = False
         if self.batcher is not None:
             # Only this session's part: the shared gradient belongs to a merged step.
             self.batcher.discard(session)

@@ -17,7 +17,7 @@ from backbone_kit import tiny_checkpoint
 from helpers import wait_until
 from modelkit import TINY_FAMILIES, padded_batch, tiny_model
 
-from splitfed.errors import AbortedError
+from splitfed.errors import AbortedError, FailedPreconditionError
 from splitfed.models import split_model
 from splitfed.models.adapters import AdapterSettings, load_adapter_state
 from splitfed.models.loading import load_part
@@ -385,3 +385,35 @@ def test_a_round_that_waits_too_long_for_a_member_is_given_up(
         ]
     )
     assert (prompt.step, silent.step) == (1, 1)
+
+
+def test_without_client_batch_shared_mode_refuses_a_second_concurrent_step(
+    model_path: Path,
+) -> None:
+    """Two sessions on one shared adapter without client-batch: the second session's
+    step is refused with a clear error while the first is mid-step (its STEP would
+    corrupt the other's graph and gradients), and goes through once the first stepped
+    or its stream ended."""
+    state = BackboneState(BackboneSettings(model_path=model_path, adapter_mode="shared"))
+    try:
+        first, second = open_sessions(state, 2)
+        random_adapter(state, first)
+        hidden, mask = inputs(1, 2, 5)
+        with state.stream(first, training=True):
+            h2 = state.run_forward(first, 1, 0, hidden, mask, train=True)
+            with (
+                state.stream(second, training=True),
+                pytest.raises(FailedPreconditionError, match="turn client_batch on"),
+            ):
+                state.run_forward(second, 1, 0, hidden, mask, train=True)
+            state.run_backward(first, 1, 0, grad_for(h2, 1))
+            state.run_step(first, 1, 0.0, 1.0)
+        train_step(state, second, 2, (2, 5, HIDDEN))  # first is done: allowed
+        assert second.step == 1
+        # A stream that ends mid-step lets go of the adapter.
+        with state.stream(first, training=True):
+            state.run_forward(first, 2, 0, hidden, mask, train=True)
+        train_step(state, second, 3, (2, 5, HIDDEN))
+        assert second.step == 2
+    finally:
+        state.close()
