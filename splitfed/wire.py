@@ -652,31 +652,23 @@ class TensorAssembler:
                 f"dtype {dtype} and shape {list(header.shape)} in encoding {encoding.name!r} "
                 f"need {nbytes}"
             )
+        buffer: torch.Tensor | None = None
+        reserved = 0
         if self.sink is not None and encoding.name == "raw" and dtype != torch.bool:
+            # Straight to the sink as the chunks arrive: nothing to reserve or hold.
             self.sink.begin(header.name, dtype, list(header.shape))
-            self._pending = _Pending(
-                name=header.name,
-                dtype=dtype,
-                shape=list(header.shape),
-                encoding=encoding,
-                total=nbytes,
-                reserved=0,
-                crc32c=header.crc32c,
-                buffer=None,
-                array=None,
-            )
-            return self._pending
-        # Only now, with the sizes checked against the limits, reserve and allocate.
-        reserved = nbytes + decoded if self.budget is not None else 0
-        if self.budget is not None:
-            self.budget.reserve(reserved, f"tensor {header.name!r}")
-        try:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
-        except BaseException:
+        else:
+            # Only now, with the sizes checked against the limits, reserve and allocate.
+            reserved = nbytes + decoded if self.budget is not None else 0
             if self.budget is not None:
-                self.budget.release(reserved)
-            raise
-        metrics.WIRE_BUFFER_BYTES.inc(nbytes)
+                self.budget.reserve(reserved, f"tensor {header.name!r}")
+            try:
+                buffer = torch.empty(nbytes, dtype=torch.uint8)
+            except BaseException:
+                if self.budget is not None:
+                    self.budget.release(reserved)
+                raise
+            metrics.WIRE_BUFFER_BYTES.inc(nbytes)
         self._pending = _Pending(
             name=header.name,
             dtype=dtype,
@@ -686,7 +678,7 @@ class TensorAssembler:
             reserved=reserved,
             crc32c=header.crc32c,
             buffer=buffer,
-            array=buffer.numpy(),
+            array=None if buffer is None else buffer.numpy(),
         )
         return self._pending
 
