@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,22 +78,36 @@ def _check_round(fed: Federation, version: int, names: list[str], previous: dict
         torch.testing.assert_close(value - before, expected, rtol=1e-5, atol=1e-6)
 
 
-def _watch_running_sum(
-    fed: Federation, processes: list[Any]
-) -> list[tuple[dict[str, int], dict[str, torch.Tensor]]]:
-    """Snapshots of the aggregator's stored running sum while ``processes`` run."""
+def _stored_sum(fed: Federation) -> tuple[dict[str, int], dict[str, torch.Tensor]] | None:
+    """The aggregator's stored running sum and its contributors, if there is one."""
     sum_file = fed.root / "aggregator-state" / "fed" / "sum.safetensors"
-    snapshots = []
-    while any(p.poll() is None for p in processes) and len(snapshots) < 400:
-        try:
-            with safe_open(str(sum_file), framework="pt") as handle:
-                meta = json.loads(handle.metadata()["contributors"])
-                stored = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-            snapshots.append((meta, stored))
-        except (FileNotFoundError, OSError, KeyError):
-            pass
-        time.sleep(0.005)
-    return snapshots
+    try:
+        with safe_open(str(sum_file), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["contributors"])
+            stored = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    except (FileNotFoundError, OSError, KeyError):
+        return None
+    return meta, stored
+
+
+def _running_sum_with_one_update(
+    fed: Federation, processes: list[Any]
+) -> tuple[dict[str, int], dict[str, torch.Tensor]] | None:
+    """What the aggregator stores with exactly one of the two clients' updates in: both
+    clients are held (SIGSTOP) while still training, then one is let go until its update
+    is counted, and the stored sum is read while the other is still held."""
+    for process in processes:
+        os.kill(process.pid, signal.SIGSTOP)
+    try:
+        snapshot = _stored_sum(fed)
+        if snapshot is None:
+            os.kill(processes[0].pid, signal.SIGCONT)
+            wait_until(lambda: _stored_sum(fed) is not None, timeout_s=120)
+            snapshot = _stored_sum(fed)
+        return snapshot
+    finally:
+        for process in processes:
+            os.kill(process.pid, signal.SIGCONT)
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
@@ -116,7 +129,7 @@ def test_a_client_killed_mid_round_does_not_block_the_round(tmp_path: Path, secu
         ]
         assert wait_until(lambda: _state(fed).get("phase") == "upload", timeout_s=120)
         processes[2].kill()  # selected, still training: it never uploads
-        snapshots = _watch_running_sum(fed, processes[:2])
+        partial = _running_sum_with_one_update(fed, processes[:2]) if secure else None
         for name, process in zip(names[:2], processes[:2], strict=True):
             assert process.wait(timeout=300) == 0, (fed.root / f"{name}.log").read_text()[-3000:]
         assert set(_contributors(fed, 1)) == {"a", "b"}
@@ -124,15 +137,14 @@ def test_a_client_killed_mid_round_does_not_block_the_round(tmp_path: Path, secu
         if secure:
             # What the aggregator held with one of the two updates in is masked: read as
             # fixed point it is noise, nothing like that client's weighted update.
-            partial = [stored for meta, stored in snapshots if len(meta) == 1]
-            assert partial, "never saw the running sum mid-round"
-            for stored in partial:
-                for name in ("a", "b"):
-                    delta, samples = fed.updates(name)["round1-attempt1"]
-                    for tensor_name, masked in stored.items():
-                        plain = masked.view(torch.int64).double() / float(2**24) / samples
-                        gap = (plain - delta[tensor_name].double()).abs().max()
-                        assert gap > 1e3, (name, tensor_name)
+            assert partial is not None and len(partial[0]) == 1, partial and partial[0]
+            _, stored = partial
+            for name in ("a", "b"):
+                delta, samples = fed.updates(name)["round1-attempt1"]
+                for tensor_name, masked in stored.items():
+                    plain = masked.view(torch.int64).double() / float(2**24) / samples
+                    gap = (plain - delta[tensor_name].double()).abs().max()
+                    assert gap > 1e3, (name, tensor_name)
     finally:
         fed.stop()
 
