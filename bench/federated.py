@@ -18,14 +18,18 @@ the peak learning rate it does best at (``--learning-rate`` centralized,
   an aggregator process (``splitfed serve aggregator``, ``--strategy``: fedavg by
   default, ``--rounds`` rounds of ``--local-steps`` steps, min_clients 4), over mutual
   TLS on loopback; the 4 clients are processes of this script running
-  ``FederatedTrainer``. Once the federation has
-  finished, an evaluator joins it (members may read it) and downloads the global
-  versions.
+  ``FederatedTrainer``. Once the federation has finished, an evaluator joins it
+  (members may read it) and downloads the global versions.
 * centralized: one ``SplitTrainer`` on the union of the clients' data against the same
-  backbone, for as many optimizer steps as all clients together take in
-  ``--central-rounds`` rounds (4 x local steps x 120 = 2400 by default, where it does
-  best; the federated run takes more rounds). Split training equals unsplit training
+  backbone, for as many optimizer steps as all clients together take in the federated
+  run (``--central-rounds``, default ``--rounds``: 4 x local steps x 240 = 4800 steps), so
+  both see the same number of examples. Split training equals unsplit training
   (tests/integration/test_backbone_training.py), so this is centralized training.
+
+Which examples a run draws when is random, and on this task it moves the final eval loss
+by 10-20 % from run to run (a handful of held-out examples carry much of the loss), so
+both runs are repeated for ``--orders`` data orders (the trainers' shuffling seeds) and
+the headline ratio is of the mean final eval losses.
 
 Both train the same tensors: the body adapter is held frozen on the backbone
 (``FROZEN_BODY_LR``), as the aggregator here averages head and tail adapters only. Both
@@ -33,8 +37,9 @@ curves are measured by one evaluator (adapters loaded into a ``SplitTrainer``, i
 ``evaluate()`` over the whole eval set) against the examples processed: a round is
 4 x local steps x batch examples, as many as 4 x local steps centralized steps.
 
-    python bench/federated.py [--rounds 240] [--local-steps 5] [--learning-rate 5e-3]
-        [--federated-learning-rate 2e-2] [--json PATH] [--plot PATH]
+    python bench/federated.py [--orders 3] [--rounds 240] [--local-steps 5]
+        [--strategy fedavg] [--learning-rate 5e-3] [--federated-learning-rate 2e-2]
+        [--json PATH] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,16 +99,14 @@ EVAL_BATCH = 16
 # step: the body's LoRA B stays at zero to float precision, so the body is the frozen
 # base in every run (checked: the clients' body adapters are exported and reported).
 FROZEN_BODY_LR = 1e-12
-# The clients' peak learning rate. Averaging 4 clients' AdamW updates moves the global
-# adapter less per example than one AdamW run on the union (each client's update is
-# normalised by its own noisy second moments, and what the clients disagree on cancels),
-# so the federated run does best at a higher rate than the centralized one, which does
-# worse there (docs/benchmarks.md).
+# The federated run: the aggregator's strategy, rounds and the clients' peak learning
+# rate. Averaging 4 clients' AdamW updates moves the global adapter less per example than
+# one AdamW run on the union (what the non-IID clients disagree on cancels), so the
+# clients do best at 4x the centralized rate (docs/benchmarks.md has the sweep, fedexp's
+# extrapolated server step among it).
+STRATEGY = "fedavg"
+ROUNDS = 240
 FEDERATED_LR = 2e-2
-# The centralized run's length, in rounds' worth of optimizer steps (4 x local steps per
-# round): 120 x 20 = 2400 steps of batch 8, where it does best at its learning rate
-# (longer over-trains). The federated run may take more rounds than that.
-CENTRAL_ROUNDS = 120
 
 # --- the task ----------------------------------------------------------------------------
 
@@ -366,6 +370,22 @@ class Evaluator:
         self.trainer.close(delete_session=True)
 
 
+def order_seed(order: int, index: int) -> int:
+    """The shuffling seed of trainer ``index`` (the centralized one is 0) in data order
+    ``order``: order 0 is seeds 1, 2, ...; each further order shifts them by 10."""
+    return 1 + index + 10 * order
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """The pointwise mean of curves evaluated at the same steps."""
+    steps = [step for step, _ in curves[0]]
+    if any([step for step, _ in curve] != steps for curve in curves):
+        raise ValueError("the curves were evaluated at different steps")
+    return [
+        (step, sum(curve[i][1] for curve in curves) / len(curves)) for i, step in enumerate(steps)
+    ]
+
+
 def optimizer_for(args: argparse.Namespace, steps: int, learning_rate: float) -> OptimizerSettings:
     """AdamW at ``learning_rate``; a decaying schedule spans the run's own ``steps``."""
     if args.schedule == "constant":
@@ -380,12 +400,13 @@ def centralized(
     model: Path,
     args: argparse.Namespace,
     eval_rounds: list[int],
+    order: int,
 ) -> dict[str, Any]:
     per_round = CLIENTS * args.local_steps
     steps = per_round * args.central_rounds
     trainer = FrozenBodyTrainer(
         client,
-        train_settings(union, model),
+        train_settings(union, model, seed=order_seed(order, 0)),
         ADAPTER,
         optimizer_for(args, steps, args.learning_rate),
     )
@@ -400,7 +421,10 @@ def centralized(
         at_eval = trainer.step % per_round == 0 and trainer.step // per_round in eval_rounds
         if at_eval or trainer.step == steps:
             points.append((trainer.step, evaluator.loss(trainer.adapter_tensors())))
-            print(f"  centralized step {trainer.step:5d}: eval loss {points[-1][1]:.4f}")
+            print(
+                f"  order {order}, centralized step {trainer.step:5d}: "
+                f"eval loss {points[-1][1]:.4f}"
+            )
     assert trainer.session is not None
     final = {n: t.clone() for n, t in trainer.adapter_tensors().items()}
     drift = body_drift(client, trainer.session.session_id)
@@ -423,7 +447,9 @@ def federated(
     evaluator: Evaluator,
     args: argparse.Namespace,
     eval_rounds: list[int],
+    order: int,
 ) -> dict[str, Any]:
+    root.mkdir(parents=True, exist_ok=True)
     ca.issue("aggregator-0", "aggregator", dns_names=[AGGREGATOR_NAME]).write(root / "agg-tls")
     settings = {
         "name": FEDERATION,
@@ -464,7 +490,7 @@ def federated(
                 "aggregator": address,
                 "data": str(path),
                 "model_path": str(model),
-                "seed": index + 1,
+                "seed": order_seed(order, index),
                 "optimizer": asdict(optimizer),
                 "result": str(root / f"{name}.json"),
             }
@@ -500,7 +526,9 @@ def federated(
                     for n, t in evaluator.initial.items()
                 }
                 points.append((version * per_round, evaluator.loss(adapter)))
-                print(f"  federated round {version:4d}: eval loss {points[-1][1]:.4f}")
+                print(
+                    f"  order {order}, federated round {version:4d}: eval loss {points[-1][1]:.4f}"
+                )
     finally:
         for _, process in processes:
             if process.poll() is None:
@@ -515,6 +543,35 @@ def federated(
     }
 
 
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean curves, final losses and ratios over the data orders. The headline ratio is
+    the mean federated final eval loss over the mean centralized one."""
+    out: dict[str, Any] = {}
+    for key in ("centralized", "federated"):
+        curves = [run[key]["points"] for run in runs]
+        finals = [curve[-1][1] for curve in curves]
+        points = mean_curve(curves)
+        out[key] = {
+            "points": points,
+            "finals": finals,
+            "final_mean": statistics.fmean(finals),
+            "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "best": min(loss for _, loss in points),
+            "by_kind": {
+                kind: statistics.fmean(run[key]["by_kind"][kind] for run in runs) for kind in KINDS
+            },
+        }
+    central, fed = out["centralized"], out["federated"]
+    out["ratios"] = {
+        "federated/centralized eval loss": fed["final_mean"] / central["final_mean"],
+        "federated/centralized best eval loss": fed["best"] / central["best"],
+        "by order": [
+            run["federated"]["points"][-1][1] / run["centralized"]["points"][-1][1] for run in runs
+        ],
+    }
+    return out
+
+
 def plot(path: Path, figures: dict[str, Any]) -> None:
     import matplotlib
 
@@ -522,30 +579,41 @@ def plot(path: Path, figures: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     setup = figures["setup"]
+    orders = setup["orders"]
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    for key, label, style in (
+    for key, label, marker in (
         (
             "centralized",
             f"centralized (one client, union of the data, lr {setup['learning_rate']:g})",
-            "-",
+            "o",
         ),
         (
             "federated",
             f"federated ({CLIENTS} clients, {setup['strategy']}, "
             f"lr {setup['federated_learning_rate']:g})",
-            "-",
+            "s",
         ),
     ):
-        points = figures[key]["points"]
-        ax.plot(
-            [step * BATCH for step, _ in points],
-            [loss for _, loss in points],
-            style,
-            marker="o" if key == "centralized" else "s",
+        stats = figures[key]
+        xs = [step * BATCH for step, _ in stats["points"]]
+        (line,) = ax.plot(
+            xs,
+            [loss for _, loss in stats["points"]],
+            marker=marker,
             markersize=2.5,
-            label=f"{label}: final {points[-1][1]:.3f}",
+            label=f"{label}: final {stats['final_mean']:.3f}",
         )
-    target = figures["centralized"]["points"][-1][1] * 1.05
+        if orders > 1:
+            curves = [[loss for _, loss in run[key]["points"]] for run in figures["runs"]]
+            ax.fill_between(
+                xs,
+                [min(values) for values in zip(*curves, strict=True)],
+                [max(values) for values in zip(*curves, strict=True)],
+                color=line.get_color(),
+                alpha=0.18,
+                linewidth=0,
+            )
+    target = figures["centralized"]["final_mean"] * 1.05
     ax.axhline(
         target,
         color="grey",
@@ -564,11 +632,12 @@ def plot(path: Path, figures: dict[str, Any]) -> None:
         f"training examples processed (one round = {CLIENTS} x {setup['local_steps']} "
         f"steps x batch {BATCH})"
     )
-    ax.set_ylabel("eval loss, held-out set (log scale)")
+    spread = " (band: min to max)" if orders > 1 else ""
+    ax.set_ylabel(f"eval loss, mean of {orders} data order(s){spread}", fontsize=8.5)
     ratios = figures["ratios"]
     ax.set_title(
         f"Split LoRA fine-tuning, tiny model, {setup['rounds']} rounds: federated/centralized "
-        f"eval loss {ratios['federated/centralized eval loss']:.3f} (final)",
+        f"eval loss {ratios['federated/centralized eval loss']:.3f} (final, mean of {orders})",
         fontsize=9.5,
     )
     ax.grid(alpha=0.3, which="both")
@@ -581,13 +650,12 @@ def plot(path: Path, figures: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--rounds", type=int, default=240)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument(
         "--central-rounds",
         type=int,
-        default=CENTRAL_ROUNDS,
         help="the centralized run's length in rounds' worth of steps (4 x local steps "
-        "each; at most --rounds)",
+        "each; default and at most --rounds: as many examples as the federated run)",
     )
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument(
@@ -608,14 +676,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--schedule", choices=["constant", "linear", "cosine"], default="cosine")
     parser.add_argument(
-        "--strategy", choices=sorted(STRATEGIES), default="fedavg", help="with its defaults"
+        "--strategy", choices=sorted(STRATEGIES), default=STRATEGY, help="with its defaults"
     )
     parser.add_argument("--sizes", default="256,96,160,128", help="examples of clients 0-3")
     parser.add_argument("--dominant", type=float, default=0.8)
     parser.add_argument("--eval-size", type=int, default=256)
-    parser.add_argument("--evals", type=int, default=30, help="eval points per curve")
+    parser.add_argument("--evals", type=int, default=20, help="eval points per curve")
     parser.add_argument("--pretrain-steps", type=int, default=800)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the task's and base model's seed")
+    parser.add_argument(
+        "--orders",
+        type=int,
+        default=3,
+        help="data orders (trainers' shuffling seeds) to repeat both runs with; the ratio "
+        "is of the mean final eval losses",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     parser.add_argument("--workdir", type=Path, help="keep model, data and logs here")
@@ -626,9 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     if len(sizes) != CLIENTS or min(sizes) < BATCH:
         parser.error(f"--sizes needs {CLIENTS} sizes of at least {BATCH}")
+    if args.central_rounds is None:
+        args.central_rounds = args.rounds
     args.central_rounds = min(args.central_rounds, args.rounds)
-    if args.rounds < 1 or args.local_steps < 1 or args.evals < 1 or args.central_rounds < 1:
-        parser.error("--rounds, --central-rounds, --local-steps and --evals must be >= 1")
+    if min(args.rounds, args.local_steps, args.evals, args.central_rounds, args.orders) < 1:
+        parser.error("--rounds, --central-rounds, --local-steps, --evals and --orders must be >= 1")
     try:
         args.strategy_options = {
             name: float(value)
@@ -702,28 +779,37 @@ def main(argv: list[str] | None = None) -> int:
                 client = BackboneClient(channel)
                 evaluator = Evaluator(client, eval_path, model, task.eval)
                 per_round = CLIENTS * args.local_steps
-                print(
-                    f"centralized: {per_round * args.central_rounds} steps of batch {BATCH} on the "
-                    f"union ({sum(sizes)} examples)"
-                )
-                central = centralized(client, evaluator, union, model, args, eval_rounds)
-                print(
-                    f"federated: {args.rounds} rounds x {args.local_steps} local steps, "
-                    f"{CLIENTS} clients of {sizes} examples"
-                )
-                fed = federated(root, ca, address, model, data, evaluator, args, eval_rounds)
+                runs = []
+                for order in range(args.orders):
+                    print(
+                        f"data order {order}: centralized, {per_round * args.central_rounds} "
+                        f"steps of batch {BATCH} on the union ({sum(sizes)} examples)"
+                    )
+                    central = centralized(client, evaluator, union, model, args, eval_rounds, order)
+                    print(
+                        f"data order {order}: federated, {args.rounds} rounds x "
+                        f"{args.local_steps} local steps, {CLIENTS} clients of {sizes} examples"
+                    )
+                    fed = federated(
+                        root / f"order-{order}",
+                        ca,
+                        address,
+                        model,
+                        data,
+                        evaluator,
+                        args,
+                        eval_rounds,
+                        order,
+                    )
+                    runs.append({"order": order, "centralized": central, "federated": fed})
                 evaluator.close()
         except BaseException:
             for log in ("backbone.log", "aggregator.log", "client-0.log"):
-                if (root / log).is_file():
-                    print(f"--- {log} (end)\n{(root / log).read_text()[-2000:]}", file=sys.stderr)
+                for found in sorted(root.glob(f"**/{log}"))[-1:]:
+                    print(f"--- {found} (end)\n{found.read_text()[-2000:]}", file=sys.stderr)
             raise
         finally:
             backbone.stop()
-    final_fed, final_central = fed["points"][-1][1], central["points"][-1][1]
-    best_fed = min(loss for _, loss in fed["points"])
-    best_central = min(loss for _, loss in central["points"])
-    ratio = final_fed / final_central
     figures: dict[str, Any] = {
         "machine": machine,
         "setup": {
@@ -748,41 +834,71 @@ def main(argv: list[str] | None = None) -> int:
             "pretrain_steps": args.pretrain_steps,
             "frozen_body_lr": FROZEN_BODY_LR,
             "seed": args.seed,
+            "orders": args.orders,
+            "trainer_seeds": {
+                "centralized": [order_seed(o, 0) for o in range(args.orders)],
+                "federated": [
+                    [order_seed(o, i) for i in range(CLIENTS)] for o in range(args.orders)
+                ],
+            },
         },
-        "centralized": central,
-        "federated": fed,
-        "ratios": {
-            "federated/centralized eval loss": ratio,
-            "federated/centralized best eval loss": best_fed / best_central,
-        },
+        "runs": runs,
     }
+    summary = summarize(runs)
+    figures.update(summary)
+    central, fed = summary["centralized"], summary["federated"]
     print()
+    print(f"eval loss, mean of {args.orders} data order(s):")
     print(f"{'examples':>9} {'centralized':>12} {'federated':>10}")
     central_at = dict(central["points"])
     for step, f_loss in fed["points"]:
         c_loss = f"{central_at[step]:>12.4f}" if step in central_at else f"{'':>12}"
         print(f"{step * BATCH:>9} {c_loss} {f_loss:>10.4f}")
-    print(f"best: centralized {best_central:.4f}, federated {best_fed:.4f}")
-    print("final eval loss by kind (one example per batch):")
+    print("final eval loss by data order:")
+    for run in runs:
+        c_final = run["centralized"]["points"][-1][1]
+        f_final = run["federated"]["points"][-1][1]
+        print(
+            f"  order {run['order']}: centralized {c_final:.4f}, federated {f_final:.4f}, "
+            f"federated/centralized {f_final / c_final:.4f}"
+        )
+    for key in ("centralized", "federated"):
+        stats = summary[key]
+        print(
+            f"{key}: final {stats['final_mean']:.4f} +- {stats['final_std']:.4f} "
+            f"(min {min(stats['finals']):.4f}, max {max(stats['finals']):.4f}), "
+            f"best of the mean curve {stats['best']:.4f}"
+        )
+    print("final eval loss by kind, mean of the orders (one example per batch):")
     for kind in KINDS:
         print(
             f"  {kind:>8}: centralized {central['by_kind'][kind]:.4f}, "
             f"federated {fed['by_kind'][kind]:.4f}"
         )
-    drift = max([central["body_drift"]] + [c["body_drift"] for c in fed["clients"]])
+    drift = max(
+        max(
+            [run["centralized"]["body_drift"]]
+            + [c["body_drift"] for c in run["federated"]["clients"]]
+        )
+        for run in runs
+    )
     print(f"largest body LoRA B value after training (frozen body, 0 at start): {drift:.3g}")
     figures["setup"]["seconds"] = time.monotonic() - began
     print(
-        f"time: centralized {central['seconds']:.0f} s of training, federated "
-        f"{fed['seconds']:.0f} s (client processes start to end), total "
-        f"{figures['setup']['seconds']:.0f} s"
+        f"time: centralized {sum(r['centralized']['seconds'] for r in runs):.0f} s of training, "
+        f"federated {sum(r['federated']['seconds'] for r in runs):.0f} s (client processes "
+        f"start to end), total {figures['setup']['seconds']:.0f} s"
     )
     plot(args.plot, figures)
     print(f"plot: {args.plot}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
-    print(f"ratio federated/centralized best eval loss: {best_fed / best_central:.4f}")
-    print(f"ratio federated/centralized eval loss: {ratio:.4f}")
+    ratios = figures["ratios"]
+    print(
+        "ratio federated/centralized best eval loss: "
+        f"{ratios['federated/centralized best eval loss']:.4f}"
+    )
+    print(f"ratio federated/centralized eval loss: {ratios['federated/centralized eval loss']:.4f}")
     return 0
 
 

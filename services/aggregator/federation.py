@@ -55,7 +55,7 @@ from splitfed.services.aggregator.files import (
     write_tensors_streamed,
 )
 from splitfed.services.aggregator.settings import FederationSettings
-from splitfed.services.aggregator.strategies import make_strategy
+from splitfed.services.aggregator.strategies import FedExP, make_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,10 @@ class PlainSum:
         for name, array in tensors.items():
             self.sums[name][...] = array
 
+    def squared_norm(self) -> float:
+        """The sum's squared L2 norm over all tensors."""
+        return sum(float(np.dot(a.reshape(-1), a.reshape(-1))) for a in self.sums.values())
+
     def averaged(self, total_weight: float) -> Iterator[tuple[str, torch.Tensor]]:
         """The average, one tensor at a time by name, computed in place: each tensor of
         the sum is gone once its average has been taken (the close reads it once)."""
@@ -229,6 +233,9 @@ class Federation:
         self.server_adapters: ServerAdapters | None = None
         self.schema: dict[str, tuple[tuple[int, ...], str]] = {}
         self.accumulator: Any = None
+        # Sum over this round's updates of samples x the update's squared L2 norm (plain
+        # aggregation only): what FedExP's server step size is computed from.
+        self.update_sq = 0.0
         self._load_sum()
         if self.state.phase == REVEAL or (
             self.state.phase == UPLOAD and set(self.contributors) >= set(self._peers())
@@ -266,6 +273,12 @@ class Federation:
     def _sum_path(self) -> Path:
         return self.directory / "sum.safetensors"
 
+    def _reset_sum(self) -> None:
+        """Forget this round's updates in memory (they stay in the sum file, if any)."""
+        self.contributors, self.schema, self.accumulator = {}, {}, None
+        self.sessions = {}
+        self.update_sq = 0.0
+
     def _load_sum(self) -> None:
         path = self._sum_path()
         if not path.is_file():
@@ -277,6 +290,7 @@ class Federation:
         self.contributors = {k: int(v) for k, v in json.loads(meta["contributors"]).items()}
         self.sessions = {k: (v[0], v[1]) for k, v in json.loads(meta.get("sessions", "{}")).items()}
         self.schema = {k: (tuple(v[0]), v[1]) for k, v in json.loads(meta["schema"]).items()}
+        self.update_sq = float(meta.get("update_sq", "0"))
         self.accumulator = self._new_accumulator()
         self.accumulator.load(tensors)
         logger.info(
@@ -307,6 +321,7 @@ class Federation:
                 "contributors": json.dumps(self.contributors),
                 "sessions": json.dumps({k: list(v) for k, v in self.sessions.items()}),
                 "schema": json.dumps({k: [list(s), d] for k, (s, d) in self.schema.items()}),
+                "update_sq": repr(self.update_sq),
             },
         )
 
@@ -405,14 +420,12 @@ class Federation:
         s = self.state
         if self.settings.rounds and s.round > self.settings.rounds:
             s.phase = FINISHED
-            self.contributors, self.schema, self.accumulator = {}, {}, None
-            self.sessions = {}
+            self._reset_sum()
             self._save_state()
             return
         if len(s.joined) < self.settings.start_clients:
             s.phase, s.selected, s.message = WAITING, [], message
-            self.contributors, self.schema, self.accumulator = {}, {}, None
-            self.sessions = {}
+            self._reset_sum()
             self._save_state()
             return
         count = max(
@@ -423,8 +436,7 @@ class Federation:
         s.phase = KEYS if self.settings.secure_aggregation else UPLOAD
         s.deadline = now + self.settings.deadline_s
         s.keys, s.dropped, s.revealed, s.message = {}, [], {}, message
-        self.contributors, self.schema, self.accumulator = {}, {}, None
-        self.sessions = {}
+        self._reset_sum()
         self._save_state()
         # After state.json names the new attempt: a sum of an older one is never counted.
         with contextlib.suppress(FileNotFoundError):
@@ -548,11 +560,14 @@ class Federation:
                 )
             weight = 1.0 if self.settings.secure_aggregation else float(samples)
             try:
+                squares = 0.0
                 for name, start, values in spool.chunks():
                     if self.settings.secure_aggregation:
                         self.accumulator.add_chunk(name, start, values)
                     else:
+                        squares += float(np.dot(values, values))  # before fold scales it
                         self.accumulator.fold(name, start, values, weight)
+                self.update_sq += weight * squares
                 self.contributors[identity] = samples
                 if session is not None:
                     self.sessions[identity] = session
@@ -560,8 +575,7 @@ class Federation:
                 AGGREGATOR_UPDATES.labels(self.settings.name).inc()
             except BaseException:
                 # Back to what is on disk: the sum without this update.
-                self.contributors, self.schema, self.accumulator = {}, {}, None
-                self.sessions = {}
+                self._reset_sum()
                 self._load_sum()
                 raise
             logger.info(
@@ -624,8 +638,7 @@ class Federation:
         except BaseException:
             # The close consumes the in-memory sum: back to what is on disk (the sum of
             # this round's updates), so that the next attempt to close starts over.
-            self.contributors, self.schema, self.accumulator = {}, {}, None
-            self.sessions = {}
+            self._reset_sum()
             self._load_sum()
             raise
         AGGREGATOR_ROUNDS.labels(self.settings.name, "closed").inc()
@@ -633,14 +646,20 @@ class Federation:
     def _close_round(self, now: float) -> None:
         s = self.state
         total = sum(self.contributors.values())
+        state = self._strategy_state(s.version)
+        scale = None
         if self.settings.secure_aggregation:
             for survivor, seeds in s.revealed.items():
                 for dropped, seed in seeds.items():
                     self.accumulator.remove_masks(survivor, dropped, bytes.fromhex(seed))
             averages = self.accumulator.decoded(float(total))
         else:
+            if isinstance(self.strategy, FedExP):
+                scale = self.strategy.scale(
+                    self.update_sq / total, self.accumulator.squared_norm() / total**2
+                )
+                state["scale"] = torch.tensor([scale], dtype=torch.float64)
             averages = self.accumulator.averaged(float(total))
-        state = self._strategy_state(s.version)
         previous = self.offset(s.version)
         version = s.version + 1
 
@@ -690,15 +709,17 @@ class Federation:
                 "contributors": dict(self.contributors),
                 "samples": total,
                 "closed_at": now,
+                **({"step_scale": scale} if scale is not None else {}),
             }
         )
         logger.info(
-            "[Aggregator] %s round %d closed: version %d from %d update(s), %d samples",
+            "[Aggregator] %s round %d closed: version %d from %d update(s), %d samples%s",
             self.settings.name,
             s.round,
             version,
             len(self.contributors),
             total,
+            "" if scale is None else f", server step x{scale:.3f}",
         )
         AGGREGATOR_PARTICIPANTS.labels(self.settings.name).set(len(self.contributors))
         s.version, s.round, s.attempt = version, s.round + 1, 1

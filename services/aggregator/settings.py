@@ -26,7 +26,7 @@ class FederationSettings:
     deadline_s: float = 600.0
     # Optimizer steps each selected client runs per round.
     local_steps: int = 10
-    # Aggregation strategy from the registry: "fedavg", "fedavgm", "fedadam".
+    # Aggregation strategy from the registry: "fedavg", "fedexp", "fedavgm", "fedadam".
     strategy: str = "fedavg"
     strategy_options: dict[str, float] = field(default_factory=dict)
     # The seed every party initialises the adapter from (version 0).
@@ -77,9 +77,14 @@ class FederationSettings:
             parse_address(address)
         if self.secagg_scale <= 1:
             raise ValueError(f"secagg_scale must be > 1, got {self.secagg_scale}")
-        from splitfed.services.aggregator.strategies import make_strategy
+        from splitfed.services.aggregator.strategies import FedExP, make_strategy
 
-        make_strategy(self.strategy, self.strategy_options)  # validates name and options
+        strategy = make_strategy(self.strategy, self.strategy_options)  # validates both
+        if self.secure_aggregation and isinstance(strategy, FedExP):
+            raise ValueError(
+                f"strategy {self.strategy!r} needs each update's norm, which secure "
+                "aggregation hides; use fedavg, fedavgm or fedadam with secure_aggregation"
+            )
 
 
 @dataclass(frozen=True)

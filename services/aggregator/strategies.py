@@ -3,10 +3,12 @@
 Every strategy turns the sample-weighted average of the clients' deltas into the next
 global offset (the global adapter minus the seeded initial one). ``fedavg`` adds the
 average delta (so the global adapter is exactly the weighted average of the clients'
-adapters when they all started from the previous version); ``fedavgm`` and ``fedadam``
-treat the average delta as a pseudo-gradient for a server optimizer (Hsu et al. 2019;
-Reddi et al., "Adaptive Federated Optimization", 2021). Server-optimizer state is a dict
-of tensors that the aggregator persists with each version.
+adapters when they all started from the previous version); ``fedexp`` adds it scaled by
+a step size computed from how much the clients' updates disagree (Jhunjhunwala et al.
+2023); ``fedavgm`` and ``fedadam`` treat the average delta as a pseudo-gradient for a
+server optimizer (Hsu et al. 2019; Reddi et al., "Adaptive Federated Optimization",
+2021). Server-optimizer state is a dict of tensors that the aggregator persists with
+each version.
 """
 
 from __future__ import annotations
@@ -44,6 +46,45 @@ class FedAvg:
         self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
     ) -> Tensors:
         return {n: _current(offset, n, d) + d for n, d in delta.items()}
+
+
+@dataclass(frozen=True)
+class FedExP:
+    """FedAvg with an extrapolated server step (Jhunjhunwala, Wang and Joshi, "FedExP:
+    Speeding up Federated Averaging via Extrapolation", ICLR 2023):
+
+        offset <- offset + eta * delta,
+        eta = max(1, sum_k p_k |delta_k|^2 / (2 (|delta|^2 + epsilon))),
+
+    ``delta`` the sample-weighted average of the clients' deltas ``delta_k`` (weights
+    ``p_k``), norms over all tensors. The more the clients' updates point different ways
+    (non-IID data), the shorter their average is against them and the longer the step;
+    with identical updates eta is 1 (FedAvg). eta is capped at ``max_scale``. The
+    aggregator computes it from each update's norm as the update arrives, so it cannot
+    be used with secure aggregation (which hides each update)."""
+
+    epsilon: float = 1e-6
+    max_scale: float = 10.0
+    name: str = "fedexp"
+
+    def __post_init__(self) -> None:
+        if self.epsilon < 0 or self.max_scale < 1:
+            raise ValueError("fedexp needs epsilon >= 0 and max_scale >= 1")
+
+    def scale(self, update_sq: float, average_sq: float) -> float:
+        """eta from sum_k p_k |delta_k|^2 and |delta|^2 (1 when every update is zero)."""
+        if update_sq <= 0:
+            return 1.0
+        if average_sq + self.epsilon <= 0:
+            return self.max_scale
+        return min(self.max_scale, max(1.0, update_sq / (2 * (average_sq + self.epsilon))))
+
+    def step(
+        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
+    ) -> Tensors:
+        """``state["scale"]``: this round's eta, from :meth:`scale` (the federation's)."""
+        eta = float(state["scale"]) if "scale" in state else 1.0
+        return {n: _current(offset, n, d) + eta * d for n, d in delta.items()}
 
 
 @dataclass(frozen=True)
@@ -104,6 +145,7 @@ class FedAdam:
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedavg": FedAvg,
     "fedavgm": FedAvgM,
+    "fedexp": FedExP,
     "fedadam": FedAdam,
 }
 

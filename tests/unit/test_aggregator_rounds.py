@@ -11,7 +11,13 @@ import torch
 from splitfed.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
 from splitfed.services.aggregator.federation import Federation
 from splitfed.services.aggregator.settings import AggregatorSettings, FederationSettings
-from splitfed.services.aggregator.strategies import FedAdam, FedAvg, FedAvgM, make_strategy
+from splitfed.services.aggregator.strategies import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedExP,
+    make_strategy,
+)
 
 SHAPES = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (3, 2)}
 
@@ -158,6 +164,53 @@ def test_a_restart_continues_the_round(tmp_path: Path) -> None:
         torch.testing.assert_close(value, expected)
 
 
+def fedexp_offset(
+    updates: list[tuple[dict[str, torch.Tensor], int]],
+) -> tuple[dict[str, torch.Tensor], float]:
+    """FedExP's first version by hand: eta x the sample-weighted average delta, and eta."""
+    total = sum(n for _, n in updates)
+    average = {name: sum(d[name] * n for d, n in updates) / total for name in SHAPES}
+    update_sq = sum(n / total * sum(float((t**2).sum()) for t in d.values()) for d, n in updates)
+    average_sq = sum(float((t**2).sum()) for t in average.values())
+    eta = max(1.0, update_sq / (2 * (average_sq + 1e-6)))
+    return {name: eta * t for name, t in average.items()}, eta
+
+
+def test_fedexp_steps_by_how_much_the_updates_disagree(tmp_path: Path) -> None:
+    # Updates that partly cancel, as non-IID clients' do.
+    against = {name: 0.3 * t - deltas(1)[name] for name, t in deltas(2).items()}
+    updates = [(deltas(1), 2), (against, 1), (deltas(3), 1)]
+    expected, eta = fedexp_offset(updates)
+    assert 1 < eta < 10  # an extrapolated step, below the cap
+    fed = Federation(settings(min_clients=3, strategy="fedexp"), tmp_path / "one")
+    for who in "abc":
+        fed.join(who)
+    for who, (tensors, samples) in zip("abc", updates, strict=True):
+        upload(fed, who, tensors, samples)
+    for name, value in fed.offset(1).items():
+        torch.testing.assert_close(value, expected[name])
+    assert fed.state.history[-1]["step_scale"] == pytest.approx(eta, rel=1e-5)
+    # An aggregator restarted mid-round keeps the updates' norms with their sum.
+    fed = Federation(settings(min_clients=3, strategy="fedexp"), tmp_path / "two")
+    for who in "abc":
+        fed.join(who)
+    upload(fed, "a", *updates[0])
+    upload(fed, "b", *updates[1])
+    again = Federation(settings(min_clients=3, strategy="fedexp"), tmp_path / "two")
+    upload(again, "c", *updates[2])
+    for name, value in again.offset(1).items():
+        torch.testing.assert_close(value, expected[name])
+    # Identical updates: eta 1, i.e. FedAvg.
+    fed = Federation(settings(strategy="fedexp"), tmp_path / "same")
+    for who in "ab":
+        fed.join(who)
+    upload(fed, "a", deltas(4), 1)
+    upload(fed, "b", deltas(4), 5)
+    assert fed.state.history[-1]["step_scale"] == 1.0
+    for name, value in fed.offset(1).items():
+        torch.testing.assert_close(value, deltas(4)[name])
+
+
 def test_strategies() -> None:
     offset = {"w": torch.tensor([1.0, -1.0])}
     delta = {"w": torch.tensor([0.5, 0.5])}
@@ -171,6 +224,16 @@ def test_strategies() -> None:
     out = adam.step(offset, delta, state)
     m, v = 0.1 * 0.5, 0.01 * 0.25
     torch.testing.assert_close(out["w"], offset["w"] + 0.1 * m / (v**0.5 + 1e-3))
+    exp = FedExP(epsilon=0.0, max_scale=4.0)
+    assert exp.scale(0.0, 0.0) == 1.0  # no update moved: FedAvg's (empty) step
+    assert exp.scale(1.0, 1.0) == 1.0  # identical updates: |avg|^2 = mean |update|^2
+    assert exp.scale(3.0, 0.5) == 3.0
+    assert exp.scale(3.0, 0.1) == 4.0 and exp.scale(1.0, 0.0) == 4.0  # capped
+    state = {"scale": torch.tensor([3.0], dtype=torch.float64)}
+    torch.testing.assert_close(exp.step(offset, delta, state)["w"], torch.tensor([2.5, 0.5]))
+    assert torch.equal(exp.step(offset, delta, {})["w"], torch.tensor([1.5, -0.5]))
+    with pytest.raises(ValueError, match="fedexp needs"):
+        make_strategy("fedexp", {"max_scale": 0.5})
     with pytest.raises(ValueError, match="unknown strategy"):
         make_strategy("fedsgd")
     with pytest.raises(ValueError, match="fedavgm"):
@@ -182,6 +245,8 @@ def test_settings_are_validated() -> None:
         settings(name="Bad Name")
     with pytest.raises(ValueError, match="secure aggregation needs min_clients >= 2"):
         settings(min_clients=1, secure_aggregation=True)
+    with pytest.raises(ValueError, match=r"fedexp.*secure aggregation hides"):
+        settings(strategy="fedexp", secure_aggregation=True)
     with pytest.raises(ValueError, match="server_adapters needs"):
         settings(server_adapters=True)
     with pytest.raises(ValueError, match="at least one federation"):
