@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from splitfed.security.ca import CertificateAuthority, IssuedCertificate
 from splitfed.security.tls import TLSConfig
 from splitfed.transport import TransportOptions
 
+ROOT = Path(__file__).resolve().parents[1]
 SERVER_NAME = "backbone.splitfed.local"
 SMALL_CHUNKS = TransportOptions(chunk_bytes=64 * 1024)
+
+
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``bench/<script>`` with ``args``; fails the test (with its output) unless it
+    exits 0."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def tls_of(ca: CertificateAuthority, issued: IssuedCertificate) -> TLSConfig:

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_bench
 
 
 @pytest.mark.slow
 def test_transport_bench_prints_ratios_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     args = ["--size-mib", "2", "--repeats", "1", "--chunk-kib", "64", "--json", str(out)]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "transport.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_bench("transport.py", *args)
     lines = [line for line in result.stdout.splitlines() if line.startswith("ratio ")]
     assert "ratio transport codec/bare @64KiB" in "\n".join(lines)
     assert any(line.startswith("ratio transport codec/bare: ") for line in lines)
@@ -35,18 +25,9 @@ def test_transport_bench_prints_ratios_and_writes_json(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_split_overhead_bench_prints_ratios_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "split.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "split_overhead.py"),
-            *["--rounds", "1", "--new-tokens", "2", "--json", str(out)],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    result = run_bench(
+        "split_overhead.py", "--rounds", "1", "--new-tokens", "2", "--json", str(out)
     )
-    assert result.returncode == 0, result.stdout + result.stderr
     assert "ratio split/unsplit train step time: " in result.stdout
     assert "ratio generation tokens/s split/unsplit: " in result.stdout
     assert set(json.loads(out.read_text())["ratios"]) == {
@@ -59,14 +40,7 @@ def test_split_overhead_bench_prints_ratios_and_writes_json(tmp_path: Path) -> N
 def test_parallel_bench_prints_its_ratio_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "parallel.json"
     tiny = ["--rounds", "2", "--blocks", "1", "--layers", "3", "--batch", "1", "--tokens", "8"]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "parallel.py"), *tiny, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_bench("parallel.py", *tiny, "--json", str(out))
     assert "ratio parallel client-batch/serial samples/s: " in result.stdout
     figures = json.loads(out.read_text())
     assert set(figures["ratios"]) == {"parallel client-batch/serial samples/s"}
@@ -76,18 +50,8 @@ def test_parallel_bench_prints_its_ratio_and_writes_json(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_aggregator_memory_bench_checks_the_average_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "aggregator_memory.py"),
-            *["--clients", "3", "--adapter-mib", "1", "--concurrency", "2", "--json", str(out)],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    memory = ["--clients", "3", "--adapter-mib", "1", "--concurrency", "2", "--json", str(out)]
+    result = run_bench("aggregator_memory.py", *memory)
     assert "ratio aggregator peak rss growth/adapter: " in result.stdout
     figures = json.loads(out.read_text())
     assert set(figures["ratios"]) == {"aggregator peak rss growth/adapter"}

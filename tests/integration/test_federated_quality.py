@@ -7,13 +7,10 @@ prints is what it writes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import run_bench
 
 
 @pytest.mark.slow
@@ -21,14 +18,7 @@ def test_federated_bench_trains_both_runs_and_reports_the_ratio(tmp_path: Path) 
     out, plot = tmp_path / "figures.json", tmp_path / "curves.png"
     args = ["--rounds", "2", "--local-steps", "2", "--pretrain-steps", "0", "--evals", "2"]
     args += ["--eval-size", "32", "--sizes", "16,16,16,16", "--orders", "2", "--json", str(out)]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "federated.py"), *args, "--plot", str(plot)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_bench("federated.py", *args, "--plot", str(plot))
     figures = json.loads(out.read_text())
     ratio = figures["ratios"]["federated/centralized eval loss"]
     assert f"\nratio federated/centralized eval loss: {ratio:.4f}\n" in result.stdout
@@ -64,14 +54,7 @@ def test_the_simulation_runs_both_modes(tmp_path: Path) -> None:
     common = ["--rounds", "2", "--local-steps", "2", "--pretrain-steps", "0", "--evals", "2"]
     common += ["--workdir", str(tmp_path / "work"), "--json", str(out)]
     for mode in (["--mode", "central", "--lr", "5e-3"], ["--mode", "fed", "--strategy", "fedexp"]):
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "federated_sim.py"), *mode, *common],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        result = run_bench("federated_sim.py", *mode, *common)
     central, fed = (json.loads(line) for line in out.read_text().splitlines())
     for record in (central, fed):
         assert [step for step, _ in record["curve"]] == [0, 8, 16]

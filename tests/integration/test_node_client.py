@@ -120,15 +120,8 @@ def test_node_client_reads_health_and_model_info(
     node_client: Path, backbone: Deployment, tmp_path: Path
 ) -> None:
     tls = _tls_dir(tmp_path / "hospital-a", backbone.ca, backbone.ca.cert_pem, "hospital-a")
-    result = _run(
-        node_client,
-        "--address",
-        backbone.address,
-        "--tls-dir",
-        str(tls),
-        "--server-name",
-        SERVER_NAME,
-    )
+    args = ["--address", backbone.address, "--tls-dir", str(tls), "--server-name", SERVER_NAME]
+    result = _run(node_client, *args)
     assert result.returncode == 0, result.stderr
     out: dict[str, Any] = json.loads(result.stdout)
     assert out["health"] == {"service": "splitfed.v1.Backbone", "status": "SERVING"}
@@ -169,15 +162,8 @@ def test_node_client_is_refused_without_a_deployment_certificate(
 
     # The client checks the server's name: the backbone's certificate does not name this.
     tls = _tls_dir(tmp_path / "hospital-a", backbone.ca, backbone.ca.cert_pem, "hospital-a")
-    wrong_name = _run(
-        node_client,
-        "--address",
-        backbone.address,
-        "--tls-dir",
-        str(tls),
-        "--server-name",
-        "aggregator.splitfed.local",
-    )
+    elsewhere = ["--address", backbone.address, "--server-name", "aggregator.splitfed.local"]
+    wrong_name = _run(node_client, *elsewhere, "--tls-dir", str(tls))
     assert _status_name(wrong_name) == "UNAVAILABLE", wrong_name.stderr
     assert "aggregator.splitfed.local" in wrong_name.stderr  # the name check failed
 
