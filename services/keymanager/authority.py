@@ -3,6 +3,9 @@
 ``init_authority`` creates a state directory (``splitfed keys init``); ``KeyAuthority``
 opens one and implements enrollment, renewal, tokens, revocation and session data keys as
 plain methods that raise :mod:`splitfed.errors` exceptions. No gRPC in here.
+
+The CA key and the stored session keys are encrypted under keys stretched from the KEK
+with scrypt (:mod:`.kek`); opening an older state directory migrates it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ from splitfed.security.ca import (
     write_pem,
 )
 from splitfed.security.identity import Identity
+from splitfed.services.keymanager.kek import (
+    KDF_FILE,
+    ScryptParams,
+    StateKeys,
+    derive_keys,
+    legacy_keys,
+    read_kdf,
+    write_kdf,
+)
 from splitfed.services.keymanager.store import (
     CertificateRow,
     IssuedKey,
@@ -92,18 +104,25 @@ def init_authority(
     admin_identity: str = "admin",
     admin_dir: Path | None = None,
     validity: dt.timedelta = dt.timedelta(hours=24),
+    kdf: ScryptParams | None = None,
+    allow_weak_kdf: bool = False,
 ) -> CertificateAuthority:
-    """Create a key manager state directory: the CA (new, or ``ca`` imported) with its key
-    encrypted under ``kek``, the database, the key manager's own server certificate in
+    """Create a key manager state directory: the scrypt salt and parameters (``kdf``,
+    default :class:`ScryptParams`; weaker than the floor only with the test-only
+    ``allow_weak_kdf``), the CA (new, or ``ca`` imported) with its key encrypted under the
+    stretched ``kek``, the database, the key manager's own server certificate in
     ``server/``, and (with ``admin_dir``) an admin certificate whose key is written there."""
-    if (state_dir / CA_KEY).exists() or (state_dir / DATABASE).exists():
+    kdf = kdf or ScryptParams()
+    kdf.check("init", allow_weak=allow_weak_kdf)
+    if any((state_dir / name).exists() for name in (CA_KEY, DATABASE, KDF_FILE)):
         raise FileExistsError(f"{state_dir} already holds a key manager state")
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
+    keys = derive_keys(kek, write_kdf(state_dir, kdf))
     authority = ca or CertificateAuthority.create(trust_domain=trust_domain)
     write_pem(state_dir / CA_CERT, authority.cert_pem, private=False)
-    write_pem(state_dir / CA_KEY, authority.key_pem(kek), private=True)
-    store = KeyStore(state_dir / DATABASE, kek)
+    write_pem(state_dir / CA_KEY, authority.key_pem(keys.ca_password), private=True)
+    store = KeyStore(state_dir / DATABASE, keys.sealing_key)
     try:
         issued = [
             (
@@ -150,25 +169,36 @@ class KeyAuthority:
         certificate_validity: dt.timedelta = dt.timedelta(hours=24),
         token_ttl: dt.timedelta = dt.timedelta(hours=24),
         max_token_ttl: dt.timedelta = dt.timedelta(days=7),
+        kdf: ScryptParams | None = None,
+        allow_weak_kdf: bool = False,
     ) -> None:
+        """Open ``state_dir`` with the key-encryption key ``kek``. A directory made before
+        ``kdf.json`` existed is migrated (``kdf``: its new parameters, default
+        :class:`ScryptParams`); ``allow_weak_kdf`` (tests only) admits parameters below
+        the floor."""
         for name in (CA_CERT, CA_KEY, DATABASE):
             if not (state_dir / name).is_file():
                 raise ValueError(
                     f"{state_dir} is not a key manager state directory (no {name}); "
                     "create one with `splitfed keys init`"
                 )
+        self.ca, keys = _open_ca(state_dir, kek, trust_domain, kdf, allow_weak_kdf)
+        self.store = KeyStore(state_dir / DATABASE, keys.sealing_key)
         try:
-            self.ca = CertificateAuthority.load(
-                (state_dir / CA_CERT).read_bytes(),
-                (state_dir / CA_KEY).read_bytes(),
-                password=kek,
-                trust_domain=trust_domain,
-            )
-        except (ValueError, TypeError):
+            resealed = self.store.reseal(legacy_keys(kek).sealing_key)
+        except ValueError:
+            self.store.close()
             raise ValueError(
-                f"cannot decrypt {state_dir / CA_KEY}: wrong key-encryption key"
+                f"cannot migrate the session keys in {state_dir / DATABASE}: they do not "
+                "decrypt under this key-encryption key"
             ) from None
-        self.store = KeyStore(state_dir / DATABASE, kek)
+        if resealed:
+            logger.warning(
+                "[KeyAuthority] migrated %s to the scrypt-stretched key-encryption key: "
+                "re-sealed %d session key(s)",
+                state_dir,
+                resealed,
+            )
         CERTIFICATE_SOURCES.add(self.store)
         self.certificate_validity = certificate_validity
         self.token_ttl = token_ttl
@@ -357,6 +387,55 @@ class KeyAuthority:
     def end_session(self, caller: Identity, session_id: str) -> None:
         self._session_for(caller, session_id, owner_only=False)
         self.store.end_session(session_id, str(caller))
+
+
+def _open_ca(
+    state_dir: Path,
+    kek: bytes,
+    trust_domain: str,
+    kdf: ScryptParams | None,
+    allow_weak_kdf: bool,
+) -> tuple[CertificateAuthority, StateKeys]:
+    """The CA and the state's keys, stretched from ``kek``. An older state directory (no
+    kdf.json, the CA key encrypted under the KEK itself) gets a kdf.json and its CA key
+    re-encrypted; each step is safe to repeat after a crash."""
+    cert_pem, key_path = (state_dir / CA_CERT).read_bytes(), state_dir / CA_KEY
+
+    def load(password: bytes) -> CertificateAuthority | None:
+        try:
+            return CertificateAuthority.load(
+                cert_pem, key_path.read_bytes(), password=password, trust_domain=trust_domain
+            )
+        except (ValueError, TypeError):
+            return None
+
+    record = read_kdf(state_dir)
+    if record is None:
+        # Written only once the KEK is known to open the older layout.
+        if load(legacy_keys(kek).ca_password) is None:
+            raise ValueError(
+                f"cannot decrypt {key_path}: wrong key-encryption key (or {KDF_FILE} is "
+                f"missing from {state_dir}: restore it from the backup)"
+            )
+        params = kdf or ScryptParams()
+        params.check(state_dir / KDF_FILE, allow_weak=allow_weak_kdf)
+        record = write_kdf(state_dir, params)
+        logger.warning(
+            "[KeyAuthority] %s predates the scrypt-stretched key-encryption key: "
+            "migrating it (%s written)",
+            state_dir,
+            KDF_FILE,
+        )
+    record.params.check(state_dir / KDF_FILE, allow_weak=allow_weak_kdf)
+    keys = derive_keys(kek, record)
+    ca = load(keys.ca_password)
+    if ca is None:
+        ca = load(legacy_keys(kek).ca_password)
+        if ca is None:
+            raise ValueError(f"cannot decrypt {key_path}: wrong key-encryption key")
+        write_pem(key_path, ca.key_pem(keys.ca_password), private=True)
+        logger.warning("[KeyAuthority] migrated %s: re-encrypted under the stretched key", key_path)
+    return ca, keys
 
 
 def _csr_subject(csr_pem: bytes) -> str:

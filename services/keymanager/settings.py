@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,11 @@ class KeyManagerSettings:
 
 
 def load_kek(kek_file: Path | None, kek_env: str = DEFAULT_KEK_ENV) -> bytes:
-    """The key-encryption key from ``kek_file`` or the environment; never logged."""
+    """The key-encryption key from ``kek_file`` (which only its owner may read or write)
+    or the environment; never logged."""
     if kek_file is not None:
         try:
+            check_private(kek_file, "key-encryption key file")
             value = kek_file.read_bytes().strip()
         except FileNotFoundError:
             raise ValueError(f"key-encryption key file {kek_file} does not exist") from None
@@ -70,3 +73,13 @@ def load_kek(kek_file: Path | None, kek_env: str = DEFAULT_KEK_ENV) -> bytes:
     if len(value) < MIN_KEK_BYTES:
         raise ValueError(f"the key-encryption key in {where} must be >= {MIN_KEK_BYTES} bytes")
     return value
+
+
+def check_private(path: Path, what: str) -> None:
+    """Refuse ``path`` (symbolic links followed) if its group or others may read or write it."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o066:
+        raise ValueError(
+            f"{what} {path} may be read or written by group or others (mode {mode:04o}); "
+            f"make it private: chmod 600 {path}"
+        )

@@ -1,10 +1,10 @@
 """Persistent state of the key manager, in one SQLite database.
 
 Tables: bootstrap tokens (only their SHA-256 digests), issued certificates with their
-revocation state, sessions with their data keys (sealed with AES-256-GCM under a key
-derived from the key-encryption key), counters, and an append-only audit log of every
-issuance and revocation. Every change is one transaction, so a crash leaves either the
-old or the new state; ``path=None`` keeps everything in memory (tests).
+revocation state, sessions with their data keys (sealed with AES-256-GCM under the sealing
+key stretched from the key-encryption key, see :mod:`.kek`), counters, and an append-only
+audit log of every issuance and revocation. Every change is one transaction, so a crash
+leaves either the old or the new state; ``path=None`` keeps everything in memory (tests).
 
 The store never sees a party's private key; session data keys exist in the clear only in
 memory while they are handed out.
@@ -25,9 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -64,6 +62,8 @@ CREATE TABLE IF NOT EXISTS session_keys (
     sealed BLOB NOT NULL,
     created_at REAL NOT NULL,
     next_prefix INTEGER NOT NULL,
+    -- 2: sealed under the scrypt-stretched key; 1: under HKDF(KEK) (older state)
+    sealing INTEGER NOT NULL DEFAULT 2,
     PRIMARY KEY (session_id, key_id)
 );
 CREATE TABLE IF NOT EXISTS counters (
@@ -80,8 +80,13 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
+# Columns added since the first schema: (table, column, definition). Added to an older
+# database when it is opened; the defaults describe the rows it already has.
+MIGRATIONS = (("session_keys", "sealing", "INTEGER NOT NULL DEFAULT 1"),)
+
 # Nonce prefixes are 4 bytes: each key hands out at most this many.
 MAX_PREFIXES = 1 << 32
+SEALING = 2
 
 
 def token_digest(token: str) -> str:
@@ -144,9 +149,9 @@ class TokenRefusedError(Exception):
 class KeyStore:
     """All durable state of a key manager. Thread-safe; one writer at a time."""
 
-    def __init__(self, path: Path | None, kek: bytes) -> None:
-        if len(kek) < 16:
-            raise ValueError("the key-encryption key must be at least 16 bytes")
+    def __init__(self, path: Path | None, sealing_key: bytes) -> None:
+        if len(sealing_key) != 32:
+            raise ValueError("the sealing key must be 32 bytes (see keymanager.kek)")
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,13 +164,18 @@ class KeyStore:
         if path is not None:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
-        self._aead = AESGCM(
-            HKDF(
-                algorithm=hashes.SHA256(), length=32, salt=None, info=b"splitfed session keys v1"
-            ).derive(kek)
-        )
+        self._migrate()
+        self._aead = AESGCM(sealing_key)
+
+    def _migrate(self) -> None:
+        """Create the tables, and add the columns an older database lacks."""
+        self._db.executescript(SCHEMA)
+        with self._tx() as db:
+            for table, column, definition in MIGRATIONS:
+                columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -374,13 +384,38 @@ class KeyStore:
         nonce = secrets.token_bytes(12)
         return nonce + self._aead.encrypt(nonce, secret, f"{session_id}/{key_id}".encode())
 
-    def _unseal(self, session_id: str, key_id: int, sealed: bytes) -> bytes:
+    def _unseal(
+        self, session_id: str, key_id: int, sealed: bytes, aead: AESGCM | None = None
+    ) -> bytes:
         try:
-            return self._aead.decrypt(sealed[:12], sealed[12:], f"{session_id}/{key_id}".encode())
+            return (aead or self._aead).decrypt(
+                sealed[:12], sealed[12:], f"{session_id}/{key_id}".encode()
+            )
         except InvalidTag:
             raise ValueError(
                 "a stored session key does not decrypt: wrong key-encryption key?"
             ) from None
+
+    def reseal(self, legacy_key: bytes) -> int:
+        """Seal the session keys still sealed under ``legacy_key`` (a state directory from
+        before the stretched KEK) under this store's key, all in one transaction; returns
+        how many. Raises ``ValueError`` (and changes nothing) if one does not decrypt."""
+        legacy = AESGCM(legacy_key)
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT session_id, key_id, sealed FROM session_keys WHERE sealing != ?",
+                (SEALING,),
+            ).fetchall()
+            for session_id, key_id, sealed in rows:
+                secret = self._unseal(session_id, key_id, sealed, legacy)
+                db.execute(
+                    "UPDATE session_keys SET sealed = ?, sealing = ? "
+                    "WHERE session_id = ? AND key_id = ?",
+                    (self._seal(session_id, key_id, secret), SEALING, session_id, key_id),
+                )
+            if rows:
+                self._audit(db, "keymanager", "session.reseal", "*", count=len(rows))
+        return len(rows)
 
     def session(self, session_id: str) -> SessionRow | None:
         with self._lock:
@@ -411,12 +446,14 @@ class KeyStore:
 
     def _insert_key(self, db: sqlite3.Connection, session_id: str, key_id: int) -> None:
         db.execute(
-            "INSERT INTO session_keys VALUES (?, ?, ?, ?, 0)",
+            "INSERT INTO session_keys (session_id, key_id, sealed, created_at, next_prefix, "
+            "sealing) VALUES (?, ?, ?, ?, 0, ?)",
             (
                 session_id,
                 key_id,
                 self._seal(session_id, key_id, secrets.token_bytes(32)),
                 time.time(),
+                SEALING,
             ),
         )
 

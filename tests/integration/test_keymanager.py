@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,7 @@ from splitfed.services.diagnostics import binding as diagnostics_binding
 from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
 from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
 from splitfed.services.keymanager.authority import KeyAuthority
+from splitfed.services.keymanager.kek import MIN_SCRYPT_N
 from splitfed.transport import create_channel, create_server
 
 
@@ -146,6 +148,16 @@ def test_keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE(kek_file.stat().st_mode) == 0o600
+    # The KEK is stretched with production parameters (the slow part of this test).
+    kdf = json.loads((state / "kdf.json").read_text())
+    assert kdf["n"] >= MIN_SCRYPT_N and kdf["r"] >= 8
+    loose = tmp_path / "loose-kek"
+    loose.write_text(kek_file.read_text())
+    loose.chmod(0o644)
+    refused = runner.invoke(
+        cli, ["keys", "init", "--state-dir", str(tmp_path / "s2"), "--kek-file", str(loose)]
+    )
+    assert refused.exit_code == 2 and f"chmod 600 {loose}" in refused.output
     again = runner.invoke(
         cli, ["keys", "init", "--state-dir", str(state), "--kek-file", str(kek_file)]
     )
@@ -275,7 +287,7 @@ def test_the_key_manager_renews_its_own_certificate(
 ) -> None:
     kit = keymanager_kit(tmp_path, monkeypatch)
     server_dir = kit.state_dir / "server"
-    authority = KeyAuthority(kit.state_dir, KEK.encode())
+    authority = KeyAuthority(kit.state_dir, KEK.encode(), allow_weak_kdf=True)
     before = (server_dir / "cert.pem").read_bytes()
     assert not authority.renew_own(server_dir)
     assert authority.renew_own(server_dir, renew_fraction=1e-9)
