@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from splitfed.errors import error_from_rpc
+from splitfed.errors import PermissionDeniedError, UnauthenticatedError, error_from_rpc
 from splitfed.retry import DEFAULT_RETRY, RetryPolicy, call_with_retry
 from splitfed.security.authz import RevocationList
 from splitfed.security.ca import (
@@ -325,7 +325,12 @@ class CertificateRenewer(Periodic):
 
     def tick(self) -> None:
         if self.due():
-            self.renew_now()
+            try:
+                self.renew_now()
+            except (PermissionDeniedError, UnauthenticatedError) as exc:
+                # Revoked, or the lineage reached its maximum lifetime: retrying will not
+                # help; the party needs a new enrollment token.
+                logger.error("[CertificateRenewer] cannot renew %s: %s", self.tls_dir, exc)
 
     def renew_now(self) -> x509.Certificate:
         identity = _lifetime(self.tls_dir)[0]

@@ -85,6 +85,7 @@ def build_servers(
         certificate_validity=dt.timedelta(seconds=settings.certificate_validity_s),
         token_ttl=dt.timedelta(seconds=settings.token_ttl_s),
         max_token_ttl=dt.timedelta(seconds=settings.max_token_ttl_s),
+        max_certificate_lifetime=dt.timedelta(seconds=settings.max_certificate_lifetime_s),
         allow_weak_kdf=allow_weak_kdf,
     )
     try:

@@ -24,6 +24,9 @@ class KeyManagerSettings:
     # Enrollment port: server-authenticated TLS without client certificates; only Enroll.
     enroll_listen: str = "127.0.0.1:0"
     certificate_validity_s: float = 24 * 3600.0
+    # Renewal stops this long after a party enrolled (its certificate's lineage began),
+    # and no renewed certificate outlives it: then a new enrollment token is needed.
+    max_certificate_lifetime_s: float = 30 * 24 * 3600.0
     token_ttl_s: float = 24 * 3600.0
     max_token_ttl_s: float = 7 * 24 * 3600.0
     # How often the key manager checks whether its own certificate needs renewing.
@@ -37,6 +40,11 @@ class KeyManagerSettings:
         if self.certificate_validity_s < 60:
             raise ValueError(
                 f"certificate_validity_s must be >= 60, got {self.certificate_validity_s}"
+            )
+        if self.max_certificate_lifetime_s < self.certificate_validity_s:
+            raise ValueError(
+                "max_certificate_lifetime_s must be >= certificate_validity_s "
+                f"({self.certificate_validity_s}), got {self.max_certificate_lifetime_s}"
             )
         if self.renew_check_s <= 0:
             raise ValueError(f"renew_check_s must be positive, got {self.renew_check_s}")

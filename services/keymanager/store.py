@@ -13,6 +13,7 @@ memory while they are handed out.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,7 +47,11 @@ CREATE TABLE IF NOT EXISTS certificates (
     not_after REAL NOT NULL,
     pem BLOB NOT NULL,
     revoked_at REAL,
-    reason TEXT NOT NULL DEFAULT ''
+    reason TEXT NOT NULL DEFAULT '',
+    -- when the lineage (an enrollment and the renewals that follow it) began
+    enrolled_at REAL NOT NULL,
+    -- the certificate this one was renewed from (NULL: enrolled)
+    renewed_from TEXT
 );
 CREATE INDEX IF NOT EXISTS certificates_identity ON certificates (identity);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -80,9 +85,22 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
-# Columns added since the first schema: (table, column, definition). Added to an older
-# database when it is opened; the defaults describe the rows it already has.
-MIGRATIONS = (("session_keys", "sealing", "INTEGER NOT NULL DEFAULT 1"),)
+# Columns added since the first schema: (table, column, definition, then how to fill the
+# rows an older database already has). Added when such a database is opened.
+MIGRATIONS = (
+    ("session_keys", "sealing", "INTEGER NOT NULL DEFAULT 1", ""),
+    # Lineages were not recorded: each older certificate starts its own.
+    (
+        "certificates",
+        "enrolled_at",
+        "REAL",
+        "UPDATE certificates SET enrolled_at = not_before WHERE enrolled_at IS NULL",
+    ),
+    ("certificates", "renewed_from", "TEXT", ""),
+)
+CERTIFICATE_COLUMNS = (
+    "serial, identity, role, not_before, not_after, revoked_at, reason, enrolled_at"
+)
 
 # Nonce prefixes are 4 bytes: each key hands out at most this many.
 MAX_PREFIXES = 1 << 32
@@ -112,6 +130,9 @@ class CertificateRow:
     not_after: float
     revoked_at: float | None
     reason: str
+    # Start of the certificate's lineage (its enrollment); None when recording a new
+    # certificate: its not_before. Renewals copy it from their predecessor.
+    enrolled_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +167,14 @@ class TokenRefusedError(Exception):
     """An enrollment token is unknown, used or expired (the message says which)."""
 
 
+class CertificateRefusedError(Exception):
+    """A certificate cannot be renewed: unknown, or not the caller's (the message says)."""
+
+
+class CertificateRevokedError(CertificateRefusedError):
+    """The certificate to renew was revoked."""
+
+
 class KeyStore:
     """All durable state of a key manager. Thread-safe; one writer at a time."""
 
@@ -172,10 +201,12 @@ class KeyStore:
         """Create the tables, and add the columns an older database lacks."""
         self._db.executescript(SCHEMA)
         with self._tx() as db:
-            for table, column, definition in MIGRATIONS:
+            for table, column, definition, fill in MIGRATIONS:
                 columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
                 if column not in columns:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    if fill:
+                        db.execute(fill)
 
     def close(self) -> None:
         with self._lock:
@@ -276,10 +307,15 @@ class KeyStore:
     # --- certificates -----------------------------------------------------------------
 
     def _insert_certificate(
-        self, db: sqlite3.Connection, certificate: CertificateRow, pem: bytes
+        self,
+        db: sqlite3.Connection,
+        certificate: CertificateRow,
+        pem: bytes,
+        renewed_from: str | None = None,
     ) -> None:
         db.execute(
-            "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, NULL, '')",
+            "INSERT INTO certificates (serial, identity, role, not_before, not_after, pem, "
+            "enrolled_at, renewed_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 certificate.serial,
                 certificate.identity,
@@ -287,6 +323,10 @@ class KeyStore:
                 certificate.not_before,
                 certificate.not_after,
                 pem,
+                certificate.not_before
+                if certificate.enrolled_at is None
+                else certificate.enrolled_at,
+                renewed_from,
             ),
         )
 
@@ -305,11 +345,46 @@ class KeyStore:
                 not_after=certificate.not_after,
             )
 
+    def record_renewal(
+        self, predecessor: str, certificate: CertificateRow, pem: bytes, *, actor: str
+    ) -> CertificateRow:
+        """Record ``certificate``, renewed from the one with serial ``predecessor``, in the
+        lineage of its predecessor (whose ``enrolled_at`` it keeps). The predecessor's
+        revocation is checked in the same transaction, so a revocation that lands while
+        the new certificate is being signed either comes first (and nothing is recorded:
+        :class:`CertificateRevokedError`) or revokes the new certificate too."""
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE serial = ?",
+                (predecessor,),
+            ).fetchone()
+            if row is None:
+                raise CertificateRefusedError(f"no record of certificate {predecessor}")
+            previous = CertificateRow(*row)
+            if (previous.identity, previous.role) != (certificate.identity, certificate.role):
+                raise CertificateRefusedError(
+                    f"certificate {predecessor} belongs to {previous.role}/{previous.identity}, "
+                    f"not {certificate.role}/{certificate.identity}"
+                )
+            if previous.revoked_at is not None:
+                raise CertificateRevokedError("certificate revoked")
+            renewed = dataclasses.replace(certificate, enrolled_at=previous.enrolled_at)
+            self._insert_certificate(db, renewed, pem, renewed_from=predecessor)
+            self._audit(
+                db,
+                actor,
+                "certificate.renew",
+                renewed.identity,
+                role=renewed.role,
+                serial=renewed.serial,
+                not_after=renewed.not_after,
+                renewed_from=predecessor,
+                enrolled_at=renewed.enrolled_at,
+            )
+        return renewed
+
     def certificates(self, identity: str = "") -> list[CertificateRow]:
-        query = (
-            "SELECT serial, identity, role, not_before, not_after, revoked_at, reason "
-            "FROM certificates"
-        )
+        query = f"SELECT {CERTIFICATE_COLUMNS} FROM certificates"
         args: tuple[str, ...] = ()
         if identity:
             query += " WHERE identity = ?"
@@ -321,15 +396,15 @@ class KeyStore:
     def certificate(self, serial: str) -> CertificateRow | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT serial, identity, role, not_before, not_after, revoked_at, reason "
-                "FROM certificates WHERE serial = ?",
+                f"SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE serial = ?",
                 (serial,),
             ).fetchone()
         return None if row is None else CertificateRow(*row)
 
     def revoke(self, *, identity: str = "", serial: str = "", reason: str, actor: str) -> int:
         """Revoke all certificates of ``identity`` (and delete its unused tokens) or the
-        one with ``serial``; returns how many certificates were newly revoked."""
+        one with ``serial`` and every certificate renewed from it, directly or not; returns
+        how many certificates were newly revoked."""
         if bool(identity) == bool(serial):
             raise ValueError("revoke needs exactly one of identity or serial")
         now = time.time()
@@ -344,7 +419,11 @@ class KeyStore:
             else:
                 cursor = db.execute(
                     "UPDATE certificates SET revoked_at = ?, reason = ? "
-                    "WHERE serial = ? AND revoked_at IS NULL",
+                    "WHERE revoked_at IS NULL AND serial IN ("
+                    "  WITH RECURSIVE descendants(serial) AS ("
+                    "    VALUES (?) UNION SELECT c.serial FROM certificates c"
+                    "    JOIN descendants d ON c.renewed_from = d.serial)"
+                    "  SELECT serial FROM descendants)",
                     (now, reason, serial),
                 )
             count = cursor.rowcount
@@ -365,8 +444,8 @@ class KeyStore:
                 "SELECT value FROM counters WHERE name = 'revocations'"
             ).fetchone()
             rows = self._db.execute(
-                "SELECT serial, identity, role, not_before, not_after, revoked_at, reason "
-                "FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ?",
+                f"SELECT {CERTIFICATE_COLUMNS} FROM certificates "
+                "WHERE revoked_at IS NOT NULL AND not_after > ?",
                 (time.time(),),
             ).fetchall()
         return (version_row[0] if version_row else 0), [CertificateRow(*r) for r in rows]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import stat
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -30,7 +33,7 @@ from splitfed.security.tls import TLSConfig
 from splitfed.services.diagnostics import binding as diagnostics_binding
 from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
 from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
-from splitfed.services.keymanager.authority import KeyAuthority
+from splitfed.services.keymanager.authority import KeyAuthority, certificate_row
 from splitfed.services.keymanager.kek import MIN_SCRYPT_N
 from splitfed.transport import create_channel, create_server
 
@@ -233,6 +236,16 @@ def test_keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             ],
         )
         assert denied.exit_code == 1 and "revoked" in denied.output
+        # The way back in when no admin certificate can renew any more: a new admin
+        # certificate straight from the state directory, with the KEK.
+        ops = tmp_path / "ops"
+        local = ["--state-dir", str(state), "--kek-file", str(kek_file), "--identity", "ops"]
+        issued = runner.invoke(cli, ["keys", "admin", *local, "--out", str(ops)])
+        assert issued.exit_code == 0, issued.output
+        assert stat.S_IMODE((ops / "key.pem").stat().st_mode) == 0o600
+        common[common.index("--tls-dir") + 1] = str(ops)
+        listed = runner.invoke(cli, ["keys", "list", "--identity", "ops", *common])
+        assert listed.exit_code == 0 and " admin " in listed.output, listed.output
     finally:
         kit.stop()
 
@@ -254,10 +267,19 @@ def test_a_server_serves_its_renewed_certificate_without_a_restart(
     kit = keymanager_kit(tmp_path, monkeypatch, ca=ca)
     kit.start()
     server_dir = tmp_path / "server"
-    # Valid for three more seconds (certificates start CLOCK_SKEW in the past).
-    ca.issue(
+    # Valid for three more seconds (certificates start CLOCK_SKEW in the past), and on
+    # record at the key manager (it renews only certificates it knows).
+    issued = ca.issue(
         "bb", "backbone", dns_names=["localhost"], validity=CLOCK_SKEW + dt.timedelta(seconds=3)
-    ).write(server_dir)
+    )
+    issued.write(server_dir)
+    assert kit.servers is not None
+    kit.servers.authority.store.record_certificate(
+        certificate_row(issued.cert_pem, "bb", "backbone"),
+        issued.cert_pem,
+        actor="test",
+        action="certificate.issue",
+    )
     server = create_server(
         [diagnostics_binding()],
         TLSConfig.from_dir(server_dir),
@@ -302,3 +324,66 @@ def test_the_key_manager_renews_its_own_certificate(
     assert format(after.serial_number, "x") in serials and len(serials) == 2
     admin.close()
     kit.stop()
+
+
+# --- issue 15: renewal racing revocation, lineage lifetime, need-to-know, restarts -------
+
+DAY = 24 * 3600.0
+
+
+def test_a_renewal_racing_a_revocation_issues_nothing(
+    km: KeyManagerKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewal passes the interceptor's revocation check, then the admin revokes,
+    then the key manager signs: the new certificate must not be issued."""
+    alice = km.enroll("alice")
+    assert km.servers is not None
+    authority = km.servers.authority
+    signing, revoked = threading.Event(), threading.Event()
+    sign = authority._sign
+
+    def sign_after_the_revocation(*args: Any, **kwargs: Any) -> bytes:
+        signing.set()  # past the interceptor
+        assert revoked.wait(10)
+        return sign(*args, **kwargs)
+
+    monkeypatch.setattr(authority, "_sign", sign_after_the_revocation)
+    outcome: dict[str, object] = {}
+
+    def renew() -> None:
+        client = km.client(alice)
+        try:
+            outcome["certificate"] = client.renew(make_csr(generate_private_key(), "alice"))
+        except Exception as exc:
+            outcome["error"] = exc
+        finally:
+            client.close()
+
+    renewal = threading.Thread(target=renew)
+    renewal.start()
+    assert signing.wait(10)
+    admin = km.admin()
+    assert admin.revoke(identity="alice", reason="stolen") == 1
+    admin.close()
+    revoked.set()
+    renewal.join(10)
+    assert "certificate" not in outcome
+    assert isinstance(outcome.get("error"), UnauthenticatedError)
+    assert "revoked" in str(outcome["error"])
+    rows = authority.store.certificates("alice")
+    assert len(rows) == 1 and rows[0].revoked_at is not None
+
+
+def test_renewal_past_the_maximum_lifetime_needs_a_new_token(
+    km: KeyManagerKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = km.enroll("alice")
+    assert km.servers is not None
+    later = time.time() + 30 * DAY + 60
+    monkeypatch.setattr(km.servers.authority, "clock", lambda: later)
+    with pytest.raises(PermissionDeniedError, match="new enrollment token"):
+        CertificateRenewer(alice, km.address, server_name=SERVER_NAME).renew_now()
+    args = ["--keymanager", km.address, "--tls-dir", str(alice), "--server-name", SERVER_NAME]
+    renewed = CliRunner().invoke(cli, ["keys", "renew", *args])
+    assert renewed.exit_code == 1 and "new enrollment token" in renewed.output
+    assert len(km.servers.authority.store.certificates("alice")) == 1
