@@ -387,3 +387,25 @@ def test_renewal_past_the_maximum_lifetime_needs_a_new_token(
     renewed = CliRunner().invoke(cli, ["keys", "renew", *args])
     assert renewed.exit_code == 1 and "new enrollment token" in renewed.output
     assert len(km.servers.authority.store.certificates("alice")) == 1
+
+
+def test_only_admins_learn_who_was_revoked_and_why(km: KeyManagerKit) -> None:
+    carol = km.enroll("carol")
+    serial = format(
+        x509.load_pem_x509_certificate((carol / "cert.pem").read_bytes()).serial_number, "x"
+    )
+    admin = km.admin()
+    admin.revoke(identity="carol", reason="laptop stolen in Lyon")
+    for party in (km.enroll("alice"), km.enroll("bb", "backbone"), km.enroll("agg", "aggregator")):
+        client = km.client(party)
+        state = client.revocations()
+        client.close()
+        assert state.version == 1 and state.serials == {serial}
+        assert [(r.identity, r.role, r.reason) for r in state.records] == [("", "", "")]
+    (record,) = admin.revocations().records
+    assert (record.identity, record.role, record.reason) == (
+        "carol",
+        "client",
+        "laptop stolen in Lyon",
+    )
+    admin.close()
