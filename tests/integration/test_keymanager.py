@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
@@ -21,7 +22,7 @@ from security_kit import KEK, SERVER_NAME, KeyManagerKit, keymanager_kit
 
 from splitfed.cli import cli
 from splitfed.clients.diagnostics import DiagnosticsClient
-from splitfed.clients.keys import CertificateRenewer, enroll
+from splitfed.clients.keys import CertificateRenewer, RevocationPoller, enroll
 from splitfed.errors import (
     NotFoundError,
     PermissionDeniedError,
@@ -35,7 +36,9 @@ from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
 from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
 from splitfed.services.keymanager.authority import KeyAuthority, certificate_row
 from splitfed.services.keymanager.kek import MIN_SCRYPT_N
-from splitfed.transport import create_channel, create_server
+from splitfed.services.security import ServerSecurity, server_security
+from splitfed.serving import SecuritySettings
+from splitfed.transport import Server, create_channel, create_server
 
 
 @pytest.fixture
@@ -409,3 +412,49 @@ def test_only_admins_learn_who_was_revoked_and_why(km: KeyManagerKit) -> None:
         "laptop stolen in Lyon",
     )
     admin.close()
+
+
+def test_a_restarted_service_refuses_a_revoked_certificate_before_any_poll(
+    km: KeyManagerKit,
+) -> None:
+    """The service keeps the last revocation list it fetched; restarted while the key
+    manager is down, it refuses the revoked certificate from its first call."""
+    service = km.enroll("svc", "backbone", dns_names=("localhost",))
+    alice, bob = km.enroll("alice"), km.enroll("bob")
+    settings = SecuritySettings(
+        keymanager=km.address, keymanager_server_name=SERVER_NAME, revocation_poll_s=30
+    )
+
+    def serve() -> tuple[ServerSecurity, Server]:
+        tls = TLSConfig.from_dir(service)
+        security = server_security({DIAGNOSTICS: DIAGNOSTICS_POLICY}, tls, settings)
+        server = create_server([diagnostics_binding()], tls, interceptors=[security.interceptor])
+        security.start()
+        return security, server.start()
+
+    def who_am_i(server: Server, party: Path) -> str:
+        """The identity the service sees, or the status and details of its refusal."""
+        tls = TLSConfig.from_dir(party)
+        with create_channel(server.address, tls, server_name="localhost") as channel:
+            try:
+                return DiagnosticsClient(channel).who_am_i().identity
+            except grpc.RpcError as err:
+                return f"{err.code().name}: {err.details()}"
+
+    security, server = serve()
+    admin = km.admin()
+    admin.revoke(identity="alice", reason="left")
+    admin.close()
+    poller = next(t for t in security.background if isinstance(t, RevocationPoller))
+    poller.tick()  # the service learns of it from the key manager
+    assert who_am_i(server, alice) == "UNAUTHENTICATED: certificate revoked"
+    server.stop(0)
+    security.stop()
+    km.stop()  # and stays down
+    security, server = serve()
+    try:
+        assert who_am_i(server, alice) == "UNAUTHENTICATED: certificate revoked"
+        assert who_am_i(server, bob) == "bob"
+    finally:
+        server.stop(0)
+        security.stop()
