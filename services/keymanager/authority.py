@@ -6,6 +6,9 @@ plain methods that raise :mod:`splitfed.errors` exceptions. No gRPC in here.
 
 The CA key and the stored session keys are encrypted under keys stretched from the KEK
 with scrypt (:mod:`.kek`); opening an older state directory migrates it.
+
+One module of some 550 lines: enrollment, renewal, revocation and session keys share the
+CA, the store and the same checks; the stretching of the KEK lives in :mod:`.kek`.
 """
 
 from __future__ import annotations

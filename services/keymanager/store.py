@@ -8,6 +8,9 @@ leaves either the old or the new state; ``path=None`` keeps everything in memory
 
 The store never sees a party's private key; session data keys exist in the clear only in
 memory while they are handed out.
+
+One module of some 600 lines: every table shares one connection, one lock and one
+transaction helper, and the schema belongs with its migrations (:data:`MIGRATIONS`).
 """
 
 from __future__ import annotations
