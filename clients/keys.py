@@ -14,7 +14,8 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from splitfed.errors import error_from_rpc
+from splitfed.errors import PermissionDeniedError, UnauthenticatedError, error_from_rpc
+from splitfed.metrics import REVOCATION_LISTS
 from splitfed.retry import DEFAULT_RETRY, RetryPolicy, call_with_retry
 from splitfed.security.authz import RevocationList
 from splitfed.security.ca import (
@@ -325,7 +326,12 @@ class CertificateRenewer(Periodic):
 
     def tick(self) -> None:
         if self.due():
-            self.renew_now()
+            try:
+                self.renew_now()
+            except (PermissionDeniedError, UnauthenticatedError) as exc:
+                # Revoked, or the lineage reached its maximum lifetime: retrying will not
+                # help; the party needs a new enrollment token.
+                logger.error("[CertificateRenewer] cannot renew %s: %s", self.tls_dir, exc)
 
     def renew_now(self) -> x509.Certificate:
         identity = _lifetime(self.tls_dir)[0]
@@ -349,7 +355,9 @@ class CertificateRenewer(Periodic):
 
 class RevocationPoller(Periodic):
     """Fetches the key manager's revocation list every ``period_s`` into ``revocations``
-    (which ends the open streams of newly revoked certificates)."""
+    (which ends the open streams of newly revoked certificates), and saves each list it
+    fetched to ``cache``, from which :meth:`restore` loads it after a restart. Its age is
+    the gauge ``splitfed_revocation_list_age_seconds``."""
 
     def __init__(
         self,
@@ -359,19 +367,72 @@ class RevocationPoller(Periodic):
         *,
         server_name: str | None = None,
         period_s: float = 10.0,
+        cache: Path | None = None,
     ) -> None:
         super().__init__("revocation-poller", period_s)
         self.revocations = revocations
         self.keymanager = keymanager
         self.tls = tls
         self.server_name = server_name
+        self.cache = cache
+        self._cache_failing = False
+        REVOCATION_LISTS.add(revocations)
+
+    def stop(self) -> None:
+        super().stop()
+        REVOCATION_LISTS.discard(self.revocations)
+
+    def restore(self) -> bool:
+        """Install the list saved in ``cache`` (before serving); False if there is none."""
+        if self.cache is None or not self.revocations.restore(self.cache):
+            return False
+        fetched_at = self.revocations.fetched_at or 0.0
+        logger.info(
+            "[RevocationPoller] enforcing the revocation list saved in %s: version %d, fetched %s",
+            self.cache,
+            self.revocations.version,
+            dt.datetime.fromtimestamp(fetched_at, dt.UTC).isoformat(timespec="seconds"),
+        )
+        return True
 
     def tick(self) -> None:
-        client = KeyManagerClient.connect(
-            self.keymanager, self.tls().reload(), server_name=self.server_name
+        self.fetch(DEFAULT_RETRY, timeout_s=30.0)
+
+    def poll_now(self, timeout_s: float = 5.0) -> bool:
+        """One fetch without retries (at start-up); False, with a warning, if it failed."""
+        try:
+            self.fetch(RetryPolicy(max_attempts=1), timeout_s=timeout_s)
+        except Exception as exc:
+            logger.warning(
+                "[RevocationPoller] cannot fetch the revocation list from %s at start (%s); "
+                "enforcing %s until a poll succeeds",
+                self.keymanager,
+                exc,
+                f"version {self.revocations.version}"
+                if self.revocations.fetched_at is not None
+                else "no revocation list",
+            )
+            return False
+        return True
+
+    def fetch(self, retry: RetryPolicy, *, timeout_s: float) -> None:
+        tls = self.tls().reload()
+        client = KeyManagerClient(
+            create_channel(self.keymanager, tls, server_name=self.server_name),
+            retry=retry,
+            timeout_s=timeout_s,
         )
         try:
             state = client.revocations()
         finally:
             client.close()
         self.revocations.update(state.version, state.serials)
+        if self.cache is not None:
+            try:
+                self.revocations.save(self.cache)
+            except OSError as exc:
+                if not self._cache_failing:
+                    logger.warning("[RevocationPoller] cannot save %s: %s", self.cache, exc)
+                self._cache_failing = True
+            else:
+                self._cache_failing = False

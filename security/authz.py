@@ -14,15 +14,21 @@ Denials are logged and counted in ``splitfed_authorization_denials_total``.
 
 Revocation applies to new calls at once and ends open streams: the interceptor checks
 every message of a client stream, and :meth:`RevocationList.update` cancels the streams
-of newly revoked certificates (the caller sees UNAUTHENTICATED).
+of newly revoked certificates (the caller sees UNAUTHENTICATED). A server saves the list
+it fetched (:meth:`RevocationList.save`) and loads it before serving after a restart
+(:meth:`RevocationList.restore`), so it never serves with an empty list it did not get
+from the key manager.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -30,6 +36,7 @@ from cryptography import x509
 from prometheus_client import Counter
 
 from splitfed.errors import UnauthenticatedError
+from splitfed.security.ca import write_pem
 from splitfed.security.identity import peer_identity
 
 logger = logging.getLogger(__name__)
@@ -95,19 +102,24 @@ class RevocationList:
         self._lock = threading.Lock()
         self._revoked: frozenset[str] = frozenset()
         self.version = 0
+        # When the list was fetched from the key manager (None: never).
+        self.fetched_at: float | None = None
         # serial -> open streaming calls made with that certificate
         self._open: dict[str, set[grpc.ServicerContext]] = {}
 
     def is_revoked(self, serial: str | None) -> bool:
         return serial is not None and serial in self._revoked
 
-    def update(self, version: int, serials: Iterable[str]) -> int:
-        """Install the key manager's list; end open streams of newly revoked certificates.
-        Returns how many streams were ended."""
+    def update(
+        self, version: int, serials: Iterable[str], *, fetched_at: float | None = None
+    ) -> int:
+        """Install the key manager's list, fetched at ``fetched_at`` (default: now); end
+        open streams of newly revoked certificates. Returns how many streams were ended."""
         revoked = frozenset(serials)
         with self._lock:
             new = revoked - self._revoked
             self._revoked = revoked
+            self.fetched_at = time.time() if fetched_at is None else fetched_at
             if version != self.version:
                 logger.info(
                     "[RevocationList] version %d: %d revoked certificate(s)", version, len(revoked)
@@ -118,6 +130,42 @@ class RevocationList:
             logger.warning("[RevocationList] ending an open stream of a revoked certificate")
             _end_call(context, "certificate revoked")
         return len(victims)
+
+    def save(self, path: Path) -> None:
+        """Write the list (version, serials, fetch time) to ``path``: mode 0600, replaced
+        atomically, so a crash leaves the old file or the new one."""
+        with self._lock:
+            record = {
+                "version": self.version,
+                "fetched_at": self.fetched_at,
+                "serials": sorted(self._revoked),
+            }
+        write_pem(path, json.dumps(record).encode() + b"\n", private=True)
+
+    def restore(self, path: Path) -> bool:
+        """Install the list last saved to ``path``; False (with a warning if the file is
+        there but unreadable) when there is none."""
+        try:
+            record = json.loads(path.read_bytes())
+            version, fetched_at, serials = (
+                record["version"],
+                record["fetched_at"],
+                record["serials"],
+            )
+            if not (
+                isinstance(version, int)
+                and isinstance(fetched_at, (int, float))
+                and isinstance(serials, list)
+                and all(isinstance(s, str) for s in serials)
+            ):
+                raise ValueError("unexpected types")
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            logger.warning("[RevocationList] ignoring the saved list %s: %s", path, exc)
+            return False
+        self.update(version, serials, fetched_at=float(fetched_at))
+        return True
 
     def track(self, serial: str, context: grpc.ServicerContext) -> Callable[[], None]:
         with self._lock:

@@ -37,7 +37,11 @@ def server_security(
     policies: Mapping[str, Policy], tls: TLSConfig, settings: SecuritySettings
 ) -> ServerSecurity:
     """The interceptor for ``policies``; with ``settings.keymanager``, also a client of the
-    key manager, a revocation poller and (if ``tls`` was read from a directory) renewal."""
+    key manager, a revocation poller and (if ``tls`` was read from a directory) renewal.
+
+    Call it before the server serves: it installs the revocation list saved by the last
+    run and polls the key manager once (no retries), so that a revoked certificate is
+    refused from the first call even when the key manager is unreachable."""
     revocations = RevocationList()
     security = ServerSecurity(AuthorizationInterceptor(policies, revocations), revocations)
     if tls.insecure:
@@ -51,15 +55,24 @@ def server_security(
         return security
     name = settings.keymanager_server_name
     security.keymanager = KeyManagerClient.connect(settings.keymanager, tls, server_name=name)
-    security.background.append(
-        RevocationPoller(
-            revocations,
-            settings.keymanager,
-            tls.reload,
-            server_name=name,
-            period_s=settings.revocation_poll_s,
+    cache = settings.revocation_cache_for(tls)
+    if cache is None:
+        logger.warning(
+            "[security] no [server] tls_dir and no [security] revocation_cache: the revocation "
+            "list is not kept across restarts"
         )
+    poller = RevocationPoller(
+        revocations,
+        settings.keymanager,
+        tls.reload,
+        server_name=name,
+        period_s=settings.revocation_poll_s,
+        cache=cache,
     )
+    # Before serving: the list saved by the last run, then the key manager's if it answers.
+    poller.restore()
+    poller.poll_now()
+    security.background.append(poller)
     if settings.renew and tls.source_dir is not None:
         client, source = security.keymanager, tls.source_dir
         security.background.append(

@@ -164,6 +164,51 @@ def keys_init(
     _run(ctx, action)
 
 
+@keys.command("admin")
+@click.option(
+    "--state-dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="The key manager's state directory (made by `keys init`).",
+)
+@click.option(
+    "--kek-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Key-encryption key file. Without it the key comes from $SPLITFED_KEK.",
+)
+@click.option("--identity", default="admin", show_default=True, help="The admin's identity.")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where to write key.pem (0600), cert.pem and ca.pem.",
+)
+@click.pass_context
+def keys_admin(
+    ctx: click.Context, state_dir: Path, kek_file: Path | None, identity: str, out_dir: Path
+) -> None:
+    """Issue an admin certificate straight from the state directory (needs the KEK).
+
+    The way back in once no admin certificate can be renewed (renewals stop
+    max_certificate_lifetime_s after enrollment). Runs beside a running key manager."""
+    from splitfed.services.keymanager.authority import KeyAuthority
+    from splitfed.services.keymanager.settings import load_kek
+
+    def action() -> None:
+        authority = KeyAuthority(state_dir, load_kek(kek_file))
+        try:
+            cert = authority.issue_admin(identity, out_dir)
+        finally:
+            authority.close()
+        click.echo(
+            f"admin certificate for {identity!r} until "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC in {out_dir}"
+        )
+
+    _run(ctx, action)
+
+
 @keys.group("token")
 def keys_token() -> None:
     """Bootstrap tokens for enrollment."""

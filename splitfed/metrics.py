@@ -9,12 +9,14 @@ docs/observability.md lists them all.
 
 Every server built by :func:`splitfed.transport.create_server` counts its calls with
 :class:`RpcMetricsInterceptor`. Gauges of state (sessions, KV caches, certificates) are
-read when scraped, from the objects alive in the process (:class:`Live`).
+read when scraped, from the objects alive in the process (:class:`Live`), and so is the
+age of the revocation list a server enforces.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import weakref
@@ -241,6 +243,46 @@ class _CertificateGauges(Collector):
 
 
 REGISTRY.register(_CertificateGauges())
+
+
+class RevocationSource(Protocol):
+    # When the list was last fetched from the key manager (None: never, nothing saved).
+    fetched_at: float | None
+
+
+# The revocation lists servers in this process keep from their key manager
+# (splitfed.clients.keys.RevocationPoller).
+REVOCATION_LISTS: Live[RevocationSource] = Live()
+
+
+class RevocationListAge(Collector):
+    """Seconds since the oldest revocation list in ``sources`` was fetched, read when
+    scraped; +Inf while one was never fetched (it then refuses no certificate)."""
+
+    NAME = "splitfed_revocation_list_age_seconds"
+    HELP = (
+        "Seconds since this server last fetched the key manager's revocation list (loaded "
+        "from its cache after a restart: the age of that fetch); +Inf before any fetch."
+    )
+
+    def __init__(self, sources: Live[RevocationSource]) -> None:
+        self.sources = sources
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.NAME, self.HELP)]
+
+    def collect(self) -> list[Metric]:
+        gauge = GaugeMetricFamily(self.NAME, self.HELP)
+        ages = [
+            math.inf if source.fetched_at is None else time.time() - source.fetched_at
+            for source in self.sources
+        ]
+        if ages:
+            gauge.add_metric([], max(ages))
+        return [gauge]
+
+
+REGISTRY.register(RevocationListAge(REVOCATION_LISTS))
 
 
 # --- calls ----------------------------------------------------------------------------

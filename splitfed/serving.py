@@ -9,6 +9,9 @@ from splitfed.security.tls import TLSConfig
 from splitfed.transport import TransportOptions, parse_address
 from splitfed.wire import DEFAULT_CHUNK_BYTES
 
+# The file a server keeps its last revocation list in, by default in its TLS directory.
+REVOCATION_CACHE = "revocations.json"
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -100,11 +103,17 @@ class SecuritySettings:
     keymanager: str = ""
     keymanager_server_name: str | None = None
     revocation_poll_s: float = 10.0
+    # Servers: where the last revocation list fetched is kept (0600), to enforce it from
+    # the first call after a restart. Default: revocations.json in the server's TLS
+    # directory ([server] tls_dir); without one, not kept.
+    revocation_cache: Path | None = None
     renew: bool = True
     renew_fraction: float = 2 / 3
     renew_check_s: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.revocation_cache is not None:
+            object.__setattr__(self, "revocation_cache", Path(self.revocation_cache))
         if self.keymanager:
             parse_address(self.keymanager)
         if not 0 < self.revocation_poll_s <= 30:
@@ -116,3 +125,11 @@ class SecuritySettings:
             raise ValueError(f"renew_fraction must be in (0, 1), got {self.renew_fraction}")
         if self.renew_check_s <= 0:
             raise ValueError(f"renew_check_s must be positive, got {self.renew_check_s}")
+
+    def revocation_cache_for(self, tls: TLSConfig) -> Path | None:
+        """Where a server with ``tls`` keeps its revocation list (see revocation_cache)."""
+        if self.revocation_cache is not None:
+            return self.revocation_cache
+        if tls.source_dir is not None:
+            return tls.source_dir / REVOCATION_CACHE
+        return None

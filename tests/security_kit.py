@@ -11,12 +11,16 @@ from splitfed.clients.keys import KeyManagerClient, enroll
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
 from splitfed.services.keymanager.authority import CA_CERT, init_authority
+from splitfed.services.keymanager.kek import ScryptParams
 from splitfed.services.keymanager.server import KeyManagerServers, build_servers
 from splitfed.services.keymanager.settings import KeyManagerSettings
 from splitfed.serving import ServerSettings
 
 KEK = "test-key-encryption-key-0123456789"
 SERVER_NAME = "localhost"
+# Below the production floor, so that tests open state directories in milliseconds; only
+# reachable through the test-only allow_weak_kdf (services/keymanager/kek.py).
+TEST_KDF = ScryptParams(n=1 << 10)
 
 
 @dataclass
@@ -35,7 +39,11 @@ class KeyManagerKit:
 
     def start(self, listen: str = "127.0.0.1:0", enroll_listen: str = "127.0.0.1:0") -> None:
         self.servers = build_servers(
-            self.settings, ServerSettings(), listen=listen, enroll_listen=enroll_listen
+            self.settings,
+            ServerSettings(),
+            listen=listen,
+            enroll_listen=enroll_listen,
+            allow_weak_kdf=True,
         ).start()
 
     def stop(self) -> None:
@@ -83,5 +91,12 @@ def keymanager_kit(
     root: Path, monkeypatch: pytest.MonkeyPatch, ca: CertificateAuthority | None = None
 ) -> KeyManagerKit:
     monkeypatch.setenv("SPLITFED_KEK", KEK)
-    init_authority(root / "km", KEK.encode(), ca=ca, admin_dir=root / "admin")
+    init_authority(
+        root / "km",
+        KEK.encode(),
+        ca=ca,
+        admin_dir=root / "admin",
+        kdf=TEST_KDF,
+        allow_weak_kdf=True,
+    )
     return KeyManagerKit(root, KeyManagerSettings(state_dir=root / "km"))

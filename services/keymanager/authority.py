@@ -3,6 +3,12 @@
 ``init_authority`` creates a state directory (``splitfed keys init``); ``KeyAuthority``
 opens one and implements enrollment, renewal, tokens, revocation and session data keys as
 plain methods that raise :mod:`splitfed.errors` exceptions. No gRPC in here.
+
+The CA key and the stored session keys are encrypted under keys stretched from the KEK
+with scrypt (:mod:`.kek`); opening an older state directory migrates it.
+
+One module of some 550 lines: enrollment, renewal, revocation and session keys share the
+CA, the store and the same checks; the stretching of the KEK lives in :mod:`.kek`.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +33,7 @@ from splitfed.errors import (
 )
 from splitfed.metrics import CERTIFICATE_SOURCES, CERTIFICATES_ISSUED, CERTIFICATES_REVOKED
 from splitfed.security.ca import (
+    CLOCK_SKEW,
     DEFAULT_TRUST_DOMAIN,
     CertificateAuthority,
     generate_private_key,
@@ -35,7 +44,18 @@ from splitfed.security.ca import (
     write_pem,
 )
 from splitfed.security.identity import Identity
+from splitfed.services.keymanager.kek import (
+    KDF_FILE,
+    ScryptParams,
+    StateKeys,
+    derive_keys,
+    legacy_keys,
+    read_kdf,
+    write_kdf,
+)
 from splitfed.services.keymanager.store import (
+    CertificateRefusedError,
+    CertificateRevokedError,
     CertificateRow,
     IssuedKey,
     KeyStore,
@@ -54,7 +74,9 @@ KEYMANAGER_IDENTITY = "keymanager"
 ENROLLABLE_ROLES = ("client", "backbone", "aggregator", "admin")
 
 
-def certificate_row(pem: bytes, identity: str, role: str) -> CertificateRow:
+def certificate_row(
+    pem: bytes, identity: str, role: str, enrolled_at: float | None = None
+) -> CertificateRow:
     cert = x509.load_pem_x509_certificate(pem)
     return CertificateRow(
         serial=serial_hex(cert),
@@ -64,6 +86,7 @@ def certificate_row(pem: bytes, identity: str, role: str) -> CertificateRow:
         not_after=cert.not_valid_after_utc.timestamp(),
         revoked_at=None,
         reason="",
+        enrolled_at=enrolled_at,
     )
 
 
@@ -92,18 +115,25 @@ def init_authority(
     admin_identity: str = "admin",
     admin_dir: Path | None = None,
     validity: dt.timedelta = dt.timedelta(hours=24),
+    kdf: ScryptParams | None = None,
+    allow_weak_kdf: bool = False,
 ) -> CertificateAuthority:
-    """Create a key manager state directory: the CA (new, or ``ca`` imported) with its key
-    encrypted under ``kek``, the database, the key manager's own server certificate in
+    """Create a key manager state directory: the scrypt salt and parameters (``kdf``,
+    default :class:`ScryptParams`; weaker than the floor only with the test-only
+    ``allow_weak_kdf``), the CA (new, or ``ca`` imported) with its key encrypted under the
+    stretched ``kek``, the database, the key manager's own server certificate in
     ``server/``, and (with ``admin_dir``) an admin certificate whose key is written there."""
-    if (state_dir / CA_KEY).exists() or (state_dir / DATABASE).exists():
+    kdf = kdf or ScryptParams()
+    kdf.check("init", allow_weak=allow_weak_kdf)
+    if any((state_dir / name).exists() for name in (CA_KEY, DATABASE, KDF_FILE)):
         raise FileExistsError(f"{state_dir} already holds a key manager state")
     state_dir.mkdir(parents=True, exist_ok=True)
     state_dir.chmod(0o700)
+    keys = derive_keys(kek, write_kdf(state_dir, kdf))
     authority = ca or CertificateAuthority.create(trust_domain=trust_domain)
     write_pem(state_dir / CA_CERT, authority.cert_pem, private=False)
-    write_pem(state_dir / CA_KEY, authority.key_pem(kek), private=True)
-    store = KeyStore(state_dir / DATABASE, kek)
+    write_pem(state_dir / CA_KEY, authority.key_pem(keys.ca_password), private=True)
+    store = KeyStore(state_dir / DATABASE, keys.sealing_key)
     try:
         issued = [
             (
@@ -150,29 +180,50 @@ class KeyAuthority:
         certificate_validity: dt.timedelta = dt.timedelta(hours=24),
         token_ttl: dt.timedelta = dt.timedelta(hours=24),
         max_token_ttl: dt.timedelta = dt.timedelta(days=7),
+        max_certificate_lifetime: dt.timedelta = dt.timedelta(days=30),
+        kdf: ScryptParams | None = None,
+        allow_weak_kdf: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """Open ``state_dir`` with the key-encryption key ``kek``. A directory made before
+        ``kdf.json`` existed is migrated (``kdf``: its new parameters, default
+        :class:`ScryptParams`); ``allow_weak_kdf`` (tests only) admits parameters below
+        the floor. Certificates are renewed for ``max_certificate_lifetime`` after their
+        lineage's enrollment, then a new token is needed; ``clock`` gives the time."""
+        if max_certificate_lifetime < certificate_validity:
+            raise ValueError(
+                f"the maximum certificate lifetime ({max_certificate_lifetime}) is shorter "
+                f"than one certificate's validity ({certificate_validity})"
+            )
         for name in (CA_CERT, CA_KEY, DATABASE):
             if not (state_dir / name).is_file():
                 raise ValueError(
                     f"{state_dir} is not a key manager state directory (no {name}); "
                     "create one with `splitfed keys init`"
                 )
+        self.ca, keys = _open_ca(state_dir, kek, trust_domain, kdf, allow_weak_kdf)
+        self.store = KeyStore(state_dir / DATABASE, keys.sealing_key)
         try:
-            self.ca = CertificateAuthority.load(
-                (state_dir / CA_CERT).read_bytes(),
-                (state_dir / CA_KEY).read_bytes(),
-                password=kek,
-                trust_domain=trust_domain,
-            )
-        except (ValueError, TypeError):
+            resealed = self.store.reseal(legacy_keys(kek).sealing_key)
+        except ValueError:
+            self.store.close()
             raise ValueError(
-                f"cannot decrypt {state_dir / CA_KEY}: wrong key-encryption key"
+                f"cannot migrate the session keys in {state_dir / DATABASE}: they do not "
+                "decrypt under this key-encryption key"
             ) from None
-        self.store = KeyStore(state_dir / DATABASE, kek)
+        if resealed:
+            logger.warning(
+                "[KeyAuthority] migrated %s to the scrypt-stretched key-encryption key: "
+                "re-sealed %d session key(s)",
+                state_dir,
+                resealed,
+            )
         CERTIFICATE_SOURCES.add(self.store)
         self.certificate_validity = certificate_validity
         self.token_ttl = token_ttl
         self.max_token_ttl = max_token_ttl
+        self.max_certificate_lifetime = max_certificate_lifetime
+        self.clock = clock
 
     def close(self) -> None:
         CERTIFICATE_SOURCES.discard(self.store)
@@ -227,9 +278,18 @@ class KeyAuthority:
             raise PermissionDeniedError(
                 f"the CSR names {subject!r} but the token was issued for {grant.identity!r}"
             )
-        pem = self._sign(csr_pem, grant.identity, grant.role, grant.dns_names, grant.ip_addresses)
+        now = self.clock()
+        pem = self._sign(
+            csr_pem,
+            grant.identity,
+            grant.role,
+            grant.dns_names,
+            grant.ip_addresses,
+            not_before=now - CLOCK_SKEW.total_seconds(),
+        )
+        row = certificate_row(pem, grant.identity, grant.role, enrolled_at=now)
         try:
-            self.store.consume_token(token, certificate_row(pem, grant.identity, grant.role), pem)
+            self.store.consume_token(token, row, pem)
         except TokenRefusedError as exc:
             raise UnauthenticatedError(str(exc)) from None
         CERTIFICATES_ISSUED.labels(grant.role, "enroll").inc()
@@ -237,6 +297,10 @@ class KeyAuthority:
         return Grant(pem, self.ca.cert_pem)
 
     def renew(self, caller: Identity, caller_cert_pem: bytes, csr_pem: bytes) -> Grant:
+        """A new certificate for the caller, in the lineage of the one it called with:
+        refused if that one is revoked (checked again in the transaction that records the
+        new one), unknown to this key manager, or its lineage began more than
+        ``max_certificate_lifetime`` ago; never valid beyond that lifetime."""
         subject = _csr_subject(csr_pem)
         if subject != caller.name:
             raise PermissionDeniedError(
@@ -244,14 +308,45 @@ class KeyAuthority:
                 f"{caller.name!r}"
             )
         current = x509.load_pem_x509_certificate(caller_cert_pem)
+        serial = serial_hex(current)
+        record = self.store.certificate(serial)
+        if record is None or (record.identity, record.role) != (caller.name, caller.role):
+            raise PermissionDeniedError(
+                f"the key manager has no record of certificate {serial} of {caller}; "
+                "enroll with a new enrollment token"
+            )
+        if record.revoked_at is not None:
+            raise UnauthenticatedError("certificate revoked")
+        assert record.enrolled_at is not None  # always set on stored rows
+        now = self.clock()
+        lineage_end = record.enrolled_at + self.max_certificate_lifetime.total_seconds()
+        if now >= lineage_end:
+            raise PermissionDeniedError(
+                f"{caller} enrolled at {_utc(record.enrolled_at)}; certificates are renewed "
+                f"for {self.max_certificate_lifetime} after enrollment (until "
+                f"{_utc(lineage_end)}): enroll again with a new enrollment token"
+            )
+        not_before = now - CLOCK_SKEW.total_seconds()
         dns_names, ips = server_names(current)
-        pem = self._sign(csr_pem, caller.name, caller.role, dns_names, ips)
-        self.store.record_certificate(
-            certificate_row(pem, caller.name, caller.role),
-            pem,
-            actor=str(caller),
-            action="certificate.renew",
+        pem = self._sign(
+            csr_pem,
+            caller.name,
+            caller.role,
+            dns_names,
+            ips,
+            not_before=not_before,
+            not_after=lineage_end,
         )
+        try:
+            self.store.record_renewal(
+                serial, certificate_row(pem, caller.name, caller.role), pem, actor=str(caller)
+            )
+        except CertificateRevokedError:
+            # Revoked while the new certificate was being signed: it is never handed out.
+            logger.warning("[KeyAuthority] renewal of %s refused: revoked meanwhile", caller)
+            raise UnauthenticatedError("certificate revoked") from None
+        except CertificateRefusedError as exc:
+            raise PermissionDeniedError(str(exc)) from None
         CERTIFICATES_ISSUED.labels(caller.role, "renew").inc()
         logger.info("[KeyAuthority] renewed %s", caller)
         return Grant(pem, self.ca.cert_pem)
@@ -263,7 +358,17 @@ class KeyAuthority:
         role: str,
         dns_names: tuple[str, ...],
         ip_addresses: tuple[str, ...],
+        *,
+        not_before: float | None = None,
+        not_after: float | None = None,
     ) -> bytes:
+        """Sign for ``certificate_validity`` from ``not_before`` (default: now less the
+        clock skew allowance), ending at ``not_after`` at the latest."""
+        start = None if not_before is None else dt.datetime.fromtimestamp(not_before, dt.UTC)
+        validity = self.certificate_validity
+        if not_after is not None:
+            assert not_before is not None
+            validity = min(validity, dt.timedelta(seconds=not_after - not_before))
         try:
             return self.ca.sign_csr(
                 csr_pem,
@@ -271,7 +376,8 @@ class KeyAuthority:
                 role,
                 dns_names=dns_names,
                 ip_addresses=ip_addresses,
-                validity=self.certificate_validity,
+                validity=validity,
+                not_before=start,
             )
         except ValueError as exc:
             raise InvalidArgumentError(str(exc)) from None
@@ -302,6 +408,36 @@ class KeyAuthority:
         write_pem(tls_dir / "ca.pem", self.ca.cert_pem, private=False)
         logger.info("[KeyAuthority] renewed the key manager's own certificate in %s", tls_dir)
         return True
+
+    def issue_admin(self, identity: str, out_dir: Path) -> x509.Certificate:
+        """An admin certificate for ``identity``, key generated here, written to ``out_dir``
+        (a new lineage). Local, with the KEK: for when no admin certificate can renew."""
+        try:
+            validate_identity(identity)
+        except ValueError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        key = generate_private_key()
+        now = self.clock()
+        pem = self._sign(
+            make_csr(key, identity),
+            identity,
+            "admin",
+            (),
+            (),
+            not_before=now - CLOCK_SKEW.total_seconds(),
+        )
+        self.store.record_certificate(
+            certificate_row(pem, identity, "admin", enrolled_at=now),
+            pem,
+            actor="local",
+            action="certificate.issue",
+        )
+        CERTIFICATES_ISSUED.labels("admin", "enroll").inc()
+        write_pem(out_dir / "key.pem", private_key_pem(key), private=True)
+        write_pem(out_dir / "cert.pem", pem, private=False)
+        write_pem(out_dir / "ca.pem", self.ca.cert_pem, private=False)
+        logger.warning("[KeyAuthority] issued an admin certificate for %s locally", identity)
+        return x509.load_pem_x509_certificate(pem)
 
     def revoke(self, actor: Identity, *, identity: str = "", serial: str = "", reason: str) -> int:
         if bool(identity) == bool(serial):
@@ -357,6 +493,59 @@ class KeyAuthority:
     def end_session(self, caller: Identity, session_id: str) -> None:
         self._session_for(caller, session_id, owner_only=False)
         self.store.end_session(session_id, str(caller))
+
+
+def _utc(timestamp: float) -> str:
+    return f"{dt.datetime.fromtimestamp(timestamp, dt.UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _open_ca(
+    state_dir: Path,
+    kek: bytes,
+    trust_domain: str,
+    kdf: ScryptParams | None,
+    allow_weak_kdf: bool,
+) -> tuple[CertificateAuthority, StateKeys]:
+    """The CA and the state's keys, stretched from ``kek``. An older state directory (no
+    kdf.json, the CA key encrypted under the KEK itself) gets a kdf.json and its CA key
+    re-encrypted; each step is safe to repeat after a crash."""
+    cert_pem, key_path = (state_dir / CA_CERT).read_bytes(), state_dir / CA_KEY
+
+    def load(password: bytes) -> CertificateAuthority | None:
+        try:
+            return CertificateAuthority.load(
+                cert_pem, key_path.read_bytes(), password=password, trust_domain=trust_domain
+            )
+        except (ValueError, TypeError):
+            return None
+
+    record = read_kdf(state_dir)
+    if record is None:
+        # Written only once the KEK is known to open the older layout.
+        if load(legacy_keys(kek).ca_password) is None:
+            raise ValueError(
+                f"cannot decrypt {key_path}: wrong key-encryption key (or {KDF_FILE} is "
+                f"missing from {state_dir}: restore it from the backup)"
+            )
+        params = kdf or ScryptParams()
+        params.check(state_dir / KDF_FILE, allow_weak=allow_weak_kdf)
+        record = write_kdf(state_dir, params)
+        logger.warning(
+            "[KeyAuthority] %s predates the scrypt-stretched key-encryption key: "
+            "migrating it (%s written)",
+            state_dir,
+            KDF_FILE,
+        )
+    record.params.check(state_dir / KDF_FILE, allow_weak=allow_weak_kdf)
+    keys = derive_keys(kek, record)
+    ca = load(keys.ca_password)
+    if ca is None:
+        ca = load(legacy_keys(kek).ca_password)
+        if ca is None:
+            raise ValueError(f"cannot decrypt {key_path}: wrong key-encryption key")
+        write_pem(key_path, ca.key_pem(keys.ca_password), private=True)
+        logger.warning("[KeyAuthority] migrated %s: re-encrypted under the stretched key", key_path)
+    return ca, keys
 
 
 def _csr_subject(csr_pem: bytes) -> str:

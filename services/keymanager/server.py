@@ -72,7 +72,10 @@ def build_servers(
     *,
     listen: str | None = None,
     enroll_listen: str | None = None,
+    allow_weak_kdf: bool = False,
 ) -> KeyManagerServers:
+    """The key manager's two servers over its state directory (``allow_weak_kdf``: tests
+    only, see :mod:`.kek`)."""
     tls = server_tls(settings, server)
     if tls.insecure:
         raise ValueError("the key manager always uses TLS; drop insecure from [server]")
@@ -82,6 +85,8 @@ def build_servers(
         certificate_validity=dt.timedelta(seconds=settings.certificate_validity_s),
         token_ttl=dt.timedelta(seconds=settings.token_ttl_s),
         max_token_ttl=dt.timedelta(seconds=settings.max_token_ttl_s),
+        max_certificate_lifetime=dt.timedelta(seconds=settings.max_certificate_lifetime_s),
+        allow_weak_kdf=allow_weak_kdf,
     )
     try:
         if tls.source_dir is not None and authority.renew_own(tls.source_dir):

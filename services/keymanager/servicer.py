@@ -127,7 +127,12 @@ class KeyManagerServicer:
         self, request: keys_pb2.GetRevocationsRequest, context: grpc.ServicerContext
     ) -> keys_pb2.GetRevocationsResponse:
         version, rows = self.authority.store.revocations()
-        return keys_pb2.GetRevocationsResponse(version=version, revoked=[_record(r) for r in rows])
+        if _caller(context).role == "admin":
+            records = [_record(r) for r in rows]
+        else:
+            # Need to know: which certificates to refuse, not whose they were or why.
+            records = [keys_pb2.CertificateRecord(serial=r.serial) for r in rows]
+        return keys_pb2.GetRevocationsResponse(version=version, revoked=records)
 
     @unary_errors
     def RegisterSession(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ class KeyManagerSettings:
     # Enrollment port: server-authenticated TLS without client certificates; only Enroll.
     enroll_listen: str = "127.0.0.1:0"
     certificate_validity_s: float = 24 * 3600.0
+    # Renewal stops this long after a party enrolled (its certificate's lineage began),
+    # and no renewed certificate outlives it: then a new enrollment token is needed.
+    max_certificate_lifetime_s: float = 30 * 24 * 3600.0
     token_ttl_s: float = 24 * 3600.0
     max_token_ttl_s: float = 7 * 24 * 3600.0
     # How often the key manager checks whether its own certificate needs renewing.
@@ -37,6 +41,11 @@ class KeyManagerSettings:
             raise ValueError(
                 f"certificate_validity_s must be >= 60, got {self.certificate_validity_s}"
             )
+        if self.max_certificate_lifetime_s < self.certificate_validity_s:
+            raise ValueError(
+                "max_certificate_lifetime_s must be >= certificate_validity_s "
+                f"({self.certificate_validity_s}), got {self.max_certificate_lifetime_s}"
+            )
         if self.renew_check_s <= 0:
             raise ValueError(f"renew_check_s must be positive, got {self.renew_check_s}")
         if not 0 < self.token_ttl_s <= self.max_token_ttl_s:
@@ -50,9 +59,11 @@ class KeyManagerSettings:
 
 
 def load_kek(kek_file: Path | None, kek_env: str = DEFAULT_KEK_ENV) -> bytes:
-    """The key-encryption key from ``kek_file`` or the environment; never logged."""
+    """The key-encryption key from ``kek_file`` (which only its owner may read or write)
+    or the environment; never logged."""
     if kek_file is not None:
         try:
+            check_private(kek_file, "key-encryption key file")
             value = kek_file.read_bytes().strip()
         except FileNotFoundError:
             raise ValueError(f"key-encryption key file {kek_file} does not exist") from None
@@ -70,3 +81,13 @@ def load_kek(kek_file: Path | None, kek_env: str = DEFAULT_KEK_ENV) -> bytes:
     if len(value) < MIN_KEK_BYTES:
         raise ValueError(f"the key-encryption key in {where} must be >= {MIN_KEK_BYTES} bytes")
     return value
+
+
+def check_private(path: Path, what: str) -> None:
+    """Refuse ``path`` (symbolic links followed) if its group or others may read or write it."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o066:
+        raise ValueError(
+            f"{what} {path} may be read or written by group or others (mode {mode:04o}); "
+            f"make it private: chmod 600 {path}"
+        )

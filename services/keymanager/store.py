@@ -1,18 +1,22 @@
 """Persistent state of the key manager, in one SQLite database.
 
 Tables: bootstrap tokens (only their SHA-256 digests), issued certificates with their
-revocation state, sessions with their data keys (sealed with AES-256-GCM under a key
-derived from the key-encryption key), counters, and an append-only audit log of every
-issuance and revocation. Every change is one transaction, so a crash leaves either the
-old or the new state; ``path=None`` keeps everything in memory (tests).
+revocation state, sessions with their data keys (sealed with AES-256-GCM under the sealing
+key stretched from the key-encryption key, see :mod:`.kek`), counters, and an append-only
+audit log of every issuance and revocation. Every change is one transaction, so a crash
+leaves either the old or the new state; ``path=None`` keeps everything in memory (tests).
 
 The store never sees a party's private key; session data keys exist in the clear only in
 memory while they are handed out.
+
+One module of some 600 lines: every table shares one connection, one lock and one
+transaction helper, and the schema belongs with its migrations (:data:`MIGRATIONS`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,9 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -48,7 +50,11 @@ CREATE TABLE IF NOT EXISTS certificates (
     not_after REAL NOT NULL,
     pem BLOB NOT NULL,
     revoked_at REAL,
-    reason TEXT NOT NULL DEFAULT ''
+    reason TEXT NOT NULL DEFAULT '',
+    -- when the lineage (an enrollment and the renewals that follow it) began
+    enrolled_at REAL NOT NULL,
+    -- the certificate this one was renewed from (NULL: enrolled)
+    renewed_from TEXT
 );
 CREATE INDEX IF NOT EXISTS certificates_identity ON certificates (identity);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -64,6 +70,8 @@ CREATE TABLE IF NOT EXISTS session_keys (
     sealed BLOB NOT NULL,
     created_at REAL NOT NULL,
     next_prefix INTEGER NOT NULL,
+    -- 2: sealed under the scrypt-stretched key; 1: under HKDF(KEK) (older state)
+    sealing INTEGER NOT NULL DEFAULT 2,
     PRIMARY KEY (session_id, key_id)
 );
 CREATE TABLE IF NOT EXISTS counters (
@@ -80,8 +88,26 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
+# Columns added since the first schema: (table, column, definition, then how to fill the
+# rows an older database already has). Added when such a database is opened.
+MIGRATIONS = (
+    ("session_keys", "sealing", "INTEGER NOT NULL DEFAULT 1", ""),
+    # Lineages were not recorded: each older certificate starts its own.
+    (
+        "certificates",
+        "enrolled_at",
+        "REAL",
+        "UPDATE certificates SET enrolled_at = not_before WHERE enrolled_at IS NULL",
+    ),
+    ("certificates", "renewed_from", "TEXT", ""),
+)
+CERTIFICATE_COLUMNS = (
+    "serial, identity, role, not_before, not_after, revoked_at, reason, enrolled_at"
+)
+
 # Nonce prefixes are 4 bytes: each key hands out at most this many.
 MAX_PREFIXES = 1 << 32
+SEALING = 2
 
 
 def token_digest(token: str) -> str:
@@ -107,6 +133,9 @@ class CertificateRow:
     not_after: float
     revoked_at: float | None
     reason: str
+    # Start of the certificate's lineage (its enrollment); None when recording a new
+    # certificate: its not_before. Renewals copy it from their predecessor.
+    enrolled_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -141,12 +170,20 @@ class TokenRefusedError(Exception):
     """An enrollment token is unknown, used or expired (the message says which)."""
 
 
+class CertificateRefusedError(Exception):
+    """A certificate cannot be renewed: unknown, or not the caller's (the message says)."""
+
+
+class CertificateRevokedError(CertificateRefusedError):
+    """The certificate to renew was revoked."""
+
+
 class KeyStore:
     """All durable state of a key manager. Thread-safe; one writer at a time."""
 
-    def __init__(self, path: Path | None, kek: bytes) -> None:
-        if len(kek) < 16:
-            raise ValueError("the key-encryption key must be at least 16 bytes")
+    def __init__(self, path: Path | None, sealing_key: bytes) -> None:
+        if len(sealing_key) != 32:
+            raise ValueError("the sealing key must be 32 bytes (see keymanager.kek)")
         self.path = path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -159,13 +196,20 @@ class KeyStore:
         if path is not None:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
-        self._aead = AESGCM(
-            HKDF(
-                algorithm=hashes.SHA256(), length=32, salt=None, info=b"splitfed session keys v1"
-            ).derive(kek)
-        )
+        self._migrate()
+        self._aead = AESGCM(sealing_key)
+
+    def _migrate(self) -> None:
+        """Create the tables, and add the columns an older database lacks."""
+        self._db.executescript(SCHEMA)
+        with self._tx() as db:
+            for table, column, definition, fill in MIGRATIONS:
+                columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                    if fill:
+                        db.execute(fill)
 
     def close(self) -> None:
         with self._lock:
@@ -266,10 +310,15 @@ class KeyStore:
     # --- certificates -----------------------------------------------------------------
 
     def _insert_certificate(
-        self, db: sqlite3.Connection, certificate: CertificateRow, pem: bytes
+        self,
+        db: sqlite3.Connection,
+        certificate: CertificateRow,
+        pem: bytes,
+        renewed_from: str | None = None,
     ) -> None:
         db.execute(
-            "INSERT INTO certificates VALUES (?, ?, ?, ?, ?, ?, NULL, '')",
+            "INSERT INTO certificates (serial, identity, role, not_before, not_after, pem, "
+            "enrolled_at, renewed_from) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 certificate.serial,
                 certificate.identity,
@@ -277,6 +326,10 @@ class KeyStore:
                 certificate.not_before,
                 certificate.not_after,
                 pem,
+                certificate.not_before
+                if certificate.enrolled_at is None
+                else certificate.enrolled_at,
+                renewed_from,
             ),
         )
 
@@ -295,11 +348,46 @@ class KeyStore:
                 not_after=certificate.not_after,
             )
 
+    def record_renewal(
+        self, predecessor: str, certificate: CertificateRow, pem: bytes, *, actor: str
+    ) -> CertificateRow:
+        """Record ``certificate``, renewed from the one with serial ``predecessor``, in the
+        lineage of its predecessor (whose ``enrolled_at`` it keeps). The predecessor's
+        revocation is checked in the same transaction, so a revocation that lands while
+        the new certificate is being signed either comes first (and nothing is recorded:
+        :class:`CertificateRevokedError`) or revokes the new certificate too."""
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE serial = ?",
+                (predecessor,),
+            ).fetchone()
+            if row is None:
+                raise CertificateRefusedError(f"no record of certificate {predecessor}")
+            previous = CertificateRow(*row)
+            if (previous.identity, previous.role) != (certificate.identity, certificate.role):
+                raise CertificateRefusedError(
+                    f"certificate {predecessor} belongs to {previous.role}/{previous.identity}, "
+                    f"not {certificate.role}/{certificate.identity}"
+                )
+            if previous.revoked_at is not None:
+                raise CertificateRevokedError("certificate revoked")
+            renewed = dataclasses.replace(certificate, enrolled_at=previous.enrolled_at)
+            self._insert_certificate(db, renewed, pem, renewed_from=predecessor)
+            self._audit(
+                db,
+                actor,
+                "certificate.renew",
+                renewed.identity,
+                role=renewed.role,
+                serial=renewed.serial,
+                not_after=renewed.not_after,
+                renewed_from=predecessor,
+                enrolled_at=renewed.enrolled_at,
+            )
+        return renewed
+
     def certificates(self, identity: str = "") -> list[CertificateRow]:
-        query = (
-            "SELECT serial, identity, role, not_before, not_after, revoked_at, reason "
-            "FROM certificates"
-        )
+        query = f"SELECT {CERTIFICATE_COLUMNS} FROM certificates"
         args: tuple[str, ...] = ()
         if identity:
             query += " WHERE identity = ?"
@@ -311,15 +399,15 @@ class KeyStore:
     def certificate(self, serial: str) -> CertificateRow | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT serial, identity, role, not_before, not_after, revoked_at, reason "
-                "FROM certificates WHERE serial = ?",
+                f"SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE serial = ?",
                 (serial,),
             ).fetchone()
         return None if row is None else CertificateRow(*row)
 
     def revoke(self, *, identity: str = "", serial: str = "", reason: str, actor: str) -> int:
         """Revoke all certificates of ``identity`` (and delete its unused tokens) or the
-        one with ``serial``; returns how many certificates were newly revoked."""
+        one with ``serial`` and every certificate renewed from it, directly or not; returns
+        how many certificates were newly revoked."""
         if bool(identity) == bool(serial):
             raise ValueError("revoke needs exactly one of identity or serial")
         now = time.time()
@@ -334,7 +422,11 @@ class KeyStore:
             else:
                 cursor = db.execute(
                     "UPDATE certificates SET revoked_at = ?, reason = ? "
-                    "WHERE serial = ? AND revoked_at IS NULL",
+                    "WHERE revoked_at IS NULL AND serial IN ("
+                    "  WITH RECURSIVE descendants(serial) AS ("
+                    "    VALUES (?) UNION SELECT c.serial FROM certificates c"
+                    "    JOIN descendants d ON c.renewed_from = d.serial)"
+                    "  SELECT serial FROM descendants)",
                     (now, reason, serial),
                 )
             count = cursor.rowcount
@@ -355,8 +447,8 @@ class KeyStore:
                 "SELECT value FROM counters WHERE name = 'revocations'"
             ).fetchone()
             rows = self._db.execute(
-                "SELECT serial, identity, role, not_before, not_after, revoked_at, reason "
-                "FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ?",
+                f"SELECT {CERTIFICATE_COLUMNS} FROM certificates "
+                "WHERE revoked_at IS NOT NULL AND not_after > ?",
                 (time.time(),),
             ).fetchall()
         return (version_row[0] if version_row else 0), [CertificateRow(*r) for r in rows]
@@ -374,13 +466,38 @@ class KeyStore:
         nonce = secrets.token_bytes(12)
         return nonce + self._aead.encrypt(nonce, secret, f"{session_id}/{key_id}".encode())
 
-    def _unseal(self, session_id: str, key_id: int, sealed: bytes) -> bytes:
+    def _unseal(
+        self, session_id: str, key_id: int, sealed: bytes, aead: AESGCM | None = None
+    ) -> bytes:
         try:
-            return self._aead.decrypt(sealed[:12], sealed[12:], f"{session_id}/{key_id}".encode())
+            return (aead or self._aead).decrypt(
+                sealed[:12], sealed[12:], f"{session_id}/{key_id}".encode()
+            )
         except InvalidTag:
             raise ValueError(
                 "a stored session key does not decrypt: wrong key-encryption key?"
             ) from None
+
+    def reseal(self, legacy_key: bytes) -> int:
+        """Seal the session keys still sealed under ``legacy_key`` (a state directory from
+        before the stretched KEK) under this store's key, all in one transaction; returns
+        how many. Raises ``ValueError`` (and changes nothing) if one does not decrypt."""
+        legacy = AESGCM(legacy_key)
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT session_id, key_id, sealed FROM session_keys WHERE sealing != ?",
+                (SEALING,),
+            ).fetchall()
+            for session_id, key_id, sealed in rows:
+                secret = self._unseal(session_id, key_id, sealed, legacy)
+                db.execute(
+                    "UPDATE session_keys SET sealed = ?, sealing = ? "
+                    "WHERE session_id = ? AND key_id = ?",
+                    (self._seal(session_id, key_id, secret), SEALING, session_id, key_id),
+                )
+            if rows:
+                self._audit(db, "keymanager", "session.reseal", "*", count=len(rows))
+        return len(rows)
 
     def session(self, session_id: str) -> SessionRow | None:
         with self._lock:
@@ -411,12 +528,14 @@ class KeyStore:
 
     def _insert_key(self, db: sqlite3.Connection, session_id: str, key_id: int) -> None:
         db.execute(
-            "INSERT INTO session_keys VALUES (?, ?, ?, ?, 0)",
+            "INSERT INTO session_keys (session_id, key_id, sealed, created_at, next_prefix, "
+            "sealing) VALUES (?, ?, ?, ?, 0, ?)",
             (
                 session_id,
                 key_id,
                 self._seal(session_id, key_id, secrets.token_bytes(32)),
                 time.time(),
+                SEALING,
             ),
         )
 

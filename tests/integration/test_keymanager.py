@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import stat
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
@@ -17,7 +22,7 @@ from security_kit import KEK, SERVER_NAME, KeyManagerKit, keymanager_kit
 
 from splitfed.cli import cli
 from splitfed.clients.diagnostics import DiagnosticsClient
-from splitfed.clients.keys import CertificateRenewer, enroll
+from splitfed.clients.keys import CertificateRenewer, RevocationPoller, enroll
 from splitfed.errors import (
     NotFoundError,
     PermissionDeniedError,
@@ -29,8 +34,11 @@ from splitfed.security.tls import TLSConfig
 from splitfed.services.diagnostics import binding as diagnostics_binding
 from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
 from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
-from splitfed.services.keymanager.authority import KeyAuthority
-from splitfed.transport import create_channel, create_server
+from splitfed.services.keymanager.authority import KeyAuthority, certificate_row
+from splitfed.services.keymanager.kek import MIN_SCRYPT_N
+from splitfed.services.security import ServerSecurity, server_security
+from splitfed.serving import SecuritySettings
+from splitfed.transport import Server, create_channel, create_server
 
 
 @pytest.fixture
@@ -146,6 +154,16 @@ def test_keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE(kek_file.stat().st_mode) == 0o600
+    # The KEK is stretched with production parameters (the slow part of this test).
+    kdf = json.loads((state / "kdf.json").read_text())
+    assert kdf["n"] >= MIN_SCRYPT_N and kdf["r"] >= 8
+    loose = tmp_path / "loose-kek"
+    loose.write_text(kek_file.read_text())
+    loose.chmod(0o644)
+    refused = runner.invoke(
+        cli, ["keys", "init", "--state-dir", str(tmp_path / "s2"), "--kek-file", str(loose)]
+    )
+    assert refused.exit_code == 2 and f"chmod 600 {loose}" in refused.output
     again = runner.invoke(
         cli, ["keys", "init", "--state-dir", str(state), "--kek-file", str(kek_file)]
     )
@@ -221,6 +239,16 @@ def test_keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
             ],
         )
         assert denied.exit_code == 1 and "revoked" in denied.output
+        # The way back in when no admin certificate can renew any more: a new admin
+        # certificate straight from the state directory, with the KEK.
+        ops = tmp_path / "ops"
+        local = ["--state-dir", str(state), "--kek-file", str(kek_file), "--identity", "ops"]
+        issued = runner.invoke(cli, ["keys", "admin", *local, "--out", str(ops)])
+        assert issued.exit_code == 0, issued.output
+        assert stat.S_IMODE((ops / "key.pem").stat().st_mode) == 0o600
+        common[common.index("--tls-dir") + 1] = str(ops)
+        listed = runner.invoke(cli, ["keys", "list", "--identity", "ops", *common])
+        assert listed.exit_code == 0 and " admin " in listed.output, listed.output
     finally:
         kit.stop()
 
@@ -242,10 +270,19 @@ def test_a_server_serves_its_renewed_certificate_without_a_restart(
     kit = keymanager_kit(tmp_path, monkeypatch, ca=ca)
     kit.start()
     server_dir = tmp_path / "server"
-    # Valid for three more seconds (certificates start CLOCK_SKEW in the past).
-    ca.issue(
+    # Valid for three more seconds (certificates start CLOCK_SKEW in the past), and on
+    # record at the key manager (it renews only certificates it knows).
+    issued = ca.issue(
         "bb", "backbone", dns_names=["localhost"], validity=CLOCK_SKEW + dt.timedelta(seconds=3)
-    ).write(server_dir)
+    )
+    issued.write(server_dir)
+    assert kit.servers is not None
+    kit.servers.authority.store.record_certificate(
+        certificate_row(issued.cert_pem, "bb", "backbone"),
+        issued.cert_pem,
+        actor="test",
+        action="certificate.issue",
+    )
     server = create_server(
         [diagnostics_binding()],
         TLSConfig.from_dir(server_dir),
@@ -275,7 +312,7 @@ def test_the_key_manager_renews_its_own_certificate(
 ) -> None:
     kit = keymanager_kit(tmp_path, monkeypatch)
     server_dir = kit.state_dir / "server"
-    authority = KeyAuthority(kit.state_dir, KEK.encode())
+    authority = KeyAuthority(kit.state_dir, KEK.encode(), allow_weak_kdf=True)
     before = (server_dir / "cert.pem").read_bytes()
     assert not authority.renew_own(server_dir)
     assert authority.renew_own(server_dir, renew_fraction=1e-9)
@@ -290,3 +327,134 @@ def test_the_key_manager_renews_its_own_certificate(
     assert format(after.serial_number, "x") in serials and len(serials) == 2
     admin.close()
     kit.stop()
+
+
+# --- issue 15: renewal racing revocation, lineage lifetime, need-to-know, restarts -------
+
+DAY = 24 * 3600.0
+
+
+def test_a_renewal_racing_a_revocation_issues_nothing(
+    km: KeyManagerKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewal passes the interceptor's revocation check, then the admin revokes,
+    then the key manager signs: the new certificate must not be issued."""
+    alice = km.enroll("alice")
+    assert km.servers is not None
+    authority = km.servers.authority
+    signing, revoked = threading.Event(), threading.Event()
+    sign = authority._sign
+
+    def sign_after_the_revocation(*args: Any, **kwargs: Any) -> bytes:
+        signing.set()  # past the interceptor
+        assert revoked.wait(10)
+        return sign(*args, **kwargs)
+
+    monkeypatch.setattr(authority, "_sign", sign_after_the_revocation)
+    outcome: dict[str, object] = {}
+
+    def renew() -> None:
+        client = km.client(alice)
+        try:
+            outcome["certificate"] = client.renew(make_csr(generate_private_key(), "alice"))
+        except Exception as exc:
+            outcome["error"] = exc
+        finally:
+            client.close()
+
+    renewal = threading.Thread(target=renew)
+    renewal.start()
+    assert signing.wait(10)
+    admin = km.admin()
+    assert admin.revoke(identity="alice", reason="stolen") == 1
+    admin.close()
+    revoked.set()
+    renewal.join(10)
+    assert "certificate" not in outcome
+    assert isinstance(outcome.get("error"), UnauthenticatedError)
+    assert "revoked" in str(outcome["error"])
+    rows = authority.store.certificates("alice")
+    assert len(rows) == 1 and rows[0].revoked_at is not None
+
+
+def test_renewal_past_the_maximum_lifetime_needs_a_new_token(
+    km: KeyManagerKit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = km.enroll("alice")
+    assert km.servers is not None
+    later = time.time() + 30 * DAY + 60
+    monkeypatch.setattr(km.servers.authority, "clock", lambda: later)
+    with pytest.raises(PermissionDeniedError, match="new enrollment token"):
+        CertificateRenewer(alice, km.address, server_name=SERVER_NAME).renew_now()
+    args = ["--keymanager", km.address, "--tls-dir", str(alice), "--server-name", SERVER_NAME]
+    renewed = CliRunner().invoke(cli, ["keys", "renew", *args])
+    assert renewed.exit_code == 1 and "new enrollment token" in renewed.output
+    assert len(km.servers.authority.store.certificates("alice")) == 1
+
+
+def test_only_admins_learn_who_was_revoked_and_why(km: KeyManagerKit) -> None:
+    carol = km.enroll("carol")
+    serial = format(
+        x509.load_pem_x509_certificate((carol / "cert.pem").read_bytes()).serial_number, "x"
+    )
+    admin = km.admin()
+    admin.revoke(identity="carol", reason="laptop stolen in Lyon")
+    for party in (km.enroll("alice"), km.enroll("bb", "backbone"), km.enroll("agg", "aggregator")):
+        client = km.client(party)
+        state = client.revocations()
+        client.close()
+        assert state.version == 1 and state.serials == {serial}
+        assert [(r.identity, r.role, r.reason) for r in state.records] == [("", "", "")]
+    (record,) = admin.revocations().records
+    assert (record.identity, record.role, record.reason) == (
+        "carol",
+        "client",
+        "laptop stolen in Lyon",
+    )
+    admin.close()
+
+
+def test_a_restarted_service_refuses_a_revoked_certificate_before_any_poll(
+    km: KeyManagerKit,
+) -> None:
+    """The service keeps the last revocation list it fetched; restarted while the key
+    manager is down, it refuses the revoked certificate from its first call."""
+    service = km.enroll("svc", "backbone", dns_names=("localhost",))
+    alice, bob = km.enroll("alice"), km.enroll("bob")
+    settings = SecuritySettings(
+        keymanager=km.address, keymanager_server_name=SERVER_NAME, revocation_poll_s=30
+    )
+
+    def serve() -> tuple[ServerSecurity, Server]:
+        tls = TLSConfig.from_dir(service)
+        security = server_security({DIAGNOSTICS: DIAGNOSTICS_POLICY}, tls, settings)
+        server = create_server([diagnostics_binding()], tls, interceptors=[security.interceptor])
+        security.start()
+        return security, server.start()
+
+    def who_am_i(server: Server, party: Path) -> str:
+        """The identity the service sees, or the status and details of its refusal."""
+        tls = TLSConfig.from_dir(party)
+        with create_channel(server.address, tls, server_name="localhost") as channel:
+            try:
+                return DiagnosticsClient(channel).who_am_i().identity
+            except grpc.RpcError as err:
+                return f"{err.code().name}: {err.details()}"
+
+    security, server = serve()
+    admin = km.admin()
+    admin.revoke(identity="alice", reason="left")
+    admin.close()
+    poller = next(t for t in security.background if isinstance(t, RevocationPoller))
+    poller.tick()  # the service learns of it from the key manager
+    assert who_am_i(server, alice) == "UNAUTHENTICATED: certificate revoked"
+    server.stop(0)
+    security.stop()
+    km.stop()  # and stays down
+    security, server = serve()
+    try:
+        assert who_am_i(server, alice) == "UNAUTHENTICATED: certificate revoked"
+        assert who_am_i(server, bob) == "bob"
+    finally:
+        server.stop(0)
+        security.stop()

@@ -671,9 +671,7 @@ def test_keymanager_init_runs_once(tmp_path: Path) -> None:
     result = run_script("keymanager-init.sh", env, tmp_path / "bin")
     assert result.returncode == 0, result.stderr
     call = record.read_text()
-    assert call.startswith(
-        f"keys init --state-dir {state} --kek-file /etc/splitfed/kek/kek --admin-dir "
-    )
+    assert call.startswith(f"keys init --state-dir {state} --admin-dir ")
     for name in (
         "localhost",
         "splitfed-keymanager",

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 from pathlib import Path
 
 import pytest
 
-from splitfed.services.keymanager.store import CertificateRow, KeyStore, TokenRefusedError
+from splitfed.services.keymanager.store import (
+    CertificateRefusedError,
+    CertificateRevokedError,
+    CertificateRow,
+    KeyStore,
+    TokenRefusedError,
+)
 
 KEK = b"k" * 32
 
@@ -89,3 +96,54 @@ def test_state_survives_reopening_and_needs_the_kek(tmp_path: Path) -> None:
     wrong = KeyStore(path, b"w" * 32)
     with pytest.raises(ValueError, match="key-encryption key"):
         wrong.issue_key("s1")
+
+
+def test_renewal_checks_revocation_in_its_own_transaction(store: KeyStore) -> None:
+    store.record_certificate(
+        CertificateRow("a1", "alice", "client", 10.0, 4e9, None, "", enrolled_at=5.0),
+        b"pem",
+        actor="x",
+        action="certificate.enroll",
+    )
+    renewed = store.record_renewal("a1", row("a2"), b"pem2", actor="client/alice")
+    assert renewed.enrolled_at == 5.0 and store.certificate("a2") == renewed
+    store.revoke(identity="alice", reason="stolen", actor="admin/admin")
+    with pytest.raises(CertificateRevokedError, match="revoked"):
+        store.record_renewal("a2", row("a3"), b"pem3", actor="client/alice")
+    with pytest.raises(CertificateRefusedError, match="no record"):
+        store.record_renewal("zz", row("a4"), b"pem4", actor="client/alice")
+    with pytest.raises(CertificateRefusedError, match="bob"):
+        store.record_renewal("a1", row("b1", "bob"), b"pem5", actor="client/alice")
+    assert sorted(c.serial for c in store.certificates()) == ["a1", "a2"]
+    assert [e.action for e in store.audit_log()].count("certificate.renew") == 1
+
+
+def test_an_older_database_gains_enrollment_times(tmp_path: Path) -> None:
+    """Certificates recorded before lineages existed start theirs at their not_before."""
+    path = tmp_path / "km.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE certificates (serial TEXT PRIMARY KEY, identity TEXT NOT NULL, "
+            "role TEXT NOT NULL, not_before REAL NOT NULL, not_after REAL NOT NULL, "
+            "pem BLOB NOT NULL, revoked_at REAL, reason TEXT NOT NULL DEFAULT '')"
+        )
+        db.execute(
+            "INSERT INTO certificates VALUES ('a1', 'alice', 'client', 7, 9, x'00', NULL, '')"
+        )
+    store = KeyStore(path, KEK)
+    certificate = store.certificate("a1")
+    assert certificate is not None and certificate.enrolled_at == 7.0
+    store.close()
+
+
+def test_revoking_a_certificate_revokes_what_was_renewed_from_it(store: KeyStore) -> None:
+    """A thief who renewed a stolen certificate before the admin revoked its serial gets
+    nothing out of it: the renewals descend from the revoked certificate."""
+    store.record_certificate(row("a1"), b"pem", actor="x", action="certificate.enroll")
+    store.record_renewal("a1", row("a2"), b"pem", actor="client/alice")
+    store.record_renewal("a2", row("a3"), b"pem", actor="client/alice")
+    store.record_renewal("a2", row("a4"), b"pem", actor="client/alice")  # a fork
+    store.record_certificate(row("b1", "bob"), b"pem", actor="x", action="certificate.enroll")
+    assert store.revoke(serial="a2", reason="stolen", actor="admin/admin") == 3
+    assert sorted(r.serial for r in store.revocations()[1]) == ["a2", "a3", "a4"]
+    assert not store.is_revoked("a1") and not store.is_revoked("b1")

@@ -1,8 +1,9 @@
 #!/bin/sh
 # Init container of the key manager: on the first start only, create the deployment CA
 # and the key manager's state on its volume (`splitfed keys init`): the CA key encrypted
-# under the KEK from the Secret splitfed-kek, the database, the key manager's own
-# certificate (state/server/) and an admin certificate (admin/) for `kubectl exec`.
+# under the KEK ($SPLITFED_KEK, from the Secret splitfed-kek), the database, the key
+# manager's own certificate (state/server/) and an admin certificate (admin/) for
+# `kubectl exec`.
 # The names in the key manager's certificate are fixed here: the in-cluster Service
 # names, localhost for the probes, and SPLITFED_KEYMANAGER_EXTRA_DNS (space-separated)
 # for clients outside the cluster. Later starts keep the state as it is.
@@ -20,5 +21,4 @@ set -- --dns localhost --ip 127.0.0.1 --dns splitfed-keymanager \
 for name in ${SPLITFED_KEYMANAGER_EXTRA_DNS:-}; do
     set -- "$@" --dns "$name"
 done
-exec splitfed keys init --state-dir "$state" --kek-file /etc/splitfed/kek/kek \
-    --admin-dir "$admin" "$@"
+exec splitfed keys init --state-dir "$state" --admin-dir "$admin" "$@"
