@@ -160,14 +160,14 @@ def adapter_schema_for(config: Any, adapter: Any, k: int = 1, m: int = 1) -> Sch
     spec = SplitSpec(family.num_layers(config), k, m)
     state: dict[str, torch.Tensor] = {}
     for part in ("head", "tail"):
-        base = empty_base(config, family, part, spec.layers(part))  # type: ignore[arg-type]
+        base = empty_base(config, family, part, spec.layers(part))
         lm_head: nn.Module | None = None
         if part == "tail":
             with meta_parameters():
                 lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             lm_head.to_empty(device="cpu")
         base.to_empty(device="cpu")  # storage, never written: only shapes matter
-        built = PART_CLASSES[part](family, config, spec, base, lm_head)  # type: ignore[index]
+        built = PART_CLASSES[part](family, config, spec, base, lm_head)
         adapter.apply(built)
         state.update(adapter_state(built))
         del built, base, lm_head

@@ -1,6 +1,11 @@
 """One federation's rounds: selection, phases, deadlines, streaming aggregation, versions.
 
 No gRPC in here: the servicer calls these methods, which raise :mod:`splitfed.errors`.
+One module on purpose (it is long): membership, the round's state machine, uploads in
+flight and persistence share one lock and one state, and its invariants (an update is in
+the running sum iff its sender is in ``contributors``; nothing in flight survives the
+step that declares dropouts) are checked in one place. What holds the updates' bytes is
+in :mod:`.updates`.
 
 Durability. ``state.json`` holds the round, its phase, the joined and selected clients
 and the current global version. Each counted update is folded into a running sum that is

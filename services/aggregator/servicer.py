@@ -103,6 +103,15 @@ def to_plan(plan: Mapping[str, Any]) -> aggregator_pb2.RoundPlan:
     )
 
 
+# Server threads kept free of streaming calls (unary calls, health checks).
+RESERVED_WORKERS = 4
+# Streaming calls (uploads, downloads, watches) one identity may hold open at once: an
+# honest member needs one watch and one transfer.
+STREAMS_PER_IDENTITY = 3
+# A watch that has seen no change for this long is ended (the client watches again).
+STREAM_IDLE_TIMEOUT_S = 300.0
+
+
 class AggregatorServicer:
     def __init__(
         self,
@@ -110,6 +119,7 @@ class AggregatorServicer:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         watch_poll_s: float = 1.0,
+        max_workers: int = 16,
     ) -> None:
         self.federations = federations
         self.chunk_bytes = chunk_bytes
@@ -117,7 +127,15 @@ class AggregatorServicer:
         largest = max(f.settings.max_adapter_bytes for f in federations.values())
         self.limits = TensorLimits(max_tensor_bytes=largest, max_rank=4)
         self.budget = ReceiveBudget(max(2 * largest, 64 << 20))
-        self.streams = StreamGuard("Aggregator", max_streams=64)
+        # Every streaming call holds a server thread for its life: all of them together
+        # stay below the worker count, and one identity gets a few.
+        streams = max(1, max_workers - RESERVED_WORKERS)
+        self.streams = StreamGuard(
+            "Aggregator",
+            max_streams=streams,
+            idle_timeout_s=STREAM_IDLE_TIMEOUT_S,
+            max_streams_per_identity=min(STREAMS_PER_IDENTITY, streams),
+        )
 
     def _federation(self, name: str, caller: Identity, *, join: bool = False) -> Federation:
         """The federation ``name`` for a caller that is one of its members (an admin may
@@ -200,7 +218,7 @@ class AggregatorServicer:
     ) -> aggregator_pb2.UploadUpdateResponse:
         caller = _caller(context)
         identity = caller.name
-        with self.streams.open(context, request_iterator) as frames:
+        with self.streams.open(context, request_iterator, identity=str(caller)) as frames:
             iterator = iter(frames)
             first = next(iterator, None)
             if first is None:
@@ -241,19 +259,22 @@ class AggregatorServicer:
     def DownloadGlobal(
         self, request: aggregator_pb2.DownloadGlobalRequest, context: grpc.ServicerContext
     ) -> Iterator[OutgoingFrame | aggregator_pb2.DownloadGlobalResponse]:
-        federation = self._federation(request.federation, _caller(context))
-        with federation.lock:
-            version = request.version or federation.state.version
-        tensors = federation.offset(version)
-        if not tensors:
-            yield aggregator_pb2.DownloadGlobalResponse(version=version)
-            return
-        for name in sorted(tensors):
-            for frame in iter_frames(
-                tensors[name], name, DOWNLOAD_RESPONSE, chunk_bytes=self.chunk_bytes
-            ):
-                frame.message.version = version  # type: ignore[attr-defined]
-                yield frame
+        caller = _caller(context)
+        federation = self._federation(request.federation, caller)
+        with self.streams.open(context, iter(()), identity=str(caller)) as stream:
+            with federation.lock:
+                version = request.version or federation.state.version
+            tensors = federation.offset(version)
+            if not tensors:
+                yield aggregator_pb2.DownloadGlobalResponse(version=version)
+                return
+            for name in sorted(tensors):
+                frames = iter_frames(
+                    tensors[name], name, DOWNLOAD_RESPONSE, chunk_bytes=self.chunk_bytes
+                )
+                for frame in stream.pace(frames):
+                    frame.message.version = version  # type: ignore[attr-defined]
+                    yield frame
 
     @stream_errors
     def WatchRound(
@@ -262,23 +283,28 @@ class AggregatorServicer:
         caller = _caller(context)
         federation = self._federation(request.federation, caller)
         seen = None
-        while context.is_active():
-            key = federation.wait_for_change(seen, self.watch_poll_s)
-            federation.tick()
-            if key == seen:
-                continue
-            seen = key
-            if caller.role != "admin":
-                federation.require_member(caller.name)  # still one
-            plan = federation.plan(caller.name, member=caller.role != "admin")
-            yield aggregator_pb2.WatchRoundResponse(
-                plan=to_plan(plan),
-                received=plan["received"],
-                participants=plan["participants"],
-                versions=plan["global_version"],
-            )
-            if plan["phase"] == FINISHED:
-                return
+        with self.streams.open(context, iter(()), identity=str(caller)) as stream:
+            while context.is_active():
+                key = federation.wait_for_change(seen, self.watch_poll_s)
+                federation.tick()
+                if key == seen:
+                    continue
+                seen = key
+                if caller.role != "admin":
+                    federation.require_member(caller.name)  # still one
+                plan = federation.plan(caller.name, member=caller.role != "admin")
+                yield from stream.pace(
+                    [
+                        aggregator_pb2.WatchRoundResponse(
+                            plan=to_plan(plan),
+                            received=plan["received"],
+                            participants=plan["participants"],
+                            versions=plan["global_version"],
+                        )
+                    ]
+                )
+                if plan["phase"] == FINISHED:
+                    return
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -313,10 +339,12 @@ class Ticker:
 
 
 def binding(
-    federations: Mapping[str, Federation], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    federations: Mapping[str, Federation],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_workers: int = 16,
 ) -> ServiceBinding:
     return service_binding(
         SERVICE,
-        AggregatorServicer(federations, chunk_bytes=chunk_bytes),
+        AggregatorServicer(federations, chunk_bytes=chunk_bytes, max_workers=max_workers),
         [UPLOAD_REQUEST, DOWNLOAD_RESPONSE],
     )

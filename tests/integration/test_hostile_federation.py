@@ -243,3 +243,33 @@ def test_poisoned_updates_are_refused_over_the_wire(make) -> None:  # type: igno
     for tensor in offset.values():
         torch.testing.assert_close(tensor, torch.full_like(tensor, 0.5))
     assert list((setup.state_dir / "spool").iterdir()) == []
+
+
+def test_one_member_cannot_take_every_server_thread(make) -> None:  # type: ignore[no-untyped-def]
+    """Item 6: 16 WatchRound streams of one member (there are 16 server threads) used to
+    starve everyone else into DEADLINE_EXCEEDED; now one identity holds at most 3 streams
+    and the others still join, plan and upload."""
+    setup: Setup = make()
+    flooder = setup.aggregator_client("mallory")
+    flooder.join("fed", 10)
+    stub = flooder._stub
+    calls = [
+        stub.WatchRound(aggregator_pb2.WatchRoundRequest(federation="fed"), timeout=60)
+        for _ in range(16)
+    ]
+    codes = []
+    for call in calls:
+        try:
+            next(call)
+            codes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as err:
+            codes.append(err.code())
+    assert codes.count(grpc.StatusCode.OK) == 3, codes
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    honest = setup.aggregator_client("hospital-a")
+    plan = honest.join("fed", 10)  # within its 30 s deadline, while mallory's 3 streams stay
+    assert honest.plan("fed").phase == aggregator_pb2.ROUND_PHASE_UPLOAD
+    plan = honest.plan("fed")
+    assert honest.upload(plan, 10, deltas(setup)).received == 1
+    for call in calls:
+        call.cancel()
