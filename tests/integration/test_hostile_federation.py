@@ -150,9 +150,7 @@ def test_a_member_cannot_name_another_members_session(make, caplog) -> None:  # 
     assert plan.phase == aggregator_pb2.ROUND_PHASE_UPLOAD
     address = setup.backbone.address
     with pytest.raises(PermissionDeniedError, match="does not confirm"):
-        mallory.upload(
-            plan, 1000, deltas(setup), backbone=address, backbone_session=victim_session
-        )
+        mallory.upload(plan, 1000, deltas(setup), backbone=address, backbone_session=victim_session)
     # A session of the right owner but opened for no (or another) federation is refused too.
     stray = setup.open_session(mallory_bb, federation="")
     with pytest.raises(PermissionDeniedError, match="does not confirm"):
@@ -199,10 +197,8 @@ def test_membership_is_by_configuration_and_refusals_say_nothing(make) -> None: 
         for call in (
             lambda f: stranger.join(f, 10),
             stranger.plan,
-            lambda f: stranger.download(f),
-            lambda f: stranger.wait_for_change(
-                aggregator_pb2.RoundPlan(federation=f), timeout_s=5
-            ),
+            stranger.download,
+            lambda f: stranger.wait_for_change(aggregator_pb2.RoundPlan(federation=f), timeout_s=5),
         ):
             with pytest.raises(PermissionDeniedError) as refused:
                 call(federation)

@@ -320,9 +320,7 @@ def test_a_slow_upload_is_destroyed_before_any_seed_is_revealed(tmp_path: Path) 
     assert spool.stat().st_size > 0
     captured = {  # what the aggregator held of c before the fix
         name: np.fromfile(spool, dtype=np.uint64, count=t.numel(), offset=o)
-        for name, t, o in (
-            (t.name, secret[t.name], t.offset) for t in slow.spool.tensors
-        )
+        for name, t, o in ((t.name, secret[t.name], t.offset) for t in slow.spool.tensors)
     }
     fed.tick(fed.state.deadline + 1)
     assert fed.state.phase == "reveal" and fed.state.dropped == ["c"]
