@@ -157,11 +157,17 @@ class AggregatorClient:
         )
         return response
 
-    def download(self, federation: str, version: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
-        """The global offset at ``version`` (0: the latest) and its version number."""
+    def download(
+        self, federation: str, version: int = 0, *, body: bool = False
+    ) -> tuple[int, dict[str, torch.Tensor]]:
+        """The global offset at ``version`` (0: the latest) and its version number; with
+        ``body``, the average body adapter of that version instead (server-side adapters;
+        empty if there is none)."""
 
         def call() -> tuple[int, dict[str, torch.Tensor]]:
-            request = aggregator_pb2.DownloadGlobalRequest(federation=federation, version=version)
+            request = aggregator_pb2.DownloadGlobalRequest(
+                federation=federation, version=version, body=body
+            )
             tensors: dict[str, torch.Tensor] = {}
             got = version
             with TensorAssembler(LIMITS) as assembler:
@@ -256,7 +262,19 @@ class FederatedTrainer:
         }
         self.trainer.load_adapter_tensors(values)
         self.version = got
+        self._load_body(got)
         return values
+
+    def _load_body(self, version: int) -> None:
+        """Server-side adapters: put the body average of ``version`` into this client's
+        own backbone session (the aggregator pushes it only into the sessions of the
+        round's contributors; a member that sat a round out catches up here)."""
+        session = getattr(self.trainer, "session", None)
+        if not self.backbone or version == 0 or session is None:
+            return
+        _, body = self.aggregator.download(self.federation, version, body=True)
+        if body:
+            self.trainer.client.import_adapter(session.session_id, body)
 
     def run(
         self,

@@ -343,6 +343,18 @@ class Federation:
         tensors, _ = read_tensors(path)
         return {name: torch.from_numpy(array) for name, array in tensors.items()}
 
+    def _body_path(self, version: int) -> Path:
+        return self.directory / "versions" / f"v{version}.body.safetensors"
+
+    def body(self, version: int) -> dict[str, torch.Tensor]:
+        """The average body adapter made with ``version`` (server-side adapters); empty
+        if there is none."""
+        path = self._body_path(version)
+        if version == 0 or not path.is_file():
+            return {}
+        tensors, _ = read_tensors(path)
+        return {name: torch.from_numpy(array) for name, array in tensors.items()}
+
     def _strategy_state(self, version: int) -> dict[str, torch.Tensor]:
         path = self._strategy_path(version)
         if version == 0 or not path.is_file():
@@ -861,7 +873,7 @@ class Federation:
             )
             if body:
                 write_tensors(
-                    self.directory / "versions" / f"v{version}.body.safetensors",
+                    self._body_path(version),
                     {n: t.contiguous().numpy() for n, t in body.items()},
                     {"round": str(s.round)},
                 )

@@ -264,7 +264,7 @@ class AggregatorServicer:
         with self.streams.open(context, iter(()), identity=str(caller)) as stream:
             with federation.lock:
                 version = request.version or federation.state.version
-            tensors = federation.offset(version)
+            tensors = federation.body(version) if request.body else federation.offset(version)
             if not tensors:
                 yield aggregator_pb2.DownloadGlobalResponse(version=version)
                 return

@@ -439,18 +439,25 @@ class DownloadGlobalRequest(_message.Message):
 
     FEDERATION_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     federation: _builtins.str
     version: _builtins.int
     """0: the latest version."""
+    body: _builtins.bool
+    """Federations with server-side adapters: the average of the contributors' body
+    adapters made with that version (empty if there is none), instead of the offset. A
+    member that did not take part in a round loads it into its own backbone session.
+    """
     def __init__(
         self,
         *,
         federation: _builtins.str = ...,
         version: _builtins.int = ...,
+        body: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation", b"federation", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "federation", b"federation", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

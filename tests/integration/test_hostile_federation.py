@@ -163,6 +163,13 @@ def test_a_member_cannot_name_another_members_session(make, caplog) -> None:  # 
     for client, session in ((victim_bb, victim_session), (mallory_bb, mallory_session)):
         for name, tensor in client.export_adapter(session).items():
             torch.testing.assert_close(tensor, torch.full_like(tensor, expected[name]))
+    # A member that sat the round out loads the same average into its own session.
+    late = setup.aggregator_client("hospital-b")
+    late.join("fed", 10)
+    _, body = late.download("fed", 1, body=True)
+    assert body.keys() == victim_body.keys()
+    for name, tensor in body.items():
+        torch.testing.assert_close(tensor, torch.full_like(tensor, expected[name]))
     # The backbone itself refuses the aggregator for another federation or owner, with the
     # same answer as for a session that does not exist.
     agent = setup.backbone_client("aggregator-0", "aggregator")
