@@ -235,6 +235,8 @@ def run(
         "local_steps": 1,
         "strategy": "fedavg",
         "deadline_s": 3600.0,
+        "members": [f"client-{index:03d}" for index in range(args.clients)],
+        "schema": {name: list(shape) for name, shape in shapes.items()},
     }
     state_dir = root / "state"
     (root / "aggregator.yaml").write_text(
@@ -260,8 +262,8 @@ def run(
             tls = TLSConfig(ca.cert_pem, issued.cert_pem, issued.key_pem)
             channels.append(create_channel(address, tls, server_name=SERVER_NAME))
             clients.append(AggregatorClient(channels[-1], timeout_s=600.0))
-        for client in clients:
-            client.join(FEDERATION)
+        for index, client in enumerate(clients):
+            client.join(FEDERATION, client_samples(args.seed, index))
         plans = [client.plan(FEDERATION) for client in clients]
         if any(p.phase != aggregator_pb2.ROUND_PHASE_UPLOAD or not p.selected for p in plans):
             raise RuntimeError("the round did not open for every client after all joined")

@@ -460,6 +460,8 @@ def federated(
         "strategy_options": args.strategy_options,
         "deadline_s": 600.0,
         "adapter_seed": ADAPTER.seed,
+        "members": [f"client-{index}" for index in range(len(data))],
+        "schema": {n: list(t.shape) for n, t in evaluator.initial.items()},
     }
     config = root / "aggregator.yaml"
     config.write_text(
@@ -506,14 +508,13 @@ def federated(
                 raise RuntimeError(f"{name} failed:\n{tail}")
         seconds = time.monotonic() - started
         clients = [json.loads((root / f"{name}.json").read_text()) for name, _ in processes]
-        # An evaluator joins the finished federation (members may read its versions).
-        ca.issue("evaluator", "client").write(root / "evaluator")
+        # An evaluator reads the finished federation's versions (an admin may).
+        ca.issue("evaluator", "admin").write(root / "evaluator")
         channel = create_channel(
             address, tls_config(root / "evaluator"), server_name=AGGREGATOR_NAME
         )
         with channel:
             reader = AggregatorClient(channel)
-            reader.join(FEDERATION)
             points = [(0, evaluator.loss(evaluator.initial))]
             per_round = len(data) * args.local_steps
             adapter: dict[str, torch.Tensor] = evaluator.initial

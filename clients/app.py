@@ -5,6 +5,7 @@ trainer or generator."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -38,6 +39,8 @@ from splitfed.serving import ConnectSettings, SecuritySettings
 from splitfed.transport import create_channel, parse_address
 from splitfed.v1 import backbone_pb2
 
+JOIN_TOKEN_ENV = "SPLITFED_JOIN_TOKEN"
+
 
 @dataclass(frozen=True)
 class FederatedSettings:
@@ -51,6 +54,9 @@ class FederatedSettings:
     max_wait_s: float = 3600.0
     # Keep a copy of every update sent (round<r>-attempt<a>.safetensors) here.
     record_updates: Path | None = None
+    # The federation's join token, for members its config does not list by name: a file
+    # holding it (mode 0600), or the environment variable SPLITFED_JOIN_TOKEN.
+    join_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         parse_address(self.aggregator)
@@ -58,6 +64,17 @@ class FederatedSettings:
             raise ValueError("federation is required")
         if self.max_wait_s <= 0:
             raise ValueError(f"max_wait_s must be positive, got {self.max_wait_s}")
+        if self.join_token_file is not None:
+            object.__setattr__(self, "join_token_file", Path(self.join_token_file))
+
+    def join_token(self) -> str:
+        """The join token from ``join_token_file`` or $SPLITFED_JOIN_TOKEN ("" if none)."""
+        if self.join_token_file is None:
+            return os.environ.get(JOIN_TOKEN_ENV, "").strip()
+        try:
+            return self.join_token_file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read join_token_file {self.join_token_file}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -354,6 +371,7 @@ def federated_trainer(
             identity=certificate_identity(tls),
             record_dir=federated.record_updates,
             backbone=config.backbone.address,
+            join_token=federated.join_token(),
         )
 
 

@@ -27,7 +27,12 @@ from splitfed.services.backbone.handlers import (
     TRAIN_REQUEST,
     TRAIN_RESPONSE,
 )
-from splitfed.services.backbone.servicer import SERVICE, SESSION_METADATA
+from splitfed.services.backbone.servicer import (
+    FEDERATION_METADATA,
+    OWNER_METADATA,
+    SERVICE,
+    SESSION_METADATA,
+)
 from splitfed.transport import framed_stream
 from splitfed.v1 import backbone_pb2, backbone_pb2_grpc
 from splitfed.wire import (
@@ -324,11 +329,29 @@ class BackboneClient:
             ),
         )
 
-    def export_adapter(self, session_id: str) -> dict[str, torch.Tensor]:
+    def check_session(self, session_id: str, federation: str, owner: str) -> int:
+        """Aggregators: that ``session_id`` is ``owner``'s session for ``federation``
+        (``PermissionDeniedError`` otherwise); returns its step."""
+        request = backbone_pb2.CheckSessionRequest(
+            session_id=session_id, federation=federation, owner=owner
+        )
+        response = self._unary(
+            "Backbone.CheckSession",
+            lambda: self._stub.CheckSession(request, timeout=self.timeout_s),
+        )
+        return int(response.step)
+
+    def export_adapter(
+        self, session_id: str, *, federation: str = "", owner: str = ""
+    ) -> dict[str, torch.Tensor]:
+        """A session's body adapter. An aggregator names the federation it acts for and
+        the member it expects to own the session."""
+
         def call() -> dict[str, torch.Tensor]:
-            responses = self._export(
-                backbone_pb2.ExportAdapterRequest(session_id=session_id), timeout=self.timeout_s
+            request = backbone_pb2.ExportAdapterRequest(
+                session_id=session_id, federation=federation, owner=owner
             )
+            responses = self._export(request, timeout=self.timeout_s)
             tensors: dict[str, torch.Tensor] = {}
             with TensorAssembler(CLIENT_LIMITS) as assembler:
                 for frame in responses:
@@ -339,7 +362,19 @@ class BackboneClient:
 
         return self._unary("Backbone.ExportAdapter", call)  # type: ignore[no-any-return]
 
-    def import_adapter(self, session_id: str, tensors: Mapping[str, torch.Tensor]) -> int:
+    def import_adapter(
+        self,
+        session_id: str,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        federation: str = "",
+        owner: str = "",
+    ) -> int:
+        """Replace a session's body adapter (an aggregator: as for :meth:`export_adapter`)."""
+        metadata = [(SESSION_METADATA, session_id)]
+        if federation or owner:
+            metadata += [(FEDERATION_METADATA, federation), (OWNER_METADATA, owner)]
+
         def frames() -> Iterator[OutgoingFrame]:
             for name in sorted(tensors):
                 yield from iter_frames(
@@ -348,9 +383,7 @@ class BackboneClient:
 
         response = self._unary(
             "Backbone.ImportAdapter",
-            lambda: self._import(
-                frames(), metadata=((SESSION_METADATA, session_id),), timeout=self.timeout_s
-            ),
+            lambda: self._import(frames(), metadata=tuple(metadata), timeout=self.timeout_s),
         )
         return int(response.tensors)
 

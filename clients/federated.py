@@ -23,6 +23,7 @@ import torch
 from splitfed.errors import error_from_rpc
 from splitfed.logs import log_context
 from splitfed.models.adapters import save_adapter
+from splitfed.models.schema import schema_digest, schema_of
 from splitfed.retry import DEFAULT_RETRY, RETRYABLE, RetryPolicy, call_with_retry
 from splitfed.services.aggregator.servicer import DOWNLOAD_RESPONSE, SERVICE, UPLOAD_REQUEST
 from splitfed.v1 import aggregator_pb2, aggregator_pb2_grpc
@@ -78,8 +79,14 @@ class AggregatorClient:
         except grpc.RpcError as err:
             raise _mapped(err) from None
 
-    def join(self, federation: str) -> aggregator_pb2.RoundPlan:
-        request = aggregator_pb2.JoinRequest(federation=federation)
+    def join(
+        self, federation: str, num_samples: int, join_token: str = ""
+    ) -> aggregator_pb2.RoundPlan:
+        """Join as a member with a dataset of ``num_samples`` examples (no update may claim
+        more); ``join_token`` if the federation's config does not list this identity."""
+        request = aggregator_pb2.JoinRequest(
+            federation=federation, num_samples=num_samples, join_token=join_token
+        )
         response = self._call(
             "Aggregator.Join", lambda: self._stub.Join(request, timeout=self.timeout_s)
         )
@@ -150,11 +157,17 @@ class AggregatorClient:
         )
         return response
 
-    def download(self, federation: str, version: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
-        """The global offset at ``version`` (0: the latest) and its version number."""
+    def download(
+        self, federation: str, version: int = 0, *, body: bool = False
+    ) -> tuple[int, dict[str, torch.Tensor]]:
+        """The global offset at ``version`` (0: the latest) and its version number; with
+        ``body``, the average body adapter of that version instead (server-side adapters;
+        empty if there is none)."""
 
         def call() -> tuple[int, dict[str, torch.Tensor]]:
-            request = aggregator_pb2.DownloadGlobalRequest(federation=federation, version=version)
+            request = aggregator_pb2.DownloadGlobalRequest(
+                federation=federation, version=version, body=body
+            )
             tensors: dict[str, torch.Tensor] = {}
             got = version
             with TensorAssembler(LIMITS) as assembler:
@@ -216,7 +229,9 @@ class FederatedTrainer:
         identity: str = "",
         record_dir: Path | None = None,
         backbone: str = "",
+        join_token: str = "",
     ) -> None:
+        self.join_token = join_token
         # The backbone address as the federation knows it (server-side adapters).
         self.backbone = backbone
         # ``identity``: this client's certificate name (secure aggregation names peers so).
@@ -247,7 +262,19 @@ class FederatedTrainer:
         }
         self.trainer.load_adapter_tensors(values)
         self.version = got
+        self._load_body(got)
         return values
+
+    def _load_body(self, version: int) -> None:
+        """Server-side adapters: put the body average of ``version`` into this client's
+        own backbone session (the aggregator pushes it only into the sessions of the
+        round's contributors; a member that sat a round out catches up here)."""
+        session = getattr(self.trainer, "session", None)
+        if not self.backbone or version == 0 or session is None:
+            return
+        _, body = self.aggregator.download(self.federation, version, body=True)
+        if body:
+            self.trainer.client.import_adapter(session.session_id, body)
 
     def run(
         self,
@@ -255,7 +282,15 @@ class FederatedTrainer:
         on_round: Callable[[RoundReport], None] | None = None,
         max_wait_s: float = 3600.0,
     ) -> list[RoundReport]:
-        plan = self.aggregator.join(self.federation)
+        plan = self.aggregator.join(self.federation, self.samples, self.join_token)
+        own = schema_digest(schema_of(self.initial))
+        if plan.schema_digest and plan.schema_digest != own:
+            raise ValueError(
+                f"this client's adapter (its tensors' names and shapes) differs from the "
+                f"schema of federation {self.federation!r}: check [adapter] (kind, r, "
+                "target_modules) and [training] k and m against the federation's, or write "
+                "the schema with `splitfed adapters schema` and compare"
+            )
         if plan.adapter_seed != self.trainer.adapter.seed:
             raise ValueError(
                 f"federation {self.federation!r} initialises adapters from seed "

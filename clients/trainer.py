@@ -38,7 +38,7 @@ from splitfed.clients.backbone import (
 from splitfed.clients.data import MicroBatches, read_examples
 from splitfed.clients.keys import KeyManagerClient
 from splitfed.config import build
-from splitfed.logs import log_context
+from splitfed.logs import log_context, redact
 from splitfed.models.adapters import (
     AdapterSettings,
     adapter_state,
@@ -619,5 +619,7 @@ class SplitTrainer:
         self.step = int(state["step"])
         if self.accountant is not None:
             self._load_privacy(directory)
-        logger.info("[trainer] resuming session %s at step %d", state["session_id"], self.step)
+        logger.info(
+            "[trainer] resuming session %s at step %d", redact(state["session_id"]), self.step
+        )
         return _ClientState(state["session_id"], self.step)

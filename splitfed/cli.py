@@ -1016,4 +1016,5 @@ def main() -> None:
 
 # Command groups kept in their own modules register themselves on the groups above.
 import splitfed.cli_adapters  # noqa: E402
+import splitfed.cli_federation  # noqa: E402
 import splitfed.cli_keys  # noqa: E402, F401

@@ -230,3 +230,39 @@ def inspect(ctx: click.Context, path: Path, show_tensors: bool, json_path: Path 
         console.print(rows)
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+@adapters.command("schema")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A client config: its model_path (config.json only), [adapter], k and m.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Write the schema JSON here (default: print it).",
+)
+@config_overrides
+@click.pass_context
+def schema(ctx: click.Context, config_path: Path, out: Path | None) -> None:
+    """The schema (tensor names and shapes) of a client's federated adapter: what a
+    federation's schema_file holds. Needs only the model's config.json, no weights."""
+    from splitfed.clients.app import ClientConfig
+    from splitfed.models.schema import adapter_schema, schema_digest, schema_json, write_schema
+
+    try:
+        config = ClientConfig.load(config_path)
+        training = config.training
+        found = adapter_schema(training.model_path, config.adapter, training.k, training.m)
+    except ValueError as exc:
+        _fail(ctx, exc, usage=True)
+        return
+    if out is None:
+        click.echo(json.dumps(schema_json(found), indent=1))
+        return
+    write_schema(out, found)
+    click.echo(f"wrote {out}: {len(found)} tensors, schema digest {schema_digest(found)}")

@@ -145,6 +145,13 @@ def check_files(kind: str, config: Any) -> None:
         tls_sections.append(("[server]", config.server))
     if kind == "backbone":
         inputs.append(("[backbone] model_path", config.backbone.model_path))
+    if kind == "aggregator":
+        for index, federation in enumerate(config.aggregator.federations):
+            if federation.schema_file is not None:
+                try:
+                    federation.tensor_schema()
+                except ValueError as exc:
+                    raise ValueError(f"[aggregator] federations[{index}] {exc}") from None
     for where, path in inputs:
         if path is not None and not Path(path).exists():
             raise ValueError(f"{where}: {path} does not exist")

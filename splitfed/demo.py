@@ -43,6 +43,7 @@ from splitfed.launcher import ServiceProcess, ServiceStartError
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.optim import OptimizerSettings
+from splitfed.models.schema import adapter_schema, write_schema
 from splitfed.retry import RetryPolicy
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
@@ -108,7 +109,7 @@ def run_demo(
             deployment.enroll_parties()
             model, data = _model_and_data(root)
             deployment.start_backbone(model)
-            deployment.start_aggregator(rounds, max(1, steps // rounds))
+            deployment.start_aggregator(model, rounds, max(1, steps // rounds))
             stranger = CertificateAuthority.create("some other CA").issue("mallory", "client")
             assert stranger.key_pem is not None
             _link(
@@ -225,7 +226,7 @@ class Deployment:
             "backbone:\n"
             f"  model_path: {json.dumps(str(model))}\n"
             f"  state_dir: {json.dumps(str(self.root / 'state'))}\n"
-            "  aggregators: [aggregator-0]\n"
+            f"  aggregators: [aggregator-0:{FEDERATION}]\n"
             "server:\n"
             f"  tls_dir: {json.dumps(str(self.root / 'backbone-0'))}\n"
             "  metrics_port: 0\n" + self._security()
@@ -235,9 +236,14 @@ class Deployment:
         self.backbone_address = process.address
         self.console.print(f"backbone {process.pid} serving the body on {process.address}")
 
-    def start_aggregator(self, rounds: int, local_steps: int) -> None:
+    def start_aggregator(self, model: Path, rounds: int, local_steps: int) -> None:
+        # Who may join, and the tensors every update must hold (the clients' adapter).
+        schema = self.root / "federation-schema.json"
+        write_schema(schema, adapter_schema(model, ADAPTER))
         federation = {
             "name": FEDERATION,
+            "members": ["hospital-a", "hospital-b"],
+            "schema_file": str(schema),
             "rounds": rounds,
             "min_clients": 2,
             "local_steps": local_steps,

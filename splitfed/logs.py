@@ -29,11 +29,24 @@ _CONTEXT: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.Context
 )
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s%(context)s"
+# Characters of a session id a log line may show: enough to tell sessions apart in one
+# deployment, far too few to use one (a session id is a capability, 96 random bits).
+SESSION_ID_SHOWN = 8
+
+
+def redact(session_id: str) -> str:
+    """A session id as logs show it: its first characters and an ellipsis."""
+    if len(session_id) <= SESSION_ID_SHOWN:
+        return session_id
+    return session_id[:SESSION_ID_SHOWN] + "..."
 
 
 @contextmanager
 def log_context(**fields: Any) -> Iterator[None]:
-    """Add ``fields`` (e.g. ``session=...``) to every record logged inside; nests."""
+    """Add ``fields`` (e.g. ``session=...``) to every record logged inside; nests. A
+    session id is shown redacted (:func:`redact`)."""
+    if isinstance(fields.get("session"), str):
+        fields["session"] = redact(fields["session"])
     token = _CONTEXT.set({**current_context(), **{k: v for k, v in fields.items() if v != ""}})
     try:
         yield

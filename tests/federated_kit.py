@@ -17,9 +17,19 @@ from backbone_kit import Deployment, deployment
 from safetensors.torch import load_file
 
 from splitfed.launcher import ServiceProcess
+from splitfed.models.adapters import AdapterSettings
+from splitfed.models.schema import adapter_schema
 from splitfed.tiny import BUNDLED_DATASET
 
 AGGREGATOR_NAME = "aggregator.splitfed.local"
+# The clients' adapter in the kit's configs (client_config), and the federation's schema.
+ADAPTER = AdapterSettings(kind="lora", r=4, alpha=8, seed=7)
+MEMBERS = ["hospital-a", "hospital-b", "bank-c", "a", "b", "c"]
+
+
+def federation_schema(model_path: Path, adapter: AdapterSettings = ADAPTER) -> dict[str, Any]:
+    """The schema of the kit's client adapter on ``model_path`` (k = m = 1), inline."""
+    return {name: list(shape) for name, shape in adapter_schema(model_path, adapter).items()}
 
 
 def _toml(value: Any) -> str:
@@ -88,7 +98,7 @@ class Federation:
                     "seed": 1,
                     **training,
                 },
-                "adapter": {"kind": "lora", "r": 4, "alpha": 8, "seed": 7},
+                "adapter": {"kind": "lora", "r": ADAPTER.r, "alpha": ADAPTER.alpha, "seed": 7},
                 "optimizer": {"learning_rate": 0.005},
                 "federated": {
                     "aggregator": self.aggregator.address,
@@ -167,6 +177,8 @@ def federation(root: Path, *, replicas: int = 1, **federation_settings: Any) -> 
         "local_steps": 2,
         "deadline_s": 120.0,
         "adapter_seed": 7,
+        "members": MEMBERS,
+        "schema": federation_schema(backbone.model_path),
         **federation_settings,
     }
     config = root / "aggregator.yaml"

@@ -1,8 +1,15 @@
-"""Server-side adapters: the aggregator pulls the body adapters of a federation's sessions
-from the backbones (``Backbone.ExportAdapter``), averages them weighted by the clients'
-sample counts, and pushes the average back into every session (``ImportAdapter``).
-With sessions on several backbone replicas this is server-hierarchical training: each
-replica serves a group of clients with its own body adapters, averaged each round."""
+"""Server-side adapters: the aggregator pulls the body adapters of a round's contributors'
+sessions from the backbones (``Backbone.ExportAdapter``), averages them weighted by the
+clients' sample counts, and pushes the average back into those sessions
+(``ImportAdapter``). With sessions on several backbone replicas this is
+server-hierarchical training: each replica serves a group of clients with its own body
+adapters, averaged each round.
+
+A session id names a capability, so nothing is taken on trust: the aggregator accepts an
+upload's session only after its backbone confirmed that the session is the uploader's,
+opened for this federation (``CheckSession``), and every export and import names the
+federation and the expected owner, which the backbone checks again. Session ids are
+logged redacted."""
 
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ import grpc
 import torch
 
 from splitfed.clients.backbone import BackboneClient
+from splitfed.errors import PermissionDeniedError, SplitfedError
+from splitfed.logs import redact
 from splitfed.models.adapters import average_adapters
 from splitfed.security.tls import TLSConfig
 from splitfed.transport import TransportOptions, create_channel
@@ -46,40 +55,67 @@ class BackboneAdapters:
             channel.close()
         self._channels.clear()
 
+    def verify(self, session: tuple[str, str], owner: str, federation: str) -> None:
+        address, session_id = session
+        try:
+            self._client(address).check_session(session_id, federation, owner)
+        except PermissionDeniedError:
+            logger.warning(
+                "[Aggregator] %s named session %s on %s, which is not its own session of %s",
+                owner,
+                redact(session_id),
+                address,
+                federation,
+            )
+            raise PermissionDeniedError(
+                f"the backbone {address} does not confirm that the named session is yours "
+                f"and opened for federation {federation!r}; name your own session"
+            ) from None
+        except (SplitfedError, grpc.RpcError) as exc:
+            logger.warning("[Aggregator] could not check a session on %s: %s", address, exc)
+            raise PermissionDeniedError(
+                f"the backbone {address} could not confirm the named session; retry later"
+            ) from None
+
     def aggregate(
-        self,
-        contributors: Mapping[str, tuple[tuple[str, str], int]],
-        sessions: list[tuple[str, ...]],
+        self, contributors: Mapping[str, tuple[tuple[str, str], int]], federation: str
     ) -> dict[str, torch.Tensor]:
-        states, weights = [], []
+        states, weights, pulled = [], [], []
         for identity, ((address, session_id), samples) in sorted(contributors.items()):
             try:
-                states.append(self._client(address).export_adapter(session_id))
+                client = self._client(address)
+                states.append(
+                    client.export_adapter(session_id, federation=federation, owner=identity)
+                )
                 weights.append(float(samples))
+                pulled.append((identity, address, session_id))
             except Exception as exc:  # a backbone or session gone: leave it out
                 logger.warning(
                     "[Aggregator] body adapter of %s (%s on %s) not available: %s",
                     identity,
-                    session_id,
+                    redact(session_id),
                     address,
                     exc,
                 )
         if not states:
             return {}
         average = average_adapters(states, weights)
-        for address, session_id in {(s[0], s[1]) for s in sessions}:
+        for identity, address, session_id in pulled:
             try:
-                self._client(address).import_adapter(session_id, average)
+                self._client(address).import_adapter(
+                    session_id, average, federation=federation, owner=identity
+                )
             except Exception as exc:
                 logger.warning(
-                    "[Aggregator] could not push the body adapter to %s on %s: %s",
-                    session_id,
+                    "[Aggregator] could not push the body adapter to %s (%s on %s): %s",
+                    identity,
+                    redact(session_id),
                     address,
                     exc,
                 )
         logger.info(
-            "[Aggregator] averaged %d body adapter(s), pushed to %d session(s)",
+            "[Aggregator] averaged %d body adapter(s) of %s, pushed back to their sessions",
             len(states),
-            len(sessions),
+            federation,
         )
         return average

@@ -1,6 +1,11 @@
 """One federation's rounds: selection, phases, deadlines, streaming aggregation, versions.
 
 No gRPC in here: the servicer calls these methods, which raise :mod:`splitfed.errors`.
+One module on purpose (it is long): membership, the round's state machine, uploads in
+flight and persistence share one lock and one state, and its invariants (an update is in
+the running sum iff its sender is in ``contributors``; nothing in flight survives the
+step that declares dropouts) are checked in one place. What holds the updates' bytes is
+in :mod:`.updates`.
 
 Durability. ``state.json`` holds the round, its phase, the joined and selected clients
 and the current global version. Each counted update is folded into a running sum that is
@@ -10,12 +15,22 @@ restarted aggregator neither loses a confirmed update nor counts one twice. Uplo
 received into a spool file first (constant memory) and folded from it under the lock. A
 closed round writes ``versions/v<n>.safetensors`` (the global offset) and the strategy's
 state for it before ``state.json`` moves on, so a crash in between redoes the same close.
+
+Hostile members (docs/security.md, "Threat model"). Only configured members join (listed
+identities, or the federation's join token); an update must hold exactly the tensors of
+the federation's schema (from its configuration, never from an upload), finite values,
+and at most the samples its sender declared at join (and ``max_samples``). An upload in
+flight is tracked from its first message: when the deadline closes the upload phase, a
+complete one is counted and a partial one is discarded with its bytes destroyed, in the
+same locked step that declares the dropouts, so no reveal of seeds ever meets a masked
+update the aggregator still holds.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -24,18 +39,18 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from splitfed.errors import (
+    AbortedError,
     FailedPreconditionError,
     InvalidArgumentError,
-    LimitExceededError,
     NotFoundError,
     PermissionDeniedError,
 )
@@ -49,19 +64,51 @@ from splitfed.metrics import (
     AGGREGATOR_UPDATES,
     AGGREGATOR_VERSION,
 )
+from splitfed.models.schema import Schema, schema_digest
 from splitfed.services.aggregator.files import (
     read_tensors,
+    tensor_schema,
     write_tensors,
     write_tensors_streamed,
 )
 from splitfed.services.aggregator.settings import FederationSettings
-from splitfed.services.aggregator.strategies import FedExP, make_strategy
+from splitfed.services.aggregator.strategies import (
+    FedExP,
+    RobustStrategy,
+    is_robust,
+    make_strategy,
+)
+from splitfed.services.aggregator.updates import (
+    COMMITTED,
+    COMPLETE,
+    DISCARDED,
+    KeptUpdates,
+    PlainSum,
+    Spool,
+    SpoolWriter,
+    Upload,
+)
 
 logger = logging.getLogger(__name__)
 
 WAITING, KEYS, UPLOAD, REVEAL, FINISHED = "waiting", "keys", "upload", "reveal", "finished"
-# Elements folded per read from a spool file.
-FOLD_ELEMENTS = 1 << 20
+
+
+def not_a_member(identity: str, federation: str) -> PermissionDeniedError:
+    """The one refusal for a federation that does not exist or that ``identity`` is not a
+    member of: the answer tells nobody which federations exist."""
+    return PermissionDeniedError(
+        f"{identity} is not a member of a federation {federation!r} on this aggregator; its "
+        "operator lists members in the federation's config (members, or a join token)"
+    )
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class NotFiniteError(InvalidArgumentError):
+    """A round's aggregate holds NaN or infinity: it is refused, not published."""
 
 
 @dataclass
@@ -81,134 +128,27 @@ class RoundState:
     dropped: list[str] = field(default_factory=list)
     revealed: dict[str, dict[str, str]] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
-    # Server-side adapters: every (backbone, session) seen, identity -> [address, id].
-    server_sessions: dict[str, list[str]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SpooledTensor:
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any]
-    offset: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass
-class Spool:
-    """An upload received to disk: its tensors' bytes back to back, and where each is."""
-
-    path: Path
-    tensors: list[SpooledTensor] = field(default_factory=list)
-    bytes: int = 0
-
-    def schema(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {t.name: (t.shape, t.dtype.str) for t in self.tensors}
-
-    def chunks(self) -> Iterator[tuple[str, int, np.ndarray[Any, Any]]]:
-        """(tensor name, first element, values) in slices of at most FOLD_ELEMENTS."""
-        with open(self.path, "rb") as handle:
-            for tensor in self.tensors:
-                for start in range(0, tensor.numel, FOLD_ELEMENTS):
-                    count = min(FOLD_ELEMENTS, tensor.numel - start)
-                    handle.seek(tensor.offset + start * tensor.dtype.itemsize)
-                    values = np.fromfile(handle, dtype=tensor.dtype, count=count)
-                    yield tensor.name, start, values
-
-
-class SpoolWriter:
-    """Writes an upload's tensors into its spool file as their chunks arrive (a
-    :class:`~splitfed.wire.TensorSink`): the aggregator never holds an uploaded tensor,
-    only the chunk being written. Checks each tensor's name, dtype and the update's size
-    before a byte of it is written."""
-
-    def __init__(self, spool: Spool, out: BinaryIO, expected: torch.dtype, max_bytes: int):
-        self.spool = spool
-        self.out = out
-        self.expected = expected
-        self.max_bytes = max_bytes
-
-    def begin(self, name: str, dtype: torch.dtype, shape: Sequence[int]) -> None:
-        secure = self.expected == torch.int64
-        if dtype != self.expected:
-            raise InvalidArgumentError(
-                f"tensor {name!r}: expected {self.expected} deltas"
-                + (" (masked fixed point)" if secure else "")
-                + f", got {dtype}"
-            )
-        if not name or len(name) > 256 or any(t.name == name for t in self.spool.tensors):
-            raise InvalidArgumentError(f"tensor name {name!r} is empty, too long or repeated")
-        stored = np.dtype(np.uint64) if secure else np.dtype(np.float32)
-        size = math.prod(shape) * stored.itemsize
-        if self.spool.bytes + size > self.max_bytes:
-            raise LimitExceededError(f"the update exceeds max_adapter_bytes ({self.max_bytes})")
-        self.spool.bytes += size
-        self.spool.tensors.append(SpooledTensor(name, tuple(shape), stored, self.out.tell()))
-
-    def write(self, data: memoryview) -> None:
-        try:
-            self.out.write(data)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise LimitExceededError("the aggregator's disk is full; retry later") from None
-            raise
-
-    def close(self) -> None:
-        self.out.close()
-
-    def __enter__(self) -> SpoolWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class PlainSum:
-    """Running sum of weight * delta per tensor (float32), O(one adapter)."""
-
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self.sums = {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
-
-    def fold(self, name: str, start: int, values: np.ndarray[Any, Any], weight: float) -> None:
-        """Add ``weight * values``; scales ``values`` (a chunk read for this) in place."""
-        values = values.astype(np.float32, copy=False)
-        values *= np.float32(weight)
-        flat = self.sums[name].reshape(-1)
-        flat[start : start + values.size] += values
-
-    def state(self) -> dict[str, np.ndarray[Any, Any]]:
-        return self.sums
-
-    def load(self, tensors: Mapping[str, np.ndarray[Any, Any]]) -> None:
-        for name, array in tensors.items():
-            self.sums[name][...] = array
-
-    def squared_norm(self) -> float:
-        """The sum's squared L2 norm over all tensors."""
-        return sum(float(np.dot(a.reshape(-1), a.reshape(-1))) for a in self.sums.values())
-
-    def averaged(self, total_weight: float) -> Iterator[tuple[str, torch.Tensor]]:
-        """The average, one tensor at a time by name, computed in place: each tensor of
-        the sum is gone once its average has been taken (the close reads it once)."""
-        for name in sorted(self.sums):
-            array = self.sums.pop(name)
-            array /= np.float32(total_weight)
-            yield name, torch.from_numpy(array)
+    # identity -> the samples it declared when it joined: no update of it may claim more.
+    declared: dict[str, int] = field(default_factory=dict)
+    # Members by the join token: identity -> digest of the token it joined with (a new
+    # token in the config ends their membership until they join with it).
+    token_members: dict[str, str] = field(default_factory=dict)
 
 
 class ServerAdapters(Protocol):
-    """Averages the body adapters that the backbones hold for a federation's sessions."""
+    """The body adapters that the backbones hold for a federation's sessions."""
+
+    def verify(self, session: tuple[str, str], owner: str, federation: str) -> None:
+        """Raise ``PermissionDeniedError`` unless the backbone at ``session[0]`` holds
+        session ``session[1]`` of ``owner`` opened for ``federation``."""
+        ...
 
     def aggregate(
-        self,
-        contributors: Mapping[str, tuple[tuple[str, str], int]],
-        sessions: list[tuple[str, ...]],
+        self, contributors: Mapping[str, tuple[tuple[str, str], int]], federation: str
     ) -> dict[str, torch.Tensor]:
-        """Pull the contributors' session adapters, average them weighted by samples, push
-        the average into every session of ``sessions``; returns the average."""
+        """Pull the contributors' session adapters (identity -> (session, samples)),
+        average them weighted by samples, push the average into those sessions; returns
+        the average."""
         ...
 
 
@@ -217,6 +157,10 @@ class Federation:
         self.settings = settings
         self.directory = directory
         self.strategy = make_strategy(settings.strategy, settings.strategy_options)
+        self.robust = is_robust(self.strategy)
+        # The federation's tensors: from its configuration, never from an upload.
+        self.schema: Schema = settings.tensor_schema()
+        self.schema_digest = schema_digest(self.schema)
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         directory.mkdir(parents=True, exist_ok=True)
@@ -226,12 +170,14 @@ class Federation:
         for stale in self.spool_dir.iterdir():  # unconfirmed uploads: their clients retry
             stale.unlink()
         self.state = self._load_state()
+        self._check_versions()
         self._export_state()
         self.contributors: dict[str, int] = {}
         # identity -> (backbone address, session id) of this round's contributors
         self.sessions: dict[str, tuple[str, str]] = {}
+        # identity -> its upload of this round attempt that is not yet counted
+        self.inflight: dict[str, Upload] = {}
         self.server_adapters: ServerAdapters | None = None
-        self.schema: dict[str, tuple[tuple[int, ...], str]] = {}
         self.accumulator: Any = None
         # Sum over this round's updates of samples x the update's squared L2 norm (plain
         # aggregation only): what FedExP's server step size is computed from.
@@ -242,13 +188,45 @@ class Federation:
         ):
             self._maybe_close(time.time())
 
+    def __repr__(self) -> str:
+        return f"Federation({self.settings.name!r})"
+
     # --- persistence ------------------------------------------------------------------
 
     def _load_state(self) -> RoundState:
         path = self.directory / "state.json"
         if not path.is_file():
             return RoundState()
-        return RoundState(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(RoundState)}
+        state = RoundState(**{k: v for k, v in data.items() if k in known})
+        # Members removed from the configuration (or whose join token changed) are out.
+        gone = [i for i in state.joined if not self._allowed(i, state)]
+        if gone:
+            logger.warning(
+                "[Aggregator] %s: %d former member(s) are no longer allowed by the config: %s",
+                self.settings.name,
+                len(gone),
+                ", ".join(gone),
+            )
+            state.joined = [i for i in state.joined if i not in gone]
+        return state
+
+    def _check_versions(self) -> None:
+        """The latest version must have the configured schema (a changed schema would mix
+        tensors of two adapters)."""
+        if self.state.version == 0:
+            return
+        path = self._version_path(self.state.version)
+        if not path.is_file():
+            return
+        stored = {n: shape for n, (shape, _) in tensor_schema(path).items()}
+        if stored != self.schema:
+            raise ValueError(
+                f"federation {self.settings.name!r}: its schema differs from the tensors of "
+                f"its version {self.state.version} ({path}); a federation keeps one adapter "
+                "shape for its life: restore the schema or start a new federation"
+            )
 
     def _save_state(self) -> None:
         path = self.directory / "state.json"
@@ -273,26 +251,44 @@ class Federation:
     def _sum_path(self) -> Path:
         return self.directory / "sum.safetensors"
 
+    def _kept_dir(self) -> Path:
+        return self.directory / "kept"
+
     def _reset_sum(self) -> None:
         """Forget this round's updates in memory (they stay in the sum file, if any)."""
-        self.contributors, self.schema, self.accumulator = {}, {}, None
+        self.contributors, self.accumulator = {}, None
         self.sessions = {}
         self.update_sq = 0.0
 
     def _load_sum(self) -> None:
         path = self._sum_path()
         if not path.is_file():
+            self._remove_kept()
             return
         tensors, meta = read_tensors(path)
         if (int(meta["round"]), int(meta["attempt"])) != (self.state.round, self.state.attempt):
             path.unlink()
+            self._remove_kept()
+            return
+        if meta.get("schema_digest") != self.schema_digest:
+            logger.warning(
+                "[Aggregator] %s round %d: the stored running sum is of another schema; "
+                "its updates are discarded and their senders upload again",
+                self.settings.name,
+                self.state.round,
+            )
+            path.unlink()
+            self._remove_kept()
             return
         self.contributors = {k: int(v) for k, v in json.loads(meta["contributors"]).items()}
         self.sessions = {k: (v[0], v[1]) for k, v in json.loads(meta.get("sessions", "{}")).items()}
-        self.schema = {k: (tuple(v[0]), v[1]) for k, v in json.loads(meta["schema"]).items()}
         self.update_sq = float(meta.get("update_sq", "0"))
         self.accumulator = self._new_accumulator()
-        self.accumulator.load(tensors)
+        if self.robust:
+            self.accumulator.load(meta.get("kept", "{}"))
+            self.accumulator.remove_unlisted()
+        else:
+            self.accumulator.load(tensors)
         logger.info(
             "[Aggregator] %s round %d: resumed with %d update(s)",
             self.settings.name,
@@ -300,30 +296,36 @@ class Federation:
             len(self.contributors),
         )
 
+    def _remove_kept(self) -> None:
+        kept = self._kept_dir()
+        if kept.is_dir():
+            for path in kept.iterdir():
+                path.unlink()
+
     def _new_accumulator(self) -> Any:
-        shapes = {name: shape for name, (shape, _) in self.schema.items()}
         if self.settings.secure_aggregation:
             from splitfed.security.secagg import MaskedSum, SecAggParams
 
             params = SecAggParams(
                 self.settings.name, self.state.round, scale=self.settings.secagg_scale
             )
-            return MaskedSum(params, shapes)
-        return PlainSum(shapes)
+            return MaskedSum(params, self.schema)
+        if self.robust:
+            return KeptUpdates(self._kept_dir(), self.schema)
+        return PlainSum(self.schema)
 
     def _save_sum(self) -> None:
-        write_tensors(
-            self._sum_path(),
-            self.accumulator.state(),
-            {
-                "round": str(self.state.round),
-                "attempt": str(self.state.attempt),
-                "contributors": json.dumps(self.contributors),
-                "sessions": json.dumps({k: list(v) for k, v in self.sessions.items()}),
-                "schema": json.dumps({k: [list(s), d] for k, (s, d) in self.schema.items()}),
-                "update_sq": repr(self.update_sq),
-            },
-        )
+        meta = {
+            "round": str(self.state.round),
+            "attempt": str(self.state.attempt),
+            "contributors": json.dumps(self.contributors),
+            "sessions": json.dumps({k: list(v) for k, v in self.sessions.items()}),
+            "schema_digest": self.schema_digest,
+            "update_sq": repr(self.update_sq),
+        }
+        if self.robust:
+            meta["kept"] = self.accumulator.meta()
+        write_tensors(self._sum_path(), self.accumulator.state(), meta)
 
     def _version_path(self, version: int) -> Path:
         return self.directory / "versions" / f"v{version}.safetensors"
@@ -341,12 +343,83 @@ class Federation:
         tensors, _ = read_tensors(path)
         return {name: torch.from_numpy(array) for name, array in tensors.items()}
 
+    def _body_path(self, version: int) -> Path:
+        return self.directory / "versions" / f"v{version}.body.safetensors"
+
+    def body(self, version: int) -> dict[str, torch.Tensor]:
+        """The average body adapter made with ``version`` (server-side adapters); empty
+        if there is none."""
+        path = self._body_path(version)
+        if version == 0 or not path.is_file():
+            return {}
+        tensors, _ = read_tensors(path)
+        return {name: torch.from_numpy(array) for name, array in tensors.items()}
+
     def _strategy_state(self, version: int) -> dict[str, torch.Tensor]:
         path = self._strategy_path(version)
         if version == 0 or not path.is_file():
             return {}
         tensors, _ = read_tensors(path)
         return {name: torch.from_numpy(array) for name, array in tensors.items()}
+
+    # --- membership ---------------------------------------------------------------------
+
+    def _allowed(self, identity: str, state: RoundState | None = None) -> bool:
+        """Whether the configuration lets ``identity`` be a member."""
+        state = state or self.state
+        digest = self.settings.join_token_sha256
+        return identity in self.settings.members or bool(
+            digest and state.token_members.get(identity) == digest
+        )
+
+    def is_member(self, identity: str) -> bool:
+        with self.lock:
+            return identity in self.state.joined and self._allowed(identity)
+
+    def require_member(self, identity: str) -> None:
+        if not self.is_member(identity):
+            raise not_a_member(identity, self.settings.name)
+
+    def join(self, identity: str, samples: int, token: str = "") -> None:
+        """Admit a member: listed in ``members``, or presenting the join token. ``samples``
+        is the size of its dataset: no update of it may claim more (a later join may lower
+        it, never raise it)."""
+        with self.lock, self._log_context():
+            digest = self.settings.join_token_sha256
+            by_token = bool(digest and token and hmac.compare_digest(token_digest(token), digest))
+            if not (identity in self.settings.members or by_token or self._allowed(identity)):
+                logger.warning(
+                    "[Aggregator.Join] %s refused: not a member of %s%s",
+                    identity,
+                    self.settings.name,
+                    " (wrong join token)" if token else "",
+                )
+                raise not_a_member(identity, self.settings.name)
+            if not 1 <= samples <= self.settings.max_samples:
+                raise InvalidArgumentError(
+                    f"declare your dataset's size at join: num_samples must be in [1, "
+                    f"{self.settings.max_samples}] (the federation's max_samples), got {samples}"
+                )
+            s = self.state
+            previous = s.declared.get(identity)
+            if previous is not None and samples > previous:
+                raise FailedPreconditionError(
+                    f"{identity} joined with {previous} samples and may not claim more "
+                    f"({samples}); ask the federation's operator to reset its membership"
+                )
+            changed = previous != samples
+            s.declared[identity] = samples
+            if by_token and s.token_members.get(identity) != digest:
+                s.token_members[identity] = digest
+                changed = True
+            if identity not in s.joined:
+                s.joined.append(identity)
+                logger.info("[Aggregator.Join] %s joined %s", identity, self.settings.name)
+                changed = True
+            if changed:
+                self._save_state()
+            if s.phase == WAITING:
+                self._open(time.time())
 
     # --- plans ------------------------------------------------------------------------
 
@@ -357,33 +430,43 @@ class Federation:
             return sorted(self.state.keys)
         return list(self.state.selected)
 
-    def plan(self, identity: str) -> dict[str, Any]:
+    def plan(self, identity: str, *, member: bool = True) -> dict[str, Any]:
+        """The plan as ``identity`` sees it. Peers' names and keys and the dropped peers
+        go only to this round's participants; ``member=False`` (an admin's status view)
+        shows the round without them."""
         with self.lock:
             s = self.state
             peers = self._peers()
+            selected = member and (
+                identity in peers or (s.phase == KEYS and identity in s.selected)
+            )
+            participant = member and identity in peers
             return {
                 "federation": self.settings.name,
                 "round": s.round,
                 "attempt": s.attempt,
                 "phase": s.phase,
                 "global_version": s.version,
-                "selected": identity in peers or (s.phase == KEYS and identity in s.selected),
-                "uploaded": identity in self.contributors,
+                "selected": selected,
+                "uploaded": member and identity in self.contributors,
                 "local_steps": self.settings.local_steps,
                 "deadline": s.deadline,
                 "adapter_seed": self.settings.adapter_seed,
                 "secure_aggregation": self.settings.secure_aggregation,
                 "peers": (
                     {name: bytes.fromhex(s.keys[name]) for name in peers}
-                    if self.settings.secure_aggregation and s.phase in (UPLOAD, REVEAL)
+                    if participant
+                    and self.settings.secure_aggregation
+                    and s.phase in (UPLOAD, REVEAL)
                     else {}
                 ),
                 "secagg_scale": self.settings.secagg_scale,
-                "dropped": list(s.dropped) if s.phase == REVEAL else [],
+                "dropped": list(s.dropped) if participant and s.phase == REVEAL else [],
                 "rounds": self.settings.rounds,
                 "message": s.message,
                 "received": len(self.contributors),
                 "participants": len(peers),
+                "schema_digest": self.schema_digest,
             }
 
     def wait_for_change(self, seen: tuple[Any, ...] | None, timeout_s: float) -> tuple[Any, ...]:
@@ -399,25 +482,11 @@ class Federation:
         s = self.state
         return (s.round, s.attempt, s.phase, s.version, len(self.contributors), len(s.keys))
 
-    # --- joining and selection ----------------------------------------------------------
-
-    def join(self, identity: str) -> None:
-        with self.lock, self._log_context():
-            if identity not in self.state.joined:
-                self.state.joined.append(identity)
-                logger.info("[Aggregator.Join] %s joined %s", identity, self.settings.name)
-                self._save_state()
-            if self.state.phase == WAITING:
-                self._open(time.time())
-
-    def require_member(self, identity: str) -> None:
-        if identity not in self.state.joined:
-            raise PermissionDeniedError(
-                f"{identity} has not joined federation {self.settings.name!r}"
-            )
+    # --- selection ----------------------------------------------------------------------
 
     def _open(self, now: float, message: str = "") -> None:
         s = self.state
+        self._discard_inflight("a new round attempt started")
         if self.settings.rounds and s.round > self.settings.rounds:
             s.phase = FINISHED
             self._reset_sum()
@@ -441,6 +510,7 @@ class Federation:
         # After state.json names the new attempt: a sum of an older one is never counted.
         with contextlib.suppress(FileNotFoundError):
             self._sum_path().unlink()
+        self._remove_kept()
         logger.info(
             "[Aggregator] %s round %d attempt %d: %s selected (%s)",
             self.settings.name,
@@ -502,95 +572,185 @@ class Federation:
 
     # --- uploads ------------------------------------------------------------------------
 
-    def start_upload(self, identity: str, round_: int, attempt: int, base: int) -> bool:
-        """Check an upload may start; False if it is a duplicate (already counted)."""
-        with self.lock:
-            self._check_round(identity, round_, attempt, UPLOAD)
-            if identity not in self._peers():
-                raise FailedPreconditionError(
-                    f"{identity} is not a participant of round {round_} attempt {attempt}"
-                )
-            if base != self.state.version:
-                raise FailedPreconditionError(
-                    f"stale update: trained from version {base}, the global is at version "
-                    f"{self.state.version}; download it and train again"
-                )
-            return identity not in self.contributors
+    def _check_upload(self, identity: str, round_: int, attempt: int, base: int) -> None:
+        self._check_round(identity, round_, attempt, UPLOAD)
+        if identity not in self._peers():
+            raise FailedPreconditionError(
+                f"{identity} is not a participant of round {round_} attempt {attempt}"
+            )
+        if base != self.state.version:
+            raise FailedPreconditionError(
+                f"stale update: trained from version {base}, the global is at version "
+                f"{self.state.version}; download it and train again"
+            )
 
-    def new_spool(self) -> tuple[Spool, SpoolWriter]:
-        """A spool file for one upload and the sink that receives the upload into it."""
-        fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="upload-")
-        spool = Spool(Path(name))
-        expected = torch.int64 if self.settings.secure_aggregation else torch.float32
-        return spool, SpoolWriter(
-            spool, os.fdopen(fd, "wb"), expected, self.settings.max_adapter_bytes
-        )
-
-    def spool_tensor(self, spool: Spool, out: SpoolWriter, name: str, tensor: torch.Tensor) -> None:
-        """Spool a whole tensor (what the sink receives chunk by chunk in the service)."""
-        out.begin(name, tensor.dtype, tuple(tensor.shape))
-        out.write(np.ascontiguousarray(tensor.numpy()).data.cast("B"))
-
-    def commit_upload(
+    def begin_upload(
         self,
         identity: str,
         round_: int,
         attempt: int,
         base: int,
         samples: int,
-        spool: Spool,
         session: tuple[str, str] | None = None,
-    ) -> tuple[bool, int]:
-        """Fold a complete upload into the running sum and persist it; (duplicate, count)."""
-        if samples < 1:
-            raise InvalidArgumentError("num_samples must be >= 1")
-        with self.lock, self._log_context():
-            if not self.start_upload(identity, round_, attempt, base):
-                return True, len(self.contributors)
-            schema = spool.schema()
-            if not schema:
-                raise InvalidArgumentError("the update holds no tensors")
-            if not self.schema:
-                self.schema = schema
-                self.accumulator = self._new_accumulator()
-            elif schema != self.schema:
+    ) -> Upload | None:
+        """Register an upload from its first message; None if its update is already
+        counted (a duplicate). Its bytes go to ``upload.writer``; then
+        :meth:`commit_upload`, and :meth:`end_upload` in every case."""
+        with self.lock:
+            self._check_upload(identity, round_, attempt, base)
+            if identity in self.contributors:
+                return None
+            limit = min(self.state.declared.get(identity, 0), self.settings.max_samples)
+            if not 1 <= samples <= limit:
                 raise InvalidArgumentError(
-                    "the update's tensors (names, shapes, dtypes) differ from the other "
-                    "updates of this round"
+                    f"num_samples {samples} is not in [1, {limit}]: an update may claim at "
+                    "most the samples its member declared at join (and the federation's "
+                    "max_samples)"
                 )
-            weight = 1.0 if self.settings.secure_aggregation else float(samples)
-            try:
-                squares = 0.0
-                for name, start, values in spool.chunks():
-                    if self.settings.secure_aggregation:
-                        self.accumulator.add_chunk(name, start, values)
-                    else:
-                        squares += float(np.dot(values, values))  # before fold scales it
-                        self.accumulator.fold(name, start, values, weight)
-                self.update_sq += weight * squares
-                self.contributors[identity] = samples
-                if session is not None:
-                    self.sessions[identity] = session
-                self._save_sum()
-                AGGREGATOR_UPDATES.labels(self.settings.name).inc()
-            except BaseException:
-                # Back to what is on disk: the sum without this update.
-                self._reset_sum()
-                self._load_sum()
-                raise
-            logger.info(
-                "[Aggregator.UploadUpdate] %s round %d: update %d/%d from %s (%d samples)",
-                self.settings.name,
-                round_,
-                len(self.contributors),
-                len(self._peers()),
-                identity,
-                samples,
+            if identity in self.inflight:
+                raise FailedPreconditionError(
+                    f"an upload of {identity} for round {round_} is already in progress; "
+                    "wait for its answer"
+                )
+            fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="upload-")
+            spool = Spool(Path(name))
+            expected = torch.int64 if self.settings.secure_aggregation else torch.float32
+            writer = SpoolWriter(
+                spool, os.fdopen(fd, "wb"), expected, self.settings.max_adapter_bytes, self.schema
             )
-            count = len(self.contributors)
-            self.changed.notify_all()
+            upload = Upload(identity, round_, attempt, base, samples, spool, writer, session)
+            self.inflight[identity] = upload
+            return upload
+
+    def commit_upload(self, upload: Upload) -> tuple[bool, int]:
+        """Count a complete upload (fold it into the round and persist it); returns
+        (duplicate, updates counted). An upload the deadline discarded raises ABORTED."""
+        upload.finish()
+        with self.lock, self._log_context():
+            if upload.state == COMMITTED:  # counted by the deadline while it waited
+                assert upload.result is not None
+                return upload.result
+            if upload.state == DISCARDED or self.inflight.get(upload.identity) is not upload:
+                raise AbortedError(
+                    "this upload was discarded (its round attempt ended); get the current plan"
+                )
+            self._check_upload(upload.identity, upload.round, upload.attempt, upload.base)
+            count = self._count(upload)
             self._maybe_close(time.time())
             return False, count
+
+    def end_upload(self, upload: Upload) -> None:
+        """The upload's call is over: if it was not counted, discard it (bytes destroyed)."""
+        with self.lock:
+            if self.inflight.get(upload.identity) is upload:
+                del self.inflight[upload.identity]
+            if upload.state != COMMITTED:
+                upload.discard()
+        with contextlib.suppress(FileNotFoundError):
+            if upload.spool.path.parent == self.spool_dir:
+                upload.spool.path.unlink()
+
+    def _discard_inflight(self, why: str) -> None:
+        for upload in list(self.inflight.values()):
+            logger.info("[Aggregator] discarding the upload of %s: %s", upload.identity, why)
+            upload.discard()
+        self.inflight.clear()
+
+    def _settle_inflight(self) -> None:
+        """At the end of the upload phase: count every complete upload, discard (and
+        destroy) every partial one. Runs under the lock, before any dropout is declared."""
+        for identity, upload in list(self.inflight.items()):
+            if upload.snapshot() == COMPLETE:
+                try:
+                    self._count(upload)
+                    continue
+                except Exception as exc:
+                    logger.warning(
+                        "[Aggregator] the waiting upload of %s was not counted: %s", identity, exc
+                    )
+            logger.info(
+                "[Aggregator] %s round %d: the deadline discards the unfinished upload of %s",
+                self.settings.name,
+                self.state.round,
+                identity,
+            )
+            upload.discard()
+            del self.inflight[identity]
+
+    def _count(self, upload: Upload) -> int:
+        """Fold ``upload`` into the round and persist it (under the lock)."""
+        identity = upload.identity
+        spool = upload.spool
+        received = {t.name: t.shape for t in spool.tensors}
+        if received != self.schema:
+            missing = sorted(set(self.schema) - set(received))
+            raise InvalidArgumentError(
+                f"the update lacks {len(missing)} tensor(s) of the federation's schema, e.g. "
+                f"{missing[0]!r}"
+                if missing
+                else "the update's tensors differ from the federation's schema"
+            )
+        if self.accumulator is None:
+            self.accumulator = self._new_accumulator()
+        secure = self.settings.secure_aggregation
+        weight = 1.0 if secure or self.robust else float(upload.samples)
+        try:
+            squares, factor = 0.0, 1.0
+            if secure:
+                for name, start, values in spool.chunks():
+                    self.accumulator.add_chunk(name, start, values)
+            else:
+                squares = self._check_finite(spool)
+                clip = self.settings.clip_update_norm
+                if clip and squares > clip * clip:
+                    factor = clip / math.sqrt(squares)
+                if self.robust:
+                    tag = f"r{upload.round}a{upload.attempt}"
+                    self.accumulator.keep(identity, spool, factor, tag)
+                else:
+                    for name, start, values in spool.chunks():
+                        self.accumulator.fold(name, start, values, weight * factor)
+            self.update_sq += weight * squares * factor * factor
+            self.contributors[identity] = upload.samples
+            if upload.session is not None:
+                self.sessions[identity] = upload.session
+            self._save_sum()
+            AGGREGATOR_UPDATES.labels(self.settings.name).inc()
+        except BaseException:
+            # Back to what is on disk: the sum without this update.
+            self._reset_sum()
+            self._load_sum()
+            raise
+        upload.state = COMMITTED
+        upload.result = (False, len(self.contributors))
+        self.inflight.pop(identity, None)
+        logger.info(
+            "[Aggregator.UploadUpdate] %s round %d: update %d/%d from %s (%d samples%s)",
+            self.settings.name,
+            upload.round,
+            len(self.contributors),
+            len(self._peers()),
+            identity,
+            upload.samples,
+            f", clipped x{factor:.3g}" if factor < 1 else "",
+        )
+        self.changed.notify_all()
+        return len(self.contributors)
+
+    @staticmethod
+    def _check_finite(spool: Spool) -> float:
+        """The update's squared L2 norm; refuses NaN and infinity."""
+        squares = 0.0
+        for name, _, values in spool.chunks():
+            if not np.isfinite(values).all():
+                raise InvalidArgumentError(
+                    f"tensor {name!r} of the update holds NaN or infinite values; refused"
+                )
+            wide = values.astype(np.float64)
+            squares += float(np.dot(wide, wide))
+        if not math.isfinite(squares):
+            raise InvalidArgumentError("the update's norm is not finite; refused")
+        return squares
 
     # --- closing ------------------------------------------------------------------------
 
@@ -610,6 +770,10 @@ class Federation:
                 self._retry(now, f"{len(s.keys)} of min {self.settings.min_clients} keys")
         elif s.phase == UPLOAD:
             peers = set(self._peers())
+            if not set(self.contributors) >= peers and expired:
+                # Every upload that has started is counted or destroyed now, in this
+                # locked step, before anyone is declared dropped.
+                self._settle_inflight()
             if set(self.contributors) >= peers:
                 self._close(now)
             elif expired:
@@ -635,6 +799,11 @@ class Federation:
         try:
             with AGGREGATION_SECONDS.labels(self.settings.name).time():
                 self._close_round(now)
+        except NotFiniteError as exc:
+            # Not published: the attempt is retried without these updates.
+            self._reset_sum()
+            self._retry(now, str(exc))
+            return
         except BaseException:
             # The close consumes the in-memory sum: back to what is on disk (the sum of
             # this round's updates), so that the next attempt to close starts over.
@@ -648,11 +817,15 @@ class Federation:
         total = sum(self.contributors.values())
         state = self._strategy_state(s.version)
         scale = None
+        averages: Iterable[tuple[str, torch.Tensor]]
         if self.settings.secure_aggregation:
             for survivor, seeds in s.revealed.items():
                 for dropped, seed in seeds.items():
                     self.accumulator.remove_masks(survivor, dropped, bytes.fromhex(seed))
             averages = self.accumulator.decoded(float(total))
+        elif self.robust:
+            robust: RobustStrategy = self.strategy  # type: ignore[assignment]
+            averages = self.accumulator.combined(robust)
         else:
             if isinstance(self.strategy, FedExP):
                 scale = self.strategy.scale(
@@ -670,11 +843,17 @@ class Federation:
             for name, average in averages:
                 step = self.strategy.step(previous, {name: average}, state)
                 del average
-                yield name, step[name].contiguous().numpy()
+                array = step[name].contiguous().numpy()
+                if not np.isfinite(array).all():
+                    raise NotFiniteError(
+                        f"the aggregate of tensor {name!r} is not finite (NaN or infinity); "
+                        "the round's result was refused, not published"
+                    )
+                yield name, array
 
         write_tensors_streamed(
             self._version_path(version),
-            {name: (shape, np.dtype(np.float32)) for name, (shape, _) in self.schema.items()},
+            {name: (shape, np.dtype(np.float32)) for name, shape in self.schema.items()},
             offsets(),
             {"round": str(s.round), "contributors": json.dumps(self.contributors)},
         )
@@ -684,20 +863,17 @@ class Federation:
             {"strategy": self.strategy.name},
         )
         if self.server_adapters is not None:
-            known = {k: tuple(v) for k, v in s.server_sessions.items()}
-            known.update(self.sessions)
-            s.server_sessions = {k: list(v) for k, v in known.items()}
             body = self.server_adapters.aggregate(
                 {
                     k: (self.sessions[k], n)
                     for k, n in self.contributors.items()
                     if k in self.sessions
                 },
-                list(known.values()),
+                self.settings.name,
             )
             if body:
                 write_tensors(
-                    self.directory / "versions" / f"v{version}.body.safetensors",
+                    self._body_path(version),
                     {n: t.contiguous().numpy() for n, t in body.items()},
                     {"round": str(s.round)},
                 )

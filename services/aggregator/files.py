@@ -1,5 +1,10 @@
 """Durable files of the aggregator: safetensors written atomically and without a copy of
-the tensors in memory (the library's writer serialises every tensor to bytes first)."""
+the tensors in memory (the library's writer serialises every tensor to bytes first).
+
+The writer produces exactly the library's format (tested against ``safetensors``' own
+reader and writer, byte for byte), and refuses a tensor name that is not a plain name
+(:func:`splitfed.models.schema.validate_tensor_name`): ``__metadata__`` is the header's
+own key, and a tensor under it would make the file unreadable."""
 
 from __future__ import annotations
 
@@ -16,12 +21,15 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-_DTYPES = {
+from splitfed.models.schema import validate_tensor_name
+
+_DTYPES: dict[np.dtype[Any], str] = {
     np.dtype(np.float32): "F32",
     np.dtype(np.float64): "F64",
     np.dtype(np.int64): "I64",
     np.dtype(np.uint64): "U64",
 }
+_NUMPY: dict[str, np.dtype[Any]] = {code: dtype for dtype, code in _DTYPES.items()}
 
 
 def write_tensors(
@@ -47,6 +55,7 @@ def write_tensors_streamed(
     offset = 0
     names = sorted(schema)
     for name in names:
+        validate_tensor_name(name)
         shape, np_dtype = schema[name]
         dtype = _DTYPES.get(np.dtype(np_dtype))
         if dtype is None:
@@ -98,3 +107,14 @@ def read_tensors(path: Path) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str,
     with safe_open(str(path), framework="numpy") as handle:
         metadata = dict(handle.metadata() or {})
     return load_file(str(path)), metadata
+
+
+def tensor_schema(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype[Any]]]:
+    """Names, shapes and dtypes of a safetensors file's tensors, from its header only."""
+    with safe_open(str(path), framework="numpy") as handle:
+        out: dict[str, tuple[tuple[int, ...], np.dtype[Any]]] = {}
+        for name in handle.keys():  # noqa: SIM118 (the handle is not a mapping)
+            view = handle.get_slice(name)
+            dtype = _NUMPY.get(str(view.get_dtype()), np.dtype(np.float32))
+            out[str(name)] = (tuple(int(d) for d in view.get_shape()), dtype)
+    return out

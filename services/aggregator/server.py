@@ -82,7 +82,10 @@ def build_server(
         else options
     )
     grpc_server = create_server(
-        [binding(feds, options.chunk_bytes), diagnostics(chunk_bytes=options.chunk_bytes)],
+        [
+            binding(feds, options.chunk_bytes, options.max_workers),
+            diagnostics(chunk_bytes=options.chunk_bytes),
+        ],
         tls,
         address=listen or server.listen,
         options=server_options,

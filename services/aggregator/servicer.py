@@ -1,8 +1,11 @@
-"""gRPC servicer for splitfed.v1.Aggregator: converts messages, calls :class:`Federation`."""
+"""gRPC servicer for splitfed.v1.Aggregator: converts messages, calls :class:`Federation`.
+
+Every round RPC is for the federation's members only (an admin may read the round's
+status, without its participants); a federation that does not exist and one the caller
+is not a member of get the same PERMISSION_DENIED."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Mapping
@@ -12,13 +15,12 @@ import grpc
 
 from splitfed.errors import (
     InvalidArgumentError,
-    NotFoundError,
     UnauthenticatedError,
     stream_errors,
     unary_errors,
 )
 from splitfed.security.authz import Policy
-from splitfed.security.identity import peer_identity
+from splitfed.security.identity import Identity, peer_identity
 from splitfed.services.aggregator.federation import (
     FINISHED,
     KEYS,
@@ -26,6 +28,7 @@ from splitfed.services.aggregator.federation import (
     UPLOAD,
     WAITING,
     Federation,
+    not_a_member,
 )
 from splitfed.streams import StreamGuard
 from splitfed.transport import ServiceBinding, service_binding
@@ -68,11 +71,11 @@ PHASES = {
 }
 
 
-def _caller(context: grpc.ServicerContext) -> str:
+def _caller(context: grpc.ServicerContext) -> Identity:
     identity = peer_identity(context)
     if identity is None:
         raise UnauthenticatedError("no client certificate identity")
-    return identity.name
+    return identity
 
 
 def to_plan(plan: Mapping[str, Any]) -> aggregator_pb2.RoundPlan:
@@ -96,7 +99,17 @@ def to_plan(plan: Mapping[str, Any]) -> aggregator_pb2.RoundPlan:
         dropped=plan["dropped"],
         rounds=plan["rounds"],
         message=plan["message"],
+        schema_digest=plan["schema_digest"],
     )
+
+
+# Server threads kept free of streaming calls (unary calls, health checks).
+RESERVED_WORKERS = 4
+# Streaming calls (uploads, downloads, watches) one identity may hold open at once: an
+# honest member needs one watch and one transfer.
+STREAMS_PER_IDENTITY = 3
+# A watch that has seen no change for this long is ended (the client watches again).
+STREAM_IDLE_TIMEOUT_S = 300.0
 
 
 class AggregatorServicer:
@@ -106,6 +119,7 @@ class AggregatorServicer:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         watch_poll_s: float = 1.0,
+        max_workers: int = 16,
     ) -> None:
         self.federations = federations
         self.chunk_bytes = chunk_bytes
@@ -113,21 +127,32 @@ class AggregatorServicer:
         largest = max(f.settings.max_adapter_bytes for f in federations.values())
         self.limits = TensorLimits(max_tensor_bytes=largest, max_rank=4)
         self.budget = ReceiveBudget(max(2 * largest, 64 << 20))
-        self.streams = StreamGuard("Aggregator", max_streams=64)
+        # Every streaming call holds a server thread for its life: all of them together
+        # stay below the worker count, and one identity gets a few.
+        streams = max(1, max_workers - RESERVED_WORKERS)
+        self.streams = StreamGuard(
+            "Aggregator",
+            max_streams=streams,
+            idle_timeout_s=STREAM_IDLE_TIMEOUT_S,
+            max_streams_per_identity=min(STREAMS_PER_IDENTITY, streams),
+        )
 
-    def _federation(self, name: str) -> Federation:
+    def _federation(self, name: str, caller: Identity, *, join: bool = False) -> Federation:
+        """The federation ``name`` for a caller that is one of its members (an admin may
+        read any; ``join``: the caller is about to become one)."""
         federation = self.federations.get(name)
         if federation is None:
-            raise NotFoundError(
-                f"no federation {name!r}; this aggregator runs "
-                f"{', '.join(sorted(self.federations))}"
-            )
+            raise not_a_member(caller.name, name)
+        if not join and caller.role != "admin":
+            federation.require_member(caller.name)
         return federation
 
     @staticmethod
     def _session_of(
-        federation: Federation, head: aggregator_pb2.UploadUpdateRequest
+        federation: Federation, head: aggregator_pb2.UploadUpdateRequest, owner: str
     ) -> tuple[str, str] | None:
+        """The (backbone, session) an upload names, checked with that backbone to be the
+        uploader's own session of this federation."""
         settings = federation.settings
         if not settings.server_adapters:
             return None
@@ -141,32 +166,37 @@ class AggregatorServicer:
                 f"backbone {head.backbone!r} is not one of this federation's backbones "
                 f"({', '.join(settings.backbones)})"
             )
-        return head.backbone, head.backbone_session
+        session = (head.backbone, head.backbone_session)
+        if federation.server_adapters is not None:
+            federation.server_adapters.verify(session, owner, settings.name)
+        return session
 
     @unary_errors
     def Join(
         self, request: aggregator_pb2.JoinRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.JoinResponse:
-        federation = self._federation(request.federation)
-        identity = _caller(context)
-        federation.join(identity)
-        return aggregator_pb2.JoinResponse(plan=to_plan(federation.plan(identity)))
+        caller = _caller(context)
+        federation = self._federation(request.federation, caller, join=True)
+        federation.join(caller.name, int(request.num_samples), request.join_token)
+        return aggregator_pb2.JoinResponse(plan=to_plan(federation.plan(caller.name)))
 
     @unary_errors
     def GetRoundPlan(
         self, request: aggregator_pb2.GetRoundPlanRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetRoundPlanResponse:
-        federation = self._federation(request.federation)
-        identity = _caller(context)
+        caller = _caller(context)
+        federation = self._federation(request.federation, caller)
         federation.tick()
-        return aggregator_pb2.GetRoundPlanResponse(plan=to_plan(federation.plan(identity)))
+        plan = federation.plan(caller.name, member=caller.role != "admin")
+        return aggregator_pb2.GetRoundPlanResponse(plan=to_plan(plan))
 
     @unary_errors
     def AdvertiseKey(
         self, request: aggregator_pb2.AdvertiseKeyRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.AdvertiseKeyResponse:
-        self._federation(request.federation).advertise_key(
-            _caller(context), request.round, request.attempt, request.public_key
+        caller = _caller(context)
+        self._federation(request.federation, caller).advertise_key(
+            caller.name, request.round, request.attempt, request.public_key
         )
         return aggregator_pb2.AdvertiseKeyResponse()
 
@@ -174,8 +204,9 @@ class AggregatorServicer:
     def RevealSeeds(
         self, request: aggregator_pb2.RevealSeedsRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.RevealSeedsResponse:
-        self._federation(request.federation).reveal(
-            _caller(context), request.round, request.attempt, dict(request.seeds)
+        caller = _caller(context)
+        self._federation(request.federation, caller).reveal(
+            caller.name, request.round, request.attempt, dict(request.seeds)
         )
         return aggregator_pb2.RevealSeedsResponse()
 
@@ -185,83 +216,95 @@ class AggregatorServicer:
         request_iterator: Iterator[IncomingFrame[aggregator_pb2.UploadUpdateRequest]],
         context: grpc.ServicerContext,
     ) -> aggregator_pb2.UploadUpdateResponse:
-        identity = _caller(context)
-        with self.streams.open(context, request_iterator) as frames:
+        caller = _caller(context)
+        identity = caller.name
+        with self.streams.open(context, request_iterator, identity=str(caller)) as frames:
             iterator = iter(frames)
             first = next(iterator, None)
             if first is None:
                 raise InvalidArgumentError("an upload needs at least one message")
             head = first.message
-            federation = self._federation(head.federation)
-            args = (identity, head.round, head.attempt, head.base_version)
-            session = self._session_of(federation, head)
-            if not federation.start_upload(*args):
+            federation = self._federation(head.federation, caller)
+            session = self._session_of(federation, head, identity)
+            upload = federation.begin_upload(
+                identity,
+                head.round,
+                head.attempt,
+                head.base_version,
+                int(head.num_samples),
+                session,
+            )
+            if upload is None:
                 for _ in iterator:  # already counted: drain, store nothing
                     pass
                 return aggregator_pb2.UploadUpdateResponse(
                     duplicate=True, received=federation.plan(identity)["received"]
                 )
-            spool, out = federation.new_spool()
             stream = _chain(first, iterator)
             del first  # a frame keeps its whole message (up to a chunk) alive
             try:
                 # Chunks go straight to the spool file: the upload holds one message at a
                 # time and none while it waits for the federation's lock.
-                with out, TensorAssembler(self.limits, self.budget, sink=out) as assembler:
+                with TensorAssembler(self.limits, self.budget, sink=upload.writer) as assembler:
                     for frame in stream:
                         assembler.feed(frame.chunk_view())
                         del frame
                     assembler.finish()
-                duplicate, received = federation.commit_upload(
-                    *args, int(head.num_samples), spool, session
-                )
+                duplicate, received = federation.commit_upload(upload)
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    spool.path.unlink()
+                federation.end_upload(upload)
         return aggregator_pb2.UploadUpdateResponse(duplicate=duplicate, received=received)
 
     @stream_errors
     def DownloadGlobal(
         self, request: aggregator_pb2.DownloadGlobalRequest, context: grpc.ServicerContext
     ) -> Iterator[OutgoingFrame | aggregator_pb2.DownloadGlobalResponse]:
-        federation = self._federation(request.federation)
-        identity = _caller(context)
-        with federation.lock:
-            federation.require_member(identity)
-            version = request.version or federation.state.version
-        tensors = federation.offset(version)
-        if not tensors:
-            yield aggregator_pb2.DownloadGlobalResponse(version=version)
-            return
-        for name in sorted(tensors):
-            for frame in iter_frames(
-                tensors[name], name, DOWNLOAD_RESPONSE, chunk_bytes=self.chunk_bytes
-            ):
-                frame.message.version = version  # type: ignore[attr-defined]
-                yield frame
+        caller = _caller(context)
+        federation = self._federation(request.federation, caller)
+        with self.streams.open(context, iter(()), identity=str(caller)) as stream:
+            with federation.lock:
+                version = request.version or federation.state.version
+            tensors = federation.body(version) if request.body else federation.offset(version)
+            if not tensors:
+                yield aggregator_pb2.DownloadGlobalResponse(version=version)
+                return
+            for name in sorted(tensors):
+                frames = iter_frames(
+                    tensors[name], name, DOWNLOAD_RESPONSE, chunk_bytes=self.chunk_bytes
+                )
+                for frame in stream.pace(frames):
+                    frame.message.version = version  # type: ignore[attr-defined]
+                    yield frame
 
     @stream_errors
     def WatchRound(
         self, request: aggregator_pb2.WatchRoundRequest, context: grpc.ServicerContext
     ) -> Iterator[aggregator_pb2.WatchRoundResponse]:
-        federation = self._federation(request.federation)
-        identity = _caller(context)
+        caller = _caller(context)
+        federation = self._federation(request.federation, caller)
         seen = None
-        while context.is_active():
-            key = federation.wait_for_change(seen, self.watch_poll_s)
-            federation.tick()
-            if key == seen:
-                continue
-            seen = key
-            plan = federation.plan(identity)
-            yield aggregator_pb2.WatchRoundResponse(
-                plan=to_plan(plan),
-                received=plan["received"],
-                participants=plan["participants"],
-                versions=plan["global_version"],
-            )
-            if plan["phase"] == FINISHED:
-                return
+        with self.streams.open(context, iter(()), identity=str(caller)) as stream:
+            while context.is_active():
+                key = federation.wait_for_change(seen, self.watch_poll_s)
+                federation.tick()
+                if key == seen:
+                    continue
+                seen = key
+                if caller.role != "admin":
+                    federation.require_member(caller.name)  # still one
+                plan = federation.plan(caller.name, member=caller.role != "admin")
+                yield from stream.pace(
+                    [
+                        aggregator_pb2.WatchRoundResponse(
+                            plan=to_plan(plan),
+                            received=plan["received"],
+                            participants=plan["participants"],
+                            versions=plan["global_version"],
+                        )
+                    ]
+                )
+                if plan["phase"] == FINISHED:
+                    return
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
@@ -296,10 +339,12 @@ class Ticker:
 
 
 def binding(
-    federations: Mapping[str, Federation], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    federations: Mapping[str, Federation],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    max_workers: int = 16,
 ) -> ServiceBinding:
     return service_binding(
         SERVICE,
-        AggregatorServicer(federations, chunk_bytes=chunk_bytes),
+        AggregatorServicer(federations, chunk_bytes=chunk_bytes, max_workers=max_workers),
         [UPLOAD_REQUEST, DOWNLOAD_RESPONSE],
     )

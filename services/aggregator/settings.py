@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from splitfed.config import build
+from splitfed.models.schema import Schema, load_schema, schema_from_mapping
+from splitfed.security.ca import validate_identity
 from splitfed.transport import parse_address
 
 FEDERATION_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,22 @@ class FederationSettings:
     backbones: tuple[str, ...] = ()
     # The name the backbones' certificates carry (default: the host of each address).
     backbone_server_name: str | None = None
+    # Who may join (docs/federated.md "Membership"): these client identities, and/or
+    # whoever presents the join token whose SHA-256 (hex) is join_token_sha256
+    # (`splitfed federation token` makes one). At least one of the two is required.
+    members: tuple[str, ...] = ()
+    join_token_sha256: str = ""
+    # The tensors (names and shapes) of the federation's adapter: every update must hold
+    # exactly these. Inline ({name = [shape]} or {name = {shape = [...]}}) or a file
+    # (schema JSON from `splitfed adapters schema`, or a .safetensors adapter); one of them.
+    schema: dict[str, Any] = field(default_factory=dict)
+    schema_file: Path | None = None
+    # The most samples one update may claim (its weight in the average); a member may
+    # also never claim more than it declared when it joined.
+    max_samples: int = 1_000_000
+    # Scale every plain update down to at most this L2 norm (all tensors together) before
+    # it is averaged; 0: off. Not with secure aggregation (the aggregator cannot see it).
+    clip_update_norm: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name or not set(self.name) <= FEDERATION_NAME_CHARS or len(self.name) > 63:
@@ -77,7 +98,7 @@ class FederationSettings:
             parse_address(address)
         if self.secagg_scale <= 1:
             raise ValueError(f"secagg_scale must be > 1, got {self.secagg_scale}")
-        from splitfed.services.aggregator.strategies import FedExP, make_strategy
+        from splitfed.services.aggregator.strategies import FedExP, is_robust, make_strategy
 
         strategy = make_strategy(self.strategy, self.strategy_options)  # validates both
         if self.secure_aggregation and isinstance(strategy, FedExP):
@@ -85,6 +106,53 @@ class FederationSettings:
                 f"strategy {self.strategy!r} needs each update's norm, which secure "
                 "aggregation hides; use fedavg, fedavgm or fedadam with secure_aggregation"
             )
+        if self.secure_aggregation and is_robust(strategy):
+            raise ValueError(
+                f"strategy {self.strategy!r} looks at every update, which secure aggregation "
+                "hides; use it in plain rounds, or fedavg/fedavgm/fedadam with secure_aggregation"
+            )
+        for member in self.members:
+            try:
+                validate_identity(member)
+            except ValueError as exc:
+                raise ValueError(f"members: {exc}") from None
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("members lists an identity twice")
+        if self.join_token_sha256 and not _SHA256_HEX.fullmatch(self.join_token_sha256):
+            raise ValueError(
+                "join_token_sha256 must be the SHA-256 of the join token as 64 lowercase hex "
+                "digits (`splitfed federation token` prints a token and its digest)"
+            )
+        if not self.members and not self.join_token_sha256:
+            raise ValueError(
+                f"federation {self.name!r} says nobody may join: list the client identities in "
+                "members, or set join_token_sha256 (`splitfed federation token`)"
+            )
+        if not 1 <= self.max_samples <= 1 << 40:
+            raise ValueError(f"max_samples must be in [1, 2^40], got {self.max_samples}")
+        if self.clip_update_norm < 0 or self.clip_update_norm != self.clip_update_norm:
+            raise ValueError(f"clip_update_norm must be >= 0, got {self.clip_update_norm}")
+        if self.secure_aggregation and self.clip_update_norm:
+            raise ValueError(
+                "clip_update_norm needs each update's norm, which secure aggregation hides; "
+                "clients clip their own updates there"
+            )
+        if self.schema_file is not None:
+            object.__setattr__(self, "schema_file", Path(self.schema_file))
+        if bool(self.schema) == (self.schema_file is not None):
+            raise ValueError(
+                f"federation {self.name!r}: give its adapter's tensors in schema or schema_file "
+                "(exactly one; `splitfed adapters schema --config client.toml` writes it)"
+            )
+        if self.schema:
+            self.tensor_schema()  # checks it (a schema_file is read at start and by
+            # `splitfed config validate`)
+
+    def tensor_schema(self) -> Schema:
+        """The federation's tensors: name -> shape."""
+        if self.schema_file is not None:
+            return load_schema(self.schema_file)
+        return schema_from_mapping(self.schema, "schema")
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,25 @@ a step size computed from how much the clients' updates disagree (Jhunjhunwala e
 server optimizer (Hsu et al. 2019; Reddi et al., "Adaptive Federated Optimization",
 2021). Server-optimizer state is a dict of tensors that the aggregator persists with
 each version.
+
+``median`` and ``trimmed_mean`` are *robust* strategies (Yin et al., "Byzantine-Robust
+Distributed Learning", ICML 2018): instead of the sample-weighted mean they take, for
+every coordinate, the median of the clients' deltas, or their mean after dropping the
+``trim_fraction`` largest and smallest values. A few hostile updates, however large,
+then move the result only within the range of the honest ones. They ignore sample
+counts (a count is the client's word) and need every update in the clear: plain rounds
+only, not with secure aggregation. The aggregator keeps each update on disk until the
+round closes (one adapter per contributor instead of one running sum).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 
 Tensors = dict[str, torch.Tensor]
@@ -142,11 +153,71 @@ class FedAdam:
         return out
 
 
+@dataclass(frozen=True)
+class Median:
+    """Coordinate-wise median of the clients' deltas, added to the offset."""
+
+    name: str = "median"
+    robust: ClassVar[bool] = True
+
+    def combine(self, values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """``values`` [clients, elements] -> [elements]."""
+        median: np.ndarray[Any, Any] = np.median(values, axis=0)
+        return median.astype(np.float32, copy=False)
+
+    def step(
+        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
+    ) -> Tensors:
+        return {n: _current(offset, n, d) + d for n, d in delta.items()}
+
+
+@dataclass(frozen=True)
+class TrimmedMean:
+    """Coordinate-wise mean of the clients' deltas without the ``floor(trim_fraction *
+    clients)`` largest and smallest values of each coordinate."""
+
+    trim_fraction: float = 0.1
+    name: str = "trimmed_mean"
+    robust: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError("trimmed_mean needs 0 <= trim_fraction < 0.5")
+
+    def trimmed(self, clients: int) -> int:
+        return math.floor(self.trim_fraction * clients)
+
+    def combine(self, values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        cut = self.trimmed(values.shape[0])
+        ordered = np.sort(values, axis=0)
+        kept = ordered[cut : values.shape[0] - cut]
+        mean: np.ndarray[Any, Any] = kept.mean(axis=0, dtype=np.float64)
+        return mean.astype(np.float32)
+
+    def step(
+        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
+    ) -> Tensors:
+        return {n: _current(offset, n, d) + d for n, d in delta.items()}
+
+
+class RobustStrategy(Strategy, Protocol):
+    def combine(self, values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The combined delta of one slice of elements from every update."""
+        ...
+
+
+def is_robust(strategy: object) -> bool:
+    """Whether ``strategy`` combines the individual updates (not their running sum)."""
+    return bool(getattr(strategy, "robust", False))
+
+
 STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedavg": FedAvg,
     "fedavgm": FedAvgM,
     "fedexp": FedExP,
     "fedadam": FedAdam,
+    "median": Median,
+    "trimmed_mean": TrimmedMean,
 }
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from splitfed.errors import DataLossError, FailedPreconditionError, InvalidArgumentError
-from splitfed.logs import log_context
+from splitfed.logs import log_context, redact
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
 from splitfed.security.sealing import FrameContext
@@ -391,5 +391,7 @@ def handle_import(
                 tensors[received.name] = received.tensor
         assembler.finish()
     count = state.queue.run(session.session_id, partial(state.import_adapter, session, tensors))
-    logger.info("[Backbone.ImportAdapter] session %s: %d tensors", session.session_id, count)
+    logger.info(
+        "[Backbone.ImportAdapter] session %s: %d tensors", redact(session.session_id), count
+    )
     return backbone_pb2.ImportAdapterResponse(tensors=count)

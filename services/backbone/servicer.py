@@ -20,6 +20,9 @@ from splitfed.wire import IncomingFrame, OutgoingFrame, ReceiveBudget
 
 SERVICE = backbone_pb2.DESCRIPTOR.services_by_name["Backbone"]
 SESSION_METADATA = "x-splitfed-session"
+# An aggregator's ImportAdapter: the federation it acts for, the member owning the session.
+FEDERATION_METADATA = "x-splitfed-federation"
+OWNER_METADATA = "x-splitfed-owner"
 ANONYMOUS = "anonymous"
 
 
@@ -38,7 +41,15 @@ POLICY: Policy = {
     # Aggregators: sessions opened for a federation, if listed in [backbone] aggregators.
     "ExportAdapter": frozenset({"client", "aggregator"}),
     "ImportAdapter": frozenset({"client", "aggregator"}),
+    "CheckSession": frozenset({"aggregator"}),
 }
+
+
+def _metadata(context: grpc.ServicerContext, key: str) -> str:
+    values = [v for k, v in context.invocation_metadata() if k == key]
+    if len(values) > 1 or (values and not isinstance(values[0], str)):
+        raise InvalidArgumentError(f"the call has more than one {key!r} metadata entry")
+    return str(values[0]) if values else ""
 
 
 class BackboneServicer:
@@ -65,17 +76,30 @@ class BackboneServicer:
     def _crypto(self, session: Session) -> SessionCrypto | None:
         return self.keys.for_session(session.session_id) if session.encrypted else None
 
-    def _session(self, context: grpc.ServicerContext, session_id: str | None = None) -> Session:
+    def _session(
+        self,
+        context: grpc.ServicerContext,
+        session_id: str | None = None,
+        *,
+        federation: str | None = None,
+        owner: str | None = None,
+    ) -> Session:
+        """The caller's session; an aggregator's only as the backbone's rules allow
+        (``federation`` and ``owner`` from the request, else from the call metadata)."""
         if session_id is None:
-            values = [v for k, v in context.invocation_metadata() if k == SESSION_METADATA]
-            if len(values) != 1 or not isinstance(values[0], str) or not values[0]:
+            session_id = _metadata(context, SESSION_METADATA)
+            if not session_id:
                 raise InvalidArgumentError(
                     f"the call needs one {SESSION_METADATA!r} metadata entry"
                 )
-            session_id = values[0]
         identity = peer_identity(context)
         if identity is not None and identity.role == "aggregator":
-            return self.state.get_federated_session(session_id, identity.name)
+            return self.state.get_federated_session(
+                session_id,
+                identity.name,
+                _metadata(context, FEDERATION_METADATA) if federation is None else federation,
+                _metadata(context, OWNER_METADATA) if owner is None else owner,
+            )
         return self.state.get_session(session_id, owner_of(context))
 
     @unary_errors
@@ -139,8 +163,19 @@ class BackboneServicer:
     def ExportAdapter(
         self, request: backbone_pb2.ExportAdapterRequest, context: grpc.ServicerContext
     ) -> Iterator[OutgoingFrame]:
-        session = self._session(context, request.session_id)
+        session = self._session(
+            context, request.session_id, federation=request.federation, owner=request.owner
+        )
         yield from handlers.handle_export(self.state, session, self.chunk_bytes)
+
+    @unary_errors
+    def CheckSession(
+        self, request: backbone_pb2.CheckSessionRequest, context: grpc.ServicerContext
+    ) -> backbone_pb2.CheckSessionResponse:
+        session = self._session(
+            context, request.session_id, federation=request.federation, owner=request.owner
+        )
+        return backbone_pb2.CheckSessionResponse(step=session.step)
 
     @unary_errors
     def ImportAdapter(

@@ -38,7 +38,10 @@ class BackboneSettings:
     idle_timeout_s: float = 3600.0
     encodings: tuple[str, ...] = field(default_factory=lambda: tuple(encoding_names()))
     # Identities (role aggregator) that may export and import the body adapters of
-    # sessions opened for a federation (server-side adapter averaging).
+    # sessions opened for a federation (server-side adapter averaging): "name" may act
+    # for any federation, "name:federation" only for that one (repeat the name for more).
+    # An aggregator still reaches only sessions whose owner opened them for the federation
+    # it names, and only for the owner it names (docs/backbone.md).
     aggregators: tuple[str, ...] = ()
     # Client-batch (adapter_mode "shared" only): the training passes of concurrent sessions
     # run as one batched pass and one optimizer step (docs/backbone.md, "Client-batch").
@@ -93,6 +96,24 @@ class BackboneSettings:
             raise ValueError(f"max_merged_sessions must be >= 1, got {self.max_merged_sessions}")
         if self.batch_timeout_s <= 0:
             raise ValueError(f"batch_timeout_s must be positive, got {self.batch_timeout_s}")
+        self.aggregator_federations()  # validates the entries
         unknown = set(self.encodings) - set(encoding_names())
         if unknown:
             raise ValueError(f"unknown encodings {sorted(unknown)}; known: {encoding_names()}")
+
+    def aggregator_federations(self) -> dict[str, frozenset[str]]:
+        """aggregator identity -> the federations it may act for (empty: any)."""
+        out: dict[str, set[str]] = {}
+        anywhere: set[str] = set()
+        for entry in self.aggregators:
+            name, _, federation = entry.partition(":")
+            if not name or (":" in entry and not federation):
+                raise ValueError(
+                    f"aggregators: {entry!r} is not 'identity' or 'identity:federation'"
+                )
+            out.setdefault(name, set())
+            if federation:
+                out[name].add(federation)
+            else:
+                anywhere.add(name)
+        return {name: frozenset() if name in anywhere else frozenset(f) for name, f in out.items()}

@@ -24,6 +24,7 @@ from splitfed.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from splitfed.logs import redact
 from splitfed.metrics import BACKBONE_KV_CACHE_BYTES, BACKBONE_SESSIONS, Live
 from splitfed.models.adapters import (
     AdapterSettings,
@@ -305,7 +306,7 @@ class BackboneState:
         logger.info(
             "[Backbone.OpenSession] %s opened session %s (k=%d, m=%d, %s)",
             owner,
-            session.session_id,
+            redact(session.session_id),
             k,
             m,
             adapter.kind,
@@ -348,19 +349,42 @@ class BackboneState:
             session.touch()
             return session
 
-    def get_federated_session(self, session_id: str, aggregator: str) -> Session:
-        """A session for one of the configured aggregators: only sessions opened for a
-        federation, only for identities in ``settings.aggregators``."""
-        if aggregator not in self.settings.aggregators:
-            raise PermissionDeniedError(f"{aggregator} is not an aggregator of this backbone")
+    def get_federated_session(
+        self, session_id: str, aggregator: str, federation: str, owner: str
+    ) -> Session:
+        """A session for an aggregator: only one of the configured aggregators, acting for
+        ``federation`` (one it may act for), and only a session that ``owner`` (a client
+        identity, certificate name) opened for that federation. Every refusal is the same
+        PERMISSION_DENIED, whether the session exists or not."""
+        refusal = PermissionDeniedError(
+            f"{aggregator} has no access to a session of {owner or '(no owner)'} for "
+            f"federation {federation or '(none)'!r} with that id"
+        )
+        allowed = self.settings.aggregator_federations().get(aggregator)
+        if allowed is None or not federation or not owner:
+            raise refusal
+        if allowed and federation not in allowed:
+            logger.warning(
+                "[Backbone] aggregator %s may not act for federation %s", aggregator, federation
+            )
+            raise refusal
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None and session_id in self._stored:
                 session = self._restore(session_id)
-        if session is None or not session.federation:
-            raise PermissionDeniedError(
-                f"session {session_id!r} does not exist or trains for no federation"
+        if (
+            session is None
+            or session.federation != federation
+            or session.owner != (f"client/{owner}")
+        ):
+            logger.warning(
+                "[Backbone] aggregator %s (federation %s) refused session %s for %s",
+                aggregator,
+                federation,
+                redact(session_id),
+                owner,
             )
+            raise refusal
         session.touch()
         return session
 
@@ -387,7 +411,7 @@ class BackboneState:
         )
         self._sessions[session_id] = session
         self._stored.discard(session_id)
-        logger.info("[Backbone] resumed session %s at step %d", session_id, record.step)
+        logger.info("[Backbone] resumed session %s at step %d", redact(session_id), record.step)
         return session
 
     def close_session(self, session_id: str, owner: str) -> None:
@@ -406,7 +430,7 @@ class BackboneState:
         self.store.delete(session.session_id)
         for hook in self.on_drop:
             hook(session)
-        logger.info("[Backbone] session %s closed", session.session_id)
+        logger.info("[Backbone] session %s closed", redact(session.session_id))
 
     def sessions(self) -> list[Session]:
         with self._lock:
@@ -431,7 +455,9 @@ class BackboneState:
             if s.streams == 0 and now - s.last_activity > self.settings.idle_timeout_s
         ]
         for session in expired:
-            logger.info("[Backbone] session %s expired after being idle", session.session_id)
+            logger.info(
+                "[Backbone] session %s expired after being idle", redact(session.session_id)
+            )
             self._drop(session)
         return [s.session_id for s in expired]
 
@@ -594,7 +620,7 @@ class BackboneState:
             if busy is not None:
                 raise FailedPreconditionError(
                     "adapter_mode shared trains one session's step at a time and session "
-                    f"{busy.session_id} is in the middle of step {busy.step + 1}; turn "
+                    f"{redact(busy.session_id)} is in the middle of step {busy.step + 1}; turn "
                     "client_batch on to train concurrent sessions together"
                 )
             session.in_step = True

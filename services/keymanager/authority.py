@@ -31,6 +31,7 @@ from splitfed.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
+from splitfed.logs import redact
 from splitfed.metrics import CERTIFICATE_SOURCES, CERTIFICATES_ISSUED, CERTIFICATES_REVOKED
 from splitfed.security.ca import (
     CLOCK_SKEW,
@@ -487,7 +488,7 @@ class KeyAuthority:
     def rotate(self, caller: Identity, session_id: str) -> IssuedKey:
         self._session_for(caller, session_id, owner_only=True)
         key_id = self.store.rotate_key(session_id, str(caller))
-        logger.info("[KeyAuthority] session %s rotated to key %d", session_id, key_id)
+        logger.info("[KeyAuthority] session %s rotated to key %d", redact(session_id), key_id)
         return self.store.issue_key(session_id, key_id)
 
     def end_session(self, caller: Identity, session_id: str) -> None:

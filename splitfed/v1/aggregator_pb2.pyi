@@ -62,15 +62,25 @@ class JoinRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FEDERATION_FIELD_NUMBER: _builtins.int
+    NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    JOIN_TOKEN_FIELD_NUMBER: _builtins.int
     federation: _builtins.str
+    num_samples: _builtins.int
+    """The size of the member's dataset: no update of it may claim more samples (a later
+    join may lower it, never raise it). Required, at most the federation's max_samples.
+    """
+    join_token: _builtins.str
+    """The federation's join token, for members that its config does not list by name."""
     def __init__(
         self,
         *,
         federation: _builtins.str = ...,
+        num_samples: _builtins.int = ...,
+        join_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation", b"federation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation", b"federation", "join_token", b"join_token", "num_samples", b"num_samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -177,6 +187,7 @@ class RoundPlan(_message.Message):
     DROPPED_FIELD_NUMBER: _builtins.int
     ROUNDS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    SCHEMA_DIGEST_FIELD_NUMBER: _builtins.int
     federation: _builtins.str
     round: _builtins.int
     attempt: _builtins.int
@@ -196,9 +207,15 @@ class RoundPlan(_message.Message):
     rounds: _builtins.int
     message: _builtins.str
     """Why the previous attempt failed, if it did."""
+    schema_digest: _builtins.str
+    """SHA-256 (hex) of the federation's adapter schema (tensor names and shapes, see
+    docs/federated.md): a client checks that its adapter has this schema.
+    """
     @_builtins.property
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Peer]:
-        """Secure aggregation, UPLOAD phase: everyone whose key is in the round (self included)."""
+        """Secure aggregation, UPLOAD phase: everyone whose key is in the round (self included);
+        only the round's participants see it.
+        """
 
     @_builtins.property
     def dropped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -223,10 +240,11 @@ class RoundPlan(_message.Message):
         dropped: _abc.Iterable[_builtins.str] | None = ...,
         rounds: _builtins.int = ...,
         message: _builtins.str = ...,
+        schema_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_seed", b"adapter_seed", "attempt", b"attempt", "deadline", b"deadline", "dropped", b"dropped", "federation", b"federation", "global_version", b"global_version", "local_steps", b"local_steps", "message", b"message", "peers", b"peers", "phase", b"phase", "round", b"round", "rounds", b"rounds", "secagg_scale", b"secagg_scale", "secure_aggregation", b"secure_aggregation", "selected", b"selected", "uploaded", b"uploaded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_seed", b"adapter_seed", "attempt", b"attempt", "deadline", b"deadline", "dropped", b"dropped", "federation", b"federation", "global_version", b"global_version", "local_steps", b"local_steps", "message", b"message", "peers", b"peers", "phase", b"phase", "round", b"round", "rounds", b"rounds", "schema_digest", b"schema_digest", "secagg_scale", b"secagg_scale", "secure_aggregation", b"secure_aggregation", "selected", b"selected", "uploaded", b"uploaded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -296,6 +314,8 @@ class UploadUpdateRequest(_message.Message):
     backbone: _builtins.str
     """First message, federations with server-side adapters: the backbone (one of the
     federation's configured addresses) and the session whose body adapter to average.
+    The aggregator checks with that backbone that the session is the uploader's own,
+    opened for this federation, and refuses the upload (PERMISSION_DENIED) otherwise.
     """
     backbone_session: _builtins.str
     @_builtins.property
@@ -419,18 +439,25 @@ class DownloadGlobalRequest(_message.Message):
 
     FEDERATION_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     federation: _builtins.str
     version: _builtins.int
     """0: the latest version."""
+    body: _builtins.bool
+    """Federations with server-side adapters: the average of the contributors' body
+    adapters made with that version (empty if there is none), instead of the offset. A
+    member that did not take part in a round loads it into its own backbone session.
+    """
     def __init__(
         self,
         *,
         federation: _builtins.str = ...,
         version: _builtins.int = ...,
+        body: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["federation", b"federation", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "federation", b"federation", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -75,7 +75,10 @@ class AggregatorServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Join(self, request, context):
-        """Join a federation (configured on the aggregator); idempotent.
+        """Join a federation (configured on the aggregator) as one of its members; idempotent.
+        Only the identities the federation's config lists, or holders of its join token,
+        may join; everyone else, and every federation that does not exist, gets the same
+        PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

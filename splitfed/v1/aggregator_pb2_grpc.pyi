@@ -36,7 +36,11 @@ class AggregatorStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AggregatorAsyncStub: ...
     Join: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.JoinRequest, _aggregator_pb2.JoinResponse]
-    """Join a federation (configured on the aggregator); idempotent."""
+    """Join a federation (configured on the aggregator) as one of its members; idempotent.
+    Only the identities the federation's config lists, or holders of its join token,
+    may join; everyone else, and every federation that does not exist, gets the same
+    PERMISSION_DENIED.
+    """
     GetRoundPlan: _grpc.UnaryUnaryMultiCallable[_aggregator_pb2.GetRoundPlanRequest, _aggregator_pb2.GetRoundPlanResponse]
     """What to do now: the round, whether the caller takes part, the global version to
     start from, local steps, deadline, and (secure aggregation) the peers' keys.
@@ -58,7 +62,11 @@ class AggregatorStub:
 class AggregatorAsyncStub(AggregatorStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Join: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.JoinRequest, _aggregator_pb2.JoinResponse]  # type: ignore[assignment]
-    """Join a federation (configured on the aggregator); idempotent."""
+    """Join a federation (configured on the aggregator) as one of its members; idempotent.
+    Only the identities the federation's config lists, or holders of its join token,
+    may join; everyone else, and every federation that does not exist, gets the same
+    PERMISSION_DENIED.
+    """
     GetRoundPlan: _aio.UnaryUnaryMultiCallable[_aggregator_pb2.GetRoundPlanRequest, _aggregator_pb2.GetRoundPlanResponse]  # type: ignore[assignment]
     """What to do now: the round, whether the caller takes part, the global version to
     start from, local steps, deadline, and (secure aggregation) the peers' keys.
@@ -83,7 +91,11 @@ class AggregatorServicer(metaclass=_abc_1.ABCMeta):
         request: _aggregator_pb2.JoinRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_aggregator_pb2.JoinResponse, _abc.Awaitable[_aggregator_pb2.JoinResponse]]:
-        """Join a federation (configured on the aggregator); idempotent."""
+        """Join a federation (configured on the aggregator) as one of its members; idempotent.
+        Only the identities the federation's config lists, or holders of its join token,
+        may join; everyone else, and every federation that does not exist, gets the same
+        PERMISSION_DENIED.
+        """
 
     @_abc_1.abstractmethod
     def GetRoundPlan(

@@ -69,6 +69,11 @@ class BackboneStub:
                 request_serializer=splitfed_dot_v1_dot_backbone__pb2.ImportAdapterRequest.SerializeToString,
                 response_deserializer=splitfed_dot_v1_dot_backbone__pb2.ImportAdapterResponse.FromString,
                 _registered_method=True)
+        self.CheckSession = channel.unary_unary(
+                '/splitfed.v1.Backbone/CheckSession',
+                request_serializer=splitfed_dot_v1_dot_backbone__pb2.CheckSessionRequest.SerializeToString,
+                response_deserializer=splitfed_dot_v1_dot_backbone__pb2.CheckSessionResponse.FromString,
+                _registered_method=True)
 
 
 class BackboneServicer:
@@ -122,7 +127,17 @@ class BackboneServicer:
 
     def ImportAdapter(self, request_iterator, context):
         """Replace a session's body adapter with named tensors sent in chunks.
-        The session id travels in the call metadata "x-splitfed-session".
+        The session id travels in the call metadata "x-splitfed-session". An aggregator
+        also sends "x-splitfed-federation" and "x-splitfed-owner" (see ExportAdapterRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckSession(self, request, context):
+        """Aggregators: whether a session is `owner`'s, opened for `federation` (OK), before the
+        aggregator accepts an upload that names it. Every other answer, a session that does
+        not exist included, is the same PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,6 +180,11 @@ def add_BackboneServicer_to_server(servicer, server):
                     servicer.ImportAdapter,
                     request_deserializer=splitfed_dot_v1_dot_backbone__pb2.ImportAdapterRequest.FromString,
                     response_serializer=splitfed_dot_v1_dot_backbone__pb2.ImportAdapterResponse.SerializeToString,
+            ),
+            'CheckSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckSession,
+                    request_deserializer=splitfed_dot_v1_dot_backbone__pb2.CheckSessionRequest.FromString,
+                    response_serializer=splitfed_dot_v1_dot_backbone__pb2.CheckSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +376,33 @@ class Backbone:
             '/splitfed.v1.Backbone/ImportAdapter',
             splitfed_dot_v1_dot_backbone__pb2.ImportAdapterRequest.SerializeToString,
             splitfed_dot_v1_dot_backbone__pb2.ImportAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitfed.v1.Backbone/CheckSession',
+            splitfed_dot_v1_dot_backbone__pb2.CheckSessionRequest.SerializeToString,
+            splitfed_dot_v1_dot_backbone__pb2.CheckSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,7 +54,13 @@ class BackboneStub:
     """The body adapter of a session as named tensors (global names), in chunks."""
     ImportAdapter: _grpc.StreamUnaryMultiCallable[_backbone_pb2.ImportAdapterRequest, _backbone_pb2.ImportAdapterResponse]
     """Replace a session's body adapter with named tensors sent in chunks.
-    The session id travels in the call metadata "x-splitfed-session".
+    The session id travels in the call metadata "x-splitfed-session". An aggregator
+    also sends "x-splitfed-federation" and "x-splitfed-owner" (see ExportAdapterRequest).
+    """
+    CheckSession: _grpc.UnaryUnaryMultiCallable[_backbone_pb2.CheckSessionRequest, _backbone_pb2.CheckSessionResponse]
+    """Aggregators: whether a session is `owner`'s, opened for `federation` (OK), before the
+    aggregator accepts an upload that names it. Every other answer, a session that does
+    not exist included, is the same PERMISSION_DENIED.
     """
 
 @_typing.type_check_only
@@ -80,7 +86,13 @@ class BackboneAsyncStub(BackboneStub):
     """The body adapter of a session as named tensors (global names), in chunks."""
     ImportAdapter: _aio.StreamUnaryMultiCallable[_backbone_pb2.ImportAdapterRequest, _backbone_pb2.ImportAdapterResponse]  # type: ignore[assignment]
     """Replace a session's body adapter with named tensors sent in chunks.
-    The session id travels in the call metadata "x-splitfed-session".
+    The session id travels in the call metadata "x-splitfed-session". An aggregator
+    also sends "x-splitfed-federation" and "x-splitfed-owner" (see ExportAdapterRequest).
+    """
+    CheckSession: _aio.UnaryUnaryMultiCallable[_backbone_pb2.CheckSessionRequest, _backbone_pb2.CheckSessionResponse]  # type: ignore[assignment]
+    """Aggregators: whether a session is `owner`'s, opened for `federation` (OK), before the
+    aggregator accepts an upload that names it. Every other answer, a session that does
+    not exist included, is the same PERMISSION_DENIED.
     """
 
 class BackboneServicer(metaclass=_abc_1.ABCMeta):
@@ -145,7 +157,19 @@ class BackboneServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_backbone_pb2.ImportAdapterResponse, _abc.Awaitable[_backbone_pb2.ImportAdapterResponse]]:
         """Replace a session's body adapter with named tensors sent in chunks.
-        The session id travels in the call metadata "x-splitfed-session".
+        The session id travels in the call metadata "x-splitfed-session". An aggregator
+        also sends "x-splitfed-federation" and "x-splitfed-owner" (see ExportAdapterRequest).
+        """
+
+    @_abc_1.abstractmethod
+    def CheckSession(
+        self,
+        request: _backbone_pb2.CheckSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backbone_pb2.CheckSessionResponse, _abc.Awaitable[_backbone_pb2.CheckSessionResponse]]:
+        """Aggregators: whether a session is `owner`'s, opened for `federation` (OK), before the
+        aggregator accepts an upload that names it. Every other answer, a session that does
+        not exist included, is the same PERMISSION_DENIED.
         """
 
 def add_BackboneServicer_to_server(servicer: BackboneServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

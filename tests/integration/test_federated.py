@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from splitfed.clients.backbone import BackboneClient
 from splitfed.errors import PermissionDeniedError
 from splitfed.security.tls import TLSConfig
+from splitfed.services.backbone.store import DirectoryStore
 from splitfed.transport import create_channel
 
 
@@ -187,9 +188,13 @@ def test_server_side_adapters_are_averaged_across_backbone_replicas(tmp_path: Pa
         ]
         for name, process in zip(names, processes, strict=True):
             assert process.wait(timeout=300) == 0, (fed.root / f"{name}.log").read_text()[-3000:]
-        state = _state(fed)
-        sessions = state["server_sessions"]
+        sessions = {}  # member -> (backbone address, session id), from the backbones' stores
+        for dep in (fed.backbone, *fed.replicas):
+            for record in DirectoryStore(dep.root / "state").records():
+                assert record.federation == "fed"
+                sessions[record.owner.removeprefix("client/")] = (dep.address, record.session_id)
         assert set(sessions) == set(names)
+        assert "server_sessions" not in _state(fed)  # session ids are not kept in state.json
         assert {address for address, _ in sessions.values()} == {
             fed.backbone.address,
             fed.replicas[0].address,
@@ -200,9 +205,11 @@ def test_server_side_adapters_are_averaged_across_backbone_replicas(tmp_path: Pa
         aggregator = fed.backbone.ca.issue("aggregator-0", "aggregator")
         assert aggregator.key_pem is not None
         tls = TLSConfig(fed.backbone.ca.cert_pem, aggregator.cert_pem, aggregator.key_pem)
-        for address, session_id in sessions.values():
+        for name, (address, session_id) in sessions.items():
             with create_channel(address, tls, server_name=BACKBONE_NAME) as channel:
-                held = BackboneClient(channel).export_adapter(session_id)
+                held = BackboneClient(channel).export_adapter(
+                    session_id, federation="fed", owner=name
+                )
             assert held.keys() == body.keys()
             for tensor_name, value in held.items():
                 torch.testing.assert_close(value, body[tensor_name])
@@ -215,6 +222,6 @@ def test_server_side_adapters_are_averaged_across_backbone_replicas(tmp_path: Pa
             create_channel(address, bad, server_name=BACKBONE_NAME) as channel,
             pytest.raises(PermissionDeniedError),
         ):
-            BackboneClient(channel).export_adapter(session_id)
+            BackboneClient(channel).export_adapter(session_id, federation="fed", owner="a")
     finally:
         fed.stop()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from backbone_kit import SERVER_NAME as BACKBONE_NAME
 from backbone_kit import Deployment, deployment
-from federated_kit import AGGREGATOR_NAME, split_dataset, write_toml
+from federated_kit import AGGREGATOR_NAME, federation_schema, split_dataset, write_toml
 from helpers import SERVER_NAME, Pki, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from security_kit import KEK
@@ -137,6 +137,8 @@ def test_services_expose_metrics_that_move_and_pass_promtool(deployed: Deployed)
         "local_steps": 2,
         "deadline_s": 60.0,
         "adapter_seed": 7,
+        "members": ["hospital-a"],
+        "schema": federation_schema(backbone.model_path),
     }
     agg_config = root / "aggregator.yaml"
     agg_config.write_text(

@@ -20,10 +20,18 @@ from splitfed.services.aggregator.strategies import (
 )
 
 SHAPES = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (3, 2)}
+MEMBERS = ("a", "b", "c", "d")
 
 
 def settings(**overrides: object) -> FederationSettings:
-    values: dict[str, object] = {"name": "fed", "rounds": 2, "min_clients": 2, "deadline_s": 60}
+    values: dict[str, object] = {
+        "name": "fed",
+        "rounds": 2,
+        "min_clients": 2,
+        "deadline_s": 60,
+        "members": MEMBERS,
+        "schema": {name: list(shape) for name, shape in SHAPES.items()},
+    }
     values.update(overrides)
     return FederationSettings(**values)  # type: ignore[arg-type]
 
@@ -33,16 +41,15 @@ def upload(
 ) -> tuple[bool, int]:
     s = fed.state
     version = s.version if base < 0 else base
-    if not fed.start_upload(who, s.round, s.attempt, version):
+    upload = fed.begin_upload(who, s.round, s.attempt, version, samples)
+    if upload is None:
         return True, len(fed.contributors)
-    spool, out = fed.new_spool()
-    with out:
-        for name, tensor in tensors.items():
-            fed.spool_tensor(spool, out, name, tensor)
     try:
-        return fed.commit_upload(who, s.round, s.attempt, version, samples, spool)
+        for name, tensor in tensors.items():
+            upload.write(name, tensor)
+        return fed.commit_upload(upload)
     finally:
-        spool.path.unlink()
+        fed.end_upload(upload)
 
 
 def deltas(seed: int) -> dict[str, torch.Tensor]:
@@ -52,9 +59,9 @@ def deltas(seed: int) -> dict[str, torch.Tensor]:
 
 def test_a_round_averages_by_samples_and_moves_on(tmp_path: Path) -> None:
     fed = Federation(settings(), tmp_path)
-    fed.join("a")
+    fed.join("a", 100)
     assert fed.state.phase == "waiting"
-    fed.join("b")
+    fed.join("b", 100)
     assert fed.state.phase == "upload" and fed.state.selected == ["a", "b"]
     assert upload(fed, "a", deltas(1), 1) == (False, 1)
     assert upload(fed, "a", deltas(9), 1) == (True, 1)  # duplicate: idempotent, ignored
@@ -67,9 +74,9 @@ def test_a_round_averages_by_samples_and_moves_on(tmp_path: Path) -> None:
     with pytest.raises(FailedPreconditionError, match="stale"):
         upload(fed, "a", deltas(3), 1, base=0)
     with pytest.raises(FailedPreconditionError, match="round 2"):
-        fed.start_upload("a", 1, 1, 1)
+        fed.begin_upload("a", 1, 1, 1, 1)
     with pytest.raises(PermissionDeniedError):
-        fed.start_upload("mallory", 2, 1, 1)
+        fed.begin_upload("mallory", 2, 1, 1, 1)
 
 
 def test_a_close_that_fails_leaves_the_sum_for_the_next_try(
@@ -78,8 +85,8 @@ def test_a_close_that_fails_leaves_the_sum_for_the_next_try(
     from splitfed.services.aggregator import federation as module
 
     fed = Federation(settings(), tmp_path)
-    fed.join("a")
-    fed.join("b")
+    fed.join("a", 100)
+    fed.join("b", 100)
     upload(fed, "a", deltas(1), 1)
     real = module.write_tensors_streamed
 
@@ -125,11 +132,15 @@ def test_streamed_writes_keep_to_their_schema(tmp_path: Path) -> None:
 
 def test_mismatched_updates_and_bad_dtypes_are_refused(tmp_path: Path) -> None:
     fed = Federation(settings(), tmp_path)
-    fed.join("a")
-    fed.join("b")
+    fed.join("a", 100)
+    fed.join("b", 100)
     upload(fed, "a", deltas(1), 1)
-    with pytest.raises(InvalidArgumentError, match="differ"):
+    with pytest.raises(InvalidArgumentError, match="lacks 1 tensor"):
         upload(fed, "b", {"a.lora_A.weight": torch.zeros(2, 3)}, 1)
+    with pytest.raises(InvalidArgumentError, match="not in the federation's schema"):
+        upload(fed, "b", {"x": torch.zeros(2)}, 1)
+    with pytest.raises(InvalidArgumentError, match=r"shape \[3, 2\]"):
+        upload(fed, "b", {"a.lora_A.weight": torch.zeros(3, 2)}, 1)
     with pytest.raises(InvalidArgumentError, match="float32"):
         upload(fed, "b", {"x": torch.zeros(2, dtype=torch.float64)}, 1)
     assert fed.contributors == {"a": 1}  # nothing of b's counted
@@ -138,7 +149,7 @@ def test_mismatched_updates_and_bad_dtypes_are_refused(tmp_path: Path) -> None:
 def test_deadline_retries_below_the_minimum_and_closes_above(tmp_path: Path) -> None:
     fed = Federation(settings(min_clients=2, start_clients=3), tmp_path)
     for who in "abc":
-        fed.join(who)
+        fed.join(who, 100)
     upload(fed, "a", deltas(1), 1)
     fed.tick(fed.state.deadline + 1)
     assert (fed.state.round, fed.state.attempt) == (1, 2)
@@ -152,7 +163,7 @@ def test_deadline_retries_below_the_minimum_and_closes_above(tmp_path: Path) -> 
 def test_a_restart_continues_the_round(tmp_path: Path) -> None:
     fed = Federation(settings(min_clients=3), tmp_path)
     for who in "abc":
-        fed.join(who)
+        fed.join(who, 100)
     upload(fed, "a", deltas(1), 2)
     upload(fed, "b", deltas(2), 1)
     again = Federation(settings(min_clients=3), tmp_path)
@@ -184,7 +195,7 @@ def test_fedexp_steps_by_how_much_the_updates_disagree(tmp_path: Path) -> None:
     assert 1 < eta < 10  # an extrapolated step, below the cap
     fed = Federation(settings(min_clients=3, strategy="fedexp"), tmp_path / "one")
     for who in "abc":
-        fed.join(who)
+        fed.join(who, 100)
     for who, (tensors, samples) in zip("abc", updates, strict=True):
         upload(fed, who, tensors, samples)
     for name, value in fed.offset(1).items():
@@ -193,7 +204,7 @@ def test_fedexp_steps_by_how_much_the_updates_disagree(tmp_path: Path) -> None:
     # An aggregator restarted mid-round keeps the updates' norms with their sum.
     fed = Federation(settings(min_clients=3, strategy="fedexp"), tmp_path / "two")
     for who in "abc":
-        fed.join(who)
+        fed.join(who, 100)
     upload(fed, "a", *updates[0])
     upload(fed, "b", *updates[1])
     again = Federation(settings(min_clients=3, strategy="fedexp"), tmp_path / "two")
@@ -203,7 +214,7 @@ def test_fedexp_steps_by_how_much_the_updates_disagree(tmp_path: Path) -> None:
     # Identical updates: eta 1, i.e. FedAvg.
     fed = Federation(settings(strategy="fedexp"), tmp_path / "same")
     for who in "ab":
-        fed.join(who)
+        fed.join(who, 100)
     upload(fed, "a", deltas(4), 1)
     upload(fed, "b", deltas(4), 5)
     assert fed.state.history[-1]["step_scale"] == 1.0

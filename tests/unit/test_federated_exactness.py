@@ -91,8 +91,8 @@ class InProcessAggregator:
         self.federation = federation
         self.identity = identity
 
-    def join(self, name: str) -> aggregator_pb2.RoundPlan:
-        self.federation.join(self.identity)
+    def join(self, name: str, num_samples: int, join_token: str = "") -> aggregator_pb2.RoundPlan:
+        self.federation.join(self.identity, num_samples, join_token)
         return self.plan(name)
 
     def plan(self, name: str) -> aggregator_pb2.RoundPlan:
@@ -105,15 +105,17 @@ class InProcessAggregator:
     def upload(
         self, plan: aggregator_pb2.RoundPlan, num_samples: int, tensors: dict[str, Any], **_: Any
     ) -> aggregator_pb2.UploadUpdateResponse:
-        fed, args = self.federation, (plan.round, plan.attempt, plan.global_version)
-        spool, out = fed.new_spool()
-        with out:
-            for name, tensor in tensors.items():
-                fed.spool_tensor(spool, out, name, tensor)
+        fed = self.federation
+        upload = fed.begin_upload(
+            self.identity, plan.round, plan.attempt, plan.global_version, num_samples
+        )
+        assert upload is not None
         try:
-            duplicate, received = fed.commit_upload(self.identity, *args, num_samples, spool)
+            for name, tensor in tensors.items():
+                upload.write(name, tensor)
+            duplicate, received = fed.commit_upload(upload)
         finally:
-            spool.path.unlink()
+            fed.end_upload(upload)
         return aggregator_pb2.UploadUpdateResponse(duplicate=duplicate, received=received)
 
     def wait_for_change(
@@ -133,7 +135,14 @@ def test_one_local_sgd_step_per_round_is_one_centralized_step_on_the_union(
 ) -> None:
     rounds = 3
     settings = FederationSettings(
-        name="fed", rounds=rounds, min_clients=4, local_steps=1, adapter_seed=7, deadline_s=60
+        name="fed",
+        rounds=rounds,
+        min_clients=4,
+        local_steps=1,
+        adapter_seed=7,
+        deadline_s=60,
+        members=tuple(f"c{i}" for i in range(len(SIZES))),
+        schema={n: list(t.shape) for n, t in initial().items()},
     )
     federation = Federation(settings, tmp_path / "fed")
     trainers = [SGDTrainer(i) for i in range(len(SIZES))]
