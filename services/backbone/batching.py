@@ -86,6 +86,8 @@ class _Slot:
     output: torch.Tensor | None = None
     grad: torch.Tensor | None = None
     grad_in: torch.Tensor | None = None
+    # This member's share of the merged graph's estimated bytes (the backbone's quotas).
+    graph_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -238,10 +240,33 @@ class ClientBatcher:
 
     # --- the training operations -----------------------------------------------------
 
+    def pending_of(self, session: Session) -> tuple[int, int]:
+        """(passes, estimated graph bytes) of ``session``'s forwards in its round that
+        await their gradient (its inputs queued, or the merged graph kept for it)."""
+        sid = session.session_id
+        with self._cond:
+            rnd = self._round_of.get(sid)
+            if rnd is None or rnd.error is not None:
+                return 0, 0
+            slots = [
+                merged.slots[sid]
+                for merged in rnd.passes.values()
+                if sid in merged.slots and merged.phase is not _Phase.DONE
+            ]
+            return len(slots), sum(slot.graph_bytes for slot in slots)
+
     def forward(
-        self, session: Session, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor
+        self,
+        session: Session,
+        step: int,
+        micro: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        graph_bytes: int = 0,
     ) -> torch.Tensor:
-        """h2 of one micro-batch, computed in a pass merged with other sessions'."""
+        """h2 of one micro-batch, computed in a pass merged with other sessions'
+        (``graph_bytes``: what its rows of the merged graph are estimated to hold)."""
         sid = session.session_id
         with self._cond:
             self._raise_if_aborted(sid)
@@ -279,6 +304,7 @@ class ClientBatcher:
                         f"micro-batch {micro} of the merged step ran without this session"
                     )
             slot = _Slot(session, hidden.shape[0], hidden.shape[1], hidden, mask)
+            slot.graph_bytes = graph_bytes
             merged.slots[sid] = slot
             self._progress(rnd)
             self._drive(rnd, sid, lambda: slot.output is not None)
