@@ -17,9 +17,12 @@ exactly; :meth:`GraphCost.estimate` is ``rows * (a + b*T + c*T**2)`` plus h2, wi
 negative coefficient dropped. The probes run once per trainable adapter (its first
 training pass), in train mode with the caller's random state left untouched.
 
-Tested against real passes of every model family (tests/unit/test_backbone_quotas.py):
-the estimate is at least what the graph holds and within 25 % of it (tensors that do not
-grow with the batch, e.g. a broadcast mask, are counted per row, hence above).
+Tested against real passes of the tiny llama, qwen2, mistral, glm, glm4 and gpt2 models,
+LoRA and prefix adapters, on CPU (tests/unit/test_backbone_quotas.py): the estimate is
+at least what the graph holds and within 25 % of it (tensors that do not grow with the
+batch, e.g. a broadcast mask, are counted per row, hence above). On CUDA the caching
+allocator rounds each block up (to 512 B, large ones to 2 MiB), which the estimate does
+not count.
 """
 
 from __future__ import annotations

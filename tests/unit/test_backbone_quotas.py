@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from backbone_kit import tiny_checkpoint
-from modelkit import tiny_model
+from modelkit import TINY_FAMILIES, tiny_model
 
 from splitfed.errors import (
     FailedPreconditionError,
@@ -249,7 +249,7 @@ def test_quota_settings_are_validated(model_path: Path) -> None:
 # --- the graph-memory estimate ------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "glm4", "gpt2"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize(
     "adapter",
     [
