@@ -31,6 +31,12 @@ _CONTEXT: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.Context
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s%(context)s"
 
 
+def short_id(identifier: str) -> str:
+    """An id as logs show it, first 8 characters: session ids are capabilities (whoever
+    holds one may use the session), never logged whole."""
+    return identifier[:8] + "..." if len(identifier) > 8 else identifier
+
+
 @contextmanager
 def log_context(**fields: Any) -> Iterator[None]:
     """Add ``fields`` (e.g. ``session=...``) to every record logged inside; nests."""

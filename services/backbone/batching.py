@@ -53,6 +53,7 @@ from splitfed.errors import (
     InvalidArgumentError,
     SplitfedError,
 )
+from splitfed.logs import short_id
 from splitfed.models.optim import clip_factor, grad_sq_norm, scale_grads
 from splitfed.services.backbone.compute import ComputeQueue
 from splitfed.services.backbone.settings import BackboneSettings
@@ -421,13 +422,15 @@ class ClientBatcher:
             if not rnd.members:
                 self._rounds.remove(rnd)
                 self._promote()
-            logger.info("[Backbone.Train] session %s left merged step %d", sid, rnd.number)
+            logger.info(
+                "[Backbone.Train] session %s left merged step %d", short_id(sid), rnd.number
+            )
             return
         logger.warning(
             "[Backbone.Train] merged step %d of %d sessions aborted: session %s %s",
             rnd.number,
             len(rnd.members),
-            sid,
+            short_id(sid),
             reason,
         )
         self._end(rnd, AbortedError(f"a session merged into this step {reason}; redo the step"))
@@ -486,7 +489,7 @@ class ClientBatcher:
         logger.warning(
             "[Backbone.Train] merged step %d aborted: no frame from session(s) %s for %.1f s",
             head.number,
-            ", ".join(head.awaited()),
+            ", ".join(short_id(sid) for sid in head.awaited()),
             idle,
         )
         self._end(

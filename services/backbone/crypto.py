@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from splitfed.errors import FailedPreconditionError
+from splitfed.logs import short_id
 from splitfed.security.sealing import TO_CLIENT, DataKey
 from splitfed.security.session_crypto import SessionCrypto
 
@@ -88,4 +89,6 @@ class BackboneKeys:
         try:
             self.source.end_session(session_id)
         except Exception as exc:  # best effort: the key manager may be down right now
-            logger.warning("[BackboneKeys] could not end the keys of %s: %s", session_id, exc)
+            logger.warning(
+                "[BackboneKeys] could not end the keys of %s: %s", short_id(session_id), exc
+            )

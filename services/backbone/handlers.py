@@ -11,13 +11,13 @@ from typing import Any
 import torch
 
 from splitfed.errors import DataLossError, FailedPreconditionError, InvalidArgumentError
-from splitfed.logs import log_context
+from splitfed.logs import log_context, short_id
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
 from splitfed.security.sealing import FrameContext
 from splitfed.security.session_crypto import SessionCrypto
 from splitfed.services.backbone.crypto import BackboneKeys
-from splitfed.services.backbone.state import BackboneState, Session, short_id
+from splitfed.services.backbone.state import BackboneState, Session
 from splitfed.v1 import backbone_pb2
 from splitfed.wire import (
     ChunkView,
@@ -235,7 +235,7 @@ def handle_train(
     sid = session.session_id
     incoming = _Incoming(crypto)
     with (
-        log_context(session=sid),
+        log_context(session=short_id(sid)),
         state.stream(session, training=True) as generation,
         TensorAssembler(tensor_limits(state), budget) as assembler,
     ):
@@ -334,7 +334,7 @@ def handle_generate(
     sid = session.session_id
     incoming = _Incoming(crypto)
     with (
-        log_context(session=sid),
+        log_context(session=short_id(sid)),
         state.stream(session, training=False),
         TensorAssembler(tensor_limits(state), budget) as assembler,
     ):

@@ -28,6 +28,7 @@ from splitfed.errors import (
     NotFoundError,
     PermissionDeniedError,
 )
+from splitfed.logs import short_id
 from splitfed.metrics import BACKBONE_KV_CACHE_BYTES, BACKBONE_SESSIONS, Live
 from splitfed.models.adapters import (
     AdapterSettings,
@@ -64,11 +65,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # How an admin names the one adapter of shared mode in ExportAdapter / ImportAdapter.
 SHARED_ADAPTER = "shared"
-
-
-def short_id(session_id: str) -> str:
-    """A session id as logs and refusals show it: ids are capabilities, never shown whole."""
-    return session_id[:8] + "..." if len(session_id) > 8 else session_id
 
 
 def no_such_session(session_id: str) -> PermissionDeniedError:
@@ -312,8 +308,8 @@ class BackboneState:
             session = self.get_session(session_id, owner)
             if session.encrypted != encrypted:
                 raise FailedPreconditionError(
-                    f"session {session_id!r} was opened with encrypted={session.encrypted}; "
-                    "resume it with the same setting"
+                    f"session {short_id(session_id)!r} was opened with "
+                    f"encrypted={session.encrypted}; resume it with the same setting"
                 )
             return session, True
         with self._lock:
