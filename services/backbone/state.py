@@ -528,7 +528,8 @@ class BackboneState:
         a training forward runs merged with other sessions' (``ClientBatcher``)."""
         if train and self.batcher is not None:
             self._check_batch(hidden, mask, 0)
-            self.queue.run(session.session_id, partial(self._graph_cost, session))
+            if session.trainable.graph_cost is None:  # probe passes: on the compute queue
+                self.queue.run(session.session_id, partial(self._graph_cost, session))
             nbytes = self._admit_pass(session, hidden.shape[0], hidden.shape[1])
             hidden, mask = self._inputs(hidden, mask)
             return self.batcher.forward(session, step, micro, hidden, mask, graph_bytes=nbytes)
