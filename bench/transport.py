@@ -202,13 +202,14 @@ def _register_sealed(servicer: object, server: grpc.Server) -> None:
 def _serve(tls_dir: Path, chunk_sizes: list[int]) -> int:
     """Serve Diagnostics and the bare echo, one server per chunk size, until stdin closes."""
     from splitfed.services import diagnostics
+    from splitfed.services.diagnostics.settings import DEDICATED
 
     tls = TLSConfig.from_dir(tls_dir)
     servers: list[Server] = []
     try:
         for chunk in chunk_sizes:
             bindings = [
-                diagnostics.binding(chunk_bytes=chunk),
+                diagnostics.binding(chunk_bytes=chunk, settings=DEDICATED),
                 ServiceBinding(BARE_SERVICE, None, _register_bare),
             ]
             if chunk == DEFAULT_CHUNK_BYTES:

@@ -23,9 +23,11 @@ from splitfed.services.backbone.handlers import (
     EXPORT_RESPONSE,
     GENERATE_REQUEST,
     GENERATE_RESPONSE,
+    IMPORT_CONTEXT,
     IMPORT_REQUEST,
     TRAIN_REQUEST,
     TRAIN_RESPONSE,
+    export_context,
 )
 from splitfed.services.backbone.servicer import (
     FEDERATION_METADATA,
@@ -99,7 +101,8 @@ class _Stream:
         self._outbox = _Outbox()
         self.chunk_bytes = chunk_bytes
         self.crypto = crypto
-        # One opener per stream: its replay state follows this stream's frames.
+        # One opener per stream: its replay state follows this stream's frames (and the
+        # session's, shared by its streams).
         self._opener = crypto.opener() if crypto is not None else None
         self._call = multicallable(
             iter(self._outbox), metadata=((SESSION_METADATA, session_id),), timeout=timeout_s
@@ -342,20 +345,36 @@ class BackboneClient:
         return int(response.step)
 
     def export_adapter(
-        self, session_id: str, *, federation: str = "", owner: str = ""
+        self,
+        session_id: str,
+        crypto: SessionCrypto | None = None,
+        *,
+        federation: str = "",
+        owner: str = "",
     ) -> dict[str, torch.Tensor]:
-        """A session's body adapter. An aggregator names the federation it acts for and
-        the member it expects to own the session."""
+        """The session's body adapter. An encrypted session's comes sealed: pass its
+        ``crypto`` (the one its training uses). An aggregator names the federation it
+        acts for and the member it expects to own the session."""
 
         def call() -> dict[str, torch.Tensor]:
             request = backbone_pb2.ExportAdapterRequest(
                 session_id=session_id, federation=federation, owner=owner
             )
             responses = self._export(request, timeout=self.timeout_s)
+            opener = crypto.opener() if crypto is not None else None
             tensors: dict[str, torch.Tensor] = {}
             with TensorAssembler(CLIENT_LIMITS) as assembler:
                 for frame in responses:
-                    received = assembler.feed(frame.chunk_view())
+                    if opener is not None:
+                        view = opener.open_frame(frame, export_context(frame.message.step))
+                    elif frame.message.chunk.HasField("seal"):
+                        raise InvalidArgumentError(
+                            "the backbone sealed the adapter of an encrypted session; pass "
+                            "the session's crypto to export_adapter"
+                        )
+                    else:
+                        view = frame.chunk_view()
+                    received = assembler.feed(view)
                     if received is not None:
                         tensors[received.name] = received.tensor
             return tensors
@@ -366,20 +385,27 @@ class BackboneClient:
         self,
         session_id: str,
         tensors: Mapping[str, torch.Tensor],
+        crypto: SessionCrypto | None = None,
         *,
         federation: str = "",
         owner: str = "",
     ) -> int:
-        """Replace a session's body adapter (an aggregator: as for :meth:`export_adapter`)."""
+        """Replace the session's body adapter tensors (an encrypted session's: sealed with
+        its ``crypto``); the number replaced. An aggregator names the federation and the
+        owner as for :meth:`export_adapter`."""
         metadata = [(SESSION_METADATA, session_id)]
         if federation or owner:
             metadata += [(FEDERATION_METADATA, federation), (OWNER_METADATA, owner)]
 
         def frames() -> Iterator[OutgoingFrame]:
-            for name in sorted(tensors):
-                yield from iter_frames(
+            plain = (
+                frame
+                for name in sorted(tensors)
+                for frame in iter_frames(
                     tensors[name], name, IMPORT_REQUEST, chunk_bytes=self.chunk_bytes
                 )
+            )
+            return plain if crypto is None else crypto.seal(plain, IMPORT_CONTEXT)
 
         response = self._unary(
             "Backbone.ImportAdapter",

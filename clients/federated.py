@@ -274,7 +274,8 @@ class FederatedTrainer:
             return
         _, body = self.aggregator.download(self.federation, version, body=True)
         if body:
-            self.trainer.client.import_adapter(session.session_id, body)
+            crypto = getattr(self.trainer, "crypto", None)  # an encrypted session's keys
+            self.trainer.client.import_adapter(session.session_id, body, crypto)
 
     def run(
         self,

@@ -29,8 +29,13 @@ direction (:data:`TO_BACKBONE` or :data:`TO_CLIENT`), the key id, the frame's
 :class:`FrameContext` (op, step, micro-batch), the tensor's name, the chunk's ``seq``
 and, for the header chunk, the header itself (deterministic protobuf serialisation), so
 shape, dtype, encoding, size and checksum cannot be altered. An :class:`Opener` also
-refuses a nonce counter that does not increase under a (key id, prefix), so a replayed or
-reordered chunk fails even where it would authenticate.
+refuses a nonce counter that does not increase under a (key id, prefix) on its stream, so
+a replayed or reordered chunk fails even where it would authenticate; and, given the
+session's :class:`ReplayWindow` (one per session and direction, shared by every receiving
+stream, as :class:`~splitfed.security.session_crypto.SessionCrypto` does), a chunk that
+any stream of the session opened before, so a chunk replayed into another stream fails
+too. The window accepts counters out of order across streams (the sender's streams
+share one sealer) up to :data:`DEFAULT_REPLAY_WINDOW` behind the newest.
 
 What stays visible to someone who sees the TLS plaintext: the stream's other fields (op,
 step, micro-batch, commands and results), the tensor header (name, dtype, shape, encoding,
@@ -47,10 +52,11 @@ Sender, once per (session, direction)::
     ...
     sealer.rotate(newer_key)                                # key ids must increase
 
-Receiver, one :class:`Opener` per receiving stream (its replay state assumes the frames
-of one stream, in order)::
+Receiver, one :class:`ReplayWindow` per (session, direction) and one :class:`Opener`
+per receiving stream (its own replay state assumes the frames of one stream, in order)::
 
-    opener = Opener(session_id, TO_BACKBONE, keys)          # keys: key id -> DataKey
+    window = ReplayWindow()                                 # once per session, direction
+    opener = Opener(session_id, TO_BACKBONE, keys, shared=window)  # keys: id -> DataKey
     for frame in requests:
         view = opener.open_frame(frame, FrameContext.from_message(frame.message))
         done = assembler.feed(view)
@@ -92,6 +98,10 @@ MAX_KEY_ID: Final = (1 << 32) - 1
 MAX_COUNTER: Final = (1 << 64) - 1
 _MAX_U64: Final = (1 << 64) - 1
 DEFAULT_MAX_REPLAY_ENTRIES: Final = 64
+# Counters a ReplayWindow remembers below the newest under a key and prefix: chunks of
+# concurrent streams may arrive this far out of order (at 4 MiB chunks, 64 GiB). A bitmap
+# of this many bits (2 KiB) per (key id, prefix).
+DEFAULT_REPLAY_WINDOW: Final = 1 << 14
 
 # Version tag of the associated-data layout; change it if the layout ever changes.
 _AD_MAGIC: Final = b"splitfed/seal/v1\x00"
@@ -329,6 +339,102 @@ class Sealer:
         return OutgoingFrame(frame.message, out)
 
 
+class ReplayWindow:
+    """Nonce counters already opened under each (key id, nonce prefix), shared by all
+    receiving streams of one session and direction. Thread-safe.
+
+    Per entry: the newest counter and a bitmap of the ``window`` counters below it that
+    were opened. A counter is accepted once; one ``window`` or more behind the newest is
+    refused (too old to tell). At most ``max_entries`` entries: past that the oldest
+    key is retired (its chunks refused from then on), so the state stays bounded.
+    Record only chunks that authenticated (:meth:`accept` after opening)."""
+
+    def __init__(
+        self,
+        *,
+        window: int = DEFAULT_REPLAY_WINDOW,
+        max_entries: int = DEFAULT_MAX_REPLAY_ENTRIES,
+    ) -> None:
+        if window < 1 or max_entries < 1:
+            raise ValueError(f"window and max_entries must be >= 1, got {window}, {max_entries}")
+        self.window = window
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        # (key id, prefix) -> (newest counter, bitmap: bit i = counter newest - i opened)
+        self._seen: dict[tuple[int, bytes], tuple[int, int]] = {}
+        self._retired_below = 1
+
+    @property
+    def entries(self) -> int:
+        return len(self._seen)
+
+    def check(self, entry: tuple[int, bytes], counter: int) -> None:
+        """Raise InvalidArgumentError if ``counter`` under ``entry`` cannot be accepted."""
+        with self._lock:
+            self._check(entry, counter)
+
+    def accept(self, entry: tuple[int, bytes], counter: int) -> None:
+        """Record ``counter`` as opened, or raise InvalidArgumentError if it was (or is
+        too old or under a retired key)."""
+        with self._lock:
+            self._check(entry, counter)
+            state = self._seen.get(entry)
+            if state is None:
+                while len(self._seen) >= self.max_entries:
+                    oldest = min(key_id for key_id, _ in self._seen)
+                    if oldest >= entry[0]:
+                        raise InvalidArgumentError(
+                            f"more than {self.max_entries} nonce prefixes under keys from "
+                            f"{oldest} in this session; rotate the session key"
+                        )
+                    self._retire(oldest + 1)
+                self._seen[entry] = (counter, 1)
+                return
+            newest, bits = state
+            if counter > newest:
+                shift = counter - newest
+                bits = (
+                    ((bits << shift) | 1) & ((1 << self.window) - 1) if shift < self.window else 1
+                )
+                self._seen[entry] = (counter, bits)
+            else:
+                self._seen[entry] = (newest, bits | (1 << (newest - counter)))
+
+    def retire_before(self, key_id: int) -> None:
+        """Refuse chunks under keys below ``key_id`` from now on and drop their state."""
+        with self._lock:
+            self._retire(key_id)
+
+    def _retire(self, key_id: int) -> None:
+        self._retired_below = max(self._retired_below, key_id)
+        for entry in [entry for entry in self._seen if entry[0] < key_id]:
+            del self._seen[entry]
+
+    def _check(self, entry: tuple[int, bytes], counter: int) -> None:
+        if entry[0] < self._retired_below:
+            raise InvalidArgumentError(
+                f"a chunk is sealed under key {entry[0]}, which this session retired (keys "
+                f"below {self._retired_below} are)"
+            )
+        state = self._seen.get(entry)
+        if state is None:
+            return
+        newest, bits = state
+        if counter > newest:
+            return
+        behind = newest - counter
+        if behind >= self.window:
+            raise InvalidArgumentError(
+                f"nonce counter {counter} under key {entry[0]} is {behind} behind the newest "
+                f"this session opened, too far behind to tell it from a replay"
+            )
+        if bits >> behind & 1:
+            raise InvalidArgumentError(
+                f"nonce counter {counter} under key {entry[0]} was already opened in this "
+                "session: a replayed chunk"
+            )
+
+
 class Opener:
     """Opens the sealed chunks of one receiving stream of one session and direction.
 
@@ -336,6 +442,8 @@ class Opener:
     errors propagate). Per (key id, nonce prefix) the nonce counter must increase from
     chunk to chunk; that state is kept for at most ``max_replay_entries`` pairs: past
     that, the oldest key is retired (its state dropped, its chunks refused from then on).
+    With ``shared`` (the session's :class:`ReplayWindow`), a chunk any stream of the
+    session opened before is refused as well.
     """
 
     def __init__(
@@ -345,6 +453,7 @@ class Opener:
         keys: Callable[[int], DataKey],
         *,
         max_replay_entries: int = DEFAULT_MAX_REPLAY_ENTRIES,
+        shared: ReplayWindow | None = None,
     ) -> None:
         if max_replay_entries < 1:
             raise ValueError(f"max_replay_entries must be >= 1, got {max_replay_entries}")
@@ -353,6 +462,7 @@ class Opener:
         self._endpoint = _check_endpoint(session_id, direction)
         self._keys = keys
         self._max_entries = max_replay_entries
+        self._shared = shared
         self._lock = threading.Lock()
         # (key id, nonce prefix) -> last counter that authenticated.
         self._last: dict[tuple[int, bytes], int] = {}
@@ -400,6 +510,8 @@ class Opener:
             raise InvalidArgumentError(f"chunk seq {seq}{self._of(chunk)}: seal has no key id")
         entry = (key_id, nonce[:NONCE_PREFIX_BYTES])
         counter = int.from_bytes(nonce[NONCE_PREFIX_BYTES:], "big")
+        if self._shared is not None:
+            self._shared.check(entry, counter)
         with self._lock:
             self._check_fresh(chunk, entry, counter)
             if chunk.HasField("header"):
@@ -430,6 +542,8 @@ class Opener:
             ) from None
         with self._lock:
             self._check_fresh(chunk, entry, counter)  # a concurrent caller may have won
+            if self._shared is not None:
+                self._shared.accept(entry, counter)  # another stream may have won
             self._accept(entry, counter)
             if chunk.HasField("header"):
                 self._name = name

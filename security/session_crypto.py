@@ -3,9 +3,12 @@
 A :class:`SessionCrypto` caches the session's data keys (fetched from the key manager
 by id), owns the party's :class:`~splitfed.security.sealing.Sealer` for its outgoing
 direction, and makes an :class:`~splitfed.security.sealing.Opener` for each incoming
-stream. Rotation is driven by the client: it asks the key manager for the next key and
-:meth:`rotate_to` it between steps; the backbone :meth:`follow`\\ s, answering under the
-newest key the client used, and both drop keys older than the one in use.
+stream; all of them share the session's
+:class:`~splitfed.security.sealing.ReplayWindow`, so a chunk opened on one stream is
+refused on every other stream of the session. Rotation is driven by the client: it asks
+the key manager for the next key and :meth:`rotate_to` it between steps; the backbone
+:meth:`follow`\\ s, answering under the newest key the client used, and both drop keys
+older than the one in use.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from splitfed.security.sealing import (
     DataKey,
     FrameContext,
     Opener,
+    ReplayWindow,
     Sealer,
 )
 from splitfed.wire import ChunkView, IncomingFrame, OutgoingFrame
@@ -42,6 +46,8 @@ class SessionCrypto:
         self._lock = threading.Lock()
         self._keys: dict[int, DataKey] = {}
         self._sealer: Sealer | None = None
+        # Counters opened on any incoming stream of the session (replays across streams).
+        self.replay = ReplayWindow()
         if initial is not None:
             self._keys[initial.key_id] = initial
             self._sealer = Sealer(session_id, outgoing, initial)
@@ -80,8 +86,8 @@ class SessionCrypto:
         return self._sealer_now().seal_frames(frames, context)
 
     def opener(self) -> Opener:
-        """An opener for one incoming stream."""
-        return Opener(self.session_id, self.incoming, self.key)
+        """An opener for one incoming stream (replay state shared with the others)."""
+        return Opener(self.session_id, self.incoming, self.key, shared=self.replay)
 
     def open(self, opener: Opener, frame: IncomingFrame[Any]) -> ChunkView:
         return opener.open_frame(frame, FrameContext.from_message(frame.message))
@@ -105,6 +111,9 @@ class SessionCrypto:
             sealer.rotate(self.key(newest))
         if newest >= sealer.key_id:
             opener.retire_before(newest)
+            # Frames of other streams sealed just before the rotation may still be in
+            # flight under the previous key: the session keeps accepting it (once each).
+            self.replay.retire_before(newest - 1)
             with self._lock:
                 for key_id in [k for k in self._keys if k < newest]:
                     del self._keys[key_id]

@@ -277,6 +277,7 @@ def serve_backbone(
     from splitfed.configs import load_as
     from splitfed.services.backbone.crypto import BackboneKeys
     from splitfed.services.backbone.servicer import POLICY, SERVICE, binding
+    from splitfed.services.backbone.settings import server_workers
     from splitfed.services.backbone.state import BackboneState
     from splitfed.services.diagnostics import binding as diagnostics
     from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
@@ -291,10 +292,8 @@ def serve_backbone(
         if listen is not None:
             server_settings = replace(server_settings, listen=listen)
         tls = server_settings.tls()
-        options = replace(
-            server_settings.options(),
-            max_workers=max(server_settings.max_workers, settings.max_streams + 8),
-        )
+        # Every stream the backbone and its diagnostics may hold, and threads to spare.
+        options = replace(server_settings.options(), max_workers=server_workers(config))
         security = server_security(
             {SERVICE.full_name: POLICY, DIAGNOSTICS: DIAGNOSTICS_POLICY}, tls, security_settings
         )
@@ -304,7 +303,10 @@ def serve_backbone(
         return
     try:
         keys = BackboneKeys(security.keymanager)
-        services = [binding(state, options, keys), diagnostics(chunk_bytes=options.chunk_bytes)]
+        services = [
+            binding(state, options, keys),
+            diagnostics(chunk_bytes=options.chunk_bytes, settings=config.diagnostics),
+        ]
         server = create_server(
             services,
             tls,

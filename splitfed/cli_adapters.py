@@ -64,7 +64,8 @@ def export(
     """Put the head's and tail's adapter (from the training checkpoint) and the body's
     (from the backbone session the checkpoint names) together as one adapter of the
     unsplit model."""
-    from splitfed.clients.app import ClientConfig, backbone_client
+    from splitfed.clients.app import ClientConfig, backbone_client, keymanager_for
+    from splitfed.clients.backbone import client_crypto
     from splitfed.errors import SplitfedError
     from splitfed.models.adapters import load_adapter, save_adapter
     from splitfed.models.export import merge_into_checkpoint, write_peft
@@ -86,8 +87,17 @@ def export(
         return
     try:
         if not no_body:
-            with backbone_client(config.backbone) as client:
-                body = client.export_adapter(state["session_id"])
+            with backbone_client(config.backbone) as client, keymanager_for(config) as keys:
+                # An encrypted session's adapter comes sealed with the session's keys.
+                crypto = None
+                if config.training.encrypted:
+                    if keys is None:
+                        raise ValueError(
+                            "the session is encrypted: its adapter needs the key manager "
+                            "([security] keymanager)"
+                        )
+                    crypto = client_crypto(keys, state["session_id"])
+                body = client.export_adapter(state["session_id"], crypto)
             overlap = sorted(set(body) & set(tensors))
             if overlap:
                 raise ValueError(f"the body's adapter repeats a client tensor: {overlap[0]}")

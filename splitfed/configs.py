@@ -21,18 +21,30 @@ class BackboneConfig:
     backbone: Any  # BackboneSettings
     server: Any  # ServerSettings
     security: Any  # SecuritySettings
+    diagnostics: Any = None  # DiagnosticsSettings
+    # [server] max_workers as the file set it (None: derived, see server_workers).
+    server_max_workers: int | None = None
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> BackboneConfig:
-        from splitfed.services.backbone.settings import BackboneSettings
+        from splitfed.services.backbone.settings import BackboneSettings, server_workers
+        from splitfed.services.diagnostics.settings import DiagnosticsSettings
         from splitfed.serving import SecuritySettings, ServerSettings
 
-        _only(config, {"backbone", "server", "security"}, "backbone")
-        return cls(
+        _only(config, {"backbone", "server", "security", "diagnostics"}, "backbone")
+        server_section = section(config, "server", required=False)
+        server = build(ServerSettings, server_section, "server")
+        loaded = cls(
             build(BackboneSettings, section(config, "backbone"), "backbone"),
-            build(ServerSettings, section(config, "server", required=False), "server"),
+            server,
             build(SecuritySettings, section(config, "security", required=False), "security"),
+            build(
+                DiagnosticsSettings, section(config, "diagnostics", required=False), "diagnostics"
+            ),
+            server.max_workers if "max_workers" in server_section else None,
         )
+        server_workers(loaded)  # the streams fit the worker threads
+        return loaded
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ def run_demo(
             deployment.start_keymanager()
             deployment.enroll_parties()
             model, data = _model_and_data(root)
-            deployment.start_backbone(model)
+            deployment.start_backbone(model, link_check_bytes=size_mib * MiB)
             deployment.start_aggregator(model, rounds, max(1, steps // rounds))
             stranger = CertificateAuthority.create("some other CA").issue("mallory", "client")
             assert stranger.key_pem is not None
@@ -220,13 +220,19 @@ class Deployment:
             "  keymanager_server_name: localhost\n"
         )
 
-    def start_backbone(self, model: Path) -> None:
+    def start_backbone(self, model: Path, link_check_bytes: int = 64 * MiB) -> None:
+        """The backbone; its diagnostics echo takes the link check's tensor (64 MiB by
+        default, as every service's)."""
+        echo = max(64 * MiB, link_check_bytes)
         config = self.root / "backbone.yaml"
         config.write_text(
             "backbone:\n"
             f"  model_path: {json.dumps(str(model))}\n"
             f"  state_dir: {json.dumps(str(self.root / 'state'))}\n"
             f"  aggregators: [aggregator-0:{FEDERATION}]\n"
+            "diagnostics:\n"
+            f"  max_tensor_bytes: {echo}\n"
+            f"  max_buffered_bytes: {2 * echo}\n"
             "server:\n"
             f"  tls_dir: {json.dumps(str(self.root / 'backbone-0'))}\n"
             "  metrics_port: 0\n" + self._security()

@@ -35,7 +35,8 @@ SESSION_ID_SHOWN = 8
 
 
 def redact(session_id: str) -> str:
-    """A session id as logs show it: its first characters and an ellipsis."""
+    """A session id as logs and refusals show it: its first characters and an ellipsis
+    (session ids are capabilities: whoever holds one may use the session)."""
     if len(session_id) <= SESSION_ID_SHOWN:
         return session_id
     return session_id[:SESSION_ID_SHOWN] + "..."

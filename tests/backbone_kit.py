@@ -65,13 +65,16 @@ class Deployment:
         assert self.process is not None and self.process.address
         return self.process.address
 
-    def client_tls(self, identity: str) -> TLSConfig:
-        issued = self.ca.issue(identity, "client")
+    def client_tls(self, identity: str, role: str = "client") -> TLSConfig:
+        issued = self.ca.issue(identity, role)
         assert issued.key_pem is not None
         return TLSConfig(self.ca.cert_pem, issued.cert_pem, issued.key_pem)
 
-    def connect(self, identity: str = "hospital-a") -> tuple[grpc.Channel, BackboneClient]:
-        channel = create_channel(self.address, self.client_tls(identity), server_name=SERVER_NAME)
+    def connect(
+        self, identity: str = "hospital-a", role: str = "client"
+    ) -> tuple[grpc.Channel, BackboneClient]:
+        tls = self.client_tls(identity, role)
+        channel = create_channel(self.address, tls, server_name=SERVER_NAME)
         return channel, BackboneClient(channel)
 
     def stop(self) -> None:

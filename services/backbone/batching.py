@@ -53,6 +53,7 @@ from splitfed.errors import (
     InvalidArgumentError,
     SplitfedError,
 )
+from splitfed.logs import redact
 from splitfed.models.optim import clip_factor, grad_sq_norm, scale_grads
 from splitfed.services.backbone.compute import ComputeQueue
 from splitfed.services.backbone.settings import BackboneSettings
@@ -86,6 +87,8 @@ class _Slot:
     output: torch.Tensor | None = None
     grad: torch.Tensor | None = None
     grad_in: torch.Tensor | None = None
+    # This member's share of the merged graph's estimated bytes (the backbone's quotas).
+    graph_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -238,10 +241,33 @@ class ClientBatcher:
 
     # --- the training operations -----------------------------------------------------
 
+    def pending_of(self, session: Session) -> tuple[int, int]:
+        """(passes, estimated graph bytes) of ``session``'s forwards in its round that
+        await their gradient (its inputs queued, or the merged graph kept for it)."""
+        sid = session.session_id
+        with self._cond:
+            rnd = self._round_of.get(sid)
+            if rnd is None or rnd.error is not None:
+                return 0, 0
+            slots = [
+                merged.slots[sid]
+                for merged in rnd.passes.values()
+                if sid in merged.slots and merged.phase is not _Phase.DONE
+            ]
+            return len(slots), sum(slot.graph_bytes for slot in slots)
+
     def forward(
-        self, session: Session, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor
+        self,
+        session: Session,
+        step: int,
+        micro: int,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        graph_bytes: int = 0,
     ) -> torch.Tensor:
-        """h2 of one micro-batch, computed in a pass merged with other sessions'."""
+        """h2 of one micro-batch, computed in a pass merged with other sessions'
+        (``graph_bytes``: what its rows of the merged graph are estimated to hold)."""
         sid = session.session_id
         with self._cond:
             self._raise_if_aborted(sid)
@@ -279,6 +305,7 @@ class ClientBatcher:
                         f"micro-batch {micro} of the merged step ran without this session"
                     )
             slot = _Slot(session, hidden.shape[0], hidden.shape[1], hidden, mask)
+            slot.graph_bytes = graph_bytes
             merged.slots[sid] = slot
             self._progress(rnd)
             self._drive(rnd, sid, lambda: slot.output is not None)
@@ -395,13 +422,13 @@ class ClientBatcher:
             if not rnd.members:
                 self._rounds.remove(rnd)
                 self._promote()
-            logger.info("[Backbone.Train] session %s left merged step %d", sid, rnd.number)
+            logger.info("[Backbone.Train] session %s left merged step %d", redact(sid), rnd.number)
             return
         logger.warning(
             "[Backbone.Train] merged step %d of %d sessions aborted: session %s %s",
             rnd.number,
             len(rnd.members),
-            sid,
+            redact(sid),
             reason,
         )
         self._end(rnd, AbortedError(f"a session merged into this step {reason}; redo the step"))
@@ -460,7 +487,7 @@ class ClientBatcher:
         logger.warning(
             "[Backbone.Train] merged step %d aborted: no frame from session(s) %s for %.1f s",
             head.number,
-            ", ".join(head.awaited()),
+            ", ".join(redact(sid) for sid in head.awaited()),
             idle,
         )
         self._end(

@@ -43,6 +43,19 @@ IMPORT_REQUEST = FrameSpec(backbone_pb2.ImportAdapterRequest)
 FORWARD_TENSORS = frozenset({"h1", "attention_mask"})
 GRAD_TENSORS = frozenset({"grad_h2"})
 
+# The FrameContext op of sealed adapter transfers (encrypted sessions, docs/wire.md):
+# values no TrainOp or GenerateOp takes, so an adapter chunk never passes for an
+# activation. ExportAdapter: step = the response's ``step`` field; ImportAdapter: step 0.
+EXPORT_OP = 0x100
+IMPORT_OP = 0x101
+
+
+def export_context(step: int) -> FrameContext:
+    return FrameContext(op=EXPORT_OP, step=step)
+
+
+IMPORT_CONTEXT = FrameContext(op=IMPORT_OP)
+
 
 def tensor_limits(state: BackboneState) -> TensorLimits:
     s = state.settings
@@ -188,17 +201,21 @@ def _send(
 
 
 class _Incoming:
-    """Chunks of one receiving stream: opened (and checked) when the session is sealed."""
+    """Chunks of one receiving stream: opened (and checked) when the session is sealed,
+    with ``context`` or else the one each frame declares."""
 
-    def __init__(self, crypto: SessionCrypto | None) -> None:
+    def __init__(self, crypto: SessionCrypto | None, context: FrameContext | None = None) -> None:
         self.crypto = crypto
         self.opener = crypto.opener() if crypto is not None else None
+        self.context = context
 
     def view(self, frame: IncomingFrame[Any]) -> ChunkView:
         if self.crypto is None or self.opener is None:
             if frame.message.chunk.HasField("seal"):
                 raise InvalidArgumentError("this session is not encrypted; send plain chunks")
             return frame.chunk_view()
+        if self.context is not None:
+            return self.opener.open_frame(frame, self.context)
         return self.crypto.open(self.opener, frame)
 
     def tensor_done(self) -> None:
@@ -218,7 +235,7 @@ def handle_train(
     sid = session.session_id
     incoming = _Incoming(crypto)
     with (
-        log_context(session=sid),
+        log_context(session=redact(sid)),
         state.stream(session, training=True) as generation,
         TensorAssembler(tensor_limits(state), budget) as assembler,
     ):
@@ -246,6 +263,8 @@ def handle_train(
                 if received is None:
                     continue
                 incoming.tensor_done()
+                # The receive budget covers tensors being received; a pass that keeps its
+                # input until its gradient counts it in its graph (the pending quotas).
                 assembler.release_completed()
                 tensors[received.name] = received.tensor
                 needed = GRAD_TENSORS if op == backbone_pb2.TRAIN_OP_BACKWARD else FORWARD_TENSORS
@@ -315,7 +334,7 @@ def handle_generate(
     sid = session.session_id
     incoming = _Incoming(crypto)
     with (
-        log_context(session=sid),
+        log_context(session=redact(sid)),
         state.stream(session, training=False),
         TensorAssembler(tensor_limits(state), budget) as assembler,
     ):
@@ -365,13 +384,20 @@ def handle_generate(
 
 
 def handle_export(
-    state: BackboneState, session: Session, chunk_bytes: int
+    state: BackboneState, session: Session, chunk_bytes: int, crypto: SessionCrypto | None = None
 ) -> Iterator[OutgoingFrame]:
+    """The session's adapter tensors, sealed with ``crypto`` (the owner of an encrypted
+    session: :func:`export_context`)."""
     tensors = state.queue.run(session.session_id, partial(state.export_adapter, session))
-    for name in sorted(tensors):
-        for frame in iter_frames(tensors[name], name, EXPORT_RESPONSE, chunk_bytes=chunk_bytes):
-            setattr(frame.message, "step", session.step)  # noqa: B010
-            yield frame
+    step = session.step
+
+    def frames() -> Iterator[OutgoingFrame]:
+        for name in sorted(tensors):
+            for frame in iter_frames(tensors[name], name, EXPORT_RESPONSE, chunk_bytes=chunk_bytes):
+                setattr(frame.message, "step", step)  # noqa: B010
+                yield frame
+
+    return frames() if crypto is None else crypto.seal(frames(), export_context(step))
 
 
 def handle_import(
@@ -379,12 +405,17 @@ def handle_import(
     session: Session,
     frames: Iterable[IncomingFrame[backbone_pb2.ImportAdapterRequest]],
     budget: ReceiveBudget,
+    crypto: SessionCrypto | None = None,
 ) -> backbone_pb2.ImportAdapterResponse:
+    """Replace the session's adapter tensors; with ``crypto`` (the owner of an encrypted
+    session) every chunk must be sealed (:data:`IMPORT_CONTEXT`)."""
     tensors: dict[str, torch.Tensor] = {}
+    incoming = _Incoming(crypto, IMPORT_CONTEXT)
     with TensorAssembler(tensor_limits(state), budget) as assembler:
         for frame in frames:
-            received = assembler.feed(frame.chunk_view())
+            received = assembler.feed(incoming.view(frame))
             if received is not None:
+                incoming.tensor_done()
                 assembler.release_completed()
                 if received.name in tensors:
                     raise InvalidArgumentError(f"tensor {received.name!r} was sent twice")

@@ -12,7 +12,12 @@ from splitfed.security.identity import peer_identity
 from splitfed.security.session_crypto import SessionCrypto
 from splitfed.services.backbone import handlers
 from splitfed.services.backbone.crypto import BackboneKeys
-from splitfed.services.backbone.state import BackboneState, Session
+from splitfed.services.backbone.state import (
+    SHARED_ADAPTER,
+    BackboneState,
+    Session,
+    no_such_session,
+)
 from splitfed.streams import StreamGuard
 from splitfed.transport import ServiceBinding, TransportOptions, service_binding
 from splitfed.v1 import backbone_pb2
@@ -32,6 +37,11 @@ def owner_of(context: grpc.ServicerContext) -> str:
     return str(identity) if identity is not None else ANONYMOUS
 
 
+def role_of(context: grpc.ServicerContext) -> str:
+    identity = peer_identity(context)
+    return identity.role if identity is not None else ""
+
+
 POLICY: Policy = {
     "GetModelInfo": frozenset({"client", "aggregator", "admin"}),
     "OpenSession": frozenset({"client"}),
@@ -39,8 +49,9 @@ POLICY: Policy = {
     "Train": frozenset({"client"}),
     "Generate": frozenset({"client"}),
     # Aggregators: sessions opened for a federation, if listed in [backbone] aggregators.
-    "ExportAdapter": frozenset({"client", "aggregator"}),
-    "ImportAdapter": frozenset({"client", "aggregator"}),
+    # Admins: the shared adapter of adapter_mode shared, as session "shared", only.
+    "ExportAdapter": frozenset({"client", "aggregator", "admin"}),
+    "ImportAdapter": frozenset({"client", "aggregator", "admin"}),
     "CheckSession": frozenset({"aggregator"}),
 }
 
@@ -67,6 +78,7 @@ class BackboneServicer:
             "Backbone",
             max_streams=settings.max_streams,
             idle_timeout_s=settings.stream_idle_timeout_s,
+            max_streams_per_identity=settings.max_streams_per_identity,
         )
 
     def _end_keys(self, session: Session) -> None:
@@ -100,7 +112,28 @@ class BackboneServicer:
                 _metadata(context, FEDERATION_METADATA) if federation is None else federation,
                 _metadata(context, OWNER_METADATA) if owner is None else owner,
             )
+        if identity is not None and identity.role == "admin":
+            if session_id != SHARED_ADAPTER:
+                raise no_such_session(session_id)  # an admin reaches no client's session
+            return self.state.shared_adapter()
         return self.state.get_session(session_id, owner_of(context))
+
+    def _adapter_session(
+        self,
+        context: grpc.ServicerContext,
+        session_id: str | None,
+        *,
+        importing: bool,
+        federation: str | None = None,
+        owner: str | None = None,
+    ) -> tuple[Session, SessionCrypto | None]:
+        """The session whose adapter moves, if the caller may move it, and the crypto to
+        seal the transfer with: the owner's of an encrypted session (an aggregator or
+        admin holds no session key: TLS only)."""
+        session = self._session(context, session_id, federation=federation, owner=owner)
+        role = role_of(context)
+        self.state.check_adapter_access(session, role, importing=importing)
+        return session, self._crypto(session) if role == "client" else None
 
     @unary_errors
     def GetModelInfo(
@@ -128,7 +161,7 @@ class BackboneServicer:
         context: grpc.ServicerContext,
     ) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
         session = self._session(context)
-        with self.streams.open(context, request_iterator) as requests:
+        with self.streams.open(context, request_iterator, owner_of(context)) as requests:
             yield from requests.pace(
                 handlers.handle_train(
                     self.state,
@@ -147,7 +180,7 @@ class BackboneServicer:
         context: grpc.ServicerContext,
     ) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
         session = self._session(context)
-        with self.streams.open(context, request_iterator) as requests:
+        with self.streams.open(context, request_iterator, owner_of(context)) as requests:
             yield from requests.pace(
                 handlers.handle_generate(
                     self.state,
@@ -163,10 +196,14 @@ class BackboneServicer:
     def ExportAdapter(
         self, request: backbone_pb2.ExportAdapterRequest, context: grpc.ServicerContext
     ) -> Iterator[OutgoingFrame]:
-        session = self._session(
-            context, request.session_id, federation=request.federation, owner=request.owner
+        session, crypto = self._adapter_session(
+            context,
+            request.session_id,
+            importing=False,
+            federation=request.federation,
+            owner=request.owner,
         )
-        yield from handlers.handle_export(self.state, session, self.chunk_bytes)
+        yield from handlers.handle_export(self.state, session, self.chunk_bytes, crypto)
 
     @unary_errors
     def CheckSession(
@@ -183,8 +220,8 @@ class BackboneServicer:
         request_iterator: Iterator[IncomingFrame[backbone_pb2.ImportAdapterRequest]],
         context: grpc.ServicerContext,
     ) -> backbone_pb2.ImportAdapterResponse:
-        session = self._session(context)
-        return handlers.handle_import(self.state, session, request_iterator, self.budget)
+        session, crypto = self._adapter_session(context, None, importing=True)
+        return handlers.handle_import(self.state, session, request_iterator, self.budget, crypto)
 
 
 def binding(

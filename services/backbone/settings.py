@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from splitfed.encodings import encoding_names
 
 ADAPTER_MODES = ("per-client", "shared")
+# A per-identity quota left unset is this fraction of its global limit (at least 1).
+IDENTITY_SHARE = 4
+# Server threads kept free of streams, for unary calls (OpenSession, GetModelInfo, ...)
+# and health checks: gRPC's synchronous server holds a thread for a stream's whole life.
+UNARY_WORKERS = 8
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,9 @@ class BackboneSettings:
     # Where session state (adapters, optimizer state) is checkpointed; none: memory only.
     state_dir: Path | None = None
     max_sessions: int = 64
-    # Training and generation streams open at once (each holds a server thread).
+    # Training and generation streams open at once (each holds a server thread); with the
+    # diagnostics streams and UNARY_WORKERS they must fit the server's worker threads
+    # ([server] max_workers; derived when not set).
     max_streams: int = 32
     # A stream on which nothing moved for this long is cancelled.
     stream_idle_timeout_s: float = 300.0
@@ -34,6 +42,19 @@ class BackboneSettings:
     max_sequence_length: int = 4096
     # Bytes all sessions' KV caches may hold together.
     max_cache_bytes: int = 4 << 30
+    # Per-identity quotas (one certificate identity, all its sessions together), besides
+    # the global limits; 0: a quarter of the global limit (docs/backbone.md, "Quotas").
+    max_sessions_per_identity: int = 0
+    max_streams_per_identity: int = 0
+    max_cache_bytes_per_identity: int = 0
+    # Training forward passes awaiting their gradient: each keeps its autograd graph
+    # (activations of every block) until its BACKWARD, ZERO_GRAD, the stream's end or the
+    # session's. Per session, per identity (0: twice the per-session cap), and their
+    # graphs' estimated bytes, all sessions together and per identity (0: a quarter).
+    max_pending_passes: int = 16
+    max_pending_passes_per_identity: int = 0
+    max_pending_bytes: int = 4 << 30
+    max_pending_bytes_per_identity: int = 0
     # A session nobody touched for this long is closed and its state deleted.
     idle_timeout_s: float = 3600.0
     encodings: tuple[str, ...] = field(default_factory=lambda: tuple(encoding_names()))
@@ -52,6 +73,9 @@ class BackboneSettings:
     # A merged step that waits this long for a member's next frame is given up: every
     # member gets ABORTED and redoes the step.
     batch_timeout_s: float = 60.0
+    # Shared mode: whether clients may read the shared adapter (ExportAdapter on their
+    # session). It is trained on every client's data, so off unless the deployment says.
+    export_shared_adapter: bool = False
 
     def __post_init__(self) -> None:
         # Paths may arrive as strings from a config file.
@@ -76,9 +100,25 @@ class BackboneSettings:
             ("max_batch_size", self.max_batch_size),
             ("max_sequence_length", self.max_sequence_length),
             ("max_cache_bytes", self.max_cache_bytes),
+            ("max_pending_passes", self.max_pending_passes),
+            ("max_pending_bytes", self.max_pending_bytes),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        share = {
+            "max_sessions_per_identity": self.max_sessions,
+            "max_streams_per_identity": self.max_streams,
+            "max_cache_bytes_per_identity": self.max_cache_bytes,
+            "max_pending_bytes_per_identity": self.max_pending_bytes,
+        }
+        for name, whole in share.items():
+            self._identity_quota(name, max(1, whole // IDENTITY_SHARE), whole)
+        self._identity_quota("max_pending_passes_per_identity", 2 * self.max_pending_passes)
+        if self.max_pending_passes_per_identity < self.max_pending_passes:
+            raise ValueError(
+                "max_pending_passes_per_identity must be >= max_pending_passes "
+                f"({self.max_pending_passes}), got {self.max_pending_passes_per_identity}"
+            )
         if self.stream_idle_timeout_s <= 0:
             raise ValueError(
                 f"stream_idle_timeout_s must be positive, got {self.stream_idle_timeout_s}"
@@ -117,3 +157,40 @@ class BackboneSettings:
             else:
                 anywhere.add(name)
         return {name: frozenset() if name in anywhere else frozenset(f) for name, f in out.items()}
+
+    def _identity_quota(self, name: str, default: int, whole: int | None = None) -> None:
+        """Resolve a per-identity quota left at 0 to ``default``; check it is >= 1 and at
+        most ``whole``, the global limit."""
+        value = getattr(self, name)
+        if value == 0:
+            value = default
+            object.__setattr__(self, name, value)
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1 (0: the default), got {value}")
+        if whole is not None and value > whole:
+            global_name = name.removesuffix("_per_identity")
+            raise ValueError(
+                f"{name} ({value}) cannot exceed {global_name} ({whole}): one identity "
+                "never gets more than everyone together"
+            )
+
+
+def server_workers(config: Any) -> int:
+    """The server's worker threads for a backbone config (``configs.BackboneConfig``):
+    ``[server] max_workers`` if set, else enough for every stream the backbone and its
+    diagnostics may hold open plus UNARY_WORKERS. A set value that leaves fewer than
+    UNARY_WORKERS threads besides those streams is refused (ValueError)."""
+    streams: int = config.backbone.max_streams + config.diagnostics.max_streams
+    needed = streams + UNARY_WORKERS
+    configured: int | None = config.server_max_workers
+    if configured is None:
+        return max(int(config.server.max_workers), needed)
+    if configured < needed:
+        raise ValueError(
+            f"[server] max_workers ({configured}) must be at least "
+            f"{needed}: [backbone] max_streams ({config.backbone.max_streams}) + "
+            f"[diagnostics] max_streams ({config.diagnostics.max_streams}) streams may be "
+            f"open at once, each holding a worker thread, and {UNARY_WORKERS} stay free "
+            "for unary calls and health checks; raise max_workers or lower max_streams"
+        )
+    return configured

@@ -1,9 +1,13 @@
 """The backbone's state: the shared frozen body, sessions with their adapters, optimizer
-state and KV caches, the compute queue, limits and expiry. No gRPC in here."""
+state and KV caches, the compute queue, limits, quotas and expiry. No gRPC in here.
+
+One module over ~500 lines: sessions, their quotas and the compute they run share one
+lock and one set of invariants (what a session holds is what the quotas count)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -13,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -46,6 +50,7 @@ from splitfed.models.optim import (
 from splitfed.models.parts import Body, PartCache, SplitSpec, empty_base
 from splitfed.services.backbone.batching import ClientBatcher
 from splitfed.services.backbone.compute import ComputeQueue
+from splitfed.services.backbone.quotas import GraphCost, Usage
 from splitfed.services.backbone.settings import BackboneSettings
 from splitfed.services.backbone.store import (
     DirectoryStore,
@@ -58,6 +63,17 @@ from splitfed.services.backbone.store import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# How an admin names the one adapter of shared mode in ExportAdapter / ImportAdapter.
+SHARED_ADAPTER = "shared"
+
+
+def no_such_session(session_id: str) -> PermissionDeniedError:
+    """The one refusal for a session the caller may not use, whether or not it exists."""
+    return PermissionDeniedError(
+        f"session {redact(session_id)!r} does not exist (closed, expired or never opened) "
+        "or belongs to another identity"
+    )
+
 
 # The backbones of this process, read when metrics are scraped.
 LIVE: Live[BackboneState] = Live()
@@ -151,6 +167,8 @@ class Trainable:
         adapter.apply(body)
         self.params = [p for p in body.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, optimizer)
+        # What a training pass's graph holds, fitted on first use (quotas.GraphCost).
+        self.graph_cost: GraphCost | None = None
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.body)
@@ -169,6 +187,15 @@ class Trainable:
             load_optimizer_tensors(self.optimizer, self.scheduler, tensors, meta)
 
 
+class PendingPass(NamedTuple):
+    """A training forward awaiting its gradient: its input, output (the graph hangs on
+    it) and the bytes the graph is estimated to hold (quotas.GraphCost)."""
+
+    hidden: torch.Tensor
+    output: torch.Tensor
+    nbytes: int
+
+
 @dataclass
 class Session:
     session_id: str
@@ -181,7 +208,7 @@ class Session:
     trainable: Trainable
     step: int = 0
     last_result: dict[str, Any] | None = None
-    pending: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    pending: dict[tuple[int, int], PendingPass] = field(default_factory=dict)
     cache: PartCache | None = None
     cache_bytes: int = 0
     last_activity: float = field(default_factory=time.monotonic)
@@ -238,13 +265,16 @@ class BackboneState:
         self._lock = threading.RLock()
         self._sessions: dict[str, Session] = {}
         self._shared_trainable: Trainable | None = None
+        # Graph costs by (k, m, adapter without its seed): sessions alike cost alike.
+        self._graph_costs: dict[tuple[int, int, AdapterSettings], GraphCost] = {}
         self._stop = threading.Event()
         self._janitor = threading.Thread(
             target=self._expire_loop, name="session-janitor", daemon=True
         )
         self._janitor.start()
-        # Stored sessions whose records survive a restart come back on first use.
-        self._stored = {r.session_id for r in self.store.records()}
+        # Stored sessions whose records survive a restart come back on first use
+        # (session id -> owner: only the owner's call restores one).
+        self._stored = {r.session_id: r.owner for r in self.store.records()}
         if self._stored:
             logger.info("[Backbone] %d stored sessions can be resumed", len(self._stored))
         LIVE.add(self)
@@ -278,8 +308,8 @@ class BackboneState:
             session = self.get_session(session_id, owner)
             if session.encrypted != encrypted:
                 raise FailedPreconditionError(
-                    f"session {session_id!r} was opened with encrypted={session.encrypted}; "
-                    "resume it with the same setting"
+                    f"session {redact(session_id)!r} was opened with "
+                    f"encrypted={session.encrypted}; resume it with the same setting"
                 )
             return session, True
         with self._lock:
@@ -287,6 +317,12 @@ class BackboneState:
                 raise LimitExceededError(
                     f"the backbone holds {self.settings.max_sessions} sessions, its limit; "
                     "close one or try later"
+                )
+            cap = self.settings.max_sessions_per_identity
+            if self._sessions_of(owner) >= cap:
+                raise LimitExceededError(
+                    f"{owner} holds {cap} sessions, the limit per identity; close one "
+                    "(CloseSession) or let it expire"
                 )
             trainable = self._trainable_for(k, m, adapter, optimizer)
             session = Session(
@@ -331,21 +367,27 @@ class BackboneState:
             )
         return self._shared_trainable
 
+    def _sessions_of(self, owner: str) -> int:
+        """Sessions ``owner`` holds, live or stored (call with the lock held)."""
+        live = sum(1 for s in self._sessions.values() if s.owner == owner)
+        return live + sum(1 for o in self._stored.values() if o == owner)
+
     def get_session(self, session_id: str, owner: str) -> Session:
+        """``owner``'s session ``session_id``. Another identity's session and one that
+        does not exist get the same refusal (:func:`no_such_session`), so that nobody
+        learns from it whether a session exists."""
         with self._lock:
             session = self._sessions.get(session_id)
-            if session is None and session_id in self._stored:
+            if session is None and self._stored.get(session_id) == owner:
                 session = self._restore(session_id)
-            if session is None:
-                raise NotFoundError(f"no session {session_id!r}: it was closed or has expired")
-            if session.owner != owner:
-                logger.warning(
-                    "[Backbone] %s denied access to session %s of %s",
-                    owner or "(anonymous)",
-                    session_id,
-                    session.owner,
-                )
-                raise PermissionDeniedError(f"session {session_id!r} belongs to another identity")
+            if session is None or session.owner != owner:
+                if session is not None or session_id in self._stored:
+                    logger.warning(
+                        "[Backbone] %s denied access to session %s of another identity",
+                        owner or "(anonymous)",
+                        redact(session_id),
+                    )
+                raise no_such_session(session_id)
             session.touch()
             return session
 
@@ -368,15 +410,12 @@ class BackboneState:
                 "[Backbone] aggregator %s may not act for federation %s", aggregator, federation
             )
             raise refusal
+        expected = f"client/{owner}"
         with self._lock:
             session = self._sessions.get(session_id)
-            if session is None and session_id in self._stored:
+            if session is None and self._stored.get(session_id) == expected:
                 session = self._restore(session_id)
-        if (
-            session is None
-            or session.federation != federation
-            or session.owner != (f"client/{owner}")
-        ):
+        if session is None or session.federation != federation or session.owner != expected:
             logger.warning(
                 "[Backbone] aggregator %s (federation %s) refused session %s for %s",
                 aggregator,
@@ -410,7 +449,7 @@ class BackboneState:
             federation=record.federation,
         )
         self._sessions[session_id] = session
-        self._stored.discard(session_id)
+        self._stored.pop(session_id, None)
         logger.info("[Backbone] resumed session %s at step %d", redact(session_id), record.step)
         return session
 
@@ -421,7 +460,7 @@ class BackboneState:
     def _drop(self, session: Session) -> None:
         with self._lock:
             self._sessions.pop(session.session_id, None)
-            self._stored.discard(session.session_id)
+            self._stored.pop(session.session_id, None)
         if self.batcher is not None:
             self.batcher.discard(session)
         session.pending.clear()
@@ -509,8 +548,11 @@ class BackboneState:
         a training forward runs merged with other sessions' (``ClientBatcher``)."""
         if train and self.batcher is not None:
             self._check_batch(hidden, mask, 0)
+            if session.trainable.graph_cost is None:  # probe passes: on the compute queue
+                self.queue.run(session.session_id, partial(self._graph_cost, session))
+            nbytes = self._admit_pass(session, hidden.shape[0], hidden.shape[1])
             hidden, mask = self._inputs(hidden, mask)
-            return self.batcher.forward(session, step, micro, hidden, mask)
+            return self.batcher.forward(session, step, micro, hidden, mask, graph_bytes=nbytes)
         job = partial(self.forward, session, step, micro, hidden, mask, train=train)
         return self.queue.run(session.session_id, job, "forward")
 
@@ -595,12 +637,87 @@ class BackboneState:
                 f"the session has applied {session.step} steps; expected step "
                 f"{session.step + 1}, got {step}"
             )
+        self._graph_cost(session)
+        nbytes = self._admit_pass(session, hidden.shape[0], hidden.shape[1])
         self._claim_shared_step(session)
         hidden.requires_grad_(True)
         with torch.enable_grad():
             output: torch.Tensor = session.body(hidden, mask)
-        session.pending[(step, micro)] = (hidden, output)
+        session.pending[(step, micro)] = PendingPass(hidden, output, nbytes)
         return output.detach()
+
+    # --- quotas ----------------------------------------------------------------------
+
+    def _graph_cost(self, session: Session) -> GraphCost:
+        """The graph cost of the session's passes, fitted on first use (on the compute
+        queue: it runs probe passes)."""
+        trainable = session.trainable
+        if trainable.graph_cost is None:
+            key = (session.k, session.m, dataclasses.replace(trainable.adapter, seed=0))
+            cost = self._graph_costs.get(key)
+            if cost is None:
+                cost = GraphCost.calibrate(trainable.body, self.shared.summary.hidden_size)
+                self._graph_costs[key] = cost
+            trainable.graph_cost = cost
+        return trainable.graph_cost
+
+    def _pending_of(self, session: Session) -> tuple[int, int]:
+        """(passes, estimated bytes) of ``session``'s forwards awaiting their gradient."""
+        if self.batcher is not None:
+            return self.batcher.pending_of(session)
+        passes = list(session.pending.values())
+        return len(passes), sum(p.nbytes for p in passes)
+
+    def usage(self, owner: str | None = None) -> Usage:
+        """What ``owner``'s sessions (None: all sessions) hold now."""
+        with self._lock:
+            sessions = [s for s in self._sessions.values() if owner is None or s.owner == owner]
+            stored = sum(1 for o in self._stored.values() if owner is None or o == owner)
+        pending = [self._pending_of(s) for s in sessions]
+        return Usage(
+            sessions=len(sessions) + stored,
+            pending_passes=sum(p for p, _ in pending),
+            pending_bytes=sum(b for _, b in pending),
+            cache_bytes=sum(s.cache_bytes for s in sessions),
+        )
+
+    def _admit_pass(self, session: Session, rows: int, tokens: int) -> int:
+        """Check that one more training pass of ``rows`` x ``tokens`` fits every quota on
+        passes awaiting their gradient; its estimated graph bytes."""
+        s = self.settings
+        assert session.trainable.graph_cost is not None
+        nbytes = session.trainable.graph_cost.estimate(rows, tokens)
+        passes, _ = self._pending_of(session)
+        if passes >= s.max_pending_passes:
+            raise LimitExceededError(
+                f"{passes} forward passes of this session already await their gradient, the "
+                "limit per session; send their BACKWARD (or ZERO_GRAD) before more FORWARDs"
+            )
+        largest = min(s.max_pending_bytes, s.max_pending_bytes_per_identity)
+        if nbytes > largest:
+            raise LimitExceededError(
+                f"a training pass of {rows} x {tokens} tokens would hold about {nbytes} bytes "
+                f"until its gradient; the backbone allows {largest}: send smaller micro-batches"
+            )
+        mine = self.usage(session.owner)
+        if mine.pending_passes >= s.max_pending_passes_per_identity:
+            raise LimitExceededError(
+                f"{session.owner} has {mine.pending_passes} forward passes awaiting their "
+                f"gradient, the limit per identity; send their BACKWARD first"
+            )
+        if mine.pending_bytes + nbytes > s.max_pending_bytes_per_identity:
+            raise LimitExceededError(
+                f"the passes of {session.owner} awaiting their gradient hold about "
+                f"{mine.pending_bytes} bytes; {nbytes} more exceed the limit per identity "
+                f"({s.max_pending_bytes_per_identity}): send their BACKWARD first"
+            )
+        total = self.usage().pending_bytes
+        if total + nbytes > s.max_pending_bytes:
+            raise LimitExceededError(
+                f"passes awaiting their gradient in all sessions hold about {total} bytes; "
+                f"{nbytes} more exceed the backbone's limit ({s.max_pending_bytes}); try later"
+            )
+        return nbytes
 
     def _claim_shared_step(self, session: Session) -> None:
         """In shared mode without client-batch, one session's step at a time: another
@@ -631,7 +748,7 @@ class BackboneState:
             raise FailedPreconditionError(
                 f"no forward pass of step {step} micro-batch {micro} is waiting for its gradient"
             )
-        hidden, output = pending
+        hidden, output, _ = pending
         if grad.shape != output.shape:
             raise InvalidArgumentError(
                 f"grad_h2 must have the shape of h2 {list(output.shape)}, got {list(grad.shape)}"
@@ -696,11 +813,19 @@ class BackboneState:
             * (cache.length + hidden.shape[1])
             * self.shared.per_position_cache_bytes(session.body)
         )
-        others = sum(s.cache_bytes for s in self.sessions() if s is not session)
-        if others + new_bytes > self.settings.max_cache_bytes:
+        others = [s for s in self.sessions() if s is not session]
+        everyone = sum(s.cache_bytes for s in others) + new_bytes
+        if everyone > self.settings.max_cache_bytes:
             raise LimitExceededError(
-                f"KV caches would hold {others + new_bytes} bytes; the limit is "
+                f"KV caches would hold {everyone} bytes; the limit is "
                 f"{self.settings.max_cache_bytes}: reset a cache or try later"
+            )
+        mine = sum(s.cache_bytes for s in others if s.owner == session.owner) + new_bytes
+        if mine > self.settings.max_cache_bytes_per_identity:
+            raise LimitExceededError(
+                f"the KV caches of {session.owner} would hold {mine} bytes; the limit per "
+                f"identity is {self.settings.max_cache_bytes_per_identity}: reset a cache "
+                "(GENERATE_OP_RESET) or close a session"
             )
         hidden, mask = self._inputs(hidden, mask)
         with torch.no_grad():
@@ -731,13 +856,80 @@ class BackboneState:
         }
 
     def import_adapter(self, session: Session, tensors: Mapping[str, torch.Tensor]) -> int:
+        """Replace the session's adapter tensors named in ``tensors``: all finite, none
+        unknown. The shared adapter (:meth:`shared_adapter`) changes for every session,
+        so not while one is in the middle of a step on it (its graph would break)."""
         own = session.trainable.adapter_tensors()
         unknown = sorted(set(tensors) - set(own))
         if unknown:
             raise InvalidArgumentError(f"the session's adapter has no tensor {unknown[0]!r}")
+        for name in sorted(tensors):
+            tensor = tensors[name]
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise InvalidArgumentError(
+                    f"adapter tensor {name!r} is not finite (NaN or infinity); nothing was imported"
+                )
+        shared = session.session_id == SHARED_ADAPTER
+        sharing = [s for s in self.sessions() if s.trainable is session.trainable]
+        if shared and (
+            any(s.in_step or self._pending_of(s)[0] for s in sharing)
+            or (self.batcher is not None and self.batcher.queued_sessions)
+        ):
+            raise FailedPreconditionError(
+                "the shared adapter is in the middle of a step (forward passes await their "
+                "gradient or the step is not applied yet); import between steps"
+            )
         try:
             load_adapter_state(session.body, tensors)
         except ValueError as exc:
             raise InvalidArgumentError(str(exc)) from None
-        self.checkpoint(session)
+        for each in sharing if shared else [session]:
+            self.checkpoint(each)
         return len(own)
+
+    def shared_adapter(self) -> Session:
+        """The one adapter of shared mode, as a session an admin addresses by the id
+        :data:`SHARED_ADAPTER` (ExportAdapter/ImportAdapter); its ``step`` counts the
+        optimizer steps the adapter applied. Nothing of it is stored apart: an import
+        checkpoints the sessions that train it."""
+        if self.settings.adapter_mode != "shared":
+            raise FailedPreconditionError(
+                "this backbone trains one adapter per session (adapter_mode per-client); "
+                f"there is no shared adapter to address as {SHARED_ADAPTER!r}"
+            )
+        with self._lock:
+            trainable = self._shared_trainable
+            if trainable is None:
+                raise FailedPreconditionError(
+                    "no session has opened the shared adapter yet: its configuration comes "
+                    "from the first session"
+                )
+            return Session(
+                session_id=SHARED_ADAPTER,
+                owner="",
+                k=self.settings.min_k,
+                m=self.settings.min_m,
+                adapter=trainable.adapter,
+                optimizer_settings=OptimizerSettings(),
+                encoding="raw",
+                trainable=trainable,
+                step=int(trainable.scheduler.last_epoch),
+            )
+
+    def check_adapter_access(self, session: Session, role: str, *, importing: bool) -> None:
+        """Who may move a session's adapter: in shared mode the adapter is everyone's, so a
+        client may neither replace it nor (unless ``export_shared_adapter``) read it;
+        admins and aggregators may."""
+        if self.settings.adapter_mode != "shared" or role in ("admin", "aggregator"):
+            return
+        if importing:
+            raise PermissionDeniedError(
+                "in adapter_mode shared every session trains one adapter: only an admin or an "
+                "aggregator may replace it, not a client's ImportAdapter"
+            )
+        if not self.settings.export_shared_adapter:
+            raise PermissionDeniedError(
+                "in adapter_mode shared the adapter is trained on every client's data; "
+                "clients may read it only where the operator sets [backbone] "
+                "export_shared_adapter = true"
+            )

@@ -11,12 +11,12 @@ from splitfed.errors import stream_errors, unary_errors
 from splitfed.security.authz import ALL_ROLES, Policy
 from splitfed.security.identity import peer_identity
 from splitfed.services.diagnostics.handlers import handle_echo, handle_who_am_i
+from splitfed.services.diagnostics.settings import DEDICATED, LINK_CHECK, DiagnosticsSettings
 from splitfed.streams import StreamGuard
 from splitfed.transport import ServiceBinding, service_binding
 from splitfed.v1 import diagnostics_pb2
 from splitfed.wire import (
     DEFAULT_CHUNK_BYTES,
-    DEFAULT_LIMITS,
     FrameSpec,
     IncomingFrame,
     OutgoingFrame,
@@ -38,25 +38,38 @@ RESPONSE_FRAMES = FrameSpec(diagnostics_pb2.EchoTensorsResponse)
 
 
 class DiagnosticsServicer:
-    """Implements splitfed.v1.Diagnostics (registered by :func:`binding`)."""
+    """Implements splitfed.v1.Diagnostics (registered by :func:`binding`).
+
+    Limits, receive budget and stream guard come from ``settings``; ``limits``,
+    ``budget`` and ``streams`` override them. Without settings: sized for a link check
+    (:data:`~.settings.LINK_CHECK`), or, when ``limits`` are given, a dedicated echo
+    server's (:data:`~.settings.DEDICATED`) with a budget of two largest tensors.
+    """
 
     def __init__(
         self,
-        limits: TensorLimits = DEFAULT_LIMITS,
+        limits: TensorLimits | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         budget: ReceiveBudget | None = None,
         streams: StreamGuard | None = None,
+        settings: DiagnosticsSettings | None = None,
     ) -> None:
-        self.limits = limits
+        if settings is None:
+            settings = LINK_CHECK if limits is None else DEDICATED
+        self.limits = limits or settings.limits()
         self.chunk_bytes = chunk_bytes
-        # All streams of this servicer together; by default room for two largest tensors.
-        self.budget = budget or ReceiveBudget(2 * limits.max_tensor_bytes)
-        if self.budget.max_bytes < limits.max_tensor_bytes:
+        # All streams of this servicer together.
+        if budget is None:
+            budget = (
+                settings.budget() if limits is None else ReceiveBudget(2 * limits.max_tensor_bytes)
+            )
+        self.budget = budget
+        if self.budget.max_bytes < self.limits.max_tensor_bytes:
             raise ValueError(
                 f"the receive budget ({self.budget.max_bytes} bytes) must hold at least one "
-                f"largest tensor ({limits.max_tensor_bytes} bytes)"
+                f"largest tensor ({self.limits.max_tensor_bytes} bytes)"
             )
-        self.streams = streams or StreamGuard("Diagnostics.EchoTensors")
+        self.streams = streams or settings.guard()
 
     @stream_errors
     def EchoTensors(
@@ -64,7 +77,9 @@ class DiagnosticsServicer:
         request_iterator: Iterator[IncomingFrame[diagnostics_pb2.EchoTensorsRequest]],
         context: grpc.ServicerContext,
     ) -> Iterator[OutgoingFrame]:
-        with self.streams.open(context, request_iterator) as requests:
+        identity = peer_identity(context)
+        caller = str(identity) if identity is not None else "anonymous"
+        with self.streams.open(context, request_iterator, identity=caller) as requests:
             chunks = (frame.chunk_view() for frame in requests)
             for echo in handle_echo(iter_tensors(chunks, self.limits, self.budget)):
                 yield from requests.pace(
@@ -86,10 +101,12 @@ class DiagnosticsServicer:
 
 
 def binding(
-    limits: TensorLimits = DEFAULT_LIMITS,
+    limits: TensorLimits | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     budget: ReceiveBudget | None = None,
     streams: StreamGuard | None = None,
+    settings: DiagnosticsSettings | None = None,
 ) -> ServiceBinding:
-    servicer = DiagnosticsServicer(limits, chunk_bytes, budget, streams)
+    """The Diagnostics service; see :class:`DiagnosticsServicer` for the defaults."""
+    servicer = DiagnosticsServicer(limits, chunk_bytes, budget, streams, settings)
     return service_binding(SERVICE, servicer, [REQUEST_FRAMES, RESPONSE_FRAMES])

@@ -4,9 +4,10 @@ many clients at once."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -22,16 +23,29 @@ from splitfed.clients.backbone import (
     RemoteBodyStage,
     TrainStream,
 )
+from splitfed.clients.diagnostics import DiagnosticsClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
-from splitfed.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from splitfed.errors import (
+    InvalidArgumentError,
+    LimitExceededError,
+    PermissionDeniedError,
+)
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_part
 from splitfed.models.optim import OptimizerSettings
 from splitfed.services.backbone.handlers import adapter_config
-from splitfed.services.backbone.servicer import SESSION_METADATA
+from splitfed.services.backbone.servicer import SESSION_METADATA, SHARED_ADAPTER
+from splitfed.services.backbone.settings import BackboneSettings
 from splitfed.tiny import BUNDLED_DATASET
-from splitfed.v1 import backbone_pb2, backbone_pb2_grpc
+from splitfed.v1 import (
+    backbone_pb2,
+    backbone_pb2_grpc,
+    diagnostics_pb2,
+    diagnostics_pb2_grpc,
+    tensor_pb2,
+)
+from splitfed.wire import MiB
 
 LORA = AdapterSettings(kind="lora", r=4, alpha=8, seed=3)
 OPTIMIZER = OptimizerSettings(learning_rate=5e-3)
@@ -85,7 +99,7 @@ def test_another_identity_cannot_use_a_session(backbone: Deployment) -> None:
     other_channel, other = backbone.connect("bank-b")
     with owner_channel, other_channel:
         session = open_lora(owner)
-        with pytest.raises(PermissionDeniedError, match="belongs to another identity"):
+        with pytest.raises(PermissionDeniedError, match="or belongs to another identity"):
             other.open_session(backbone_pb2.OpenSessionRequest(session_id=session))
         with pytest.raises(PermissionDeniedError):
             other.export_adapter(session)
@@ -98,7 +112,7 @@ def test_another_identity_cannot_use_a_session(backbone: Deployment) -> None:
         # The owner still can.
         assert owner.open_session(backbone_pb2.OpenSessionRequest(session_id=session)).resumed
         owner.close_session(session)
-        with pytest.raises(NotFoundError):
+        with pytest.raises(PermissionDeniedError, match="does not exist"):
             owner.open_session(backbone_pb2.OpenSessionRequest(session_id=session))
 
 
@@ -125,7 +139,7 @@ def test_streams_need_a_session_and_valid_frames(backbone: Deployment) -> None:
         stub = backbone_pb2_grpc.BackboneStub(channel)
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Train(iter([backbone_pb2.TrainRequest()]), metadata=metadata, timeout=30))
-        assert info.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
 
 
 def test_limits_answer_resource_exhausted(tmp_path: Path) -> None:
@@ -165,7 +179,7 @@ def test_a_client_that_disappears_leaves_nothing_after_expiry(tmp_path: Path) ->
         # The client vanishes without closing anything.
         assert wait_until(lambda: not (dep.root / "state" / session).exists(), timeout_s=30)
         channel, client = dep.connect()
-        with channel, pytest.raises(NotFoundError, match="closed or has expired"):
+        with channel, pytest.raises(PermissionDeniedError, match="closed, expired"):
             client.open_session(backbone_pb2.OpenSessionRequest(session_id=session))
     finally:
         dep.stop()
@@ -333,10 +347,16 @@ def test_sessions_share_one_copy_of_the_base_weights(tmp_path: Path) -> None:
     assert growth < body_bytes  # seven more copies would add 7x
 
 
-def test_shared_adapter_mode_trains_one_adapter_for_all_sessions(tmp_path: Path) -> None:
+def test_shared_adapter_mode_trains_one_adapter_that_only_admins_replace_or_read(
+    tmp_path: Path,
+) -> None:
+    """Shared mode: every session trains one adapter. Issue 15, item 7: a client can
+    neither replace it (ImportAdapter on its own session) nor read it (ExportAdapter,
+    off by default); an admin addresses it as session "shared", finite tensors only."""
     dep = deployment(tmp_path, adapter_mode="shared")
     dep.start()
     try:
+        admin_channel, admin = dep.connect("operator", role="admin")
         exports = []
         for identity in ("hospital-a", "bank-b"):
             channel, client = dep.connect(identity)
@@ -350,7 +370,13 @@ def test_shared_adapter_mode_trains_one_adapter_for_all_sessions(tmp_path: Path)
                 )
                 trainer = SplitTrainer(client, settings, LORA, OPTIMIZER)
                 trainer.run()
-                exports.append(client.export_adapter(trainer.session.session_id))  # type: ignore[union-attr]
+                session = trainer.session.session_id  # type: ignore[union-attr]
+                exports.append(admin.export_adapter(SHARED_ADAPTER))
+                with pytest.raises(PermissionDeniedError, match="export_shared_adapter"):
+                    client.export_adapter(session)
+                zeros = {n: torch.zeros_like(t) for n, t in exports[-1].items()}
+                with pytest.raises(PermissionDeniedError, match="only an admin or an aggregator"):
+                    client.import_adapter(session, zeros)
                 other = AdapterSettings(kind="lora", r=8, alpha=16, seed=3)
                 request = backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(other))
                 with pytest.raises(Exception, match="same adapter configuration"):
@@ -360,6 +386,16 @@ def test_shared_adapter_mode_trains_one_adapter_for_all_sessions(tmp_path: Path)
         assert not all(
             torch.equal(exports[0][n], exports[1][n]) for n in exports[0]
         )  # b trained on
+        with admin_channel:
+            assert admin.export_adapter(SHARED_ADAPTER).keys() == exports[1].keys()
+            poisoned = {n: torch.full_like(t, float("nan")) for n, t in exports[1].items()}
+            with pytest.raises(InvalidArgumentError, match="not finite"):
+                admin.import_adapter(SHARED_ADAPTER, poisoned)
+            assert admin.import_adapter(SHARED_ADAPTER, exports[0]) == len(exports[0])
+            back = admin.export_adapter(SHARED_ADAPTER)
+            assert all(torch.equal(back[n], exports[0][n]) for n in back)
+            with pytest.raises(PermissionDeniedError):  # an admin reaches no client session
+                admin.export_adapter(session)
     finally:
         dep.stop()
 
@@ -402,3 +438,146 @@ def test_a_client_restarted_from_its_checkpoint_finishes_like_an_uninterrupted_o
         torch.testing.assert_close(second.adapter_tensors()[name], tensor, atol=1e-5, rtol=0)
     evals = [r.eval_loss for r in expected if r.eval_loss is not None]
     assert len(evals) == 2 and all(0 < e < 20 for e in evals)
+
+
+def _refusal(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err = info.value
+    return err.code(), err.details()  # type: ignore[attr-defined]
+
+
+def test_another_identitys_session_and_a_missing_one_get_the_same_refusal(
+    backbone: Deployment,
+) -> None:
+    """Issue 15, item 11: no backbone RPC that takes a session id tells whether a
+    session it may not use exists."""
+    owner_channel, owner = backbone.connect("hospital-a")
+    channel, _ = backbone.connect("mallory")
+    with owner_channel, channel:
+        theirs = open_lora(owner)
+        missing = secrets.token_hex(len(theirs) // 2)
+        stub = backbone_pb2_grpc.BackboneStub(channel)
+
+        def calls(sid: str) -> dict[str, Callable[[], object]]:
+            metadata = ((SESSION_METADATA, sid),)
+            return {
+                "OpenSession": lambda: stub.OpenSession(
+                    backbone_pb2.OpenSessionRequest(session_id=sid), timeout=30
+                ),
+                "CloseSession": lambda: stub.CloseSession(
+                    backbone_pb2.CloseSessionRequest(session_id=sid), timeout=30
+                ),
+                "Train": lambda: list(
+                    stub.Train(
+                        iter([backbone_pb2.TrainRequest(op=backbone_pb2.TRAIN_OP_ZERO_GRAD)]),
+                        metadata=metadata,
+                        timeout=30,
+                    )
+                ),
+                "Generate": lambda: list(
+                    stub.Generate(
+                        iter([backbone_pb2.GenerateRequest(op=backbone_pb2.GENERATE_OP_RESET)]),
+                        metadata=metadata,
+                        timeout=30,
+                    )
+                ),
+                "ExportAdapter": lambda: list(
+                    stub.ExportAdapter(
+                        backbone_pb2.ExportAdapterRequest(session_id=sid), timeout=30
+                    )
+                ),
+                "ImportAdapter": lambda: stub.ImportAdapter(
+                    iter([]), metadata=metadata, timeout=30
+                ),
+            }
+
+        for (method, foreign), missing_call in zip(
+            calls(theirs).items(), calls(missing).values(), strict=True
+        ):
+            code, details = _refusal(foreign)
+            assert code == grpc.StatusCode.PERMISSION_DENIED, (method, code, details)
+            assert (code, details.replace(theirs[:8], "<id>")) == (
+                (c := _refusal(missing_call))[0],
+                c[1].replace(missing[:8], "<id>"),
+            ), method
+        # The owner still has it.
+        assert owner.open_session(backbone_pb2.OpenSessionRequest(session_id=theirs)).resumed
+        owner.close_session(theirs)
+
+
+def test_one_identity_cannot_hold_every_stream(backbone: Deployment) -> None:
+    """Issue 15, item 6: streams are capped per identity besides the global cap."""
+    cap = BackboneSettings(model_path=backbone.model_path).max_streams_per_identity
+    channel, greedy = backbone.connect("greedy")
+    other_channel, other = backbone.connect("honest")
+    with channel, other_channel:
+        session = open_lora(greedy)
+        streams = []
+        try:
+            for _ in range(cap):
+                streams.append(GenerateStream(greedy, session, "raw"))
+                streams[-1].reset()  # the backbone has it open
+            extra = GenerateStream(greedy, session, "raw")
+            with pytest.raises(LimitExceededError, match="per identity"):
+                extra.reset()
+            extra.close()
+            mine = GenerateStream(other, open_lora(other), "raw")
+            mine.reset()  # another identity is still served
+            mine.close()
+        finally:
+            for stream in streams:
+                stream.close()
+        # Closed streams give their slots back.
+        assert wait_until(lambda: _opens(greedy, session), timeout_s=30)
+        greedy.close_session(session)
+
+
+def _opens(client: BackboneClient, session: str) -> bool:
+    stream = GenerateStream(client, session, "raw")
+    try:
+        stream.reset()
+        return True
+    except LimitExceededError:
+        return False
+    finally:
+        stream.close()
+
+
+def test_a_client_cannot_import_an_adapter_that_is_not_finite(backbone: Deployment) -> None:
+    channel, client = backbone.connect("hospital-a")
+    with channel:
+        session = open_lora(client)
+        before = client.export_adapter(session)
+        poisoned = {name: t.clone() for name, t in before.items()}
+        poisoned[sorted(poisoned)[0]].view(-1)[0] = float("nan")
+        with pytest.raises(InvalidArgumentError, match="not finite"):
+            client.import_adapter(session, poisoned)
+        after = client.export_adapter(session)
+        assert all(torch.equal(after[n], before[n]) for n in before)
+        client.close_session(session)
+
+
+def test_diagnostics_on_the_backbone_refuse_tensors_larger_than_a_link_check(
+    backbone: Deployment,
+) -> None:
+    """Issue 15, item 6: the echo on a production service holds at most a link check's
+    tensor (64 MiB by default), refused from its header before anything is allocated."""
+    header = tensor_pb2.TensorHeader(
+        name="h1", dtype=tensor_pb2.DTYPE_FLOAT32, shape=[65 * MiB // 4], total_bytes=65 * MiB
+    )
+    chunk = tensor_pb2.TensorChunk(seq=0, header=header, data=b"\0" * 1024)
+    channel, _ = backbone.connect("hospital-a")
+    with channel:
+        stub = diagnostics_pb2_grpc.DiagnosticsStub(channel)
+        code, details = _refusal(
+            lambda: list(
+                stub.EchoTensors(
+                    iter([diagnostics_pb2.EchoTensorsRequest(chunk=chunk)]), timeout=30
+                )
+            )
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        # A link check's tensor still goes through.
+        (back,) = DiagnosticsClient(channel).echo([("h1", torch.ones(1024, 1024))])
+        assert torch.equal(back.tensor, torch.ones(1024, 1024))

@@ -22,6 +22,7 @@ from splitfed.models.loading import load_part
 from splitfed.models.optim import OptimizerSettings, build_optimizer, grad_sq_norm
 from splitfed.models.parts import SplitPart
 from splitfed.services.backbone.handlers import adapter_config
+from splitfed.services.backbone.servicer import SHARED_ADAPTER
 from splitfed.tiny import BUNDLED_DATASET
 from splitfed.v1 import backbone_pb2
 
@@ -123,15 +124,17 @@ def test_four_clients_in_one_merged_pass_match_their_concatenated_batch_run_cent
     backbone: Deployment,
 ) -> None:
     channel, owner = backbone.connect("hospital-0")
-    with channel:
+    admin_channel, admin = backbone.connect("operator", role="admin")
+    with channel, admin_channel:
         first = open_session(owner)
-        # Random adapter values, so that every adapter tensor gets a gradient.
+        # Random adapter values, so that every adapter tensor gets a gradient (only an
+        # admin may replace the shared adapter).
         gen = torch.Generator().manual_seed(42)
         initial = {
             name: torch.randn(t.shape, generator=gen) * 0.2
-            for name, t in owner.export_adapter(first).items()
+            for name, t in admin.export_adapter(SHARED_ADAPTER).items()
         }
-        owner.import_adapter(first, initial)
+        admin.import_adapter(SHARED_ADAPTER, initial)
     sessions = [first]
     for index in range(1, 4):
         channel, client = backbone.connect(f"hospital-{index}")
@@ -145,9 +148,9 @@ def test_four_clients_in_one_merged_pass_match_their_concatenated_batch_run_cent
             pool.submit(run_client, backbone, i, sessions[i], ready, client_sq[i]) for i in range(4)
         ]
         runs = [future.result(timeout=120) for future in futures]
-    channel, owner = backbone.connect("hospital-0")
+    channel, admin = backbone.connect("operator", role="admin")
     with channel:
-        served = owner.export_adapter(first)
+        served = admin.export_adapter(SHARED_ADAPTER)
 
     # Centrally: the four batches concatenated (right-padded to the longest), the mean
     # loss over all eight samples (the mean of the clients' losses: equal batch sizes).
@@ -221,8 +224,15 @@ def test_a_client_that_goes_away_makes_the_others_redo_the_step(backbone: Deploy
 
 def test_trainers_with_accumulation_train_together(tmp_path: Path) -> None:
     """Two SplitTrainers (two micro-batches per step) on one client-batch backbone: they
-    finish, and both sessions see the one adapter they trained."""
-    dep = deployment(tmp_path, adapter_mode="shared", client_batch=True, batch_window_ms=200.0)
+    finish, and both sessions see the one adapter they trained (which this deployment
+    lets clients read: export_shared_adapter)."""
+    dep = deployment(
+        tmp_path,
+        adapter_mode="shared",
+        client_batch=True,
+        batch_window_ms=200.0,
+        export_shared_adapter=True,
+    )
     dep.start()
     try:
         optimizer = OptimizerSettings(learning_rate=5e-3)

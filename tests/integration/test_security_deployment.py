@@ -29,6 +29,7 @@ from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.errors import (
     DataLossError,
     FailedPreconditionError,
+    InvalidArgumentError,
     PermissionDeniedError,
     UnauthenticatedError,
 )
@@ -36,7 +37,13 @@ from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
-from splitfed.services.backbone.handlers import TRAIN_REQUEST, TRAIN_RESPONSE, adapter_config
+from splitfed.services.backbone.handlers import (
+    EXPORT_RESPONSE,
+    IMPORT_REQUEST,
+    TRAIN_REQUEST,
+    TRAIN_RESPONSE,
+    adapter_config,
+)
 from splitfed.services.backbone.servicer import POLICY as BACKBONE_POLICY
 from splitfed.services.backbone.servicer import SERVICE as BACKBONE
 from splitfed.services.backbone.servicer import SESSION_METADATA
@@ -45,7 +52,7 @@ from splitfed.services.keymanager.servicer import POLICY as KEYMANAGER_POLICY
 from splitfed.services.keymanager.servicer import SERVICE as KEYMANAGER
 from splitfed.tiny import BUNDLED_DATASET
 from splitfed.transport import create_channel
-from splitfed.v1 import backbone_pb2
+from splitfed.v1 import backbone_pb2, backbone_pb2_grpc
 
 LORA = AdapterSettings(kind="lora", r=4, alpha=8, seed=3)
 OPTIMIZER = OptimizerSettings(learning_rate=5e-3)
@@ -412,7 +419,7 @@ def test_encrypted_training_with_rotation_equals_plain_training(stack: Stack) ->
             reports = trainer.run()
             assert all(r.retries == 0 for r in reports)
             assert trainer.session is not None
-            body = client.export_adapter(trainer.session.session_id)
+            body = client.export_adapter(trainer.session.session_id, trainer.crypto)
             trainer.close(delete_session=True)
         tensors = {**trainer.adapter_tensors(), **{f"body.{k}": v for k, v in body.items()}}
         return [r.loss for r in reports], tensors, trainer
@@ -424,3 +431,80 @@ def test_encrypted_training_with_rotation_equals_plain_training(stack: Stack) ->
     for name, tensor in tensors.items():
         torch.testing.assert_close(tensor, plain_tensors[name], rtol=0, atol=0)
     assert trainer.crypto is not None and trainer.crypto.key_id == 3  # rotated at 3 and 5
+
+
+def test_sealed_chunks_cannot_be_replayed_into_another_stream_of_the_session(
+    stack: Stack,
+) -> None:
+    """Issue 15, item 9: the replay state is the session's, not one stream's."""
+    h1, mask = _batch()
+    recorder = Recorder()
+    channel, client, sid, _, crypto = _encrypted_stream(stack, stack.alice, recorder)
+    with channel:
+        stream = TrainStream(client, sid, "raw", crypto)
+        expected = stream.forward(1, 0, h1, mask, train=False)
+        stream.close()
+        recorded = list(recorder.frames)
+        replay = channel.stream_stream(
+            f"/{BACKBONE.full_name}/Train",
+            request_serializer=lambda raw: raw,
+            response_deserializer=TRAIN_RESPONSE.parse,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(replay(iter(recorded), metadata=((SESSION_METADATA, sid),), timeout=30))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert "replayed" in info.value.details()  # type: ignore[attr-defined]
+        # The session goes on: fresh frames on a new stream are served.
+        stream = TrainStream(client, sid, "raw", crypto)
+        torch.testing.assert_close(stream.forward(1, 0, h1, mask, train=False), expected)
+        stream.close()
+        client.close_session(sid)
+
+
+def test_adapter_transfers_of_an_encrypted_session_are_sealed(stack: Stack) -> None:
+    """Issue 15, item 9: ExportAdapter and ImportAdapter of an encrypted session carry
+    sealed chunks both ways; plain ones are refused."""
+    channel, client, sid, _, crypto = _encrypted_stream(stack, stack.alice)
+    exported: list[bytes] = []
+    imported: list[bytes] = []
+
+    def record_export(raw: bytes) -> object:
+        exported.append(raw)
+        return EXPORT_RESPONSE.parse(raw)
+
+    def record_import(frame: object) -> bytes:
+        imported.append(IMPORT_REQUEST.serialize(frame))  # type: ignore[arg-type]
+        return imported[-1]
+
+    with channel:
+        client._export = channel.unary_stream(
+            f"/{BACKBONE.full_name}/ExportAdapter",
+            request_serializer=backbone_pb2.ExportAdapterRequest.SerializeToString,
+            response_deserializer=record_export,
+        )
+        client._import = channel.stream_unary(
+            f"/{BACKBONE.full_name}/ImportAdapter",
+            request_serializer=record_import,
+            response_deserializer=backbone_pb2.ImportAdapterResponse.FromString,
+        )
+        stub = backbone_pb2_grpc.BackboneStub(channel)
+        raw = list(stub.ExportAdapter(backbone_pb2.ExportAdapterRequest(session_id=sid)))
+        assert raw and all(r.chunk.HasField("seal") for r in raw)
+        initial = client.export_adapter(sid, crypto)
+        gen = torch.Generator().manual_seed(5)
+        new = {n: torch.randn(t.shape, generator=gen) for n, t in initial.items()}
+        assert client.import_adapter(sid, new, crypto) == len(new)
+        back = client.export_adapter(sid, crypto)
+        for name, tensor in new.items():
+            torch.testing.assert_close(back[name], tensor, rtol=0, atol=0)
+        wire = b"".join(imported + exported)
+        assert all(EXPORT_RESPONSE.parse(r).message.chunk.HasField("seal") for r in exported)
+        assert all(IMPORT_REQUEST.parse(r).message.chunk.HasField("seal") for r in imported)
+        for tensor in new.values():
+            assert tensor.numpy().tobytes()[:32] not in wire
+        # Plain transfers of an encrypted session are refused, both ways.
+        with pytest.raises(InvalidArgumentError, match="sealed"):
+            client.export_adapter(sid)
+        with pytest.raises(InvalidArgumentError, match="not sealed"):
+            client.import_adapter(sid, new)
+        client.close_session(sid)

@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from helpers import SERVER_NAME, SMALL_CHUNKS, Pki, wait_until
 
 from splitfed import metrics
 from splitfed.clients.diagnostics import DiagnosticsClient
-from splitfed.errors import rpc_status
+from splitfed.errors import LimitExceededError, rpc_status
 from splitfed.retry import RetryPolicy, is_retryable
 from splitfed.security.tls import TLSConfig
 from splitfed.services.diagnostics import binding
@@ -410,3 +411,26 @@ def test_stream_guard_validates() -> None:
         StreamGuard("x", max_streams=0)
     with pytest.raises(ValueError, match="idle_timeout_s"):
         StreamGuard("x", idle_timeout_s=0)
+
+
+def test_stream_guard_caps_streams_per_identity() -> None:
+    """Issue 15, item 6: one identity holds at most ``max_streams_per_identity`` of a
+    guard's streams; others still get theirs, and a closed stream gives its slot back."""
+    guard = StreamGuard("Guarded", max_streams=4, max_streams_per_identity=2)
+    with ExitStack() as held:
+        for _ in range(2):
+            held.enter_context(guard.open(object(), iter(()), identity="client/greedy"))
+        with (
+            pytest.raises(LimitExceededError, match="client/greedy already has 2 streams"),
+            guard.open(object(), iter(()), identity="client/greedy"),
+        ):
+            pass
+        with guard.open(object(), iter(()), identity="client/honest"):
+            assert guard.open_streams == 3
+        with guard.open(object(), iter(())):  # not counted for any identity
+            pass
+    assert guard.open_streams == 0
+    with guard.open(object(), iter(()), identity="client/greedy"):
+        pass
+    with pytest.raises(ValueError, match="max_streams_per_identity"):
+        StreamGuard("x", max_streams=2, max_streams_per_identity=3)

@@ -28,8 +28,10 @@ from splitfed.security.sealing import (
     DataKey,
     FrameContext,
     Opener,
+    ReplayWindow,
     Sealer,
 )
+from splitfed.security.session_crypto import SessionCrypto
 from splitfed.v1 import backbone_pb2, tensor_pb2
 from splitfed.wire import (
     ChunkView,
@@ -559,3 +561,56 @@ def test_claimed_keys_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         Sealer(SESSION, TO_BACKBONE, first)
     Sealer(SESSION, TO_BACKBONE, sender_key())  # the first claim is forgotten now
     Sealer(SESSION, TO_BACKBONE, first)
+
+
+# --- replay state shared by the streams of a session (issue 15, item 9) -------------
+
+
+def receiving_crypto() -> SessionCrypto:
+    """The backbone's side of a session: it opens what the client sealed."""
+    return SessionCrypto(SESSION, TO_CLIENT, any_key)
+
+
+def test_a_chunk_opened_on_one_stream_is_refused_on_another_stream_of_the_session() -> None:
+    crypto = receiving_crypto()
+    sealer = Sealer(SESSION, TO_BACKBONE, sender_key())
+    wire = sealed_wire(sealer, sample(torch.float32, (48,)))
+    open_all(crypto.opener(), wire)
+    with pytest.raises(InvalidArgumentError, match="replayed"):
+        open_all(crypto.opener(), wire)
+    # A single chunk of it, too; and fresh chunks still open on a new stream.
+    with pytest.raises(InvalidArgumentError, match="replayed"):
+        open_all(crypto.opener(), wire[:1])
+    open_all(crypto.opener(), sealed_wire(sealer, sample(torch.float32, (48,))))
+
+
+def test_concurrent_streams_of_a_session_open_their_chunks_in_any_interleaving() -> None:
+    """One sealer serves the sender's concurrent streams, so a later counter can arrive
+    on one stream before an earlier one on another: both open, each once."""
+    crypto = receiving_crypto()
+    sealer = Sealer(SESSION, TO_BACKBONE, sender_key())
+    first = sealed_wire(sealer, sample(torch.float32, (48,), seed=1))
+    second = sealed_wire(sealer, sample(torch.float32, (48,), seed=2))
+    (b,) = open_all(crypto.opener(), second)
+    (a,) = open_all(crypto.opener(), first)
+    assert torch.equal(a.tensor, sample(torch.float32, (48,), seed=1))
+    assert torch.equal(b.tensor, sample(torch.float32, (48,), seed=2))
+    for wire in (first, second):
+        with pytest.raises(InvalidArgumentError, match="replayed"):
+            open_all(crypto.opener(), wire)
+
+
+def test_the_shared_replay_window_is_bounded() -> None:
+    window = ReplayWindow(window=8, max_entries=2)
+    entry = (1, b"\0\0\0\1")
+    window.accept(entry, 20)
+    window.accept(entry, 13)  # 7 behind the newest: inside the window
+    with pytest.raises(InvalidArgumentError, match="replayed"):
+        window.accept(entry, 13)
+    with pytest.raises(InvalidArgumentError, match="too far behind"):
+        window.accept(entry, 12)
+    window.accept((2, b"\0\0\0\1"), 0)
+    window.accept((3, b"\0\0\0\1"), 0)  # a third entry retires key 1
+    with pytest.raises(InvalidArgumentError, match="retired"):
+        window.accept(entry, 21)
+    assert window.entries == 2
