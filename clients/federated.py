@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import torch
 
-from splitfed.errors import error_from_rpc
+from splitfed.errors import AbortedError, FailedPreconditionError, error_from_rpc
 from splitfed.logs import log_context
 from splitfed.models.adapters import save_adapter
 from splitfed.models.schema import schema_digest, schema_of
@@ -378,9 +378,17 @@ class FederatedTrainer:
                     metadata={"samples": str(self.samples), "base": str(plan.global_version)},
                 )
             session = self.trainer.session.session_id if self.trainer.session else ""
-            response = self.aggregator.upload(
-                plan, self.samples, tensors, backbone=self.backbone, backbone_session=session
-            )
+            try:
+                response = self.aggregator.upload(
+                    plan, self.samples, tensors, backbone=self.backbone, backbone_session=session
+                )
+            except (AbortedError, FailedPreconditionError) as exc:
+                # The round moved on while this client trained (a deadline, a retried
+                # attempt): nothing of this update counts; the next plan says what to do.
+                logger.warning(
+                    "[FederatedTrainer] round %d: upload not counted: %s", plan.round, exc
+                )
+                return True
             logger.info(
                 "[FederatedTrainer] round %d: uploaded (%d received so far%s)",
                 plan.round,
