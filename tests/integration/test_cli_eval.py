@@ -149,7 +149,7 @@ def test_a_session_the_backbone_does_not_know_exits_1(
         cli, ["eval", "--config", str(other), "--data", str(data), "--no-base"]
     )
     assert result.exit_code == 1, result.output
-    assert "error: no session 'ffffffffffffffffffffffff'" in result.output
+    assert "error: session 'ffffffff...' does not exist" in result.output
     assert "Traceback" not in result.output
 
 

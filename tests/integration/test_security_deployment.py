@@ -210,6 +210,7 @@ def test_denial_matrix(stack: Stack) -> None:
                         "ExportAdapter",
                         "ImportAdapter",
                         "CloseSession",
+                        "CheckSession",  # object-level: a session of a federation it serves
                     ), (method, role, code)
         for channel in bad.values():
             channel.close()
