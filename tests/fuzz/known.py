@@ -52,6 +52,20 @@ def _nan_optimizer_setting(case: Case, outcome: Outcome, problem: str) -> bool:
     return any(math.isnan(v) for v in (settings.learning_rate, settings.weight_decay, settings.eps))
 
 
+# LoRA targets of the tiny Llama body; other names may match a module peft cannot adapt.
+ATTENTION_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj"})
+
+
+def _odd_lora_targets(case: Case, outcome: Outcome, problem: str) -> bool:
+    if not case.method.endswith("/OpenSession") or problem != "status INTERNAL":
+        return False
+    try:
+        request = backbone_pb2.OpenSessionRequest.FromString(case.messages[0])
+    except Exception:
+        return False
+    return not set(request.adapter.lora.target_modules) <= ATTENTION_PROJECTIONS
+
+
 KNOWN: list[Known] = [
     Known(
         "backbone OpenSession takes any LoRA rank: r = 2**20 adds 1 GiB to the backbone, "
@@ -63,6 +77,12 @@ KNOWN: list[Known] = [
         "backbone OpenSession with a NaN learning_rate, weight_decay or eps: INTERNAL",
         "test_repro_backbone_refuses_nan_optimizer_settings",
         _nan_optimizer_setting,
+    ),
+    Known(
+        "backbone OpenSession with LoRA target_modules that name a module peft cannot adapt "
+        "(mlp, lm_head, embed_tokens): INTERNAL",
+        "test_repro_backbone_refuses_odd_lora_targets",
+        _odd_lora_targets,
     ),
 ]
 

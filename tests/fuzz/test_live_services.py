@@ -232,3 +232,19 @@ def test_repro_backbone_refuses_nan_optimizer_settings(live: Live, setting: str)
     with pytest.raises(grpc.RpcError) as refused:
         stub.OpenSession(request, timeout=TIMEOUT_S)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="backbone: LoRA target_modules go to peft unchecked (models/adapters.py add_lora); "
+    "peft's ValueError for a module it cannot adapt or does not find ends OpenSession with "
+    "INTERNAL",
+)
+@pytest.mark.parametrize("target", ["mlp", "lm_head"])
+def test_repro_backbone_refuses_odd_lora_targets(live: Live, target: str) -> None:
+    stub = backbone_pb2_grpc.BackboneStub(live.fuzzer.channel("backbone", "fuzz-a"))
+    lora = backbone_pb2.LoraConfig(r=4, target_modules=[target])
+    request = backbone_pb2.OpenSessionRequest(adapter=backbone_pb2.AdapterConfig(lora=lora))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.OpenSession(request, timeout=TIMEOUT_S)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
