@@ -154,7 +154,7 @@ class Ledger:
     cases: Counter[str] = field(default_factory=Counter)
     # (RPC, status) -> the details of the first case that got it: what refusals say.
     details: dict[tuple[str, str], str] = field(default_factory=dict)
-    # host -> (RSS at the start, peak RSS, bound), from the last deployment.
+    # host -> (RSS at the start, peak RSS, the bound now), from the last deployment.
     memory: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     codes: Counter[tuple[str, str]] = field(default_factory=Counter)
     failures: list[Failure] = field(default_factory=list)
@@ -194,7 +194,7 @@ class Ledger:
         for host, (start, peak, bound) in sorted(self.memory.items()):
             lines.append(
                 f"  {host} resident memory: {start / MiB:.0f} MiB at the start, "
-                f"peak {peak / MiB:.0f} MiB (bound {bound / MiB:.0f} MiB)"
+                f"peak {peak / MiB:.0f} MiB, bound at the end {bound / MiB:.0f} MiB"
             )
         return "\n".join(lines)
 
@@ -249,6 +249,8 @@ class Fuzzer:
         self.ledger = ledger
         self.known = known
         self._channels: dict[tuple[str, str, str], grpc.Channel] = {}
+        # Resident bytes per host: when fuzzing started, the base of the bound, the peak.
+        self.start: dict[str, int] = {}
         self.baseline: dict[str, int] = {}
         self.peak: dict[str, int] = {}
 
@@ -257,8 +259,7 @@ class Fuzzer:
         for name, host in self.deployment.hosts.items():
             rss = read_rss(host.pid)
             assert rss is not None, f"{name} is not running"
-            self.baseline[name] = rss
-            self.peak[name] = rss
+            self.start[name] = self.baseline[name] = self.peak[name] = rss
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -379,7 +380,7 @@ class Fuzzer:
         else:
             self.peak[case.host] = max(self.peak.get(case.host, 0), rss)
             bound = self.baseline[case.host] + RSS_HEADROOM
-            self.ledger.memory[case.host] = (self.baseline[case.host], self.peak[case.host], bound)
+            self.ledger.memory[case.host] = (self.start[case.host], self.peak[case.host], bound)
             if rss > bound:
                 problems.append(
                     f"resident memory {rss / MiB:.0f} MiB exceeds its bound {bound / MiB:.0f} MiB"
