@@ -21,6 +21,7 @@ from fuzz.deploy import (
     IDENTITIES,
     MEMBERS,
     OUTSIDER,
+    UPDATE_SCHEMA,
 )
 from fuzz.harness import METHODS, Case, method_path, request_type
 from fuzz.live import OWNER, Live
@@ -562,9 +563,6 @@ def watch_cases(live: Live) -> S[Case]:
 
 
 # The update every member uploads when it plays along (names and shapes).
-UPDATE_SCHEMA = [("layers.0.lora_A", [2, 4]), ("layers.0.lora_B", [4, 2])]
-
-
 @st.composite
 def update_tensors(draw: st.DrawFn, dtype: torch.dtype) -> tuple[list[tensor_pb2.TensorChunk], str]:
     """An update of the common schema (values may be NaN, huge, or the schema may hold

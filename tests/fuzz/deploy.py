@@ -19,7 +19,7 @@ import resource
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ from federated_kit import AGGREGATOR_NAME
 from splitfed.launcher import ServiceProcess
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
-from splitfed.services.aggregator.settings import FederationSettings
 from splitfed.services.keymanager.authority import init_authority
 from splitfed.wire import GiB, KiB, MiB
 
@@ -71,7 +70,7 @@ BACKBONE_SETTINGS: dict[str, Any] = {
 }
 BACKBONE_MODEL: dict[str, int] = {"layers": 3, "hidden_size": 32}
 # Federations: started by MEMBERS joining (start_clients), never finished (rounds 0), no
-# deadline within a run. After the membership allow-list lands, members come from here.
+# deadline within a run; members and schema below.
 FEDERATIONS: list[dict[str, Any]] = [
     {
         "name": "fuzz",
@@ -95,9 +94,11 @@ FEDERATIONS: list[dict[str, Any]] = [
         "max_adapter_bytes": 1 * MiB,
     },
 ]
-if "members" in {f.name for f in fields(FederationSettings)}:  # the allow-list, once merged
-    for _federation in FEDERATIONS:
-        _federation["members"] = list(MEMBERS)
+# The federations' adapter schema: the members' honest updates hold these tensors.
+UPDATE_SCHEMA = [("layers.0.lora_A", [2, 4]), ("layers.0.lora_B", [4, 2])]
+for _federation in FEDERATIONS:
+    _federation["members"] = list(MEMBERS)
+    _federation["schema"] = dict(UPDATE_SCHEMA)
 # `splitfed serve diagnostics` options: a link check's limits.
 DIAGNOSTICS: list[str] = [
     *("--chunk-bytes", str(CHUNK_BYTES), "--grace", "1"),

@@ -107,7 +107,8 @@ class Live:
             stub = aggregator_pb2_grpc.AggregatorStub(self.fuzzer.channel("aggregator", member))
             for federation in FEDERATIONS:
                 stub.Join(
-                    aggregator_pb2.JoinRequest(federation=federation["name"]), timeout=TIMEOUT_S
+                    aggregator_pb2.JoinRequest(federation=federation["name"], num_samples=100),
+                    timeout=TIMEOUT_S,
                 )
 
     def _keymanager(self) -> None:

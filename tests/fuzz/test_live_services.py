@@ -197,16 +197,10 @@ def test_metadata(live: Live) -> None:
     fuzz(live, "metadata", cases.metadata_cases(live))
 
 
-# --- reproductions of what the fuzzer found (known.py) -------------------------------------
+# --- what the fuzzer found, fixed: each case once, directly ---------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backbone: no cap on the LoRA rank of OpenSession (services/backbone/handlers.py "
-    "adapter_settings): memory grows with r without bound, and a rank whose adapter cannot "
-    "be allocated ends the call with INTERNAL",
-)
-def test_repro_backbone_caps_the_lora_rank(live: Live) -> None:
+def test_backbone_caps_the_lora_rank(live: Live) -> None:
     stub = backbone_pb2_grpc.BackboneStub(live.fuzzer.channel("backbone", "fuzz-a"))
     lora = backbone_pb2.LoraConfig(r=(1 << 32) - 1)  # 512 GiB for one matrix of this model
     request = backbone_pb2.OpenSessionRequest(adapter=backbone_pb2.AdapterConfig(lora=lora))
@@ -218,30 +212,18 @@ def test_repro_backbone_caps_the_lora_rank(live: Live) -> None:
     ), refused.value.details()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backbone: OptimizerSettings (models/optim.py) checks learning_rate, weight_decay "
-    "and eps with <= and <, which NaN passes; torch's AdamW then raises ValueError, and "
-    "OpenSession ends with INTERNAL",
-)
 @pytest.mark.parametrize("setting", ["learning_rate", "weight_decay", "eps"])
-def test_repro_backbone_refuses_nan_optimizer_settings(live: Live, setting: str) -> None:
+def test_backbone_refuses_nan_optimizer_settings(live: Live, setting: str) -> None:
     stub = backbone_pb2_grpc.BackboneStub(live.fuzzer.channel("backbone", "fuzz-a"))
-    optimizer = backbone_pb2.OptimizerConfig(learning_rate=1e-3, **{setting: math.nan})
+    optimizer = backbone_pb2.OptimizerConfig(**{"learning_rate": 1e-3, setting: math.nan})
     request = backbone_pb2.OpenSessionRequest(optimizer=optimizer)
     with pytest.raises(grpc.RpcError) as refused:
         stub.OpenSession(request, timeout=TIMEOUT_S)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="backbone: LoRA target_modules go to peft unchecked (models/adapters.py add_lora); "
-    "peft's ValueError for a module it cannot adapt or does not find ends OpenSession with "
-    "INTERNAL",
-)
 @pytest.mark.parametrize("target", ["mlp", "lm_head"])
-def test_repro_backbone_refuses_odd_lora_targets(live: Live, target: str) -> None:
+def test_backbone_refuses_odd_lora_targets(live: Live, target: str) -> None:
     stub = backbone_pb2_grpc.BackboneStub(live.fuzzer.channel("backbone", "fuzz-a"))
     lora = backbone_pb2.LoraConfig(r=4, target_modules=[target])
     request = backbone_pb2.OpenSessionRequest(adapter=backbone_pb2.AdapterConfig(lora=lora))
