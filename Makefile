@@ -7,13 +7,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.splitfed-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test lint format typecheck protos protos-check test-unit bench clean
+.PHONY: help install demo test lint format typecheck protos protos-check test-unit bench fuzz clean
 
 help:
 	@echo "make demo    - create $(VENV), install, run the local end-to-end demo"
 	@echo "make test    - create $(VENV), install, run ruff, mypy, pytest (incl. stub drift, buf lint)"
 	@echo "make protos  - regenerate splitfed/v1 stubs from protos/"
 	@echo "make bench   - run the benchmarks in bench/"
+	@echo "make fuzz    - send FUZZ_EXAMPLES (10000) hostile messages to the live services"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/transport.py
 	$(BIN)/python bench/split_overhead.py
 	$(BIN)/python bench/split_step.py
+
+# Hostile messages over mTLS to live services (tests/fuzz): `make test` sends a bounded
+# sample; this sends FUZZ_EXAMPLES cases, prints the count and every failure, and fails
+# if there is one (known bugs included).
+FUZZ_EXAMPLES ?= 10000
+
+fuzz: $(STAMP)
+	SPLITFED_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/fuzz -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache .hypothesis

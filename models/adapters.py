@@ -9,6 +9,7 @@ adapter of the whole model, and the same tensors of many clients can be averaged
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ from splitfed.models.optim import init_adapter_tensors
 from splitfed.models.parts import SplitPart
 
 ADAPTER = "default"
+# Far above any rank used in practice (8-256); a service may cap it lower.
+MAX_LORA_RANK = 4096
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,9 @@ class LoraSettings:
     init: str | bool = True
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
+        if not 1 <= self.r <= MAX_LORA_RANK:
+            raise ValueError(f"LoRA rank r must be in [1, {MAX_LORA_RANK}], got {self.r}")
+        if not 0 < self.alpha < math.inf:
             raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")

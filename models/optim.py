@@ -34,13 +34,14 @@ class OptimizerSettings:
     total_steps: int = 0  # needed by "linear" and "cosine"
 
     def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
+        # Written so that NaN fails every check (a comparison with NaN is False).
+        if not 0 < self.learning_rate < math.inf:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
-        if self.weight_decay < 0:
+        if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"betas must be in [0, 1), got {self.beta1}, {self.beta2}")
-        if self.eps <= 0:
+        if not 0 < self.eps < math.inf:
             raise ValueError(f"eps must be positive, got {self.eps}")
         if self.schedule not in SCHEDULES:
             raise ValueError(

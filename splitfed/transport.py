@@ -7,14 +7,15 @@ also serves ``grpc.health.v1.Health`` and server reflection.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf import message_factory
@@ -22,6 +23,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from splitfed.errors import InvalidArgumentError
 from splitfed.metrics import RpcMetricsInterceptor
 from splitfed.runtime import tune_allocator
 from splitfed.security.tls import TLSConfig, warn_plaintext
@@ -140,9 +142,10 @@ def service_binding(
         request_type = message_factory.GetMessageClass(method.input_type)
         response_type = message_factory.GetMessageClass(method.output_type)
         make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        parse = request_spec.parse if request_spec else request_type.FromString
         handlers[method.name] = make(
-            behaviour,
-            request_deserializer=request_spec.parse if request_spec else request_type.FromString,
+            _refusing_malformed(behaviour, method.client_streaming, request_type.__name__),
+            request_deserializer=_lenient(parse),
             response_serializer=(
                 response_spec.serialize if response_spec else response_type.SerializeToString
             ),
@@ -155,6 +158,63 @@ def service_binding(
         server.add_registered_method_handlers(descriptor.full_name, handlers)
 
     return ServiceBinding(descriptor.full_name, servicer, register)
+
+
+class MalformedRequest(NamedTuple):
+    """A request message that does not parse as its method's request type."""
+
+    error: str
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``parse``, answering :class:`MalformedRequest` where it raises.
+
+    gRPC ends a call whose request its deserializer cannot parse with INTERNAL
+    ("Exception deserializing request!"); a client's malformed bytes are its own error,
+    which :func:`_refusing_malformed` answers with INVALID_ARGUMENT instead.
+    """
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except Exception as exc:  # DecodeError and whatever else the parser raises
+            return MalformedRequest(f"{type(exc).__name__}: {exc}"[:200])
+
+    return deserialize
+
+
+def _refusing_malformed(
+    behaviour: Callable[..., Any], client_streaming: bool, type_name: str
+) -> Callable[..., Any]:
+    """``behaviour``, refusing a :class:`MalformedRequest` with INVALID_ARGUMENT: before
+    the call for a unary request; in a stream, as an :class:`InvalidArgumentError` raised
+    where the servicer reads that message (its error mapping gives the status)."""
+
+    def refusal(request: MalformedRequest, index: int | None = None) -> str:
+        where = "the request" if index is None else f"request message {index}"
+        return f"{where} is not a valid {type_name} ({request.error})"
+
+    if client_streaming:
+
+        def checked(requests: Iterator[Any]) -> Iterator[Any]:
+            for index, request in enumerate(requests):
+                if isinstance(request, MalformedRequest):
+                    raise InvalidArgumentError(refusal(request, index))
+                yield request
+
+        @functools.wraps(behaviour)
+        def streaming(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            return behaviour(checked(requests), context)
+
+        return streaming
+
+    @functools.wraps(behaviour)
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal(request))
+        return behaviour(request, context)
+
+    return unary
 
 
 def framed_stream(

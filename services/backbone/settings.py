@@ -64,6 +64,9 @@ class BackboneSettings:
     # An aggregator still reaches only sessions whose owner opened them for the federation
     # it names, and only for the owner it names (docs/backbone.md).
     aggregators: tuple[str, ...] = ()
+    # The largest LoRA rank a session may ask for: a session's adapter memory grows with
+    # it (per layer 2 x r x hidden size values, and their optimizer state).
+    max_lora_rank: int = 256
     # Client-batch (adapter_mode "shared" only): the training passes of concurrent sessions
     # run as one batched pass and one optimizer step (docs/backbone.md, "Client-batch").
     client_batch: bool = False
@@ -137,6 +140,8 @@ class BackboneSettings:
         if self.batch_timeout_s <= 0:
             raise ValueError(f"batch_timeout_s must be positive, got {self.batch_timeout_s}")
         self.aggregator_federations()  # validates the entries
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
         unknown = set(self.encodings) - set(encoding_names())
         if unknown:
             raise ValueError(f"unknown encodings {sorted(unknown)}; known: {encoding_names()}")

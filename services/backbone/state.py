@@ -27,6 +27,7 @@ from splitfed.errors import (
     LimitExceededError,
     NotFoundError,
     PermissionDeniedError,
+    SplitfedError,
 )
 from splitfed.logs import redact
 from splitfed.metrics import BACKBONE_KV_CACHE_BYTES, BACKBONE_SESSIONS, Live
@@ -324,7 +325,17 @@ class BackboneState:
                     f"{owner} holds {cap} sessions, the limit per identity; close one "
                     "(CloseSession) or let it expire"
                 )
-            trainable = self._trainable_for(k, m, adapter, optimizer)
+            if adapter.kind == "lora" and adapter.r > self.settings.max_lora_rank:
+                raise InvalidArgumentError(
+                    f"LoRA rank {adapter.r} exceeds this backbone's max_lora_rank "
+                    f"({self.settings.max_lora_rank})"
+                )
+            try:
+                trainable = self._trainable_for(k, m, adapter, optimizer)
+            except SplitfedError:
+                raise
+            except (ValueError, TypeError) as exc:  # peft refuses the adapter's targets
+                raise InvalidArgumentError(f"adapter: {exc}") from None
             session = Session(
                 session_id=secrets.token_hex(12),
                 owner=owner,

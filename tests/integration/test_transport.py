@@ -174,6 +174,32 @@ def test_malformed_stream_gets_its_status_and_the_server_keeps_serving(
     assert wait_until(lambda: metrics.WIRE_BUFFER_BYTES._value.get() == 0)
 
 
+# Bytes that are no protobuf message: a truncated varint, wire type 7, a length past the end.
+UNDECODABLE = [b"\x08", b"\x0f", b"\x0a\x05ab"]
+
+
+@pytest.mark.parametrize("raw", UNDECODABLE, ids=["truncated", "wire type 7", "overlong"])
+def test_undecodable_requests_are_invalid_arguments(connect: Connect, pki: Pki, raw: bytes) -> None:
+    """gRPC itself answers a request its deserializer cannot parse with INTERNAL; the
+    factory's services answer INVALID_ARGUMENT, unary and streaming, and keep serving.
+    Found by the live-service fuzzer (tests/fuzz)."""
+    channel = connect(pki.client)
+    who = channel.unary_unary("/splitfed.v1.Diagnostics/WhoAmI")
+    with pytest.raises(grpc.RpcError) as unary:
+        who(raw, timeout=10)
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT, unary.value.details()
+    assert "WhoAmIRequest" in unary.value.details()
+    good = diagnostics_pb2.EchoTensorsRequest(chunk=good_chunks()[0]).SerializeToString()
+    echo = channel.stream_stream("/splitfed.v1.Diagnostics/EchoTensors")
+    with pytest.raises(grpc.RpcError) as streaming:
+        list(echo(iter([good, raw]), timeout=10))
+    assert streaming.value.code() == grpc.StatusCode.INVALID_ARGUMENT, streaming.value.details()
+    assert "request message 1" in streaming.value.details()
+    assert wait_until(lambda: metrics.WIRE_BUFFER_BYTES._value.get() == 0)
+    (received,) = client(channel).echo([("ok", torch.ones(3))])
+    assert torch.equal(received.tensor, torch.ones(3))
+
+
 def test_cancelled_stream_mid_tensor_frees_the_server_buffer(
     connect: Connect, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
