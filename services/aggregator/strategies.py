@@ -154,8 +154,9 @@ class FedAdam:
 
 
 @dataclass(frozen=True)
-class Median:
-    """Coordinate-wise median of the clients' deltas, added to the offset."""
+class Median(FedAvg):
+    """Coordinate-wise median of the clients' deltas, added to the offset (FedAvg's step
+    with a robust combination)."""
 
     name: str = "median"
     robust: ClassVar[bool] = True
@@ -165,19 +166,14 @@ class Median:
         median: np.ndarray[Any, Any] = np.median(values, axis=0)
         return median.astype(np.float32, copy=False)
 
-    def step(
-        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
-    ) -> Tensors:
-        return {n: _current(offset, n, d) + d for n, d in delta.items()}
-
 
 @dataclass(frozen=True)
-class TrimmedMean:
+class TrimmedMean(FedAvg):
     """Coordinate-wise mean of the clients' deltas without the ``floor(trim_fraction *
     clients)`` largest and smallest values of each coordinate."""
 
-    trim_fraction: float = 0.1
     name: str = "trimmed_mean"
+    trim_fraction: float = 0.1
     robust: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -193,11 +189,6 @@ class TrimmedMean:
         kept = ordered[cut : values.shape[0] - cut]
         mean: np.ndarray[Any, Any] = kept.mean(axis=0, dtype=np.float64)
         return mean.astype(np.float32)
-
-    def step(
-        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
-    ) -> Tensors:
-        return {n: _current(offset, n, d) + d for n, d in delta.items()}
 
 
 class RobustStrategy(Strategy, Protocol):

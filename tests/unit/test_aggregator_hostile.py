@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from aggregator_kit import SHAPES, deltas, settings, upload
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -22,44 +23,7 @@ from splitfed.errors import (
 )
 from splitfed.security.secagg import Participant, SecAggParams, mask_range
 from splitfed.services.aggregator.federation import Federation, token_digest
-from splitfed.services.aggregator.settings import FederationSettings
 from splitfed.services.aggregator.strategies import Median, TrimmedMean
-
-SHAPES = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (3, 2)}
-MEMBERS = ("a", "b", "c", "d", "e")
-
-
-def settings(**overrides: object) -> FederationSettings:
-    values: dict[str, object] = {
-        "name": "fed",
-        "rounds": 3,
-        "min_clients": 2,
-        "deadline_s": 60,
-        "members": MEMBERS,
-        "schema": {name: list(shape) for name, shape in SHAPES.items()},
-    }
-    values.update(overrides)
-    return FederationSettings(**values)  # type: ignore[arg-type]
-
-
-def deltas(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(shape, generator=g) * scale for n, shape in SHAPES.items()}
-
-
-def upload(
-    fed: Federation, who: str, tensors: dict[str, torch.Tensor], samples: int
-) -> tuple[bool, int]:
-    s = fed.state
-    pending = fed.begin_upload(who, s.round, s.attempt, s.version, samples)
-    if pending is None:
-        return True, len(fed.contributors)
-    try:
-        for name, tensor in tensors.items():
-            pending.write(name, tensor)
-        return fed.commit_upload(pending)
-    finally:
-        fed.end_upload(pending)
 
 
 def start(fed: Federation, members: str, samples: int = 10) -> None:
@@ -173,7 +137,7 @@ def test_median_and_trimmed_mean_bound_a_poisoned_update(tmp_path: Path) -> None
     stacked = {n: np.stack([u[n].numpy().reshape(-1) for u in updates]) for n in SHAPES}
     for strategy, options, combine in [
         ("median", {}, Median().combine),
-        ("trimmed_mean", {"trim_fraction": 0.2}, TrimmedMean(0.2).combine),
+        ("trimmed_mean", {"trim_fraction": 0.2}, TrimmedMean(trim_fraction=0.2).combine),
     ]:
         fed = Federation(
             settings(min_clients=5, strategy=strategy, strategy_options=options),

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from aggregator_kit import SHAPES, deltas, settings, upload
 
 from splitfed.errors import FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
 from splitfed.services.aggregator.federation import Federation
-from splitfed.services.aggregator.settings import AggregatorSettings, FederationSettings
+from splitfed.services.aggregator.settings import AggregatorSettings
 from splitfed.services.aggregator.strategies import (
     FedAdam,
     FedAvg,
@@ -18,43 +19,6 @@ from splitfed.services.aggregator.strategies import (
     FedExP,
     make_strategy,
 )
-
-SHAPES = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (3, 2)}
-MEMBERS = ("a", "b", "c", "d")
-
-
-def settings(**overrides: object) -> FederationSettings:
-    values: dict[str, object] = {
-        "name": "fed",
-        "rounds": 2,
-        "min_clients": 2,
-        "deadline_s": 60,
-        "members": MEMBERS,
-        "schema": {name: list(shape) for name, shape in SHAPES.items()},
-    }
-    values.update(overrides)
-    return FederationSettings(**values)  # type: ignore[arg-type]
-
-
-def upload(
-    fed: Federation, who: str, tensors: dict[str, torch.Tensor], samples: int, base: int = -1
-) -> tuple[bool, int]:
-    s = fed.state
-    version = s.version if base < 0 else base
-    upload = fed.begin_upload(who, s.round, s.attempt, version, samples)
-    if upload is None:
-        return True, len(fed.contributors)
-    try:
-        for name, tensor in tensors.items():
-            upload.write(name, tensor)
-        return fed.commit_upload(upload)
-    finally:
-        fed.end_upload(upload)
-
-
-def deltas(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(shape, generator=g) for n, shape in SHAPES.items()}
 
 
 def test_a_round_averages_by_samples_and_moves_on(tmp_path: Path) -> None:
