@@ -456,7 +456,9 @@ def serve_aggregator(
     try:
         config = load_as(config_path, "aggregator")
         settings, server, security = config.aggregator, config.server, config.security
-        aggregator = build_server(settings, server, security, listen=listen)
+        aggregator = build_server(
+            settings, server, security, listen=listen, diagnostics_settings=config.diagnostics
+        )
     except ValueError as exc:
         _fail(ctx, exc, usage=True)
         return

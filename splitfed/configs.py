@@ -69,18 +69,25 @@ class AggregatorConfig:
     aggregator: Any  # AggregatorSettings
     server: Any  # ServerSettings
     security: Any  # SecuritySettings
+    diagnostics: Any = None  # DiagnosticsSettings
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> AggregatorConfig:
-        from splitfed.services.aggregator.settings import AggregatorSettings
+        from splitfed.services.aggregator.settings import AggregatorSettings, stream_slots
+        from splitfed.services.diagnostics.settings import DiagnosticsSettings
         from splitfed.serving import SecuritySettings, ServerSettings
 
-        _only(config, {"aggregator", "server", "security"}, "aggregator")
-        return cls(
+        _only(config, {"aggregator", "server", "security", "diagnostics"}, "aggregator")
+        loaded = cls(
             build(AggregatorSettings, section(config, "aggregator"), "aggregator"),
             build(ServerSettings, section(config, "server", required=False), "server"),
             build(SecuritySettings, section(config, "security", required=False), "security"),
+            build(
+                DiagnosticsSettings, section(config, "diagnostics", required=False), "diagnostics"
+            ),
         )
+        stream_slots(loaded.server.max_workers, loaded.diagnostics.max_streams)  # they fit
+        return loaded
 
 
 def _client(config: Mapping[str, Any]) -> Any:

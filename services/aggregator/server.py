@@ -8,10 +8,11 @@ from splitfed.runtime import tune_allocator
 from splitfed.services.aggregator.backbones import BackboneAdapters
 from splitfed.services.aggregator.federation import Federation, federations
 from splitfed.services.aggregator.servicer import POLICY, SERVICE_NAME, Ticker, binding
-from splitfed.services.aggregator.settings import AggregatorSettings
+from splitfed.services.aggregator.settings import AggregatorSettings, stream_slots
 from splitfed.services.diagnostics import binding as diagnostics
 from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
 from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
+from splitfed.services.diagnostics.settings import DiagnosticsSettings
 from splitfed.services.security import ServerSecurity, server_security
 from splitfed.serving import SecuritySettings, ServerSettings
 from splitfed.transport import Server, create_server
@@ -57,6 +58,7 @@ def build_server(
     security_settings: SecuritySettings | None = None,
     *,
     listen: str | None = None,
+    diagnostics_settings: DiagnosticsSettings | None = None,
 ) -> AggregatorServer:
     if settings.lean_memory:
         tune_allocator("lean")  # before the first channel or server allocates
@@ -66,6 +68,7 @@ def build_server(
         tls,
         security_settings or SecuritySettings(),
     )
+    echo = diagnostics_settings or DiagnosticsSettings()  # a link check's limits
     feds = federations(settings.federations, settings.state_dir)
     options = server.options()
     links: list[BackboneAdapters] = []
@@ -83,8 +86,8 @@ def build_server(
     )
     grpc_server = create_server(
         [
-            binding(feds, options.chunk_bytes, options.max_workers),
-            diagnostics(chunk_bytes=options.chunk_bytes),
+            binding(feds, options.chunk_bytes, stream_slots(options.max_workers, echo.max_streams)),
+            diagnostics(chunk_bytes=options.chunk_bytes, settings=echo),
         ],
         tls,
         address=listen or server.listen,

@@ -103,8 +103,6 @@ def to_plan(plan: Mapping[str, Any]) -> aggregator_pb2.RoundPlan:
     )
 
 
-# Server threads kept free of streaming calls (unary calls, health checks).
-RESERVED_WORKERS = 4
 # Streaming calls (uploads, downloads, watches) one identity may hold open at once: an
 # honest member needs one watch and one transfer.
 STREAMS_PER_IDENTITY = 3
@@ -119,7 +117,7 @@ class AggregatorServicer:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         watch_poll_s: float = 1.0,
-        max_workers: int = 16,
+        max_streams: int = 12,
     ) -> None:
         self.federations = federations
         self.chunk_bytes = chunk_bytes
@@ -128,13 +126,12 @@ class AggregatorServicer:
         self.limits = TensorLimits(max_tensor_bytes=largest, max_rank=4)
         self.budget = ReceiveBudget(max(2 * largest, 64 << 20))
         # Every streaming call holds a server thread for its life: all of them together
-        # stay below the worker count, and one identity gets a few.
-        streams = max(1, max_workers - RESERVED_WORKERS)
+        # stay below the worker count (settings.stream_slots), and one identity gets a few.
         self.streams = StreamGuard(
             "Aggregator",
-            max_streams=streams,
+            max_streams=max_streams,
             idle_timeout_s=STREAM_IDLE_TIMEOUT_S,
-            max_streams_per_identity=min(STREAMS_PER_IDENTITY, streams),
+            max_streams_per_identity=min(STREAMS_PER_IDENTITY, max_streams),
         )
 
     def _federation(self, name: str, caller: Identity, *, join: bool = False) -> Federation:
@@ -341,10 +338,10 @@ class Ticker:
 def binding(
     federations: Mapping[str, Federation],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    max_workers: int = 16,
+    max_streams: int = 12,
 ) -> ServiceBinding:
     return service_binding(
         SERVICE,
-        AggregatorServicer(federations, chunk_bytes=chunk_bytes, max_workers=max_workers),
+        AggregatorServicer(federations, chunk_bytes=chunk_bytes, max_streams=max_streams),
         [UPLOAD_REQUEST, DOWNLOAD_RESPONSE],
     )

@@ -184,3 +184,22 @@ class AggregatorSettings:
 
     def federation(self, name: str) -> FederationSettings | None:
         return next((f for f in self.federations if f.name == name), None)
+
+
+# Server threads kept free of streaming calls (unary calls, health checks).
+RESERVED_WORKERS = 4
+
+
+def stream_slots(max_workers: int, diagnostics_streams: int) -> int:
+    """How many streaming calls (uploads, downloads, watches) the aggregator may hold at
+    once: each holds a server thread, so together with the diagnostics echo's streams they
+    leave RESERVED_WORKERS threads free. ValueError if ``max_workers`` leaves none."""
+    slots = max_workers - RESERVED_WORKERS - diagnostics_streams
+    if slots < 1:
+        raise ValueError(
+            f"[server] max_workers ({max_workers}) must be at least "
+            f"{RESERVED_WORKERS + diagnostics_streams + 1}: {RESERVED_WORKERS} threads stay "
+            f"free for unary calls and health checks, {diagnostics_streams} serve the "
+            "[diagnostics] echo, and the aggregator's streams need at least one"
+        )
+    return slots

@@ -340,3 +340,24 @@ def test_one_upload_at_a_time_per_member(tmp_path: Path) -> None:
     fed.end_upload(first)  # given up: discarded, and a new one may start
     assert not first.spool.path.exists()
     assert upload(fed, "a", deltas(1), 10) == (False, 1)
+
+
+def test_the_aggregators_streams_fit_its_worker_threads(tmp_path: Path) -> None:
+    from splitfed.configs import AggregatorConfig
+    from splitfed.services.aggregator.settings import stream_slots
+
+    assert stream_slots(16, 2) == 10  # 4 threads free, 2 for the diagnostics echo
+    with pytest.raises(ValueError, match="max_workers"):
+        stream_slots(6, 2)
+    aggregator = {
+        "state_dir": str(tmp_path),
+        "federations": [{"name": "fed", "members": ["a"], "schema": {"w": [2]}}],
+    }
+    config = AggregatorConfig.from_mapping(
+        {"aggregator": aggregator, "diagnostics": {"max_tensor_bytes": 1 << 20}}
+    )
+    assert config.diagnostics.max_tensor_bytes == 1 << 20
+    with pytest.raises(ValueError, match="max_workers"):
+        AggregatorConfig.from_mapping(
+            {"aggregator": aggregator, "server": {"max_workers": 5}, "diagnostics": {}}
+        )
