@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import torch
+from helpers import fresh_log
 from peft import inject_adapter_in_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache
@@ -57,7 +58,8 @@ class Deployment:
         args = ["serve", "backbone", "--config", str(self.config_path)]
         if self.process is not None and self.process.address:
             args += ["--listen", self.process.address]  # same port after a restart
-        self.process = ServiceProcess("backbone", args, log_path=self.root / "backbone.log")
+        log = fresh_log(self.root / "backbone.log")
+        self.process = ServiceProcess("backbone", args, log_path=log)
         return self.process.start(timeout_s=120)
 
     @property
