@@ -241,6 +241,10 @@ class FederatedTrainer:
         self.samples = len(trainer.data.encoded)
         self._participant: Any = None
         self._participant_round: tuple[int, int] | None = None
+        # The update trained for (round, base version) and its losses: sent again, never
+        # trained again, if its upload fails (the aggregator restarting) or the round's
+        # attempt is retried on the same base.
+        self._trained: tuple[tuple[int, int], dict[str, torch.Tensor], list[float]] | None = None
 
     def _load_version(self, version: int) -> dict[str, torch.Tensor]:
         """Set the trainer's adapter to the global ``version``; returns its values."""
@@ -264,7 +268,11 @@ class FederatedTrainer:
         on_round: Callable[[RoundReport], None] | None = None,
         max_wait_s: float = 3600.0,
     ) -> list[RoundReport]:
-        plan = self.aggregator.join(self.federation, self.samples, self.join_token)
+        deadline = time.monotonic() + max_wait_s
+        plan = self._when_back(
+            lambda: self.aggregator.join(self.federation, self.samples, self.join_token),
+            deadline,
+        )
         own = schema_digest(schema_of(self.initial))
         if plan.schema_digest and plan.schema_digest != own:
             raise ValueError(
@@ -281,7 +289,6 @@ class FederatedTrainer:
         if self.trainer.session is None:
             self.trainer.start()
         reports: list[RoundReport] = []
-        deadline = time.monotonic() + max_wait_s
         while plan.phase != aggregator_pb2.ROUND_PHASE_FINISHED:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"federation {self.federation!r} did not finish in time")
@@ -302,17 +309,24 @@ class FederatedTrainer:
                     "[FederatedTrainer] aggregator unavailable (%s); retrying", err.code()
                 )
                 time.sleep(1.0)
-                plan = self._plan_when_back(deadline)
+                plan = self._when_back(lambda: self.aggregator.plan(self.federation), deadline)
         self._load_version(0)
         return reports
 
-    def _plan_when_back(self, deadline: float) -> aggregator_pb2.RoundPlan:
+    def _when_back(
+        self, call: Callable[[], aggregator_pb2.RoundPlan], deadline: float
+    ) -> aggregator_pb2.RoundPlan:
+        """``call``, repeated while the aggregator is unavailable (restarting), until
+        ``deadline``."""
         while True:
             try:
-                return self.aggregator.plan(self.federation)
+                return call()
             except grpc.RpcError as err:
                 if err.code() not in RETRYABLE or time.monotonic() > deadline:
                     raise
+                logger.warning(
+                    "[FederatedTrainer] aggregator unavailable (%s); retrying", err.code()
+                )
                 time.sleep(1.0)
 
     def _act(
@@ -336,10 +350,19 @@ class FederatedTrainer:
         if phase == aggregator_pb2.ROUND_PHASE_UPLOAD and plan.selected and not plan.uploaded:
             if plan.secure_aggregation and self._participant_round != (plan.round, plan.attempt):
                 return False  # no key in this attempt (joined late or restarted): wait
-            base = self._load_version(plan.global_version)
-            losses = [self.trainer.train_step().loss for _ in range(plan.local_steps)]
-            trained = self.trainer.adapter_tensors()
-            delta = {n: (trained[n].detach() - base[n]).float() for n in base}
+            key = (plan.round, plan.global_version)
+            if self._trained is not None and self._trained[0] == key:
+                _, delta, losses = self._trained
+                logger.info(
+                    "[FederatedTrainer] round %d: sending the update trained before again",
+                    plan.round,
+                )
+            else:
+                base = self._load_version(plan.global_version)
+                losses = [self.trainer.train_step().loss for _ in range(plan.local_steps)]
+                trained = self.trainer.adapter_tensors()
+                delta = {n: (trained[n].detach() - base[n]).float() for n in base}
+                self._trained = (key, delta, losses)
             if plan.secure_aggregation:
                 self._participant.set_peers({p.identity: p.public_key for p in plan.peers})
                 tensors = {
@@ -356,7 +379,12 @@ class FederatedTrainer:
                 save_adapter(
                     self.record_dir / f"round{plan.round}-attempt{plan.attempt}.safetensors",
                     {n: d.contiguous() for n, d in delta.items()},
-                    metadata={"samples": str(self.samples), "base": str(plan.global_version)},
+                    metadata={
+                        "samples": str(self.samples),
+                        "base": str(plan.global_version),
+                        # The trainer's steps so far: who trained a round twice shows here.
+                        "steps": str(self.trainer.step),
+                    },
                 )
             session = self.trainer.session.session_id if self.trainer.session else ""
             response = self.aggregator.upload(

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
 import torch
 
 from splitfed.clients.federated import FederatedTrainer
@@ -187,3 +189,98 @@ def test_one_local_sgd_step_per_round_is_one_centralized_step_on_the_union(
             torch.testing.assert_close(
                 trainer.params[name].detach(), start[name] + offset[name].double()
             )
+
+
+# --- an aggregator that restarts (found by `make chaos`, tests/chaos_kit.py) -------------
+
+
+class Unavailable(grpc.RpcError):
+    """What a call to an aggregator that is down raises once its retries are spent."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection refused (the aggregator is restarting)"
+
+
+class RestartingAggregator(InProcessAggregator):
+    """Fails the first ``fail`` calls of ``method`` with UNAVAILABLE, before they reach
+    the federation (an aggregator that is down: nothing of the call was counted)."""
+
+    def __init__(self, federation: Federation, identity: str, method: str, fail: int) -> None:
+        super().__init__(federation, identity)
+        self.method, self.fail = method, fail
+
+    def _maybe_fail(self, method: str) -> None:
+        if method == self.method and self.fail > 0:
+            self.fail -= 1
+            raise Unavailable()
+
+    def join(self, name: str, num_samples: int, join_token: str = "") -> aggregator_pb2.RoundPlan:
+        self._maybe_fail("join")
+        return super().join(name, num_samples, join_token)
+
+    def upload(
+        self, plan: aggregator_pb2.RoundPlan, num_samples: int, tensors: dict[str, Any], **_: Any
+    ) -> aggregator_pb2.UploadUpdateResponse:
+        self._maybe_fail("upload")
+        return super().upload(plan, num_samples, tensors)
+
+
+class CountingTrainer(SGDTrainer):
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.steps = 0
+
+    def train_step(self) -> _Report:
+        self.steps += 1
+        return super().train_step()
+
+
+@pytest.mark.parametrize("method", ["join", "upload"])
+def test_a_client_waits_out_an_aggregator_restart_and_trains_each_round_once(
+    tmp_path: Path, method: str
+) -> None:
+    """The aggregator is down when a client joins, or when it uploads its first update
+    (after its call's own retries): the client waits for it, sends the update it already
+    trained, and never trains a round twice (which would move its optimizer, data order
+    and backbone adapter on, and spend privacy budget, for nothing)."""
+    rounds = 2
+    settings = FederationSettings(
+        name="fed",
+        rounds=rounds,
+        min_clients=2,
+        local_steps=1,
+        adapter_seed=7,
+        deadline_s=60,
+        members=("c0", "c1"),
+        schema={n: list(t.shape) for n, t in initial().items()},
+    )
+    federation = Federation(settings, tmp_path / "fed")
+    trainers = [CountingTrainer(i) for i in range(2)]
+    aggregators = [
+        RestartingAggregator(federation, "c0", method, fail=2),
+        InProcessAggregator(federation, "c1"),
+    ]
+    members = [
+        FederatedTrainer(t, a, "fed")  # type: ignore[arg-type]
+        for t, a in zip(trainers, aggregators, strict=True)
+    ]
+    errors: list[BaseException] = []
+
+    def run(member: FederatedTrainer) -> None:
+        try:
+            member.run(max_wait_s=60)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in members]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert aggregators[0].fail == 0  # both failures happened
+    assert federation.state.version == rounds
+    assert [t.steps for t in trainers] == [rounds, rounds]
