@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +203,18 @@ def _plan_key(plan: aggregator_pb2.RoundPlan) -> tuple[int, ...]:
 
 
 @dataclass
+class _LocalRound:
+    """A round's local training: from ``base`` (the global ``version``), its losses so far,
+    and its update once done."""
+
+    round: int
+    version: int
+    base: dict[str, torch.Tensor]
+    losses: list[float] = field(default_factory=list)
+    delta: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
 class RoundReport:
     round: int
     version: int
@@ -241,10 +253,10 @@ class FederatedTrainer:
         self.samples = len(trainer.data.encoded)
         self._participant: Any = None
         self._participant_round: tuple[int, int] | None = None
-        # The update trained for (round, base version) and its losses: sent again, never
-        # trained again, if its upload fails (the aggregator restarting) or the round's
-        # attempt is retried on the same base.
-        self._trained: tuple[tuple[int, int], dict[str, torch.Tensor], list[float]] | None = None
+        # This round's local training: resumed, never started over, if a call fails (the
+        # aggregator or the key manager restarting); its update is sent again if its upload
+        # fails or the round's attempt is retried on the same base version.
+        self._local: _LocalRound | None = None
 
     def _load_version(self, version: int) -> dict[str, torch.Tensor]:
         """Set the trainer's adapter to the global ``version``; returns its values."""
@@ -350,19 +362,23 @@ class FederatedTrainer:
         if phase == aggregator_pb2.ROUND_PHASE_UPLOAD and plan.selected and not plan.uploaded:
             if plan.secure_aggregation and self._participant_round != (plan.round, plan.attempt):
                 return False  # no key in this attempt (joined late or restarted): wait
-            key = (plan.round, plan.global_version)
-            if self._trained is not None and self._trained[0] == key:
-                _, delta, losses = self._trained
-                logger.info(
-                    "[FederatedTrainer] round %d: sending the update trained before again",
-                    plan.round,
-                )
-            else:
+            local = self._local
+            if local is None or (local.round, local.version) != (plan.round, plan.global_version):
                 base = self._load_version(plan.global_version)
-                losses = [self.trainer.train_step().loss for _ in range(plan.local_steps)]
+                local = self._local = _LocalRound(plan.round, plan.global_version, base)
+            elif local.losses:
+                logger.info(
+                    "[FederatedTrainer] round %d: resuming after %d of %d local steps",
+                    plan.round,
+                    len(local.losses),
+                    plan.local_steps,
+                )
+            while len(local.losses) < plan.local_steps:
+                local.losses.append(self.trainer.train_step().loss)
+            if local.delta is None:
                 trained = self.trainer.adapter_tensors()
-                delta = {n: (trained[n].detach() - base[n]).float() for n in base}
-                self._trained = (key, delta, losses)
+                local.delta = {n: (trained[n].detach() - local.base[n]).float() for n in local.base}
+            delta, losses = local.delta, list(local.losses)
             if plan.secure_aggregation:
                 self._participant.set_peers({p.identity: p.public_key for p in plan.peers})
                 tensors = {
