@@ -212,6 +212,8 @@ class _LocalRound:
     base: dict[str, torch.Tensor]
     losses: list[float] = field(default_factory=list)
     delta: dict[str, torch.Tensor] | None = None
+    # With secure aggregation: (attempt, the delta masked for that attempt's peers).
+    masked: tuple[int, dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -253,6 +255,8 @@ class FederatedTrainer:
         self.samples = len(trainer.data.encoded)
         self._participant: Any = None
         self._participant_round: tuple[int, int] | None = None
+        # The (round, attempt) whose key the aggregator confirmed.
+        self._advertised: tuple[int, int] | None = None
         # This round's local training: resumed, never started over, if a call fails (the
         # aggregator or the key manager restarting); its update is sent again if its upload
         # fails or the round's attempt is retried on the same base version.
@@ -350,14 +354,17 @@ class FederatedTrainer:
         """Do what the plan asks of this client; False if there is nothing to do now."""
         phase = plan.phase
         if phase == aggregator_pb2.ROUND_PHASE_KEYS and plan.selected:
-            if self._participant_round == (plan.round, plan.attempt):
+            if self._advertised == (plan.round, plan.attempt):
                 return False
-            from splitfed.security.secagg import Participant, SecAggParams
+            if self._participant_round != (plan.round, plan.attempt):
+                from splitfed.security.secagg import Participant, SecAggParams
 
-            params = SecAggParams(plan.federation, plan.round, scale=plan.secagg_scale)
-            self._participant = Participant(self._identity(), params)
-            self._participant_round = (plan.round, plan.attempt)
+                params = SecAggParams(plan.federation, plan.round, scale=plan.secagg_scale)
+                self._participant = Participant(self._identity(), params)
+                self._participant_round = (plan.round, plan.attempt)
+            # After a failed call (the aggregator restarting) the same key is sent again.
             self.aggregator.advertise_key(plan, self._participant.public_key)
+            self._advertised = (plan.round, plan.attempt)
             return True
         if phase == aggregator_pb2.ROUND_PHASE_UPLOAD and plan.selected and not plan.uploaded:
             if plan.secure_aggregation and self._participant_round != (plan.round, plan.attempt):
@@ -380,15 +387,20 @@ class FederatedTrainer:
                 local.delta = {n: (trained[n].detach() - local.base[n]).float() for n in local.base}
             delta, losses = local.delta, list(local.losses)
             if plan.secure_aggregation:
-                self._participant.set_peers({p.identity: p.public_key for p in plan.peers})
-                tensors = {
-                    n: torch.from_numpy(
-                        self._participant.encode_and_mask(n, d, float(self.samples))
-                        .view("int64")
-                        .reshape(d.shape)
-                    )
-                    for n, d in delta.items()
-                }
+                # Masked once per attempt (the masks' private key is gone after): an upload
+                # that failed sends the same masked tensors again.
+                if local.masked is None or local.masked[0] != plan.attempt:
+                    self._participant.set_peers({p.identity: p.public_key for p in plan.peers})
+                    masked = {
+                        n: torch.from_numpy(
+                            self._participant.encode_and_mask(n, d, float(self.samples))
+                            .view("int64")
+                            .reshape(d.shape)
+                        )
+                        for n, d in delta.items()
+                    }
+                    local.masked = (plan.attempt, masked)
+                tensors = local.masked[1]
             else:
                 tensors = delta
             if self.record_dir is not None:

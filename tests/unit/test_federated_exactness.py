@@ -100,6 +100,12 @@ class InProcessAggregator:
     def plan(self, name: str) -> aggregator_pb2.RoundPlan:
         return to_plan(self.federation.plan(self.identity))
 
+    def advertise_key(self, plan: aggregator_pb2.RoundPlan, public_key: bytes) -> None:
+        self.federation.advertise_key(self.identity, plan.round, plan.attempt, public_key)
+
+    def reveal(self, plan: aggregator_pb2.RoundPlan, seeds: dict[str, bytes]) -> None:
+        self.federation.reveal(self.identity, plan.round, plan.attempt, seeds)
+
     def download(self, name: str, version: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
         version = version or self.federation.state.version
         return version, self.federation.offset(version)
@@ -227,6 +233,10 @@ class RestartingAggregator(InProcessAggregator):
         self._maybe_fail("upload")
         return super().upload(plan, num_samples, tensors)
 
+    def advertise_key(self, plan: aggregator_pb2.RoundPlan, public_key: bytes) -> None:
+        self._maybe_fail("advertise_key")
+        super().advertise_key(plan, public_key)
+
 
 class CountingTrainer(SGDTrainer):
     """Counts the steps it trains; ``fail_at``: the step whose first try fails before it
@@ -244,15 +254,23 @@ class CountingTrainer(SGDTrainer):
         return super().train_step()
 
 
-@pytest.mark.parametrize("method", ["join", "upload", "train_step"])
+@pytest.mark.parametrize(
+    ("method", "secure"),
+    [
+        *[(method, False) for method in ("join", "upload", "train_step")],
+        *[(method, True) for method in ("upload", "train_step", "advertise_key")],
+    ],
+)
 def test_a_client_waits_out_a_restart_and_trains_each_round_once(
-    tmp_path: Path, method: str
+    tmp_path: Path, method: str, secure: bool
 ) -> None:
     """The aggregator is down when a client joins, or when it uploads its first update
-    (after its call's own retries), or a service is down mid-round: the client waits for
-    it, resumes the round's local steps, sends the update it already trained, and never
+    (after its call's own retries), or a service is down mid-round, or (secure aggregation)
+    when it sends its key: the client waits for it, sends its key again, resumes the
+    round's local steps, sends the update it already trained, and never
     trains a round twice (which would move its optimizer, data order and backbone adapter
-    on, and spend privacy budget, for nothing)."""
+    on, and spend privacy budget, for nothing). With secure aggregation it sends the same
+    masked update again (its masks' private key is gone once they are derived)."""
     rounds, local_steps = 2, 2
     settings = FederationSettings(
         name="fed",
@@ -263,6 +281,7 @@ def test_a_client_waits_out_a_restart_and_trains_each_round_once(
         deadline_s=60,
         members=("c0", "c1"),
         schema={n: list(t.shape) for n, t in initial().items()},
+        secure_aggregation=secure,
     )
     federation = Federation(settings, tmp_path / "fed")
     # The second local step of round 1 fails once (with method "train_step").
@@ -272,7 +291,7 @@ def test_a_client_waits_out_a_restart_and_trains_each_round_once(
         InProcessAggregator(federation, "c1"),
     ]
     members = [
-        FederatedTrainer(t, a, "fed")  # type: ignore[arg-type]
+        FederatedTrainer(t, a, "fed", identity=a.identity)  # type: ignore[arg-type]
         for t, a in zip(trainers, aggregators, strict=True)
     ]
     errors: list[BaseException] = []
