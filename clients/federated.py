@@ -303,7 +303,7 @@ class FederatedTrainer:
                 f"{plan.adapter_seed}; this client's [adapter] seed is {self.trainer.adapter.seed}"
             )
         if self.trainer.session is None:
-            self.trainer.start()
+            self.trainer.start(wait=True)  # a backbone restarting now is waited out
         reports: list[RoundReport] = []
         while plan.phase != aggregator_pb2.ROUND_PHASE_FINISHED:
             if time.monotonic() > deadline:

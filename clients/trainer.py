@@ -335,12 +335,19 @@ class SplitTrainer:
             federation=self.settings.federation,
         )
 
-    def start(self) -> SessionInfo:
-        """Open a session, or resume the one of the checkpoint in ``checkpoint_dir``."""
+    def start(self, *, wait: bool = False) -> SessionInfo:
+        """Open a session, or resume the one of the checkpoint in ``checkpoint_dir``.
+        A resumed session waits out a backbone that is restarting; a new one does too with
+        ``wait`` (a federation member: it has joined, others count on it), else it fails
+        after one call's retries (a person at a prompt, who may have mistyped the address).
+        A new session whose answer was lost in a restart is left to expire unused."""
         self._log_privacy_settings()
         state = self._load_checkpoint()
         if state is None:
-            self.session = self.client.open_session(self._open_request())
+            if wait:
+                self.session = self._resume("")
+            else:
+                self.session = self.client.open_session(self._open_request())
             self._save_checkpoint()
         else:
             self.session = self._resume(state.session_id)
@@ -353,15 +360,17 @@ class SplitTrainer:
         return self.session
 
     def _resume(self, session_id: str) -> SessionInfo:
-        """Reopen the session, waiting out a backbone that is restarting."""
+        """Reopen the session (``session_id`` "": open a new one), waiting out a backbone
+        that is restarting."""
         delays = RECONNECT.delays()
         while True:
             try:
                 return self.client.open_session(self._open_request(session_id))
-            except StreamLostError:
+            except StreamLostError as exc:
                 delay = next(delays, None)
                 if delay is None:
                     raise
+                logger.warning("[trainer] %s; waiting for it", exc)
                 time.sleep(delay)
 
     def _open_stream(self) -> None:

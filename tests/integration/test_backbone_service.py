@@ -402,3 +402,45 @@ def test_a_client_restarted_from_its_checkpoint_finishes_like_an_uninterrupted_o
         torch.testing.assert_close(second.adapter_tensors()[name], tensor, atol=1e-5, rtol=0)
     evals = [r.eval_loss for r in expected if r.eval_loss is not None]
     assert len(evals) == 2 and all(0 < e < 20 for e in evals)
+
+
+def test_a_client_that_starts_while_the_backbone_restarts_waits_for_it(
+    backbone: Deployment, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by `make chaos`: the backbone is down (restarting) when a federation member
+    opens its session, for longer than one call's retries; it waits for it (as it does to
+    resume a session) instead of exiting. (`splitfed train` alone still fails at once:
+    tests/integration/test_cli_errors.py.)"""
+    channel, client = backbone.connect("clinic-d")
+    with channel:
+        settings = TrainSettings(
+            data=BUNDLED_DATASET,
+            model_path=backbone.model_path,
+            max_steps=1,
+            batch_size=2,
+            max_length=32,
+        )
+        trainer = SplitTrainer(client, settings, LORA, OPTIMIZER)
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                trainer.start(wait=True)  # as FederatedTrainer starts it
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=start)
+        backbone.stop()
+        try:
+            thread.start()
+            # One call's own retries are spent: the client waits on, or it gave up.
+            assert wait_until(
+                lambda: "waiting for it" in caplog.text or not thread.is_alive(), timeout_s=60
+            )
+        finally:
+            backbone.start()
+        thread.join(timeout=120)
+        assert not errors, errors
+        assert trainer.session is not None and trainer.session.step == 0
+        assert trainer.train_step().step == 1
+        trainer.close(delete_session=True)

@@ -66,7 +66,7 @@ class SGDTrainer:
         self.adapter = _Seed()
         self.session: Any = None
 
-    def start(self) -> None:
+    def start(self, wait: bool = False) -> None:
         self.session = type("Session", (), {"session_id": ""})()
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
