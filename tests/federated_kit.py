@@ -73,8 +73,10 @@ class Federation:
         if self.aggregator is not None and self.aggregator.address:
             args += ["--listen", self.aggregator.address]  # same port after a restart
         log = fresh_log(self.root / "aggregator.log")
-        self.aggregator = ServiceProcess("aggregator", args, log_path=log)
-        return self.aggregator.start(timeout_s=60)
+        process = ServiceProcess("aggregator", args, log_path=log)
+        address = process.start(timeout_s=60)  # if it fails, the next try keeps the port
+        self.aggregator = process
+        return address
 
     def client_config(
         self,
