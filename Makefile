@@ -6,14 +6,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.splitfed-installed
 PYTEST_ARGS ?=
+CHAOS_ARGS ?= --kills 10
 
-.PHONY: help install demo test lint format typecheck protos protos-check test-unit bench clean
+.PHONY: help install demo test lint format typecheck protos protos-check test-unit bench chaos clean
 
 help:
 	@echo "make demo    - create $(VENV), install, run the local end-to-end demo"
 	@echo "make test    - create $(VENV), install, run ruff, mypy, pytest (incl. stub drift, buf lint)"
 	@echo "make protos  - regenerate splitfed/v1 stubs from protos/"
 	@echo "make bench   - run the benchmarks in bench/"
+	@echo "make chaos   - federated runs with services killed (SIGKILL) until >= 10 kills"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +66,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/transport.py
 	$(BIN)/python bench/split_overhead.py
 	$(BIN)/python bench/split_step.py
+
+# Federated runs (3 clients x 3 rounds, real processes) with the backbone, the aggregator
+# and the key manager killed at seeded random moments; a bounded sample runs in make test
+# (tests/integration/test_chaos.py). Long: run it as `nice make chaos`.
+chaos: $(STAMP)
+	$(BIN)/python tests/chaos/run.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache .hypothesis
