@@ -6,7 +6,8 @@ optionally a key manager (then every client's activations are sealed and its ses
 rotates at every step, so the key manager is used all through training), and clients
 as ``splitfed train`` processes with a [federated] section; plain FedAvg or secure
 aggregation (masked updates, with a keys phase). A seeded RNG draws the run's
-*schedule*: the services in a random order (each killed once), each at a *moment* on the
+*schedule*: the services (and, with ``kill_clients``, one client) in a random order, each
+killed once, each at a *moment* on the
 run's progress: after the n-th training step the backbone has applied (read from its
 session store: mid-training), after the n-th update the aggregator has counted (its
 state.json history plus its running sum), or a delay after the previous restart. The
@@ -32,11 +33,16 @@ What :func:`check_run` asserts of a run, and why each holds:
   global version, equals the reference's (rtol 1e-5: the aggregator sums in float32 in
   the order updates arrive, which differs between runs; with secure aggregation the sum
   is exact in fixed point).
-  Where a client trained a round more than once (its record's ``steps`` is not
-  round x local_steps: its optimizer, data order and body adapter moved on), only this
-  stays equal: the rounds before that round, and that round's updates of the clients
-  that did not redo it; later rounds start from another global and are checked only by
-  the averaging identity above.
+  A killed client restarts with the same config and resumes from its checkpoint (its
+  session, optimizer and step; a step the backbone applied before the client could
+  checkpoint it is finished from the gradients written ahead): killed while it waited
+  or uploaded, it goes on exactly as before, and all of the above holds. Killed during
+  a round's local steps, it trains that round again from the global version (the local
+  steps done are lost with the process, while its optimizer, data order and body adapter
+  have moved on). Where a client so trained a round more than once (its record's
+  ``steps`` is not round x local_steps), only this stays equal: the rounds before that
+  round, and that round's updates of the clients that did not redo it; later rounds
+  start from another global and are checked only by the averaging identity above.
 """
 
 from __future__ import annotations
@@ -86,6 +92,15 @@ class Settings:
     local_steps: int = 2
     keymanager: bool = True  # sealed activations, session keys rotated at every step
     secure_aggregation: bool = False  # masked updates: the keys, upload and reveal phases
+    # Kill a client too (restarted with the same config, it resumes from its checkpoint).
+    kill_clients: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kill_clients and self.secure_aggregation:
+            raise ValueError(
+                "kill_clients with secure aggregation: a restarted client has no key for "
+                "the round's attempt, so the round waits for its deadline; not run here"
+            )
 
     @property
     def names(self) -> list[str]:
@@ -93,7 +108,8 @@ class Settings:
 
     @property
     def services(self) -> tuple[str, ...]:
-        return SERVICES if self.keymanager else SERVICES[:2]
+        services = SERVICES if self.keymanager else SERVICES[:2]
+        return (*services, "client") if self.kill_clients else services
 
     @property
     def total_steps(self) -> int:
@@ -121,8 +137,14 @@ class Moment:
 
 @dataclass(frozen=True)
 class Kill:
+    """``service``: backbone, aggregator, keymanager, or ``client:<name>``."""
+
     service: str
     moment: Moment
+
+    @property
+    def kind(self) -> str:
+        return self.service.split(":", 1)[0]
 
 
 def schedule(seed: int, settings: Settings, services: tuple[str, ...] | None = None) -> list[Kill]:
@@ -133,7 +155,10 @@ def schedule(seed: int, settings: Settings, services: tuple[str, ...] | None = N
     rng.shuffle(chosen)
     fractions = sorted(rng.uniform(0.05, 0.85) for _ in chosen)
     kills = []
-    for service, fraction in zip(chosen, fractions, strict=True):
+    for chosen_service, fraction in zip(chosen, fractions, strict=True):
+        service = chosen_service
+        if service == "client":
+            service = f"client:{rng.choice(settings.names)}"
         kind = rng.choice(["step", "upload", "delay"])
         if kind == "step":
             value = float(max(1, math.ceil(fraction * settings.total_steps)))
@@ -222,6 +247,17 @@ class Run:
     fed: Federation
     keymanager: KeyManager | None
     configs: dict[str, Path] = field(default_factory=dict)
+    # Each client's log (its latest process's, after a restart).
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def start_client(self, name: str) -> None:
+        """Start ``name`` (again, after a kill: in its place, with a new log)."""
+        log = fresh_log(self.root / f"{name}.log")
+        self.fed.run_client(self.configs[name], log.stem)
+        self.logs[name] = log
+        index = self.settings.names.index(name)
+        if index < len(self.fed.clients) - 1:
+            self.fed.clients[index] = self.fed.clients.pop()
 
     # --- the services -----------------------------------------------------------------
 
@@ -247,7 +283,17 @@ class Run:
     def kill_and_restart(self, service: str) -> tuple[float, list[str]]:
         """SIGKILL ``service``, restart it on its address (up to RESTART_TRIES starts);
         returns the seconds it was gone and each failed start (a finding). Raises
-        ``ServiceStartError`` if it would not start at all."""
+        ``ServiceStartError`` if it would not start at all. A client is restarted with
+        the same config (its checkpoint directory)."""
+        if service.startswith("client:"):
+            name = service.split(":", 1)[1]
+            client = self.fed.clients[self.settings.names.index(name)]
+            killed = time.monotonic()
+            if client.poll() is None:
+                os.kill(client.pid, signal.SIGKILL)
+            client.wait()
+            self.start_client(name)
+            return time.monotonic() - killed, []
         process = self.process(service)
         os.kill(process.pid, signal.SIGKILL)
         killed = time.monotonic()
@@ -342,6 +388,8 @@ def start_run(root: Path, settings: Settings) -> Run:
     if settings.keymanager:
         training = {"encrypted": True, "rotate_key_every_steps": 1}
     for name, path in zip(settings.names, data, strict=True):
+        if settings.kill_clients:
+            training["checkpoint_dir"] = root / "checkpoints" / name
         run.configs[name] = fed.client_config(name, path, security=security, **training)
     return run
 
@@ -395,7 +443,7 @@ def collect(
     return Outcome(
         settings=run.settings,
         exit_codes={n: p.poll() for n, p in zip(names, run.fed.clients, strict=True)},
-        logs={n: (run.root / f"{n}.log").read_text() for n in names},
+        logs={n: run.logs[n].read_text() for n in names},
         state=state,
         versions=versions,
         updates={n: _read_updates(run.root / "updates" / n, attempts) for n in names},
@@ -423,7 +471,7 @@ def run_federation(
     problems: list[str] = []
     try:
         for name in settings.names:
-            run.fed.run_client(run.configs[name], name)
+            run.start_client(name)
         since = time.monotonic()
         deadline = started + timeout_s
         for index, kill in enumerate(kills):

@@ -5,7 +5,8 @@ Runs each mode's federation once without kills (its reference), then one run per
 (``--seed``, ``--seed + 1``, ...), each killing every service once in an order and at
 moments drawn from its seed (tests/chaos_kit.py says how, and what each run must
 satisfy), until ``--kills`` kills have happened. Modes alternate by seed: plain FedAvg
-and secure aggregation, both with sealed activations and the key manager. Prints every
+(where a client is killed too) and secure aggregation, both with sealed activations and
+the key manager. Prints every
 kill as it happens, one line per run, and a summary line; exits 1 if any run failed a
 check or fewer kills than asked happened.
 
@@ -48,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated, taken in turn by seed: plain, secure (secure aggregation)",
     )
     parser.add_argument("--no-keymanager", action="store_true", help="plain activations")
+    parser.add_argument(
+        "--kill-clients",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="plain runs kill a client too (restarted, it resumes from its checkpoint)",
+    )
     parser.add_argument("--root", type=Path, help="keep every run's files under this folder")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args(argv)
@@ -59,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds=args.rounds,
             keymanager=not args.no_keymanager,
             secure_aggregation=mode == "secure",
+            kill_clients=args.kill_clients and mode == "plain",
         )
         for mode in modes
     }
@@ -119,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         seed += 1
-    by_service = Counter(k.kill.service for k in kills)
+    by_service = Counter(k.kill.kind for k in kills)
+    kinds = [*any_settings.services, *(["client"] if args.kill_clients else [])]
     print(
         f"chaos: {len(kills)} kills ("
-        + ", ".join(f"{s} {by_service[s]}" for s in any_settings.services)
+        + ", ".join(f"{s} {by_service[s]}" for s in dict.fromkeys(kinds))
         + f") in {runs} runs ("
         + ", ".join(f"{m} {runs_by_mode[m]}" for m in modes)
         + f"); {runs - failed} runs passed, {failed} failed; "
