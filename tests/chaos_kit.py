@@ -165,7 +165,7 @@ def schedule(seed: int, settings: Settings, services: tuple[str, ...] | None = N
         elif kind == "upload":
             value = float(max(1, math.ceil(fraction * settings.total_updates)))
         else:
-            value = round(rng.uniform(0.5, 4.0), 1)
+            value = round(rng.uniform(0.3, 2.0), 1)
         kills.append(Kill(service, Moment(kind, value)))
     return kills
 
@@ -482,6 +482,9 @@ def run_federation(
                 time.sleep(POLL_S)
             else:
                 at = run.progress()
+                if at.phase == "finished":  # a kill now would test nothing of the run
+                    missed.extend(kills[index:])
+                    break
                 try:
                     gone_s, failed_starts = run.kill_and_restart(kill.service)
                 except ServiceStartError as exc:

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         doubled += findings.doubled
         redone += len(findings.redone)
         for kill in outcome.missed:
-            print(f"  not killed: {kill.service} ({kill.moment}): the run ended first")
+            print(f"  not killed: {kill.service} ({kill.moment}): the federation finished first")
         for name, round_ in sorted(findings.redone.items()):
             print(f"  {name} trained round {round_} more than once (checked as such)")
         for problem in findings.problems:
