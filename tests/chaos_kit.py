@@ -324,7 +324,8 @@ class Run:
         state = self.state()
         updates = sum(len(h["contributors"]) for h in state.get("history", []))
         sum_file = self.root / "aggregator-state" / "fed" / "sum.safetensors"
-        try:
+        # Absent between rounds, replaced as it is read (safetensors says RuntimeError).
+        with contextlib.suppress(OSError, RuntimeError, KeyError, ValueError):
             with safe_open(str(sum_file), framework="pt") as handle:
                 meta = handle.metadata()
             if (int(meta["round"]), int(meta["attempt"])) == (
@@ -332,8 +333,6 @@ class Run:
                 state.get("attempt"),
             ):
                 updates += len(json.loads(meta["contributors"]))
-        except (OSError, KeyError, ValueError, json.JSONDecodeError):
-            pass
         return Progress(steps, updates, int(state.get("version", 0)), str(state.get("phase", "")))
 
     def reached(self, moment: Moment, since: float) -> bool:
