@@ -1,6 +1,11 @@
 """Chaos: a federated run with real processes during which services are killed with
 SIGKILL at seeded random moments and restarted on the same port.
 
+One module on purpose (it is long): the schedule, the driver that carries it out and the
+checks of what a run left share the run's types and are read together; `make chaos`
+(tests/chaos/run.py) and the sample in `make test` (tests/integration/test_chaos.py)
+both use it.
+
 A *run* is the kit's federation (tests/federated_kit.py): a backbone, an aggregator,
 optionally a key manager (then every client's activations are sealed and its session key
 rotates at every step, so the key manager is used all through training), and clients
