@@ -6,8 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.splitfed-installed
 PYTEST_ARGS ?=
+CHAOS_ARGS ?= --kills 10
 
-.PHONY: help install demo test lint format typecheck protos protos-check test-unit bench fuzz clean
+.PHONY: help install demo test lint format typecheck protos protos-check test-unit bench fuzz chaos clean
 
 help:
 	@echo "make demo    - create $(VENV), install, run the local end-to-end demo"
@@ -15,6 +16,7 @@ help:
 	@echo "make protos  - regenerate splitfed/v1 stubs from protos/"
 	@echo "make bench   - run the benchmarks in bench/"
 	@echo "make fuzz    - send FUZZ_EXAMPLES (10000) hostile messages to the live services"
+	@echo "make chaos   - federated runs with services killed (SIGKILL) until >= 10 kills"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +75,12 @@ FUZZ_EXAMPLES ?= 10000
 
 fuzz: $(STAMP)
 	SPLITFED_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/fuzz -q $(PYTEST_ARGS)
+
+# Federated runs (3 clients x 3 rounds, real processes) with the backbone, the aggregator
+# and the key manager killed at seeded random moments; a bounded sample runs in make test
+# (tests/integration/test_chaos.py). Long: run it as `nice make chaos`.
+chaos: $(STAMP)
+	$(BIN)/python tests/chaos/run.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf build .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -480,19 +480,38 @@ class RemoteBodyStage:
         self.stream.reset()
 
 
-def client_crypto(keymanager: KeyManagerClient, session_id: str) -> SessionCrypto:
+# Keys are fetched and rotated in the middle of training: a key manager that is restarting
+# is waited out (about as long as the trainer waits for a restarting backbone) rather than
+# failing the step after one call's retries.
+KEYMANAGER_WAIT = RetryPolicy(max_attempts=60, initial_backoff_s=0.2, max_backoff_s=2.0)
+
+
+def client_crypto(
+    keymanager: KeyManagerClient, session_id: str, wait: RetryPolicy = KEYMANAGER_WAIT
+) -> SessionCrypto:
     """The client's sealing state for an encrypted session: keys from the key manager."""
 
     def fetch(key_id: int) -> DataKey:
-        grant = keymanager.session_key(session_id, key_id)
+        grant = call_with_retry(
+            lambda: keymanager.session_key(session_id, key_id),
+            wait,
+            what="KeyManager.GetSessionKey (waiting for the key manager)",
+        )
         return DataKey(grant.key_id, grant.secret, grant.nonce_prefix)
 
     return SessionCrypto(session_id, TO_BACKBONE, fetch)
 
 
-def rotate_session_key(keymanager: KeyManagerClient, crypto: SessionCrypto) -> int:
+def rotate_session_key(
+    keymanager: KeyManagerClient, crypto: SessionCrypto, wait: RetryPolicy = KEYMANAGER_WAIT
+) -> int:
     """Ask the key manager for the session's next key and seal under it from now on
-    (between steps); the backbone follows when it sees the new key id."""
-    grant = keymanager.rotate_session_key(crypto.session_id)
+    (between steps); the backbone follows when it sees the new key id. (A rotation whose
+    answer was lost is asked again: that key id is skipped, never used.)"""
+    grant = call_with_retry(
+        lambda: keymanager.rotate_session_key(crypto.session_id),
+        wait,
+        what="KeyManager.RotateSessionKey (waiting for the key manager)",
+    )
     crypto.rotate_to(DataKey(grant.key_id, grant.secret, grant.nonce_prefix))
     return grant.key_id

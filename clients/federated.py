@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,20 @@ def _plan_key(plan: aggregator_pb2.RoundPlan) -> tuple[int, ...]:
 
 
 @dataclass
+class _LocalRound:
+    """A round's local training: from ``base`` (the global ``version``), its losses so far,
+    and its update once done."""
+
+    round: int
+    version: int
+    base: dict[str, torch.Tensor]
+    losses: list[float] = field(default_factory=list)
+    delta: dict[str, torch.Tensor] | None = None
+    # With secure aggregation: (attempt, the delta masked for that attempt's peers).
+    masked: tuple[int, dict[str, torch.Tensor]] | None = None
+
+
+@dataclass
 class RoundReport:
     round: int
     version: int
@@ -247,6 +261,12 @@ class FederatedTrainer:
         self.samples = len(trainer.data.encoded)
         self._participant: Any = None
         self._participant_round: tuple[int, int] | None = None
+        # The (round, attempt) whose key the aggregator confirmed.
+        self._advertised: tuple[int, int] | None = None
+        # This round's local training: resumed, never started over, if a call fails (the
+        # aggregator or the key manager restarting); its update is sent again if its upload
+        # fails or the round's attempt is retried on the same base version.
+        self._local: _LocalRound | None = None
 
     def _load_version(self, version: int) -> dict[str, torch.Tensor]:
         """Set the trainer's adapter to the global ``version``; returns its values."""
@@ -283,7 +303,11 @@ class FederatedTrainer:
         on_round: Callable[[RoundReport], None] | None = None,
         max_wait_s: float = 3600.0,
     ) -> list[RoundReport]:
-        plan = self.aggregator.join(self.federation, self.samples, self.join_token)
+        deadline = time.monotonic() + max_wait_s
+        plan = self._when_back(
+            lambda: self.aggregator.join(self.federation, self.samples, self.join_token),
+            deadline,
+        )
         own = schema_digest(schema_of(self.initial))
         if plan.schema_digest and plan.schema_digest != own:
             raise ValueError(
@@ -298,9 +322,8 @@ class FederatedTrainer:
                 f"{plan.adapter_seed}; this client's [adapter] seed is {self.trainer.adapter.seed}"
             )
         if self.trainer.session is None:
-            self.trainer.start()
+            self.trainer.start(wait=True)  # a backbone restarting now is waited out
         reports: list[RoundReport] = []
-        deadline = time.monotonic() + max_wait_s
         while plan.phase != aggregator_pb2.ROUND_PHASE_FINISHED:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"federation {self.federation!r} did not finish in time")
@@ -321,17 +344,24 @@ class FederatedTrainer:
                     "[FederatedTrainer] aggregator unavailable (%s); retrying", err.code()
                 )
                 time.sleep(1.0)
-                plan = self._plan_when_back(deadline)
+                plan = self._when_back(lambda: self.aggregator.plan(self.federation), deadline)
         self._load_version(0)
         return reports
 
-    def _plan_when_back(self, deadline: float) -> aggregator_pb2.RoundPlan:
+    def _when_back(
+        self, call: Callable[[], aggregator_pb2.RoundPlan], deadline: float
+    ) -> aggregator_pb2.RoundPlan:
+        """``call``, repeated while the aggregator is unavailable (restarting), until
+        ``deadline``."""
         while True:
             try:
-                return self.aggregator.plan(self.federation)
+                return call()
             except grpc.RpcError as err:
                 if err.code() not in RETRYABLE or time.monotonic() > deadline:
                     raise
+                logger.warning(
+                    "[FederatedTrainer] aggregator unavailable (%s); retrying", err.code()
+                )
                 time.sleep(1.0)
 
     def _act(
@@ -343,39 +373,65 @@ class FederatedTrainer:
         """Do what the plan asks of this client; False if there is nothing to do now."""
         phase = plan.phase
         if phase == aggregator_pb2.ROUND_PHASE_KEYS and plan.selected:
-            if self._participant_round == (plan.round, plan.attempt):
+            if self._advertised == (plan.round, plan.attempt):
                 return False
-            from splitfed.security.secagg import Participant, SecAggParams
+            if self._participant_round != (plan.round, plan.attempt):
+                from splitfed.security.secagg import Participant, SecAggParams
 
-            params = SecAggParams(plan.federation, plan.round, scale=plan.secagg_scale)
-            self._participant = Participant(self._identity(), params)
-            self._participant_round = (plan.round, plan.attempt)
+                params = SecAggParams(plan.federation, plan.round, scale=plan.secagg_scale)
+                self._participant = Participant(self._identity(), params)
+                self._participant_round = (plan.round, plan.attempt)
+            # After a failed call (the aggregator restarting) the same key is sent again.
             self.aggregator.advertise_key(plan, self._participant.public_key)
+            self._advertised = (plan.round, plan.attempt)
             return True
         if phase == aggregator_pb2.ROUND_PHASE_UPLOAD and plan.selected and not plan.uploaded:
             if plan.secure_aggregation and self._participant_round != (plan.round, plan.attempt):
                 return False  # no key in this attempt (joined late or restarted): wait
-            base = self._load_version(plan.global_version)
-            losses = [self.trainer.train_step().loss for _ in range(plan.local_steps)]
-            trained = self.trainer.adapter_tensors()
-            delta = {n: (trained[n].detach() - base[n]).float() for n in base}
+            local = self._local
+            if local is None or (local.round, local.version) != (plan.round, plan.global_version):
+                base = self._load_version(plan.global_version)
+                local = self._local = _LocalRound(plan.round, plan.global_version, base)
+            elif local.losses:
+                logger.info(
+                    "[FederatedTrainer] round %d: resuming after %d of %d local steps",
+                    plan.round,
+                    len(local.losses),
+                    plan.local_steps,
+                )
+            while len(local.losses) < plan.local_steps:
+                local.losses.append(self.trainer.train_step().loss)
+            if local.delta is None:
+                trained = self.trainer.adapter_tensors()
+                local.delta = {n: (trained[n].detach() - local.base[n]).float() for n in local.base}
+            delta, losses = local.delta, list(local.losses)
             if plan.secure_aggregation:
-                self._participant.set_peers({p.identity: p.public_key for p in plan.peers})
-                tensors = {
-                    n: torch.from_numpy(
-                        self._participant.encode_and_mask(n, d, float(self.samples))
-                        .view("int64")
-                        .reshape(d.shape)
-                    )
-                    for n, d in delta.items()
-                }
+                # Masked once per attempt (the masks' private key is gone after): an upload
+                # that failed sends the same masked tensors again.
+                if local.masked is None or local.masked[0] != plan.attempt:
+                    self._participant.set_peers({p.identity: p.public_key for p in plan.peers})
+                    masked = {
+                        n: torch.from_numpy(
+                            self._participant.encode_and_mask(n, d, float(self.samples))
+                            .view("int64")
+                            .reshape(d.shape)
+                        )
+                        for n, d in delta.items()
+                    }
+                    local.masked = (plan.attempt, masked)
+                tensors = local.masked[1]
             else:
                 tensors = delta
             if self.record_dir is not None:
                 save_adapter(
                     self.record_dir / f"round{plan.round}-attempt{plan.attempt}.safetensors",
                     {n: d.contiguous() for n, d in delta.items()},
-                    metadata={"samples": str(self.samples), "base": str(plan.global_version)},
+                    metadata={
+                        "samples": str(self.samples),
+                        "base": str(plan.global_version),
+                        # The trainer's steps so far: who trained a round twice shows here.
+                        "steps": str(self.trainer.step),
+                    },
                 )
             session = self.trainer.session.session_id if self.trainer.session else ""
             try:

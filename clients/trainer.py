@@ -5,7 +5,9 @@ backbone holds the body. Each optimizer step runs the micro-batches through head
 RemoteBody -> tail, back-propagates through all three, exchanges squared gradient norms
 with the backbone to clip by the global norm, and both sides apply AdamW. A stream that
 breaks mid-step is reopened and the step redone from its first micro-batch (the backbone
-discards what it had of that step and never applies a step twice).
+discards what it had of that step and never applies a step twice). With a checkpoint
+directory a restarted client resumes its session, including a step the backbone applied
+just before the client died (its gradients are written ahead of each step).
 
 With ``TrainSettings.perturbation`` on, the hidden states sent to the backbone (and
 optionally the gradients sent back) are clipped per token and noised, and a privacy
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from splitfed.clients.backbone import (
@@ -335,33 +338,46 @@ class SplitTrainer:
             federation=self.settings.federation,
         )
 
-    def start(self) -> SessionInfo:
-        """Open a session, or resume the one of the checkpoint in ``checkpoint_dir``."""
+    def start(self, *, wait: bool = False) -> SessionInfo:
+        """Open a session, or resume the one of the checkpoint in ``checkpoint_dir``.
+        A resumed session waits out a backbone that is restarting; a new one does too with
+        ``wait`` (a federation member: it has joined, others count on it), else it fails
+        after one call's retries (a person at a prompt, who may have mistyped the address).
+        A new session whose answer was lost in a restart is left to expire unused."""
         self._log_privacy_settings()
         state = self._load_checkpoint()
+        ahead = False  # the backbone applied a step the checkpoint lacks
         if state is None:
-            self.session = self.client.open_session(self._open_request())
+            if wait:
+                self.session = self._resume("")
+            else:
+                self.session = self.client.open_session(self._open_request())
             self._save_checkpoint()
         else:
             self.session = self._resume(state.session_id)
-            if self.session.step != self.step:
+            ahead = self.session.step == self.step + 1 and self._pending_step() == self.step + 1
+            if self.session.step != self.step and not ahead:
                 raise RuntimeError(
                     f"the backbone's session is at step {self.session.step} but the client "
                     f"checkpoint at step {self.step}; they cannot be brought together"
                 )
         self._open_stream()
+        if ahead:
+            self._finish_pending()
         return self.session
 
     def _resume(self, session_id: str) -> SessionInfo:
-        """Reopen the session, waiting out a backbone that is restarting."""
+        """Reopen the session (``session_id`` "": open a new one), waiting out a backbone
+        that is restarting."""
         delays = RECONNECT.delays()
         while True:
             try:
                 return self.client.open_session(self._open_request(session_id))
-            except StreamLostError:
+            except StreamLostError as exc:
                 delay = next(delays, None)
                 if delay is None:
                     raise
+                logger.warning("[trainer] %s; waiting for it", exc)
                 time.sleep(delay)
 
     def _open_stream(self) -> None:
@@ -458,6 +474,7 @@ class SplitTrainer:
                 if not backward_done:
                     loss, client_sq = self._forward_backward(step, self._release())
                     backward_done = True
+                    self._save_pending(step, loss, client_sq)
                 result = self.stream.step(step, client_sq, self.settings.max_grad_norm)
                 break
             except StreamLostError as exc:
@@ -470,6 +487,18 @@ class SplitTrainer:
                     raise RuntimeError(
                         f"the backbone is at step {server_step}, past {step}"
                     ) from exc
+        return self._apply(step, loss, client_sq, result, started, retries)
+
+    def _apply(
+        self,
+        step: int,
+        loss: float,
+        client_sq: float,
+        result: backbone_pb2.StepResult,
+        started: float,
+        retries: int,
+    ) -> StepReport:
+        """This side of ``step``, once the backbone has applied its side."""
         total_sq = client_sq + result.backbone_grad_sq_norm
         scale_grads(self.params, clip_factor(total_sq, self.settings.max_grad_norm))
         learning_rate = self.optimizer.param_groups[0]["lr"]
@@ -570,6 +599,53 @@ class SplitTrainer:
             load_adapter_state(part, tensors)
 
     # --- checkpoints ---------------------------------------------------------------------
+
+    # Written ahead of each step's STEP frame (with a checkpoint directory, where the
+    # checkpoint before it is of the previous step): this side's gradients, loss and
+    # squared norm. If the process dies after the backbone applied the step but before the
+    # checkpoint of it, the restarted client finishes the step from these and the
+    # backbone's stored reply, exactly as the first process would have.
+    PENDING = "pending.safetensors"
+
+    def _save_pending(self, step: int, loss: float, client_sq: float) -> None:
+        directory = self.settings.checkpoint_dir
+        if directory is None or (step - 1) % self.settings.checkpoint_every:
+            return
+        grads = {str(i): p.grad for i, p in enumerate(self.params) if p.grad is not None}
+        tmp = directory / "pending.tmp.safetensors"
+        meta = {"step": str(step), "loss": repr(loss), "client_sq": repr(client_sq)}
+        save_adapter(tmp, grads, metadata=meta)
+        tmp.replace(directory / self.PENDING)
+
+    def _pending_meta(self) -> dict[str, str]:
+        directory = self.settings.checkpoint_dir
+        if directory is None or not (directory / self.PENDING).is_file():
+            return {}
+        with safe_open(str(directory / self.PENDING), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+
+    def _pending_step(self) -> int:
+        return int(self._pending_meta().get("step", "0"))
+
+    def _finish_pending(self) -> None:
+        """Finish step ``self.step + 1``, which the backbone applied before this client
+        could checkpoint it: its gradients from the write-ahead file, the backbone's
+        reply replayed from its store."""
+        assert self.stream is not None and self.settings.checkpoint_dir is not None
+        meta = self._pending_meta()
+        step, started = self.step + 1, time.monotonic()
+        grads = load_adapter(self.settings.checkpoint_dir / self.PENDING)
+        self.optimizer.zero_grad(set_to_none=True)
+        for index, parameter in enumerate(self.params):
+            grad = grads.get(str(index))
+            if grad is not None:
+                parameter.grad = grad.to(dtype=parameter.dtype, device=parameter.device)
+        client_sq = float(meta["client_sq"])
+        result = self.stream.step(step, client_sq, self.settings.max_grad_norm)
+        if not result.already_applied:
+            raise RuntimeError(f"the backbone had not applied step {step} after all")
+        self._apply(step, float(meta["loss"]), client_sq, result, started, 0)
+        logger.info("[trainer] finished step %d, which the backbone applied before a restart", step)
 
     def _save_checkpoint(self) -> None:
         directory = self.settings.checkpoint_dir

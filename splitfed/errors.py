@@ -3,8 +3,9 @@
 Plain functions (codec, handlers, state) raise these Python exceptions and know nothing of
 gRPC. Servicers wrap their methods with :func:`unary_errors` or :func:`stream_errors`,
 which turn an exception into ``context.abort(code, message)``: a known error keeps its
-message, anything else becomes INTERNAL with a generic message and a logged traceback
-(a client never sees server internals).
+message, a call to another service that failed because that service is down or slow
+becomes UNAVAILABLE (the caller retries), anything else becomes INTERNAL with a generic
+message and a logged traceback (a client never sees server internals).
 """
 
 from __future__ import annotations
@@ -73,12 +74,22 @@ _ERROR_BY_STATUS: dict[grpc.StatusCode, type[SplitfedError]] = {
 }
 
 
+# A call this service made to another one (e.g. the backbone fetching a session key from
+# the key manager) that failed because that service is down or slow: the caller may retry.
+_DEPENDENCY_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status and caller-facing message for an exception."""
     for cls in type(exc).__mro__:
         code = _STATUS_BY_ERROR.get(cls)
         if code is not None:
             return code, str(exc)
+    if isinstance(exc, grpc.RpcError) and rpc_status(exc)[0] in _DEPENDENCY_DOWN:
+        return (
+            grpc.StatusCode.UNAVAILABLE,
+            "a service this call depends on is unavailable (restarting?); retry",
+        )
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
 
 
@@ -103,6 +114,8 @@ def abort_with(context: grpc.ServicerContext, exc: BaseException, where: str) ->
     code, message = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         logger.error("[%s] unexpected error", where, exc_info=exc)
+    elif isinstance(exc, grpc.RpcError):
+        logger.warning("[%s] a call to another service failed: %s", where, rpc_status(exc)[1])
     else:
         logger.info("[%s] %s: %s", where, code.name, message)
     context.abort(code, message)

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import torch
+from helpers import fresh_log
 from peft import inject_adapter_in_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache
@@ -57,8 +58,10 @@ class Deployment:
         args = ["serve", "backbone", "--config", str(self.config_path)]
         if self.process is not None and self.process.address:
             args += ["--listen", self.process.address]  # same port after a restart
-        self.process = ServiceProcess("backbone", args, log_path=self.root / "backbone.log")
-        return self.process.start(timeout_s=120)
+        process = ServiceProcess("backbone", args, log_path=fresh_log(self.root / "backbone.log"))
+        address = process.start(timeout_s=120)  # if it fails, the next try keeps the port
+        self.process = process
+        return address
 
     @property
     def address(self) -> str:

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 from backbone_kit import SERVER_NAME as BACKBONE_NAME
 from backbone_kit import Deployment, deployment
+from helpers import fresh_log
 from safetensors.torch import load_file
 
 from splitfed.launcher import ServiceProcess
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.schema import adapter_schema
+from splitfed.security.ca import CertificateAuthority
 from splitfed.tiny import BUNDLED_DATASET
 
 AGGREGATOR_NAME = "aggregator.splitfed.local"
@@ -70,12 +72,22 @@ class Federation:
         args = ["serve", "aggregator", "--config", str(self.config)]
         if self.aggregator is not None and self.aggregator.address:
             args += ["--listen", self.aggregator.address]  # same port after a restart
-        self.aggregator = ServiceProcess("aggregator", args, log_path=self.root / "aggregator.log")
-        return self.aggregator.start(timeout_s=60)
+        log = fresh_log(self.root / "aggregator.log")
+        process = ServiceProcess("aggregator", args, log_path=log)
+        address = process.start(timeout_s=60)  # if it fails, the next try keeps the port
+        self.aggregator = process
+        return address
 
     def client_config(
-        self, name: str, data: Path, federation: str = "fed", replica: int = 0, **training: Any
+        self,
+        name: str,
+        data: Path,
+        federation: str = "fed",
+        replica: int = 0,
+        security: dict[str, Any] | None = None,
+        **training: Any,
     ) -> Path:
+        """``security``: a [security] section (e.g. the key manager, for encryption)."""
         backbone = ([self.backbone, *self.replicas])[replica]
         tls = self.root / "clients" / name
         if not (tls / "cert.pem").exists():
@@ -107,6 +119,7 @@ class Federation:
                     "record_updates": self.root / "updates" / name,
                     "max_wait_s": 300,
                 },
+                **({"security": security} if security else {}),
             },
         )
 
@@ -148,9 +161,24 @@ class Federation:
         self.backbone.stop()
 
 
-def federation(root: Path, *, replicas: int = 1, **federation_settings: Any) -> Federation:
-    """``replicas`` backbones (sharing one CA and model) for server-side adapters."""
-    backbone = deployment(root / "backbone", idle_timeout_s=600.0, aggregators=["aggregator-0"])
+def federation(
+    root: Path,
+    *,
+    replicas: int = 1,
+    ca: CertificateAuthority | None = None,
+    backbone_options: dict[str, Any] | None = None,
+    **federation_settings: Any,
+) -> Federation:
+    """``replicas`` backbones (sharing one CA and model) for server-side adapters; ``ca``
+    (e.g. the key manager's), ``backbone_options``: more :func:`deployment` arguments
+    for the first backbone (e.g. its [security] section)."""
+    backbone = deployment(
+        root / "backbone",
+        ca=ca,
+        idle_timeout_s=600.0,
+        aggregators=["aggregator-0"],
+        **(backbone_options or {}),
+    )
     backbone.start()
     others = []
     for index in range(1, replicas):

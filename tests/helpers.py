@@ -48,6 +48,16 @@ class Pki:
     other_deployment: TLSConfig
 
 
+def fresh_log(path: Path) -> Path:
+    """``path`` if it does not exist yet, else ``<stem>.<n><suffix>`` with the first free
+    n: a restarted service writes a new log and keeps the one of its killed predecessor."""
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
     """Poll ``predicate`` until it holds or ``timeout_s`` passes (state in another thread)."""
     deadline = time.monotonic() + timeout_s

@@ -186,7 +186,8 @@ class Federation:
         if self.state.phase == REVEAL or (
             self.state.phase == UPLOAD and set(self.contributors) >= set(self._peers())
         ):
-            self._maybe_close(time.time())
+            with self.lock:  # a close notifies waiters, which needs the lock
+                self._maybe_close(time.time())
 
     def __repr__(self) -> str:
         return f"Federation({self.settings.name!r})"

@@ -581,3 +581,98 @@ def test_diagnostics_on_the_backbone_refuse_tensors_larger_than_a_link_check(
         # A link check's tensor still goes through.
         (back,) = DiagnosticsClient(channel).echo([("h1", torch.ones(1024, 1024))])
         assert torch.equal(back.tensor, torch.ones(1024, 1024))
+
+
+def test_a_client_that_starts_while_the_backbone_restarts_waits_for_it(
+    backbone: Deployment, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by `make chaos`: the backbone is down (restarting) when a federation member
+    opens its session, for longer than one call's retries; it waits for it (as it does to
+    resume a session) instead of exiting. (`splitfed train` alone still fails at once:
+    tests/integration/test_cli_errors.py.)"""
+    channel, client = backbone.connect("clinic-d")
+    with channel:
+        settings = TrainSettings(
+            data=BUNDLED_DATASET,
+            model_path=backbone.model_path,
+            max_steps=1,
+            batch_size=2,
+            max_length=32,
+        )
+        trainer = SplitTrainer(client, settings, LORA, OPTIMIZER)
+        errors: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                trainer.start(wait=True)  # as FederatedTrainer starts it
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=start)
+        backbone.stop()
+        try:
+            thread.start()
+            # One call's own retries are spent: the client waits on, or it gave up.
+            assert wait_until(
+                lambda: "waiting for it" in caplog.text or not thread.is_alive(), timeout_s=60
+            )
+        finally:
+            backbone.start()
+        thread.join(timeout=120)
+        assert not errors, errors
+        assert trainer.session is not None and trainer.session.step == 0
+        assert trainer.train_step().step == 1
+        trainer.close(delete_session=True)
+
+
+def test_a_client_killed_after_the_backbone_applied_its_step_resumes_it(
+    backbone: Deployment, tmp_path: Path
+) -> None:
+    """A client killed between the backbone applying its step and its own checkpoint of
+    that step (the backbone is then one step ahead of the checkpoint): the restarted
+    client finishes the step with the gradients it wrote ahead and the backbone's stored
+    reply, and ends like an uninterrupted one (was: "they cannot be brought together")."""
+
+    def settings(checkpoint: Path | None) -> TrainSettings:
+        return TrainSettings(
+            data=BUNDLED_DATASET,
+            model_path=backbone.model_path,
+            max_steps=4,
+            batch_size=2,
+            max_length=32,
+            seed=5,
+            checkpoint_dir=checkpoint,
+        )
+
+    class Killed(BaseException):
+        pass
+
+    channel, client = backbone.connect("clinic-e")
+    with channel:
+        whole = SplitTrainer(client, settings(None), LORA, OPTIMIZER)
+        expected = [r.loss for r in whole.run()]
+        first = SplitTrainer(client, settings(tmp_path / "ckpt"), LORA, OPTIMIZER)
+        save = first._save_checkpoint
+
+        def killed_before_saving_step_2() -> None:
+            if first.step == 2:
+                raise Killed  # the process dies here: nothing after runs
+            save()
+
+        first._save_checkpoint = killed_before_saving_step_2  # type: ignore[method-assign]
+        losses = []
+        with pytest.raises(Killed):
+            first.run(lambda report: losses.append(report.loss))
+        assert first.session is not None
+        reopened = backbone_pb2.OpenSessionRequest(session_id=first.session.session_id)
+        assert client.open_session(reopened).step == 2  # the checkpoint holds step 1
+        second = SplitTrainer(client, settings(tmp_path / "ckpt"), LORA, OPTIMIZER)
+        session = second.start()
+        assert session.resumed and second.step == 2
+        losses += [r.loss for r in second.run()]
+    assert len(losses) == 3  # step 2's report died with the first process
+    torch.testing.assert_close(
+        torch.tensor(losses), torch.tensor(expected[:1] + expected[2:]), atol=1e-5, rtol=0
+    )
+    for name, tensor in whole.adapter_tensors().items():
+        torch.testing.assert_close(second.adapter_tensors()[name], tensor, atol=1e-5, rtol=0)

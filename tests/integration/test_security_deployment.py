@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -509,3 +510,100 @@ def test_adapter_transfers_of_an_encrypted_session_are_sealed(stack: Stack) -> N
         with pytest.raises(InvalidArgumentError, match="not sealed"):
             client.import_adapter(sid, new)
         client.close_session(sid)
+
+
+def test_a_key_manager_restarting_during_a_key_rotation_is_waited_out(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by `make chaos`: the key manager is down when a step rotates the session key,
+    for longer than one call's retries; the trainer waits for it instead of failing the
+    step (which a federated client took for its aggregator being down, and trained the
+    whole round again)."""
+    settings = TrainSettings(
+        data=BUNDLED_DATASET,
+        model_path=stack.backbone.model_path,
+        max_steps=3,
+        batch_size=2,
+        max_length=32,
+        encrypted=True,
+        rotate_key_every_steps=1,
+    )
+    channel, client = stack.backbone_client(stack.alice)
+    keys = stack.keys(stack.alice)
+    with channel:
+        trainer = SplitTrainer(client, settings, LORA, OPTIMIZER, keymanager=keys)
+        trainer.start()
+        trainer.train_step()  # step 1, under key 1
+        main, enrollment = stack.km.address, stack.km.enroll_address
+        errors: list[BaseException] = []
+
+        def step() -> None:
+            try:
+                trainer.train_step()  # step 2 rotates to key 2
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=step)
+        stack.km.stop()
+        try:
+            thread.start()
+            # One call's own retries are spent: the trainer waits on, or the step failed.
+            assert wait_until(
+                lambda: "waiting for the key manager" in caplog.text or not thread.is_alive(),
+                timeout_s=60,
+            )
+        finally:
+            stack.km.start(main, enrollment)
+        thread.join(timeout=120)
+        assert not errors, errors
+        assert trainer.step == 2
+        assert trainer.crypto is not None and trainer.crypto.key_id == 2
+        trainer.close(delete_session=True)
+
+
+def test_a_step_under_a_key_the_backbone_cannot_fetch_yet_waits_for_the_key_manager(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by `make chaos`: the client seals a step under a freshly rotated key and the
+    key manager goes down before the backbone fetched that key. The backbone answers
+    UNAVAILABLE (a service it depends on is down: retry), not INTERNAL (which the client
+    rightly takes as fatal), and the client redoes the step once the key manager is back."""
+    settings = TrainSettings(
+        data=BUNDLED_DATASET,
+        model_path=stack.backbone.model_path,
+        max_steps=3,
+        batch_size=2,
+        max_length=32,
+        encrypted=True,
+    )
+    channel, client = stack.backbone_client(stack.alice)
+    keys = stack.keys(stack.alice)
+    with channel:
+        trainer = SplitTrainer(client, settings, LORA, OPTIMIZER, keymanager=keys)
+        trainer.start()
+        trainer.train_step()  # step 1, under key 1
+        assert trainer.crypto is not None
+        assert rotate_session_key(keys, trainer.crypto) == 2  # the backbone has not got it
+        main, enrollment = stack.km.address, stack.km.enroll_address
+        errors: list[BaseException] = []
+
+        def step() -> None:
+            try:
+                trainer.train_step()  # step 2, sealed under key 2
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+
+        thread = threading.Thread(target=step)
+        stack.km.stop()
+        try:
+            thread.start()
+            # The backbone could not open the step: the client reconnects, or it failed.
+            assert wait_until(
+                lambda: "reconnecting" in caplog.text or not thread.is_alive(), timeout_s=60
+            )
+        finally:
+            stack.km.start(main, enrollment)
+        thread.join(timeout=120)
+        assert not errors, errors
+        assert trainer.step == 2
+        trainer.close(delete_session=True)

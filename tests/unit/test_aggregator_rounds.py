@@ -139,6 +139,32 @@ def test_a_restart_continues_the_round(tmp_path: Path) -> None:
         torch.testing.assert_close(value, expected)
 
 
+def test_a_restart_after_every_update_was_counted_closes_the_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by `make chaos`: killed after the round's last update was counted and before
+    the close was written, the aggregator closes the round as it starts again (it failed
+    to start: the close notified waiters without holding the federation's lock)."""
+    from splitfed.services.aggregator import federation as module
+
+    fed = Federation(settings(), tmp_path)
+    fed.join("a", 100)
+    fed.join("b", 100)
+    upload(fed, "a", deltas(1), 1)
+
+    def killed(path: Path, schema: object, tensors: object, metadata: object) -> None:
+        raise SystemExit("killed while writing the version")
+
+    monkeypatch.setattr(module, "write_tensors_streamed", killed)
+    with pytest.raises(SystemExit):
+        upload(fed, "b", deltas(2), 3)
+    monkeypatch.undo()
+    again = Federation(settings(), tmp_path)
+    assert (again.state.round, again.state.version) == (2, 1)
+    for name, value in again.offset(1).items():
+        torch.testing.assert_close(value, (deltas(1)[name] + deltas(2)[name] * 3) / 4)
+
+
 def fedexp_offset(
     updates: list[tuple[dict[str, torch.Tensor], int]],
 ) -> tuple[dict[str, torch.Tensor], float]:

@@ -50,6 +50,26 @@ def test_plain_value_error_is_not_blamed_on_the_caller() -> None:
     assert status_for(ValueError("bug"))[0] is grpc.StatusCode.INTERNAL
 
 
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE),
+        (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INTERNAL),
+        (grpc.StatusCode.INTERNAL, grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_a_service_this_one_depends_on_being_down_is_unavailable_not_internal(
+    code: grpc.StatusCode, expected: grpc.StatusCode
+) -> None:
+    """A failed call to another service (the backbone fetching a key from a restarting key
+    manager) is retryable for the caller only if that service was down or slow; its
+    details (addresses) are not passed on."""
+    got, message = status_for(FakeRpcError(code, "ipv4:10.0.0.7:7443: Connection refused"))
+    assert got is expected
+    assert "10.0.0.7" not in message
+
+
 def test_error_from_rpc_maps_back() -> None:
     err = error_from_rpc(FakeRpcError(grpc.StatusCode.DATA_LOSS, "checksum mismatch"))
     assert isinstance(err, DataLossError) and str(err) == "checksum mismatch"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
 import torch
 
 from splitfed.clients.federated import FederatedTrainer
@@ -64,7 +66,7 @@ class SGDTrainer:
         self.adapter = _Seed()
         self.session: Any = None
 
-    def start(self) -> None:
+    def start(self, wait: bool = False) -> None:
         self.session = type("Session", (), {"session_id": ""})()
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
@@ -97,6 +99,12 @@ class InProcessAggregator:
 
     def plan(self, name: str) -> aggregator_pb2.RoundPlan:
         return to_plan(self.federation.plan(self.identity))
+
+    def advertise_key(self, plan: aggregator_pb2.RoundPlan, public_key: bytes) -> None:
+        self.federation.advertise_key(self.identity, plan.round, plan.attempt, public_key)
+
+    def reveal(self, plan: aggregator_pb2.RoundPlan, seeds: dict[str, bytes]) -> None:
+        self.federation.reveal(self.identity, plan.round, plan.attempt, seeds)
 
     def download(self, name: str, version: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
         version = version or self.federation.state.version
@@ -187,3 +195,120 @@ def test_one_local_sgd_step_per_round_is_one_centralized_step_on_the_union(
             torch.testing.assert_close(
                 trainer.params[name].detach(), start[name] + offset[name].double()
             )
+
+
+# --- an aggregator that restarts (found by `make chaos`, tests/chaos_kit.py) -------------
+
+
+class Unavailable(grpc.RpcError):
+    """What a call to an aggregator that is down raises once its retries are spent."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "connection refused (the aggregator is restarting)"
+
+
+class RestartingAggregator(InProcessAggregator):
+    """Fails the first ``fail`` calls of ``method`` with UNAVAILABLE, before they reach
+    the federation (an aggregator that is down: nothing of the call was counted)."""
+
+    def __init__(self, federation: Federation, identity: str, method: str, fail: int) -> None:
+        super().__init__(federation, identity)
+        self.method, self.fail = method, fail
+
+    def _maybe_fail(self, method: str) -> None:
+        if method == self.method and self.fail > 0:
+            self.fail -= 1
+            raise Unavailable()
+
+    def join(self, name: str, num_samples: int, join_token: str = "") -> aggregator_pb2.RoundPlan:
+        self._maybe_fail("join")
+        return super().join(name, num_samples, join_token)
+
+    def upload(
+        self, plan: aggregator_pb2.RoundPlan, num_samples: int, tensors: dict[str, Any], **_: Any
+    ) -> aggregator_pb2.UploadUpdateResponse:
+        self._maybe_fail("upload")
+        return super().upload(plan, num_samples, tensors)
+
+    def advertise_key(self, plan: aggregator_pb2.RoundPlan, public_key: bytes) -> None:
+        self._maybe_fail("advertise_key")
+        super().advertise_key(plan, public_key)
+
+
+class CountingTrainer(SGDTrainer):
+    """Counts the steps it trains; ``fail_at``: the step whose first try fails before it
+    starts, as a step does whose key rotation finds the key manager down."""
+
+    def __init__(self, index: int, fail_at: int = 0) -> None:
+        super().__init__(index)
+        self.steps, self.fail_at = 0, fail_at
+
+    def train_step(self) -> _Report:
+        if self.steps + 1 == self.fail_at:
+            self.fail_at = 0
+            raise Unavailable()
+        self.steps += 1
+        return super().train_step()
+
+
+@pytest.mark.parametrize(
+    ("method", "secure"),
+    [
+        *[(method, False) for method in ("join", "upload", "train_step")],
+        *[(method, True) for method in ("upload", "train_step", "advertise_key")],
+    ],
+)
+def test_a_client_waits_out_a_restart_and_trains_each_round_once(
+    tmp_path: Path, method: str, secure: bool
+) -> None:
+    """The aggregator is down when a client joins, or when it uploads its first update
+    (after its call's own retries), or a service is down mid-round, or (secure aggregation)
+    when it sends its key: the client waits for it, sends its key again, resumes the
+    round's local steps, sends the update it already trained, and never
+    trains a round twice (which would move its optimizer, data order and backbone adapter
+    on, and spend privacy budget, for nothing). With secure aggregation it sends the same
+    masked update again (its masks' private key is gone once they are derived)."""
+    rounds, local_steps = 2, 2
+    settings = FederationSettings(
+        name="fed",
+        rounds=rounds,
+        min_clients=2,
+        local_steps=local_steps,
+        adapter_seed=7,
+        deadline_s=60,
+        members=("c0", "c1"),
+        schema={n: list(t.shape) for n, t in initial().items()},
+        secure_aggregation=secure,
+    )
+    federation = Federation(settings, tmp_path / "fed")
+    # The second local step of round 1 fails once (with method "train_step").
+    trainers = [CountingTrainer(0, 2 if method == "train_step" else 0), CountingTrainer(1)]
+    aggregators = [
+        RestartingAggregator(federation, "c0", method, fail=2),
+        InProcessAggregator(federation, "c1"),
+    ]
+    members = [
+        FederatedTrainer(t, a, "fed", identity=a.identity)  # type: ignore[arg-type]
+        for t, a in zip(trainers, aggregators, strict=True)
+    ]
+    errors: list[BaseException] = []
+
+    def run(member: FederatedTrainer) -> None:
+        try:
+            member.run(max_wait_s=60)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in members]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert aggregators[0].fail == 0 or method == "train_step"  # the failures happened
+    assert trainers[0].fail_at == 0
+    assert federation.state.version == rounds
+    assert [t.steps for t in trainers] == [rounds * local_steps] * 2
