@@ -8,13 +8,14 @@ STAMP := $(VENV)/.splitfed-installed
 PYTEST_ARGS ?=
 CHAOS_ARGS ?= --kills 10
 
-.PHONY: help install demo test lint format typecheck protos protos-check test-unit bench fuzz chaos clean
+.PHONY: help install demo test test-long lint format typecheck protos protos-check test-unit bench fuzz chaos clean
 
 help:
 	@echo "make demo    - create $(VENV), install, run the local end-to-end demo"
 	@echo "make test    - create $(VENV), install, run ruff, mypy, pytest (incl. stub drift, buf lint)"
 	@echo "make protos  - regenerate splitfed/v1 stubs from protos/"
 	@echo "make bench   - run the benchmarks in bench/"
+	@echo "make test-long - the long checks make test leaves out (bench smoke runs, kills)"
 	@echo "make fuzz    - send FUZZ_EXAMPLES (10000) hostile messages to the live services"
 	@echo "make chaos   - federated runs with services killed (SIGKILL) until >= 10 kills"
 
@@ -57,8 +58,13 @@ typecheck: $(STAMP)
 		ln -s "$$PWD/$$part" "build/typecheck/splitfed/$$part"; done
 	$(BIN)/mypy -p splitfed
 
+# `long` checks (bench smoke runs, a kill test the chaos sample covers) stay out of the
+# 10-minute budget of make test; make test-long runs them.
 test-unit: $(STAMP)
-	$(BIN)/pytest tests $(PYTEST_ARGS)
+	$(BIN)/pytest tests -m "not long" $(PYTEST_ARGS)
+
+test-long: $(STAMP)
+	$(BIN)/pytest tests -m long $(PYTEST_ARGS)
 
 # Stub drift and buf lint run inside pytest (tests/unit/test_project.py).
 test: lint typecheck test-unit

@@ -23,6 +23,7 @@ def test_transport_bench_prints_ratios_and_writes_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_split_overhead_bench_prints_ratios_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "split.json"
     result = run_bench(
@@ -37,6 +38,7 @@ def test_split_overhead_bench_prints_ratios_and_writes_json(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_parallel_bench_prints_its_ratio_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "parallel.json"
     tiny = ["--rounds", "2", "--blocks", "1", "--layers", "3", "--batch", "1", "--tokens", "8"]

@@ -150,6 +150,7 @@ def test_a_client_killed_mid_round_does_not_block_the_round(tmp_path: Path, secu
         fed.stop()
 
 
+@pytest.mark.long  # make test runs its superset, tests/integration/test_chaos.py
 def test_an_aggregator_killed_mid_round_loses_and_doubles_nothing(tmp_path: Path) -> None:
     fed = federation(tmp_path, rounds=2, min_clients=3)
     try:

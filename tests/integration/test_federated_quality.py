@@ -14,6 +14,7 @@ from helpers import run_bench
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_federated_bench_trains_both_runs_and_reports_the_ratio(tmp_path: Path) -> None:
     out, plot = tmp_path / "figures.json", tmp_path / "curves.png"
     args = ["--rounds", "2", "--local-steps", "2", "--pretrain-steps", "0", "--evals", "2"]
