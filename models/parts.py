@@ -148,6 +148,15 @@ class PartCache:
     def length(self) -> int:
         return int(self.kv.get_seq_length()) - self.prefix_length
 
+    @property
+    def batch(self) -> int | None:
+        """Rows the cache holds (None while it is empty): later steps must have as many."""
+        for layer in self.kv.layers:
+            keys = getattr(layer, "keys", None)
+            if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+                return int(keys.shape[0])
+        return None
+
     def reset(self) -> None:
         self.kv = DynamicCache(config=self._config)
         self.prefix_length = 0

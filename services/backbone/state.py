@@ -819,6 +819,13 @@ class BackboneState:
     def generate(self, session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         cache = session.cache if session.cache is not None else session.body.new_cache()
         self._check_batch(hidden, mask, cache.length)
+        rows = cache.batch if cache.length else None
+        if rows is not None and rows != hidden.shape[0]:
+            raise InvalidArgumentError(
+                f"the session's KV cache holds {rows} rows, this step has {hidden.shape[0]}: "
+                "every step of a generation has the batch of its prefill; reset the cache "
+                "(GENERATE_OP_RESET) to start another"
+            )
         new_bytes = (
             hidden.shape[0]
             * (cache.length + hidden.shape[1])

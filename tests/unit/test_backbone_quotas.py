@@ -365,3 +365,19 @@ def test_diagnostics_on_services_are_sized_for_a_link_check(model_path: Path) ->
         DiagnosticsSettings(max_tensor_bytes=2 << 20, max_buffered_bytes=1 << 20)
     with pytest.raises(ValueError, match="max_streams_per_identity"):
         DiagnosticsSettings(max_streams=1, max_streams_per_identity=2)
+
+
+def test_a_generation_step_of_another_batch_than_its_cache_is_refused(
+    make_state: Callable[..., BackboneState],
+) -> None:
+    """Found by the fuzzer (make fuzz): a decode step with more rows than the prefill that
+    filled the session's KV cache ended in INTERNAL (torch.cat in the cache)."""
+    state = make_state()
+    session = open_session(state, "client/a")
+    hidden, mask = inputs(1, rows=3, tokens=2)
+    state.generate(session, hidden, mask)
+    step, _ = inputs(2, rows=4, tokens=1)
+    with pytest.raises(InvalidArgumentError, match="holds 3 rows"):
+        state.generate(session, step, torch.ones(4, 3, dtype=torch.long))
+    state.reset_cache(session)  # a new generation may have another batch
+    assert state.generate(session, step, torch.ones(4, 1, dtype=torch.long)).shape[0] == 4
