@@ -8,11 +8,12 @@ STAMP := $(VENV)/.splitfed-installed
 PYTEST_ARGS ?=
 CHAOS_ARGS ?= --kills 10
 
-.PHONY: help install demo test test-long lint format typecheck protos protos-check test-unit bench fuzz chaos clean
+.PHONY: help install demo test test-long lint format typecheck layers linktree protos protos-check test-unit test-integration test-checks bench fuzz chaos clean
 
 help:
 	@echo "make demo    - create $(VENV), install, run the local end-to-end demo"
-	@echo "make test    - create $(VENV), install, run ruff, mypy, pytest (incl. stub drift, buf lint)"
+	@echo "make test    - create $(VENV), install, run ruff, mypy, the layer contract, every test tier"
+	@echo "make test-unit / test-integration / test-checks - one tier: pure Python / real services / tools"
 	@echo "make protos  - regenerate splitfed/v1 stubs from protos/"
 	@echo "make bench   - run the benchmarks in bench/"
 	@echo "make test-long - the long checks make test leaves out (bench smoke runs, kills)"
@@ -49,25 +50,45 @@ protos-check: $(STAMP)
 	$(BIN)/python protos/generate.py --check
 	cd protos && ../$(BIN)/buf lint
 
-# mypy cannot follow setuptools' editable-install import hook, so it checks the package
-# through a tree of links that mirrors the installed layout (package-dir in pyproject.toml).
-typecheck: $(STAMP)
+# mypy and import-linter cannot follow setuptools' editable-install import hook, so they
+# analyse the package through a tree of links that mirrors the installed layout
+# (package-dir in pyproject.toml).
+linktree: $(STAMP)
 	rm -rf build/typecheck && mkdir -p build/typecheck/splitfed
 	for entry in splitfed/*; do ln -s "$$PWD/$$entry" build/typecheck/splitfed/; done
 	for part in services clients security models; do \
 		ln -s "$$PWD/$$part" "build/typecheck/splitfed/$$part"; done
+
+typecheck: linktree
 	$(BIN)/mypy -p splitfed
 
-# `long` checks (bench smoke runs, a kill test the chaos sample covers) stay out of the
-# 10-minute budget of make test; make test-long runs them.
+# The layers (.importlinter): cli > clients | services > protocol > security | models >
+# core > v1. tests/checks/test_layers.py also shows that a forbidden import breaks it.
+layers: linktree
+	cd build/typecheck && ../../$(BIN)/lint-imports --config ../../.importlinter --no-cache
+
+# Three tiers: tests/unit (pure Python, no subprocess or network: a fixture refuses them),
+# tests/integration (real services over mTLS, subprocesses; tests/fuzz's bounded sample)
+# and tests/checks (stub drift and buf lint, deployment files, observability tools, docs,
+# layers). `long` checks (bench smoke runs, a kill test the chaos sample covers) stay out
+# of the 10-minute budget of make test; make test-long runs them.
+TIERS := tests/unit tests/integration tests/fuzz tests/checks
+
 test-unit: $(STAMP)
-	$(BIN)/pytest tests -m "not long" $(PYTEST_ARGS)
+	$(BIN)/pytest tests/unit -m "not long" $(PYTEST_ARGS)
+
+test-integration: $(STAMP)
+	$(BIN)/pytest tests/integration tests/fuzz -m "not long" $(PYTEST_ARGS)
+
+test-checks: $(STAMP)
+	$(BIN)/pytest tests/checks -m "not long" $(PYTEST_ARGS)
 
 test-long: $(STAMP)
-	$(BIN)/pytest tests -m long $(PYTEST_ARGS)
+	$(BIN)/pytest $(TIERS) -m long $(PYTEST_ARGS)
 
-# Stub drift and buf lint run inside pytest (tests/unit/test_project.py).
-test: lint typecheck test-unit
+# All three tiers in one pytest run (one start-up, one session PKI).
+test: lint typecheck layers
+	$(BIN)/pytest $(TIERS) -m "not long" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/transport.py
