@@ -5,6 +5,9 @@ side by side, through the split path (head and tail here, the body on the backbo
 its Generate stream) or in this process for a full local checkpoint.
 
 How each score is computed is in docs/evaluation.md.
+
+One module on purpose (it is a little over 500 lines): the evaluator, its scores and the
+report they make are one feature, and each score is small.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Secure aggregation of adapter updates: the aggregator learns only the weighted sum.
 
+One module on purpose (it is long): it is the protocol's specification (below) and its
+only implementation, both sides of it (participant and masked sum); keeping them together
+keeps the byte layout of seeds, masks and encodings in one place.
+
 The protocol, one round
 -----------------------
 Participants are the round's clients, named by their identity names; the aggregator

@@ -1,6 +1,10 @@
 """ChatGLM-6B (THUDM/chatglm-6b, the original GLM-130B-style 6B model; not ChatGLM2/3),
 implemented natively: transformers 5 cannot run the published remote code.
 
+One module on purpose (it is long): the family is one published model, and its mask,
+positions, block and loading rules must agree with each other bit for bit; split apart,
+the invariants below would be checked in no single place.
+
 Layout: ``transformer`` holds ``word_embeddings``, ``layers`` (GLM blocks) and
 ``final_layernorm``; ``lm_head`` is tied to the embeddings. What sets it apart:
 
