@@ -43,7 +43,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -56,10 +56,8 @@ from splitfed.errors import (
 from splitfed.logs import redact
 from splitfed.models.optim import clip_factor, grad_sq_norm, scale_grads
 from splitfed.services.backbone.compute import ComputeQueue
+from splitfed.services.backbone.sessions import Session
 from splitfed.services.backbone.settings import BackboneSettings
-
-if TYPE_CHECKING:
-    from splitfed.services.backbone.state import Session
 
 logger = logging.getLogger(__name__)
 
@@ -278,11 +276,7 @@ class ClientBatcher:
                         f"step {step} micro-batch {micro} came without its micro-batch 0; "
                         "redo the step from its first micro-batch"
                     )
-                if step != session.step + 1:
-                    raise FailedPreconditionError(
-                        f"the session has applied {session.step} steps; expected step "
-                        f"{session.step + 1}, got {step}"
-                    )
+                session.expect_next_step(step)
                 rnd = self._joinable()
                 rnd.members[sid] = session
                 rnd.steps[sid] = step
@@ -357,9 +351,7 @@ class ClientBatcher:
                     "starts with its micro-batch 0"
                 )
             if rnd.steps[sid] != step:
-                raise FailedPreconditionError(
-                    f"the session has applied {session.step} steps; cannot apply step {step}"
-                )
+                raise session.cannot_apply(step)
             waiting = sum(
                 1
                 for merged in rnd.passes.values()

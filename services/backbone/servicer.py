@@ -11,13 +11,10 @@ from splitfed.security.authz import Policy
 from splitfed.security.identity import peer_identity
 from splitfed.security.session_crypto import SessionCrypto
 from splitfed.services.backbone import handlers
+from splitfed.services.backbone.adapters_io import SHARED_ADAPTER
 from splitfed.services.backbone.crypto import BackboneKeys
-from splitfed.services.backbone.state import (
-    SHARED_ADAPTER,
-    BackboneState,
-    Session,
-    no_such_session,
-)
+from splitfed.services.backbone.sessions import Session, no_such_session
+from splitfed.services.backbone.state import BackboneState
 from splitfed.streams import StreamGuard
 from splitfed.transport import ServiceBinding, TransportOptions, service_binding
 from splitfed.v1 import backbone_pb2
