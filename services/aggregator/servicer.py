@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -30,6 +30,15 @@ from splitfed.wire import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class _NamesFederation(Protocol):
+    @property
+    def federation(self) -> str: ...
+
+
+_Request = TypeVar("_Request", bound=_NamesFederation)
+_Result = TypeVar("_Result")
 
 SERVICE = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"]
 SERVICE_NAME = SERVICE.full_name
@@ -122,6 +131,16 @@ class AggregatorServicer:
     def _federation(self, name: str, caller: Identity) -> Federation:
         return handlers.federation_for(self.federations, name, caller)
 
+    def _handle(
+        self,
+        handle: Callable[[_Request, Federation, Identity], _Result],
+        request: _Request,
+        context: grpc.ServicerContext,
+    ) -> _Result:
+        """``handle`` for the caller and the federation the request names."""
+        caller = _caller(context)
+        return handle(request, self._federation(request.federation, caller), caller)
+
     @unary_errors
     def Join(
         self, request: aggregator_pb2.JoinRequest, context: grpc.ServicerContext
@@ -133,27 +152,21 @@ class AggregatorServicer:
     def GetRoundPlan(
         self, request: aggregator_pb2.GetRoundPlanRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetRoundPlanResponse:
-        caller = _caller(context)
-        federation = self._federation(request.federation, caller)
-        plan = handlers.handle_get_plan(request, federation, caller)
+        plan = self._handle(handlers.handle_get_plan, request, context)
         return aggregator_pb2.GetRoundPlanResponse(plan=to_plan(plan))
 
     @unary_errors
     def AdvertiseKey(
         self, request: aggregator_pb2.AdvertiseKeyRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.AdvertiseKeyResponse:
-        caller = _caller(context)
-        federation = self._federation(request.federation, caller)
-        handlers.handle_advertise_key(request, federation, caller)
+        self._handle(handlers.handle_advertise_key, request, context)
         return aggregator_pb2.AdvertiseKeyResponse()
 
     @unary_errors
     def RevealSeeds(
         self, request: aggregator_pb2.RevealSeedsRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.RevealSeedsResponse:
-        caller = _caller(context)
-        federation = self._federation(request.federation, caller)
-        handlers.handle_reveal(request, federation, caller)
+        self._handle(handlers.handle_reveal, request, context)
         return aggregator_pb2.RevealSeedsResponse()
 
     @unary_errors
