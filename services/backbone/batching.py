@@ -31,6 +31,11 @@ before the round is applied, or a round that waits ``batch_timeout_s`` for a mem
 next frame, ends the round: nothing is applied and every member gets ABORTED
 (:class:`~splitfed.errors.AbortedError`), now or at its next frame, and redoes the step
 on a new stream. A session that leaves a round that has not started yet just leaves.
+
+One module of some 650 lines: the rounds, their merged passes and the threads that wait
+on them share one condition variable and one set of invariants (one round runs at a
+time; a member is in at most one round), which are checked in one place. It depends only
+on the session (:mod:`.sessions`), the compute queue and the settings.
 """
 
 from __future__ import annotations
