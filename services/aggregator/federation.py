@@ -1,11 +1,12 @@
 """One federation's rounds: selection, phases, deadlines, streaming aggregation, versions.
 
-No gRPC in here: the servicer calls these methods, which raise :mod:`splitfed.errors`.
-One module on purpose (it is long): membership, the round's state machine, uploads in
-flight and persistence share one lock and one state, and its invariants (an update is in
-the running sum iff its sender is in ``contributors``; nothing in flight survives the
-step that declares dropouts) are checked in one place. What holds the updates' bytes is
-in :mod:`.updates`.
+No gRPC in here: the handlers (:mod:`.handlers`) call these methods, which raise
+:mod:`splitfed.errors`. One module over ~500 lines on purpose: membership, the round's
+state machine and the uploads in flight share one lock and one state, and its invariants
+(an update is in the running sum iff its sender is in ``contributors``; nothing in flight
+survives the step that declares dropouts) are checked in one place. What holds the
+updates' bytes is in :mod:`.updates`, what is written to disk and how in
+:mod:`.persistence`.
 
 Durability. ``state.json`` holds the round, its phase, the joined and selected clients
 and the current global version. Each counted update is folded into a running sum that is
@@ -36,11 +37,9 @@ import logging
 import math
 import os
 import random
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,11 +64,15 @@ from splitfed.metrics import (
     AGGREGATOR_VERSION,
 )
 from splitfed.models.schema import Schema, schema_digest
-from splitfed.services.aggregator.files import (
-    read_tensors,
-    tensor_schema,
-    write_tensors,
-    write_tensors_streamed,
+from splitfed.services.aggregator.persistence import (
+    FINISHED,
+    KEYS,
+    REVEAL,
+    UPLOAD,
+    WAITING,
+    FederationFiles,
+    RoundState,
+    SumRecord,
 )
 from splitfed.services.aggregator.settings import FederationSettings
 from splitfed.services.aggregator.strategies import (
@@ -91,8 +94,6 @@ from splitfed.services.aggregator.updates import (
 
 logger = logging.getLogger(__name__)
 
-WAITING, KEYS, UPLOAD, REVEAL, FINISHED = "waiting", "keys", "upload", "reveal", "finished"
-
 
 def not_a_member(identity: str, federation: str) -> PermissionDeniedError:
     """The one refusal for a federation that does not exist or that ``identity`` is not a
@@ -109,30 +110,6 @@ def token_digest(token: str) -> str:
 
 class NotFiniteError(InvalidArgumentError):
     """A round's aggregate holds NaN or infinity: it is refused, not published."""
-
-
-@dataclass
-class RoundState:
-    """What ``state.json`` holds."""
-
-    round: int = 1
-    attempt: int = 1
-    phase: str = WAITING
-    version: int = 0
-    joined: list[str] = field(default_factory=list)
-    selected: list[str] = field(default_factory=list)
-    deadline: float = 0.0
-    message: str = ""
-    # Secure aggregation: identity -> public key (hex), the dropped peers, who revealed.
-    keys: dict[str, str] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)
-    revealed: dict[str, dict[str, str]] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    # identity -> the samples it declared when it joined: no update of it may claim more.
-    declared: dict[str, int] = field(default_factory=dict)
-    # Members by the join token: identity -> digest of the token it joined with (a new
-    # token in the config ends their membership until they join with it).
-    token_members: dict[str, str] = field(default_factory=dict)
 
 
 class ServerAdapters(Protocol):
@@ -163,12 +140,7 @@ class Federation:
         self.schema_digest = schema_digest(self.schema)
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "versions").mkdir(exist_ok=True)
-        self.spool_dir = directory / "spool"
-        self.spool_dir.mkdir(exist_ok=True)
-        for stale in self.spool_dir.iterdir():  # unconfirmed uploads: their clients retry
-            stale.unlink()
+        self.files = FederationFiles(directory)
         self.state = self._load_state()
         self._check_versions()
         self._export_state()
@@ -195,12 +167,7 @@ class Federation:
     # --- persistence ------------------------------------------------------------------
 
     def _load_state(self) -> RoundState:
-        path = self.directory / "state.json"
-        if not path.is_file():
-            return RoundState()
-        data = json.loads(path.read_text())
-        known = {f.name for f in fields(RoundState)}
-        state = RoundState(**{k: v for k, v in data.items() if k in known})
+        state = self.files.load_state()
         # Members removed from the configuration (or whose join token changed) are out.
         gone = [i for i in state.joined if not self._allowed(i, state)]
         if gone:
@@ -218,25 +185,17 @@ class Federation:
         tensors of two adapters)."""
         if self.state.version == 0:
             return
-        path = self._version_path(self.state.version)
-        if not path.is_file():
-            return
-        stored = {n: shape for n, (shape, _) in tensor_schema(path).items()}
-        if stored != self.schema:
+        stored = self.files.version_shapes(self.state.version)
+        if stored is not None and stored != self.schema:
             raise ValueError(
                 f"federation {self.settings.name!r}: its schema differs from the tensors of "
-                f"its version {self.state.version} ({path}); a federation keeps one adapter "
-                "shape for its life: restore the schema or start a new federation"
+                f"its version {self.state.version} "
+                f"({self.files.version_path(self.state.version)}); a federation keeps one "
+                "adapter shape for its life: restore the schema or start a new federation"
             )
 
     def _save_state(self) -> None:
-        path = self.directory / "state.json"
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".state.")
-        with os.fdopen(fd, "w") as out:
-            json.dump(asdict(self.state), out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        self.files.save_state(self.state)
         self._export_state()
         self.changed.notify_all()
 
@@ -249,12 +208,6 @@ class Federation:
         AGGREGATOR_VERSION.labels(name).set(s.version)
         AGGREGATOR_JOINED.labels(name).set(len(s.joined))
 
-    def _sum_path(self) -> Path:
-        return self.directory / "sum.safetensors"
-
-    def _kept_dir(self) -> Path:
-        return self.directory / "kept"
-
     def _reset_sum(self) -> None:
         """Forget this round's updates in memory (they stay in the sum file, if any)."""
         self.contributors, self.accumulator = {}, None
@@ -262,31 +215,31 @@ class Federation:
         self.update_sq = 0.0
 
     def _load_sum(self) -> None:
-        path = self._sum_path()
-        if not path.is_file():
-            self._remove_kept()
+        stored = self.files.load_sum()
+        if stored is None:
+            self.files.remove_kept()
             return
-        tensors, meta = read_tensors(path)
-        if (int(meta["round"]), int(meta["attempt"])) != (self.state.round, self.state.attempt):
-            path.unlink()
-            self._remove_kept()
+        record, tensors = stored
+        if (record.round, record.attempt) != (self.state.round, self.state.attempt):
+            self.files.remove_sum()
+            self.files.remove_kept()
             return
-        if meta.get("schema_digest") != self.schema_digest:
+        if record.schema_digest != self.schema_digest:
             logger.warning(
                 "[Aggregator] %s round %d: the stored running sum is of another schema; "
                 "its updates are discarded and their senders upload again",
                 self.settings.name,
                 self.state.round,
             )
-            path.unlink()
-            self._remove_kept()
+            self.files.remove_sum()
+            self.files.remove_kept()
             return
-        self.contributors = {k: int(v) for k, v in json.loads(meta["contributors"]).items()}
-        self.sessions = {k: (v[0], v[1]) for k, v in json.loads(meta.get("sessions", "{}")).items()}
-        self.update_sq = float(meta.get("update_sq", "0"))
+        self.contributors = record.contributors
+        self.sessions = record.sessions
+        self.update_sq = record.update_sq
         self.accumulator = self._new_accumulator()
         if self.robust:
-            self.accumulator.load(meta.get("kept", "{}"))
+            self.accumulator.load(record.kept or "{}")
             self.accumulator.remove_unlisted()
         else:
             self.accumulator.load(tensors)
@@ -297,12 +250,6 @@ class Federation:
             len(self.contributors),
         )
 
-    def _remove_kept(self) -> None:
-        kept = self._kept_dir()
-        if kept.is_dir():
-            for path in kept.iterdir():
-                path.unlink()
-
     def _new_accumulator(self) -> Any:
         if self.settings.secure_aggregation:
             from splitfed.security.secagg import MaskedSum, SecAggParams
@@ -312,56 +259,39 @@ class Federation:
             )
             return MaskedSum(params, self.schema)
         if self.robust:
-            return KeptUpdates(self._kept_dir(), self.schema)
+            return KeptUpdates(self.files.kept_dir, self.schema)
         return PlainSum(self.schema)
 
     def _save_sum(self) -> None:
-        meta = {
-            "round": str(self.state.round),
-            "attempt": str(self.state.attempt),
-            "contributors": json.dumps(self.contributors),
-            "sessions": json.dumps({k: list(v) for k, v in self.sessions.items()}),
-            "schema_digest": self.schema_digest,
-            "update_sq": repr(self.update_sq),
-        }
-        if self.robust:
-            meta["kept"] = self.accumulator.meta()
-        write_tensors(self._sum_path(), self.accumulator.state(), meta)
-
-    def _version_path(self, version: int) -> Path:
-        return self.directory / "versions" / f"v{version}.safetensors"
-
-    def _strategy_path(self, version: int) -> Path:
-        return self.directory / "versions" / f"v{version}.strategy.safetensors"
+        record = SumRecord(
+            round=self.state.round,
+            attempt=self.state.attempt,
+            contributors=self.contributors,
+            sessions=self.sessions,
+            schema_digest=self.schema_digest,
+            update_sq=self.update_sq,
+            kept=self.accumulator.meta() if self.robust else None,
+        )
+        self.files.save_sum(record, self.accumulator.state())
 
     def offset(self, version: int) -> dict[str, torch.Tensor]:
         """The global offset at ``version`` (empty for version 0)."""
         if version == 0:
             return {}
-        path = self._version_path(version)
-        if not path.is_file():
+        tensors = self.files.offset(version)
+        if tensors is None:
             raise NotFoundError(f"federation {self.settings.name!r} has no version {version}")
-        tensors, _ = read_tensors(path)
-        return {name: torch.from_numpy(array) for name, array in tensors.items()}
-
-    def _body_path(self, version: int) -> Path:
-        return self.directory / "versions" / f"v{version}.body.safetensors"
+        return tensors
 
     def body(self, version: int) -> dict[str, torch.Tensor]:
         """The average body adapter made with ``version`` (server-side adapters); empty
         if there is none."""
-        path = self._body_path(version)
-        if version == 0 or not path.is_file():
-            return {}
-        tensors, _ = read_tensors(path)
-        return {name: torch.from_numpy(array) for name, array in tensors.items()}
+        return self.files.body(version)
 
-    def _strategy_state(self, version: int) -> dict[str, torch.Tensor]:
-        path = self._strategy_path(version)
-        if version == 0 or not path.is_file():
-            return {}
-        tensors, _ = read_tensors(path)
-        return {name: torch.from_numpy(array) for name, array in tensors.items()}
+    def current_version(self) -> int:
+        """The latest global version (0 before the first round closes)."""
+        with self.lock:
+            return self.state.version
 
     # --- membership ---------------------------------------------------------------------
 
@@ -509,9 +439,8 @@ class Federation:
         self._reset_sum()
         self._save_state()
         # After state.json names the new attempt: a sum of an older one is never counted.
-        with contextlib.suppress(FileNotFoundError):
-            self._sum_path().unlink()
-        self._remove_kept()
+        self.files.remove_sum()
+        self.files.remove_kept()
         logger.info(
             "[Aggregator] %s round %d attempt %d: %s selected (%s)",
             self.settings.name,
@@ -613,8 +542,8 @@ class Federation:
                     f"an upload of {identity} for round {round_} is already in progress; "
                     "wait for its answer"
                 )
-            fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="upload-")
-            spool = Spool(Path(name))
+            fd, path = self.files.new_spool()
+            spool = Spool(path)
             expected = torch.int64 if self.settings.secure_aggregation else torch.float32
             writer = SpoolWriter(
                 spool, os.fdopen(fd, "wb"), expected, self.settings.max_adapter_bytes, self.schema
@@ -648,7 +577,7 @@ class Federation:
             if upload.state != COMMITTED:
                 upload.discard()
         with contextlib.suppress(FileNotFoundError):
-            if upload.spool.path.parent == self.spool_dir:
+            if upload.spool.path.parent == self.files.spool_dir:
                 upload.spool.path.unlink()
 
     def _discard_inflight(self, why: str) -> None:
@@ -816,7 +745,7 @@ class Federation:
     def _close_round(self, now: float) -> None:
         s = self.state
         total = sum(self.contributors.values())
-        state = self._strategy_state(s.version)
+        state = self.files.strategy_state(s.version)
         scale = None
         averages: Iterable[tuple[str, torch.Tensor]]
         if self.settings.secure_aggregation:
@@ -852,17 +781,13 @@ class Federation:
                     )
                 yield name, array
 
-        write_tensors_streamed(
-            self._version_path(version),
-            {name: (shape, np.dtype(np.float32)) for name, shape in self.schema.items()},
+        self.files.write_version(
+            version,
+            self.schema,
             offsets(),
             {"round": str(s.round), "contributors": json.dumps(self.contributors)},
         )
-        write_tensors(
-            self._strategy_path(version),
-            {n: t.contiguous().numpy() for n, t in state.items()},
-            {"strategy": self.strategy.name},
-        )
+        self.files.write_strategy_state(version, state, self.strategy.name)
         if self.server_adapters is not None:
             body = self.server_adapters.aggregate(
                 {
@@ -873,11 +798,7 @@ class Federation:
                 self.settings.name,
             )
             if body:
-                write_tensors(
-                    self._body_path(version),
-                    {n: t.contiguous().numpy() for n, t in body.items()},
-                    {"round": str(s.round)},
-                )
+                self.files.write_body(version, body, s.round)
         s.history.append(
             {
                 "round": s.round,
@@ -901,8 +822,7 @@ class Federation:
         AGGREGATOR_PARTICIPANTS.labels(self.settings.name).set(len(self.contributors))
         s.version, s.round, s.attempt = version, s.round + 1, 1
         self._open(now)
-        with contextlib.suppress(FileNotFoundError):
-            self._sum_path().unlink()  # counted in the version; state.json has moved on
+        self.files.remove_sum()  # counted in the version; state.json has moved on
 
 
 def federations(configs: Iterable[FederationSettings], state_dir: Path) -> dict[str, Federation]:

@@ -1,35 +1,21 @@
-"""gRPC servicer for splitfed.v1.Aggregator: converts messages, calls :class:`Federation`.
-
-Every round RPC is for the federation's members only (an admin may read the round's
-status, without its participants); a federation that does not exist and one the caller
-is not a member of get the same PERMISSION_DENIED."""
+"""gRPC servicer for splitfed.v1.Aggregator: converts messages and calls the handlers
+(:mod:`.handlers`), which say who may do what."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
-from splitfed.errors import (
-    InvalidArgumentError,
-    UnauthenticatedError,
-    stream_errors,
-    unary_errors,
-)
+from splitfed.errors import UnauthenticatedError, stream_errors, unary_errors
 from splitfed.security.authz import Policy
 from splitfed.security.identity import Identity, peer_identity
-from splitfed.services.aggregator.federation import (
-    FINISHED,
-    KEYS,
-    REVEAL,
-    UPLOAD,
-    WAITING,
-    Federation,
-    not_a_member,
-)
+from splitfed.services.aggregator import handlers
+from splitfed.services.aggregator.federation import Federation
+from splitfed.services.aggregator.persistence import FINISHED, KEYS, REVEAL, UPLOAD, WAITING
 from splitfed.streams import StreamGuard
 from splitfed.transport import ServiceBinding, service_binding
 from splitfed.v1 import aggregator_pb2
@@ -39,12 +25,20 @@ from splitfed.wire import (
     IncomingFrame,
     OutgoingFrame,
     ReceiveBudget,
-    TensorAssembler,
     TensorLimits,
     iter_frames,
 )
 
 logger = logging.getLogger(__name__)
+
+
+class _NamesFederation(Protocol):
+    @property
+    def federation(self) -> str: ...
+
+
+_Request = TypeVar("_Request", bound=_NamesFederation)
+_Result = TypeVar("_Result")
 
 SERVICE = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"]
 SERVICE_NAME = SERVICE.full_name
@@ -134,77 +128,45 @@ class AggregatorServicer:
             max_streams_per_identity=min(STREAMS_PER_IDENTITY, max_streams),
         )
 
-    def _federation(self, name: str, caller: Identity, *, join: bool = False) -> Federation:
-        """The federation ``name`` for a caller that is one of its members (an admin may
-        read any; ``join``: the caller is about to become one)."""
-        federation = self.federations.get(name)
-        if federation is None:
-            raise not_a_member(caller.name, name)
-        if not join and caller.role != "admin":
-            federation.require_member(caller.name)
-        return federation
+    def _federation(self, name: str, caller: Identity) -> Federation:
+        return handlers.federation_for(self.federations, name, caller)
 
-    @staticmethod
-    def _session_of(
-        federation: Federation, head: aggregator_pb2.UploadUpdateRequest, owner: str
-    ) -> tuple[str, str] | None:
-        """The (backbone, session) an upload names, checked with that backbone to be the
-        uploader's own session of this federation."""
-        settings = federation.settings
-        if not settings.server_adapters:
-            return None
-        if not head.backbone or not head.backbone_session:
-            raise InvalidArgumentError(
-                "this federation averages server-side adapters: the upload must name its "
-                "backbone and backbone_session"
-            )
-        if head.backbone not in settings.backbones:
-            raise InvalidArgumentError(
-                f"backbone {head.backbone!r} is not one of this federation's backbones "
-                f"({', '.join(settings.backbones)})"
-            )
-        session = (head.backbone, head.backbone_session)
-        if federation.server_adapters is not None:
-            federation.server_adapters.verify(session, owner, settings.name)
-        return session
+    def _handle(
+        self,
+        handle: Callable[[_Request, Federation, Identity], _Result],
+        request: _Request,
+        context: grpc.ServicerContext,
+    ) -> _Result:
+        """``handle`` for the caller and the federation the request names."""
+        caller = _caller(context)
+        return handle(request, self._federation(request.federation, caller), caller)
 
     @unary_errors
     def Join(
         self, request: aggregator_pb2.JoinRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.JoinResponse:
-        caller = _caller(context)
-        federation = self._federation(request.federation, caller, join=True)
-        federation.join(caller.name, int(request.num_samples), request.join_token)
-        return aggregator_pb2.JoinResponse(plan=to_plan(federation.plan(caller.name)))
+        plan = handlers.handle_join(request, self.federations, _caller(context))
+        return aggregator_pb2.JoinResponse(plan=to_plan(plan))
 
     @unary_errors
     def GetRoundPlan(
         self, request: aggregator_pb2.GetRoundPlanRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetRoundPlanResponse:
-        caller = _caller(context)
-        federation = self._federation(request.federation, caller)
-        federation.tick()
-        plan = federation.plan(caller.name, member=caller.role != "admin")
+        plan = self._handle(handlers.handle_get_plan, request, context)
         return aggregator_pb2.GetRoundPlanResponse(plan=to_plan(plan))
 
     @unary_errors
     def AdvertiseKey(
         self, request: aggregator_pb2.AdvertiseKeyRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.AdvertiseKeyResponse:
-        caller = _caller(context)
-        self._federation(request.federation, caller).advertise_key(
-            caller.name, request.round, request.attempt, request.public_key
-        )
+        self._handle(handlers.handle_advertise_key, request, context)
         return aggregator_pb2.AdvertiseKeyResponse()
 
     @unary_errors
     def RevealSeeds(
         self, request: aggregator_pb2.RevealSeedsRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.RevealSeedsResponse:
-        caller = _caller(context)
-        self._federation(request.federation, caller).reveal(
-            caller.name, request.round, request.attempt, dict(request.seeds)
-        )
+        self._handle(handlers.handle_reveal, request, context)
         return aggregator_pb2.RevealSeedsResponse()
 
     @unary_errors
@@ -214,42 +176,10 @@ class AggregatorServicer:
         context: grpc.ServicerContext,
     ) -> aggregator_pb2.UploadUpdateResponse:
         caller = _caller(context)
-        identity = caller.name
         with self.streams.open(context, request_iterator, identity=str(caller)) as frames:
-            iterator = iter(frames)
-            first = next(iterator, None)
-            if first is None:
-                raise InvalidArgumentError("an upload needs at least one message")
-            head = first.message
-            federation = self._federation(head.federation, caller)
-            session = self._session_of(federation, head, identity)
-            upload = federation.begin_upload(
-                identity,
-                head.round,
-                head.attempt,
-                head.base_version,
-                int(head.num_samples),
-                session,
+            duplicate, received = handlers.handle_upload(
+                frames, self.federations, caller, self.limits, self.budget
             )
-            if upload is None:
-                for _ in iterator:  # already counted: drain, store nothing
-                    pass
-                return aggregator_pb2.UploadUpdateResponse(
-                    duplicate=True, received=federation.plan(identity)["received"]
-                )
-            stream = _chain(first, iterator)
-            del first  # a frame keeps its whole message (up to a chunk) alive
-            try:
-                # Chunks go straight to the spool file: the upload holds one message at a
-                # time and none while it waits for the federation's lock.
-                with TensorAssembler(self.limits, self.budget, sink=upload.writer) as assembler:
-                    for frame in stream:
-                        assembler.feed(frame.chunk_view())
-                        del frame
-                    assembler.finish()
-                duplicate, received = federation.commit_upload(upload)
-            finally:
-                federation.end_upload(upload)
         return aggregator_pb2.UploadUpdateResponse(duplicate=duplicate, received=received)
 
     @stream_errors
@@ -259,9 +189,7 @@ class AggregatorServicer:
         caller = _caller(context)
         federation = self._federation(request.federation, caller)
         with self.streams.open(context, iter(()), identity=str(caller)) as stream:
-            with federation.lock:
-                version = request.version or federation.state.version
-            tensors = federation.body(version) if request.body else federation.offset(version)
+            version, tensors = handlers.handle_download(request, federation)
             if not tensors:
                 yield aggregator_pb2.DownloadGlobalResponse(version=version)
                 return
@@ -279,17 +207,9 @@ class AggregatorServicer:
     ) -> Iterator[aggregator_pb2.WatchRoundResponse]:
         caller = _caller(context)
         federation = self._federation(request.federation, caller)
-        seen = None
         with self.streams.open(context, iter(()), identity=str(caller)) as stream:
-            while context.is_active():
-                key = federation.wait_for_change(seen, self.watch_poll_s)
-                federation.tick()
-                if key == seen:
-                    continue
-                seen = key
-                if caller.role != "admin":
-                    federation.require_member(caller.name)  # still one
-                plan = federation.plan(caller.name, member=caller.role != "admin")
+            plans = handlers.handle_watch(federation, caller, self.watch_poll_s, context.is_active)
+            for plan in plans:
                 yield from stream.pace(
                     [
                         aggregator_pb2.WatchRoundResponse(
@@ -300,14 +220,6 @@ class AggregatorServicer:
                         )
                     ]
                 )
-                if plan["phase"] == FINISHED:
-                    return
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    yield first
-    del first  # not kept while the rest of the stream is read
-    yield from rest
 
 
 class Ticker:

@@ -31,6 +31,11 @@ before the round is applied, or a round that waits ``batch_timeout_s`` for a mem
 next frame, ends the round: nothing is applied and every member gets ABORTED
 (:class:`~splitfed.errors.AbortedError`), now or at its next frame, and redoes the step
 on a new stream. A session that leaves a round that has not started yet just leaves.
+
+One module of some 650 lines: the rounds, their merged passes and the threads that wait
+on them share one condition variable and one set of invariants (one round runs at a
+time; a member is in at most one round), which are checked in one place. It depends only
+on the session (:mod:`.sessions`), the compute queue and the settings.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -56,10 +61,8 @@ from splitfed.errors import (
 from splitfed.logs import redact
 from splitfed.models.optim import clip_factor, grad_sq_norm, scale_grads
 from splitfed.services.backbone.compute import ComputeQueue
+from splitfed.services.backbone.sessions import Session
 from splitfed.services.backbone.settings import BackboneSettings
-
-if TYPE_CHECKING:
-    from splitfed.services.backbone.state import Session
 
 logger = logging.getLogger(__name__)
 
@@ -278,11 +281,7 @@ class ClientBatcher:
                         f"step {step} micro-batch {micro} came without its micro-batch 0; "
                         "redo the step from its first micro-batch"
                     )
-                if step != session.step + 1:
-                    raise FailedPreconditionError(
-                        f"the session has applied {session.step} steps; expected step "
-                        f"{session.step + 1}, got {step}"
-                    )
+                session.expect_next_step(step)
                 rnd = self._joinable()
                 rnd.members[sid] = session
                 rnd.steps[sid] = step
@@ -357,9 +356,7 @@ class ClientBatcher:
                     "starts with its micro-batch 0"
                 )
             if rnd.steps[sid] != step:
-                raise FailedPreconditionError(
-                    f"the session has applied {session.step} steps; cannot apply step {step}"
-                )
+                raise session.cannot_apply(step)
             waiting = sum(
                 1
                 for merged in rnd.passes.values()

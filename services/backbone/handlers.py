@@ -17,7 +17,8 @@ from splitfed.models.optim import OptimizerSettings
 from splitfed.security.sealing import FrameContext
 from splitfed.security.session_crypto import SessionCrypto
 from splitfed.services.backbone.crypto import BackboneKeys
-from splitfed.services.backbone.state import BackboneState, Session
+from splitfed.services.backbone.sessions import Session
+from splitfed.services.backbone.state import BackboneState
 from splitfed.v1 import backbone_pb2
 from splitfed.wire import (
     ChunkView,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -11,13 +12,10 @@ from splitfed.security.authz import Policy
 from splitfed.security.identity import peer_identity
 from splitfed.security.session_crypto import SessionCrypto
 from splitfed.services.backbone import handlers
+from splitfed.services.backbone.adapters_io import SHARED_ADAPTER
 from splitfed.services.backbone.crypto import BackboneKeys
-from splitfed.services.backbone.state import (
-    SHARED_ADAPTER,
-    BackboneState,
-    Session,
-    no_such_session,
-)
+from splitfed.services.backbone.sessions import Session, no_such_session
+from splitfed.services.backbone.state import BackboneState
 from splitfed.streams import StreamGuard
 from splitfed.transport import ServiceBinding, TransportOptions, service_binding
 from splitfed.v1 import backbone_pb2
@@ -154,16 +152,17 @@ class BackboneServicer:
         self.state.close_session(request.session_id, owner_of(context))
         return backbone_pb2.CloseSessionResponse()
 
-    @stream_errors
-    def Train(
+    def _session_stream(
         self,
-        request_iterator: Iterator[IncomingFrame[backbone_pb2.TrainRequest]],
         context: grpc.ServicerContext,
-    ) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
+        request_iterator: Iterator[IncomingFrame[Any]],
+        handle: Callable[..., Iterator[Any]],
+    ) -> Iterator[Any]:
+        """One Train or Generate stream of the caller's session, through ``handle``."""
         session = self._session(context)
         with self.streams.open(context, request_iterator, owner_of(context)) as requests:
             yield from requests.pace(
-                handlers.handle_train(
+                handle(
                     self.state,
                     session,
                     requests,
@@ -174,23 +173,20 @@ class BackboneServicer:
             )
 
     @stream_errors
+    def Train(
+        self,
+        request_iterator: Iterator[IncomingFrame[backbone_pb2.TrainRequest]],
+        context: grpc.ServicerContext,
+    ) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
+        yield from self._session_stream(context, request_iterator, handlers.handle_train)
+
+    @stream_errors
     def Generate(
         self,
         request_iterator: Iterator[IncomingFrame[backbone_pb2.GenerateRequest]],
         context: grpc.ServicerContext,
     ) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
-        session = self._session(context)
-        with self.streams.open(context, request_iterator, owner_of(context)) as requests:
-            yield from requests.pace(
-                handlers.handle_generate(
-                    self.state,
-                    session,
-                    requests,
-                    self.chunk_bytes,
-                    self.budget,
-                    self._crypto(session),
-                )
-            )
+        yield from self._session_stream(context, request_iterator, handlers.handle_generate)
 
     @stream_errors
     def ExportAdapter(

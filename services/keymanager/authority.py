@@ -37,6 +37,7 @@ from splitfed.security.ca import (
     CLOCK_SKEW,
     DEFAULT_TRUST_DOMAIN,
     CertificateAuthority,
+    PrivateKey,
     generate_private_key,
     make_csr,
     private_key_pem,
@@ -404,11 +405,15 @@ class KeyAuthority:
         # The key first: a reader that sees the new key with the old certificate refuses
         # the pair and keeps the old material until cert.pem follows.
         CERTIFICATES_ISSUED.labels("keymanager", "renew").inc()
-        write_pem(tls_dir / "key.pem", private_key_pem(key), private=True)
-        write_pem(tls_dir / "cert.pem", pem, private=False)
-        write_pem(tls_dir / "ca.pem", self.ca.cert_pem, private=False)
+        self._write_credentials(tls_dir, key, pem)
         logger.info("[KeyAuthority] renewed the key manager's own certificate in %s", tls_dir)
         return True
+
+    def _write_credentials(self, directory: Path, key: PrivateKey, cert_pem: bytes) -> None:
+        """key.pem (private), cert.pem and this CA's ca.pem in ``directory``, key first."""
+        write_pem(directory / "key.pem", private_key_pem(key), private=True)
+        write_pem(directory / "cert.pem", cert_pem, private=False)
+        write_pem(directory / "ca.pem", self.ca.cert_pem, private=False)
 
     def issue_admin(self, identity: str, out_dir: Path) -> x509.Certificate:
         """An admin certificate for ``identity``, key generated here, written to ``out_dir``
@@ -434,9 +439,7 @@ class KeyAuthority:
             action="certificate.issue",
         )
         CERTIFICATES_ISSUED.labels("admin", "enroll").inc()
-        write_pem(out_dir / "key.pem", private_key_pem(key), private=True)
-        write_pem(out_dir / "cert.pem", pem, private=False)
-        write_pem(out_dir / "ca.pem", self.ca.cert_pem, private=False)
+        self._write_credentials(out_dir, key, pem)
         logger.warning("[KeyAuthority] issued an admin certificate for %s locally", identity)
         return x509.load_pem_x509_certificate(pem)
 

@@ -539,16 +539,21 @@ class KeyStore:
             ),
         )
 
+    @staticmethod
+    def _current_key(db: sqlite3.Connection, session_id: str) -> int:
+        """The id of the session's current key; KeyError for an unknown session."""
+        row = db.execute(
+            "SELECT current_key FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(f"no session {session_id!r}")
+        return int(row[0])
+
     def issue_key(self, session_id: str, key_id: int = 0) -> IssuedKey:
         """Key ``key_id`` of a session (0: the current one) with a nonce prefix never
         handed out before for that key, also across restarts."""
         with self._tx() as db:
-            session = db.execute(
-                "SELECT current_key FROM sessions WHERE session_id = ?", (session_id,)
-            ).fetchone()
-            if session is None:
-                raise KeyError(f"no session {session_id!r}")
-            wanted = key_id or session[0]
+            wanted = key_id or self._current_key(db, session_id)
             row = db.execute(
                 "SELECT sealed, next_prefix FROM session_keys WHERE session_id = ? AND key_id = ?",
                 (session_id, wanted),
@@ -568,12 +573,7 @@ class KeyStore:
     def rotate_key(self, session_id: str, actor: str) -> int:
         """Make a new current key; keep the previous one (frames in flight), destroy older."""
         with self._tx() as db:
-            row = db.execute(
-                "SELECT current_key FROM sessions WHERE session_id = ?", (session_id,)
-            ).fetchone()
-            if row is None:
-                raise KeyError(f"no session {session_id!r}")
-            new = int(row[0]) + 1
+            new = self._current_key(db, session_id) + 1
             self._insert_key(db, session_id, new)
             db.execute(
                 "UPDATE sessions SET current_key = ? WHERE session_id = ?", (new, session_id)

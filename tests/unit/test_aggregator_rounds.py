@@ -46,7 +46,7 @@ def test_a_round_averages_by_samples_and_moves_on(tmp_path: Path) -> None:
 def test_a_close_that_fails_leaves_the_sum_for_the_next_try(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from splitfed.services.aggregator import federation as module
+    from splitfed.services.aggregator import persistence as module
 
     fed = Federation(settings(), tmp_path)
     fed.join("a", 100)
@@ -145,7 +145,7 @@ def test_a_restart_after_every_update_was_counted_closes_the_round(
     """Found by `make chaos`: killed after the round's last update was counted and before
     the close was written, the aggregator closes the round as it starts again (it failed
     to start: the close notified waiters without holding the federation's lock)."""
-    from splitfed.services.aggregator import federation as module
+    from splitfed.services.aggregator import persistence as module
 
     fed = Federation(settings(), tmp_path)
     fed.join("a", 100)

@@ -24,8 +24,9 @@ from splitfed.errors import (
 from splitfed.models import split_model
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
+from splitfed.services.backbone.sessions import Session
 from splitfed.services.backbone.settings import BackboneSettings
-from splitfed.services.backbone.state import BackboneState, Session
+from splitfed.services.backbone.state import BackboneState
 
 LORA = AdapterSettings(kind="lora", r=4, alpha=8, seed=3)
 OPTIMIZER = OptimizerSettings(learning_rate=1e-2)

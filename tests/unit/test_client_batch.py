@@ -23,8 +23,9 @@ from splitfed.models.adapters import AdapterSettings, load_adapter_state
 from splitfed.models.loading import load_part
 from splitfed.models.optim import OptimizerSettings, grad_sq_norm
 from splitfed.models.parts import SplitPart
+from splitfed.services.backbone.sessions import Session
 from splitfed.services.backbone.settings import BackboneSettings
-from splitfed.services.backbone.state import BackboneState, Session
+from splitfed.services.backbone.state import BackboneState
 
 LORA = AdapterSettings(kind="lora", r=4, alpha=8, seed=3)
 OPTIMIZER = OptimizerSettings(learning_rate=1e-2)
