@@ -47,6 +47,16 @@ def _run(ctx: click.Context, action: Any) -> Any:
     return None
 
 
+# Where a party's new TLS material goes (keys admin, keys enroll).
+out_dir_option = click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where to write key.pem (0600), cert.pem and ca.pem.",
+)
+
+
 @click.group()
 def keys() -> None:
     """Deployment CA: initialise, enroll parties, renew, revoke, list."""
@@ -156,13 +166,7 @@ def keys_init(
     help="Key-encryption key file. Without it the key comes from $SPLITFED_KEK.",
 )
 @click.option("--identity", default="admin", show_default=True, help="The admin's identity.")
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Where to write key.pem (0600), cert.pem and ca.pem.",
-)
+@out_dir_option
 @click.pass_context
 def keys_admin(
     ctx: click.Context, state_dir: Path, kek_file: Path | None, identity: str, out_dir: Path
@@ -249,13 +253,7 @@ def keys_token_create(
 )
 @click.option("--token", envvar="SPLITFED_TOKEN", required=True, help="Env: SPLITFED_TOKEN.")
 @click.option("--identity", required=True, help="The identity the token was made for.")
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Where to write key.pem (0600), cert.pem and ca.pem.",
-)
+@out_dir_option
 @click.option("--server-name", default=None)
 @click.pass_context
 def keys_enroll(

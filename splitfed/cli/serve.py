@@ -14,9 +14,10 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import click
 
@@ -30,7 +31,11 @@ from splitfed.cli.options import (
 )
 from splitfed.metrics import MetricsServer, serve_metrics
 
+if TYPE_CHECKING:
+    from splitfed.serving import ServerSettings
+
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Service(Protocol):
@@ -107,20 +112,16 @@ def serve_diagnostics(
     """Serve splitfed.v1.Diagnostics (tensor echo, WhoAmI) with health and reflection."""
     from splitfed.services.diagnostics.server import build_server
 
-    try:
-        server = build_server(
+    server = built(
+        ctx,
+        lambda: build_server(
             tls_from_options(tls_dir, ca_path, cert_path, key_path, insecure),
             listen=listen,
             chunk_bytes=chunk_bytes,
             max_tensor_bytes=max_tensor_bytes,
             max_buffered_bytes=max_buffered_bytes,
-        )
-    except ValueError as exc:
-        fail(ctx, exc, usage=True)
-        return
-    except OSError as exc:
-        fail(ctx, exc, usage=False)
-        return
+        ),
+    )
     run_until_signalled(
         server,
         port_file=port_file,
@@ -147,30 +148,20 @@ def serve_backbone(
     from splitfed.services.backbone.server import build_server
     from splitfed.services.backbone.settings import server_workers
 
-    try:
+    def build() -> tuple[ServerSettings, Service]:
         config = load_as(config_path, BackboneConfig)
         # Every stream the backbone and its diagnostics may hold, and threads to spare.
-        backbone = build_server(
+        workers = server_workers(config)
+        return config.server, build_server(
             config.backbone,
             config.server,
             config.security,
             config.diagnostics,
-            max_workers=server_workers(config),
+            max_workers=workers,
             listen=listen,
         )
-    except ValueError as exc:
-        fail(ctx, exc, usage=True)
-        return
-    except OSError as exc:
-        fail(ctx, exc, usage=False)
-        return
-    run_until_signalled(
-        backbone,
-        port_file=port_file,
-        grace_s=config.server.grace_s,
-        stop_on_stdin_eof=stop_on_stdin_eof,
-        metrics=config.server.metrics_endpoint(),
-    )
+
+    serve_config(ctx, build, listen=listen, port_file=port_file, stop_on_eof=stop_on_stdin_eof)
 
 
 @serve.command("keymanager")
@@ -198,25 +189,25 @@ def serve_keymanager(
     from splitfed.cli.configs import KeyManagerConfig, load_as
     from splitfed.services.keymanager.server import build_servers
 
-    try:
+    ports = ""
+
+    def build() -> tuple[ServerSettings, Service]:
+        nonlocal ports
         config = load_as(config_path, KeyManagerConfig)
         servers = build_servers(
             config.keymanager, config.server, listen=listen, enroll_listen=enroll_listen
         )
-    except ValueError as exc:
-        fail(ctx, exc, usage=True)
-        return
-    except OSError as exc:
-        fail(ctx, exc, usage=False)
-        return
-    click.echo(f"enrollment on {servers.enroll.address}")
-    run_until_signalled(
-        servers,
+        ports = f"{servers.main.port} {servers.enroll.port}"
+        click.echo(f"enrollment on {servers.enroll.address}")
+        return config.server, servers
+
+    serve_config(
+        ctx,
+        build,
+        listen=listen,
         port_file=port_file,
-        grace_s=config.server.grace_s,
-        stop_on_stdin_eof=stop_on_stdin_eof,
-        port_text=f"{servers.main.port} {servers.enroll.port}",
-        metrics=config.server.metrics_endpoint(listen),
+        stop_on_eof=stop_on_stdin_eof,
+        port_text=lambda: ports,
     )
 
 
@@ -236,27 +227,51 @@ def serve_aggregator(
     from splitfed.cli.configs import AggregatorConfig, load_as
     from splitfed.services.aggregator.server import build_server
 
-    try:
+    def build() -> tuple[ServerSettings, Service]:
         config = load_as(config_path, AggregatorConfig)
-        aggregator = build_server(
+        return config.server, build_server(
             config.aggregator,
             config.server,
             config.security,
             listen=listen,
             diagnostics_settings=config.diagnostics,
         )
+
+    serve_config(ctx, build, listen=listen, port_file=port_file, stop_on_eof=stop_on_stdin_eof)
+
+
+def built(ctx: click.Context, build: Callable[[], T]) -> T:
+    """``build()``; a ValueError (a config) is a usage failure, an OSError (a port, a
+    file) a runtime one."""
+    try:
+        return build()
     except ValueError as exc:
         fail(ctx, exc, usage=True)
-        return
+        raise  # not reached: fail exits
     except OSError as exc:
         fail(ctx, exc, usage=False)
-        return
+        raise
+
+
+def serve_config(
+    ctx: click.Context,
+    build: Callable[[], tuple[ServerSettings, Service]],
+    *,
+    listen: str | None,
+    port_file: Path | None,
+    stop_on_eof: bool,
+    port_text: Callable[[], str] | None = None,
+) -> None:
+    """Run the service ``build`` makes from a config file, as its [server] section says
+    (``listen``: the --listen that overrides it)."""
+    server, service = built(ctx, build)
     run_until_signalled(
-        aggregator,
+        service,
         port_file=port_file,
-        grace_s=config.server.grace_s,
-        stop_on_stdin_eof=stop_on_stdin_eof,
-        metrics=config.server.metrics_endpoint(listen),
+        grace_s=server.grace_s,
+        stop_on_stdin_eof=stop_on_eof,
+        port_text=None if port_text is None else port_text(),
+        metrics=server.metrics_endpoint(listen),
     )
 
 
