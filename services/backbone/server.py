@@ -14,12 +14,12 @@ from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
 from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
 from splitfed.services.diagnostics.settings import DiagnosticsSettings
 from splitfed.services.security import ServerSecurity, server_security
-from splitfed.serving import SecuritySettings, ServerSettings
+from splitfed.serving import SecuritySettings, ServedBy, ServerSettings
 from splitfed.transport import Server, create_server
 
 
 @dataclass
-class BackboneServer:
+class BackboneServer(ServedBy):
     server: Server
     state: BackboneState
     security: ServerSecurity
@@ -33,14 +33,6 @@ class BackboneServer:
         self.server.stop(grace_s)
         self.security.stop()
         self.state.close()
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def address(self) -> str:
-        return self.server.address
 
 
 def build_server(
