@@ -41,8 +41,8 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.federated import AggregatorClient
-from splitfed.launcher import ServiceProcess
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig

@@ -6,7 +6,7 @@ client i holds mostly kind i (``--dominant``, default 80 %) and the rest spread 
 over the other kinds, and the clients hold different amounts (``--sizes``). A held-out
 eval set follows the union's mixture; no prompt occurs twice in all the data.
 
-The base model is the tiny Llama-layout model of ``splitfed.tiny`` (6 layers, hidden
+The base model is the tiny Llama-layout model of ``splitfed.models.tiny`` (6 layers, hidden
 64), pretrained on plain sentences that use the task's words, numbers and names (never
 its prompt formats). Every run fine-tunes the same LoRA adapter (r 8, alpha 16, on all
 seven projections of the head's and tail's blocks, k = m = 2) with AdamW, batch 8,
@@ -61,17 +61,17 @@ from typing import Any
 
 import torch
 
+from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.backbone import BackboneClient
 from splitfed.clients.data import Example, MicroBatches
 from splitfed.clients.federated import AggregatorClient, FederatedTrainer
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
-from splitfed.launcher import ServiceProcess
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
+from splitfed.models.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
 from splitfed.services.aggregator.strategies import STRATEGIES
-from splitfed.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.transport import create_channel
 from splitfed.v1 import backbone_pb2
 

@@ -38,8 +38,8 @@ from splitfed.clients.trainer import causal_lm_loss
 from splitfed.models.adapters import adapter_state, load_adapter_state
 from splitfed.models.loading import load_body, load_head, load_tail
 from splitfed.models.optim import OptimizerSettings, build_optimizer
+from splitfed.models.tiny import make_tiny_checkpoint
 from splitfed.services.aggregator.strategies import FedExP, make_strategy
-from splitfed.tiny import make_tiny_checkpoint
 
 _spec = importlib.util.spec_from_file_location(
     "splitfed_bench_federated", Path(__file__).with_name("federated.py")

@@ -46,8 +46,8 @@ import torch
 from split_step import ALL_CORES, SERVER_NAME, SplitClient, pin
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.backbone import BackboneClient
-from splitfed.launcher import ServiceProcess
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig

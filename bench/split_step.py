@@ -36,6 +36,7 @@ import torch
 from peft import inject_adapter_in_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.backbone import (
     BackboneClient,
     GenerateStream,
@@ -44,7 +45,6 @@ from splitfed.clients.backbone import (
     TrainStream,
 )
 from splitfed.clients.trainer import causal_lm_loss
-from splitfed.launcher import ServiceProcess
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_head, load_tail

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitfed.security.tls import TLSConfig
-from splitfed.transport import TransportOptions, parse_address
+from splitfed.transport import Server, TransportOptions, parse_address
 from splitfed.wire import DEFAULT_CHUNK_BYTES
 
 # The file a server keeps its last revocation list in, by default in its TLS directory.
@@ -133,3 +133,18 @@ class SecuritySettings:
         if tls.source_dir is not None:
             return tls.source_dir / REVOCATION_CACHE
         return None
+
+
+class ServedBy:
+    """A service process's parts around ``server``, the gRPC server its clients call:
+    the process's port and address are that server's."""
+
+    server: Server
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def address(self) -> str:
+        return self.server.address

@@ -14,10 +14,10 @@ from peft import inject_adapter_in_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.cache_utils import DynamicCache
 
+from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.backbone import BackboneClient
 from splitfed.clients.data import MicroBatches, read_examples
 from splitfed.clients.trainer import TrainSettings, causal_lm_loss
-from splitfed.launcher import ServiceProcess
 from splitfed.models import positions_from_mask
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import (
@@ -28,9 +28,9 @@ from splitfed.models.optim import (
     init_adapter_tensors,
     scale_grads,
 )
+from splitfed.models.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
-from splitfed.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.transport import create_channel
 
 SERVER_NAME = "backbone.splitfed.local"

@@ -74,7 +74,7 @@ from safetensors.torch import load_file
 from security_kit import KEK
 from security_kit import SERVER_NAME as KEYMANAGER_NAME
 
-from splitfed.launcher import ServiceProcess, ServiceStartError
+from splitfed.cli.launcher import ServiceProcess, ServiceStartError
 from splitfed.security.ca import CertificateAuthority
 from splitfed.services.backbone.store import DirectoryStore
 from splitfed.services.keymanager.authority import init_authority

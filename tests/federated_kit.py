@@ -17,11 +17,11 @@ from backbone_kit import Deployment, deployment
 from helpers import fresh_log
 from safetensors.torch import load_file
 
-from splitfed.launcher import ServiceProcess
+from splitfed.cli.launcher import ServiceProcess
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.schema import adapter_schema
+from splitfed.models.tiny import BUNDLED_DATASET
 from splitfed.security.ca import CertificateAuthority
-from splitfed.tiny import BUNDLED_DATASET
 
 AGGREGATOR_NAME = "aggregator.splitfed.local"
 # The clients' adapter in the kit's configs (client_config), and the federation's schema.

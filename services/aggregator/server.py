@@ -14,7 +14,7 @@ from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
 from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
 from splitfed.services.diagnostics.settings import DiagnosticsSettings
 from splitfed.services.security import ServerSecurity, server_security
-from splitfed.serving import SecuritySettings, ServerSettings
+from splitfed.serving import SecuritySettings, ServedBy, ServerSettings
 from splitfed.transport import Server, create_server
 from splitfed.wire import KiB
 
@@ -23,7 +23,7 @@ LEAN_READ_BUFFER_BYTES = 256 * KiB
 
 
 @dataclass
-class AggregatorServer:
+class AggregatorServer(ServedBy):
     server: Server
     federations: dict[str, Federation]
     ticker: Ticker
@@ -42,14 +42,6 @@ class AggregatorServer:
         self.security.stop()
         for link in self.links:
             link.close()
-
-    @property
-    def port(self) -> int:
-        return self.server.port
-
-    @property
-    def address(self) -> str:
-        return self.server.address
 
 
 def build_server(

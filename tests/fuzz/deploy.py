@@ -27,7 +27,7 @@ from backbone_kit import SERVER_NAME as BACKBONE_NAME
 from backbone_kit import deployment
 from federated_kit import AGGREGATOR_NAME
 
-from splitfed.launcher import ServiceProcess
+from splitfed.cli.launcher import ServiceProcess
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
 from splitfed.services.keymanager.authority import init_authority

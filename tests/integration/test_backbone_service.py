@@ -34,10 +34,10 @@ from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_part
 from splitfed.models.optim import OptimizerSettings
+from splitfed.models.tiny import BUNDLED_DATASET
 from splitfed.services.backbone.handlers import adapter_config
 from splitfed.services.backbone.servicer import SESSION_METADATA, SHARED_ADAPTER
 from splitfed.services.backbone.settings import BackboneSettings
-from splitfed.tiny import BUNDLED_DATASET
 from splitfed.v1 import (
     backbone_pb2,
     backbone_pb2_grpc,

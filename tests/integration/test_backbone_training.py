@@ -15,7 +15,7 @@ from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import (
     OptimizerSettings,
 )
-from splitfed.tiny import BUNDLED_DATASET
+from splitfed.models.tiny import BUNDLED_DATASET
 
 STEPS = 20
 OPTIMIZER = OptimizerSettings(

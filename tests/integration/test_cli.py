@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from helpers import SERVER_NAME, Pki, wait_until
 
 from splitfed.cli import cli
+from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.diagnostics import DiagnosticsClient
-from splitfed.launcher import ServiceProcess
-from splitfed.tiny import BUNDLED_DATASET
+from splitfed.models.tiny import BUNDLED_DATASET
 from splitfed.transport import create_channel
 
 
@@ -233,8 +233,8 @@ def test_train_and_generate_commands_with_a_config_file(tmp_path: Path) -> None:
 
 PARENT = """
 import sys, time
-from splitfed.launcher import ServiceProcess
-from splitfed.tiny import BUNDLED_DATASET
+from splitfed.cli.launcher import ServiceProcess
+from splitfed.models.tiny import BUNDLED_DATASET
 child = ServiceProcess("diagnostics", ["serve", "diagnostics", "--insecure"])
 child.start()
 print(child.pid, flush=True)

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from splitfed.cli import cli
+from splitfed.models.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.security.ca import CertificateAuthority
-from splitfed.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 
 CONFIG_COMMANDS = [
     ["train"],

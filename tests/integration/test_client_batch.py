@@ -21,9 +21,9 @@ from splitfed.models.adapters import AdapterSettings, adapter_state, load_adapte
 from splitfed.models.loading import load_part
 from splitfed.models.optim import OptimizerSettings, build_optimizer, grad_sq_norm
 from splitfed.models.parts import SplitPart
+from splitfed.models.tiny import BUNDLED_DATASET
 from splitfed.services.backbone.handlers import adapter_config
 from splitfed.services.backbone.servicer import SHARED_ADAPTER
-from splitfed.tiny import BUNDLED_DATASET
 from splitfed.v1 import backbone_pb2
 
 LORA = AdapterSettings(kind="lora", r=4, alpha=8, seed=3)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import SERVER_NAME, Pki
 
+from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.diagnostics import DiagnosticsClient
-from splitfed.launcher import ServiceProcess
 from splitfed.transport import create_channel
 from splitfed.wire import MiB
 

@@ -25,10 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from security_kit import KEK
 from security_kit import SERVER_NAME as KEYMANAGER_NAME
 
+from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.app import ClientConfig, backbone_client, federated_trainer
 from splitfed.clients.diagnostics import DiagnosticsClient
 from splitfed.clients.keys import KeyManagerClient, enroll
-from splitfed.launcher import ServiceProcess
 from splitfed.metrics import MetricsServer, serve_metrics
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig

@@ -343,7 +343,7 @@ def test_one_upload_at_a_time_per_member(tmp_path: Path) -> None:
 
 
 def test_the_aggregators_streams_fit_its_worker_threads(tmp_path: Path) -> None:
-    from splitfed.configs import AggregatorConfig
+    from splitfed.cli.configs import AggregatorConfig
     from splitfed.services.aggregator.settings import stream_slots
 
     assert stream_slots(16, 2) == 10  # 4 threads free, 2 for the diagnostics echo

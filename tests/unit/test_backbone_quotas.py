@@ -331,7 +331,7 @@ def test_the_shared_adapter_is_addressed_by_admins_and_refused_to_clients(
 
 
 def _backbone_config(model_path: Path, **sections: dict[str, Any]) -> Any:
-    from splitfed.configs import BackboneConfig
+    from splitfed.cli.configs import BackboneConfig
 
     return BackboneConfig.from_mapping({"backbone": {"model_path": str(model_path)}, **sections})
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from splitfed.cli.configs import detect_kind, load
 from splitfed.config import apply_overrides, read_config
-from splitfed.configs import detect_kind, load
 
 
 def test_precedence_and_value_types() -> None:

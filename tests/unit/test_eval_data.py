@@ -12,7 +12,7 @@ import pytest
 from splitfed.clients.app import prompt_ids
 from splitfed.clients.data import Example, encode, prompt_tokens, read_examples, read_records
 from splitfed.clients.evaluation import EvalItem, load_eval_set
-from splitfed.tiny import train_tokenizer
+from splitfed.models.tiny import train_tokenizer
 
 LAYOUTS: dict[str, tuple[list[dict[str, Any]], list[Example]]] = {
     "prompt/response": (

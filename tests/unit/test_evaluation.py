@@ -25,7 +25,7 @@ from splitfed.clients.evaluation import (
     loss_scores,
     rouge,
 )
-from splitfed.tiny import BUNDLED_DATASET, make_tiny_checkpoint
+from splitfed.models.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from splitfed.clients.trainer import SplitTrainer, StepReport, TrainSettings
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.loading import load_body
 from splitfed.models.optim import OptimizerSettings
+from splitfed.models.tiny import BUNDLED_DATASET
 from splitfed.security.perturbation import (
     PerturbationSettings,
     Perturber,
@@ -30,7 +31,6 @@ from splitfed.security.perturbation import (
     perturb_gradient,
     perturb_hidden,
 )
-from splitfed.tiny import BUNDLED_DATASET
 from splitfed.v1 import backbone_pb2
 
 # opacus warns when the best RDP order is the last it tries; the bound still holds.

@@ -11,37 +11,59 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from splitfed.config import build, read_config, section
+from splitfed.services.backbone.settings import BackboneSettings, server_workers
+from splitfed.services.diagnostics.settings import DiagnosticsSettings
+from splitfed.services.keymanager.settings import KeyManagerSettings
+from splitfed.serving import ConnectSettings, SecuritySettings, ServerSettings
+
+if TYPE_CHECKING:
+    from splitfed.clients.app import ClientConfig
+    from splitfed.services.aggregator.settings import AggregatorSettings
 
 
-@dataclass(frozen=True)
-class BackboneConfig:
-    backbone: Any  # BackboneSettings
-    server: Any  # ServerSettings
-    security: Any  # SecuritySettings
-    diagnostics: Any = None  # DiagnosticsSettings
+@dataclass(frozen=True, kw_only=True)
+class ServedConfig:
+    """The sections of a service that clients call: [server], [security], [diagnostics]."""
+
+    server: ServerSettings
+    security: SecuritySettings
+    diagnostics: DiagnosticsSettings
+
+    @staticmethod
+    def sections(config: Mapping[str, Any]) -> dict[str, Any]:
+        """The three sections of ``config``, built (absent: the defaults)."""
+        return {
+            "server": build(ServerSettings, section(config, "server", required=False), "server"),
+            "security": build(
+                SecuritySettings, section(config, "security", required=False), "security"
+            ),
+            "diagnostics": build(
+                DiagnosticsSettings, section(config, "diagnostics", required=False), "diagnostics"
+            ),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackboneConfig(ServedConfig):
+    backbone: BackboneSettings
     # [server] max_workers as the file set it (None: derived, see server_workers).
     server_max_workers: int | None = None
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> BackboneConfig:
-        from splitfed.services.backbone.settings import BackboneSettings, server_workers
-        from splitfed.services.diagnostics.settings import DiagnosticsSettings
-        from splitfed.serving import SecuritySettings, ServerSettings
-
         _only(config, {"backbone", "server", "security", "diagnostics"}, "backbone")
-        server_section = section(config, "server", required=False)
-        server = build(ServerSettings, server_section, "server")
+        sections = cls.sections(config)
         loaded = cls(
-            build(BackboneSettings, section(config, "backbone"), "backbone"),
-            server,
-            build(SecuritySettings, section(config, "security", required=False), "security"),
-            build(
-                DiagnosticsSettings, section(config, "diagnostics", required=False), "diagnostics"
+            backbone=build(BackboneSettings, section(config, "backbone"), "backbone"),
+            server_max_workers=(
+                sections["server"].max_workers
+                if "max_workers" in section(config, "server", required=False)
+                else None
             ),
-            server.max_workers if "max_workers" in server_section else None,
+            **sections,
         )
         server_workers(loaded)  # the streams fit the worker threads
         return loaded
@@ -49,14 +71,11 @@ class BackboneConfig:
 
 @dataclass(frozen=True)
 class KeyManagerConfig:
-    keymanager: Any  # KeyManagerSettings
-    server: Any  # ServerSettings
+    keymanager: KeyManagerSettings
+    server: ServerSettings
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> KeyManagerConfig:
-        from splitfed.services.keymanager.settings import KeyManagerSettings
-        from splitfed.serving import ServerSettings
-
         _only(config, {"keymanager", "server"}, "key manager")
         return cls(
             build(KeyManagerSettings, section(config, "keymanager"), "keymanager"),
@@ -64,39 +83,37 @@ class KeyManagerConfig:
         )
 
 
-@dataclass(frozen=True)
-class AggregatorConfig:
-    aggregator: Any  # AggregatorSettings
-    server: Any  # ServerSettings
-    security: Any  # SecuritySettings
-    diagnostics: Any = None  # DiagnosticsSettings
+# The aggregator's settings and the client's config import transformers (seconds): they
+# are imported for those kinds only, so that a key manager or backbone does not wait.
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregatorConfig(ServedConfig):
+    aggregator: AggregatorSettings
 
     @classmethod
     def from_mapping(cls, config: Mapping[str, Any]) -> AggregatorConfig:
         from splitfed.services.aggregator.settings import AggregatorSettings, stream_slots
-        from splitfed.services.diagnostics.settings import DiagnosticsSettings
-        from splitfed.serving import SecuritySettings, ServerSettings
 
         _only(config, {"aggregator", "server", "security", "diagnostics"}, "aggregator")
         loaded = cls(
-            build(AggregatorSettings, section(config, "aggregator"), "aggregator"),
-            build(ServerSettings, section(config, "server", required=False), "server"),
-            build(SecuritySettings, section(config, "security", required=False), "security"),
-            build(
-                DiagnosticsSettings, section(config, "diagnostics", required=False), "diagnostics"
-            ),
+            aggregator=build(AggregatorSettings, section(config, "aggregator"), "aggregator"),
+            **cls.sections(config),
         )
         stream_slots(loaded.server.max_workers, loaded.diagnostics.max_streams)  # they fit
         return loaded
 
 
-def _client(config: Mapping[str, Any]) -> Any:
+def _client(config: Mapping[str, Any]) -> ClientConfig:
     from splitfed.clients.app import ClientConfig
 
     return ClientConfig.from_mapping(config)
 
 
-KINDS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+Config: TypeAlias = "BackboneConfig | KeyManagerConfig | AggregatorConfig | ClientConfig"
+ServiceConfig = TypeVar("ServiceConfig", BackboneConfig, KeyManagerConfig, AggregatorConfig)
+
+KINDS: dict[str, Callable[[Mapping[str, Any]], Config]] = {
     "client": _client,
     "backbone": BackboneConfig.from_mapping,
     "keymanager": KeyManagerConfig.from_mapping,
@@ -133,7 +150,7 @@ def detect_kind(config: Mapping[str, Any]) -> str:
     )
 
 
-def load(path: Path, kind: str | None = None) -> tuple[str, Any]:
+def load(path: Path, kind: str | None = None) -> tuple[str, Config]:
     """``(kind, config)`` of the file at ``path``, validated (``kind``: detect it)."""
     data = read_config(path)
     if kind is None:
@@ -143,28 +160,29 @@ def load(path: Path, kind: str | None = None) -> tuple[str, Any]:
     return kind, KINDS[kind](data)
 
 
-def load_as(path: Path, kind: str) -> Any:
-    return load(path, kind)[1]
+def load_as(path: Path, kind: type[ServiceConfig]) -> ServiceConfig:
+    """The file at ``path`` as a ``kind`` config, validated."""
+    return kind.from_mapping(read_config(path))
 
 
-def check_files(kind: str, config: Any) -> None:
+def check_files(config: Config) -> None:
     """Raise ``ValueError`` naming the field if a file ``config`` reads is missing or
     unreadable (TLS material, model, data); what a service or client would write is
     not checked."""
     inputs: list[tuple[str, Path | None]] = []
-    tls_sections: list[tuple[str, Any]] = []
-    if kind == "client":
+    tls_sections: list[tuple[str, ServerSettings | ConnectSettings]] = []
+    if isinstance(config, BackboneConfig | KeyManagerConfig | AggregatorConfig):
+        tls_sections.append(("[server]", config.server))
+    else:  # a client
         inputs += [
             ("[training] data", config.training.data),
             ("[training] model_path", config.training.model_path),
             ("[training] eval_data", config.training.eval_data),
         ]
         tls_sections.append(("[backbone]", config.backbone))
-    else:
-        tls_sections.append(("[server]", config.server))
-    if kind == "backbone":
+    if isinstance(config, BackboneConfig):
         inputs.append(("[backbone] model_path", config.backbone.model_path))
-    if kind == "aggregator":
+    if isinstance(config, AggregatorConfig):
         for index, federation in enumerate(config.aggregator.federations):
             if federation.schema_file is not None:
                 try:
@@ -175,7 +193,7 @@ def check_files(kind: str, config: Any) -> None:
         if path is not None and not Path(path).exists():
             raise ValueError(f"{where}: {path} does not exist")
     for where, settings in tls_sections:
-        if getattr(settings, "insecure", False):
+        if settings.insecure:
             continue
         try:
             settings.tls().verify_own_certificate()

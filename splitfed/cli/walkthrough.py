@@ -1,4 +1,5 @@
-"""``splitfed demo`` / ``make demo``: the most complete end-to-end path the project has.
+"""What ``splitfed demo`` / ``make demo`` runs: the most complete end-to-end path the
+project has (the deployment's processes: splitfed/cli/deployment.py).
 
 Today: create a deployment CA in a key manager process; enroll a backbone, an aggregator
 and two hospitals with one-time tokens (each party generates its own key); build a tiny
@@ -13,8 +14,6 @@ everything down cleanly.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import tempfile
 import threading
 import time
@@ -26,6 +25,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from splitfed.cli.deployment import (
+    ADAPTER,
+    AGGREGATOR_NAME,
+    BACKBONE_NAME,
+    FEDERATION,
+    DemoError,
+    Deployment,
+    metrics_summary,
+)
 from splitfed.clients.app import prompt_ids
 from splitfed.clients.backbone import (
     BackboneClient,
@@ -35,33 +43,20 @@ from splitfed.clients.backbone import (
 )
 from splitfed.clients.diagnostics import DiagnosticsClient
 from splitfed.clients.federated import AggregatorClient, FederatedTrainer, RoundReport
-from splitfed.clients.keys import KeyManagerClient, enroll
+from splitfed.clients.keys import KeyManagerClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.encodings import get_encoding
 from splitfed.errors import rpc_status
-from splitfed.launcher import ServiceProcess, ServiceStartError
-from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.optim import OptimizerSettings
-from splitfed.models.schema import adapter_schema, write_schema
+from splitfed.models.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.retry import RetryPolicy
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.tls import TLSConfig
-from splitfed.services.keymanager.authority import init_authority
-from splitfed.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.transport import create_channel
 from splitfed.wire import MiB
 
-BACKBONE_NAME = "backbone.splitfed.local"
-AGGREGATOR_NAME = "aggregator.splitfed.local"
-FEDERATION = "demo"
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTER = AdapterSettings(kind="lora", r=16, alpha=32, target_modules=PROJECTIONS, seed=1)
 PROMPTS = ["Add 2 and 3.", "Add 4 and 4.", "What color is the cat?"]
-
-
-class DemoError(RuntimeError):
-    pass
 
 
 def _text(row: dict[str, str]) -> str:
@@ -120,164 +115,8 @@ def run_demo(
                 size_mib,
             )
             _federate(console, deployment, model, data, steps, plot)
-            _metrics_summary(console, deployment.metrics)
+            metrics_summary(console, deployment.metrics)
         console.rule("[bold green]demo finished")
-
-
-class Deployment:
-    """The demo's processes; stops every one of them on exit, also on errors and Ctrl-C."""
-
-    def __init__(self, root: Path, console: Console) -> None:
-        self.root = root
-        self.console = console
-        self.kek = secrets.token_urlsafe(32)
-        self.env = {**os.environ, "SPLITFED_KEK": self.kek}
-        self.processes: list[ServiceProcess] = []
-        self.keymanager_address = ""
-        self.enroll_address = ""
-        self.backbone_address = ""
-        self.aggregator_address = ""
-        # service name -> host:port of its Prometheus endpoint
-        self.metrics: dict[str, str] = {}
-        self.rounds = 0
-
-    def __enter__(self) -> Deployment:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        failed = []
-        for process in reversed(self.processes):
-            code = process.stop()
-            if code not in (0, None):
-                failed.append(f"{process.name} exited with code {code}")
-        if failed and exc[0] is None:
-            raise DemoError("; ".join(failed) + f"; see the logs in {self.root}")
-        self.console.print(f"stopped {len(self.processes)} services")
-
-    def _start(self, name: str, args: list[str]) -> ServiceProcess:
-        process = ServiceProcess(name, args, log_path=self.root / f"{name}.log", env=self.env)
-        try:
-            process.start(timeout_s=120)
-        except ServiceStartError as exc:
-            raise DemoError(str(exc)) from None
-        self.processes.append(process)
-        for line in process.preamble:
-            if line.startswith("metrics on "):
-                self.metrics[name] = line.removeprefix("metrics on ")
-        return process
-
-    def start_keymanager(self) -> None:
-        init_authority(self.root / "km", self.kek.encode(), admin_dir=self.root / "admin")
-        config = self.root / "keymanager.yaml"
-        config.write_text(
-            f"keymanager:\n  state_dir: {json.dumps(str(self.root / 'km'))}\n"
-            "server:\n  metrics_port: 0\n"
-        )
-        process = self._start("keymanager", ["serve", "keymanager", "--config", str(config)])
-        assert process.address is not None
-        self.keymanager_address = process.address
-        self.enroll_address = next(
-            line.split()[-1] for line in process.preamble if line.startswith("enrollment on")
-        )
-        self.console.print(
-            f"key manager {process.pid}: mTLS on {self.keymanager_address}, enrollment on "
-            f"{self.enroll_address}; CA key encrypted at rest"
-        )
-
-    def enroll_parties(self) -> None:
-        admin = KeyManagerClient.connect(
-            self.keymanager_address,
-            TLSConfig.from_dir(self.root / "admin"),
-            server_name="localhost",
-        )
-        ca_pem = (self.root / "km" / "ca.pem").read_bytes()
-        parties = [
-            ("backbone-0", "backbone", (BACKBONE_NAME,)),
-            ("aggregator-0", "aggregator", (AGGREGATOR_NAME,)),
-            ("hospital-a", "client", ()),
-            ("hospital-b", "client", ()),
-        ]
-        with admin.channel:
-            for identity, role, names in parties:
-                token, _ = admin.create_token(identity, role, ttl_s=600, dns_names=names)
-                enroll(
-                    self.enroll_address,
-                    ca_pem,
-                    token,
-                    identity,
-                    self.root / identity,
-                    server_name="localhost",
-                )
-        self.console.print(
-            "enrolled backbone-0, aggregator-0, hospital-a and hospital-b with one-time tokens "
-            "(each generated its private key itself)"
-        )
-
-    def _security(self) -> str:
-        return (
-            "security:\n"
-            f"  keymanager: {json.dumps(self.keymanager_address)}\n"
-            "  keymanager_server_name: localhost\n"
-        )
-
-    def start_backbone(self, model: Path, link_check_bytes: int = 64 * MiB) -> None:
-        """The backbone; its diagnostics echo takes the link check's tensor (64 MiB by
-        default, as every service's)."""
-        echo = max(64 * MiB, link_check_bytes)
-        config = self.root / "backbone.yaml"
-        config.write_text(
-            "backbone:\n"
-            f"  model_path: {json.dumps(str(model))}\n"
-            f"  state_dir: {json.dumps(str(self.root / 'state'))}\n"
-            f"  aggregators: [aggregator-0:{FEDERATION}]\n"
-            "diagnostics:\n"
-            f"  max_tensor_bytes: {echo}\n"
-            f"  max_buffered_bytes: {2 * echo}\n"
-            "server:\n"
-            f"  tls_dir: {json.dumps(str(self.root / 'backbone-0'))}\n"
-            "  metrics_port: 0\n" + self._security()
-        )
-        process = self._start("backbone", ["serve", "backbone", "--config", str(config)])
-        assert process.address is not None
-        self.backbone_address = process.address
-        self.console.print(f"backbone {process.pid} serving the body on {process.address}")
-
-    def start_aggregator(self, model: Path, rounds: int, local_steps: int) -> None:
-        # Who may join, and the tensors every update must hold (the clients' adapter).
-        schema = self.root / "federation-schema.json"
-        write_schema(schema, adapter_schema(model, ADAPTER))
-        federation = {
-            "name": FEDERATION,
-            "members": ["hospital-a", "hospital-b"],
-            "schema_file": str(schema),
-            "rounds": rounds,
-            "min_clients": 2,
-            "local_steps": local_steps,
-            "deadline_s": 300,
-            "adapter_seed": ADAPTER.seed,
-            "secure_aggregation": True,
-            "server_adapters": True,
-            "backbones": [self.backbone_address],
-            "backbone_server_name": BACKBONE_NAME,
-        }
-        config = self.root / "aggregator.yaml"
-        config.write_text(
-            "aggregator:\n"
-            f"  state_dir: {json.dumps(str(self.root / 'aggregator-state'))}\n"
-            f"  federations: [{json.dumps(federation)}]\n"
-            "server:\n"
-            f"  tls_dir: {json.dumps(str(self.root / 'aggregator-0'))}\n"
-            "  metrics_port: 0\n" + self._security()
-        )
-        process = self._start("aggregator", ["serve", "aggregator", "--config", str(config)])
-        assert process.address is not None
-        self.aggregator_address = process.address
-        self.rounds = rounds
-        self.console.print(
-            f"aggregator {process.pid} on {process.address}: federation {FEDERATION!r}, "
-            f"{rounds} rounds of {local_steps} local steps, secure aggregation, "
-            "server-side adapters averaged"
-        )
 
 
 def _link(
@@ -486,45 +325,6 @@ def plot_losses(path: Path, reports: dict[str, list[RoundReport]]) -> None:
 
 
 # What the metrics summary shows: (metric sample name, labels to match, what it is).
-SUMMARY = [
-    ("splitfed_rpcs_total", {}, "RPCs served"),
-    ("splitfed_wire_payload_bytes_total", {"direction": "received"}, "tensor bytes received"),
-    ("splitfed_wire_payload_bytes_total", {"direction": "sent"}, "tensor bytes sent"),
-    ("splitfed_backbone_compute_seconds_count", {}, "backbone compute calls"),
-    ("splitfed_aggregator_rounds_total", {"outcome": "closed"}, "rounds closed"),
-    ("splitfed_aggregator_updates_total", {}, "updates aggregated"),
-    ("splitfed_keymanager_certificates_issued_total", {}, "certificates issued"),
-    ("splitfed_authorization_denials_total", {}, "authorization denials"),
-]
-
-
-def _metrics_summary(console: Console, endpoints: dict[str, str]) -> None:
-    """The services' own Prometheus figures, summed over labels."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    if not endpoints:
-        return
-    table = Table(title="metrics (each service's /metrics endpoint)")
-    table.add_column("metric")
-    for name in endpoints:
-        table.add_column(name, justify="right")
-    values: dict[str, dict[str, float]] = {}
-    for service, address in endpoints.items():
-        url = f"http://{address}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                for metric, labels, label in SUMMARY:
-                    if sample.name == metric and labels.items() <= sample.labels.items():
-                        row = values.setdefault(label, {})
-                        row[service] = row.get(service, 0.0) + sample.value
-    for _, _, label in SUMMARY:
-        row = values.get(label, {})
-        table.add_row(label, *(f"{row[s]:,.0f}" if s in row else "-" for s in endpoints))
-    console.print(table)
 
 
 def _generate(console: Console, trainer: SplitTrainer, keymanager: KeyManagerClient) -> None:

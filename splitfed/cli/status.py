@@ -6,6 +6,10 @@ and adapter mode, the federation's round, the certificates the key manager issue
 the caller is an admin); this party's own certificate and its expiry; the privacy
 spent by the client's training checkpoint; and, from Prometheus endpoints, the live
 figures (sessions, rounds, denials, epsilon, certificates close to expiry).
+
+``splitfed health``, the probe a pod runs on itself, lives here too. The transport and
+the privacy accountant import torch: they are imported where used (see
+splitfed/cli/__init__.py), and the probe never needs them.
 """
 
 from __future__ import annotations
@@ -18,12 +22,31 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import grpc
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.table import Table
 
+from splitfed.cli.options import (
+    config_option,
+    config_overrides,
+    fail,
+    tls_dir_option,
+    tls_from_options,
+    tls_options,
+)
 from splitfed.security.tls import TLSConfig
-from splitfed.transport import create_channel
+from splitfed.v1 import (
+    aggregator_pb2,
+    aggregator_pb2_grpc,
+    backbone_pb2,
+    backbone_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
+)
 
 
 @dataclass
@@ -67,6 +90,8 @@ def check_service(
     describe: Callable[[grpc.Channel], dict[str, Any]] | None = None,
     timeout_s: float = 5.0,
 ) -> ServiceStatus:
+    from splitfed.transport import create_channel
+
     status = ServiceStatus(service, address)
     try:
         channel = create_channel(address, tls, server_name=server_name)
@@ -92,8 +117,6 @@ def check_service(
 
 
 def describe_backbone(channel: grpc.Channel) -> dict[str, Any]:
-    from splitfed.v1 import backbone_pb2, backbone_pb2_grpc
-
     info = (
         backbone_pb2_grpc.BackboneStub(channel)
         .GetModelInfo(backbone_pb2.GetModelInfoRequest(), timeout=5.0)
@@ -110,8 +133,6 @@ def describe_backbone(channel: grpc.Channel) -> dict[str, Any]:
 
 def describe_aggregator(federation: str) -> Callable[[grpc.Channel], dict[str, Any]]:
     def describe(channel: grpc.Channel) -> dict[str, Any]:
-        from splitfed.v1 import aggregator_pb2, aggregator_pb2_grpc
-
         if not federation:
             return {}
         plan = (
@@ -131,8 +152,6 @@ def describe_aggregator(federation: str) -> Callable[[grpc.Channel], dict[str, A
 
 
 def describe_keymanager(channel: grpc.Channel) -> dict[str, Any]:
-    from splitfed.v1 import keys_pb2, keys_pb2_grpc
-
     records = (
         keys_pb2_grpc.KeyManagerStub(channel)
         .ListCertificates(keys_pb2.ListCertificatesRequest(), timeout=5.0)
@@ -195,8 +214,6 @@ WATCHED = {
 def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float | str]:
     """The watched figures of one Prometheus endpoint (sums over labels; epsilon and
     expiry: the largest and smallest value)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:
             text = response.read().decode()
@@ -259,3 +276,162 @@ def collect(
     for url in metrics:
         report.metrics[url] = scrape(url)
     return report
+
+
+@click.command("status")
+@config_option(
+    "A client config: its backbone, [federated] aggregator, [security] key manager, "
+    "TLS material and checkpoint.",
+    required=False,
+)
+@click.option("--backbone", "backbones", multiple=True, help="[NAME@]HOST:PORT; repeatable.")
+@click.option("--aggregator", "aggregators", multiple=True, help="[NAME@]HOST:PORT.")
+@click.option("--keymanager", "keymanagers", multiple=True, help="[NAME@]HOST:PORT.")
+@click.option("--federation", default="", help="The federation whose round to show.")
+@click.option("--metrics", "metrics", multiple=True, help="A Prometheus endpoint URL; repeatable.")
+@tls_options
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Also as JSON."
+)
+@config_overrides
+@click.pass_context
+def status_command(
+    ctx: click.Context,
+    config_path: Path | None,
+    backbones: tuple[str, ...],
+    aggregators: tuple[str, ...],
+    keymanagers: tuple[str, ...],
+    federation: str,
+    metrics: tuple[str, ...],
+    tls_dir: Path | None,
+    ca_path: Path | None,
+    cert_path: Path | None,
+    key_path: Path | None,
+    insecure: bool,
+    json_path: Path | None,
+) -> None:
+    """Health, model, rounds, certificates and privacy across a deployment's services.
+    Exit 0 when everything answers SERVING, 1 when something does not."""
+    try:
+        found = {
+            "backbone": [target(v) for v in backbones],
+            "aggregator": [target(v) for v in aggregators],
+            "keymanager": [target(v) for v in keymanagers],
+        }
+        checkpoint = perturbation = None
+        tls = None
+        if tls_dir or ca_path or cert_path or key_path or insecure:
+            tls = tls_from_options(tls_dir, ca_path, cert_path, key_path, insecure)
+        if config_path is not None:
+            from splitfed.clients.app import ClientConfig
+
+            config = ClientConfig.load(config_path)
+            tls = tls or config.backbone.tls()
+            found["backbone"].append((config.backbone.address, config.backbone.server_name))
+            if config.federated is not None:
+                found["aggregator"].append(
+                    (config.federated.aggregator, config.federated.server_name)
+                )
+                federation = federation or config.federated.federation
+            if config.security.keymanager:
+                found["keymanager"].append(
+                    (config.security.keymanager, config.security.keymanager_server_name)
+                )
+            checkpoint = config.training.checkpoint_dir
+            perturbation = config.training.perturbation
+        if tls is None:
+            raise ValueError("give --config, or the TLS material (--tls-dir or --ca/--cert/--key)")
+        if not any(found.values()) and not metrics:
+            raise ValueError("nothing to look at: give --config or a service address")
+    except ValueError as exc:
+        fail(ctx, exc, usage=True)
+        return
+    report = collect(
+        tls,
+        backbones=found["backbone"],
+        aggregators=found["aggregator"],
+        keymanagers=found["keymanager"],
+        federation=federation,
+        metrics=list(metrics),
+        checkpoint=checkpoint,
+        perturbation=perturbation,
+    )
+    console = Console()
+    table = Table("service", "address", "health", "details")
+    for service in report.services:
+        colour = "green" if service.ok else "red"
+        details = ", ".join(f"{k} {v}" for k, v in service.details.items())
+        table.add_row(service.service, service.address, f"[{colour}]{service.health}[/]", details)
+    console.print(table)
+    cert = report.certificate
+    if cert:
+        console.print(
+            "this party: "
+            + ", ".join(
+                f"{k.replace('_', ' ')} {v}" for k, v in cert.items() if k != "expires_in_s"
+            )
+        )
+    if report.privacy:
+        p = report.privacy
+        console.print(
+            f"privacy spent: epsilon {p['epsilon']:.4g} at delta {p['delta']} "
+            f"over {p['steps']} releases"
+        )
+    for url, figures in report.metrics.items():
+        console.print(
+            f"{url}: "
+            + ", ".join(
+                f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
+            )
+        )
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if not report.ok:
+        ctx.exit(1)
+
+
+@click.command()
+@click.argument("address")
+@tls_dir_option
+@click.option(
+    "--server-name",
+    envvar="SPLITFED_HEALTH_SERVER_NAME",
+    default=None,
+    help="Name the server's certificate carries (default: the host of ADDRESS). "
+    "Env: SPLITFED_HEALTH_SERVER_NAME.",
+)
+@click.option("--service", default="", help="Ask about this service (default: the server).")
+@click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True)
+@click.pass_context
+def health(
+    ctx: click.Context,
+    address: str,
+    tls_dir: Path,
+    server_name: str | None,
+    service: str,
+    timeout_s: float,
+) -> None:
+    """Exit 0 if ADDRESS answers its gRPC health check SERVING over mutual TLS, else 1.
+
+    A probe for Kubernetes (an exec probe: the pod checks itself with its own
+    certificate, which the kubelet's grpc probe cannot present). It imports neither
+    torch nor the transport module, so it costs a fraction of a second."""
+    try:
+        tls = TLSConfig.from_dir(tls_dir)
+        tls.verify_own_certificate()
+    except (OSError, ValueError) as exc:
+        fail(ctx, exc, usage=False)
+        return
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    with grpc.secure_channel(address, tls.channel_credentials(), options=options) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError as exc:
+            fail(ctx, RuntimeError(f"{address}: {exc.code().name}: {exc.details()}"), usage=False)
+            return
+    state = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+    click.echo(f"{address}: {state}")
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        ctx.exit(1)

@@ -5,13 +5,16 @@ downloaded."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from importlib import resources
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-BUNDLED_DATASET = Path(__file__).parent / "data" / "tiny_instructions.jsonl"
+# Package data of ``splitfed`` (splitfed/data/, see pyproject.toml): found in an editable
+# and in an installed layout alike.
+BUNDLED_DATASET = Path(str(resources.files("splitfed") / "data" / "tiny_instructions.jsonl"))
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2
 
 

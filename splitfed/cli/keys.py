@@ -1,4 +1,8 @@
-"""``splitfed keys ...`` and ``splitfed serve keymanager``: the deployment CA and enrollment."""
+"""``splitfed keys ...``: the deployment CA, enrollment, renewal and revocation.
+
+The key manager's modules and its client import torch (through the wire codec): the
+commands import them inside (see splitfed/cli/__init__.py).
+"""
 
 from __future__ import annotations
 
@@ -6,42 +10,22 @@ import datetime as dt
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+import grpc
 
-from splitfed.cli import F, _fail, cli, config_overrides, run_until_signalled, serve
+from splitfed.cli.options import fail, keymanager_options
+from splitfed.errors import InvalidArgumentError, SplitfedError
+from splitfed.security.ca import CertificateAuthority, write_pem
+from splitfed.security.tls import TLSConfig
 
-
-def keymanager_options(func: F) -> F:
-    options = [
-        click.option(
-            "--keymanager",
-            envvar="SPLITFED_KEYMANAGER",
-            required=True,
-            help="Key manager host:port (mTLS port). Env: SPLITFED_KEYMANAGER.",
-        ),
-        click.option(
-            "--tls-dir",
-            envvar="SPLITFED_TLS_DIR",
-            required=True,
-            type=click.Path(path_type=Path, file_okay=False),
-            help="This party's ca.pem, cert.pem and key.pem. Env: SPLITFED_TLS_DIR.",
-        ),
-        click.option(
-            "--server-name",
-            default=None,
-            help="Name the key manager's certificate carries (default: the host).",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _client(keymanager: str, tls_dir: Path, server_name: str | None) -> Any:
+if TYPE_CHECKING:
     from splitfed.clients.keys import KeyManagerClient
-    from splitfed.security.tls import TLSConfig
+
+
+def _client(keymanager: str, tls_dir: Path, server_name: str | None) -> KeyManagerClient:
+    from splitfed.clients.keys import KeyManagerClient
 
     return KeyManagerClient.connect(
         keymanager, TLSConfig.from_dir(tls_dir), server_name=server_name
@@ -50,24 +34,30 @@ def _client(keymanager: str, tls_dir: Path, server_name: str | None) -> Any:
 
 def _run(ctx: click.Context, action: Any) -> Any:
     """Run ``action``; splitfed and configuration errors become one-line failures."""
-    from splitfed.errors import InvalidArgumentError, SplitfedError
-
     try:
         return action()
     except (InvalidArgumentError, ValueError, FileExistsError) as exc:
-        _fail(ctx, exc, usage=True)
+        fail(ctx, exc, usage=True)
     except (SplitfedError, OSError) as exc:
-        _fail(ctx, exc, usage=False)
+        fail(ctx, exc, usage=False)
     except Exception as exc:  # grpc.RpcError without a splitfed mapping (UNAVAILABLE)
-        import grpc
-
         if isinstance(exc, grpc.RpcError):
-            _fail(ctx, RuntimeError(f"key manager unreachable: {exc.details()}"), usage=False)
+            fail(ctx, RuntimeError(f"key manager unreachable: {exc.details()}"), usage=False)
         raise
     return None
 
 
-@cli.group()
+# Where a party's new TLS material goes (keys admin, keys enroll).
+out_dir_option = click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where to write key.pem (0600), cert.pem and ca.pem.",
+)
+
+
+@click.group()
 def keys() -> None:
     """Deployment CA: initialise, enroll parties, renew, revoke, list."""
 
@@ -126,7 +116,6 @@ def keys_init(
     cert_validity_hours: float,
 ) -> None:
     """Create the deployment CA and the key manager's state directory."""
-    from splitfed.security.ca import CertificateAuthority, write_pem
     from splitfed.services.keymanager.authority import init_authority
     from splitfed.services.keymanager.settings import load_kek
 
@@ -177,13 +166,7 @@ def keys_init(
     help="Key-encryption key file. Without it the key comes from $SPLITFED_KEK.",
 )
 @click.option("--identity", default="admin", show_default=True, help="The admin's identity.")
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Where to write key.pem (0600), cert.pem and ca.pem.",
-)
+@out_dir_option
 @click.pass_context
 def keys_admin(
     ctx: click.Context, state_dir: Path, kek_file: Path | None, identity: str, out_dir: Path
@@ -270,13 +253,7 @@ def keys_token_create(
 )
 @click.option("--token", envvar="SPLITFED_TOKEN", required=True, help="Env: SPLITFED_TOKEN.")
 @click.option("--identity", required=True, help="The identity the token was made for.")
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Where to write key.pem (0600), cert.pem and ca.pem.",
-)
+@out_dir_option
 @click.option("--server-name", default=None)
 @click.pass_context
 def keys_enroll(
@@ -372,107 +349,3 @@ def keys_list(
             )
 
     _run(ctx, action)
-
-
-@serve.command("keymanager")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="YAML or TOML file with [keymanager] and (optional) [server] sections.",
-)
-@click.option("--listen", default=None, help="mTLS host:port (overrides [server] listen).")
-@click.option("--enroll-listen", default=None, help="Enrollment host:port (overrides config).")
-@click.option(
-    "--port-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Write '<mTLS port> <enrollment port>' here once serving.",
-)
-@click.option("--stop-on-stdin-eof", is_flag=True, help="Also stop when standard input closes.")
-@config_overrides
-@click.pass_context
-def serve_keymanager(
-    ctx: click.Context,
-    config_path: Path,
-    listen: str | None,
-    enroll_listen: str | None,
-    port_file: Path | None,
-    stop_on_stdin_eof: bool,
-) -> None:
-    """Serve splitfed.v1.KeyManager: an mTLS port and an enrollment port."""
-    from splitfed.configs import load_as
-    from splitfed.services.keymanager.server import build_servers
-
-    try:
-        config = load_as(config_path, "keymanager")
-        settings, server = config.keymanager, config.server
-        servers = build_servers(settings, server, listen=listen, enroll_listen=enroll_listen)
-    except ValueError as exc:
-        _fail(ctx, exc, usage=True)
-        return
-    except OSError as exc:
-        _fail(ctx, exc, usage=False)
-        return
-    click.echo(f"enrollment on {servers.enroll.address}")
-    run_until_signalled(
-        servers,
-        port_file=port_file,
-        grace_s=server.grace_s,
-        stop_on_stdin_eof=stop_on_stdin_eof,
-        port_text=f"{servers.main.port} {servers.enroll.port}",
-        metrics=server.metrics_endpoint(listen),
-    )
-
-
-@serve.command("aggregator")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="YAML or TOML file with [aggregator], [server] and [security] sections.",
-)
-@click.option("--listen", default=None, help="host:port (overrides [server] listen).")
-@click.option(
-    "--port-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Write the bound port here once serving.",
-)
-@click.option("--stop-on-stdin-eof", is_flag=True, help="Also stop when standard input closes.")
-@config_overrides
-@click.pass_context
-def serve_aggregator(
-    ctx: click.Context,
-    config_path: Path,
-    listen: str | None,
-    port_file: Path | None,
-    stop_on_stdin_eof: bool,
-) -> None:
-    """Serve splitfed.v1.Aggregator: federated rounds over clients' adapters."""
-    from splitfed.configs import load_as
-    from splitfed.services.aggregator.server import build_server
-
-    try:
-        config = load_as(config_path, "aggregator")
-        settings, server, security = config.aggregator, config.server, config.security
-        aggregator = build_server(
-            settings, server, security, listen=listen, diagnostics_settings=config.diagnostics
-        )
-    except ValueError as exc:
-        _fail(ctx, exc, usage=True)
-        return
-    except OSError as exc:
-        _fail(ctx, exc, usage=False)
-        return
-    aggregator.security.start()
-    aggregator.ticker.start()
-    run_until_signalled(
-        aggregator.server,
-        port_file=port_file,
-        grace_s=server.grace_s,
-        stop_on_stdin_eof=stop_on_stdin_eof,
-        metrics=server.metrics_endpoint(listen),
-    )
-    aggregator.ticker.stop()
-    aggregator.security.stop()

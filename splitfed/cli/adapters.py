@@ -1,4 +1,8 @@
-"""``splitfed adapters export | inspect``: trained adapters out of the split."""
+"""``splitfed adapters export | inspect | schema``: trained adapters out of the split.
+
+The client and the model modules import torch: the commands import them inside (see
+splitfed/cli/__init__.py).
+"""
 
 from __future__ import annotations
 
@@ -8,23 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.console import Console
+from rich.table import Table
+from safetensors import safe_open
 
-from splitfed.cli import _fail, cli, config_overrides
+from splitfed.cli.options import config_option, config_overrides, fail
+from splitfed.errors import SplitfedError
 
 
-@cli.group()
+@click.group()
 def adapters() -> None:
     """Export trained adapters for the whole model, or inspect adapter files."""
 
 
 @adapters.command("export")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="The client config used for training (its checkpoint_dir holds the adapter).",
-)
+@config_option("The client config used for training (its checkpoint_dir holds the adapter).")
 @click.option(
     "--output",
     required=True,
@@ -66,7 +68,6 @@ def export(
     unsplit model."""
     from splitfed.clients.app import ClientConfig, backbone_client, keymanager_for
     from splitfed.clients.backbone import client_crypto
-    from splitfed.errors import SplitfedError
     from splitfed.models.adapters import load_adapter, save_adapter
     from splitfed.models.export import merge_into_checkpoint, write_peft
 
@@ -83,7 +84,7 @@ def export(
         state = json.loads((checkpoint / "client.json").read_text())
         tensors = load_adapter(checkpoint / "adapter.safetensors")
     except ValueError as exc:
-        _fail(ctx, exc, usage=True)
+        fail(ctx, exc, usage=True)
         return
     try:
         if not no_body:
@@ -122,7 +123,7 @@ def export(
         if merged is not None:
             merge_into_checkpoint(config.training.model_path, output, merged)
     except (ValueError, RuntimeError, OSError, SplitfedError) as exc:
-        _fail(ctx, exc, usage=False)
+        fail(ctx, exc, usage=False)
         return
     parameters = sum(t.numel() for t in tensors.values())
     click.echo(
@@ -149,8 +150,6 @@ _LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
 
 def summarise(path: Path) -> dict[str, Any]:
     """What an adapter file holds: tensors, parameters, layers, modules, norms."""
-    from safetensors import safe_open
-
     file = _adapter_file(path)
     try:
         with safe_open(str(file), framework="pt") as handle:
@@ -201,15 +200,12 @@ def summarise(path: Path) -> dict[str, Any]:
 @click.pass_context
 def inspect(ctx: click.Context, path: Path, show_tensors: bool, json_path: Path | None) -> None:
     """Summarise an adapter: a .safetensors file, a PEFT directory or a checkpoint_dir."""
-    from rich.console import Console
-    from rich.table import Table
-
     try:
         if not path.exists():
             raise ValueError(f"{path} does not exist")
         summary = summarise(path)
     except ValueError as exc:
-        _fail(ctx, exc, usage=True)
+        fail(ctx, exc, usage=True)
         return
     console = Console()
     table = Table(title=summary["file"], show_header=False)
@@ -243,13 +239,7 @@ def inspect(ctx: click.Context, path: Path, show_tensors: bool, json_path: Path 
 
 
 @adapters.command("schema")
-@click.option(
-    "--config",
-    "config_path",
-    required=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="A client config: its model_path (config.json only), [adapter], k and m.",
-)
+@config_option("A client config: its model_path (config.json only), [adapter], k and m.")
 @click.option(
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -269,7 +259,7 @@ def schema(ctx: click.Context, config_path: Path, out: Path | None) -> None:
         training = config.training
         found = adapter_schema(training.model_path, config.adapter, training.k, training.m)
     except ValueError as exc:
-        _fail(ctx, exc, usage=True)
+        fail(ctx, exc, usage=True)
         return
     if out is None:
         click.echo(json.dumps(schema_json(found), indent=1))

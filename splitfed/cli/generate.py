@@ -1,0 +1,118 @@
+"""``splitfed generate`` and ``splitfed chat``: the split model answering.
+
+The client modules import torch and transformers: the commands import them inside (see
+splitfed/cli/__init__.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from splitfed.cli.options import config_option, config_overrides, fail
+from splitfed.errors import SplitfedError
+
+
+@click.command()
+@config_option("The client config used for training (its checkpoint holds the adapters).")
+@click.option(
+    "--prompt", "prompts", multiple=True, required=True, help="A prompt; repeat for a batch."
+)
+@click.option("--max-new-tokens", type=int, default=None)
+@config_overrides
+@click.pass_context
+def generate(
+    ctx: click.Context, config_path: Path, prompts: tuple[str, ...], max_new_tokens: int | None
+) -> None:
+    """Generate with the split model: the body runs on the backbone with a KV cache."""
+    from splitfed.clients.app import ClientConfig, backbone_client, keymanager_for
+    from splitfed.clients.app import generate as run_generate
+
+    try:
+        config = ClientConfig.load(config_path)
+    except ValueError as exc:
+        fail(ctx, exc, usage=True)
+        return
+    options = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    try:
+        with backbone_client(config.backbone) as client, keymanager_for(config) as keys:
+            outputs = run_generate(client, config, list(prompts), keys, **options)
+    except (ValueError, RuntimeError, SplitfedError) as exc:
+        fail(ctx, exc, usage=False)
+        return
+    for prompt, output in zip(prompts, outputs, strict=True):
+        click.echo(f"> {prompt}\n{output}")
+
+
+@click.command()
+@config_option("The client config used for training (its checkpoint holds the adapters).")
+@click.option("--system", default="", help="A system turn (with a chat template).")
+@click.option("--max-new-tokens", type=int, default=None, help="Reply length limit.")
+@click.option("--base", is_flag=True, help="Talk to the base model, not the trained adapter.")
+@config_overrides
+@click.pass_context
+def chat(
+    ctx: click.Context,
+    config_path: Path,
+    system: str,
+    max_new_tokens: int | None,
+    base: bool,
+) -> None:
+    """Talk to the split model: the body runs on the backbone, the conversation stays
+    here. /reset forgets it, /exit (or end of input) leaves."""
+    from transformers import AutoTokenizer
+
+    from splitfed.clients.app import (
+        Chat,
+        ClientConfig,
+        backbone_client,
+        keymanager_for,
+        sampling_options,
+        split_session,
+    )
+    from splitfed.models.loading import load_config
+
+    try:
+        config = ClientConfig.load(config_path)
+        options = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+        train = config.training
+        tokenizer = AutoTokenizer.from_pretrained(str(train.model_path), local_files_only=True)
+        positions = int(getattr(load_config(train.model_path), "max_position_embeddings", 2048))
+        sampling = sampling_options(config, tokenizer, **options)
+    except (ValueError, OSError) as exc:
+        fail(ctx, exc, usage=True)
+        return
+    try:
+        with (
+            backbone_client(config.backbone) as client,
+            keymanager_for(config) as keys,
+            split_session(client, config, keys, trained=not base) as split,
+        ):
+            conversation = Chat(
+                split,
+                tokenizer,
+                sampling,
+                system=system,
+                chat_template=train.chat_template,
+                max_positions=positions,
+            )
+            what = "the trained adapter" if split.trained else "the base model"
+            click.echo(f"chatting with {what} (session {split.session_id}); /exit to leave")
+            while True:
+                try:
+                    line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+                except (click.Abort, EOFError):
+                    break
+                text = line.strip()
+                if text in ("/exit", "/quit"):
+                    break
+                if text == "/reset":
+                    conversation.reset()
+                    click.echo("(conversation forgotten)")
+                    continue
+                if text:
+                    click.echo(f"model> {conversation.say(text)}")
+    except (ValueError, RuntimeError, SplitfedError) as exc:
+        fail(ctx, exc, usage=False)
+        return
