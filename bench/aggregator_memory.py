@@ -45,7 +45,7 @@ from splitfed.clients.federated import AggregatorClient
 from splitfed.launcher import ServiceProcess
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 from splitfed.v1 import aggregator_pb2
 

@@ -69,9 +69,9 @@ from splitfed.launcher import ServiceProcess
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
 from splitfed.services.aggregator.strategies import STRATEGIES
 from splitfed.tiny import BUNDLED_DATASET, make_tiny_checkpoint
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 from splitfed.v1 import backbone_pb2
 

@@ -50,7 +50,7 @@ from splitfed.clients.backbone import BackboneClient
 from splitfed.launcher import ServiceProcess
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 
 CLIENTS = 4

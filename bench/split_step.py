@@ -58,8 +58,8 @@ from splitfed.models.optim import (
 )
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
 from splitfed.services.backbone.handlers import adapter_config
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 from splitfed.v1 import backbone_pb2
 

@@ -72,9 +72,9 @@ from splitfed.security.sealing import (
     Opener,
     Sealer,
 )
-from splitfed.security.tls import TLSConfig
 from splitfed.services.diagnostics.servicer import REQUEST_FRAMES, RESPONSE_FRAMES
 from splitfed.streams import StreamGuard
+from splitfed.tls import TLSConfig
 from splitfed.transport import (
     MAX_CHUNK_BYTES,
     Server,

@@ -33,9 +33,9 @@ from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.parts import Head, Tail
-from splitfed.security.tls import TLSConfig
 from splitfed.services.backbone.handlers import adapter_config
 from splitfed.serving import ConnectSettings, SecuritySettings
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel, parse_address
 from splitfed.v1 import backbone_pb2
 

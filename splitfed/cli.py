@@ -761,7 +761,7 @@ def health(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from splitfed.security.tls import TLSConfig
+    from splitfed.tls import TLSConfig
 
     try:
         tls = TLSConfig.from_dir(tls_dir)

@@ -41,7 +41,7 @@ def keymanager_options(func: F) -> F:
 
 def _client(keymanager: str, tls_dir: Path, server_name: str | None) -> Any:
     from splitfed.clients.keys import KeyManagerClient
-    from splitfed.security.tls import TLSConfig
+    from splitfed.tls import TLSConfig
 
     return KeyManagerClient.connect(
         keymanager, TLSConfig.from_dir(tls_dir), server_name=server_name

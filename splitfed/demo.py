@@ -46,9 +46,9 @@ from splitfed.models.optim import OptimizerSettings
 from splitfed.models.schema import adapter_schema, write_schema
 from splitfed.retry import RetryPolicy
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
 from splitfed.services.keymanager.authority import init_authority
 from splitfed.tiny import BUNDLED_DATASET, make_tiny_checkpoint
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 from splitfed.wire import MiB
 

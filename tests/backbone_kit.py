@@ -29,8 +29,8 @@ from splitfed.models.optim import (
     scale_grads,
 )
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
 from splitfed.tiny import BUNDLED_DATASET, make_tiny_checkpoint
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 
 SERVER_NAME = "backbone.splitfed.local"

@@ -55,7 +55,14 @@ from splitfed.errors import (
     PermissionDeniedError,
 )
 from splitfed.logs import log_context
-from splitfed.metrics import (
+from splitfed.models.schema import Schema, schema_digest
+from splitfed.services.aggregator.files import (
+    read_tensors,
+    tensor_schema,
+    write_tensors,
+    write_tensors_streamed,
+)
+from splitfed.services.aggregator.metrics import (
     AGGREGATION_SECONDS,
     AGGREGATOR_JOINED,
     AGGREGATOR_PARTICIPANTS,
@@ -63,13 +70,6 @@ from splitfed.metrics import (
     AGGREGATOR_ROUNDS,
     AGGREGATOR_UPDATES,
     AGGREGATOR_VERSION,
-)
-from splitfed.models.schema import Schema, schema_digest
-from splitfed.services.aggregator.files import (
-    read_tensors,
-    tensor_schema,
-    write_tensors,
-    write_tensors_streamed,
 )
 from splitfed.services.aggregator.settings import FederationSettings
 from splitfed.services.aggregator.strategies import (

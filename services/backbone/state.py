@@ -30,7 +30,7 @@ from splitfed.errors import (
     SplitfedError,
 )
 from splitfed.logs import redact
-from splitfed.metrics import BACKBONE_KV_CACHE_BYTES, BACKBONE_SESSIONS, Live
+from splitfed.metrics import Live
 from splitfed.models.adapters import (
     AdapterSettings,
     adapter_state,
@@ -51,6 +51,7 @@ from splitfed.models.optim import (
 from splitfed.models.parts import Body, PartCache, SplitSpec, empty_base
 from splitfed.services.backbone.batching import ClientBatcher
 from splitfed.services.backbone.compute import ComputeQueue
+from splitfed.services.backbone.metrics import BACKBONE_KV_CACHE_BYTES, BACKBONE_SESSIONS
 from splitfed.services.backbone.quotas import GraphCost, Usage
 from splitfed.services.backbone.settings import BackboneSettings
 from splitfed.services.backbone.store import (

@@ -19,11 +19,11 @@ from federated_kit import ADAPTER, AGGREGATOR_NAME, federation_schema
 from splitfed.clients.backbone import BackboneClient
 from splitfed.clients.federated import AggregatorClient
 from splitfed.errors import InvalidArgumentError, PermissionDeniedError
-from splitfed.security.tls import TLSConfig
 from splitfed.services.aggregator.server import AggregatorServer, build_server
 from splitfed.services.aggregator.settings import AggregatorSettings, FederationSettings
 from splitfed.services.backbone.handlers import adapter_config
 from splitfed.serving import ServerSettings
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 from splitfed.v1 import aggregator_pb2, backbone_pb2
 

@@ -37,7 +37,6 @@ from splitfed.errors import (
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
 from splitfed.services.backbone.handlers import (
     EXPORT_RESPONSE,
     IMPORT_REQUEST,
@@ -52,6 +51,7 @@ from splitfed.services.diagnostics.servicer import SERVICE as DIAGNOSTICS
 from splitfed.services.keymanager.servicer import POLICY as KEYMANAGER_POLICY
 from splitfed.services.keymanager.servicer import SERVICE as KEYMANAGER
 from splitfed.tiny import BUNDLED_DATASET
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 from splitfed.v1 import backbone_pb2, backbone_pb2_grpc
 
