@@ -16,6 +16,7 @@ from cryptography import x509
 from splitfed.errors import PermissionDeniedError, UnauthenticatedError, error_from_rpc
 from splitfed.metrics import REVOCATION_LISTS
 from splitfed.periodic import Periodic
+from splitfed.protocol.keys import SessionKeyGrant
 from splitfed.retry import DEFAULT_RETRY, RetryPolicy, call_with_retry
 from splitfed.security.authz import RevocationList
 from splitfed.security.ca import (
@@ -39,21 +40,6 @@ def _call(fn: Callable[[], object], what: str, retry: RetryPolicy) -> object:
         if mapped is not None:
             raise mapped from None
         raise
-
-
-@dataclass(frozen=True, repr=False)
-class SessionKeyGrant:
-    session_id: str
-    key_id: int
-    secret: bytes
-    nonce_prefix: bytes
-
-    def __repr__(self) -> str:  # never print key material
-        return f"SessionKeyGrant({self.session_id!r}, key_id={self.key_id})"
-
-
-def _grant(key: keys_pb2.SessionKey) -> SessionKeyGrant:
-    return SessionKeyGrant(key.session_id, key.key_id, key.secret, key.nonce_prefix)
 
 
 @dataclass(frozen=True)
@@ -174,7 +160,7 @@ class KeyManagerClient:
             self.retry,
         )
         assert isinstance(r, keys_pb2.RegisterSessionResponse)
-        return _grant(r.key)
+        return SessionKeyGrant.from_proto(r.key)
 
     def session_key(self, session_id: str, key_id: int = 0) -> SessionKeyGrant:
         request = keys_pb2.GetSessionKeyRequest(session_id=session_id, key_id=key_id)
@@ -184,7 +170,7 @@ class KeyManagerClient:
             self.retry,
         )
         assert isinstance(r, keys_pb2.GetSessionKeyResponse)
-        return _grant(r.key)
+        return SessionKeyGrant.from_proto(r.key)
 
     def rotate_session_key(self, session_id: str) -> SessionKeyGrant:
         request = keys_pb2.RotateSessionKeyRequest(session_id=session_id)
@@ -194,7 +180,7 @@ class KeyManagerClient:
             self.retry,
         )
         assert isinstance(r, keys_pb2.RotateSessionKeyResponse)
-        return _grant(r.key)
+        return SessionKeyGrant.from_proto(r.key)
 
     def end_session(self, session_id: str) -> None:
         request = keys_pb2.EndSessionRequest(session_id=session_id)

@@ -209,8 +209,9 @@ def serve_diagnostics(
     metrics_port: int | None,
 ) -> None:
     """Serve splitfed.v1.Diagnostics (tensor echo, WhoAmI) with health and reflection."""
+    from splitfed.protocol.diagnostics import SERVICE_NAME
     from splitfed.services.diagnostics import binding
-    from splitfed.services.diagnostics.servicer import POLICY, SERVICE_NAME
+    from splitfed.services.diagnostics.servicer import POLICY
     from splitfed.services.security import server_security
     from splitfed.serving import SecuritySettings
     from splitfed.transport import TransportOptions, create_server
@@ -275,13 +276,14 @@ def serve_backbone(
     from dataclasses import replace
 
     from splitfed.configs import load_as
+    from splitfed.protocol.backbone import SERVICE
+    from splitfed.protocol.diagnostics import SERVICE_NAME as DIAGNOSTICS
     from splitfed.services.backbone.crypto import BackboneKeys
-    from splitfed.services.backbone.servicer import POLICY, SERVICE, binding
+    from splitfed.services.backbone.servicer import POLICY, binding
     from splitfed.services.backbone.settings import server_workers
     from splitfed.services.backbone.state import BackboneState
     from splitfed.services.diagnostics import binding as diagnostics
     from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
-    from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
     from splitfed.services.security import server_security
     from splitfed.transport import create_server
 

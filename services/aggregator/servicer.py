@@ -19,6 +19,14 @@ from splitfed.errors import (
     stream_errors,
     unary_errors,
 )
+from splitfed.protocol.aggregator import (
+    DOWNLOAD_RESPONSE,
+    SERVICE,
+    UPLOAD_REQUEST,
+    Peer,
+    Phase,
+    RoundPlan,
+)
 from splitfed.security.authz import Policy
 from splitfed.security.identity import Identity, peer_identity
 from splitfed.services.aggregator.federation import (
@@ -35,7 +43,6 @@ from splitfed.transport import ServiceBinding, service_binding
 from splitfed.v1 import aggregator_pb2
 from splitfed.wire import (
     DEFAULT_CHUNK_BYTES,
-    FrameSpec,
     IncomingFrame,
     OutgoingFrame,
     ReceiveBudget,
@@ -46,10 +53,6 @@ from splitfed.wire import (
 
 logger = logging.getLogger(__name__)
 
-SERVICE = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"]
-SERVICE_NAME = SERVICE.full_name
-UPLOAD_REQUEST = FrameSpec(aggregator_pb2.UploadUpdateRequest)
-DOWNLOAD_RESPONSE = FrameSpec(aggregator_pb2.DownloadGlobalResponse)
 
 _CLIENTS = frozenset({"client"})
 POLICY: Policy = {
@@ -63,11 +66,11 @@ POLICY: Policy = {
 }
 
 PHASES = {
-    WAITING: aggregator_pb2.ROUND_PHASE_WAITING,
-    KEYS: aggregator_pb2.ROUND_PHASE_KEYS,
-    UPLOAD: aggregator_pb2.ROUND_PHASE_UPLOAD,
-    REVEAL: aggregator_pb2.ROUND_PHASE_REVEAL,
-    FINISHED: aggregator_pb2.ROUND_PHASE_FINISHED,
+    WAITING: Phase.WAITING,
+    KEYS: Phase.KEYS,
+    UPLOAD: Phase.UPLOAD,
+    REVEAL: Phase.REVEAL,
+    FINISHED: Phase.FINISHED,
 }
 
 
@@ -78,8 +81,9 @@ def _caller(context: grpc.ServicerContext) -> Identity:
     return identity
 
 
-def to_plan(plan: Mapping[str, Any]) -> aggregator_pb2.RoundPlan:
-    return aggregator_pb2.RoundPlan(
+def to_plan(plan: Mapping[str, Any]) -> RoundPlan:
+    """The contract's form of the plan :meth:`Federation.plan` returns."""
+    return RoundPlan(
         federation=plan["federation"],
         round=plan["round"],
         attempt=plan["attempt"],
@@ -91,12 +95,9 @@ def to_plan(plan: Mapping[str, Any]) -> aggregator_pb2.RoundPlan:
         deadline=plan["deadline"],
         adapter_seed=plan["adapter_seed"],
         secure_aggregation=plan["secure_aggregation"],
-        peers=[
-            aggregator_pb2.Peer(identity=name, public_key=key)
-            for name, key in sorted(plan["peers"].items())
-        ],
+        peers=tuple(Peer(name, key) for name, key in sorted(plan["peers"].items())),
         secagg_scale=plan["secagg_scale"],
-        dropped=plan["dropped"],
+        dropped=tuple(plan["dropped"]),
         rounds=plan["rounds"],
         message=plan["message"],
         schema_digest=plan["schema_digest"],
@@ -175,7 +176,7 @@ class AggregatorServicer:
         caller = _caller(context)
         federation = self._federation(request.federation, caller, join=True)
         federation.join(caller.name, int(request.num_samples), request.join_token)
-        return aggregator_pb2.JoinResponse(plan=to_plan(federation.plan(caller.name)))
+        return aggregator_pb2.JoinResponse(plan=to_plan(federation.plan(caller.name)).to_proto())
 
     @unary_errors
     def GetRoundPlan(
@@ -185,7 +186,7 @@ class AggregatorServicer:
         federation = self._federation(request.federation, caller)
         federation.tick()
         plan = federation.plan(caller.name, member=caller.role != "admin")
-        return aggregator_pb2.GetRoundPlanResponse(plan=to_plan(plan))
+        return aggregator_pb2.GetRoundPlanResponse(plan=to_plan(plan).to_proto())
 
     @unary_errors
     def AdvertiseKey(
@@ -293,7 +294,7 @@ class AggregatorServicer:
                 yield from stream.pace(
                     [
                         aggregator_pb2.WatchRoundResponse(
-                            plan=to_plan(plan),
+                            plan=to_plan(plan).to_proto(),
                             received=plan["received"],
                             participants=plan["participants"],
                             versions=plan["global_version"],

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 
 from splitfed.errors import InvalidArgumentError, stream_errors, unary_errors
+from splitfed.protocol.backbone import (
+    FEDERATION_METADATA,
+    FRAME_SPECS,
+    OWNER_METADATA,
+    SERVICE,
+    SESSION_METADATA,
+    SessionRequest,
+)
 from splitfed.security.authz import Policy
 from splitfed.security.identity import peer_identity
 from splitfed.security.session_crypto import SessionCrypto
@@ -23,11 +32,6 @@ from splitfed.transport import ServiceBinding, TransportOptions, service_binding
 from splitfed.v1 import backbone_pb2
 from splitfed.wire import IncomingFrame, OutgoingFrame, ReceiveBudget
 
-SERVICE = backbone_pb2.DESCRIPTOR.services_by_name["Backbone"]
-SESSION_METADATA = "x-splitfed-session"
-# An aggregator's ImportAdapter: the federation it acts for, the member owning the session.
-FEDERATION_METADATA = "x-splitfed-federation"
-OWNER_METADATA = "x-splitfed-owner"
 ANONYMOUS = "anonymous"
 
 
@@ -139,13 +143,17 @@ class BackboneServicer:
     def GetModelInfo(
         self, request: backbone_pb2.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> backbone_pb2.GetModelInfoResponse:
-        return backbone_pb2.GetModelInfoResponse(info=handlers.model_info(self.state, self.keys))
+        info = handlers.model_info(self.state, self.keys)
+        return backbone_pb2.GetModelInfoResponse(info=info.to_proto())
 
     @unary_errors
     def OpenSession(
         self, request: backbone_pb2.OpenSessionRequest, context: grpc.ServicerContext
     ) -> backbone_pb2.OpenSessionResponse:
-        return handlers.handle_open(self.state, owner_of(context), request, self.keys)
+        opened = handlers.handle_open(
+            self.state, owner_of(context), SessionRequest.from_proto(request), self.keys
+        )
+        return opened.to_proto()
 
     @unary_errors
     def CloseSession(
@@ -154,16 +162,17 @@ class BackboneServicer:
         self.state.close_session(request.session_id, owner_of(context))
         return backbone_pb2.CloseSessionResponse()
 
-    @stream_errors
-    def Train(
+    def _session_stream(
         self,
-        request_iterator: Iterator[IncomingFrame[backbone_pb2.TrainRequest]],
+        handle: Callable[..., Iterator[Any]],
+        request_iterator: Iterator[IncomingFrame[Any]],
         context: grpc.ServicerContext,
-    ) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
+    ) -> Iterator[Any]:
+        """A Train or Generate stream: the caller's session, ``handle`` paced."""
         session = self._session(context)
         with self.streams.open(context, request_iterator, owner_of(context)) as requests:
             yield from requests.pace(
-                handlers.handle_train(
+                handle(
                     self.state,
                     session,
                     requests,
@@ -174,23 +183,20 @@ class BackboneServicer:
             )
 
     @stream_errors
+    def Train(
+        self,
+        request_iterator: Iterator[IncomingFrame[backbone_pb2.TrainRequest]],
+        context: grpc.ServicerContext,
+    ) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
+        return self._session_stream(handlers.handle_train, request_iterator, context)
+
+    @stream_errors
     def Generate(
         self,
         request_iterator: Iterator[IncomingFrame[backbone_pb2.GenerateRequest]],
         context: grpc.ServicerContext,
     ) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
-        session = self._session(context)
-        with self.streams.open(context, request_iterator, owner_of(context)) as requests:
-            yield from requests.pace(
-                handlers.handle_generate(
-                    self.state,
-                    session,
-                    requests,
-                    self.chunk_bytes,
-                    self.budget,
-                    self._crypto(session),
-                )
-            )
+        return self._session_stream(handlers.handle_generate, request_iterator, context)
 
     @stream_errors
     def ExportAdapter(
@@ -230,12 +236,5 @@ def binding(
     return service_binding(
         SERVICE,
         BackboneServicer(state, options, keys),
-        [
-            handlers.TRAIN_REQUEST,
-            handlers.TRAIN_RESPONSE,
-            handlers.GENERATE_REQUEST,
-            handlers.GENERATE_RESPONSE,
-            handlers.EXPORT_RESPONSE,
-            handlers.IMPORT_REQUEST,
-        ],
+        list(FRAME_SPECS),
     )

@@ -28,11 +28,11 @@ from splitfed.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
+from splitfed.protocol.diagnostics import SERVICE_NAME as DIAGNOSTICS
 from splitfed.security.authz import AuthorizationInterceptor
 from splitfed.security.ca import CertificateAuthority, generate_private_key, make_csr
 from splitfed.services.diagnostics import binding as diagnostics_binding
 from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
-from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
 from splitfed.services.keymanager.authority import KeyAuthority, certificate_row
 from splitfed.services.keymanager.kek import MIN_SCRYPT_N
 from splitfed.services.security import ServerSecurity, server_security
