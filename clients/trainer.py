@@ -12,6 +12,12 @@ just before the client died (its gradients are written ahead of each step).
 With ``TrainSettings.perturbation`` on, the hidden states sent to the backbone (and
 optionally the gradients sent back) are clipped per token and noised, and a privacy
 accountant reports the (epsilon, delta) spent (security/perturbation.py, docs/privacy.md).
+
+Why one module (over 500 lines): the optimizer step, the reconnect-and-redo path and the
+write-ahead checkpoint share one piece of state (the step in flight, its gradients and
+the session's step on the backbone); split apart, each would have to reach into the
+others' invariants. Sessions, streams and the remote body live in
+:mod:`splitfed.clients.backbone`; data in :mod:`splitfed.clients.data`.
 """
 
 from __future__ import annotations
