@@ -164,13 +164,13 @@ class _SessionStream:
 
     def __init__(
         self,
-        call: grpc.StreamStreamMultiCallable[Any, Any],
         client: BackboneClient,
         session_id: str,
         encoding: str,
         crypto: SessionCrypto | None = None,
     ) -> None:
         self.encoding = encoding
+        call = client.train_call if self.spec is TRAIN_REQUEST else client.generate_call
         self._stream = _Stream(
             call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto
         )
@@ -189,15 +189,6 @@ class TrainStream(_SessionStream):
     """The training stream of one session."""
 
     spec = TRAIN_REQUEST
-
-    def __init__(
-        self,
-        client: BackboneClient,
-        session_id: str,
-        encoding: str,
-        crypto: SessionCrypto | None = None,
-    ) -> None:
-        super().__init__(client.train_call, client, session_id, encoding, crypto)
 
     def forward(
         self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
@@ -231,15 +222,6 @@ class TrainStream(_SessionStream):
 
 class GenerateStream(_SessionStream):
     spec = GENERATE_REQUEST
-
-    def __init__(
-        self,
-        client: BackboneClient,
-        session_id: str,
-        encoding: str,
-        crypto: SessionCrypto | None = None,
-    ) -> None:
-        super().__init__(client.generate_call, client, session_id, encoding, crypto)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self._forward(hidden, mask, op=backbone_pb2.GENERATE_OP_FORWARD)
