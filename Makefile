@@ -65,7 +65,7 @@ typecheck: linktree
 # The layers (.importlinter): cli > clients | services > protocol > security | models >
 # core > v1. tests/checks/test_layers.py also shows that a forbidden import breaks it.
 layers: linktree
-	cd build/typecheck && ../../$(BIN)/lint-imports --config ../../.importlinter --no-cache
+	cd build/typecheck && ../../$(BIN)/lint-imports ../../.importlinter --no-cache
 
 # Three tiers: tests/unit (pure Python, no subprocess or network: a fixture refuses them),
 # tests/integration (real services over mTLS, subprocesses; tests/fuzz's bounded sample)

@@ -45,7 +45,7 @@ from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.federated import AggregatorClient
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 from splitfed.v1 import aggregator_pb2
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -69,11 +70,11 @@ from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.tiny import BUNDLED_DATASET, make_tiny_checkpoint
+from splitfed.protocol.backbone import SessionRequest
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
 from splitfed.services.aggregator.strategies import STRATEGIES
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
-from splitfed.v1 import backbone_pb2
 
 BACKBONE_NAME = "backbone.bench.local"
 AGGREGATOR_NAME = "aggregator.bench.local"
@@ -239,10 +240,11 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
 class FrozenBodyTrainer(SplitTrainer):
     """A SplitTrainer whose session asks the backbone to hold the body adapter still."""
 
-    def _open_request(self, session_id: str = "") -> backbone_pb2.OpenSessionRequest:
+    def _open_request(self, session_id: str = "") -> SessionRequest:
         request = super()._open_request(session_id)
-        request.optimizer.learning_rate = FROZEN_BODY_LR
-        return request
+        assert request.optimizer is not None
+        optimizer = dataclasses.replace(request.optimizer, learning_rate=FROZEN_BODY_LR)
+        return dataclasses.replace(request, optimizer=optimizer)
 
 
 def train_settings(data: Path, model: Path, **overrides: Any) -> TrainSettings:

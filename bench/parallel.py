@@ -50,7 +50,7 @@ from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.backbone import BackboneClient
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 
 CLIENTS = 4

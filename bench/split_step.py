@@ -56,12 +56,11 @@ from splitfed.models.optim import (
     init_adapter_tensors,
     scale_grads,
 )
+from splitfed.protocol.backbone import SessionRequest
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
-from splitfed.services.backbone.handlers import adapter_config
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
-from splitfed.v1 import backbone_pb2
 
 SERVER_NAME = "backbone.bench.local"
 ADAPTER = AdapterSettings(kind="lora", r=16, alpha=32, seed=7)
@@ -137,7 +136,7 @@ class SplitClient:
             p for part in (self.head, self.tail) for p in part.parameters() if p.requires_grad
         ]
         self.optimizer, self.scheduler = build_optimizer(self.params, OPTIMIZER)
-        request = backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(ADAPTER))
+        request = SessionRequest(k=1, m=1, adapter=ADAPTER)
         self.session = client.open_session(request).session_id
         self.stream = TrainStream(client, self.session, "raw")
         self.body = RemoteBody(self.stream).train()
@@ -256,9 +255,7 @@ def run(path: Path, client: BackboneClient, args: argparse.Namespace) -> dict[st
     prompt_mask = torch.ones_like(prompts)
     prompt_mask[1, :5] = 0
     prompt_mask[3, :11] = 0
-    session = client.open_session(
-        backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(ADAPTER))
-    ).session_id
+    session = client.open_session(SessionRequest(k=1, m=1, adapter=ADAPTER)).session_id
     stream = GenerateStream(client, session, "raw")
     head, tail = load_head(path), load_tail(path)
     generator = SplitGenerator(head, RemoteBodyStage(stream), tail)

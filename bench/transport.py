@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from splitfed.clients.diagnostics import DiagnosticsClient
 from splitfed.errors import NotFoundError, stream_errors
+from splitfed.protocol.diagnostics import REQUEST_FRAMES, RESPONSE_FRAMES
 from splitfed.retry import RetryPolicy
 from splitfed.security.ca import CertificateAuthority
 from splitfed.security.sealing import (
@@ -72,9 +73,8 @@ from splitfed.security.sealing import (
     Opener,
     Sealer,
 )
-from splitfed.security.tls import TLSConfig
-from splitfed.services.diagnostics.servicer import REQUEST_FRAMES, RESPONSE_FRAMES
 from splitfed.streams import StreamGuard
+from splitfed.tls import TLSConfig
 from splitfed.transport import (
     MAX_CHUNK_BYTES,
     Server,

@@ -33,11 +33,10 @@ from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.parts import Head, Tail
-from splitfed.security.tls import TLSConfig
-from splitfed.services.backbone.handlers import adapter_config
+from splitfed.protocol.backbone import SessionRequest
 from splitfed.serving import ConnectSettings, SecuritySettings
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel, parse_address
-from splitfed.v1 import backbone_pb2
 
 JOIN_TOKEN_ENV = "SPLITFED_JOIN_TOKEN"
 
@@ -231,10 +230,10 @@ def split_session(
     if train.encrypted and keymanager is None:
         raise ValueError("encrypted sessions need the key manager: set [security] keymanager")
     session = client.open_session(
-        backbone_pb2.OpenSessionRequest(
+        SessionRequest(
             k=train.k,
             m=train.m,
-            adapter=adapter_config(adapter),
+            adapter=adapter,
             session_id=session_id,
             encrypted=train.encrypted,
         )

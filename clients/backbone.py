@@ -7,7 +7,6 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -15,26 +14,30 @@ import torch
 from torch import nn
 
 from splitfed.clients.keys import KeyManagerClient
-from splitfed.errors import InvalidArgumentError, error_from_rpc, rpc_status
-from splitfed.retry import RETRYABLE, RetryPolicy, call_with_retry
-from splitfed.security.sealing import TO_BACKBONE, DataKey, FrameContext
-from splitfed.security.session_crypto import SessionCrypto
-from splitfed.services.backbone.handlers import (
+from splitfed.errors import error_from_rpc, rpc_status
+from splitfed.protocol.backbone import (
     EXPORT_RESPONSE,
+    FEDERATION_METADATA,
     GENERATE_REQUEST,
     GENERATE_RESPONSE,
     IMPORT_CONTEXT,
     IMPORT_REQUEST,
-    TRAIN_REQUEST,
-    TRAIN_RESPONSE,
-    export_context,
-)
-from splitfed.services.backbone.servicer import (
-    FEDERATION_METADATA,
     OWNER_METADATA,
     SERVICE,
     SESSION_METADATA,
+    TRAIN_REQUEST,
+    TRAIN_RESPONSE,
+    ModelInfo,
+    SessionInfo,
+    SessionRequest,
+    StepCommand,
+    StepResult,
+    export_context,
 )
+from splitfed.protocol.framing import FrameReceiver, tensor_frames
+from splitfed.retry import RETRYABLE, RetryPolicy, call_with_retry
+from splitfed.security.sealing import TO_BACKBONE, DataKey
+from splitfed.security.session_crypto import SessionCrypto
 from splitfed.transport import framed_stream
 from splitfed.v1 import backbone_pb2, backbone_pb2_grpc
 from splitfed.wire import (
@@ -44,7 +47,6 @@ from splitfed.wire import (
     OutgoingFrame,
     TensorAssembler,
     TensorLimits,
-    iter_frames,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,14 +57,6 @@ CLIENT_LIMITS = TensorLimits(max_tensor_bytes=8 << 30, max_rank=3)
 
 class StreamLostError(RuntimeError):
     """The stream to the backbone broke; the current step must be redone."""
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    session_id: str
-    step: int
-    resumed: bool
-    info: backbone_pb2.ModelInfo
 
 
 class _Outbox:
@@ -101,9 +95,11 @@ class _Stream:
         self._outbox = _Outbox()
         self.chunk_bytes = chunk_bytes
         self.crypto = crypto
-        # One opener per stream: its replay state follows this stream's frames (and the
-        # session's, shared by its streams).
-        self._opener = crypto.opener() if crypto is not None else None
+        # One receiver (opener) per stream: its replay state follows this stream's frames
+        # (and the session's, shared by its streams).
+        self._receiver = FrameReceiver(
+            crypto, sealed_error="the backbone sealed a chunk of a plain session"
+        )
         self._call = multicallable(
             iter(self._outbox), metadata=((SESSION_METADATA, session_id),), timeout=timeout_s
         )
@@ -113,23 +109,15 @@ class _Stream:
     def send_tensor(
         self, tensor: torch.Tensor, name: str, spec: FrameSpec[Any], encoding: str, **fields: Any
     ) -> None:
-        frames = iter_frames(tensor, name, spec, chunk_bytes=self.chunk_bytes, encoding=encoding)
-
-        def with_fields() -> Iterator[OutgoingFrame]:
-            for frame in frames:
-                for key, value in fields.items():
-                    setattr(frame.message, key, value)
-                yield frame
-
-        outgoing: Iterator[OutgoingFrame] = with_fields()
-        if self.crypto is not None:
-            context = FrameContext(
-                op=int(fields.get("op", 0)),
-                step=int(fields.get("step", 0)),
-                micro_batch=int(fields.get("micro_batch", 0)),
-            )
-            outgoing = self.crypto.seal(outgoing, context)
-        for frame in outgoing:
+        frames = tensor_frames(
+            {name: tensor},
+            spec,
+            chunk_bytes=self.chunk_bytes,
+            encoding=encoding,
+            crypto=self.crypto,
+            **fields,
+        )
+        for frame in frames:
             self._outbox.put(frame)
 
     def send(self, message: Any) -> None:
@@ -147,16 +135,8 @@ class _Stream:
         with TensorAssembler(CLIENT_LIMITS) as assembler:
             while True:
                 frame = self.next()
-                if self.crypto is not None and self._opener is not None:
-                    view = self.crypto.open(self._opener, frame)
-                elif frame.message.chunk.HasField("seal"):
-                    raise InvalidArgumentError("the backbone sealed a chunk of a plain session")
-                else:
-                    view = frame.chunk_view()
-                received = assembler.feed(view)
+                received = self._receiver.feed(assembler, frame)
                 if received is not None:
-                    if self.crypto is not None and self._opener is not None:
-                        self.crypto.follow(self._opener)
                     return frame.message, received.tensor
 
     def close(self) -> None:
@@ -176,8 +156,11 @@ def _translate(err: grpc.RpcError) -> Exception:
     return mapped if mapped is not None else RuntimeError(f"backbone failed: {details}")
 
 
-class TrainStream:
-    """The training stream of one session."""
+class _SessionStream:
+    """A stream of one session (Train or Generate): forward passes send h1 and the
+    attention mask under ``spec`` and await h2."""
+
+    spec: FrameSpec[Any]
 
     def __init__(
         self,
@@ -187,21 +170,31 @@ class TrainStream:
         crypto: SessionCrypto | None = None,
     ) -> None:
         self.encoding = encoding
+        call = client.train_call if self.spec is TRAIN_REQUEST else client.generate_call
         self._stream = _Stream(
-            client.train_call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto
+            call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto
         )
+
+    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> torch.Tensor:
+        self._stream.send_tensor(hidden, "h1", self.spec, self.encoding, **fields)
+        self._stream.send_tensor(mask.to(torch.int8), "attention_mask", self.spec, "raw", **fields)
+        _, output = self._stream.receive_tensor()
+        return output
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class TrainStream(_SessionStream):
+    """The training stream of one session."""
+
+    spec = TRAIN_REQUEST
 
     def forward(
         self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
     ) -> torch.Tensor:
         op = backbone_pb2.TRAIN_OP_FORWARD if train else backbone_pb2.TRAIN_OP_EVAL
-        fields = {"op": op, "step": step, "micro_batch": micro}
-        self._stream.send_tensor(hidden, "h1", TRAIN_REQUEST, self.encoding, **fields)
-        self._stream.send_tensor(
-            mask.to(torch.int8), "attention_mask", TRAIN_REQUEST, "raw", **fields
-        )
-        _, output = self._stream.receive_tensor()
-        return output
+        return self._forward(hidden, mask, op=op, step=step, micro_batch=micro)
 
     def backward(self, step: int, micro: int, grad: torch.Tensor) -> torch.Tensor:
         self._stream.send_tensor(
@@ -216,46 +209,22 @@ class TrainStream:
         _, grad_in = self._stream.receive_tensor()
         return grad_in
 
-    def step(
-        self, step: int, client_sq_norm: float, max_grad_norm: float
-    ) -> backbone_pb2.StepResult:
+    def step(self, step: int, client_sq_norm: float, max_grad_norm: float) -> StepResult:
         self._stream.send(
             backbone_pb2.TrainRequest(
                 op=backbone_pb2.TRAIN_OP_STEP,
                 step=step,
-                command=backbone_pb2.StepCommand(
-                    client_grad_sq_norm=client_sq_norm, max_grad_norm=max_grad_norm
-                ),
+                command=StepCommand(client_sq_norm, max_grad_norm).to_proto(),
             )
         )
-        result: backbone_pb2.StepResult = self._stream.next().message.result
-        return result
-
-    def close(self) -> None:
-        self._stream.close()
+        return StepResult.from_proto(self._stream.next().message.result)
 
 
-class GenerateStream:
-    def __init__(
-        self,
-        client: BackboneClient,
-        session_id: str,
-        encoding: str,
-        crypto: SessionCrypto | None = None,
-    ) -> None:
-        self.encoding = encoding
-        self._stream = _Stream(
-            client.generate_call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto
-        )
+class GenerateStream(_SessionStream):
+    spec = GENERATE_REQUEST
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        fields = {"op": backbone_pb2.GENERATE_OP_FORWARD}
-        self._stream.send_tensor(hidden, "h1", GENERATE_REQUEST, self.encoding, **fields)
-        self._stream.send_tensor(
-            mask.to(torch.int8), "attention_mask", GENERATE_REQUEST, "raw", **fields
-        )
-        _, output = self._stream.receive_tensor()
-        return output
+        return self._forward(hidden, mask, op=backbone_pb2.GENERATE_OP_FORWARD)
 
     def reset(self) -> None:
         self._stream.send(backbone_pb2.GenerateRequest(op=backbone_pb2.GENERATE_OP_RESET))
@@ -266,9 +235,6 @@ class GenerateStream:
             backbone_pb2.GenerateRequest(op=backbone_pb2.GENERATE_OP_TRIM, length=length)
         )
         return int(self._stream.next().message.cache_length)
-
-    def close(self) -> None:
-        self._stream.close()
 
 
 class BackboneClient:
@@ -308,21 +274,21 @@ class BackboneClient:
         except grpc.RpcError as err:
             raise _translate(err) from None
 
-    def model_info(self) -> backbone_pb2.ModelInfo:
+    def model_info(self) -> ModelInfo:
         response = self._unary(
             "Backbone.GetModelInfo",
             lambda: self._stub.GetModelInfo(
                 backbone_pb2.GetModelInfoRequest(), timeout=self.timeout_s
             ),
         )
-        info: backbone_pb2.ModelInfo = response.info
-        return info
+        return ModelInfo.from_proto(response.info)
 
-    def open_session(self, request: backbone_pb2.OpenSessionRequest) -> SessionInfo:
+    def open_session(self, request: SessionRequest) -> SessionInfo:
+        message = request.to_proto()
         response = self._unary(
-            "Backbone.OpenSession", lambda: self._stub.OpenSession(request, timeout=self.timeout_s)
+            "Backbone.OpenSession", lambda: self._stub.OpenSession(message, timeout=self.timeout_s)
         )
-        return SessionInfo(response.session_id, int(response.step), response.resumed, response.info)
+        return SessionInfo.from_proto(response)
 
     def close_session(self, session_id: str) -> None:
         self._unary(
@@ -361,20 +327,17 @@ class BackboneClient:
                 session_id=session_id, federation=federation, owner=owner
             )
             responses = self._export(request, timeout=self.timeout_s)
-            opener = crypto.opener() if crypto is not None else None
+            receiver = FrameReceiver(
+                crypto,
+                context=lambda frame: export_context(frame.message.step),
+                follow=False,
+                sealed_error="the backbone sealed the adapter of an encrypted session; pass "
+                "the session's crypto to export_adapter",
+            )
             tensors: dict[str, torch.Tensor] = {}
             with TensorAssembler(CLIENT_LIMITS) as assembler:
                 for frame in responses:
-                    if opener is not None:
-                        view = opener.open_frame(frame, export_context(frame.message.step))
-                    elif frame.message.chunk.HasField("seal"):
-                        raise InvalidArgumentError(
-                            "the backbone sealed the adapter of an encrypted session; pass "
-                            "the session's crypto to export_adapter"
-                        )
-                    else:
-                        view = frame.chunk_view()
-                    received = assembler.feed(view)
+                    received = receiver.feed(assembler, frame)
                     if received is not None:
                         tensors[received.name] = received.tensor
             return tensors
@@ -398,14 +361,13 @@ class BackboneClient:
             metadata += [(FEDERATION_METADATA, federation), (OWNER_METADATA, owner)]
 
         def frames() -> Iterator[OutgoingFrame]:
-            plain = (
-                frame
-                for name in sorted(tensors)
-                for frame in iter_frames(
-                    tensors[name], name, IMPORT_REQUEST, chunk_bytes=self.chunk_bytes
-                )
+            return tensor_frames(
+                tensors,
+                IMPORT_REQUEST,
+                chunk_bytes=self.chunk_bytes,
+                crypto=crypto,
+                context=IMPORT_CONTEXT,
             )
-            return plain if crypto is None else crypto.seal(plain, IMPORT_CONTEXT)
 
         response = self._unary(
             "Backbone.ImportAdapter",

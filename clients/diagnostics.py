@@ -10,8 +10,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitfed.encodings import get_encoding
+from splitfed.protocol.diagnostics import REQUEST_FRAMES, RESPONSE_FRAMES, SERVICE
 from splitfed.retry import DEFAULT_RETRY, RetryPolicy, call_with_retry
-from splitfed.services.diagnostics.servicer import REQUEST_FRAMES, RESPONSE_FRAMES, SERVICE
 from splitfed.transport import framed_stream
 from splitfed.v1 import diagnostics_pb2, diagnostics_pb2_grpc
 from splitfed.wire import (

@@ -24,8 +24,14 @@ from splitfed.errors import AbortedError, FailedPreconditionError, error_from_rp
 from splitfed.logs import log_context
 from splitfed.models.adapters import save_adapter
 from splitfed.models.schema import schema_digest, schema_of
+from splitfed.protocol.aggregator import (
+    DOWNLOAD_RESPONSE,
+    SERVICE,
+    UPLOAD_REQUEST,
+    Phase,
+    RoundPlan,
+)
 from splitfed.retry import DEFAULT_RETRY, RETRYABLE, RetryPolicy, call_with_retry
-from splitfed.services.aggregator.servicer import DOWNLOAD_RESPONSE, SERVICE, UPLOAD_REQUEST
 from splitfed.v1 import aggregator_pb2, aggregator_pb2_grpc
 from splitfed.wire import (
     OutgoingFrame,
@@ -79,9 +85,7 @@ class AggregatorClient:
         except grpc.RpcError as err:
             raise _mapped(err) from None
 
-    def join(
-        self, federation: str, num_samples: int, join_token: str = ""
-    ) -> aggregator_pb2.RoundPlan:
+    def join(self, federation: str, num_samples: int, join_token: str = "") -> RoundPlan:
         """Join as a member with a dataset of ``num_samples`` examples (no update may claim
         more); ``join_token`` if the federation's config does not list this identity."""
         request = aggregator_pb2.JoinRequest(
@@ -90,19 +94,17 @@ class AggregatorClient:
         response = self._call(
             "Aggregator.Join", lambda: self._stub.Join(request, timeout=self.timeout_s)
         )
-        plan: aggregator_pb2.RoundPlan = response.plan
-        return plan
+        return RoundPlan.from_proto(response.plan)
 
-    def plan(self, federation: str) -> aggregator_pb2.RoundPlan:
+    def plan(self, federation: str) -> RoundPlan:
         request = aggregator_pb2.GetRoundPlanRequest(federation=federation)
         response = self._call(
             "Aggregator.GetRoundPlan",
             lambda: self._stub.GetRoundPlan(request, timeout=self.timeout_s),
         )
-        plan: aggregator_pb2.RoundPlan = response.plan
-        return plan
+        return RoundPlan.from_proto(response.plan)
 
-    def advertise_key(self, plan: aggregator_pb2.RoundPlan, public_key: bytes) -> None:
+    def advertise_key(self, plan: RoundPlan, public_key: bytes) -> None:
         request = aggregator_pb2.AdvertiseKeyRequest(
             federation=plan.federation,
             round=plan.round,
@@ -114,7 +116,7 @@ class AggregatorClient:
             lambda: self._stub.AdvertiseKey(request, timeout=self.timeout_s),
         )
 
-    def reveal(self, plan: aggregator_pb2.RoundPlan, seeds: Mapping[str, bytes]) -> None:
+    def reveal(self, plan: RoundPlan, seeds: Mapping[str, bytes]) -> None:
         request = aggregator_pb2.RevealSeedsRequest(
             federation=plan.federation, round=plan.round, attempt=plan.attempt, seeds=seeds
         )
@@ -125,7 +127,7 @@ class AggregatorClient:
 
     def upload(
         self,
-        plan: aggregator_pb2.RoundPlan,
+        plan: RoundPlan,
         num_samples: int,
         tensors: Mapping[str, torch.Tensor],
         *,
@@ -184,28 +186,23 @@ class AggregatorClient:
         result: tuple[int, dict[str, torch.Tensor]] = self._call("Aggregator.DownloadGlobal", call)
         return result
 
-    def wait_for_change(
-        self, plan: aggregator_pb2.RoundPlan, timeout_s: float = 60.0
-    ) -> aggregator_pb2.RoundPlan:
+    def wait_for_change(self, plan: RoundPlan, timeout_s: float = 60.0) -> RoundPlan:
         """Block until the federation's round, attempt, phase or version moves on."""
-        key = _plan_key(plan)
+        key = plan.key()
         call = self._stub.WatchRound(
             aggregator_pb2.WatchRoundRequest(federation=plan.federation), timeout=timeout_s
         )
         try:
             for status in call:
-                if _plan_key(status.plan) != key:
-                    return status.plan
+                plan = RoundPlan.from_proto(status.plan)
+                if plan.key() != key:
+                    return plan
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise _mapped(err) from None
         finally:
             call.cancel()
         return self.plan(plan.federation)
-
-
-def _plan_key(plan: aggregator_pb2.RoundPlan) -> tuple[int, ...]:
-    return (plan.round, plan.attempt, plan.phase, plan.global_version)
 
 
 @dataclass
@@ -324,7 +321,7 @@ class FederatedTrainer:
         if self.trainer.session is None:
             self.trainer.start(wait=True)  # a backbone restarting now is waited out
         reports: list[RoundReport] = []
-        while plan.phase != aggregator_pb2.ROUND_PHASE_FINISHED:
+        while plan.phase != Phase.FINISHED:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"federation {self.federation!r} did not finish in time")
             try:
@@ -348,9 +345,7 @@ class FederatedTrainer:
         self._load_version(0)
         return reports
 
-    def _when_back(
-        self, call: Callable[[], aggregator_pb2.RoundPlan], deadline: float
-    ) -> aggregator_pb2.RoundPlan:
+    def _when_back(self, call: Callable[[], RoundPlan], deadline: float) -> RoundPlan:
         """``call``, repeated while the aggregator is unavailable (restarting), until
         ``deadline``."""
         while True:
@@ -366,13 +361,13 @@ class FederatedTrainer:
 
     def _act(
         self,
-        plan: aggregator_pb2.RoundPlan,
+        plan: RoundPlan,
         reports: list[RoundReport],
         on_round: Callable[[RoundReport], None] | None,
     ) -> bool:
         """Do what the plan asks of this client; False if there is nothing to do now."""
         phase = plan.phase
-        if phase == aggregator_pb2.ROUND_PHASE_KEYS and plan.selected:
+        if phase == Phase.KEYS and plan.selected:
             if self._advertised == (plan.round, plan.attempt):
                 return False
             if self._participant_round != (plan.round, plan.attempt):
@@ -385,7 +380,7 @@ class FederatedTrainer:
             self.aggregator.advertise_key(plan, self._participant.public_key)
             self._advertised = (plan.round, plan.attempt)
             return True
-        if phase == aggregator_pb2.ROUND_PHASE_UPLOAD and plan.selected and not plan.uploaded:
+        if phase == Phase.UPLOAD and plan.selected and not plan.uploaded:
             if plan.secure_aggregation and self._participant_round != (plan.round, plan.attempt):
                 return False  # no key in this attempt (joined late or restarted): wait
             local = self._local
@@ -456,7 +451,7 @@ class FederatedTrainer:
             if on_round is not None:
                 on_round(report)
             return True
-        if phase == aggregator_pb2.ROUND_PHASE_REVEAL and plan.uploaded and plan.dropped:
+        if phase == Phase.REVEAL and plan.uploaded and plan.dropped:
             if self._participant is None or self._participant_round != (plan.round, plan.attempt):
                 return False
             self.aggregator.reveal(plan, self._participant.reveal(plan.dropped))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from cryptography import x509
 
 from splitfed.errors import PermissionDeniedError, UnauthenticatedError, error_from_rpc
 from splitfed.metrics import REVOCATION_LISTS
+from splitfed.periodic import Periodic
+from splitfed.protocol.keys import SessionKeyGrant
 from splitfed.retry import DEFAULT_RETRY, RetryPolicy, call_with_retry
 from splitfed.security.authz import RevocationList
 from splitfed.security.ca import (
@@ -24,7 +25,7 @@ from splitfed.security.ca import (
     private_key_pem,
     write_pem,
 )
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import DEFAULT_OPTIONS, TransportOptions, create_channel, parse_address
 from splitfed.v1 import keys_pb2, keys_pb2_grpc
 
@@ -39,21 +40,6 @@ def _call(fn: Callable[[], object], what: str, retry: RetryPolicy) -> object:
         if mapped is not None:
             raise mapped from None
         raise
-
-
-@dataclass(frozen=True, repr=False)
-class SessionKeyGrant:
-    session_id: str
-    key_id: int
-    secret: bytes
-    nonce_prefix: bytes
-
-    def __repr__(self) -> str:  # never print key material
-        return f"SessionKeyGrant({self.session_id!r}, key_id={self.key_id})"
-
-
-def _grant(key: keys_pb2.SessionKey) -> SessionKeyGrant:
-    return SessionKeyGrant(key.session_id, key.key_id, key.secret, key.nonce_prefix)
 
 
 @dataclass(frozen=True)
@@ -174,7 +160,7 @@ class KeyManagerClient:
             self.retry,
         )
         assert isinstance(r, keys_pb2.RegisterSessionResponse)
-        return _grant(r.key)
+        return SessionKeyGrant.from_proto(r.key)
 
     def session_key(self, session_id: str, key_id: int = 0) -> SessionKeyGrant:
         request = keys_pb2.GetSessionKeyRequest(session_id=session_id, key_id=key_id)
@@ -184,7 +170,7 @@ class KeyManagerClient:
             self.retry,
         )
         assert isinstance(r, keys_pb2.GetSessionKeyResponse)
-        return _grant(r.key)
+        return SessionKeyGrant.from_proto(r.key)
 
     def rotate_session_key(self, session_id: str) -> SessionKeyGrant:
         request = keys_pb2.RotateSessionKeyRequest(session_id=session_id)
@@ -194,7 +180,7 @@ class KeyManagerClient:
             self.retry,
         )
         assert isinstance(r, keys_pb2.RotateSessionKeyResponse)
-        return _grant(r.key)
+        return SessionKeyGrant.from_proto(r.key)
 
     def end_session(self, session_id: str) -> None:
         request = keys_pb2.EndSessionRequest(session_id=session_id)
@@ -265,33 +251,6 @@ def _lifetime(tls_dir: Path) -> tuple[str, dt.datetime, dt.datetime]:
     cert = x509.load_pem_x509_certificate((tls_dir / "cert.pem").read_bytes())
     name = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     return str(name), cert.not_valid_before_utc, cert.not_valid_after_utc
-
-
-class Periodic:
-    """A daemon thread running ``tick`` every ``period_s`` until :meth:`stop`."""
-
-    def __init__(self, name: str, period_s: float) -> None:
-        self.period_s = period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
-            try:
-                self.tick()
-            except Exception:  # keep going: the next tick may succeed
-                logger.warning("[%s] tick failed", self._thread.name, exc_info=True)
-
-    def tick(self) -> None:
-        raise NotImplementedError
 
 
 class CertificateRenewer(Periodic):

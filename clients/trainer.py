@@ -12,6 +12,12 @@ just before the client died (its gradients are written ahead of each step).
 With ``TrainSettings.perturbation`` on, the hidden states sent to the backbone (and
 optionally the gradients sent back) are clipped per token and noised, and a privacy
 accountant reports the (epsilon, delta) spent (security/perturbation.py, docs/privacy.md).
+
+Why one module (over 500 lines): the optimizer step, the reconnect-and-redo path and the
+write-ahead checkpoint share one piece of state (the step in flight, its gradients and
+the session's step on the backbone); split apart, each would have to reach into the
+others' invariants. Sessions, streams and the remote body live in
+:mod:`splitfed.clients.backbone`; data in :mod:`splitfed.clients.data`.
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ from transformers import AutoTokenizer
 from splitfed.clients.backbone import (
     BackboneClient,
     RemoteBody,
-    SessionInfo,
     StreamLostError,
     TrainStream,
     client_crypto,
@@ -60,6 +65,7 @@ from splitfed.models.optim import (
     scale_grads,
 )
 from splitfed.models.parts import Head, Tail
+from splitfed.protocol.backbone import SessionInfo, SessionRequest, StepResult
 from splitfed.retry import RetryPolicy
 from splitfed.security.perturbation import (
     EVAL_STREAM,
@@ -70,8 +76,6 @@ from splitfed.security.perturbation import (
     PrivacySpent,
 )
 from splitfed.security.session_crypto import SessionCrypto
-from splitfed.services.backbone.handlers import adapter_config
-from splitfed.v1 import backbone_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -316,22 +320,12 @@ class SplitTrainer:
 
     # --- session -------------------------------------------------------------------------
 
-    def _open_request(self, session_id: str = "") -> backbone_pb2.OpenSessionRequest:
-        o = self.optimizer_settings
-        return backbone_pb2.OpenSessionRequest(
+    def _open_request(self, session_id: str = "") -> SessionRequest:
+        return SessionRequest(
             k=self.settings.k,
             m=self.settings.m,
-            adapter=adapter_config(self.adapter),
-            optimizer=backbone_pb2.OptimizerConfig(
-                learning_rate=o.learning_rate,
-                weight_decay=o.weight_decay,
-                beta1=o.beta1,
-                beta2=o.beta2,
-                eps=o.eps,
-                schedule=o.schedule,
-                warmup_steps=o.warmup_steps,
-                total_steps=o.total_steps,
-            ),
+            adapter=self.adapter,
+            optimizer=self.optimizer_settings,
             encoding=self.settings.encoding,
             session_id=session_id,
             encrypted=self.settings.encrypted,
@@ -494,7 +488,7 @@ class SplitTrainer:
         step: int,
         loss: float,
         client_sq: float,
-        result: backbone_pb2.StepResult,
+        result: StepResult,
         started: float,
         retries: int,
     ) -> StepReport:

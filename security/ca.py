@@ -28,18 +28,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from splitfed.tls import CLOCK_SKEW, PrivateKey, load_private_key, same_public_key
+
 ROLES = frozenset({"client", "backbone", "aggregator", "keymanager", "admin"})
 # Roles that run servers; only their certificates may authenticate a server.
 SERVER_ROLES = frozenset({"backbone", "aggregator", "keymanager"})
 DEFAULT_TRUST_DOMAIN = "splitfed"
 DEFAULT_CERT_VALIDITY = dt.timedelta(hours=24)
 DEFAULT_CA_VALIDITY = dt.timedelta(days=3650)
-# Tolerates small clock differences between parties.
-CLOCK_SKEW = dt.timedelta(minutes=5)
 
 _IDENTITY_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-
-PrivateKey = ec.EllipticCurvePrivateKey
 
 
 def validate_identity(identity: str) -> str:
@@ -77,19 +75,6 @@ def private_key_pem(key: PrivateKey, password: bytes | None = None) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
-
-
-def load_private_key(pem: bytes, password: bytes | None = None) -> PrivateKey:
-    key = serialization.load_pem_private_key(pem, password=password)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError("expected an EC private key")
-    return key
-
-
-def same_public_key(certificate: x509.Certificate, key: PrivateKey) -> bool:
-    """Whether ``key`` is the private half of ``certificate``'s public key."""
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    return certificate.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
 
 
 def make_csr(key: PrivateKey, identity: str) -> bytes:

@@ -66,6 +66,10 @@ per receiving stream (its own replay state assumes the frames of one stream, in 
 not authenticate, and :class:`~splitfed.errors.InvalidArgumentError` for an unsealed
 chunk, a malformed seal, a replayed or reordered nonce, or a retired key; the ``keys``
 callable's own errors (``NotFoundError``, ``PermissionDeniedError``) pass through.
+
+Why one module (over 500 lines): :class:`Sealer` and :class:`Opener` are the two halves
+of one AEAD format (nonce layout, associated data, key ids, replay window); a reviewer
+audits them together, and a change to one side without the other breaks every session.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient, RevocationPoller
 from splitfed.security.authz import AuthorizationInterceptor, Policy, RevocationList
-from splitfed.security.tls import TLSConfig
 from splitfed.serving import SecuritySettings
+from splitfed.tls import TLSConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,12 @@
 """Prometheus metrics of splitfed, and the HTTP endpoint that serves them.
 
 Names follow the Prometheus conventions: a ``splitfed_`` prefix, base units in the name
-(``_seconds``, ``_bytes``), counters exposed with ``_total``. Every metric of the
-package is defined here, except the authorization denials
+(``_seconds``, ``_bytes``), counters exposed with ``_total``. This module holds the
+machinery and the metrics of the core (wire, calls, revocation list age); each service
+creates its own metrics in ``services/<name>/metrics.py``, so a process exports only the
+metrics of what it runs (a client exports no backbone gauges). The authorization denials
 (``splitfed.security.authz.DENIALS``) and the privacy spent
-(``splitfed.security.perturbation.PRIVACY_EPSILON``), which stay with their code.
+(``splitfed.security.perturbation.PRIVACY_EPSILON``) stay with their code.
 docs/observability.md lists them all.
 
 Every server built by :func:`splitfed.transport.create_server` counts its calls with
@@ -71,87 +73,6 @@ RPCS_IN_FLIGHT = Gauge(
     ["service", "method"],
 )
 
-# --- backbone -------------------------------------------------------------------------
-
-COMPUTE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-
-BACKBONE_SESSIONS = Gauge(
-    "splitfed_backbone_sessions",
-    "Sessions a backbone holds in memory.",
-)
-BACKBONE_KV_CACHE_BYTES = Gauge(
-    "splitfed_backbone_kv_cache_bytes",
-    "Bytes held by the KV caches of generation sessions.",
-)
-COMPUTE_QUEUE_DEPTH = Gauge(
-    "splitfed_backbone_compute_queue_depth",
-    "Jobs waiting for the backbone's compute worker.",
-)
-COMPUTE_WAIT_SECONDS = Histogram(
-    "splitfed_backbone_compute_wait_seconds",
-    "Time a job waited for its turn on the compute worker (0 when it ran at once).",
-    buckets=COMPUTE_BUCKETS,
-)
-COMPUTE_SECONDS = Histogram(
-    "splitfed_backbone_compute_seconds",
-    "Time the device spent on one job, by operation (forward, backward, step, generate, other).",
-    ["operation"],
-    buckets=COMPUTE_BUCKETS,
-)
-
-# --- aggregator -----------------------------------------------------------------------
-
-AGGREGATOR_ROUNDS = Counter(
-    "splitfed_aggregator_rounds",
-    "Rounds that ended, by federation and outcome (closed: a new global version; "
-    "retried: too few keys, updates or reveals before the deadline).",
-    ["federation", "outcome"],
-)
-AGGREGATOR_UPDATES = Counter(
-    "splitfed_aggregator_updates",
-    "Client updates folded into a round's sum, by federation.",
-    ["federation"],
-)
-AGGREGATOR_PARTICIPANTS = Gauge(
-    "splitfed_aggregator_round_participants",
-    "Clients whose updates made the last closed round's version, by federation.",
-    ["federation"],
-)
-AGGREGATOR_ROUND = Gauge(
-    "splitfed_aggregator_round",
-    "The round a federation is in.",
-    ["federation"],
-)
-AGGREGATOR_VERSION = Gauge(
-    "splitfed_aggregator_global_version",
-    "The federation's current global adapter version.",
-    ["federation"],
-)
-AGGREGATOR_JOINED = Gauge(
-    "splitfed_aggregator_joined_clients",
-    "Clients that joined the federation.",
-    ["federation"],
-)
-AGGREGATION_SECONDS = Histogram(
-    "splitfed_aggregator_aggregation_seconds",
-    "Time to close a round: unmask, average, apply the strategy, write the version.",
-    ["federation"],
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-)
-
-# --- key manager ----------------------------------------------------------------------
-
-CERTIFICATES_ISSUED = Counter(
-    "splitfed_keymanager_certificates_issued",
-    "Certificates the key manager signed, by role and kind (enroll, renew).",
-    ["role", "kind"],
-)
-CERTIFICATES_REVOKED = Counter(
-    "splitfed_keymanager_certificates_revoked",
-    "Certificates the key manager revoked.",
-)
-
-
 # --- state read when scraped ----------------------------------------------------------
 
 
@@ -177,72 +98,6 @@ class Live(Generic[T]):
 
     def total(self, read: Callable[[T], float]) -> float:
         return float(sum(read(obj) for obj in self))
-
-
-class CertificateRecord(Protocol):
-    identity: str
-    role: str
-    not_after: float
-    revoked_at: float | None
-
-
-class CertificateSource(Protocol):
-    def certificates(self, identity: str = "") -> list[Any]: ...
-
-
-# The key managers' stores in this process (services/keymanager/authority.py).
-CERTIFICATE_SOURCES: Live[CertificateSource] = Live()
-
-
-class _CertificateGauges(Collector):
-    """The key manager's certificates, read from its database when scraped."""
-
-    COUNT = "splitfed_keymanager_certificates"
-    COUNT_HELP = "Certificates not yet expired, by role and state (valid, revoked)."
-    EXPIRY = "splitfed_keymanager_certificate_expiry_seconds"
-    EXPIRY_HELP = (
-        "Seconds until the first identity of a role runs out of valid certificates (the "
-        "latest unrevoked certificate of each identity counts; renewals push it out)."
-    )
-
-    def describe(self) -> list[Metric]:
-        return [
-            GaugeMetricFamily(self.COUNT, self.COUNT_HELP, labels=["role", "state"]),
-            GaugeMetricFamily(self.EXPIRY, self.EXPIRY_HELP, labels=["role"]),
-        ]
-
-    def collect(self) -> list[Metric]:
-        count, expiry = self.describe()
-        counts: dict[tuple[str, str], int] = {}
-        latest: dict[tuple[str, str], float] = {}
-        now = time.time()
-        for source in CERTIFICATE_SOURCES:
-            try:
-                rows: list[CertificateRecord] = source.certificates()
-            except Exception:  # a store closing meanwhile: skip it this time
-                logger.debug("[metrics] cannot read certificates", exc_info=True)
-                continue
-            for row in rows:
-                if row.not_after <= now:
-                    continue
-                state = "valid" if row.revoked_at is None else "revoked"
-                counts[row.role, state] = counts.get((row.role, state), 0) + 1
-                if state == "valid":
-                    key = (row.role, row.identity)
-                    latest[key] = max(latest.get(key, row.not_after), row.not_after)
-        first: dict[str, float] = {}
-        for (role, _), not_after in latest.items():
-            first[role] = min(first.get(role, not_after), not_after)
-        for (role, state), value in sorted(counts.items()):
-            assert isinstance(count, GaugeMetricFamily)
-            count.add_metric([role, state], value)
-        for role, not_after in sorted(first.items()):
-            assert isinstance(expiry, GaugeMetricFamily)
-            expiry.add_metric([role], not_after - now)
-        return [count, expiry]
-
-
-REGISTRY.register(_CertificateGauges())
 
 
 class RevocationSource(Protocol):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import Server, TransportOptions, parse_address
 from splitfed.wire import DEFAULT_CHUNK_BYTES
 

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from splitfed.errors import InvalidArgumentError
 from splitfed.metrics import RpcMetricsInterceptor
 from splitfed.runtime import tune_allocator
-from splitfed.security.tls import TLSConfig, warn_plaintext
+from splitfed.tls import TLSConfig, warn_plaintext
 from splitfed.wire import DEFAULT_CHUNK_BYTES, FrameSpec, KiB, MiB
 
 logger = logging.getLogger(__name__)

@@ -13,6 +13,12 @@ and no NumPy dtype conversion (bfloat16 has none): tensors are viewed as bytes d
 Copies: sending copies each chunk once out of the tensor (protobuf needs ``bytes``);
 receiving copies each chunk once into a buffer allocated for the whole payload, and the
 decoded tensor is a view of that buffer for ``raw`` payloads.
+
+Why one module (over 500 lines): the sending half (:func:`iter_frames`, which writes
+chunk fields in place into a stream's messages) and the receiving half
+(:class:`FrameSpec`'s zero-copy parse, :class:`TensorAssembler`) are the two sides of one
+byte format, with one set of limits; kept together, a change to the format is one diff
+with its round-trip tests beside it (STYLE.md 1, "one codec owns the bytes").
 """
 
 from __future__ import annotations

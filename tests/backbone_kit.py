@@ -30,7 +30,7 @@ from splitfed.models.optim import (
 )
 from splitfed.models.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 
 SERVER_NAME = "backbone.splitfed.local"

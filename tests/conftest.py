@@ -10,8 +10,8 @@ import pytest
 from helpers import SERVER_NAME, SMALL_CHUNKS, Pki, tls_of
 
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
 from splitfed.services.diagnostics import binding
+from splitfed.tls import TLSConfig
 from splitfed.transport import Server, create_channel, create_server
 from splitfed.wire import TensorLimits
 

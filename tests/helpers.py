@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from splitfed.security.ca import CertificateAuthority, IssuedCertificate
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import TransportOptions
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,12 +9,12 @@ import pytest
 
 from splitfed.clients.keys import KeyManagerClient, enroll
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
 from splitfed.services.keymanager.authority import CA_CERT, init_authority
 from splitfed.services.keymanager.kek import ScryptParams
 from splitfed.services.keymanager.server import KeyManagerServers, build_servers
 from splitfed.services.keymanager.settings import KeyManagerSettings
 from splitfed.serving import ServerSettings
+from splitfed.tls import TLSConfig
 
 KEK = "test-key-encryption-key-0123456789"
 SERVER_NAME = "localhost"

@@ -23,7 +23,7 @@ from splitfed.clients.backbone import BackboneClient
 from splitfed.errors import PermissionDeniedError, SplitfedError
 from splitfed.logs import redact
 from splitfed.models.adapters import average_adapters
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import TransportOptions, create_channel
 
 logger = logging.getLogger(__name__)

@@ -54,7 +54,8 @@ from splitfed.errors import (
     PermissionDeniedError,
 )
 from splitfed.logs import log_context
-from splitfed.metrics import (
+from splitfed.models.schema import Schema, schema_digest
+from splitfed.services.aggregator.metrics import (
     AGGREGATION_SECONDS,
     AGGREGATOR_JOINED,
     AGGREGATOR_PARTICIPANTS,
@@ -63,7 +64,6 @@ from splitfed.metrics import (
     AGGREGATOR_UPDATES,
     AGGREGATOR_VERSION,
 )
-from splitfed.models.schema import Schema, schema_digest
 from splitfed.services.aggregator.persistence import (
     FINISHED,
     KEYS,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from splitfed.protocol.aggregator import SERVICE_NAME
+from splitfed.protocol.diagnostics import SERVICE_NAME as DIAGNOSTICS
 from splitfed.runtime import tune_allocator
 from splitfed.services.aggregator.backbones import BackboneAdapters
 from splitfed.services.aggregator.federation import Federation, federations
-from splitfed.services.aggregator.servicer import POLICY, SERVICE_NAME, Ticker, binding
+from splitfed.services.aggregator.servicer import POLICY, Ticker, binding
 from splitfed.services.aggregator.settings import AggregatorSettings, stream_slots
 from splitfed.services.diagnostics import binding as diagnostics
 from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
-from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
 from splitfed.services.diagnostics.settings import DiagnosticsSettings
 from splitfed.services.security import ServerSecurity, server_security
 from splitfed.serving import SecuritySettings, ServedBy, ServerSettings

@@ -11,6 +11,14 @@ from typing import Any, Protocol, TypeVar
 import grpc
 
 from splitfed.errors import UnauthenticatedError, stream_errors, unary_errors
+from splitfed.protocol.aggregator import (
+    DOWNLOAD_RESPONSE,
+    SERVICE,
+    UPLOAD_REQUEST,
+    Peer,
+    Phase,
+    RoundPlan,
+)
 from splitfed.security.authz import Policy
 from splitfed.security.identity import Identity, peer_identity
 from splitfed.services.aggregator import handlers
@@ -21,7 +29,6 @@ from splitfed.transport import ServiceBinding, service_binding
 from splitfed.v1 import aggregator_pb2
 from splitfed.wire import (
     DEFAULT_CHUNK_BYTES,
-    FrameSpec,
     IncomingFrame,
     OutgoingFrame,
     ReceiveBudget,
@@ -40,10 +47,6 @@ class _NamesFederation(Protocol):
 _Request = TypeVar("_Request", bound=_NamesFederation)
 _Result = TypeVar("_Result")
 
-SERVICE = aggregator_pb2.DESCRIPTOR.services_by_name["Aggregator"]
-SERVICE_NAME = SERVICE.full_name
-UPLOAD_REQUEST = FrameSpec(aggregator_pb2.UploadUpdateRequest)
-DOWNLOAD_RESPONSE = FrameSpec(aggregator_pb2.DownloadGlobalResponse)
 
 _CLIENTS = frozenset({"client"})
 POLICY: Policy = {
@@ -57,11 +60,11 @@ POLICY: Policy = {
 }
 
 PHASES = {
-    WAITING: aggregator_pb2.ROUND_PHASE_WAITING,
-    KEYS: aggregator_pb2.ROUND_PHASE_KEYS,
-    UPLOAD: aggregator_pb2.ROUND_PHASE_UPLOAD,
-    REVEAL: aggregator_pb2.ROUND_PHASE_REVEAL,
-    FINISHED: aggregator_pb2.ROUND_PHASE_FINISHED,
+    WAITING: Phase.WAITING,
+    KEYS: Phase.KEYS,
+    UPLOAD: Phase.UPLOAD,
+    REVEAL: Phase.REVEAL,
+    FINISHED: Phase.FINISHED,
 }
 
 
@@ -72,8 +75,9 @@ def _caller(context: grpc.ServicerContext) -> Identity:
     return identity
 
 
-def to_plan(plan: Mapping[str, Any]) -> aggregator_pb2.RoundPlan:
-    return aggregator_pb2.RoundPlan(
+def to_plan(plan: Mapping[str, Any]) -> RoundPlan:
+    """The contract's form of the plan :meth:`Federation.plan` returns."""
+    return RoundPlan(
         federation=plan["federation"],
         round=plan["round"],
         attempt=plan["attempt"],
@@ -85,12 +89,9 @@ def to_plan(plan: Mapping[str, Any]) -> aggregator_pb2.RoundPlan:
         deadline=plan["deadline"],
         adapter_seed=plan["adapter_seed"],
         secure_aggregation=plan["secure_aggregation"],
-        peers=[
-            aggregator_pb2.Peer(identity=name, public_key=key)
-            for name, key in sorted(plan["peers"].items())
-        ],
+        peers=tuple(Peer(name, key) for name, key in sorted(plan["peers"].items())),
         secagg_scale=plan["secagg_scale"],
-        dropped=plan["dropped"],
+        dropped=tuple(plan["dropped"]),
         rounds=plan["rounds"],
         message=plan["message"],
         schema_digest=plan["schema_digest"],
@@ -146,14 +147,14 @@ class AggregatorServicer:
         self, request: aggregator_pb2.JoinRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.JoinResponse:
         plan = handlers.handle_join(request, self.federations, _caller(context))
-        return aggregator_pb2.JoinResponse(plan=to_plan(plan))
+        return aggregator_pb2.JoinResponse(plan=to_plan(plan).to_proto())
 
     @unary_errors
     def GetRoundPlan(
         self, request: aggregator_pb2.GetRoundPlanRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetRoundPlanResponse:
         plan = self._handle(handlers.handle_get_plan, request, context)
-        return aggregator_pb2.GetRoundPlanResponse(plan=to_plan(plan))
+        return aggregator_pb2.GetRoundPlanResponse(plan=to_plan(plan).to_proto())
 
     @unary_errors
     def AdvertiseKey(
@@ -213,7 +214,7 @@ class AggregatorServicer:
                 yield from stream.pace(
                     [
                         aggregator_pb2.WatchRoundResponse(
-                            plan=to_plan(plan),
+                            plan=to_plan(plan).to_proto(),
                             received=plan["received"],
                             participants=plan["participants"],
                             versions=plan["global_version"],

@@ -15,7 +15,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from splitfed.metrics import COMPUTE_QUEUE_DEPTH, COMPUTE_SECONDS, COMPUTE_WAIT_SECONDS
+from splitfed.services.backbone.metrics import (
+    COMPUTE_QUEUE_DEPTH,
+    COMPUTE_SECONDS,
+    COMPUTE_WAIT_SECONDS,
+)
 
 T = TypeVar("T")
 # A job, its future, when it was queued, and its operation (a metrics label).

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from splitfed.protocol.backbone import SERVICE
+from splitfed.protocol.diagnostics import SERVICE_NAME as DIAGNOSTICS
 from splitfed.services.backbone.crypto import BackboneKeys
-from splitfed.services.backbone.servicer import POLICY, SERVICE, binding
+from splitfed.services.backbone.servicer import POLICY, binding
 from splitfed.services.backbone.settings import BackboneSettings
 from splitfed.services.backbone.state import BackboneState
 from splitfed.services.diagnostics import binding as diagnostics
 from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
-from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
 from splitfed.services.diagnostics.settings import DiagnosticsSettings
 from splitfed.services.security import ServerSecurity, server_security
 from splitfed.serving import SecuritySettings, ServedBy, ServerSettings

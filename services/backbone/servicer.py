@@ -8,6 +8,14 @@ from typing import Any
 import grpc
 
 from splitfed.errors import InvalidArgumentError, stream_errors, unary_errors
+from splitfed.protocol.backbone import (
+    FEDERATION_METADATA,
+    FRAME_SPECS,
+    OWNER_METADATA,
+    SERVICE,
+    SESSION_METADATA,
+    SessionRequest,
+)
 from splitfed.security.authz import Policy
 from splitfed.security.identity import peer_identity
 from splitfed.security.session_crypto import SessionCrypto
@@ -21,11 +29,6 @@ from splitfed.transport import ServiceBinding, TransportOptions, service_binding
 from splitfed.v1 import backbone_pb2
 from splitfed.wire import IncomingFrame, OutgoingFrame, ReceiveBudget
 
-SERVICE = backbone_pb2.DESCRIPTOR.services_by_name["Backbone"]
-SESSION_METADATA = "x-splitfed-session"
-# An aggregator's ImportAdapter: the federation it acts for, the member owning the session.
-FEDERATION_METADATA = "x-splitfed-federation"
-OWNER_METADATA = "x-splitfed-owner"
 ANONYMOUS = "anonymous"
 
 
@@ -137,13 +140,17 @@ class BackboneServicer:
     def GetModelInfo(
         self, request: backbone_pb2.GetModelInfoRequest, context: grpc.ServicerContext
     ) -> backbone_pb2.GetModelInfoResponse:
-        return backbone_pb2.GetModelInfoResponse(info=handlers.model_info(self.state, self.keys))
+        info = handlers.model_info(self.state, self.keys)
+        return backbone_pb2.GetModelInfoResponse(info=info.to_proto())
 
     @unary_errors
     def OpenSession(
         self, request: backbone_pb2.OpenSessionRequest, context: grpc.ServicerContext
     ) -> backbone_pb2.OpenSessionResponse:
-        return handlers.handle_open(self.state, owner_of(context), request, self.keys)
+        opened = handlers.handle_open(
+            self.state, owner_of(context), SessionRequest.from_proto(request), self.keys
+        )
+        return opened.to_proto()
 
     @unary_errors
     def CloseSession(
@@ -226,12 +233,5 @@ def binding(
     return service_binding(
         SERVICE,
         BackboneServicer(state, options, keys),
-        [
-            handlers.TRAIN_REQUEST,
-            handlers.TRAIN_RESPONSE,
-            handlers.GENERATE_REQUEST,
-            handlers.GENERATE_RESPONSE,
-            handlers.EXPORT_RESPONSE,
-            handlers.IMPORT_REQUEST,
-        ],
+        list(FRAME_SPECS),
     )

@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from splitfed.metrics import BACKBONE_KV_CACHE_BYTES, BACKBONE_SESSIONS, Live
+from splitfed.metrics import Live
 from splitfed.services.backbone.adapters_io import AdapterIO
 from splitfed.services.backbone.batching import ClientBatcher
 from splitfed.services.backbone.bodies import SharedBody
 from splitfed.services.backbone.compute import ComputeQueue
 from splitfed.services.backbone.generation import Generation
+from splitfed.services.backbone.metrics import BACKBONE_KV_CACHE_BYTES, BACKBONE_SESSIONS
 from splitfed.services.backbone.sessions import Session, SessionRegistry
 from splitfed.services.backbone.settings import BackboneSettings
 from splitfed.services.backbone.store import DirectoryStore, MemoryStore, SessionStore

@@ -3,10 +3,11 @@ its own limits."""
 
 from __future__ import annotations
 
-from splitfed.security.tls import TLSConfig
-from splitfed.services.diagnostics.servicer import POLICY, SERVICE_NAME, binding
+from splitfed.protocol.diagnostics import SERVICE_NAME
+from splitfed.services.diagnostics.servicer import POLICY, binding
 from splitfed.services.security import server_security
 from splitfed.serving import SecuritySettings
+from splitfed.tls import TLSConfig
 from splitfed.transport import Server, TransportOptions, create_server
 from splitfed.wire import DEFAULT_CHUNK_BYTES, ReceiveBudget, TensorLimits
 

@@ -8,6 +8,7 @@ import grpc
 
 from splitfed import __version__
 from splitfed.errors import stream_errors, unary_errors
+from splitfed.protocol.diagnostics import REQUEST_FRAMES, RESPONSE_FRAMES, SERVICE
 from splitfed.security.authz import ALL_ROLES, Policy
 from splitfed.security.identity import peer_identity
 from splitfed.services.diagnostics.handlers import handle_echo, handle_who_am_i
@@ -17,7 +18,6 @@ from splitfed.transport import ServiceBinding, service_binding
 from splitfed.v1 import diagnostics_pb2
 from splitfed.wire import (
     DEFAULT_CHUNK_BYTES,
-    FrameSpec,
     IncomingFrame,
     OutgoingFrame,
     ReceiveBudget,
@@ -26,15 +26,11 @@ from splitfed.wire import (
     iter_tensors,
 )
 
-SERVICE = diagnostics_pb2.DESCRIPTOR.services_by_name["Diagnostics"]
-SERVICE_NAME = SERVICE.full_name
 # Every party may check its link and identity.
 POLICY: Policy = {
     "EchoTensors": ALL_ROLES,
     "WhoAmI": ALL_ROLES,
 }
-REQUEST_FRAMES = FrameSpec(diagnostics_pb2.EchoTensorsRequest)
-RESPONSE_FRAMES = FrameSpec(diagnostics_pb2.EchoTensorsResponse)
 
 
 class DiagnosticsServicer:

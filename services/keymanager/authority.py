@@ -32,12 +32,9 @@ from splitfed.errors import (
     UnauthenticatedError,
 )
 from splitfed.logs import redact
-from splitfed.metrics import CERTIFICATE_SOURCES, CERTIFICATES_ISSUED, CERTIFICATES_REVOKED
 from splitfed.security.ca import (
-    CLOCK_SKEW,
     DEFAULT_TRUST_DOMAIN,
     CertificateAuthority,
-    PrivateKey,
     generate_private_key,
     make_csr,
     private_key_pem,
@@ -55,6 +52,11 @@ from splitfed.services.keymanager.kek import (
     read_kdf,
     write_kdf,
 )
+from splitfed.services.keymanager.metrics import (
+    CERTIFICATE_SOURCES,
+    CERTIFICATES_ISSUED,
+    CERTIFICATES_REVOKED,
+)
 from splitfed.services.keymanager.store import (
     CertificateRefusedError,
     CertificateRevokedError,
@@ -64,6 +66,7 @@ from splitfed.services.keymanager.store import (
     SessionRow,
     TokenRefusedError,
 )
+from splitfed.tls import CLOCK_SKEW, PrivateKey
 
 logger = logging.getLogger(__name__)
 

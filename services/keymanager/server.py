@@ -6,13 +6,14 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitfed.clients.keys import Periodic
+from splitfed.periodic import Periodic
+from splitfed.protocol.keys import ENROLL_METHOD, SERVICE_NAME
 from splitfed.security.authz import AuthorizationInterceptor, RevocationList
-from splitfed.security.tls import TLSConfig
 from splitfed.services.keymanager.authority import SERVER_DIR, KeyAuthority
-from splitfed.services.keymanager.servicer import ENROLL_METHOD, POLICY, SERVICE_NAME, binding
+from splitfed.services.keymanager.servicer import POLICY, binding
 from splitfed.services.keymanager.settings import KeyManagerSettings
 from splitfed.serving import ServerSettings
+from splitfed.tls import TLSConfig
 from splitfed.transport import Server, TransportOptions, create_server
 
 

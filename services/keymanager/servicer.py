@@ -7,16 +7,13 @@ from collections.abc import Callable
 import grpc
 
 from splitfed.errors import InvalidArgumentError, UnauthenticatedError, unary_errors
+from splitfed.protocol.keys import SERVICE, SessionKeyGrant
 from splitfed.security.authz import Policy, peer_certificate_pem
 from splitfed.security.identity import Identity, peer_identity
 from splitfed.services.keymanager.authority import KeyAuthority
 from splitfed.services.keymanager.store import CertificateRow, IssuedKey
 from splitfed.transport import ServiceBinding, service_binding
 from splitfed.v1 import keys_pb2
-
-SERVICE = keys_pb2.DESCRIPTOR.services_by_name["KeyManager"]
-SERVICE_NAME = SERVICE.full_name
-ENROLL_METHOD = f"/{SERVICE_NAME}/Enroll"
 
 _PARTIES = frozenset({"client", "backbone", "aggregator", "admin"})
 POLICY: Policy = {
@@ -53,12 +50,7 @@ def _record(row: CertificateRow) -> keys_pb2.CertificateRecord:
 
 
 def _key(key: IssuedKey) -> keys_pb2.SessionKey:
-    return keys_pb2.SessionKey(
-        session_id=key.session_id,
-        key_id=key.key_id,
-        secret=key.secret,
-        nonce_prefix=key.nonce_prefix,
-    )
+    return SessionKeyGrant(key.session_id, key.key_id, key.secret, key.nonce_prefix).to_proto()
 
 
 class KeyManagerServicer:

@@ -18,8 +18,8 @@ from splitfed.cli.launcher import ServiceProcess, ServiceStartError
 from splitfed.clients.keys import KeyManagerClient, enroll
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.schema import adapter_schema, write_schema
-from splitfed.security.tls import TLSConfig
 from splitfed.services.keymanager.authority import init_authority
+from splitfed.tls import TLSConfig
 from splitfed.wire import MiB
 
 BACKBONE_NAME = "backbone.splitfed.local"

@@ -18,7 +18,6 @@ import grpc
 from splitfed.cli.options import fail, keymanager_options
 from splitfed.errors import InvalidArgumentError, SplitfedError
 from splitfed.security.ca import CertificateAuthority, write_pem
-from splitfed.security.tls import TLSConfig
 
 if TYPE_CHECKING:
     from splitfed.clients.keys import KeyManagerClient
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
 
 def _client(keymanager: str, tls_dir: Path, server_name: str | None) -> KeyManagerClient:
     from splitfed.clients.keys import KeyManagerClient
+    from splitfed.tls import TLSConfig
 
     return KeyManagerClient.connect(
         keymanager, TLSConfig.from_dir(tls_dir), server_name=server_name

@@ -12,7 +12,7 @@ import click
 from splitfed.config import OVERRIDES, apply_overrides
 
 if TYPE_CHECKING:
-    from splitfed.security.tls import TLSConfig
+    from splitfed.tls import TLSConfig
 
 F = TypeVar("F", bound=Callable[..., Any])
 

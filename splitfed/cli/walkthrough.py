@@ -52,7 +52,7 @@ from splitfed.models.optim import OptimizerSettings
 from splitfed.models.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.retry import RetryPolicy
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 from splitfed.wire import MiB
 

@@ -43,7 +43,7 @@ def link_tree(root: Path, extra: dict[str, str] | None = None) -> Path:
 
 def lint(tree: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(LINT_IMPORTS), "--config", str(CONTRACT), "--no-cache"],
+        [str(LINT_IMPORTS), str(CONTRACT), "--no-cache"],
         cwd=tree,
         env={**os.environ, "PYTHONPATH": str(tree)},
         capture_output=True,

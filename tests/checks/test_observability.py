@@ -28,6 +28,9 @@ import splitfed.services.backbone.state
 import splitfed.services.keymanager.authority  # noqa: F401
 from splitfed import metrics
 from splitfed.logs import ContextFilter, JsonFormatter, log_context, setup_logging
+from splitfed.services.aggregator import metrics as aggregator_metrics
+from splitfed.services.backbone import metrics as backbone_metrics
+from splitfed.services.keymanager import metrics as keymanager_metrics
 from splitfed.serving import ServerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,9 +84,9 @@ def test_exposition_passes_promtool() -> None:
     # Give labelled metrics a series each, so that every family is in the output.
     metrics.RPCS.labels("s", "m", "OK").inc(0)
     metrics.RPC_SECONDS.labels("s", "m", "OK").observe(0.01)
-    metrics.COMPUTE_SECONDS.labels("forward").observe(0.01)
-    metrics.AGGREGATION_SECONDS.labels("f").observe(0.1)
-    metrics.CERTIFICATES_ISSUED.labels("client", "enroll").inc(0)
+    backbone_metrics.COMPUTE_SECONDS.labels("forward").observe(0.01)
+    aggregator_metrics.AGGREGATION_SECONDS.labels("f").observe(0.1)
+    keymanager_metrics.CERTIFICATES_ISSUED.labels("client", "enroll").inc(0)
     result = promtool("check", "metrics", stdin=generate_latest().decode())
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -262,7 +265,7 @@ def test_certificate_gauges_count_states_and_the_first_identity_to_run_out() -> 
             Row("hospital-b", "client", now - 10),  # expired: not counted
         ]
     )
-    metrics.CERTIFICATE_SOURCES.add(store)
+    keymanager_metrics.CERTIFICATE_SOURCES.add(store)
     try:
 
         def sample(name: str, **labels: str) -> float | None:
@@ -275,7 +278,7 @@ def test_certificate_gauges_count_states_and_the_first_identity_to_run_out() -> 
         expiry = sample("splitfed_keymanager_certificate_expiry_seconds", role="backbone")
         assert expiry is not None and 2990 < expiry <= 3000
     finally:
-        metrics.CERTIFICATE_SOURCES.discard(store)
+        keymanager_metrics.CERTIFICATE_SOURCES.discard(store)
 
 
 # --- settings and the endpoint ---------------------------------------------------------

@@ -27,9 +27,8 @@ from fuzz.harness import METHODS, Case, method_path, request_type
 from fuzz.live import OWNER, Live
 from hypothesis import strategies as st
 
+from splitfed.protocol.backbone import GENERATE_REQUEST, SESSION_METADATA, TRAIN_REQUEST
 from splitfed.security.sealing import FrameContext
-from splitfed.services.backbone.handlers import GENERATE_REQUEST, TRAIN_REQUEST
-from splitfed.services.backbone.servicer import SESSION_METADATA
 from splitfed.transport import MESSAGE_HEADROOM_BYTES
 from splitfed.v1 import aggregator_pb2, backbone_pb2, diagnostics_pb2, keys_pb2, tensor_pb2
 from splitfed.wire import FrameSpec, iter_chunks, iter_frames

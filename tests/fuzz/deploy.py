@@ -29,8 +29,8 @@ from federated_kit import AGGREGATOR_NAME
 
 from splitfed.cli.launcher import ServiceProcess
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
 from splitfed.services.keymanager.authority import init_authority
+from splitfed.tls import TLSConfig
 from splitfed.wire import GiB, KiB, MiB
 
 KEYMANAGER_NAME = "localhost"

@@ -13,10 +13,10 @@ import torch
 from fuzz.deploy import ADMIN, FEDERATIONS, IDENTITIES, MEMBERS, OUTSIDER, Deployment
 from fuzz.harness import Fuzzer
 
+from splitfed.protocol.backbone import SESSION_METADATA
 from splitfed.security.ca import generate_private_key, make_csr
 from splitfed.security.sealing import TO_BACKBONE, DataKey, FrameContext
 from splitfed.security.session_crypto import SessionCrypto
-from splitfed.services.backbone.servicer import SESSION_METADATA
 from splitfed.v1 import (
     aggregator_pb2,
     aggregator_pb2_grpc,
@@ -89,7 +89,7 @@ class Live:
         stub.CloseSession(
             backbone_pb2.CloseSessionRequest(session_id=self.sessions["closed"]), timeout=TIMEOUT_S
         )
-        from splitfed.services.backbone.handlers import EXPORT_RESPONSE
+        from splitfed.protocol.backbone import EXPORT_RESPONSE
 
         export = self.fuzzer.channel("backbone", OWNER).unary_stream(
             "/splitfed.v1.Backbone/ExportAdapter",

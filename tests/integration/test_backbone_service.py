@@ -35,8 +35,8 @@ from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_part
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.tiny import BUNDLED_DATASET
-from splitfed.services.backbone.handlers import adapter_config
-from splitfed.services.backbone.servicer import SESSION_METADATA, SHARED_ADAPTER
+from splitfed.protocol.backbone import SESSION_METADATA, SessionRequest
+from splitfed.services.backbone.adapters_io import SHARED_ADAPTER
 from splitfed.services.backbone.settings import BackboneSettings
 from splitfed.v1 import (
     backbone_pb2,
@@ -60,7 +60,7 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 
 
 def open_lora(client: BackboneClient, k: int = 1, m: int = 1) -> str:
-    request = backbone_pb2.OpenSessionRequest(k=k, m=m, adapter=adapter_config(LORA))
+    request = SessionRequest(k=k, m=m, adapter=LORA)
     return client.open_session(request).session_id
 
 
@@ -100,7 +100,7 @@ def test_another_identity_cannot_use_a_session(backbone: Deployment) -> None:
     with owner_channel, other_channel:
         session = open_lora(owner)
         with pytest.raises(PermissionDeniedError, match="or belongs to another identity"):
-            other.open_session(backbone_pb2.OpenSessionRequest(session_id=session))
+            other.open_session(SessionRequest(session_id=session))
         with pytest.raises(PermissionDeniedError):
             other.export_adapter(session)
         with pytest.raises(PermissionDeniedError):
@@ -110,10 +110,10 @@ def test_another_identity_cannot_use_a_session(backbone: Deployment) -> None:
             stream.forward(1, 0, torch.zeros(1, 3, 64), torch.ones(1, 3))
         stream.close()
         # The owner still can.
-        assert owner.open_session(backbone_pb2.OpenSessionRequest(session_id=session)).resumed
+        assert owner.open_session(SessionRequest(session_id=session)).resumed
         owner.close_session(session)
         with pytest.raises(PermissionDeniedError, match="does not exist"):
-            owner.open_session(backbone_pb2.OpenSessionRequest(session_id=session))
+            owner.open_session(SessionRequest(session_id=session))
 
 
 def test_streams_need_a_session_and_valid_frames(backbone: Deployment) -> None:
@@ -180,7 +180,7 @@ def test_a_client_that_disappears_leaves_nothing_after_expiry(tmp_path: Path) ->
         assert wait_until(lambda: not (dep.root / "state" / session).exists(), timeout_s=30)
         channel, client = dep.connect()
         with channel, pytest.raises(PermissionDeniedError, match="closed, expired"):
-            client.open_session(backbone_pb2.OpenSessionRequest(session_id=session))
+            client.open_session(SessionRequest(session_id=session))
     finally:
         dep.stop()
 
@@ -378,7 +378,7 @@ def test_shared_adapter_mode_trains_one_adapter_that_only_admins_replace_or_read
                 with pytest.raises(PermissionDeniedError, match="only an admin or an aggregator"):
                     client.import_adapter(session, zeros)
                 other = AdapterSettings(kind="lora", r=8, alpha=16, seed=3)
-                request = backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(other))
+                request = SessionRequest(k=1, m=1, adapter=other)
                 with pytest.raises(Exception, match="same adapter configuration"):
                     client.open_session(request)
         # Both sessions see one adapter, trained by both clients' steps.
@@ -502,7 +502,7 @@ def test_another_identitys_session_and_a_missing_one_get_the_same_refusal(
                 c[1].replace(missing[:8], "<id>"),
             ), method
         # The owner still has it.
-        assert owner.open_session(backbone_pb2.OpenSessionRequest(session_id=theirs)).resumed
+        assert owner.open_session(SessionRequest(session_id=theirs)).resumed
         owner.close_session(theirs)
 
 
@@ -664,7 +664,7 @@ def test_a_client_killed_after_the_backbone_applied_its_step_resumes_it(
         with pytest.raises(Killed):
             first.run(lambda report: losses.append(report.loss))
         assert first.session is not None
-        reopened = backbone_pb2.OpenSessionRequest(session_id=first.session.session_id)
+        reopened = SessionRequest(session_id=first.session.session_id)
         assert client.open_session(reopened).step == 2  # the checkpoint holds step 1
         second = SplitTrainer(client, settings(tmp_path / "ckpt"), LORA, OPTIMIZER)
         session = second.start()

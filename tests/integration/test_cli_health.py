@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from helpers import SERVER_NAME, Pki
 
 from splitfed.cli import cli
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 from splitfed.transport import Server
 
 

@@ -22,8 +22,8 @@ from splitfed.models.loading import load_part
 from splitfed.models.optim import OptimizerSettings, build_optimizer, grad_sq_norm
 from splitfed.models.parts import SplitPart
 from splitfed.models.tiny import BUNDLED_DATASET
-from splitfed.services.backbone.handlers import adapter_config
-from splitfed.services.backbone.servicer import SHARED_ADAPTER
+from splitfed.protocol.backbone import SessionRequest
+from splitfed.services.backbone.adapters_io import SHARED_ADAPTER
 from splitfed.v1 import backbone_pb2
 
 LORA = AdapterSettings(kind="lora", r=4, alpha=8, seed=3)
@@ -40,11 +40,11 @@ def open_session(
     client: BackboneClient, optimizer: OptimizerSettings = LINEAR, adapter: AdapterSettings = LORA
 ) -> str:
     o = optimizer
-    request = backbone_pb2.OpenSessionRequest(
+    request = SessionRequest(
         k=1,
         m=1,
-        adapter=adapter_config(adapter),
-        optimizer=backbone_pb2.OptimizerConfig(learning_rate=o.learning_rate, eps=o.eps),
+        adapter=adapter,
+        optimizer=OptimizerSettings(learning_rate=o.learning_rate, eps=o.eps),
     )
     return client.open_session(request).session_id
 

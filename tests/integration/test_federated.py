@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from splitfed.clients.backbone import BackboneClient
 from splitfed.errors import PermissionDeniedError
-from splitfed.security.tls import TLSConfig
 from splitfed.services.backbone.store import DirectoryStore
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 
 

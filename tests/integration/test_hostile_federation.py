@@ -19,13 +19,14 @@ from federated_kit import ADAPTER, AGGREGATOR_NAME, federation_schema
 from splitfed.clients.backbone import BackboneClient
 from splitfed.clients.federated import AggregatorClient
 from splitfed.errors import InvalidArgumentError, PermissionDeniedError
-from splitfed.security.tls import TLSConfig
+from splitfed.protocol.aggregator import RoundPlan
+from splitfed.protocol.backbone import SessionRequest
 from splitfed.services.aggregator.server import AggregatorServer, build_server
 from splitfed.services.aggregator.settings import AggregatorSettings, FederationSettings
-from splitfed.services.backbone.handlers import adapter_config
 from splitfed.serving import ServerSettings
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
-from splitfed.v1 import aggregator_pb2, backbone_pb2
+from splitfed.v1 import aggregator_pb2
 
 MEMBERS = ("hospital-a", "hospital-b", "mallory")
 
@@ -70,9 +71,7 @@ class Setup:
         return BackboneClient(channel)
 
     def open_session(self, client: BackboneClient, federation: str = "fed") -> str:
-        request = backbone_pb2.OpenSessionRequest(
-            adapter=adapter_config(ADAPTER), federation=federation
-        )
+        request = SessionRequest(adapter=ADAPTER, federation=federation)
         return client.open_session(request).session_id
 
     @property
@@ -205,7 +204,7 @@ def test_membership_is_by_configuration_and_refusals_say_nothing(make) -> None: 
             lambda f: stranger.join(f, 10),
             stranger.plan,
             stranger.download,
-            lambda f: stranger.wait_for_change(aggregator_pb2.RoundPlan(federation=f), timeout_s=5),
+            lambda f: stranger.wait_for_change(RoundPlan(federation=f), timeout_s=5),
         ):
             with pytest.raises(PermissionDeniedError) as refused:
                 call(federation)

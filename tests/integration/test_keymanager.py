@@ -28,16 +28,16 @@ from splitfed.errors import (
     PermissionDeniedError,
     UnauthenticatedError,
 )
+from splitfed.protocol.diagnostics import SERVICE_NAME as DIAGNOSTICS
 from splitfed.security.authz import AuthorizationInterceptor
-from splitfed.security.ca import CLOCK_SKEW, CertificateAuthority, generate_private_key, make_csr
-from splitfed.security.tls import TLSConfig
+from splitfed.security.ca import CertificateAuthority, generate_private_key, make_csr
 from splitfed.services.diagnostics import binding as diagnostics_binding
 from splitfed.services.diagnostics.servicer import POLICY as DIAGNOSTICS_POLICY
-from splitfed.services.diagnostics.servicer import SERVICE_NAME as DIAGNOSTICS
 from splitfed.services.keymanager.authority import KeyAuthority, certificate_row
 from splitfed.services.keymanager.kek import MIN_SCRYPT_N
 from splitfed.services.security import ServerSecurity, server_security
 from splitfed.serving import SecuritySettings
+from splitfed.tls import CLOCK_SKEW, TLSConfig
 from splitfed.transport import Server, create_channel, create_server
 
 

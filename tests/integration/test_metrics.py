@@ -31,8 +31,8 @@ from splitfed.clients.diagnostics import DiagnosticsClient
 from splitfed.clients.keys import KeyManagerClient, enroll
 from splitfed.metrics import MetricsServer, serve_metrics
 from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
 from splitfed.services.keymanager.authority import CA_CERT, init_authority
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 
 PROMTOOL = shutil.which("promtool")

@@ -130,7 +130,7 @@ def test_node_client_reads_health_and_model_info(
     channel, client = backbone.connect("hospital-b")
     with channel:
         expected = MessageToDict(
-            client.model_info(),
+            client.model_info().to_proto(),
             preserving_proto_field_name=True,
             always_print_fields_with_no_presence=True,
         )

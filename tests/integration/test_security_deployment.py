@@ -37,21 +37,21 @@ from splitfed.errors import (
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.tiny import BUNDLED_DATASET
-from splitfed.security.ca import CertificateAuthority
-from splitfed.security.tls import TLSConfig
-from splitfed.services.backbone.handlers import (
+from splitfed.protocol.backbone import (
     EXPORT_RESPONSE,
     IMPORT_REQUEST,
+    SESSION_METADATA,
     TRAIN_REQUEST,
     TRAIN_RESPONSE,
-    adapter_config,
+    SessionRequest,
 )
+from splitfed.protocol.backbone import SERVICE as BACKBONE
+from splitfed.protocol.diagnostics import SERVICE as DIAGNOSTICS
+from splitfed.protocol.keys import SERVICE as KEYMANAGER
+from splitfed.security.ca import CertificateAuthority
 from splitfed.services.backbone.servicer import POLICY as BACKBONE_POLICY
-from splitfed.services.backbone.servicer import SERVICE as BACKBONE
-from splitfed.services.backbone.servicer import SESSION_METADATA
-from splitfed.services.diagnostics.servicer import SERVICE as DIAGNOSTICS
 from splitfed.services.keymanager.servicer import POLICY as KEYMANAGER_POLICY
-from splitfed.services.keymanager.servicer import SERVICE as KEYMANAGER
+from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 from splitfed.v1 import backbone_pb2, backbone_pb2_grpc
 
@@ -231,16 +231,12 @@ def test_denial_matrix(stack: Stack) -> None:
 def test_sessions_and_keys_of_another_client_are_denied(stack: Stack) -> None:
     channel, alice = stack.backbone_client(stack.alice)
     with channel:
-        info = alice.open_session(
-            backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(LORA), encrypted=True)
-        )
+        info = alice.open_session(SessionRequest(k=1, m=1, adapter=LORA, encrypted=True))
         assert info.info.encryption
     bob_channel, bob = stack.backbone_client(stack.bob)
     with bob_channel:
         with pytest.raises(PermissionDeniedError):
-            bob.open_session(
-                backbone_pb2.OpenSessionRequest(session_id=info.session_id, encrypted=True)
-            )
+            bob.open_session(SessionRequest(session_id=info.session_id, encrypted=True))
         with pytest.raises(PermissionDeniedError):
             bob.export_adapter(info.session_id)
     with pytest.raises(PermissionDeniedError):
@@ -273,9 +269,7 @@ class Recorder:
 
 def _encrypted_stream(stack: Stack, party: Path, recorder: Recorder | None = None):  # type: ignore[no-untyped-def]
     channel, client = stack.backbone_client(party)
-    session = client.open_session(
-        backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(LORA), encrypted=True)
-    )
+    session = client.open_session(SessionRequest(k=1, m=1, adapter=LORA, encrypted=True))
     keys = stack.keys(party)
     crypto = client_crypto(keys, session.session_id)
     if recorder is not None:
@@ -298,9 +292,7 @@ def test_activations_are_ciphertext_on_the_wire_and_results_match(stack: Stack) 
     recorder = Recorder()
     channel, client, sid, keys, crypto = _encrypted_stream(stack, stack.alice, recorder)
     plain_channel, plain_client = stack.backbone_client(stack.alice)
-    plain = plain_client.open_session(
-        backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(LORA))
-    )
+    plain = plain_client.open_session(SessionRequest(k=1, m=1, adapter=LORA))
     with channel, plain_channel:
         stream = TrainStream(client, sid, "raw", crypto)
         reference = TrainStream(plain_client, plain.session_id, "raw")
@@ -364,12 +356,10 @@ def test_backbone_restart_gets_the_session_keys_again(stack: Stack) -> None:
     stack.backbone.start()
     channel, client = stack.backbone_client(stack.alice)
     with channel:
-        resumed = client.open_session(
-            backbone_pb2.OpenSessionRequest(session_id=sid, encrypted=True)
-        )
+        resumed = client.open_session(SessionRequest(session_id=sid, encrypted=True))
         assert resumed.resumed
         with pytest.raises(FailedPreconditionError):
-            client.open_session(backbone_pb2.OpenSessionRequest(session_id=sid))
+            client.open_session(SessionRequest(session_id=sid))
         stream = TrainStream(client, sid, "raw", crypto)
         torch.testing.assert_close(stream.forward(1, 0, h1, mask, train=False), first)
         stream.close()
@@ -380,9 +370,7 @@ def test_revoked_certificate_loses_its_open_stream(stack: Stack) -> None:
     h1, mask = _batch()
     channel, client = stack.backbone_client(carol)
     with channel:
-        sid = client.open_session(
-            backbone_pb2.OpenSessionRequest(k=1, m=1, adapter=adapter_config(LORA))
-        ).session_id
+        sid = client.open_session(SessionRequest(k=1, m=1, adapter=LORA)).session_id
         stream = TrainStream(client, sid, "raw")
         stream.forward(1, 0, h1, mask, train=False)
         admin = stack.km.admin()

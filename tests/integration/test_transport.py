@@ -21,9 +21,9 @@ from splitfed import metrics
 from splitfed.clients.diagnostics import DiagnosticsClient
 from splitfed.errors import LimitExceededError, rpc_status
 from splitfed.retry import RetryPolicy, is_retryable
-from splitfed.security.tls import TLSConfig
 from splitfed.services.diagnostics import binding
 from splitfed.streams import StreamGuard
+from splitfed.tls import TLSConfig
 from splitfed.transport import (
     Server,
     ServiceBinding,

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from splitfed.clients.federated import FederatedTrainer
+from splitfed.protocol.aggregator import RoundPlan
 from splitfed.services.aggregator.federation import Federation
 from splitfed.services.aggregator.servicer import to_plan
 from splitfed.services.aggregator.settings import FederationSettings
@@ -93,17 +94,17 @@ class InProcessAggregator:
         self.federation = federation
         self.identity = identity
 
-    def join(self, name: str, num_samples: int, join_token: str = "") -> aggregator_pb2.RoundPlan:
+    def join(self, name: str, num_samples: int, join_token: str = "") -> RoundPlan:
         self.federation.join(self.identity, num_samples, join_token)
         return self.plan(name)
 
-    def plan(self, name: str) -> aggregator_pb2.RoundPlan:
+    def plan(self, name: str) -> RoundPlan:
         return to_plan(self.federation.plan(self.identity))
 
-    def advertise_key(self, plan: aggregator_pb2.RoundPlan, public_key: bytes) -> None:
+    def advertise_key(self, plan: RoundPlan, public_key: bytes) -> None:
         self.federation.advertise_key(self.identity, plan.round, plan.attempt, public_key)
 
-    def reveal(self, plan: aggregator_pb2.RoundPlan, seeds: dict[str, bytes]) -> None:
+    def reveal(self, plan: RoundPlan, seeds: dict[str, bytes]) -> None:
         self.federation.reveal(self.identity, plan.round, plan.attempt, seeds)
 
     def download(self, name: str, version: int = 0) -> tuple[int, dict[str, torch.Tensor]]:
@@ -111,7 +112,7 @@ class InProcessAggregator:
         return version, self.federation.offset(version)
 
     def upload(
-        self, plan: aggregator_pb2.RoundPlan, num_samples: int, tensors: dict[str, Any], **_: Any
+        self, plan: RoundPlan, num_samples: int, tensors: dict[str, Any], **_: Any
     ) -> aggregator_pb2.UploadUpdateResponse:
         fed = self.federation
         upload = fed.begin_upload(
@@ -126,9 +127,7 @@ class InProcessAggregator:
             fed.end_upload(upload)
         return aggregator_pb2.UploadUpdateResponse(duplicate=duplicate, received=received)
 
-    def wait_for_change(
-        self, plan: aggregator_pb2.RoundPlan, timeout_s: float = 60.0
-    ) -> aggregator_pb2.RoundPlan:
+    def wait_for_change(self, plan: RoundPlan, timeout_s: float = 60.0) -> RoundPlan:
         seen = self.federation.wait_for_change(None, 0)
         current = self.plan(plan.federation)
         key = (plan.round, plan.attempt, plan.phase, plan.global_version)
@@ -223,17 +222,17 @@ class RestartingAggregator(InProcessAggregator):
             self.fail -= 1
             raise Unavailable()
 
-    def join(self, name: str, num_samples: int, join_token: str = "") -> aggregator_pb2.RoundPlan:
+    def join(self, name: str, num_samples: int, join_token: str = "") -> RoundPlan:
         self._maybe_fail("join")
         return super().join(name, num_samples, join_token)
 
     def upload(
-        self, plan: aggregator_pb2.RoundPlan, num_samples: int, tensors: dict[str, Any], **_: Any
+        self, plan: RoundPlan, num_samples: int, tensors: dict[str, Any], **_: Any
     ) -> aggregator_pb2.UploadUpdateResponse:
         self._maybe_fail("upload")
         return super().upload(plan, num_samples, tensors)
 
-    def advertise_key(self, plan: aggregator_pb2.RoundPlan, public_key: bytes) -> None:
+    def advertise_key(self, plan: RoundPlan, public_key: bytes) -> None:
         self._maybe_fail("advertise_key")
         super().advertise_key(plan, public_key)
 

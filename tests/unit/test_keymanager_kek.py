@@ -18,10 +18,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from security_kit import TEST_KDF
 
-from splitfed.security.ca import CertificateAuthority, load_private_key, write_pem
+from splitfed.security.ca import CertificateAuthority, write_pem
 from splitfed.services.keymanager.authority import KeyAuthority, init_authority
 from splitfed.services.keymanager.kek import KDF_FILE, MIN_SCRYPT_N, ScryptParams
 from splitfed.services.keymanager.settings import load_kek
+from splitfed.tls import load_private_key
 
 KEK = b"correct horse battery staple"  # a weak passphrase, as an operator might pick
 

@@ -17,12 +17,12 @@ from prometheus_client import REGISTRY
 
 from splitfed.clients import trainer as trainer_module
 from splitfed.clients.app import ClientConfig
-from splitfed.clients.backbone import SessionInfo
 from splitfed.clients.trainer import SplitTrainer, StepReport, TrainSettings
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.loading import load_body
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.tiny import BUNDLED_DATASET
+from splitfed.protocol.backbone import ModelInfo, SessionInfo, SessionRequest
 from splitfed.security.perturbation import (
     PerturbationSettings,
     Perturber,
@@ -361,10 +361,8 @@ class LocalBackbone:
         self.hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def open_session(self, request: backbone_pb2.OpenSessionRequest) -> SessionInfo:
-        return SessionInfo(
-            self.session_id, self.step, bool(request.session_id), backbone_pb2.ModelInfo()
-        )
+    def open_session(self, request: SessionRequest) -> SessionInfo:
+        return SessionInfo(self.session_id, self.step, bool(request.session_id), ModelInfo())
 
     def close_session(self, session_id: str) -> None:
         pass

@@ -17,7 +17,7 @@ from splitfed.security.ca import (
     validate_identity,
 )
 from splitfed.security.identity import identity_from_uri
-from splitfed.security.tls import TLSConfig
+from splitfed.tls import TLSConfig
 
 
 @pytest.fixture(scope="module")

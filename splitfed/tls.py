@@ -13,10 +13,28 @@ from typing import cast
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-
-from splitfed.security.ca import CLOCK_SKEW, load_private_key, same_public_key
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 logger = logging.getLogger(__name__)
+
+PrivateKey = ec.EllipticCurvePrivateKey
+
+# Tolerates small clock differences between parties.
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+def load_private_key(pem: bytes, password: bytes | None = None) -> PrivateKey:
+    key = serialization.load_pem_private_key(pem, password=password)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError("expected an EC private key")
+    return key
+
+
+def same_public_key(certificate: x509.Certificate, key: PrivateKey) -> bool:
+    """Whether ``key`` is the private half of ``certificate``'s public key."""
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return certificate.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -1,0 +1,302 @@
+"""The contract of splitfed.v1.Backbone (protos/splitfed/v1/backbone.proto): the
+service, its call metadata, the frame specs of its streams, the sealing contexts of
+adapter transfers, and the messages callers build, as dataclasses with ``to_proto`` /
+``from_proto``. The adapter and optimizer settings are the models' own dataclasses;
+their wire form is converted here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from splitfed.errors import InvalidArgumentError
+from splitfed.models.adapters import AdapterSettings
+from splitfed.models.optim import OptimizerSettings
+from splitfed.security.sealing import FrameContext
+from splitfed.v1 import backbone_pb2
+from splitfed.wire import FrameSpec, dtype_from_proto, dtype_to_proto
+
+SERVICE = backbone_pb2.DESCRIPTOR.services_by_name["Backbone"]
+SERVICE_NAME = SERVICE.full_name
+# The session a Train, Generate or ImportAdapter call is for.
+SESSION_METADATA = "x-splitfed-session"
+# An aggregator's ImportAdapter: the federation it acts for, the member owning the session.
+FEDERATION_METADATA = "x-splitfed-federation"
+OWNER_METADATA = "x-splitfed-owner"
+
+TRAIN_REQUEST = FrameSpec(backbone_pb2.TrainRequest)
+TRAIN_RESPONSE = FrameSpec(backbone_pb2.TrainResponse)
+GENERATE_REQUEST = FrameSpec(backbone_pb2.GenerateRequest)
+GENERATE_RESPONSE = FrameSpec(backbone_pb2.GenerateResponse)
+EXPORT_RESPONSE = FrameSpec(backbone_pb2.ExportAdapterResponse)
+IMPORT_REQUEST = FrameSpec(backbone_pb2.ImportAdapterRequest)
+FRAME_SPECS = (
+    TRAIN_REQUEST,
+    TRAIN_RESPONSE,
+    GENERATE_REQUEST,
+    GENERATE_RESPONSE,
+    EXPORT_RESPONSE,
+    IMPORT_REQUEST,
+)
+
+# The tensors a forward pass (training, evaluation, generation) and a backward pass send.
+FORWARD_TENSORS = frozenset({"h1", "attention_mask"})
+GRAD_TENSORS = frozenset({"grad_h2"})
+
+# The FrameContext op of sealed adapter transfers (encrypted sessions, docs/wire.md):
+# values no TrainOp or GenerateOp takes, so an adapter chunk never passes for an
+# activation. ExportAdapter: step = the response's ``step`` field; ImportAdapter: step 0.
+EXPORT_OP = 0x100
+IMPORT_OP = 0x101
+
+
+def export_context(step: int) -> FrameContext:
+    return FrameContext(op=EXPORT_OP, step=step)
+
+
+IMPORT_CONTEXT = FrameContext(op=IMPORT_OP)
+
+
+def adapter_to_proto(settings: AdapterSettings) -> backbone_pb2.AdapterConfig:
+    """The wire form of ``settings`` (what a client sends in OpenSession)."""
+    if settings.kind == "prefix":
+        return backbone_pb2.AdapterConfig(
+            prefix=backbone_pb2.PrefixConfig(length=settings.prefix_length), seed=settings.seed
+        )
+    return backbone_pb2.AdapterConfig(
+        lora=backbone_pb2.LoraConfig(
+            r=settings.r,
+            alpha=settings.alpha,
+            dropout=settings.dropout,
+            target_modules=settings.target_modules,
+        ),
+        seed=settings.seed,
+    )
+
+
+def adapter_from_proto(config: backbone_pb2.AdapterConfig) -> AdapterSettings:
+    """The settings ``config`` asks for; unset fields take the defaults (no kind: LoRA)."""
+    kind = config.WhichOneof("kind")
+    try:
+        if kind == "prefix":
+            return AdapterSettings(
+                kind="prefix", prefix_length=config.prefix.length, seed=config.seed
+            )
+        lora = config.lora if kind == "lora" else backbone_pb2.LoraConfig()
+        return AdapterSettings(
+            kind="lora",
+            r=lora.r or 16,
+            alpha=lora.alpha or 32.0,
+            dropout=lora.dropout,
+            target_modules=tuple(lora.target_modules),
+            seed=config.seed,
+        )
+    except ValueError as exc:
+        raise InvalidArgumentError(f"adapter: {exc}") from None
+
+
+def optimizer_to_proto(settings: OptimizerSettings) -> backbone_pb2.OptimizerConfig:
+    return backbone_pb2.OptimizerConfig(
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        beta1=settings.beta1,
+        beta2=settings.beta2,
+        eps=settings.eps,
+        schedule=settings.schedule,
+        warmup_steps=settings.warmup_steps,
+        total_steps=settings.total_steps,
+    )
+
+
+def optimizer_from_proto(config: backbone_pb2.OptimizerConfig) -> OptimizerSettings:
+    """The settings ``config`` asks for; unset (zero) fields take the defaults."""
+    defaults = OptimizerSettings()
+    try:
+        return OptimizerSettings(
+            learning_rate=config.learning_rate or defaults.learning_rate,
+            weight_decay=config.weight_decay,
+            beta1=config.beta1 or defaults.beta1,
+            beta2=config.beta2 or defaults.beta2,
+            eps=config.eps or defaults.eps,
+            schedule=config.schedule or defaults.schedule,
+            warmup_steps=config.warmup_steps,
+            total_steps=config.total_steps,
+        )
+    except ValueError as exc:
+        raise InvalidArgumentError(f"optimizer: {exc}") from None
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """OpenSession: a new session (``session_id`` empty) or the resumption of one.
+    ``k`` / ``m`` 0: the backbone's minimum; ``adapter`` / ``optimizer`` None: the
+    defaults; ``encoding`` empty: raw activations."""
+
+    model_id: str = ""
+    k: int = 0
+    m: int = 0
+    adapter: AdapterSettings | None = None
+    optimizer: OptimizerSettings | None = None
+    encoding: str = ""
+    session_id: str = ""
+    encrypted: bool = False
+    federation: str = ""
+
+    def to_proto(self) -> backbone_pb2.OpenSessionRequest:
+        return backbone_pb2.OpenSessionRequest(
+            model_id=self.model_id,
+            k=self.k,
+            m=self.m,
+            adapter=adapter_to_proto(self.adapter) if self.adapter is not None else None,
+            optimizer=optimizer_to_proto(self.optimizer) if self.optimizer is not None else None,
+            encoding=self.encoding,
+            session_id=self.session_id,
+            encrypted=self.encrypted,
+            federation=self.federation,
+        )
+
+    @classmethod
+    def from_proto(cls, message: backbone_pb2.OpenSessionRequest) -> SessionRequest:
+        """The request with its adapter and optimizer settings resolved (defaults filled
+        in); ``InvalidArgumentError`` for settings no session can take."""
+        return cls(
+            model_id=message.model_id,
+            k=message.k,
+            m=message.m,
+            adapter=adapter_from_proto(message.adapter),
+            optimizer=optimizer_from_proto(message.optimizer),
+            encoding=message.encoding,
+            session_id=message.session_id,
+            encrypted=message.encrypted,
+            federation=message.federation,
+        )
+
+    def adapter_settings(self) -> AdapterSettings:
+        return self.adapter if self.adapter is not None else AdapterSettings()
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        return self.optimizer if self.optimizer is not None else OptimizerSettings()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a backbone serves (GetModelInfo, OpenSession). ``dtype`` None: not stated."""
+
+    model_id: str = ""
+    family: str = ""
+    num_layers: int = 0
+    hidden_size: int = 0
+    vocab_size: int = 0
+    dtype: torch.dtype | None = None
+    min_k: int = 0
+    min_m: int = 0
+    max_sequence_length: int = 0
+    max_batch_size: int = 0
+    encodings: tuple[str, ...] = ()
+    adapter_mode: str = ""
+    encryption: bool = False
+
+    def to_proto(self) -> backbone_pb2.ModelInfo:
+        message = backbone_pb2.ModelInfo(
+            model_id=self.model_id,
+            family=self.family,
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            vocab_size=self.vocab_size,
+            min_k=self.min_k,
+            min_m=self.min_m,
+            max_sequence_length=self.max_sequence_length,
+            max_batch_size=self.max_batch_size,
+            encodings=list(self.encodings),
+            adapter_mode=self.adapter_mode,
+            encryption=self.encryption,
+        )
+        if self.dtype is not None:
+            message.dtype = dtype_to_proto(self.dtype)
+        return message
+
+    @classmethod
+    def from_proto(cls, message: backbone_pb2.ModelInfo) -> ModelInfo:
+        return cls(
+            model_id=message.model_id,
+            family=message.family,
+            num_layers=message.num_layers,
+            hidden_size=message.hidden_size,
+            vocab_size=message.vocab_size,
+            dtype=dtype_from_proto(message.dtype) if message.dtype else None,
+            min_k=message.min_k,
+            min_m=message.min_m,
+            max_sequence_length=message.max_sequence_length,
+            max_batch_size=message.max_batch_size,
+            encodings=tuple(message.encodings),
+            adapter_mode=message.adapter_mode,
+            encryption=message.encryption,
+        )
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """OpenSession's answer: the session, the step it is at, whether it was resumed."""
+
+    session_id: str
+    step: int
+    resumed: bool
+    info: ModelInfo = field(default_factory=ModelInfo)
+    encrypted: bool = False
+
+    def to_proto(self) -> backbone_pb2.OpenSessionResponse:
+        return backbone_pb2.OpenSessionResponse(
+            session_id=self.session_id,
+            info=self.info.to_proto(),
+            step=self.step,
+            resumed=self.resumed,
+            encrypted=self.encrypted,
+        )
+
+    @classmethod
+    def from_proto(cls, message: backbone_pb2.OpenSessionResponse) -> SessionInfo:
+        return cls(
+            session_id=message.session_id,
+            step=int(message.step),
+            resumed=message.resumed,
+            info=ModelInfo.from_proto(message.info),
+            encrypted=message.encrypted,
+        )
+
+
+@dataclass(frozen=True)
+class StepCommand:
+    """Train's STEP: the client's squared gradient norm and the global clipping norm."""
+
+    client_grad_sq_norm: float
+    max_grad_norm: float
+
+    def to_proto(self) -> backbone_pb2.StepCommand:
+        return backbone_pb2.StepCommand(
+            client_grad_sq_norm=self.client_grad_sq_norm, max_grad_norm=self.max_grad_norm
+        )
+
+    @classmethod
+    def from_proto(cls, message: backbone_pb2.StepCommand) -> StepCommand:
+        return cls(message.client_grad_sq_norm, message.max_grad_norm)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The backbone's side of an optimizer step."""
+
+    backbone_grad_sq_norm: float = 0.0
+    learning_rate: float = 0.0
+    already_applied: bool = False
+
+    def to_proto(self) -> backbone_pb2.StepResult:
+        return backbone_pb2.StepResult(
+            backbone_grad_sq_norm=self.backbone_grad_sq_norm,
+            learning_rate=self.learning_rate,
+            already_applied=self.already_applied,
+        )
+
+    @classmethod
+    def from_proto(cls, message: backbone_pb2.StepResult) -> StepResult:
+        return cls(message.backbone_grad_sq_norm, message.learning_rate, message.already_applied)
