@@ -39,7 +39,6 @@ from splitfed.cli.options import (
     tls_options,
 )
 from splitfed.tls import TLSConfig
-from splitfed.transport import create_channel
 from splitfed.v1 import (
     aggregator_pb2,
     aggregator_pb2_grpc,
@@ -91,6 +90,7 @@ def check_service(
     describe: Callable[[grpc.Channel], dict[str, Any]] | None = None,
     timeout_s: float = 5.0,
 ) -> ServiceStatus:
+    from splitfed.transport import create_channel
 
     status = ServiceStatus(service, address)
     try:
