@@ -38,6 +38,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+from common import report
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
@@ -199,22 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         f"aggregator threads: {figures['threads_baseline']} -> {figures['peak_threads']}; "
         f"version 1 max |error| {figures['max_abs_error']:.2e} (tolerance {TOLERANCE:g})"
     )
-    for what, value in ratios.items():
-        print(f"ratio {what}: {value:.3f}")
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "benchmark": "aggregator_memory",
-                    "machine": machine,
-                    "settings": {k: str(v) for k, v in vars(args).items() if k != "json"},
-                    "figures": figures,
-                    "ratios": ratios,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    report(
+        args.json,
+        "aggregator_memory",
+        ratios,
+        machine=machine,
+        settings={k: str(v) for k, v in vars(args).items() if k != "json"},
+        figures=figures,
+    )
     if figures["errors"]:
         for error in figures["errors"]:
             print(f"WRONG: {error}", file=sys.stderr)

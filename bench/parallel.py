@@ -43,11 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import report, save_random_llama
 from split_step import ALL_CORES, SERVER_NAME, SplitClient, pin
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.backbone import BackboneClient
+from splitfed.models.tiny import llama_config
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority
 from splitfed.tls import TLSConfig
@@ -56,23 +57,6 @@ from splitfed.transport import create_channel
 CLIENTS = 4
 VOCAB = 8000
 MODES = ("serial", "client-batch")
-
-
-def build_model(path: Path, layers: int) -> None:
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
 
 
 @contextmanager
@@ -188,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
         root = Path(tmp)
-        build_model(root / "model", args.layers)
+        model = llama_config(
+            VOCAB, 256, args.layers, intermediate_size=688, heads=4, kv_heads=4, max_positions=1024
+        )
+        save_random_llama(root / "model", model)
         ca = CertificateAuthority.create("bench CA")
         ca.issue("backbone-0", "backbone", dns_names=[SERVER_NAME]).write(root / "tls")
         me = ca.issue("bench", "client")
@@ -219,29 +206,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"client-batch {kind}: {len(jobs)} merged jobs, {sessions:.2f} sessions and "
                 f"{ms:.1f} ms each (median; warm-up included)"
             )
-    print(f"\nratio parallel client-batch/serial samples/s: {ratio:.3f}")
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "benchmark": "parallel",
-                    "machine": machine,
-                    "settings": {
-                        "clients": CLIENTS,
-                        "rounds": args.rounds,
-                        "blocks": args.blocks,
-                        "batch": args.batch,
-                        "tokens": args.tokens,
-                        "layers": args.layers,
-                        "window_ms": args.window_ms,
-                    },
-                    "figures": figures,
-                    "ratios": {"parallel client-batch/serial samples/s": ratio},
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    print()
+    report(
+        args.json,
+        "parallel",
+        {"parallel client-batch/serial samples/s": ratio},
+        machine=machine,
+        settings={
+            "clients": CLIENTS,
+            "rounds": args.rounds,
+            "blocks": args.blocks,
+            "batch": args.batch,
+            "tokens": args.tokens,
+            "layers": args.layers,
+            "window_ms": args.window_ms,
+        },
+        figures=figures,
+    )
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -31,8 +30,9 @@ from typing import Any
 
 import torch
 import transformers
+from common import llama_512x8, report
 from peft import inject_adapter_in_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from splitfed.models import split_model
 from splitfed.models.adapters import LoraSettings
@@ -41,17 +41,8 @@ from splitfed.runtime import tune_allocator
 
 
 def build(seed: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-    )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(llama_512x8(pad_token_id=None))
     inject_adapter_in_model(
         LoraSettings().peft_config(["q_proj", "k_proj", "v_proj", "o_proj"]), model
     )
@@ -184,28 +175,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{figures['generation_tokens_per_s']['split']:>10.1f}"
     )
     print()
-    for what, value in ratios.items():
-        print(f"ratio {what}: {value:.3f}")
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "benchmark": "split_overhead",
-                    "machine": machine,
-                    "rounds": args.rounds,
-                    "raw": {
-                        "unsplit_train": unsplit_train,
-                        "split_train": split_train,
-                        "unsplit_generation": unsplit_gen,
-                        "split_generation": split_gen,
-                    },
-                    "figures": figures,
-                    "ratios": ratios,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    report(
+        args.json,
+        "split_overhead",
+        ratios,
+        machine=machine,
+        rounds=args.rounds,
+        raw={
+            "unsplit_train": unsplit_train,
+            "split_train": split_train,
+            "unsplit_generation": unsplit_gen,
+            "split_generation": split_gen,
+        },
+        figures=figures,
+    )
     return 0
 
 

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import llama_512x8, report, save_random_llama
 from peft import inject_adapter_in_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.backbone import (
@@ -47,7 +48,7 @@ from splitfed.clients.backbone import (
 from splitfed.clients.trainer import causal_lm_loss
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions, SplitGenerator
-from splitfed.models.loading import load_head, load_tail
+from splitfed.models.loading import load_head, load_tail, load_trainable_ends
 from splitfed.models.optim import (
     OptimizerSettings,
     build_optimizer,
@@ -82,23 +83,6 @@ def pin(pid: int, *, second_half: bool) -> int:
     return len(chosen)
 
 
-def build_model(path: Path) -> None:
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-
-
 def centralized(path: Path) -> tuple[Any, list[torch.nn.Parameter], Any, Any]:
     model = LlamaForCausalLM.from_pretrained(str(path), local_files_only=True)
     model.requires_grad_(False)
@@ -128,13 +112,7 @@ def centralized_step(
 
 class SplitClient:
     def __init__(self, path: Path, client: BackboneClient) -> None:
-        self.head, self.tail = load_head(path), load_tail(path)
-        for part in (self.head, self.tail):
-            ADAPTER.apply(part)
-            part.train()
-        self.params = [
-            p for part in (self.head, self.tail) for p in part.parameters() if p.requires_grad
-        ]
+        self.head, self.tail, self.params = load_trainable_ends(path, ADAPTER)
         self.optimizer, self.scheduler = build_optimizer(self.params, OPTIMIZER)
         request = SessionRequest(k=1, m=1, adapter=ADAPTER)
         self.session = client.open_session(request).session_id
@@ -182,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()
     with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
         root = Path(tmp)
-        build_model(root / "model")
+        save_random_llama(root / "model", llama_512x8())
         ca = CertificateAuthority.create("bench CA")
         ca.issue("backbone-0", "backbone", dns_names=[SERVER_NAME]).write(root / "tls")
         me = ca.issue("bench", "client")
@@ -212,21 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':30} {'centralized/local':>18} {'split':>10}")
     print(f"{'train step (s, median)':30} {train['centralized']:>18.3f} {train['split']:>10.3f}")
     print(f"{'generation (tokens/s)':30} {gen['local']:>18.1f} {gen['split']:>10.1f}\n")
-    for what, value in ratios.items():
-        print(f"ratio {what}: {value:.3f}")
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "benchmark": "split_step",
-                    "machine": machine,
-                    "figures": figures,
-                    "ratios": ratios,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    report(args.json, "split_step", ratios, machine=machine, figures=figures)
     return 0
 
 

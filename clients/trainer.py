@@ -54,7 +54,7 @@ from splitfed.models.adapters import (
     load_adapter_state,
     save_adapter,
 )
-from splitfed.models.loading import load_head, load_tail
+from splitfed.models.loading import load_trainable_ends
 from splitfed.models.optim import (
     OptimizerSettings,
     build_optimizer,
@@ -64,7 +64,6 @@ from splitfed.models.optim import (
     optimizer_tensors,
     scale_grads,
 )
-from splitfed.models.parts import Head, Tail
 from splitfed.protocol.backbone import SessionInfo, SessionRequest, StepResult
 from splitfed.retry import RetryPolicy
 from splitfed.security.perturbation import (
@@ -192,14 +191,9 @@ class SplitTrainer:
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(
             str(path), local_files_only=True
         )
-        self.head: Head = load_head(path, settings.k, settings.m)
-        self.tail: Tail = load_tail(path, settings.k, settings.m)
-        for part in (self.head, self.tail):
-            adapter.apply(part)
-            part.train()
-        self.params = [
-            p for part in (self.head, self.tail) for p in part.parameters() if p.requires_grad
-        ]
+        self.head, self.tail, self.params = load_trainable_ends(
+            path, adapter, settings.k, settings.m
+        )
         self.optimizer, self.scheduler = build_optimizer(self.params, optimizer)
         self.data = MicroBatches(
             read_examples(settings.data),

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from splitfed.models.adapters import AdapterSettings
 from splitfed.models.families import Family, family_for
 from splitfed.models.parts import (
     PART_CLASSES,
@@ -181,3 +182,16 @@ def load_tail(path: Path, k: int = 1, m: int = 1, **kwargs: Any) -> Tail:
     part = load_part(path, "tail", k, m, **kwargs)
     assert isinstance(part, Tail)
     return part
+
+
+def load_trainable_ends(
+    path: Path, adapter: AdapterSettings, k: int = 1, m: int = 1
+) -> tuple[Head, Tail, list[nn.Parameter]]:
+    """A client's head and tail of the checkpoint at ``path`` with ``adapter`` applied,
+    in training mode, and their trainable parameters (the head's first)."""
+    head, tail = load_head(path, k, m), load_tail(path, k, m)
+    for part in (head, tail):
+        adapter.apply(part)
+        part.train()
+    params = [p for part in (head, tail) for p in part.parameters() if p.requires_grad]
+    return head, tail, params

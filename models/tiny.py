@@ -69,6 +69,34 @@ def pretrain(
     return float(loss)
 
 
+def llama_config(
+    vocab_size: int,
+    hidden_size: int,
+    layers: int,
+    *,
+    intermediate_size: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    max_positions: int = 512,
+    pad_token_id: int | None = 0,
+) -> LlamaConfig:
+    """A Llama-layout config with the special ids of :data:`SPECIAL_TOKENS` (pad 0, bos 1,
+    eos 2): the tiny checkpoints' (intermediate size 2 x ``hidden_size``) and, larger,
+    the benchmarks' (bench/)."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size if intermediate_size is None else intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=pad_token_id,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
 def make_tiny_checkpoint(
     directory: Path,
     texts: Iterable[str],
@@ -82,18 +110,7 @@ def make_tiny_checkpoint(
     """Save a random Llama-layout model and a tokenizer trained on ``texts``; with
     ``pretrain_texts``, first train the whole model on them for ``pretrain_steps``."""
     tokenizer = train_tokenizer(texts)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = llama_config(len(tokenizer), hidden_size, layers)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
     if pretrain_texts and pretrain_steps:

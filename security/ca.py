@@ -13,12 +13,9 @@ sees a private key other than its own.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from splitfed.files import atomic_write
 from splitfed.tls import CLOCK_SKEW, PrivateKey, load_private_key, same_public_key
 
 ROLES = frozenset({"client", "backbone", "aggregator", "keymanager", "admin"})
@@ -90,22 +88,8 @@ def make_csr(key: PrivateKey, identity: str) -> bytes:
 
 def write_pem(path: Path, data: bytes, *, private: bool) -> None:
     """Write PEM data; private material is created with mode 0600 and never widened."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp creates a fresh file, exclusively and with mode 0600, in the same directory,
-    # so the data never sits in a file others can read and the rename is atomic.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        if not private:
-            os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, private=private) as out:
+        out.write(data)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,9 @@ own key, and a tensor under it would make the file unreadable."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from splitfed.files import atomic_write
 from splitfed.models.schema import validate_tensor_name
 
 _DTYPES: dict[np.dtype[Any], str] = {
@@ -69,33 +68,23 @@ def write_tensors_streamed(
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(len(encoded).to_bytes(8, "little"))
-            out.write(encoded)
-            expected = iter(names)
-            for name, array in tensors:
-                want = next(expected, None)
-                shape, np_dtype = schema.get(name, ((), np.dtype(np.float32)))
-                if name != want or tuple(array.shape) != shape or array.dtype != np_dtype:
-                    raise ValueError(
-                        f"tensor {name!r} {tuple(array.shape)} {array.dtype} is not the "
-                        f"next one of the schema ({want!r})"
-                    )
-                out.write(np.ascontiguousarray(array).data)
-                del array
-            missing = next(expected, None)
-            if missing is not None:
-                raise ValueError(f"tensor {missing!r} of the schema was not given")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as out:
+        out.write(len(encoded).to_bytes(8, "little"))
+        out.write(encoded)
+        expected = iter(names)
+        for name, array in tensors:
+            want = next(expected, None)
+            shape, np_dtype = schema.get(name, ((), np.dtype(np.float32)))
+            if name != want or tuple(array.shape) != shape or array.dtype != np_dtype:
+                raise ValueError(
+                    f"tensor {name!r} {tuple(array.shape)} {array.dtype} is not the "
+                    f"next one of the schema ({want!r})"
+                )
+            out.write(np.ascontiguousarray(array).data)
+            del array
+        missing = next(expected, None)
+        if missing is not None:
+            raise ValueError(f"tensor {missing!r} of the schema was not given")
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -12,7 +12,7 @@ from splitfed.security.authz import AuthorizationInterceptor, RevocationList
 from splitfed.services.keymanager.authority import SERVER_DIR, KeyAuthority
 from splitfed.services.keymanager.servicer import POLICY, binding
 from splitfed.services.keymanager.settings import KeyManagerSettings
-from splitfed.serving import ServerSettings
+from splitfed.serving import ServedBy, ServerSettings
 from splitfed.tls import TLSConfig
 from splitfed.transport import Server, TransportOptions, create_server
 
@@ -30,12 +30,18 @@ class SelfRenewer(Periodic):
 
 
 @dataclass
-class KeyManagerServers:
+class KeyManagerServers(ServedBy):
+    """The mTLS server (``main``: the port and address of the process) and the
+    enrollment server, over one authority."""
+
     authority: KeyAuthority
     main: Server
     enroll: Server
     revocations: RevocationList
     renewer: SelfRenewer | None = None
+
+    def __post_init__(self) -> None:
+        self.server = self.main
 
     def start(self) -> KeyManagerServers:
         self.main.start()
@@ -50,14 +56,6 @@ class KeyManagerServers:
         self.enroll.stop(grace_s)
         self.main.stop(grace_s)
         self.authority.close()
-
-    @property
-    def port(self) -> int:
-        return self.main.port
-
-    @property
-    def address(self) -> str:
-        return self.main.address
 
 
 def server_tls(settings: KeyManagerSettings, server: ServerSettings) -> TLSConfig:

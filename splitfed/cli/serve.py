@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
 
 import click
 
@@ -131,37 +131,65 @@ def serve_diagnostics(
     )
 
 
-@serve.command("backbone")
-@config_option("YAML or TOML file with [backbone] and [server] sections.")
-@serve_options("host:port to bind (overrides [server] listen).")
-@config_overrides
-@click.pass_context
-def serve_backbone(
-    ctx: click.Context,
-    config_path: Path,
-    listen: str | None,
-    port_file: Path | None,
-    stop_on_stdin_eof: bool,
-) -> None:
+# A service's build from its config file and --listen (see config_service).
+ConfigBuild: TypeAlias = "Callable[[Path, str | None], tuple[ServerSettings, Service]]"
+
+
+def config_service(
+    name: str, config_help: str, listen_help: str
+) -> Callable[[ConfigBuild], click.Command]:
+    """``splitfed serve <name> --config FILE``: runs the service that the decorated
+    ``build(config_path, listen)`` makes from the config file (its docstring is the
+    command's help; ``listen``: the --listen that overrides [server] listen)."""
+
+    def register(build: ConfigBuild) -> click.Command:
+        @serve.command(name, help=build.__doc__)
+        @config_option(config_help)
+        @serve_options(listen_help)
+        @config_overrides
+        @click.pass_context
+        def command(
+            ctx: click.Context,
+            config_path: Path,
+            listen: str | None,
+            port_file: Path | None,
+            stop_on_stdin_eof: bool,
+        ) -> None:
+            serve_config(
+                ctx,
+                lambda: build(config_path, listen),
+                listen=listen,
+                port_file=port_file,
+                stop_on_eof=stop_on_stdin_eof,
+            )
+
+        return command
+
+    return register
+
+
+@config_service(
+    "backbone",
+    "YAML or TOML file with [backbone] and [server] sections.",
+    "host:port to bind (overrides [server] listen).",
+)
+def serve_backbone(config_path: Path, listen: str | None) -> tuple[ServerSettings, Service]:
     """Serve splitfed.v1.Backbone: the shared body of a model, for many clients' sessions."""
     from splitfed.cli.configs import BackboneConfig, load_as
     from splitfed.services.backbone.server import build_server
     from splitfed.services.backbone.settings import server_workers
 
-    def build() -> tuple[ServerSettings, Service]:
-        config = load_as(config_path, BackboneConfig)
-        # Every stream the backbone and its diagnostics may hold, and threads to spare.
-        workers = server_workers(config)
-        return config.server, build_server(
-            config.backbone,
-            config.server,
-            config.security,
-            config.diagnostics,
-            max_workers=workers,
-            listen=listen,
-        )
-
-    serve_config(ctx, build, listen=listen, port_file=port_file, stop_on_eof=stop_on_stdin_eof)
+    config = load_as(config_path, BackboneConfig)
+    # Every stream the backbone and its diagnostics may hold, and threads to spare.
+    workers = server_workers(config)
+    return config.server, build_server(
+        config.backbone,
+        config.server,
+        config.security,
+        config.diagnostics,
+        max_workers=workers,
+        listen=listen,
+    )
 
 
 @serve.command("keymanager")
@@ -211,33 +239,24 @@ def serve_keymanager(
     )
 
 
-@serve.command("aggregator")
-@config_option("YAML or TOML file with [aggregator], [server] and [security] sections.")
-@serve_options("host:port (overrides [server] listen).")
-@config_overrides
-@click.pass_context
-def serve_aggregator(
-    ctx: click.Context,
-    config_path: Path,
-    listen: str | None,
-    port_file: Path | None,
-    stop_on_stdin_eof: bool,
-) -> None:
+@config_service(
+    "aggregator",
+    "YAML or TOML file with [aggregator], [server] and [security] sections.",
+    "host:port (overrides [server] listen).",
+)
+def serve_aggregator(config_path: Path, listen: str | None) -> tuple[ServerSettings, Service]:
     """Serve splitfed.v1.Aggregator: federated rounds over clients' adapters."""
     from splitfed.cli.configs import AggregatorConfig, load_as
     from splitfed.services.aggregator.server import build_server
 
-    def build() -> tuple[ServerSettings, Service]:
-        config = load_as(config_path, AggregatorConfig)
-        return config.server, build_server(
-            config.aggregator,
-            config.server,
-            config.security,
-            listen=listen,
-            diagnostics_settings=config.diagnostics,
-        )
-
-    serve_config(ctx, build, listen=listen, port_file=port_file, stop_on_eof=stop_on_stdin_eof)
+    config = load_as(config_path, AggregatorConfig)
+    return config.server, build_server(
+        config.aggregator,
+        config.server,
+        config.security,
+        listen=listen,
+        diagnostics_settings=config.diagnostics,
+    )
 
 
 def built(ctx: click.Context, build: Callable[[], T]) -> T:
