@@ -1,5 +1,9 @@
 """Federated split training against centralized training on the union of the data.
 
+One script of some 900 lines on purpose: a benchmark is one runnable file whose docstring
+is its method; the task, the runs in processes and the report belong together, and what
+they share with the other benches is in bench/common.py.
+
 A synthetic task of four kinds of prompt/response examples (the number after n, copying
 three words, reversing three words, a country's capital) is dealt to 4 clients non-IID:
 client i holds mostly kind i (``--dominant``, default 80 %) and the rest spread evenly

@@ -1,5 +1,8 @@
 """Transport benchmark: the tensor codec against bare gRPC, over the same mutual TLS.
 
+One script a little over 500 lines: a benchmark is one runnable file whose docstring is
+its method; the bare and sealed servers it compares against exist only here.
+
 A float32 tensor of ``--size-mib`` MiB (random, fixed seed) goes client -> server -> client
 two ways, for each chunk size (64 KiB to 4 MiB, and always ``DEFAULT_CHUNK_BYTES``):
 
