@@ -9,9 +9,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from cryptography import x509
+from google.protobuf.message import Message
 
 from splitfed.errors import PermissionDeniedError, UnauthenticatedError, error_from_rpc
 from splitfed.metrics import REVOCATION_LISTS
@@ -30,6 +32,7 @@ from splitfed.transport import DEFAULT_OPTIONS, TransportOptions, create_channel
 from splitfed.v1 import keys_pb2, keys_pb2_grpc
 
 logger = logging.getLogger(__name__)
+R = TypeVar("R", bound=Message)
 
 
 def _call(fn: Callable[[], object], what: str, retry: RetryPolicy) -> object:
@@ -85,15 +88,19 @@ class KeyManagerClient:
         self._stub = keys_pb2_grpc.KeyManagerStub(self.channel)
         old.close()
 
-    def renew(self, csr_pem: bytes) -> tuple[bytes, bytes]:
+    def _rpc(self, method: str, request: Message, response_type: type[R]) -> R:
+        """``KeyManager.<method>`` with this client's retry policy and deadline."""
         r = _call(
-            lambda: self._stub.Renew(
-                keys_pb2.RenewRequest(csr_pem=csr_pem), timeout=self.timeout_s
-            ),
-            "KeyManager.Renew",
+            lambda: getattr(self._stub, method)(request, timeout=self.timeout_s),
+            f"KeyManager.{method}",
             self.retry,
         )
-        assert isinstance(r, keys_pb2.RenewResponse)
+        assert isinstance(r, response_type)
+        return r
+
+    def renew(self, csr_pem: bytes) -> tuple[bytes, bytes]:
+        request = keys_pb2.RenewRequest(csr_pem=csr_pem)
+        r = self._rpc("Renew", request, keys_pb2.RenewResponse)
         return r.certificate_pem, r.ca_pem
 
     def create_token(
@@ -122,73 +129,36 @@ class KeyManagerClient:
 
     def revoke(self, *, identity: str = "", serial: str = "", reason: str = "") -> int:
         request = keys_pb2.RevokeRequest(identity=identity, serial=serial, reason=reason)
-        r = _call(
-            lambda: self._stub.Revoke(request, timeout=self.timeout_s),
-            "KeyManager.Revoke",
-            self.retry,
-        )
-        assert isinstance(r, keys_pb2.RevokeResponse)
-        return r.revoked
+        return self._rpc("Revoke", request, keys_pb2.RevokeResponse).revoked
 
     def list_certificates(self, identity: str = "") -> list[keys_pb2.CertificateRecord]:
-        r = _call(
-            lambda: self._stub.ListCertificates(
-                keys_pb2.ListCertificatesRequest(identity=identity), timeout=self.timeout_s
-            ),
-            "KeyManager.ListCertificates",
-            self.retry,
-        )
-        assert isinstance(r, keys_pb2.ListCertificatesResponse)
+        request = keys_pb2.ListCertificatesRequest(identity=identity)
+        r = self._rpc("ListCertificates", request, keys_pb2.ListCertificatesResponse)
         return list(r.certificates)
 
     def revocations(self) -> Revocations:
-        r = _call(
-            lambda: self._stub.GetRevocations(
-                keys_pb2.GetRevocationsRequest(), timeout=self.timeout_s
-            ),
-            "KeyManager.GetRevocations",
-            self.retry,
-        )
-        assert isinstance(r, keys_pb2.GetRevocationsResponse)
+        request = keys_pb2.GetRevocationsRequest()
+        r = self._rpc("GetRevocations", request, keys_pb2.GetRevocationsResponse)
         return Revocations(r.version, frozenset(c.serial for c in r.revoked), tuple(r.revoked))
 
     def register_session(self, session_id: str, owner: str) -> SessionKeyGrant:
         request = keys_pb2.RegisterSessionRequest(session_id=session_id, owner=owner)
-        r = _call(
-            lambda: self._stub.RegisterSession(request, timeout=self.timeout_s),
-            "KeyManager.RegisterSession",
-            self.retry,
-        )
-        assert isinstance(r, keys_pb2.RegisterSessionResponse)
+        r = self._rpc("RegisterSession", request, keys_pb2.RegisterSessionResponse)
         return SessionKeyGrant.from_proto(r.key)
 
     def session_key(self, session_id: str, key_id: int = 0) -> SessionKeyGrant:
         request = keys_pb2.GetSessionKeyRequest(session_id=session_id, key_id=key_id)
-        r = _call(
-            lambda: self._stub.GetSessionKey(request, timeout=self.timeout_s),
-            "KeyManager.GetSessionKey",
-            self.retry,
-        )
-        assert isinstance(r, keys_pb2.GetSessionKeyResponse)
+        r = self._rpc("GetSessionKey", request, keys_pb2.GetSessionKeyResponse)
         return SessionKeyGrant.from_proto(r.key)
 
     def rotate_session_key(self, session_id: str) -> SessionKeyGrant:
         request = keys_pb2.RotateSessionKeyRequest(session_id=session_id)
-        r = _call(
-            lambda: self._stub.RotateSessionKey(request, timeout=self.timeout_s),
-            "KeyManager.RotateSessionKey",
-            self.retry,
-        )
-        assert isinstance(r, keys_pb2.RotateSessionKeyResponse)
+        r = self._rpc("RotateSessionKey", request, keys_pb2.RotateSessionKeyResponse)
         return SessionKeyGrant.from_proto(r.key)
 
     def end_session(self, session_id: str) -> None:
         request = keys_pb2.EndSessionRequest(session_id=session_id)
-        _call(
-            lambda: self._stub.EndSession(request, timeout=self.timeout_s),
-            "KeyManager.EndSession",
-            self.retry,
-        )
+        self._rpc("EndSession", request, keys_pb2.EndSessionResponse)
 
 
 def enroll(

@@ -36,6 +36,7 @@ from cryptography import x509
 from prometheus_client import Counter
 
 from splitfed.errors import UnauthenticatedError
+from splitfed.interceptors import Handler, HandlerInterceptor
 from splitfed.security.ca import write_pem
 from splitfed.security.identity import peer_identity
 
@@ -182,7 +183,7 @@ class RevocationList:
         return untrack
 
 
-class AuthorizationInterceptor(grpc.ServerInterceptor):
+class AuthorizationInterceptor(HandlerInterceptor):
     """Refuses calls whose certificate is revoked or whose role the policy does not allow.
 
     ``policies`` maps a service's full name to its :data:`Policy`; methods of services not
@@ -204,15 +205,7 @@ class AuthorizationInterceptor(grpc.ServerInterceptor):
         self.public = public
         self.authenticated = authenticated
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
+    def wrap(self, handler: Handler, method: str) -> Handler:
         service, _, name = method.lstrip("/").rpartition("/")
         return _wrap(handler, functools.partial(self._check, method, service, name), self)
 

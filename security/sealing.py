@@ -79,7 +79,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -343,6 +343,23 @@ class Sealer:
         return OutgoingFrame(frame.message, out)
 
 
+V = TypeVar("V")
+
+
+class _PerKey(dict[tuple[int, bytes], V]):
+    """State per (key id, nonce prefix) of one session; keys below ``retired_below`` are
+    retired (their chunks refused, their state dropped)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retired_below = 1
+
+    def retire_before(self, key_id: int) -> None:
+        self.retired_below = max(self.retired_below, key_id)
+        for entry in [entry for entry in self if entry[0] < key_id]:
+            del self[entry]
+
+
 class ReplayWindow:
     """Nonce counters already opened under each (key id, nonce prefix), shared by all
     receiving streams of one session and direction. Thread-safe.
@@ -365,8 +382,7 @@ class ReplayWindow:
         self.max_entries = max_entries
         self._lock = threading.Lock()
         # (key id, prefix) -> (newest counter, bitmap: bit i = counter newest - i opened)
-        self._seen: dict[tuple[int, bytes], tuple[int, int]] = {}
-        self._retired_below = 1
+        self._seen: _PerKey[tuple[int, int]] = _PerKey()
 
     @property
     def entries(self) -> int:
@@ -391,7 +407,7 @@ class ReplayWindow:
                             f"more than {self.max_entries} nonce prefixes under keys from "
                             f"{oldest} in this session; rotate the session key"
                         )
-                    self._retire(oldest + 1)
+                    self._seen.retire_before(oldest + 1)
                 self._seen[entry] = (counter, 1)
                 return
             newest, bits = state
@@ -407,18 +423,13 @@ class ReplayWindow:
     def retire_before(self, key_id: int) -> None:
         """Refuse chunks under keys below ``key_id`` from now on and drop their state."""
         with self._lock:
-            self._retire(key_id)
-
-    def _retire(self, key_id: int) -> None:
-        self._retired_below = max(self._retired_below, key_id)
-        for entry in [entry for entry in self._seen if entry[0] < key_id]:
-            del self._seen[entry]
+            self._seen.retire_before(key_id)
 
     def _check(self, entry: tuple[int, bytes], counter: int) -> None:
-        if entry[0] < self._retired_below:
+        if entry[0] < self._seen.retired_below:
             raise InvalidArgumentError(
                 f"a chunk is sealed under key {entry[0]}, which this session retired (keys "
-                f"below {self._retired_below} are)"
+                f"below {self._seen.retired_below} are)"
             )
         state = self._seen.get(entry)
         if state is None:
@@ -469,8 +480,7 @@ class Opener:
         self._shared = shared
         self._lock = threading.Lock()
         # (key id, nonce prefix) -> last counter that authenticated.
-        self._last: dict[tuple[int, bytes], int] = {}
-        self._retired_below = 1
+        self._last: _PerKey[int] = _PerKey()
         self._newest: int | None = None
         self._name: str | None = None
 
@@ -488,12 +498,7 @@ class Opener:
     def retire_before(self, key_id: int) -> None:
         """Refuse chunks under keys below ``key_id`` from now on and drop their state."""
         with self._lock:
-            self._retire_before(key_id)
-
-    def _retire_before(self, key_id: int) -> None:
-        self._retired_below = max(self._retired_below, key_id)
-        for entry in [entry for entry in self._last if entry[0] < key_id]:
-            del self._last[entry]
+            self._last.retire_before(key_id)
 
     def open_frame(self, frame: IncomingFrame[Any] | ChunkView, context: FrameContext) -> ChunkView:
         """The frame's chunk with its plaintext payload, for ``TensorAssembler.feed``."""
@@ -561,10 +566,10 @@ class Opener:
         self, chunk: tensor_pb2.TensorChunk, entry: tuple[int, bytes], counter: int
     ) -> None:
         key_id = entry[0]
-        if key_id < self._retired_below:
+        if key_id < self._last.retired_below:
             raise InvalidArgumentError(
                 f"chunk seq {chunk.seq}{self._of(chunk)} is sealed under key {key_id}, "
-                f"which is retired (keys below {self._retired_below} are)"
+                f"which is retired (keys below {self._last.retired_below} are)"
             )
         last = self._last.get(entry)
         if last is not None and counter <= last:
@@ -583,7 +588,7 @@ class Opener:
                         f"more than {self._max_entries} nonce prefixes under keys from "
                         f"{oldest}; retire older keys first"
                     )
-                self._retire_before(oldest + 1)
+                self._last.retire_before(oldest + 1)
         self._last[entry] = counter
         if self._newest is None or key_id > self._newest:
             self._newest = key_id

@@ -32,6 +32,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
+from splitfed.interceptors import Handler, HandlerInterceptor
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -180,20 +182,12 @@ class _Call:
         RPCS_IN_FLIGHT.labels(self.service, self.method).dec()
 
 
-class RpcMetricsInterceptor(grpc.ServerInterceptor):
+class RpcMetricsInterceptor(HandlerInterceptor):
     """Counts and times every call by service, method and status code; installed first
     (outermost) by :func:`splitfed.transport.create_server`, so refused calls count too."""
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, method = _split_method(handler_call_details.method)
-        return _measured(handler, service, method)
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        return _measured(handler, *_split_method(method))
 
 
 def _measured(

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -107,18 +108,45 @@ def handle_open(
     )
 
 
+class _Inbox:
+    """The tensors arriving on a Train or Generate stream, gathered into the arguments
+    of one pass."""
+
+    def __init__(self, assembler: TensorAssembler, crypto: SessionCrypto | None) -> None:
+        self.assembler = assembler
+        self.receiver = FrameReceiver(crypto)
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def arguments(
+        self, frame: IncomingFrame[Any], needed: frozenset[str]
+    ) -> dict[str, torch.Tensor] | None:
+        """The ``needed`` tensors once ``frame`` completed the last of them, else None."""
+        received = self.receiver.feed(self.assembler, frame)
+        if received is None:
+            return None
+        # The receive budget covers tensors being received; a pass that keeps its
+        # input until its gradient counts it in its graph (the pending quotas).
+        self.assembler.release_completed()
+        return gather(self.tensors, received, needed)
+
+
 @contextmanager
 def _receiving(
-    state: BackboneState, session: Session, budget: ReceiveBudget, *, training: bool
-) -> Iterator[tuple[int, TensorAssembler]]:
-    """A stream of ``session`` held open (its generation) and the assembler of its
-    incoming tensors."""
+    state: BackboneState,
+    session: Session,
+    budget: ReceiveBudget,
+    crypto: SessionCrypto | None,
+    *,
+    training: bool,
+) -> Iterator[tuple[int, _Inbox]]:
+    """A stream of ``session`` held open (its generation) and the inbox of its incoming
+    tensors."""
     with (
         log_context(session=redact(session.session_id)),
         state.stream(session, training=training) as generation,
         TensorAssembler(tensor_limits(state), budget) as assembler,
     ):
-        yield generation, assembler
+        yield generation, _Inbox(assembler, crypto)
         assembler.finish()
 
 
@@ -132,9 +160,7 @@ def handle_train(
 ) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
     """One training stream of one session: see ``Backbone.Train`` in backbone.proto."""
     sid = session.session_id
-    receiver = FrameReceiver(crypto)
-    with _receiving(state, session, budget, training=True) as (generation, assembler):
-        tensors: dict[str, torch.Tensor] = {}
+    with _receiving(state, session, budget, crypto, training=True) as (generation, inbox):
         current: tuple[int, int, int] | None = None
         for frame in frames:
             request = frame.message
@@ -154,14 +180,8 @@ def handle_train(
                         f"micro-batch {current[2]} was complete"
                     )
                 current = key
-                received = receiver.feed(assembler, frame)
-                if received is None:
-                    continue
-                # The receive budget covers tensors being received; a pass that keeps its
-                # input until its gradient counts it in its graph (the pending quotas).
-                assembler.release_completed()
                 needed = GRAD_TENSORS if op == backbone_pb2.TRAIN_OP_BACKWARD else FORWARD_TENSORS
-                args = gather(tensors, received, needed)
+                args = inbox.arguments(frame, needed)
                 if args is None:
                     continue
                 step, micro = request.step, request.micro_batch
@@ -216,19 +236,13 @@ def handle_generate(
     crypto: SessionCrypto | None = None,
 ) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
     sid = session.session_id
-    receiver = FrameReceiver(crypto)
-    with _receiving(state, session, budget, training=False) as (_, assembler):
-        tensors: dict[str, torch.Tensor] = {}
+    with _receiving(state, session, budget, crypto, training=False) as (_, inbox):
         for frame in frames:
             request = frame.message
             session.touch()
             op = request.op
             if op == backbone_pb2.GENERATE_OP_FORWARD:
-                received = receiver.feed(assembler, frame)
-                if received is None:
-                    continue
-                assembler.release_completed()
-                args = gather(tensors, received, FORWARD_TENSORS)
+                args = inbox.arguments(frame, FORWARD_TENSORS)
                 if args is None:
                     continue
                 out = state.queue.run(

@@ -32,6 +32,7 @@ from splitfed.errors import (
     UnauthenticatedError,
 )
 from splitfed.logs import redact
+from splitfed.protocol.keys import SessionKeyGrant
 from splitfed.security.ca import (
     DEFAULT_TRUST_DOMAIN,
     CertificateAuthority,
@@ -61,7 +62,6 @@ from splitfed.services.keymanager.store import (
     CertificateRefusedError,
     CertificateRevokedError,
     CertificateRow,
-    IssuedKey,
     KeyStore,
     SessionRow,
     TokenRefusedError,
@@ -462,7 +462,7 @@ class KeyAuthority:
 
     # --- session data keys ------------------------------------------------------------
 
-    def register_session(self, backbone: Identity, session_id: str, owner: str) -> IssuedKey:
+    def register_session(self, backbone: Identity, session_id: str, owner: str) -> SessionKeyGrant:
         if not session_id or len(session_id) > 128:
             raise InvalidArgumentError("session_id must be 1-128 characters")
         if not owner:
@@ -482,7 +482,7 @@ class KeyAuthority:
             raise PermissionDeniedError(f"{caller} has no access to session {session_id!r}")
         return row
 
-    def session_key(self, caller: Identity, session_id: str, key_id: int = 0) -> IssuedKey:
+    def session_key(self, caller: Identity, session_id: str, key_id: int = 0) -> SessionKeyGrant:
         self._session_for(caller, session_id, owner_only=False)
         try:
             return self.store.issue_key(session_id, key_id)
@@ -491,7 +491,7 @@ class KeyAuthority:
         except OverflowError as exc:
             raise FailedPreconditionError(f"{exc}; rotate the session key") from None
 
-    def rotate(self, caller: Identity, session_id: str) -> IssuedKey:
+    def rotate(self, caller: Identity, session_id: str) -> SessionKeyGrant:
         self._session_for(caller, session_id, owner_only=True)
         key_id = self.store.rotate_key(session_id, str(caller))
         logger.info("[KeyAuthority] session %s rotated to key %d", redact(session_id), key_id)

@@ -7,11 +7,11 @@ from collections.abc import Callable
 import grpc
 
 from splitfed.errors import InvalidArgumentError, UnauthenticatedError, unary_errors
-from splitfed.protocol.keys import SERVICE, SessionKeyGrant
+from splitfed.protocol.keys import SERVICE
 from splitfed.security.authz import Policy, peer_certificate_pem
 from splitfed.security.identity import Identity, peer_identity
 from splitfed.services.keymanager.authority import KeyAuthority
-from splitfed.services.keymanager.store import CertificateRow, IssuedKey
+from splitfed.services.keymanager.store import CertificateRow
 from splitfed.transport import ServiceBinding, service_binding
 from splitfed.v1 import keys_pb2
 
@@ -47,10 +47,6 @@ def _record(row: CertificateRow) -> keys_pb2.CertificateRecord:
         revoked_at=int(row.revoked_at or 0),
         reason=row.reason,
     )
-
-
-def _key(key: IssuedKey) -> keys_pb2.SessionKey:
-    return SessionKeyGrant(key.session_id, key.key_id, key.secret, key.nonce_prefix).to_proto()
 
 
 class KeyManagerServicer:
@@ -131,21 +127,21 @@ class KeyManagerServicer:
         self, request: keys_pb2.RegisterSessionRequest, context: grpc.ServicerContext
     ) -> keys_pb2.RegisterSessionResponse:
         key = self.authority.register_session(_caller(context), request.session_id, request.owner)
-        return keys_pb2.RegisterSessionResponse(key=_key(key))
+        return keys_pb2.RegisterSessionResponse(key=key.to_proto())
 
     @unary_errors
     def GetSessionKey(
         self, request: keys_pb2.GetSessionKeyRequest, context: grpc.ServicerContext
     ) -> keys_pb2.GetSessionKeyResponse:
         key = self.authority.session_key(_caller(context), request.session_id, request.key_id)
-        return keys_pb2.GetSessionKeyResponse(key=_key(key))
+        return keys_pb2.GetSessionKeyResponse(key=key.to_proto())
 
     @unary_errors
     def RotateSessionKey(
         self, request: keys_pb2.RotateSessionKeyRequest, context: grpc.ServicerContext
     ) -> keys_pb2.RotateSessionKeyResponse:
         key = self.authority.rotate(_caller(context), request.session_id)
-        return keys_pb2.RotateSessionKeyResponse(key=_key(key))
+        return keys_pb2.RotateSessionKeyResponse(key=key.to_proto())
 
     @unary_errors
     def EndSession(

@@ -31,6 +31,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from splitfed.protocol.keys import SessionKeyGrant
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
     digest TEXT PRIMARY KEY,
@@ -144,17 +146,6 @@ class SessionRow:
     owner: str
     backbone: str
     current_key: int
-
-
-@dataclass(frozen=True, repr=False)
-class IssuedKey:
-    session_id: str
-    key_id: int
-    secret: bytes
-    nonce_prefix: bytes
-
-    def __repr__(self) -> str:  # never print key material
-        return f"IssuedKey({self.session_id!r}, key_id={self.key_id})"
 
 
 @dataclass(frozen=True)
@@ -549,7 +540,7 @@ class KeyStore:
             raise KeyError(f"no session {session_id!r}")
         return int(row[0])
 
-    def issue_key(self, session_id: str, key_id: int = 0) -> IssuedKey:
+    def issue_key(self, session_id: str, key_id: int = 0) -> SessionKeyGrant:
         """Key ``key_id`` of a session (0: the current one) with a nonce prefix never
         handed out before for that key, also across restarts."""
         with self._tx() as db:
@@ -568,7 +559,7 @@ class KeyStore:
                 (session_id, wanted),
             )
         secret = self._unseal(session_id, wanted, row[0])
-        return IssuedKey(session_id, wanted, secret, int(row[1]).to_bytes(4, "big"))
+        return SessionKeyGrant(session_id, wanted, secret, int(row[1]).to_bytes(4, "big"))
 
     def rotate_key(self, session_id: str, actor: str) -> int:
         """Make a new current key; keep the previous one (frames in flight), destroy older."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from splitfed.protocol.messages import from_message, to_message
 from splitfed.v1 import aggregator_pb2
 from splitfed.wire import FrameSpec
 
@@ -62,47 +63,20 @@ class RoundPlan:
         return (self.round, self.attempt, int(self.phase), self.global_version)
 
     def to_proto(self) -> aggregator_pb2.RoundPlan:
-        return aggregator_pb2.RoundPlan(
-            federation=self.federation,
-            round=self.round,
-            attempt=self.attempt,
+        return to_message(
+            self,
+            aggregator_pb2.RoundPlan,
             phase=aggregator_pb2.RoundPhase.ValueType(self.phase),
-            global_version=self.global_version,
-            selected=self.selected,
-            uploaded=self.uploaded,
-            local_steps=self.local_steps,
-            deadline=self.deadline,
-            adapter_seed=self.adapter_seed,
-            secure_aggregation=self.secure_aggregation,
-            peers=[
-                aggregator_pb2.Peer(identity=p.identity, public_key=p.public_key)
-                for p in self.peers
-            ],
-            secagg_scale=self.secagg_scale,
+            peers=[to_message(p, aggregator_pb2.Peer) for p in self.peers],
             dropped=list(self.dropped),
-            rounds=self.rounds,
-            message=self.message,
-            schema_digest=self.schema_digest,
         )
 
     @classmethod
     def from_proto(cls, message: aggregator_pb2.RoundPlan) -> RoundPlan:
-        return cls(
-            federation=message.federation,
-            round=message.round,
-            attempt=message.attempt,
+        return from_message(
+            cls,
+            message,
             phase=Phase(message.phase),
-            global_version=message.global_version,
-            selected=message.selected,
-            uploaded=message.uploaded,
-            local_steps=message.local_steps,
-            deadline=message.deadline,
-            adapter_seed=message.adapter_seed,
-            secure_aggregation=message.secure_aggregation,
-            peers=tuple(Peer(p.identity, p.public_key) for p in message.peers),
-            secagg_scale=message.secagg_scale,
+            peers=tuple(from_message(Peer, p) for p in message.peers),
             dropped=tuple(message.dropped),
-            rounds=message.rounds,
-            message=message.message,
-            schema_digest=message.schema_digest,
         )

@@ -13,6 +13,7 @@ import torch
 from splitfed.errors import InvalidArgumentError
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
+from splitfed.protocol.messages import from_message, to_message
 from splitfed.security.sealing import FrameContext
 from splitfed.v1 import backbone_pb2
 from splitfed.wire import FrameSpec, dtype_from_proto, dtype_to_proto
@@ -65,12 +66,7 @@ def adapter_to_proto(settings: AdapterSettings) -> backbone_pb2.AdapterConfig:
             prefix=backbone_pb2.PrefixConfig(length=settings.prefix_length), seed=settings.seed
         )
     return backbone_pb2.AdapterConfig(
-        lora=backbone_pb2.LoraConfig(
-            r=settings.r,
-            alpha=settings.alpha,
-            dropout=settings.dropout,
-            target_modules=settings.target_modules,
-        ),
+        lora=to_message(settings, backbone_pb2.LoraConfig, target_modules=settings.target_modules),
         seed=settings.seed,
     )
 
@@ -97,16 +93,7 @@ def adapter_from_proto(config: backbone_pb2.AdapterConfig) -> AdapterSettings:
 
 
 def optimizer_to_proto(settings: OptimizerSettings) -> backbone_pb2.OptimizerConfig:
-    return backbone_pb2.OptimizerConfig(
-        learning_rate=settings.learning_rate,
-        weight_decay=settings.weight_decay,
-        beta1=settings.beta1,
-        beta2=settings.beta2,
-        eps=settings.eps,
-        schedule=settings.schedule,
-        warmup_steps=settings.warmup_steps,
-        total_steps=settings.total_steps,
-    )
+    return to_message(settings, backbone_pb2.OptimizerConfig)
 
 
 def optimizer_from_proto(config: backbone_pb2.OptimizerConfig) -> OptimizerSettings:
@@ -144,32 +131,22 @@ class SessionRequest:
     federation: str = ""
 
     def to_proto(self) -> backbone_pb2.OpenSessionRequest:
-        return backbone_pb2.OpenSessionRequest(
-            model_id=self.model_id,
-            k=self.k,
-            m=self.m,
+        return to_message(
+            self,
+            backbone_pb2.OpenSessionRequest,
             adapter=adapter_to_proto(self.adapter) if self.adapter is not None else None,
             optimizer=optimizer_to_proto(self.optimizer) if self.optimizer is not None else None,
-            encoding=self.encoding,
-            session_id=self.session_id,
-            encrypted=self.encrypted,
-            federation=self.federation,
         )
 
     @classmethod
     def from_proto(cls, message: backbone_pb2.OpenSessionRequest) -> SessionRequest:
         """The request with its adapter and optimizer settings resolved (defaults filled
         in); ``InvalidArgumentError`` for settings no session can take."""
-        return cls(
-            model_id=message.model_id,
-            k=message.k,
-            m=message.m,
+        return from_message(
+            cls,
+            message,
             adapter=adapter_from_proto(message.adapter),
             optimizer=optimizer_from_proto(message.optimizer),
-            encoding=message.encoding,
-            session_id=message.session_id,
-            encrypted=message.encrypted,
-            federation=message.federation,
         )
 
     def adapter_settings(self) -> AdapterSettings:
@@ -198,40 +175,20 @@ class ModelInfo:
     encryption: bool = False
 
     def to_proto(self) -> backbone_pb2.ModelInfo:
-        message = backbone_pb2.ModelInfo(
-            model_id=self.model_id,
-            family=self.family,
-            num_layers=self.num_layers,
-            hidden_size=self.hidden_size,
-            vocab_size=self.vocab_size,
-            min_k=self.min_k,
-            min_m=self.min_m,
-            max_sequence_length=self.max_sequence_length,
-            max_batch_size=self.max_batch_size,
+        return to_message(
+            self,
+            backbone_pb2.ModelInfo,
+            dtype=dtype_to_proto(self.dtype) if self.dtype is not None else None,
             encodings=list(self.encodings),
-            adapter_mode=self.adapter_mode,
-            encryption=self.encryption,
         )
-        if self.dtype is not None:
-            message.dtype = dtype_to_proto(self.dtype)
-        return message
 
     @classmethod
     def from_proto(cls, message: backbone_pb2.ModelInfo) -> ModelInfo:
-        return cls(
-            model_id=message.model_id,
-            family=message.family,
-            num_layers=message.num_layers,
-            hidden_size=message.hidden_size,
-            vocab_size=message.vocab_size,
+        return from_message(
+            cls,
+            message,
             dtype=dtype_from_proto(message.dtype) if message.dtype else None,
-            min_k=message.min_k,
-            min_m=message.min_m,
-            max_sequence_length=message.max_sequence_length,
-            max_batch_size=message.max_batch_size,
             encodings=tuple(message.encodings),
-            adapter_mode=message.adapter_mode,
-            encryption=message.encryption,
         )
 
 
@@ -246,23 +203,11 @@ class SessionInfo:
     encrypted: bool = False
 
     def to_proto(self) -> backbone_pb2.OpenSessionResponse:
-        return backbone_pb2.OpenSessionResponse(
-            session_id=self.session_id,
-            info=self.info.to_proto(),
-            step=self.step,
-            resumed=self.resumed,
-            encrypted=self.encrypted,
-        )
+        return to_message(self, backbone_pb2.OpenSessionResponse, info=self.info.to_proto())
 
     @classmethod
     def from_proto(cls, message: backbone_pb2.OpenSessionResponse) -> SessionInfo:
-        return cls(
-            session_id=message.session_id,
-            step=int(message.step),
-            resumed=message.resumed,
-            info=ModelInfo.from_proto(message.info),
-            encrypted=message.encrypted,
-        )
+        return from_message(cls, message, info=ModelInfo.from_proto(message.info))
 
 
 @dataclass(frozen=True)
@@ -273,13 +218,11 @@ class StepCommand:
     max_grad_norm: float
 
     def to_proto(self) -> backbone_pb2.StepCommand:
-        return backbone_pb2.StepCommand(
-            client_grad_sq_norm=self.client_grad_sq_norm, max_grad_norm=self.max_grad_norm
-        )
+        return to_message(self, backbone_pb2.StepCommand)
 
     @classmethod
     def from_proto(cls, message: backbone_pb2.StepCommand) -> StepCommand:
-        return cls(message.client_grad_sq_norm, message.max_grad_norm)
+        return from_message(cls, message)
 
 
 @dataclass(frozen=True)
@@ -291,12 +234,8 @@ class StepResult:
     already_applied: bool = False
 
     def to_proto(self) -> backbone_pb2.StepResult:
-        return backbone_pb2.StepResult(
-            backbone_grad_sq_norm=self.backbone_grad_sq_norm,
-            learning_rate=self.learning_rate,
-            already_applied=self.already_applied,
-        )
+        return to_message(self, backbone_pb2.StepResult)
 
     @classmethod
     def from_proto(cls, message: backbone_pb2.StepResult) -> StepResult:
-        return cls(message.backbone_grad_sq_norm, message.learning_rate, message.already_applied)
+        return from_message(cls, message)

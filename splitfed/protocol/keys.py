@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from splitfed.protocol.messages import from_message, to_message
 from splitfed.v1 import keys_pb2
 
 SERVICE = keys_pb2.DESCRIPTOR.services_by_name["KeyManager"]
@@ -27,13 +28,8 @@ class SessionKeyGrant:
         return f"SessionKeyGrant({self.session_id!r}, key_id={self.key_id})"
 
     def to_proto(self) -> keys_pb2.SessionKey:
-        return keys_pb2.SessionKey(
-            session_id=self.session_id,
-            key_id=self.key_id,
-            secret=self.secret,
-            nonce_prefix=self.nonce_prefix,
-        )
+        return to_message(self, keys_pb2.SessionKey)
 
     @classmethod
     def from_proto(cls, message: keys_pb2.SessionKey) -> SessionKeyGrant:
-        return cls(message.session_id, message.key_id, message.secret, message.nonce_prefix)
+        return from_message(cls, message)
