@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -38,7 +36,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
-from common import report
+from common import machine, report
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
@@ -163,14 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     adapter_bytes = sum(4 * r * c for r, c in shapes.values())
-    machine = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "grpc": grpc.__version__,
-        "python": platform.python_version(),
-    }
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    described = machine(grpc=grpc.__version__)
     print(
         f"{args.clients} clients, adapter {adapter_bytes / MiB:.2f} MiB in {len(shapes)} "
         f"float32 tensors, {args.concurrency} uploads at a time"
@@ -204,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json,
         "aggregator_memory",
         ratios,
-        machine=machine,
+        machine=described,
         settings={k: str(v) for k, v in vars(args).items() if k != "json"},
         figures=figures,
     )

@@ -1,4 +1,5 @@
-"""What several benchmarks share: their model and how they write their figures.
+"""What several benchmarks share: their model, the machine line and how they write
+their figures.
 
 The model helpers import torch and transformers when called: a benchmark without a
 model (aggregator_memory.py) does not load them for its report."""
@@ -6,6 +7,8 @@ model (aggregator_memory.py) does not load them for its report."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,3 +50,19 @@ def report(path: Path | None, benchmark: str, ratios: dict[str, float], **parts:
     if path is not None:
         document = {"benchmark": benchmark, **parts, "ratios": ratios}
         path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """The machine a benchmark runs on (cpus, platform, torch, python, then ``extra``),
+    printed as its ``machine:`` line."""
+    import torch
+
+    described = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        **extra,
+    }
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in described.items()))
+    return described

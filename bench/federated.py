@@ -53,7 +53,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -65,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import machine
 
 from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.backbone import BackboneClient
@@ -725,13 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 / CLIENTS <= args.dominant <= 1:
         parser.error(f"--dominant must be in [{1 / CLIENTS}, 1]")
     torch.set_num_threads(1)
-    machine = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    described = machine()
     try:
         task = make_task(sizes, args.dominant, args.eval_size, args.seed)
     except IndexError:
@@ -818,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             backbone.stop()
     figures: dict[str, Any] = {
-        "machine": machine,
+        "machine": described,
         "setup": {
             "rounds": args.rounds,
             "local_steps": args.local_steps,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import report, save_random_llama
+from common import machine, report, save_random_llama
 from split_step import ALL_CORES, SERVER_NAME, SplitClient, pin
 
 from splitfed.cli.launcher import ServiceProcess
@@ -156,19 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch >= 1, --tokens >= 2, --window-ms >= 0")
     if args.layers < 3:
         parser.error("--layers must be >= 3 (head and tail keep one each)")
-    machine = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
-        "backbone device": args.device,
-    }
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     threads = pin(os.getpid(), second_half=False)
     torch.set_num_threads(threads)
-    machine["threads"] = threads
-    machine["cores"] = len(ALL_CORES)
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    described = machine(
+        load=load, **{"backbone device": args.device}, threads=threads, cores=len(ALL_CORES)
+    )
     tune_allocator()
     with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
         root = Path(tmp)
@@ -211,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json,
         "parallel",
         {"parallel client-batch/serial samples/s": ratio},
-        machine=machine,
+        machine=described,
         settings={
             "clients": CLIENTS,
             "rounds": args.rounds,

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,7 +28,7 @@ from typing import Any
 
 import torch
 import transformers
-from common import llama_512x8, report
+from common import llama_512x8, machine, report
 from peft import inject_adapter_in_model
 from transformers import LlamaForCausalLM
 
@@ -77,15 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.new_tokens < 1:
         parser.error("--rounds and --new-tokens must be at least 1")
 
-    machine = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    described = machine(transformers=transformers.__version__, threads=torch.get_num_threads())
     tune_allocator()  # as every splitfed process does (its channel/server factories call it)
     model = build(seed=0).train()
     parts = split_model(copy.deepcopy(model), 1, 1)
@@ -179,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json,
         "split_overhead",
         ratios,
-        machine=machine,
+        machine=described,
         rounds=args.rounds,
         raw={
             "unsplit_train": unsplit_train,

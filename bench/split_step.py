@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import llama_512x8, report, save_random_llama
+from common import llama_512x8, machine, report, save_random_llama
 from peft import inject_adapter_in_model
 from transformers import LlamaForCausalLM
 
@@ -143,20 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 2 or args.new_tokens < 1:
         parser.error("--rounds must be >= 2 and --new-tokens >= 1")
-    machine = {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-    }
     # Client and backbone as two machines: each half of the cores (one each on a 2-core
     # host) and as many torch threads; the centralized and local baselines get the
     # client's half.
     threads = pin(os.getpid(), second_half=False)
     torch.set_num_threads(threads)
-    machine["threads"] = threads
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    described = machine(threads=threads)
     tune_allocator()
     with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
         root = Path(tmp)
@@ -190,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':30} {'centralized/local':>18} {'split':>10}")
     print(f"{'train step (s, median)':30} {train['centralized']:>18.3f} {train['split']:>10.3f}")
     print(f"{'generation (tokens/s)':30} {gen['local']:>18.1f} {gen['split']:>10.1f}\n")
-    report(args.json, "split_step", ratios, machine=machine, figures=figures)
+    report(args.json, "split_step", ratios, machine=described, figures=figures)
     return 0
 
 

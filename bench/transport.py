@@ -47,7 +47,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
+from common import machine
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from splitfed.clients.diagnostics import DiagnosticsClient
@@ -403,16 +403,6 @@ def _measure(
     return result
 
 
-def _machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "grpcio": grpc.__version__,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--size-mib", type=int, default=256, help="tensor size (default 256)")
@@ -433,8 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_tls_dir is not None:
         return _serve(args.serve_tls_dir, chunk_sizes)
 
-    machine = _machine()
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()))
+    described = machine(grpcio=grpc.__version__)
     ca = CertificateAuthority.create("bench CA")
     client_cert = ca.issue("bench-client", "client")
     assert client_cert.key_pem is not None
@@ -497,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
             "size_mib": args.size_mib,
             "repeats": args.repeats,
             "default_chunk_bytes": DEFAULT_CHUNK_BYTES,
-            "machine": machine,
+            "machine": described,
             "chunks": results,
             "aes_gcm_single_thread": aes_gcm,
             "ratios": ratios,
