@@ -149,17 +149,7 @@ def keymanager_for(config: ClientConfig) -> Iterator[KeyManagerClient | None]:
     )
     renewer = None
     if security.renew and tls.source_dir is not None:
-        source, name = tls.source_dir, security.keymanager_server_name
-        renewer = CertificateRenewer(
-            source,
-            security.keymanager,
-            server_name=name,
-            renew_fraction=security.renew_fraction,
-            check_every_s=security.renew_check_s,
-            on_renew=lambda _: keys.reconnect(
-                TLSConfig.from_dir(source), security.keymanager, name
-            ),
-        )
+        renewer = CertificateRenewer.reconnecting(keys, tls.source_dir, security)
         renewer.start()
     try:
         yield keys

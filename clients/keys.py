@@ -27,6 +27,7 @@ from splitfed.security.ca import (
     private_key_pem,
     write_pem,
 )
+from splitfed.serving import SecuritySettings
 from splitfed.tls import TLSConfig
 from splitfed.transport import DEFAULT_OPTIONS, TransportOptions, create_channel, parse_address
 from splitfed.v1 import keys_pb2, keys_pb2_grpc
@@ -247,6 +248,22 @@ class CertificateRenewer(Periodic):
         self.renew_fraction = renew_fraction
         self.on_renew = on_renew
         self.renewals = 0
+
+    @classmethod
+    def reconnecting(
+        cls, client: KeyManagerClient, tls_dir: Path, settings: SecuritySettings
+    ) -> CertificateRenewer:
+        """The renewer of a party whose [security] section is ``settings``: once the
+        certificate in ``tls_dir`` is renewed, ``client`` reconnects presenting it."""
+        address, name = settings.keymanager, settings.keymanager_server_name
+        return cls(
+            tls_dir,
+            address,
+            server_name=name,
+            renew_fraction=settings.renew_fraction,
+            check_every_s=settings.renew_check_s,
+            on_renew=lambda _: client.reconnect(TLSConfig.from_dir(tls_dir), address, name),
+        )
 
     def due(self, now: dt.datetime | None = None) -> bool:
         _, start, end = _lifetime(self.tls_dir)

@@ -74,17 +74,6 @@ def server_security(
     poller.poll_now()
     security.background.append(poller)
     if settings.renew and tls.source_dir is not None:
-        client, source = security.keymanager, tls.source_dir
-        security.background.append(
-            CertificateRenewer(
-                source,
-                settings.keymanager,
-                server_name=name,
-                renew_fraction=settings.renew_fraction,
-                check_every_s=settings.renew_check_s,
-                on_renew=lambda _: client.reconnect(
-                    TLSConfig.from_dir(source), settings.keymanager, name
-                ),
-            )
-        )
+        renewer = CertificateRenewer.reconnecting(security.keymanager, tls.source_dir, settings)
+        security.background.append(renewer)
     return security
