@@ -66,7 +66,7 @@ def pretrain(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def llama_config(
