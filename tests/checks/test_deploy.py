@@ -11,6 +11,9 @@
 * Every service config in k8s/ passes ``splitfed config validate --no-files``, and the
   init containers' scripts enroll (or not) as they should.
 
+One module of some 700 lines on purpose: the images, the rendered objects and the
+configs they carry are checked against each other, from one rendering per overlay.
+
 kubectl, hadolint and kubernetes-validate come with the dev extra (PyPI wheels); where
 one is missing, the tests that need it skip and say why.
 """

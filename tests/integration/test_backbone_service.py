@@ -1,5 +1,8 @@
 """The backbone service over real mTLS: generation, ownership, limits, expiry, faults,
-many clients at once."""
+many clients at once.
+
+One module of some 700 lines: its tests share one backbone process per module (the
+expensive part), which a split by topic would start several times."""
 
 from __future__ import annotations
 
