@@ -172,8 +172,14 @@ def test_make_demo_runs_end_to_end(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ctrl_c_stops_the_demo_and_every_service(tmp_path: Path) -> None:
     """SIGINT to the demo alone (not its process group): it stops its services itself."""
+    # Python leaves SIGINT ignored in a process started with it ignored (as a shell does
+    # for background jobs, e.g. a CI runner's); the demo under test gets the default.
+    interruptible = (
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "from splitfed.cli import main; main()"
+    )
     demo = subprocess.Popen(
-        [sys.executable, "-m", "splitfed", "demo", "--steps", "20", "--workdir", str(tmp_path)],
+        [sys.executable, "-c", interruptible, "demo", "--steps", "20", "--workdir", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
