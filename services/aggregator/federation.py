@@ -40,6 +40,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +56,7 @@ from splitfed.errors import (
 )
 from splitfed.logs import log_context
 from splitfed.models.schema import Schema, schema_digest
+from splitfed.protocol.aggregator import Peer, Phase, RoundPlan
 from splitfed.services.aggregator.metrics import (
     AGGREGATION_SECONDS,
     AGGREGATOR_JOINED,
@@ -93,6 +95,25 @@ from splitfed.services.aggregator.updates import (
 )
 
 logger = logging.getLogger(__name__)
+
+# The contract's phase of each phase ``state.json`` holds.
+PHASES = {
+    WAITING: Phase.WAITING,
+    KEYS: Phase.KEYS,
+    UPLOAD: Phase.UPLOAD,
+    REVEAL: Phase.REVEAL,
+    FINISHED: Phase.FINISHED,
+}
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """A round as :meth:`Federation.plan` shows it: the contract's plan, and what a
+    watch adds to it (updates counted so far, participants the attempt waits for)."""
+
+    plan: RoundPlan
+    received: int
+    participants: int
 
 
 def not_a_member(identity: str, federation: str) -> PermissionDeniedError:
@@ -361,7 +382,7 @@ class Federation:
             return sorted(self.state.keys)
         return list(self.state.selected)
 
-    def plan(self, identity: str, *, member: bool = True) -> dict[str, Any]:
+    def plan(self, identity: str, *, member: bool = True) -> RoundView:
         """The plan as ``identity`` sees it. Peers' names and keys and the dropped peers
         go only to this round's participants; ``member=False`` (an admin's status view)
         shows the round without them."""
@@ -372,33 +393,32 @@ class Federation:
                 identity in peers or (s.phase == KEYS and identity in s.selected)
             )
             participant = member and identity in peers
-            return {
-                "federation": self.settings.name,
-                "round": s.round,
-                "attempt": s.attempt,
-                "phase": s.phase,
-                "global_version": s.version,
-                "selected": selected,
-                "uploaded": member and identity in self.contributors,
-                "local_steps": self.settings.local_steps,
-                "deadline": s.deadline,
-                "adapter_seed": self.settings.adapter_seed,
-                "secure_aggregation": self.settings.secure_aggregation,
-                "peers": (
-                    {name: bytes.fromhex(s.keys[name]) for name in peers}
+            plan = RoundPlan(
+                federation=self.settings.name,
+                round=s.round,
+                attempt=s.attempt,
+                phase=PHASES[s.phase],
+                global_version=s.version,
+                selected=selected,
+                uploaded=member and identity in self.contributors,
+                local_steps=self.settings.local_steps,
+                deadline=s.deadline,
+                adapter_seed=self.settings.adapter_seed,
+                secure_aggregation=self.settings.secure_aggregation,
+                peers=(
+                    tuple(Peer(name, bytes.fromhex(s.keys[name])) for name in sorted(peers))
                     if participant
                     and self.settings.secure_aggregation
                     and s.phase in (UPLOAD, REVEAL)
-                    else {}
+                    else ()
                 ),
-                "secagg_scale": self.settings.secagg_scale,
-                "dropped": list(s.dropped) if participant and s.phase == REVEAL else [],
-                "rounds": self.settings.rounds,
-                "message": s.message,
-                "received": len(self.contributors),
-                "participants": len(peers),
-                "schema_digest": self.schema_digest,
-            }
+                secagg_scale=self.settings.secagg_scale,
+                dropped=tuple(s.dropped) if participant and s.phase == REVEAL else (),
+                rounds=self.settings.rounds,
+                message=s.message,
+                schema_digest=self.schema_digest,
+            )
+            return RoundView(plan, received=len(self.contributors), participants=len(peers))
 
     def wait_for_change(self, seen: tuple[Any, ...] | None, timeout_s: float) -> tuple[Any, ...]:
         """Block until the round's visible state differs from ``seen`` (or timeout)."""

@@ -1,6 +1,6 @@
 """Plain functions behind the Aggregator servicer: requests in, Python values out (round
-plans as :meth:`Federation.plan` gives them), :mod:`splitfed.errors` for everything
-wrong. The servicer only converts messages and calls these.
+plans as :class:`RoundPlan`, for a watch :class:`RoundView`), :mod:`splitfed.errors` for
+everything wrong. The servicer only converts messages and calls these.
 
 Every round call is for the federation's members only (an admin may read the round's
 status, without its participants); a federation that does not exist and one the caller
@@ -14,13 +14,11 @@ from typing import Any
 import torch
 
 from splitfed.errors import InvalidArgumentError
+from splitfed.protocol.aggregator import Phase, RoundPlan
 from splitfed.security.identity import Identity
-from splitfed.services.aggregator.federation import Federation, not_a_member
-from splitfed.services.aggregator.persistence import FINISHED
+from splitfed.services.aggregator.federation import Federation, RoundView, not_a_member
 from splitfed.v1 import aggregator_pb2
 from splitfed.wire import IncomingFrame, ReceiveBudget, TensorAssembler, TensorLimits
-
-Plan = dict[str, Any]
 
 
 def federation_for(
@@ -36,24 +34,24 @@ def federation_for(
     return federation
 
 
-def _plan(federation: Federation, caller: Identity) -> Plan:
-    """The round plan as ``caller`` sees it (an admin: without the participants)."""
+def _view(federation: Federation, caller: Identity) -> RoundView:
+    """The round as ``caller`` sees it (an admin: without the participants)."""
     return federation.plan(caller.name, member=caller.role != "admin")
 
 
 def handle_join(
     request: aggregator_pb2.JoinRequest, federations: Mapping[str, Federation], caller: Identity
-) -> Plan:
+) -> RoundPlan:
     federation = federation_for(federations, request.federation, caller, join=True)
     federation.join(caller.name, int(request.num_samples), request.join_token)
-    return federation.plan(caller.name)
+    return federation.plan(caller.name).plan
 
 
 def handle_get_plan(
     request: aggregator_pb2.GetRoundPlanRequest, federation: Federation, caller: Identity
-) -> Plan:
+) -> RoundPlan:
     federation.tick()
-    return _plan(federation, caller)
+    return _view(federation, caller).plan
 
 
 def handle_advertise_key(
@@ -120,7 +118,7 @@ def handle_upload(
     if upload is None:
         for _ in iterator:  # already counted: drain, store nothing
             pass
-        return True, int(federation.plan(identity)["received"])
+        return True, federation.plan(identity).received
     stream = _chain(first, iterator)
     del first  # a frame keeps its whole message (up to a chunk) alive
     try:
@@ -154,8 +152,8 @@ def handle_download(
 
 def handle_watch(
     federation: Federation, caller: Identity, poll_s: float, active: Callable[[], bool]
-) -> Iterator[Plan]:
-    """The round plan each time it changes, while ``active()``; ends after the plan of
+) -> Iterator[RoundView]:
+    """The round each time it changes, while ``active()``; ends after the plan of
     the federation's finish."""
     seen = None
     while active():
@@ -166,7 +164,7 @@ def handle_watch(
         seen = key
         if caller.role != "admin":
             federation.require_member(caller.name)  # still one
-        plan = _plan(federation, caller)
-        yield plan
-        if plan["phase"] == FINISHED:
+        view = _view(federation, caller)
+        yield view
+        if view.plan.phase == Phase.FINISHED:
             return

@@ -6,24 +6,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
 from splitfed.errors import UnauthenticatedError, stream_errors, unary_errors
-from splitfed.protocol.aggregator import (
-    DOWNLOAD_RESPONSE,
-    SERVICE,
-    UPLOAD_REQUEST,
-    Peer,
-    Phase,
-    RoundPlan,
-)
+from splitfed.protocol.aggregator import DOWNLOAD_RESPONSE, SERVICE, UPLOAD_REQUEST
 from splitfed.security.authz import Policy
 from splitfed.security.identity import Identity, peer_identity
 from splitfed.services.aggregator import handlers
 from splitfed.services.aggregator.federation import Federation
-from splitfed.services.aggregator.persistence import FINISHED, KEYS, REVEAL, UPLOAD, WAITING
 from splitfed.streams import StreamGuard
 from splitfed.transport import ServiceBinding, service_binding
 from splitfed.v1 import aggregator_pb2
@@ -59,43 +51,12 @@ POLICY: Policy = {
     "WatchRound": frozenset({"client", "admin"}),
 }
 
-PHASES = {
-    WAITING: Phase.WAITING,
-    KEYS: Phase.KEYS,
-    UPLOAD: Phase.UPLOAD,
-    REVEAL: Phase.REVEAL,
-    FINISHED: Phase.FINISHED,
-}
-
 
 def _caller(context: grpc.ServicerContext) -> Identity:
     identity = peer_identity(context)
     if identity is None:
         raise UnauthenticatedError("no client certificate identity")
     return identity
-
-
-def to_plan(plan: Mapping[str, Any]) -> RoundPlan:
-    """The contract's form of the plan :meth:`Federation.plan` returns."""
-    return RoundPlan(
-        federation=plan["federation"],
-        round=plan["round"],
-        attempt=plan["attempt"],
-        phase=PHASES[plan["phase"]],
-        global_version=plan["global_version"],
-        selected=plan["selected"],
-        uploaded=plan["uploaded"],
-        local_steps=plan["local_steps"],
-        deadline=plan["deadline"],
-        adapter_seed=plan["adapter_seed"],
-        secure_aggregation=plan["secure_aggregation"],
-        peers=tuple(Peer(name, key) for name, key in sorted(plan["peers"].items())),
-        secagg_scale=plan["secagg_scale"],
-        dropped=tuple(plan["dropped"]),
-        rounds=plan["rounds"],
-        message=plan["message"],
-        schema_digest=plan["schema_digest"],
-    )
 
 
 # Streaming calls (uploads, downloads, watches) one identity may hold open at once: an
@@ -147,14 +108,14 @@ class AggregatorServicer:
         self, request: aggregator_pb2.JoinRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.JoinResponse:
         plan = handlers.handle_join(request, self.federations, _caller(context))
-        return aggregator_pb2.JoinResponse(plan=to_plan(plan).to_proto())
+        return aggregator_pb2.JoinResponse(plan=plan.to_proto())
 
     @unary_errors
     def GetRoundPlan(
         self, request: aggregator_pb2.GetRoundPlanRequest, context: grpc.ServicerContext
     ) -> aggregator_pb2.GetRoundPlanResponse:
         plan = self._handle(handlers.handle_get_plan, request, context)
-        return aggregator_pb2.GetRoundPlanResponse(plan=to_plan(plan).to_proto())
+        return aggregator_pb2.GetRoundPlanResponse(plan=plan.to_proto())
 
     @unary_errors
     def AdvertiseKey(
@@ -209,15 +170,15 @@ class AggregatorServicer:
         caller = _caller(context)
         federation = self._federation(request.federation, caller)
         with self.streams.open(context, iter(()), identity=str(caller)) as stream:
-            plans = handlers.handle_watch(federation, caller, self.watch_poll_s, context.is_active)
-            for plan in plans:
+            views = handlers.handle_watch(federation, caller, self.watch_poll_s, context.is_active)
+            for view in views:
                 yield from stream.pace(
                     [
                         aggregator_pb2.WatchRoundResponse(
-                            plan=to_plan(plan).to_proto(),
-                            received=plan["received"],
-                            participants=plan["participants"],
-                            versions=plan["global_version"],
+                            plan=view.plan.to_proto(),
+                            received=view.received,
+                            participants=view.participants,
+                            versions=view.plan.global_version,
                         )
                     ]
                 )

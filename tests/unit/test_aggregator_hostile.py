@@ -218,10 +218,10 @@ def test_only_participants_see_peers_and_dropouts(tmp_path: Path) -> None:
     for who in selected:
         fed.advertise_key(who, 1, 1, bytes(range(32)) if who == selected[0] else bytes(32))
     assert fed.state.phase == "upload"
-    assert set(fed.plan(selected[0])["peers"]) == set(selected)
-    assert fed.plan(outsider)["peers"] == {}
+    assert {peer.identity for peer in fed.plan(selected[0]).plan.peers} == set(selected)
+    assert fed.plan(outsider).plan.peers == ()
     status = fed.plan("admin", member=False)
-    assert status["peers"] == {} and not status["selected"] and status["received"] == 0
+    assert status.plan.peers == () and not status.plan.selected and status.received == 0
 
 
 # --- secure aggregation: a slow upload ------------------------------------------------------

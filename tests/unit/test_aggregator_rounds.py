@@ -19,6 +19,7 @@ from splitfed.services.aggregator.strategies import (
     FedExP,
     make_strategy,
 )
+from splitfed.v1 import aggregator_pb2
 
 
 def test_a_round_averages_by_samples_and_moves_on(tmp_path: Path) -> None:
@@ -163,6 +164,63 @@ def test_a_restart_after_every_update_was_counted_closes_the_round(
     assert (again.state.round, again.state.version) == (2, 1)
     for name, value in again.offset(1).items():
         torch.testing.assert_close(value, (deltas(1)[name] + deltas(2)[name] * 3) / 4)
+
+
+def test_the_plan_on_the_wire_in_each_phase(tmp_path: Path) -> None:
+    """The protobuf plan (and a watch's counts) the servicer sends, field by field,
+    through every phase of a securely aggregated round, for participants and others."""
+    fed = Federation(
+        settings(secure_aggregation=True, rounds=1, start_clients=3, members=("a", "b", "c", "d")),
+        tmp_path,
+    )
+    keys = {who: bytes([ord(who)]) * 32 for who in "abc"}
+    peers = [aggregator_pb2.Peer(identity=who, public_key=key) for who, key in keys.items()]
+
+    def wire(who: str, member: bool = True) -> tuple[aggregator_pb2.RoundPlan, int, int]:
+        view = fed.plan(who, member=member)
+        return view.plan.to_proto(), view.received, view.participants
+
+    def expected(**fields: object) -> aggregator_pb2.RoundPlan:
+        values: dict[str, object] = {
+            "federation": "fed",
+            "round": 1,
+            "attempt": 1,
+            "local_steps": 10,
+            "deadline": fed.state.deadline,
+            "secure_aggregation": True,
+            "secagg_scale": float(2**24),
+            "rounds": 1,
+            "schema_digest": fed.schema_digest,
+        }
+        values.update(fields)
+        return aggregator_pb2.RoundPlan(**values)  # type: ignore[arg-type]
+
+    fed.join("a", 10)
+    assert wire("a") == (expected(phase=aggregator_pb2.ROUND_PHASE_WAITING, deadline=0.0), 0, 0)
+    fed.join("b", 10)
+    fed.join("c", 10)
+    keys_phase = aggregator_pb2.ROUND_PHASE_KEYS
+    assert wire("a") == (expected(phase=keys_phase, selected=True), 0, 3)
+    assert wire("d") == (expected(phase=keys_phase), 0, 3)
+    for who, key in keys.items():
+        fed.advertise_key(who, 1, 1, key)
+    upload_phase = aggregator_pb2.ROUND_PHASE_UPLOAD
+    assert wire("a") == (expected(phase=upload_phase, selected=True, peers=peers), 0, 3)
+    assert wire("admin", member=False) == (expected(phase=upload_phase), 0, 3)
+    for who in "ab":
+        upload(
+            fed, who, {n: torch.zeros(shape, dtype=torch.int64) for n, shape in SHAPES.items()}, 10
+        )
+    fed.tick(fed.state.deadline + 1)
+    reveal = {"phase": aggregator_pb2.ROUND_PHASE_REVEAL, "selected": True, "peers": peers}
+    assert wire("a") == (expected(**reveal, uploaded=True, dropped=["c"]), 2, 3)
+    assert wire("c") == (expected(**reveal, dropped=["c"]), 2, 3)
+    assert wire("d") == (expected(phase=aggregator_pb2.ROUND_PHASE_REVEAL), 2, 3)
+    for who in "ab":
+        fed.reveal(who, 1, 1, {"c": keys[who]})
+    finished = {"phase": aggregator_pb2.ROUND_PHASE_FINISHED, "round": 2, "global_version": 1}
+    assert wire("a") == (expected(**finished, selected=True), 0, 3)
+    assert wire("admin", member=False) == (expected(**finished), 0, 3)
 
 
 def fedexp_offset(

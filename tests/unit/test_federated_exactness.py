@@ -19,7 +19,6 @@ import torch
 from splitfed.clients.federated import FederatedTrainer
 from splitfed.protocol.aggregator import RoundPlan
 from splitfed.services.aggregator.federation import Federation
-from splitfed.services.aggregator.servicer import to_plan
 from splitfed.services.aggregator.settings import FederationSettings
 from splitfed.v1 import aggregator_pb2
 
@@ -99,7 +98,7 @@ class InProcessAggregator:
         return self.plan(name)
 
     def plan(self, name: str) -> RoundPlan:
-        return to_plan(self.federation.plan(self.identity))
+        return self.federation.plan(self.identity).plan
 
     def advertise_key(self, plan: RoundPlan, public_key: bytes) -> None:
         self.federation.advertise_key(self.identity, plan.round, plan.attempt, public_key)
