@@ -36,8 +36,8 @@ from cryptography import x509
 from prometheus_client import Counter
 
 from splitfed.errors import UnauthenticatedError
+from splitfed.files import atomic_write
 from splitfed.interceptors import Handler, HandlerInterceptor
-from splitfed.security.ca import write_pem
 from splitfed.security.identity import peer_identity
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,8 @@ class RevocationList:
                 "fetched_at": self.fetched_at,
                 "serials": sorted(self._revoked),
             }
-        write_pem(path, json.dumps(record).encode() + b"\n", private=True)
+        with atomic_write(path) as out:
+            out.write(json.dumps(record).encode() + b"\n")
 
     def restore(self, path: Path) -> bool:
         """Install the list last saved to ``path``; False (with a warning if the file is

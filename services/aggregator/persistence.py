@@ -18,7 +18,6 @@ decides what is written when."""
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from splitfed.files import atomic_write
 from splitfed.services.aggregator.files import (
     read_tensors,
     tensor_schema,
@@ -133,13 +133,8 @@ class FederationFiles:
         return RoundState(**{k: v for k, v in data.items() if k in known})
 
     def save_state(self, state: RoundState) -> None:
-        path = self.directory / "state.json"
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".state.")
-        with os.fdopen(fd, "w") as out:
-            json.dump(asdict(state), out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        with atomic_write(self.directory / "state.json") as out:
+            out.write(json.dumps(asdict(state)).encode())
 
     # --- the running sum --------------------------------------------------------------
 
