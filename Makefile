@@ -62,7 +62,7 @@ linktree: $(STAMP)
 typecheck: linktree
 	$(BIN)/mypy -p splitfed
 
-# The layers (.importlinter): cli > clients | services > protocol > security | models >
+# The layers (.importlinter): cli > privacy > clients | services > protocol > security | models >
 # core > v1. tests/checks/test_layers.py also shows that a forbidden import breaks it.
 layers: linktree
 	cd build/typecheck && ../../$(BIN)/lint-imports ../../.importlinter --no-cache

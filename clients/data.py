@@ -292,13 +292,16 @@ class MicroBatches:
         self.shuffle = shuffle
         self.per_epoch = max(1, len(self.encoded) // batch_size)
 
-    def batch(self, index: int) -> Batch:
+    def indices(self, index: int) -> list[int]:
+        """Which examples micro-batch ``index`` holds, in its rows' order."""
         epoch, position = divmod(index, self.per_epoch)
         order = list(range(len(self.encoded)))
         if self.shuffle:
             random.Random(self.seed * 100_003 + epoch).shuffle(order)
-        picked = order[position * self.batch_size : (position + 1) * self.batch_size]
-        return collate([self.encoded[i] for i in picked], self.pad_id)
+        return order[position * self.batch_size : (position + 1) * self.batch_size]
+
+    def batch(self, index: int) -> Batch:
+        return collate([self.encoded[i] for i in self.indices(index)], self.pad_id)
 
     def for_step(self, step: int) -> list[Batch]:
         first = (step - 1) * self.accumulation

@@ -24,6 +24,7 @@ from splitfed.cli import (
     federation,
     generate,
     keys,
+    privacy,
     serve,
     status,
     train,
@@ -71,6 +72,7 @@ for command in (
     config.config_group,
     adapters.adapters,
     federation.federation,
+    privacy.privacy,
 ):
     cli.add_command(command)
 
