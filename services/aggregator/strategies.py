@@ -219,6 +219,10 @@ class DPFedAvg(FedAvg):
                 "standard deviation sigma * clip_norm) in strategy_options, e.g. "
                 "strategy_options = {clip_norm = 1.0, noise_multiplier = 1.0}"
             )
+        for option in ("clip_norm", "noise_multiplier", "delta"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"dp_fedavg's {option} must be a number, got {value!r}")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"dp_fedavg needs clip_norm > 0 (finite), got {self.clip_norm}")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):

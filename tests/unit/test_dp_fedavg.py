@@ -87,6 +87,8 @@ def test_options_are_validated_with_errors_that_say_what_to_set() -> None:
     for bad in (0.0, 1.0, 2.0):
         with pytest.raises(ValueError, match="0 < delta < 1"):
             make_strategy("dp_fedavg", {"clip_norm": 1, "noise_multiplier": 1, "delta": bad})
+    with pytest.raises(ValueError, match="dp_fedavg's delta must be a number, got '1e-05'"):
+        make_strategy("dp_fedavg", {"clip_norm": 1, "noise_multiplier": 1, "delta": "1e-05"})
     with pytest.raises(ValueError, match="unexpected keyword argument 'sigma'"):
         make_strategy("dp_fedavg", {"clip_norm": 1, "noise_multiplier": 1, "sigma": 1})
     # Through the federation's settings: plain and secure rounds, not server adapters.
