@@ -694,7 +694,8 @@ class Federation:
         if self.accumulator is None:
             self.accumulator = self._new_accumulator()
         secure = self.settings.secure_aggregation
-        weight = 1.0 if secure or self.robust or self.private else float(upload.samples)
+        equal = secure or self.robust or self.private is not None
+        weight = 1.0 if equal else float(upload.samples)
         try:
             squares, factor = 0.0, 1.0
             if secure:
