@@ -5,7 +5,10 @@ A federation's global adapter at version v is the seeded initial adapter (every 
 builds the same one from the federation's ``adapter_seed``) plus the offset the
 aggregator holds. Each round a selected client loads version v, trains ``local_steps``
 steps, and uploads its delta (trained minus version v) with its sample count; with secure
-aggregation the delta is fixed-point encoded and masked first (:mod:`.secagg`).
+aggregation the delta is fixed-point encoded and masked first (:mod:`.secagg`). In a
+DP-FedAvg federation with secure aggregation (the plan carries a clip norm) the client
+clips its delta, adds the noise the plan names and weighs it 1 before masking
+(:mod:`splitfed.security.dp_fedavg`); in plain rounds the aggregator does both.
 """
 
 from __future__ import annotations
@@ -217,6 +220,9 @@ class _LocalRound:
     delta: dict[str, torch.Tensor] | None = None
     # With secure aggregation: (attempt, the delta masked for that attempt's peers).
     masked: tuple[int, dict[str, torch.Tensor]] | None = None
+    # DP-FedAvg with secure aggregation: ((clip norm, noise std), the delta clipped and
+    # noised with them), drawn once: a retried attempt sends the same noised update.
+    private: tuple[tuple[float, float], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -400,6 +406,10 @@ class FederatedTrainer:
                 trained = self.trainer.adapter_tensors()
                 local.delta = {n: (trained[n].detach() - local.base[n]).float() for n in local.base}
             delta, losses = local.delta, list(local.losses)
+            weight = float(self.samples)
+            if plan.secure_aggregation and plan.private:
+                delta = self._privatized(local, plan)
+                weight = 1.0  # DP-FedAvg weighs every update equally
             if plan.secure_aggregation:
                 # Masked once per attempt (the masks' private key is gone after): an upload
                 # that failed sends the same masked tensors again.
@@ -407,7 +417,7 @@ class FederatedTrainer:
                     self._participant.set_peers({p.identity: p.public_key for p in plan.peers})
                     masked = {
                         n: torch.from_numpy(
-                            self._participant.encode_and_mask(n, d, float(self.samples))
+                            self._participant.encode_and_mask(n, d, weight)
                             .view("int64")
                             .reshape(d.shape)
                         )
@@ -458,6 +468,25 @@ class FederatedTrainer:
             self._participant_round = None  # revealed once
             return True
         return False
+
+    @staticmethod
+    def _privatized(local: _LocalRound, plan: RoundPlan) -> dict[str, torch.Tensor]:
+        """DP-FedAvg with secure aggregation: the round's delta clipped to the plan's clip
+        norm and noised with its client noise, once per (round, base version)."""
+        from splitfed.security.dp_fedavg import privatize_update
+
+        assert local.delta is not None
+        params = (plan.dp_clip_norm, plan.dp_client_noise_std)
+        if local.private is None or local.private[0] != params:
+            local.private = (params, privatize_update(local.delta, *params))
+            local.masked = None
+            logger.info(
+                "[FederatedTrainer] round %d: DP-FedAvg: update clipped to norm %g, noise "
+                "std %g added per coordinate",
+                plan.round,
+                *params,
+            )
+        return local.private[1]
 
     def _identity(self) -> str:
         if not self.identity:

@@ -65,6 +65,7 @@ from splitfed.services.aggregator.metrics import (
     AGGREGATOR_ROUNDS,
     AGGREGATOR_UPDATES,
     AGGREGATOR_VERSION,
+    FEDERATION_EPSILON,
 )
 from splitfed.services.aggregator.persistence import (
     FINISHED,
@@ -82,6 +83,7 @@ from splitfed.services.aggregator.strategies import (
     RobustStrategy,
     is_robust,
     make_strategy,
+    private_strategy,
 )
 from splitfed.services.aggregator.updates import (
     COMMITTED,
@@ -156,6 +158,8 @@ class Federation:
         self.directory = directory
         self.strategy = make_strategy(settings.strategy, settings.strategy_options)
         self.robust = is_robust(self.strategy)
+        # DP-FedAvg: updates clipped and weighed equally, noise on the sum.
+        self.private = private_strategy(self.strategy)
         # The federation's tensors: from its configuration, never from an upload.
         self.schema: Schema = settings.tensor_schema()
         self.schema_digest = schema_digest(self.schema)
@@ -164,6 +168,7 @@ class Federation:
         self.files = FederationFiles(directory)
         self.state = self._load_state()
         self._check_versions()
+        self.epsilon = self._epsilon()
         self._export_state()
         self.contributors: dict[str, int] = {}
         # identity -> (backbone address, session id) of this round's contributors
@@ -228,6 +233,26 @@ class Federation:
         AGGREGATOR_ROUND.labels(name).set(s.round)
         AGGREGATOR_VERSION.labels(name).set(s.version)
         AGGREGATOR_JOINED.labels(name).set(len(s.joined))
+        if self.private is not None:
+            FEDERATION_EPSILON.labels(name).set(self.epsilon)
+
+    def _epsilon(self) -> float:
+        """DP-FedAvg: epsilon (at the strategy's delta) over the closed rounds in the
+        history, each a sampled Gaussian mechanism with the noise multiplier and client
+        sampling rate it recorded. A round closed without DP-FedAvg (before the federation
+        switched to it) released an update without noise: epsilon is then infinite.
+        0.0 for a federation that does not use DP-FedAvg (nothing is reported for it)."""
+        if self.private is None:
+            return 0.0
+        from splitfed.security.dp_fedavg import federation_epsilon
+
+        rounds = []
+        for entry in self.state.history:
+            dp = entry.get("dp")
+            rounds.append(
+                (float(dp["noise_multiplier"]), float(dp["sample_rate"])) if dp else (0.0, 1.0)
+            )
+        return federation_epsilon(rounds, self.private.delta)
 
     def _reset_sum(self) -> None:
         """Forget this round's updates in memory (they stay in the sum file, if any)."""
@@ -417,8 +442,27 @@ class Federation:
                 rounds=self.settings.rounds,
                 message=s.message,
                 schema_digest=self.schema_digest,
+                **self._dp_plan(),
             )
             return RoundView(plan, received=len(self.contributors), participants=len(peers))
+
+    def _dp_plan(self) -> dict[str, float]:
+        """The plan's DP-FedAvg fields (none without it). With secure aggregation each
+        client adds noise of sigma * C / sqrt(min_clients): a round closes with at least
+        min_clients updates, so their sum carries at least sigma * C."""
+        dp = self.private
+        if dp is None:
+            return {}
+        secure = self.settings.secure_aggregation
+        return {
+            "dp_clip_norm": dp.clip,
+            "dp_noise_multiplier": dp.sigma,
+            "dp_client_noise_std": (
+                dp.sum_noise_std / math.sqrt(self.settings.min_clients) if secure else 0.0
+            ),
+            "dp_epsilon": self.epsilon,
+            "dp_delta": dp.delta,
+        }
 
     def wait_for_change(self, seen: tuple[Any, ...] | None, timeout_s: float) -> tuple[Any, ...]:
         """Block until the round's visible state differs from ``seen`` (or timeout)."""
@@ -451,8 +495,15 @@ class Federation:
         count = max(
             self.settings.min_clients, math.ceil(self.settings.sample_fraction * len(s.joined))
         )
-        rng = random.Random(f"{self.settings.name}/{s.round}/{s.attempt}")
+        # DP-FedAvg's amplification by sampling assumes nobody can predict who is
+        # selected: its selection is drawn from the OS, not seeded by federation and round.
+        rng = (
+            random.SystemRandom()
+            if self.private is not None
+            else random.Random(f"{self.settings.name}/{s.round}/{s.attempt}")
+        )
         s.selected = sorted(rng.sample(sorted(s.joined), min(count, len(s.joined))))
+        s.candidates = len(s.joined)
         s.phase = KEYS if self.settings.secure_aggregation else UPLOAD
         s.deadline = now + self.settings.deadline_s
         s.keys, s.dropped, s.revealed, s.message = {}, [], {}, message
@@ -643,7 +694,8 @@ class Federation:
         if self.accumulator is None:
             self.accumulator = self._new_accumulator()
         secure = self.settings.secure_aggregation
-        weight = 1.0 if secure or self.robust else float(upload.samples)
+        equal = secure or self.robust or self.private is not None
+        weight = 1.0 if equal else float(upload.samples)
         try:
             squares, factor = 0.0, 1.0
             if secure:
@@ -652,6 +704,8 @@ class Federation:
             else:
                 squares = self._check_finite(spool)
                 clip = self.settings.clip_update_norm
+                if self.private is not None:
+                    clip = min(clip or math.inf, self.private.clip)
                 if clip and squares > clip * clip:
                     factor = clip / math.sqrt(squares)
                 if self.robust:
@@ -762,9 +816,40 @@ class Federation:
             raise
         AGGREGATOR_ROUNDS.labels(self.settings.name, "closed").inc()
 
+    def _noised(
+        self, averages: Iterable[tuple[str, torch.Tensor]], contributors: int
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """DP-FedAvg in plain rounds: the average of the clipped updates plus the sum's
+        noise N(0, (sigma * C)^2) divided by the contributors, tensor by tensor."""
+        from splitfed.security.dp_fedavg import add_noise, noise_generator
+
+        assert self.private is not None
+        generator = noise_generator()
+        std = self.private.sum_noise_std / contributors
+        for name, average in averages:
+            yield name, add_noise(average, std, generator)
+
+    def _dp_record(self) -> dict[str, float] | None:
+        """What the accountant needs of the round being closed (in its history entry):
+        the noise multiplier and the client sampling rate (selected / members the
+        selection drew from), and the clip norm and client noise for the record."""
+        if self.private is None:
+            return None
+        s = self.state
+        candidates = s.candidates or len(s.joined)
+        plan = self._dp_plan()
+        return {
+            "noise_multiplier": self.private.sigma,
+            "sample_rate": min(1.0, len(s.selected) / max(candidates, 1)),
+            "clip_norm": self.private.clip,
+            "client_noise_std": plan["dp_client_noise_std"],
+        }
+
     def _close_round(self, now: float) -> None:
         s = self.state
         total = sum(self.contributors.values())
+        # DP-FedAvg weighs every update 1: the sum is divided by the contributors.
+        divisor = len(self.contributors) if self.private is not None else total
         state = self.files.strategy_state(s.version)
         scale = None
         averages: Iterable[tuple[str, torch.Tensor]]
@@ -772,7 +857,7 @@ class Federation:
             for survivor, seeds in s.revealed.items():
                 for dropped, seed in seeds.items():
                     self.accumulator.remove_masks(survivor, dropped, bytes.fromhex(seed))
-            averages = self.accumulator.decoded(float(total))
+            averages = self.accumulator.decoded(float(divisor))
         elif self.robust:
             robust: RobustStrategy = self.strategy  # type: ignore[assignment]
             averages = self.accumulator.combined(robust)
@@ -782,7 +867,9 @@ class Federation:
                     self.update_sq / total, self.accumulator.squared_norm() / total**2
                 )
                 state["scale"] = torch.tensor([scale], dtype=torch.float64)
-            averages = self.accumulator.averaged(float(total))
+            averages = self.accumulator.averaged(float(divisor))
+            if self.private is not None and self.private.sigma > 0:
+                averages = self._noised(averages, len(self.contributors))
         previous = self.offset(s.version)
         version = s.version + 1
 
@@ -819,6 +906,7 @@ class Federation:
             )
             if body:
                 self.files.write_body(version, body, s.round)
+        dp = self._dp_record()
         s.history.append(
             {
                 "round": s.round,
@@ -828,16 +916,22 @@ class Federation:
                 "samples": total,
                 "closed_at": now,
                 **({"step_scale": scale} if scale is not None else {}),
+                **({"dp": dp} if dp is not None else {}),
             }
         )
+        if self.private is not None:
+            self.epsilon = self._epsilon()
         logger.info(
-            "[Aggregator] %s round %d closed: version %d from %d update(s), %d samples%s",
+            "[Aggregator] %s round %d closed: version %d from %d update(s), %d samples%s%s",
             self.settings.name,
             s.round,
             version,
             len(self.contributors),
             total,
             "" if scale is None else f", server step x{scale:.3f}",
+            ""
+            if self.private is None
+            else f", dp_fedavg epsilon {self.epsilon:.4g} at delta {self.private.delta:g}",
         )
         AGGREGATOR_PARTICIPANTS.labels(self.settings.name).set(len(self.contributors))
         s.version, s.round, s.attempt = version, s.round + 1, 1

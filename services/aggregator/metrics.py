@@ -41,3 +41,10 @@ AGGREGATION_SECONDS = Histogram(
     ["federation"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+FEDERATION_EPSILON = Gauge(
+    "splitfed_federation_epsilon",
+    "Epsilon of the client-level (epsilon, delta) differential privacy a dp_fedavg "
+    "federation's closed rounds have spent (+Inf after a round without noise); no sample "
+    "for federations without dp_fedavg (not private).",
+    ["federation"],
+)

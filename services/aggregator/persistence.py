@@ -60,6 +60,9 @@ class RoundState:
     # Members by the join token: identity -> digest of the token it joined with (a new
     # token in the config ends their membership until they join with it).
     token_members: dict[str, str] = field(default_factory=dict)
+    # Members the attempt's selection drew from (its client sampling rate is
+    # len(selected) / candidates; DP-FedAvg's accountant).
+    candidates: int = 0
 
 
 @dataclass

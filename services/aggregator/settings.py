@@ -31,7 +31,8 @@ class FederationSettings:
     deadline_s: float = 600.0
     # Optimizer steps each selected client runs per round.
     local_steps: int = 10
-    # Aggregation strategy from the registry: "fedavg", "fedexp", "fedavgm", "fedadam".
+    # Aggregation strategy from the registry: "fedavg", "fedexp", "fedavgm", "fedadam",
+    # "median", "trimmed_mean", "dp_fedavg" (options: docs/federated.md).
     strategy: str = "fedavg"
     strategy_options: dict[str, float] = field(default_factory=dict)
     # The seed every party initialises the adapter from (version 0).
@@ -98,7 +99,12 @@ class FederationSettings:
             parse_address(address)
         if self.secagg_scale <= 1:
             raise ValueError(f"secagg_scale must be > 1, got {self.secagg_scale}")
-        from splitfed.services.aggregator.strategies import FedExP, is_robust, make_strategy
+        from splitfed.services.aggregator.strategies import (
+            FedExP,
+            is_robust,
+            make_strategy,
+            private_strategy,
+        )
 
         strategy = make_strategy(self.strategy, self.strategy_options)  # validates both
         if self.secure_aggregation and isinstance(strategy, FedExP):
@@ -110,6 +116,11 @@ class FederationSettings:
             raise ValueError(
                 f"strategy {self.strategy!r} looks at every update, which secure aggregation "
                 "hides; use it in plain rounds, or fedavg/fedavgm/fedadam with secure_aggregation"
+            )
+        if private_strategy(strategy) is not None and self.server_adapters:
+            raise ValueError(
+                "dp_fedavg does not cover server-side adapters: the backbones' body adapters "
+                "are averaged without clipping or noise; use it with server_adapters = false"
             )
         for member in self.members:
             try:

@@ -18,6 +18,14 @@ then move the result only within the range of the honest ones. They ignore sampl
 counts (a count is the client's word) and need every update in the clear: plain rounds
 only, not with secure aggregation. The aggregator keeps each update on disk until the
 round closes (one adapter per contributor instead of one running sum).
+
+``dp_fedavg`` is FedAvg with client-level differential privacy (McMahan et al., ICLR
+2018; :mod:`splitfed.security.dp_fedavg`): every update is clipped to L2 norm
+``clip_norm`` (all its tensors together), the clipped updates are weighed equally (a
+sample count is the client's word, and a weight would change the sensitivity), Gaussian
+noise of standard deviation ``noise_multiplier * clip_norm`` is added to every coordinate
+of their sum, and the sum is divided by the number of contributors. With secure
+aggregation the clients clip and noise their own updates (the round plan tells them how).
 """
 
 from __future__ import annotations
@@ -191,6 +199,63 @@ class TrimmedMean(FedAvg):
         return mean.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class DPFedAvg(FedAvg):
+    """FedAvg of updates clipped to ``clip_norm`` and weighed equally, with Gaussian noise
+    N(0, (noise_multiplier * clip_norm)^2) on every coordinate of their sum; ``delta`` is
+    the delta of the (epsilon, delta) the aggregator reports. Both ``clip_norm`` and
+    ``noise_multiplier`` must be given (0 noise: clipped FedAvg, not private)."""
+
+    clip_norm: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = 1e-5
+    name: str = "dp_fedavg"
+
+    def __post_init__(self) -> None:
+        if self.clip_norm is None or self.noise_multiplier is None:
+            raise ValueError(
+                "dp_fedavg needs clip_norm (the L2 norm, all tensors together, every update "
+                "is clipped to) and noise_multiplier (sigma: the noise on the sum has "
+                "standard deviation sigma * clip_norm) in strategy_options, e.g. "
+                "strategy_options = {clip_norm = 1.0, noise_multiplier = 1.0}"
+            )
+        for option in ("clip_norm", "noise_multiplier", "delta"):
+            value = getattr(self, option)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"dp_fedavg's {option} must be a number, got {value!r}")
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"dp_fedavg needs clip_norm > 0 (finite), got {self.clip_norm}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError(
+                f"dp_fedavg needs noise_multiplier >= 0 (finite), got {self.noise_multiplier}"
+            )
+        if not 0 < self.delta < 1:
+            raise ValueError(
+                f"dp_fedavg needs 0 < delta < 1, got {self.delta}; choose it below "
+                "1 / (number of members), e.g. 1e-5"
+            )
+
+    @property
+    def clip(self) -> float:
+        assert self.clip_norm is not None
+        return self.clip_norm
+
+    @property
+    def sigma(self) -> float:
+        assert self.noise_multiplier is not None
+        return self.noise_multiplier
+
+    @property
+    def sum_noise_std(self) -> float:
+        """The noise's standard deviation on every coordinate of the sum."""
+        return self.sigma * self.clip
+
+
+def private_strategy(strategy: object) -> DPFedAvg | None:
+    """``strategy`` if it is differentially private (``dp_fedavg``), else None."""
+    return strategy if isinstance(strategy, DPFedAvg) else None
+
+
 class RobustStrategy(Strategy, Protocol):
     def combine(self, values: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """The combined delta of one slice of elements from every update."""
@@ -209,6 +274,7 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "fedadam": FedAdam,
     "median": Median,
     "trimmed_mean": TrimmedMean,
+    "dp_fedavg": DPFedAvg,
 }
 
 

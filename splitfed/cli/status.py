@@ -146,9 +146,21 @@ def describe_aggregator(federation: str) -> Callable[[grpc.Channel], dict[str, A
             "phase": aggregator_pb2.RoundPhase.Name(plan.phase).removeprefix("ROUND_PHASE_"),
             "global_version": plan.global_version,
             "attempt": plan.attempt,
+            "privacy": federation_privacy(plan),
         }
 
     return describe
+
+
+def federation_privacy(plan: aggregator_pb2.RoundPlan) -> str:
+    """What a federation's closed rounds have spent of client-level differential privacy
+    (DP-FedAvg), or "not private" when it does not use it."""
+    if plan.dp_clip_norm <= 0:
+        return "not private"
+    return (
+        f"dp_fedavg epsilon {plan.dp_epsilon:.4g} at delta {plan.dp_delta:g} "
+        f"(sigma {plan.dp_noise_multiplier:g}, clip {plan.dp_clip_norm:g})"
+    )
 
 
 def describe_keymanager(channel: grpc.Channel) -> dict[str, Any]:
@@ -206,6 +218,7 @@ WATCHED = {
     "splitfed_aggregator_joined_clients": "joined clients",
     "splitfed_authorization_denials_total": "authorization denials",
     "splitfed_privacy_epsilon": "epsilon",
+    "splitfed_federation_epsilon": "federation epsilon",
     "splitfed_keymanager_certificate_expiry_seconds": "certificate expiry (s)",
     "splitfed_rpcs_total": "RPCs",
 }
@@ -227,7 +240,7 @@ def scrape(url: str, timeout_s: float = 5.0) -> dict[str, float | str]:
                 continue
             if sample.name.endswith("expiry_seconds"):
                 figures[label] = min(figures.get(label, sample.value), sample.value)
-            elif sample.name == "splitfed_privacy_epsilon":
+            elif sample.name in ("splitfed_privacy_epsilon", "splitfed_federation_epsilon"):
                 figures[label] = max(figures.get(label, sample.value), sample.value)
             else:
                 figures[label] = figures.get(label, 0.0) + sample.value

@@ -57,6 +57,20 @@ class RoundPlan:
     rounds: int = 0
     message: str = ""
     schema_digest: str = ""
+    # DP-FedAvg (docs/federated.md "DP-FedAvg"): the clip norm (0: the federation does not
+    # use it), sigma, the noise each client adds itself (secure aggregation), and the
+    # (epsilon, delta) spent so far.
+    dp_clip_norm: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_client_noise_std: float = 0.0
+    dp_epsilon: float = 0.0
+    dp_delta: float = 0.0
+
+    @property
+    def private(self) -> bool:
+        """Whether the federation runs DP-FedAvg (clients clip and, with secure
+        aggregation, noise their updates and weigh them equally)."""
+        return self.dp_clip_norm > 0
 
     def key(self) -> tuple[int, int, int, int]:
         """What a watcher waits to see change: round, attempt, phase, version."""

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitfed.v1 import tensor_pb2 as splitfed_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitfed/v1/aggregator.proto\x12\x0bsplitfed.v1\x1a\x18splitfed/v1/tensor.proto\"J\n\x0bJoinRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\njoin_token\x18\x03 \x01(\t\"4\n\x0cJoinResponse\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.splitfed.v1.RoundPlan\")\n\x13GetRoundPlanRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\"<\n\x14GetRoundPlanResponse\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.splitfed.v1.RoundPlan\",\n\x04Peer\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"\xfd\x02\n\tRoundPlan\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12&\n\x05phase\x18\x04 \x01(\x0e\x32\x17.splitfed.v1.RoundPhase\x12\x16\n\x0eglobal_version\x18\x05 \x01(\r\x12\x10\n\x08selected\x18\x06 \x01(\x08\x12\x10\n\x08uploaded\x18\x07 \x01(\x08\x12\x13\n\x0blocal_steps\x18\x08 \x01(\r\x12\x10\n\x08\x64\x65\x61\x64line\x18\t \x01(\x01\x12\x14\n\x0c\x61\x64\x61pter_seed\x18\n \x01(\x04\x12\x1a\n\x12secure_aggregation\x18\x0b \x01(\x08\x12 \n\x05peers\x18\x0c \x03(\x0b\x32\x11.splitfed.v1.Peer\x12\x14\n\x0csecagg_scale\x18\r \x01(\x01\x12\x0f\n\x07\x64ropped\x18\x0e \x03(\t\x12\x0e\n\x06rounds\x18\x0f \x01(\r\x12\x0f\n\x07message\x18\x10 \x01(\t\x12\x15\n\rschema_digest\x18\x11 \x01(\t\"]\n\x13\x41\x64vertiseKeyRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\"\x16\n\x14\x41\x64vertiseKeyResponse\"\xc9\x01\n\x13UploadUpdateRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\r\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x04\x12\'\n\x05\x63hunk\x18\x06 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12\x10\n\x08\x62\x61\x63kbone\x18\x07 \x01(\t\x12\x18\n\x10\x62\x61\x63kbone_session\x18\x08 \x01(\t\";\n\x14UploadUpdateResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x10\n\x08received\x18\x02 \x01(\r\"\xb1\x01\n\x12RevealSeedsRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x39\n\x05seeds\x18\x04 \x03(\x0b\x32*.splitfed.v1.RevealSeedsRequest.SeedsEntry\x1a,\n\nSeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x15\n\x13RevealSeedsResponse\"J\n\x15\x44ownloadGlobalRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x08\"R\n\x16\x44ownloadGlobalResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\"\'\n\x11WatchRoundRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\"t\n\x12WatchRoundResponse\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.splitfed.v1.RoundPlan\x12\x10\n\x08received\x18\x02 \x01(\r\x12\x14\n\x0cparticipants\x18\x03 \x01(\r\x12\x10\n\x08versions\x18\x04 \x01(\r*\xa2\x01\n\nRoundPhase\x12\x1b\n\x17ROUND_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUND_PHASE_WAITING\x10\x01\x12\x14\n\x10ROUND_PHASE_KEYS\x10\x02\x12\x16\n\x12ROUND_PHASE_UPLOAD\x10\x03\x12\x16\n\x12ROUND_PHASE_REVEAL\x10\x04\x12\x18\n\x14ROUND_PHASE_FINISHED\x10\x05\x32\xca\x04\n\nAggregator\x12;\n\x04Join\x12\x18.splitfed.v1.JoinRequest\x1a\x19.splitfed.v1.JoinResponse\x12S\n\x0cGetRoundPlan\x12 .splitfed.v1.GetRoundPlanRequest\x1a!.splitfed.v1.GetRoundPlanResponse\x12S\n\x0c\x41\x64vertiseKey\x12 .splitfed.v1.AdvertiseKeyRequest\x1a!.splitfed.v1.AdvertiseKeyResponse\x12U\n\x0cUploadUpdate\x12 .splitfed.v1.UploadUpdateRequest\x1a!.splitfed.v1.UploadUpdateResponse(\x01\x12P\n\x0bRevealSeeds\x12\x1f.splitfed.v1.RevealSeedsRequest\x1a .splitfed.v1.RevealSeedsResponse\x12[\n\x0e\x44ownloadGlobal\x12\".splitfed.v1.DownloadGlobalRequest\x1a#.splitfed.v1.DownloadGlobalResponse0\x01\x12O\n\nWatchRound\x12\x1e.splitfed.v1.WatchRoundRequest\x1a\x1f.splitfed.v1.WatchRoundResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitfed/v1/aggregator.proto\x12\x0bsplitfed.v1\x1a\x18splitfed/v1/tensor.proto\"J\n\x0bJoinRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x04\x12\x12\n\njoin_token\x18\x03 \x01(\t\"4\n\x0cJoinResponse\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.splitfed.v1.RoundPlan\")\n\x13GetRoundPlanRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\"<\n\x14GetRoundPlanResponse\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.splitfed.v1.RoundPlan\",\n\x04Peer\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\"\xf3\x03\n\tRoundPlan\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12&\n\x05phase\x18\x04 \x01(\x0e\x32\x17.splitfed.v1.RoundPhase\x12\x16\n\x0eglobal_version\x18\x05 \x01(\r\x12\x10\n\x08selected\x18\x06 \x01(\x08\x12\x10\n\x08uploaded\x18\x07 \x01(\x08\x12\x13\n\x0blocal_steps\x18\x08 \x01(\r\x12\x10\n\x08\x64\x65\x61\x64line\x18\t \x01(\x01\x12\x14\n\x0c\x61\x64\x61pter_seed\x18\n \x01(\x04\x12\x1a\n\x12secure_aggregation\x18\x0b \x01(\x08\x12 \n\x05peers\x18\x0c \x03(\x0b\x32\x11.splitfed.v1.Peer\x12\x14\n\x0csecagg_scale\x18\r \x01(\x01\x12\x0f\n\x07\x64ropped\x18\x0e \x03(\t\x12\x0e\n\x06rounds\x18\x0f \x01(\r\x12\x0f\n\x07message\x18\x10 \x01(\t\x12\x15\n\rschema_digest\x18\x11 \x01(\t\x12\x14\n\x0c\x64p_clip_norm\x18\x12 \x01(\x01\x12\x1b\n\x13\x64p_noise_multiplier\x18\x13 \x01(\x01\x12\x1b\n\x13\x64p_client_noise_std\x18\x14 \x01(\x01\x12\x12\n\ndp_epsilon\x18\x15 \x01(\x01\x12\x10\n\x08\x64p_delta\x18\x16 \x01(\x01\"]\n\x13\x41\x64vertiseKeyRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x12\n\npublic_key\x18\x04 \x01(\x0c\"\x16\n\x14\x41\x64vertiseKeyResponse\"\xc9\x01\n\x13UploadUpdateRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\r\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x04\x12\'\n\x05\x63hunk\x18\x06 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\x12\x10\n\x08\x62\x61\x63kbone\x18\x07 \x01(\t\x12\x18\n\x10\x62\x61\x63kbone_session\x18\x08 \x01(\t\";\n\x14UploadUpdateResponse\x12\x11\n\tduplicate\x18\x01 \x01(\x08\x12\x10\n\x08received\x18\x02 \x01(\r\"\xb1\x01\n\x12RevealSeedsRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\x12\x39\n\x05seeds\x18\x04 \x03(\x0b\x32*.splitfed.v1.RevealSeedsRequest.SeedsEntry\x1a,\n\nSeedsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\x15\n\x13RevealSeedsResponse\"J\n\x15\x44ownloadGlobalRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x08\"R\n\x16\x44ownloadGlobalResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.splitfed.v1.TensorChunk\"\'\n\x11WatchRoundRequest\x12\x12\n\nfederation\x18\x01 \x01(\t\"t\n\x12WatchRoundResponse\x12$\n\x04plan\x18\x01 \x01(\x0b\x32\x16.splitfed.v1.RoundPlan\x12\x10\n\x08received\x18\x02 \x01(\r\x12\x14\n\x0cparticipants\x18\x03 \x01(\r\x12\x10\n\x08versions\x18\x04 \x01(\r*\xa2\x01\n\nRoundPhase\x12\x1b\n\x17ROUND_PHASE_UNSPECIFIED\x10\x00\x12\x17\n\x13ROUND_PHASE_WAITING\x10\x01\x12\x14\n\x10ROUND_PHASE_KEYS\x10\x02\x12\x16\n\x12ROUND_PHASE_UPLOAD\x10\x03\x12\x16\n\x12ROUND_PHASE_REVEAL\x10\x04\x12\x18\n\x14ROUND_PHASE_FINISHED\x10\x05\x32\xca\x04\n\nAggregator\x12;\n\x04Join\x12\x18.splitfed.v1.JoinRequest\x1a\x19.splitfed.v1.JoinResponse\x12S\n\x0cGetRoundPlan\x12 .splitfed.v1.GetRoundPlanRequest\x1a!.splitfed.v1.GetRoundPlanResponse\x12S\n\x0c\x41\x64vertiseKey\x12 .splitfed.v1.AdvertiseKeyRequest\x1a!.splitfed.v1.AdvertiseKeyResponse\x12U\n\x0cUploadUpdate\x12 .splitfed.v1.UploadUpdateRequest\x1a!.splitfed.v1.UploadUpdateResponse(\x01\x12P\n\x0bRevealSeeds\x12\x1f.splitfed.v1.RevealSeedsRequest\x1a .splitfed.v1.RevealSeedsResponse\x12[\n\x0e\x44ownloadGlobal\x12\".splitfed.v1.DownloadGlobalRequest\x1a#.splitfed.v1.DownloadGlobalResponse0\x01\x12O\n\nWatchRound\x12\x1e.splitfed.v1.WatchRoundRequest\x1a\x1f.splitfed.v1.WatchRoundResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REVEALSEEDSREQUEST_SEEDSENTRY']._loaded_options = None
   _globals['_REVEALSEEDSREQUEST_SEEDSENTRY']._serialized_options = b'8\001'
-  _globals['_ROUNDPHASE']._serialized_start=1643
-  _globals['_ROUNDPHASE']._serialized_end=1805
+  _globals['_ROUNDPHASE']._serialized_start=1761
+  _globals['_ROUNDPHASE']._serialized_end=1923
   _globals['_JOINREQUEST']._serialized_start=71
   _globals['_JOINREQUEST']._serialized_end=145
   _globals['_JOINRESPONSE']._serialized_start=147
@@ -47,29 +47,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PEER']._serialized_start=306
   _globals['_PEER']._serialized_end=350
   _globals['_ROUNDPLAN']._serialized_start=353
-  _globals['_ROUNDPLAN']._serialized_end=734
-  _globals['_ADVERTISEKEYREQUEST']._serialized_start=736
-  _globals['_ADVERTISEKEYREQUEST']._serialized_end=829
-  _globals['_ADVERTISEKEYRESPONSE']._serialized_start=831
-  _globals['_ADVERTISEKEYRESPONSE']._serialized_end=853
-  _globals['_UPLOADUPDATEREQUEST']._serialized_start=856
-  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1057
-  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1059
-  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1118
-  _globals['_REVEALSEEDSREQUEST']._serialized_start=1121
-  _globals['_REVEALSEEDSREQUEST']._serialized_end=1298
-  _globals['_REVEALSEEDSREQUEST_SEEDSENTRY']._serialized_start=1254
-  _globals['_REVEALSEEDSREQUEST_SEEDSENTRY']._serialized_end=1298
-  _globals['_REVEALSEEDSRESPONSE']._serialized_start=1300
-  _globals['_REVEALSEEDSRESPONSE']._serialized_end=1321
-  _globals['_DOWNLOADGLOBALREQUEST']._serialized_start=1323
-  _globals['_DOWNLOADGLOBALREQUEST']._serialized_end=1397
-  _globals['_DOWNLOADGLOBALRESPONSE']._serialized_start=1399
-  _globals['_DOWNLOADGLOBALRESPONSE']._serialized_end=1481
-  _globals['_WATCHROUNDREQUEST']._serialized_start=1483
-  _globals['_WATCHROUNDREQUEST']._serialized_end=1522
-  _globals['_WATCHROUNDRESPONSE']._serialized_start=1524
-  _globals['_WATCHROUNDRESPONSE']._serialized_end=1640
-  _globals['_AGGREGATOR']._serialized_start=1808
-  _globals['_AGGREGATOR']._serialized_end=2394
+  _globals['_ROUNDPLAN']._serialized_end=852
+  _globals['_ADVERTISEKEYREQUEST']._serialized_start=854
+  _globals['_ADVERTISEKEYREQUEST']._serialized_end=947
+  _globals['_ADVERTISEKEYRESPONSE']._serialized_start=949
+  _globals['_ADVERTISEKEYRESPONSE']._serialized_end=971
+  _globals['_UPLOADUPDATEREQUEST']._serialized_start=974
+  _globals['_UPLOADUPDATEREQUEST']._serialized_end=1175
+  _globals['_UPLOADUPDATERESPONSE']._serialized_start=1177
+  _globals['_UPLOADUPDATERESPONSE']._serialized_end=1236
+  _globals['_REVEALSEEDSREQUEST']._serialized_start=1239
+  _globals['_REVEALSEEDSREQUEST']._serialized_end=1416
+  _globals['_REVEALSEEDSREQUEST_SEEDSENTRY']._serialized_start=1372
+  _globals['_REVEALSEEDSREQUEST_SEEDSENTRY']._serialized_end=1416
+  _globals['_REVEALSEEDSRESPONSE']._serialized_start=1418
+  _globals['_REVEALSEEDSRESPONSE']._serialized_end=1439
+  _globals['_DOWNLOADGLOBALREQUEST']._serialized_start=1441
+  _globals['_DOWNLOADGLOBALREQUEST']._serialized_end=1515
+  _globals['_DOWNLOADGLOBALRESPONSE']._serialized_start=1517
+  _globals['_DOWNLOADGLOBALRESPONSE']._serialized_end=1599
+  _globals['_WATCHROUNDREQUEST']._serialized_start=1601
+  _globals['_WATCHROUNDREQUEST']._serialized_end=1640
+  _globals['_WATCHROUNDRESPONSE']._serialized_start=1642
+  _globals['_WATCHROUNDRESPONSE']._serialized_end=1758
+  _globals['_AGGREGATOR']._serialized_start=1926
+  _globals['_AGGREGATOR']._serialized_end=2512
 # @@protoc_insertion_point(module_scope)

@@ -188,6 +188,11 @@ class RoundPlan(_message.Message):
     ROUNDS_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     SCHEMA_DIGEST_FIELD_NUMBER: _builtins.int
+    DP_CLIP_NORM_FIELD_NUMBER: _builtins.int
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    DP_CLIENT_NOISE_STD_FIELD_NUMBER: _builtins.int
+    DP_EPSILON_FIELD_NUMBER: _builtins.int
+    DP_DELTA_FIELD_NUMBER: _builtins.int
     federation: _builtins.str
     round: _builtins.int
     attempt: _builtins.int
@@ -211,6 +216,25 @@ class RoundPlan(_message.Message):
     """SHA-256 (hex) of the federation's adapter schema (tensor names and shapes, see
     docs/federated.md): a client checks that its adapter has this schema.
     """
+    dp_clip_norm: _builtins.float
+    """DP-FedAvg (strategy "dp_fedavg", docs/federated.md "DP-FedAvg"); all 0 otherwise.
+    The L2 norm (all tensors together) every update is clipped to.
+    """
+    dp_noise_multiplier: _builtins.float
+    """sigma: the noise on the sum of a round's updates has standard deviation
+    dp_noise_multiplier * dp_clip_norm on every coordinate.
+    """
+    dp_client_noise_std: _builtins.float
+    """Secure aggregation only: each client clips its own update to dp_clip_norm, weighs it
+    1 (not by its samples) and adds Gaussian noise of this standard deviation to every
+    coordinate (the aggregator, seeing only the sum, cannot); 0 in plain rounds, where
+    the aggregator clips and adds the noise.
+    """
+    dp_epsilon: _builtins.float
+    """The (epsilon, dp_delta) differential privacy the federation's closed rounds have
+    spent for each client's participation; epsilon may be +inf (rounds without noise).
+    """
+    dp_delta: _builtins.float
     @_builtins.property
     def peers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Peer]:
         """Secure aggregation, UPLOAD phase: everyone whose key is in the round (self included);
@@ -241,10 +265,15 @@ class RoundPlan(_message.Message):
         rounds: _builtins.int = ...,
         message: _builtins.str = ...,
         schema_digest: _builtins.str = ...,
+        dp_clip_norm: _builtins.float = ...,
+        dp_noise_multiplier: _builtins.float = ...,
+        dp_client_noise_std: _builtins.float = ...,
+        dp_epsilon: _builtins.float = ...,
+        dp_delta: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_seed", b"adapter_seed", "attempt", b"attempt", "deadline", b"deadline", "dropped", b"dropped", "federation", b"federation", "global_version", b"global_version", "local_steps", b"local_steps", "message", b"message", "peers", b"peers", "phase", b"phase", "round", b"round", "rounds", b"rounds", "schema_digest", b"schema_digest", "secagg_scale", b"secagg_scale", "secure_aggregation", b"secure_aggregation", "selected", b"selected", "uploaded", b"uploaded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_seed", b"adapter_seed", "attempt", b"attempt", "deadline", b"deadline", "dp_client_noise_std", b"dp_client_noise_std", "dp_clip_norm", b"dp_clip_norm", "dp_delta", b"dp_delta", "dp_epsilon", b"dp_epsilon", "dp_noise_multiplier", b"dp_noise_multiplier", "dropped", b"dropped", "federation", b"federation", "global_version", b"global_version", "local_steps", b"local_steps", "message", b"message", "peers", b"peers", "phase", b"phase", "round", b"round", "rounds", b"rounds", "schema_digest", b"schema_digest", "secagg_scale", b"secagg_scale", "secure_aggregation", b"secure_aggregation", "selected", b"selected", "uploaded", b"uploaded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -146,6 +146,11 @@ PLAN = RoundPlan(
     rounds=10,
     message="m",
     schema_digest="d",
+    dp_clip_norm=0.5,
+    dp_noise_multiplier=1.25,
+    dp_client_noise_std=0.375,
+    dp_epsilon=float("inf"),
+    dp_delta=1e-5,
 )
 
 
