@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig
+    import torch
+    from transformers import LlamaConfig, PreTrainedModel
 
 
 def llama_512x8(*, pad_token_id: int | None = 0) -> LlamaConfig:
@@ -50,6 +52,50 @@ def report(path: Path | None, benchmark: str, ratios: dict[str, float], **parts:
     if path is not None:
         document = {"benchmark": benchmark, **parts, "ratios": ratios}
         path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+def left_padded_prompts(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts the generation benchmarks time: 4 of 32 random tokens, rows 1 and 3
+    left-padded by 5 and 11; (ids, attention mask)."""
+    import torch
+
+    prompts = torch.randint(3, 32000, (4, 32), generator=gen)
+    prompt_mask = torch.ones_like(prompts)
+    prompt_mask[1, :5] = 0
+    prompt_mask[3, :11] = 0
+    return prompts, prompt_mask
+
+
+def greedy_generate(
+    model: PreTrainedModel, prompts: torch.Tensor, prompt_mask: torch.Tensor, new_tokens: int
+) -> torch.Tensor:
+    """The unsplit reference: Hugging Face greedy ``generate`` of exactly ``new_tokens``
+    tokens (no EOS), without gradients; the prompts and the new tokens."""
+    import torch
+
+    with torch.no_grad():
+        return model.generate(
+            input_ids=prompts,
+            attention_mask=prompt_mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+
+
+def timing_figures(
+    train: dict[str, list[float]], generation: dict[str, list[float]], tokens: int
+) -> dict[str, dict[str, float]]:
+    """The figures split_overhead.py and split_step.py compare, under the names of the
+    series given: each ``train`` series' median step time (``train_step_s``) and each
+    ``generation`` series' ``tokens`` over its median time (``generation_tokens_per_s``)."""
+    return {
+        "train_step_s": {name: statistics.median(times) for name, times in train.items()},
+        "generation_tokens_per_s": {
+            name: tokens / statistics.median(times) for name, times in generation.items()
+        },
+    }
 
 
 def machine(**extra: Any) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,14 @@ from typing import Any
 
 import torch
 import transformers
-from common import llama_512x8, machine, report
+from common import (
+    greedy_generate,
+    left_padded_prompts,
+    llama_512x8,
+    machine,
+    report,
+    timing_figures,
+)
 from peft import inject_adapter_in_model
 from transformers import LlamaForCausalLM
 
@@ -103,24 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     for part in parts:
         part.eval()
-    prompts = torch.randint(3, 32000, (4, 32), generator=gen)
-    prompt_mask = torch.ones_like(prompts)
-    prompt_mask[1, :5] = 0
-    prompt_mask[3, :11] = 0
+    prompts, prompt_mask = left_padded_prompts(gen)
     generator = SplitGenerator(parts[0], LocalStage(parts[1]), parts[2])
     options = SamplingOptions(max_new_tokens=args.new_tokens)
 
     def unsplit_generate() -> tuple[float, torch.Tensor]:
         start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=prompts,
-                attention_mask=prompt_mask,
-                max_new_tokens=args.new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=None,
-            )
+        out = greedy_generate(model, prompts, prompt_mask, args.new_tokens)
         return time.perf_counter() - start, out[:, prompts.shape[1] :]
 
     def split_generate() -> tuple[float, torch.Tensor]:
@@ -140,17 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             print("error: split greedy tokens differ from generate", file=sys.stderr)
             return 1
 
-    tokens_total = prompts.shape[0] * args.new_tokens
-    figures = {
-        "train_step_s": {
-            "unsplit": statistics.median(unsplit_train),
-            "split": statistics.median(split_train),
-        },
-        "generation_tokens_per_s": {
-            "unsplit": tokens_total / statistics.median(unsplit_gen),
-            "split": tokens_total / statistics.median(split_gen),
-        },
-    }
+    figures = timing_figures(
+        {"unsplit": unsplit_train, "split": split_train},
+        {"unsplit": unsplit_gen, "split": split_gen},
+        tokens=prompts.shape[0] * args.new_tokens,
+    )
     ratios = {
         "split/unsplit train step time": figures["train_step_s"]["split"]
         / figures["train_step_s"]["unsplit"],

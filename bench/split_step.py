@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import llama_512x8, machine, report, save_random_llama
+from common import (
+    greedy_generate,
+    left_padded_prompts,
+    llama_512x8,
+    machine,
+    report,
+    save_random_llama,
+    timing_figures,
+)
 from peft import inject_adapter_in_model
 from transformers import LlamaForCausalLM
 
@@ -206,10 +213,7 @@ def run(path: Path, client: BackboneClient, args: argparse.Namespace) -> dict[st
     split.stream.close()
 
     model.eval()
-    prompts = torch.randint(3, 32000, (4, 32), generator=gen)
-    prompt_mask = torch.ones_like(prompts)
-    prompt_mask[1, :5] = 0
-    prompt_mask[3, :11] = 0
+    prompts, prompt_mask = left_padded_prompts(gen)
     session = client.open_session(SessionRequest(k=1, m=1, adapter=ADAPTER)).session_id
     stream = GenerateStream(client, session, "raw")
     head, tail = load_head(path), load_tail(path)
@@ -219,15 +223,7 @@ def run(path: Path, client: BackboneClient, args: argparse.Namespace) -> dict[st
 
     def local() -> float:
         start = time.perf_counter()
-        with torch.no_grad():
-            local_model.generate(
-                input_ids=prompts,
-                attention_mask=prompt_mask,
-                max_new_tokens=args.new_tokens,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=None,
-            )
+        greedy_generate(local_model, prompts, prompt_mask, args.new_tokens)
         return time.perf_counter() - start
 
     def remote() -> float:
@@ -242,16 +238,13 @@ def run(path: Path, client: BackboneClient, args: argparse.Namespace) -> dict[st
         local_times.append(local())
         remote_times.append(remote())
     stream.close()
-    tokens = prompts.shape[0] * args.new_tokens
+    figures = timing_figures(
+        {"centralized": central_times, "split": split_times},
+        {"local": local_times, "split": remote_times},
+        tokens=prompts.shape[0] * args.new_tokens,
+    )
     return {
-        "train_step_s": {
-            "centralized": statistics.median(central_times),
-            "split": statistics.median(split_times),
-        },
-        "generation_tokens_per_s": {
-            "local": tokens / statistics.median(local_times),
-            "split": tokens / statistics.median(remote_times),
-        },
+        **figures,
         "raw": {
             "centralized": central_times,
             "split": split_times,

@@ -214,16 +214,14 @@ class SplitPart(nn.Module):
     def new_cache(self) -> PartCache:
         return PartCache(self.part_config)
 
-    def _run(
+    def forward(
         self,
+        inputs: torch.Tensor,
         attention_mask: torch.Tensor,
-        cache: PartCache | None,
-        *,
-        input_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
+        cache: PartCache | None = None,
     ) -> torch.Tensor:
-        inputs = input_ids if input_ids is not None else inputs_embeds
-        assert inputs is not None
+        """The hidden states after this part's blocks; ``inputs``: token ids (the head)
+        or the hidden states of the part before."""
         batch, tokens = inputs.shape[0], inputs.shape[1]
         check_mask(attention_mask, batch, tokens)
         past = cache.length if cache is not None else 0
@@ -245,9 +243,10 @@ class SplitPart(nn.Module):
                     cache.prefix_length = length
             prefix_length = cache.prefix_length if cache is not None else self.prefix.length
             mask = torch.cat([attention_mask.new_ones((batch, prefix_length)), attention_mask], -1)
+        takes_ids = self.part == "head"  # the head embeds token ids; the others get hidden states
         output = self.base(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
+            input_ids=inputs if takes_ids else None,
+            inputs_embeds=None if takes_ids else inputs,
             attention_mask=mask,
             position_ids=positions,
             cache=kv,
@@ -262,27 +261,11 @@ class Head(SplitPart):
 
     part = "head"
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        cache: PartCache | None = None,
-    ) -> torch.Tensor:
-        return self._run(attention_mask, cache, input_ids=input_ids)
-
 
 class Body(SplitPart):
     """The middle blocks: hidden states in, hidden states out."""
 
     part = "body"
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
-        cache: PartCache | None = None,
-    ) -> torch.Tensor:
-        return self._run(attention_mask, cache, inputs_embeds=hidden_states)
 
 
 class Tail(SplitPart):
@@ -292,14 +275,14 @@ class Tail(SplitPart):
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
+        inputs: torch.Tensor,
         attention_mask: torch.Tensor,
         cache: PartCache | None = None,
         logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Logits for every position, or only the last ``logits_to_keep`` (generation
         needs one: the lm head is the costliest matmul of a decoding step)."""
-        hidden = self._run(attention_mask, cache, inputs_embeds=hidden_states)
+        hidden = super().forward(inputs, attention_mask, cache)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         assert self.lm_head is not None

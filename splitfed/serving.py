@@ -13,10 +13,11 @@ from splitfed.wire import DEFAULT_CHUNK_BYTES
 REVOCATION_CACHE = "revocations.json"
 
 
-@dataclass(frozen=True)
-class ServerSettings:
-    listen: str = "127.0.0.1:0"
-    # ca.pem, cert.pem and key.pem of this service; or the three paths separately.
+@dataclass(frozen=True, kw_only=True)
+class EndpointSettings:
+    """What either end of a connection sets: its TLS material and the chunk size."""
+
+    # ca.pem, cert.pem and key.pem of this party; or the three paths separately.
     tls_dir: Path | None = None
     ca: Path | None = None
     cert: Path | None = None
@@ -24,6 +25,14 @@ class ServerSettings:
     # Plaintext without authentication: local debugging only.
     insecure: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    def tls(self) -> TLSConfig:
+        return tls_config(self.tls_dir, self.ca, self.cert, self.key, self.insecure)
+
+
+@dataclass(frozen=True)
+class ServerSettings(EndpointSettings):
+    listen: str = "127.0.0.1:0"
     grace_s: float = 5.0
     max_workers: int = 16
     # Prometheus metrics over HTTP on this port of the listen host; unset: none, 0: any.
@@ -36,9 +45,6 @@ class ServerSettings:
         TransportOptions(chunk_bytes=self.chunk_bytes, max_workers=self.max_workers)
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
-
-    def tls(self) -> TLSConfig:
-        return tls_config(self.tls_dir, self.ca, self.cert, self.key, self.insecure)
 
     def options(self) -> TransportOptions:
         return TransportOptions(chunk_bytes=self.chunk_bytes, max_workers=self.max_workers)
@@ -70,25 +76,16 @@ def tls_config(
 
 
 @dataclass(frozen=True)
-class ConnectSettings:
+class ConnectSettings(EndpointSettings):
     """Where a client finds a service, and its own TLS material."""
 
     address: str
     # The name the server's certificate must carry (default: the host in address).
     server_name: str | None = None
-    tls_dir: Path | None = None
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    insecure: bool = False
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     def __post_init__(self) -> None:
         parse_address(self.address)
         TransportOptions(chunk_bytes=self.chunk_bytes)
-
-    def tls(self) -> TLSConfig:
-        return tls_config(self.tls_dir, self.ca, self.cert, self.key, self.insecure)
 
     def options(self) -> TransportOptions:
         return TransportOptions(chunk_bytes=self.chunk_bytes)

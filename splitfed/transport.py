@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, NamedTuple
 
 import grpc
@@ -24,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from splitfed.errors import InvalidArgumentError
+from splitfed.lifecycle import Running
 from splitfed.metrics import RpcMetricsInterceptor
 from splitfed.runtime import tune_allocator
 from splitfed.tls import TLSConfig, warn_plaintext
@@ -231,7 +231,7 @@ def framed_stream(
     )
 
 
-class Server:
+class Server(Running):
     """A started-or-startable gRPC server with health and reflection; see :func:`create_server`."""
 
     def __init__(
@@ -281,17 +281,6 @@ class Server:
 
     def wait_for_termination(self, timeout_s: float | None = None) -> bool:
         return bool(self.grpc_server.wait_for_termination(timeout_s))
-
-    def __enter__(self) -> Server:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def parse_address(address: str) -> tuple[str, int]:

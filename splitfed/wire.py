@@ -28,7 +28,6 @@ import math
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import google_crc32c
@@ -39,6 +38,7 @@ from google.protobuf.message import Message
 from splitfed import metrics
 from splitfed.encodings import Encoding, as_bytes, get_encoding, numel_of
 from splitfed.errors import DataLossError, InvalidArgumentError, LimitExceededError
+from splitfed.lifecycle import Closing
 from splitfed.v1 import tensor_pb2
 
 logger = logging.getLogger(__name__)
@@ -557,7 +557,7 @@ class _Pending:
     running_crc: int = 0
 
 
-class TensorAssembler:
+class TensorAssembler(Closing):
     """Rebuilds tensors from a sequence of chunks; one tensor at a time.
 
     :meth:`feed` returns a :class:`ReceivedTensor` when a chunk completes one, else ``None``.
@@ -741,17 +741,6 @@ class TensorAssembler:
     def close(self) -> None:
         self._release()
         self.release_completed()
-
-    def __enter__(self) -> TensorAssembler:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def iter_tensors(

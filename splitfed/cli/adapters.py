@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors import safe_open
 
-from splitfed.cli.options import config_option, config_overrides, fail
+from splitfed.cli.options import config_option, config_overrides, dir_option, fail, file_option
 from splitfed.errors import SplitfedError
 
 
@@ -27,12 +27,7 @@ def adapters() -> None:
 
 @adapters.command("export")
 @config_option("The client config used for training (its checkpoint_dir holds the adapter).")
-@click.option(
-    "--output",
-    required=True,
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Directory to write the adapter to.",
-)
+@dir_option("--output", required=True, help="Directory to write the adapter to.")
 @click.option(
     "--format",
     "fmt",
@@ -47,9 +42,8 @@ def adapters() -> None:
     is_flag=True,
     help="Leave out the body's adapter (do not contact the backbone).",
 )
-@click.option(
+@dir_option(
     "--merged",
-    type=click.Path(path_type=Path, file_okay=False),
     default=None,
     help="Also write a full checkpoint with the adapter merged into the weights.",
 )
@@ -191,12 +185,7 @@ def summarise(path: Path) -> dict[str, Any]:
 @adapters.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Also write the summary as JSON.",
-)
+@file_option("--json", "json_path", help="Also write the summary as JSON.")
 @click.pass_context
 def inspect(ctx: click.Context, path: Path, show_tensors: bool, json_path: Path | None) -> None:
     """Summarise an adapter: a .safetensors file, a PEFT directory or a checkpoint_dir."""
@@ -240,12 +229,7 @@ def inspect(ctx: click.Context, path: Path, show_tensors: bool, json_path: Path 
 
 @adapters.command("schema")
 @config_option("A client config: its model_path (config.json only), [adapter], k and m.")
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="Write the schema JSON here (default: print it).",
-)
+@file_option("--out", default=None, help="Write the schema JSON here (default: print it).")
 @config_overrides
 @click.pass_context
 def schema(ctx: click.Context, config_path: Path, out: Path | None) -> None:

@@ -17,7 +17,7 @@ from splitfed.config import build, read_config, section
 from splitfed.services.backbone.settings import BackboneSettings, server_workers
 from splitfed.services.diagnostics.settings import DiagnosticsSettings
 from splitfed.services.keymanager.settings import KeyManagerSettings
-from splitfed.serving import ConnectSettings, SecuritySettings, ServerSettings
+from splitfed.serving import EndpointSettings, SecuritySettings, ServerSettings
 
 if TYPE_CHECKING:
     from splitfed.clients.app import ClientConfig
@@ -170,7 +170,7 @@ def check_files(config: Config) -> None:
     unreadable (TLS material, model, data); what a service or client would write is
     not checked."""
     inputs: list[tuple[str, Path | None]] = []
-    tls_sections: list[tuple[str, ServerSettings | ConnectSettings]] = []
+    tls_sections: list[tuple[str, EndpointSettings]] = []
     if isinstance(config, BackboneConfig | KeyManagerConfig | AggregatorConfig):
         tls_sections.append(("[server]", config.server))
     else:  # a client

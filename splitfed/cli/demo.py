@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from splitfed.cli.options import fail
+from splitfed.cli.options import dir_option, fail, file_option
 
 
 @click.command()
@@ -22,14 +22,11 @@ from splitfed.cli.options import fail
     help="Local training steps per client, over all rounds.",
 )
 @click.option("--rounds", type=int, default=3, show_default=True, help="Federated rounds.")
-@click.option(
-    "--workdir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Keep certificates, state and logs here (default: a temporary directory).",
+@dir_option(
+    "--workdir", help="Keep certificates, state and logs here (default: a temporary directory)."
 )
-@click.option(
+@file_option(
     "--plot",
-    type=click.Path(path_type=Path, dir_okay=False),
     default=Path("splitfed-demo-loss.png"),
     show_default=True,
     help="Write the clients' loss curves here (PNG).",

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from splitfed.cli.options import config_option, config_overrides, fail
+from splitfed.cli.options import config_option, config_overrides, dir_option, fail, file_option
 from splitfed.errors import SplitfedError
 
 
@@ -22,15 +22,13 @@ from splitfed.errors import SplitfedError
     "The client config used for training: evaluate split, through its backbone.",
     required=False,
 )
-@click.option(
+@dir_option(
     "--model",
     "model_path",
-    type=click.Path(path_type=Path, file_okay=False),
     help="Instead of --config: a full local checkpoint, evaluated in this process.",
 )
-@click.option(
+@dir_option(
     "--trained-model",
-    type=click.Path(path_type=Path, file_okay=False),
     help="With --model: a second full checkpoint (e.g. adapter merged) to compare.",
 )
 @click.option(
@@ -47,12 +45,8 @@ from splitfed.errors import SplitfedError
     show_default=True,
     help="What to score; auto: from each file's fields.",
 )
-@click.option(
-    "--output",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=Path("eval.json"),
-    show_default=True,
-    help="Write the scores here as JSON.",
+@file_option(
+    "--output", default=Path("eval.json"), show_default=True, help="Write the scores here as JSON."
 )
 @click.option("--no-base", is_flag=True, help="Skip the base model.")
 @click.option("--no-adapter", is_flag=True, help="Skip the trained adapter.")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 import grpc
 
-from splitfed.cli.options import fail, keymanager_options
+from splitfed.cli.options import dir_option, fail, file_option, keymanager_options
 from splitfed.errors import InvalidArgumentError, SplitfedError
 from splitfed.security.ca import CertificateAuthority, write_pem
 
@@ -48,12 +48,8 @@ def _run(ctx: click.Context, action: Any) -> Any:
 
 
 # Where a party's new TLS material goes (keys admin, keys enroll).
-out_dir_option = click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Where to write key.pem (0600), cert.pem and ca.pem.",
+out_dir_option = dir_option(
+    "--out", "out_dir", required=True, help="Where to write key.pem (0600), cert.pem and ca.pem."
 )
 
 
@@ -63,35 +59,29 @@ def keys() -> None:
 
 
 @keys.command("init")
-@click.option(
+@dir_option(
     "--state-dir",
     required=True,
-    type=click.Path(path_type=Path, file_okay=False),
     help="New directory for the CA, its database and the key manager's own certificate.",
 )
-@click.option(
+@file_option(
     "--kek-file",
-    type=click.Path(path_type=Path, dir_okay=False),
     help="Key-encryption key file; created (0600, random) if missing. "
     "Without it the key comes from $SPLITFED_KEK.",
 )
-@click.option(
-    "--admin-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Also issue an admin certificate (key generated here) into this directory.",
+@dir_option(
+    "--admin-dir", help="Also issue an admin certificate (key generated here) into this directory."
 )
 @click.option("--admin-identity", default="admin", show_default=True)
 @click.option("--dns", "dns_names", multiple=True, help="DNS name of the key manager (repeat).")
 @click.option("--ip", "ips", multiple=True, help="IP address of the key manager (repeat).")
 @click.option("--trust-domain", default="splitfed", show_default=True)
-@click.option(
-    "--import-ca-cert",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="Use an existing CA certificate instead of creating one.",
+@file_option(
+    "--import-ca-cert", exists=True, help="Use an existing CA certificate instead of creating one."
 )
-@click.option(
+@file_option(
     "--import-ca-key",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    exists=True,
     help="Its private key (PEM; password from $SPLITFED_IMPORT_CA_PASSWORD if encrypted).",
 )
 @click.option(
@@ -154,16 +144,14 @@ def keys_init(
 
 
 @keys.command("admin")
-@click.option(
+@dir_option(
     "--state-dir",
     required=True,
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    exists=True,
     help="The key manager's state directory (made by `keys init`).",
 )
-@click.option(
-    "--kek-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Key-encryption key file. Without it the key comes from $SPLITFED_KEK.",
+@file_option(
+    "--kek-file", help="Key-encryption key file. Without it the key comes from $SPLITFED_KEK."
 )
 @click.option("--identity", default="admin", show_default=True, help="The admin's identity.")
 @out_dir_option
@@ -244,11 +232,11 @@ def keys_token_create(
     required=True,
     help="The key manager's enrollment host:port. Env: SPLITFED_KEYMANAGER_ENROLL.",
 )
-@click.option(
+@file_option(
     "--ca",
     "ca_path",
     required=True,
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    exists=True,
     help="The deployment CA certificate (obtained out of band).",
 )
 @click.option("--token", envvar="SPLITFED_TOKEN", required=True, help="Env: SPLITFED_TOKEN.")

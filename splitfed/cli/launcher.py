@@ -18,8 +18,9 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import IO
+
+from splitfed.lifecycle import Running
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class ServiceStartError(RuntimeError):
     pass
 
 
-class ServiceProcess:
+class ServiceProcess(Running):
     """One service in a child process; a context manager that never leaves an orphan."""
 
     def __init__(
@@ -139,15 +140,3 @@ class ServiceProcess:
             self._log.close()
             self._log = None
         return proc.returncode
-
-    def __enter__(self) -> ServiceProcess:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

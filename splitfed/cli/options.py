@@ -44,15 +44,25 @@ def stack(options: Sequence[Callable[[Any], Any]]) -> Callable[[F], F]:
     return decorate
 
 
+def dir_option(*decls: str, exists: bool = False, **attrs: Any) -> Callable[[F], F]:
+    """``click.option(*decls, **attrs)`` whose value is the :class:`~pathlib.Path` of a
+    directory (``exists``: one that exists)."""
+    return click.option(
+        *decls, type=click.Path(path_type=Path, file_okay=False, exists=exists), **attrs
+    )
+
+
+def file_option(*decls: str, exists: bool = False, **attrs: Any) -> Callable[[F], F]:
+    """``click.option(*decls, **attrs)`` whose value is the :class:`~pathlib.Path` of a
+    file (``exists``: one that exists)."""
+    return click.option(
+        *decls, type=click.Path(path_type=Path, dir_okay=False, exists=exists), **attrs
+    )
+
+
 def config_option(text: str, *, required: bool = True) -> Callable[[F], F]:
     """``--config PATH``: the YAML or TOML file a command reads."""
-    return click.option(
-        "--config",
-        "config_path",
-        required=required,
-        type=click.Path(path_type=Path, dir_okay=False),
-        help=text,
-    )
+    return file_option("--config", "config_path", required=required, help=text)
 
 
 def _store_overrides(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
@@ -89,18 +99,9 @@ _TLS_FILES = [
 
 tls_options = stack(
     [
-        click.option(
-            "--tls-dir",
-            type=click.Path(path_type=Path, file_okay=False),
-            help="Directory with ca.pem, cert.pem and key.pem.",
-        ),
+        dir_option("--tls-dir", help="Directory with ca.pem, cert.pem and key.pem."),
         *(
-            click.option(
-                name,
-                parameter,
-                type=click.Path(path_type=Path, dir_okay=False),
-                help=f"{what} (overrides --tls-dir).",
-            )
+            file_option(name, parameter, help=f"{what} (overrides --tls-dir).")
             for name, parameter, what in _TLS_FILES
         ),
         click.option(
@@ -128,11 +129,10 @@ def tls_from_options(
 
 def tls_dir_option(func: F) -> F:
     """``--tls-dir`` (required, env SPLITFED_TLS_DIR): a party's own TLS material."""
-    return click.option(
+    return dir_option(
         "--tls-dir",
         envvar="SPLITFED_TLS_DIR",
         required=True,
-        type=click.Path(path_type=Path, file_okay=False),
         help="This party's ca.pem, cert.pem and key.pem. Env: SPLITFED_TLS_DIR.",
     )(func)
 
@@ -173,11 +173,7 @@ def serve_options(
                 help=listen_help,
             ),
             *between,
-            click.option(
-                "--port-file",
-                type=click.Path(path_type=Path, dir_okay=False),
-                help=port_file_help,
-            ),
+            file_option("--port-file", help=port_file_help),
             click.option(
                 "--stop-on-stdin-eof",
                 is_flag=True,

@@ -34,6 +34,7 @@ from splitfed.cli.options import (
     config_option,
     config_overrides,
     fail,
+    file_option,
     tls_dir_option,
     tls_from_options,
     tls_options,
@@ -303,9 +304,7 @@ def collect(
 @click.option("--federation", default="", help="The federation whose round to show.")
 @click.option("--metrics", "metrics", multiple=True, help="A Prometheus endpoint URL; repeatable.")
 @tls_options
-@click.option(
-    "--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), help="Also as JSON."
-)
+@file_option("--json", "json_path", help="Also as JSON.")
 @config_overrides
 @click.pass_context
 def status_command(
