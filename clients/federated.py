@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +36,7 @@ from splitfed.protocol.aggregator import (
 )
 from splitfed.retry import DEFAULT_RETRY, RETRYABLE, RetryPolicy, call_with_retry
 from splitfed.v1 import aggregator_pb2, aggregator_pb2_grpc
-from splitfed.wire import (
-    OutgoingFrame,
-    TensorAssembler,
-    TensorLimits,
-    iter_frames,
-)
+from splitfed.wire import ChunkView, OutgoingFrame, TensorLimits, iter_frames, iter_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -173,17 +168,16 @@ class AggregatorClient:
             request = aggregator_pb2.DownloadGlobalRequest(
                 federation=federation, version=version, body=body
             )
-            tensors: dict[str, torch.Tensor] = {}
             got = version
-            with TensorAssembler(LIMITS) as assembler:
+
+            def chunks() -> Iterator[ChunkView]:
+                nonlocal got
                 for frame in self._download(request, timeout=self.timeout_s):
                     got = frame.message.version
-                    if not frame.message.HasField("chunk"):
-                        continue
-                    done = assembler.feed(frame.chunk_view())
-                    if done is not None:
-                        tensors[done.name] = done.tensor
-                assembler.finish()
+                    if frame.message.HasField("chunk"):
+                        yield frame.chunk_view()
+
+            tensors = {done.name: done.tensor for done in iter_tensors(chunks(), LIMITS)}
             return got, tensors
 
         result: tuple[int, dict[str, torch.Tensor]] = self._call("Aggregator.DownloadGlobal", call)
@@ -233,43 +227,38 @@ class RoundReport:
     uploaded: bool
 
 
+@dataclass(eq=False)
 class FederatedTrainer:
     """Runs ``trainer`` (already constructed, not started from a checkpoint) through the
     rounds of ``federation``: load the global version, train, upload the delta."""
 
-    def __init__(
-        self,
-        trainer: Any,
-        aggregator: AggregatorClient,
-        federation: str,
-        *,
-        identity: str = "",
-        record_dir: Path | None = None,
-        backbone: str = "",
-        join_token: str = "",
-    ) -> None:
-        self.join_token = join_token
-        # The backbone address as the federation knows it (server-side adapters).
-        self.backbone = backbone
-        # ``identity``: this client's certificate name (secure aggregation names peers so).
-        self.identity = identity
-        # Where to keep a copy of every update this client sends (its own audit trail).
-        self.record_dir = record_dir
-        self.trainer = trainer
-        self.aggregator = aggregator
-        self.federation = federation
-        # Version 0: what the adapter settings' seed initialised (before any training).
-        self.initial = {k: v.detach().clone() for k, v in trainer.adapter_tensors().items()}
-        self.version = 0
-        self.samples = len(trainer.data.encoded)
-        self._participant: Any = None
-        self._participant_round: tuple[int, int] | None = None
-        # The (round, attempt) whose key the aggregator confirmed.
-        self._advertised: tuple[int, int] | None = None
-        # This round's local training: resumed, never started over, if a call fails (the
-        # aggregator or the key manager restarting); its update is sent again if its upload
-        # fails or the round's attempt is retried on the same base version.
-        self._local: _LocalRound | None = None
+    trainer: Any
+    aggregator: AggregatorClient
+    federation: str
+    _: KW_ONLY
+    # This client's certificate name (secure aggregation names peers so).
+    identity: str = ""
+    # Where to keep a copy of every update this client sends (its own audit trail).
+    record_dir: Path | None = None
+    # The backbone address as the federation knows it (server-side adapters).
+    backbone: str = ""
+    join_token: str = ""
+    # Version 0: what the adapter settings' seed initialised (before any training).
+    initial: dict[str, torch.Tensor] = field(init=False, repr=False)
+    version: int = field(default=0, init=False)
+    samples: int = field(init=False)
+    _participant: Any = field(default=None, init=False, repr=False)
+    _participant_round: tuple[int, int] | None = field(default=None, init=False, repr=False)
+    # The (round, attempt) whose key the aggregator confirmed.
+    _advertised: tuple[int, int] | None = field(default=None, init=False, repr=False)
+    # This round's local training: resumed, never started over, if a call fails (the
+    # aggregator or the key manager restarting); its update is sent again if its upload
+    # fails or the round's attempt is retried on the same base version.
+    _local: _LocalRound | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.initial = {k: v.detach().clone() for k, v in self.trainer.adapter_tensors().items()}
+        self.samples = len(self.trainer.data.encoded)
 
     def _load_version(self, version: int) -> dict[str, torch.Tensor]:
         """Set the trainer's adapter to the global ``version``; returns its values."""

@@ -7,9 +7,9 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TypedDict, TypeVar, Unpack
 
 import grpc
 from cryptography import x509
@@ -44,6 +44,15 @@ def _call(fn: Callable[[], object], what: str, retry: RetryPolicy) -> object:
         if mapped is not None:
             raise mapped from None
         raise
+
+
+class TokenOptions(TypedDict, total=False):
+    """What an enrollment token may carry besides its identity and role: ``ttl_s`` (0 or
+    absent: the key manager's default) and the server names of a server role."""
+
+    ttl_s: int
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -105,27 +114,11 @@ class KeyManagerClient:
         return r.certificate_pem, r.ca_pem
 
     def create_token(
-        self,
-        identity: str,
-        role: str,
-        *,
-        ttl_s: int = 0,
-        dns_names: tuple[str, ...] = (),
-        ip_addresses: tuple[str, ...] = (),
+        self, identity: str, role: str, **options: Unpack[TokenOptions]
     ) -> tuple[str, int]:
-        request = keys_pb2.CreateTokenRequest(
-            identity=identity,
-            role=role,
-            ttl_s=ttl_s,
-            dns_names=dns_names,
-            ip_addresses=ip_addresses,
-        )
-        r = _call(
-            lambda: self._stub.CreateToken(request, timeout=self.timeout_s),
-            "KeyManager.CreateToken",
-            self.retry,
-        )
-        assert isinstance(r, keys_pb2.CreateTokenResponse)
+        """An enrollment token for ``identity`` in ``role``, and when it expires."""
+        request = keys_pb2.CreateTokenRequest(identity=identity, role=role, **options)
+        r = self._rpc("CreateToken", request, keys_pb2.CreateTokenResponse)
         return r.token, r.expires_at
 
     def revoke(self, *, identity: str = "", serial: str = "", reason: str = "") -> int:
@@ -224,30 +217,25 @@ def _lifetime(tls_dir: Path) -> tuple[str, dt.datetime, dt.datetime]:
     return str(name), cert.not_valid_before_utc, cert.not_valid_after_utc
 
 
+@dataclass(eq=False)
 class CertificateRenewer(Periodic):
     """Renews the certificate in ``tls_dir`` once ``renew_fraction`` of its lifetime has
     passed. Servers re-read the directory on new connections; channels made afterwards
     (``TLSConfig.from_dir``) present the new certificate."""
 
-    def __init__(
-        self,
-        tls_dir: Path,
-        keymanager: str,
-        *,
-        server_name: str | None = None,
-        renew_fraction: float = 2 / 3,
-        check_every_s: float = 60.0,
-        on_renew: Callable[[x509.Certificate], None] | None = None,
-    ) -> None:
-        if not 0 < renew_fraction < 1:
-            raise ValueError(f"renew_fraction must be in (0, 1), got {renew_fraction}")
-        super().__init__("certificate-renewer", check_every_s)
-        self.tls_dir = tls_dir
-        self.keymanager = keymanager
-        self.server_name = server_name
-        self.renew_fraction = renew_fraction
-        self.on_renew = on_renew
-        self.renewals = 0
+    tls_dir: Path
+    keymanager: str
+    _: KW_ONLY
+    server_name: str | None = None
+    renew_fraction: float = 2 / 3
+    check_every_s: float = 60.0
+    on_renew: Callable[[x509.Certificate], None] | None = None
+    renewals: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.renew_fraction < 1:
+            raise ValueError(f"renew_fraction must be in (0, 1), got {self.renew_fraction}")
+        super().__init__("certificate-renewer", self.check_every_s)
 
     @classmethod
     def reconnecting(
@@ -299,30 +287,25 @@ class CertificateRenewer(Periodic):
         return cert
 
 
+@dataclass(eq=False)
 class RevocationPoller(Periodic):
     """Fetches the key manager's revocation list every ``period_s`` into ``revocations``
     (which ends the open streams of newly revoked certificates), and saves each list it
     fetched to ``cache``, from which :meth:`restore` loads it after a restart. Its age is
     the gauge ``splitfed_revocation_list_age_seconds``."""
 
-    def __init__(
-        self,
-        revocations: RevocationList,
-        keymanager: str,
-        tls: Callable[[], TLSConfig],
-        *,
-        server_name: str | None = None,
-        period_s: float = 10.0,
-        cache: Path | None = None,
-    ) -> None:
-        super().__init__("revocation-poller", period_s)
-        self.revocations = revocations
-        self.keymanager = keymanager
-        self.tls = tls
-        self.server_name = server_name
-        self.cache = cache
-        self._cache_failing = False
-        REVOCATION_LISTS.add(revocations)
+    revocations: RevocationList
+    keymanager: str
+    tls: Callable[[], TLSConfig]
+    _: KW_ONLY
+    server_name: str | None = None
+    period_s: float = 10.0
+    cache: Path | None = None
+    _cache_failing: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__init__("revocation-poller", self.period_s)
+        REVOCATION_LISTS.add(self.revocations)
 
     def stop(self) -> None:
         super().stop()

@@ -16,9 +16,10 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -110,8 +111,35 @@ class IssuedCertificate:
             write_pem(directory / "key.pem", self.key_pem, private=True)
 
 
+class LeafOptions(TypedDict, total=False):
+    """What a leaf certificate may carry besides its identity and role: server names (DNS
+    names and IP addresses, server roles only) and a validity of ``validity`` (default
+    :data:`DEFAULT_CERT_VALIDITY`) from ``not_before`` (default: now less the clock skew
+    allowance)."""
+
+    dns_names: Iterable[str]
+    ip_addresses: Iterable[str]
+    validity: dt.timedelta
+    not_before: dt.datetime | None
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    """Digital signatures; for the CA also certificate and CRL signing."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 class CertificateAuthority:
@@ -155,20 +183,7 @@ class CertificateAuthority:
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=True), critical=True)
             .add_extension(ski, critical=False)
             .sign(key, hashes.SHA256())
         )
@@ -197,15 +212,7 @@ class CertificateAuthority:
         return private_key_pem(self._key, password)
 
     def sign_csr(
-        self,
-        csr_pem: bytes,
-        identity: str,
-        role: str,
-        *,
-        dns_names: Iterable[str] = (),
-        ip_addresses: Iterable[str] = (),
-        validity: dt.timedelta = DEFAULT_CERT_VALIDITY,
-        not_before: dt.datetime | None = None,
+        self, csr_pem: bytes, identity: str, role: str, **options: Unpack[LeafOptions]
     ) -> bytes:
         """Sign a CSR for ``identity`` in ``role``; the CSR's own subject is ignored."""
         csr = x509.load_pem_x509_csr(csr_pem)
@@ -214,23 +221,12 @@ class CertificateAuthority:
         public_key = csr.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise ValueError("certificate signing request must carry an EC public key")
-        return self._sign(public_key, identity, role, dns_names, ip_addresses, validity, not_before)
+        return self._sign(public_key, identity, role, **options)
 
-    def issue(
-        self,
-        identity: str,
-        role: str,
-        *,
-        dns_names: Sequence[str] = (),
-        ip_addresses: Sequence[str] = (),
-        validity: dt.timedelta = DEFAULT_CERT_VALIDITY,
-        not_before: dt.datetime | None = None,
-    ) -> IssuedCertificate:
+    def issue(self, identity: str, role: str, **options: Unpack[LeafOptions]) -> IssuedCertificate:
         """Generate a key and certificate in one step (tests, the local demo)."""
         key = generate_private_key()
-        cert_pem = self._sign(
-            key.public_key(), identity, role, dns_names, ip_addresses, validity, not_before
-        )
+        cert_pem = self._sign(key.public_key(), identity, role, **options)
         return IssuedCertificate(identity, role, cert_pem, self.cert_pem, private_key_pem(key))
 
     def _sign(
@@ -238,10 +234,11 @@ class CertificateAuthority:
         public_key: ec.EllipticCurvePublicKey,
         identity: str,
         role: str,
-        dns_names: Iterable[str],
-        ip_addresses: Iterable[str],
-        validity: dt.timedelta,
-        not_before: dt.datetime | None,
+        *,
+        dns_names: Iterable[str] = (),
+        ip_addresses: Iterable[str] = (),
+        validity: dt.timedelta = DEFAULT_CERT_VALIDITY,
+        not_before: dt.datetime | None = None,
     ) -> bytes:
         validate_identity(identity)
         validate_role(role)
@@ -274,20 +271,7 @@ class CertificateAuthority:
             .not_valid_before(start)
             .not_valid_after(start + validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(usages),
                 critical=False,

@@ -107,7 +107,21 @@ class FedExP:
 
 
 @dataclass(frozen=True)
-class FedAvgM:
+class _ServerOptimizer:
+    """A server optimizer: offset <- offset + the update it makes of the average delta,
+    tensor by tensor (:meth:`update`, which keeps its moments in ``state``)."""
+
+    def step(
+        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
+    ) -> Tensors:
+        return {n: _current(offset, n, d) + self.update(n, d, state) for n, d in delta.items()}
+
+    def update(self, name: str, delta: torch.Tensor, state: Tensors) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FedAvgM(_ServerOptimizer):
     """Server momentum: v <- beta v + delta; offset <- offset + server_lr v."""
 
     server_lr: float = 1.0
@@ -118,20 +132,15 @@ class FedAvgM:
         if self.server_lr <= 0 or not 0 <= self.momentum < 1:
             raise ValueError("fedavgm needs server_lr > 0 and 0 <= momentum < 1")
 
-    def step(
-        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
-    ) -> Tensors:
-        out = {}
-        for n, d in delta.items():
-            velocity = state.get(f"v.{n}")
-            velocity = d.clone() if velocity is None else velocity.mul_(self.momentum).add_(d)
-            state[f"v.{n}"] = velocity
-            out[n] = _current(offset, n, d) + self.server_lr * velocity
-        return out
+    def update(self, name: str, delta: torch.Tensor, state: Tensors) -> torch.Tensor:
+        velocity = state.get(f"v.{name}")
+        velocity = delta.clone() if velocity is None else velocity.mul_(self.momentum).add_(delta)
+        state[f"v.{name}"] = velocity
+        return self.server_lr * velocity
 
 
 @dataclass(frozen=True)
-class FedAdam:
+class FedAdam(_ServerOptimizer):
     """m <- b1 m + (1-b1) delta; v <- b2 v + (1-b2) delta^2;
     offset <- offset + server_lr m / (sqrt(v) + tau)."""
 
@@ -147,18 +156,13 @@ class FedAdam:
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("fedadam needs 0 <= beta1, beta2 < 1")
 
-    def step(
-        self, offset: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], state: Tensors
-    ) -> Tensors:
-        out = {}
-        for n, d in delta.items():
-            m = state.get(f"m.{n}", torch.zeros_like(d))
-            v = state.get(f"v.{n}", torch.zeros_like(d))
-            m = m.mul_(self.beta1).add_(d, alpha=1 - self.beta1)
-            v = v.mul_(self.beta2).addcmul_(d, d, value=1 - self.beta2)
-            state[f"m.{n}"], state[f"v.{n}"] = m, v
-            out[n] = _current(offset, n, d) + self.server_lr * m / (v.sqrt() + self.tau)
-        return out
+    def update(self, name: str, delta: torch.Tensor, state: Tensors) -> torch.Tensor:
+        m = state.get(f"m.{name}", torch.zeros_like(delta))
+        v = state.get(f"v.{name}", torch.zeros_like(delta))
+        m = m.mul_(self.beta1).add_(delta, alpha=1 - self.beta1)
+        v = v.mul_(self.beta2).addcmul_(delta, delta, value=1 - self.beta2)
+        state[f"m.{name}"], state[f"v.{name}"] = m, v
+        return self.server_lr * m / (v.sqrt() + self.tau)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -399,23 +400,33 @@ class KeyAuthority:
         pem = self._sign(
             make_csr(key, KEYMANAGER_IDENTITY), KEYMANAGER_IDENTITY, "keymanager", dns_names, ips
         )
-        self.store.record_certificate(
-            certificate_row(pem, KEYMANAGER_IDENTITY, "keymanager"),
-            pem,
-            actor="keymanager",
-            action="certificate.renew",
+        row = certificate_row(pem, KEYMANAGER_IDENTITY, "keymanager")
+        self._keep_local(
+            tls_dir, key, pem, row, actor="keymanager", action="certificate.renew", kind="renew"
         )
-        # The key first: a reader that sees the new key with the old certificate refuses
-        # the pair and keeps the old material until cert.pem follows.
-        CERTIFICATES_ISSUED.labels("keymanager", "renew").inc()
-        self._write_credentials(tls_dir, key, pem)
         logger.info("[KeyAuthority] renewed the key manager's own certificate in %s", tls_dir)
         return True
 
-    def _write_credentials(self, directory: Path, key: PrivateKey, cert_pem: bytes) -> None:
-        """key.pem (private), cert.pem and this CA's ca.pem in ``directory``, key first."""
+    def _keep_local(
+        self,
+        directory: Path,
+        key: PrivateKey,
+        pem: bytes,
+        row: CertificateRow,
+        *,
+        actor: str,
+        action: str,
+        kind: Literal["enroll", "renew"],
+    ) -> None:
+        """Record a certificate signed here for a ``key`` generated here (audited as
+        ``actor`` doing ``action``), count it as ``kind``, and write both with this CA's
+        ca.pem to ``directory``: key.pem (private) first, so that a reader that sees the
+        new key with the old certificate refuses the pair and keeps the old material until
+        cert.pem follows."""
+        self.store.record_certificate(row, pem, actor=actor, action=action)
+        CERTIFICATES_ISSUED.labels(row.role, kind).inc()
         write_pem(directory / "key.pem", private_key_pem(key), private=True)
-        write_pem(directory / "cert.pem", cert_pem, private=False)
+        write_pem(directory / "cert.pem", pem, private=False)
         write_pem(directory / "ca.pem", self.ca.cert_pem, private=False)
 
     def issue_admin(self, identity: str, out_dir: Path) -> x509.Certificate:
@@ -435,14 +446,10 @@ class KeyAuthority:
             (),
             not_before=now - CLOCK_SKEW.total_seconds(),
         )
-        self.store.record_certificate(
-            certificate_row(pem, identity, "admin", enrolled_at=now),
-            pem,
-            actor="local",
-            action="certificate.issue",
+        row = certificate_row(pem, identity, "admin", enrolled_at=now)
+        self._keep_local(
+            out_dir, key, pem, row, actor="local", action="certificate.issue", kind="enroll"
         )
-        CERTIFICATES_ISSUED.labels("admin", "enroll").inc()
-        self._write_credentials(out_dir, key, pem)
         logger.warning("[KeyAuthority] issued an admin certificate for %s locally", identity)
         return x509.load_pem_x509_certificate(pem)
 
