@@ -48,6 +48,7 @@ learned-inversion token recovery and eval loss.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -97,6 +98,21 @@ MAX_LENGTH = 128
 ADAPTER = AdapterSettings(kind="lora", r=8, alpha=16, seed=3)
 DELTA = 1e-5
 SEED = 7
+# The options (--name) and their defaults.
+DEFAULTS: dict[str, Any] = {
+    "public": 800,
+    "train": 256,
+    "eval": 64,
+    "pretrain-steps": 300,
+    "steps": 96,
+    "batch": 8,
+    "learning-rate": 5e-3,
+    "attack-epochs": 6,
+    "ks": "1,2,4",
+    "sigmas": "0,0.05,0.1,0.2,0.4",
+    "grad-sigmas": "0.5,2",
+    "max-loss-cost": 0.05,
+}
 
 
 def base_model(workdir: Path, corpora: Corpora, pretrain_steps: int) -> Path:
@@ -197,6 +213,11 @@ def run_point(
     scores["learned_inversion"] = {
         stage: bench.score(inversion, seen, stage) for stage, seen in kept.items()
     }
+    adapted = copy.deepcopy(inversion)
+    adapted.adapt([o for seen in kept.values() for o in seen])
+    scores["learned_inversion_adapted"] = {
+        stage: bench.score(adapted, seen, stage) for stage, seen in kept.items()
+    }
     nearest = NearestEmbedding(embedding_matrix(bench.path, k, M))
     scores["nearest_embedding"] = {
         stage: bench.score(nearest, kept[stage], stage) for stage in training
@@ -219,9 +240,16 @@ def run_point(
         "grad_sigma": grad_sigma,
         "clip_norm": perturbation.clip_norm,
         "grad_clip_norm": perturbation.grad_clip_norm,
-        "token_recovery": max(s["token_accuracy"] for s in scores["learned_inversion"].values()),
+        "token_recovery": max(
+            s["token_accuracy"]
+            for name in ("learned_inversion", "learned_inversion_adapted")
+            for s in scores[name].values()
+        ),
         "token_recovery_fresh": scores["learned_inversion"][TRAIN_START]["token_accuracy"],
         "token_recovery_stale": scores["learned_inversion"]
+        .get(TRAIN_END, {})
+        .get("token_accuracy"),
+        "token_recovery_stale_adapted": scores["learned_inversion_adapted"]
         .get(TRAIN_END, {})
         .get("token_accuracy"),
         "field_recovery": max(fields),
@@ -239,7 +267,8 @@ def run_point(
     print(
         f"k={k} sigma={sigma:g} grad_sigma={grad_sigma:g}: tokens {point['token_recovery']:.1%} "
         f"(fresh {point['token_recovery_fresh']:.1%}, "
-        f"stale {point['token_recovery_stale'] or 0:.1%}), "
+        f"stale {point['token_recovery_stale'] or 0:.1%}, "
+        f"adapted {point['token_recovery_stale_adapted'] or 0:.1%}), "
         f"fields {point['field_recovery']:.1%}"
         + (f", labels {point['label_recovery']:.1%}" if labels else "")
         + f", eval loss {run.eval_loss:.3f} (clean {run.clean_eval_loss:.3f}), "
@@ -339,20 +368,17 @@ def plot(path: Path, figures: dict[str, Any]) -> None:
     for k in sorted({p["k"] for p in hidden}):
         pts = sorted((p for p in hidden if p["k"] == k), key=lambda p: p["sigma"])
         colour = colours.get(k)
-        left.plot(
-            [p["sigma"] for p in pts],
-            [100 * p["token_recovery"] for p in pts],
-            "o-",
-            color=colour,
-            label=f"k={k} tokens (worst stage)",
-        )
-        left.plot(
-            [p["sigma"] for p in pts],
-            [100 * p["field_recovery"] for p in pts],
-            "s--",
-            color=colour,
-            label=f"k={k} sensitive fields",
-        )
+        for what, style, label in (
+            ("token_recovery", "o-", "tokens (worst stage)"),
+            ("field_recovery", "s--", "sensitive fields"),
+        ):
+            left.plot(
+                [p["sigma"] for p in pts],
+                [100 * p[what] for p in pts],
+                style,
+                color=colour,
+                label=f"k={k} {label}",
+            )
         right.plot(
             [p["eval_loss"] / baseline for p in pts],
             [100 * p["field_recovery"] for p in pts],
@@ -401,18 +427,8 @@ def floats(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--public", type=int, default=800)
-    parser.add_argument("--train", type=int, default=256)
-    parser.add_argument("--eval", type=int, default=64)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=96)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--learning-rate", type=float, default=5e-3)
-    parser.add_argument("--attack-epochs", type=int, default=6)
-    parser.add_argument("--ks", default="1,2,4")
-    parser.add_argument("--sigmas", default="0,0.05,0.1,0.2,0.4")
-    parser.add_argument("--grad-sigmas", default="0.5,2")
-    parser.add_argument("--max-loss-cost", type=float, default=0.05)
+    for name, default in DEFAULTS.items():
+        parser.add_argument(f"--{name}", type=type(default), default=default)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)

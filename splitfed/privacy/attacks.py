@@ -61,12 +61,11 @@ class Knowledge:
         seen: list[Observation] = []
         draws = self.noise_draws if settings.enabled else 1
         for draw in range(draws):
-            for index, micro in enumerate(self.public):
+            for micro in self.public:
                 if gradients:
                     split.forward_backward([micro], seen.append, "public", release=draw + 1)
                 else:
                     split.forward_only([micro], seen.append, "public", release=draw + 1)
-                del index
         return seen
 
 
@@ -110,24 +109,31 @@ class _Classifier:
         self.mean = self.std = torch.zeros(0)
 
     def fit(self, features: torch.Tensor, targets: torch.Tensor) -> None:
-        generator = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         self.mean = features.mean(0)
         self.std = features.std(0).clamp_min(1e-6)
-        x = (features - self.mean) / self.std
         self.net = nn.Sequential(
-            nn.Linear(x.shape[1], self.hidden),
+            nn.Linear(features.shape[1], self.hidden),
             nn.GELU(),
             nn.Linear(self.hidden, self.hidden),
             nn.GELU(),
             nn.Linear(self.hidden, self.classes),
         )
+        self.train(features, targets, self.epochs)
+
+    def train(self, features: torch.Tensor, targets: torch.Tensor, epochs: int) -> None:
+        """``epochs`` passes of one-cycle AdamW over (``features``, ``targets``), from the
+        network as it is (a new one after :meth:`fit`, the fitted one to adapt it)."""
+        assert self.net is not None
+        x = (features - self.mean) / self.std
+        generator = torch.Generator().manual_seed(self.seed)
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=2e-3, weight_decay=1e-4)
         batches = max(1, len(x) // 256)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=2e-3, total_steps=self.epochs * batches
+            optimizer, max_lr=2e-3, total_steps=epochs * batches
         )
-        for _ in range(self.epochs):
+        self.net.train()
+        for _ in range(epochs):
             order = torch.randperm(len(x), generator=generator)
             for b in range(batches):
                 pick = order[b * 256 : (b + 1) * 256]
@@ -139,15 +145,25 @@ class _Classifier:
         self.net.eval()
 
     @torch.no_grad()
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
+    def confident(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probability of the predicted class, predicted class) per row."""
         assert self.net is not None, "fit the attack first"
         logits: torch.Tensor = self.net((features - self.mean) / self.std)
-        return logits.argmax(-1)
+        probability, predicted = logits.softmax(-1).max(-1)
+        return probability, predicted
+
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        return self.confident(features)[1]
 
 
 @dataclass
 class LearnedInversion:
-    """h1 -> token by an MLP over a window of ``width`` neighbours on each side."""
+    """h1 -> token by an MLP over a window of ``width`` neighbours on each side.
+
+    :meth:`adapt` is the attacker's answer to a stale copy of the head: self-training on
+    the releases it recorded (unlabelled), whose confident predictions become labels for
+    a few more epochs alongside its public pairs.
+    """
 
     vocab_size: int
     width: int = 1
@@ -156,20 +172,40 @@ class LearnedInversion:
 
     def __post_init__(self) -> None:
         self.classifier = _Classifier(self.vocab_size, epochs=self.epochs)
+        self._public: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _features(self, o: Observation) -> torch.Tensor:
+        return _window(o.hidden, o.mask, self.width)[o.mask.bool()]
 
     def fit(self, knowledge: Knowledge) -> None:
-        features, targets = [], []
-        for o in knowledge.observations():
-            keep = o.mask.bool()
-            features.append(_window(o.hidden, o.mask, self.width)[keep])
-            targets.append(o.input_ids[keep])
-        self.classifier.fit(torch.cat(features), torch.cat(targets))
+        observed = knowledge.observations()
+        features = torch.cat([self._features(o) for o in observed])
+        targets = torch.cat([o.input_ids[o.mask.bool()] for o in observed])
+        self._public = (features, targets)
+        self.classifier.fit(features, targets)
+
+    def adapt(
+        self, observations: Sequence[Observation], *, confidence: float = 0.9, epochs: int = 2
+    ) -> int:
+        """Self-train on recorded ``observations``: their predictions of at least
+        ``confidence`` join the public pairs for ``epochs`` more epochs. Returns how many
+        recorded positions were taken."""
+        assert self._public is not None, "fit the attack first"
+        features = torch.cat([self._features(o) for o in observations])
+        probability, predicted = self.classifier.confident(features)
+        keep = probability >= confidence
+        public_features, public_targets = self._public
+        self.classifier.train(
+            torch.cat([public_features, features[keep]]),
+            torch.cat([public_targets, predicted[keep]]),
+            epochs,
+        )
+        return int(keep.sum())
 
     def predict(self, observation: Observation) -> torch.Tensor:
         o = observation
-        keep = o.mask.bool()
         out = torch.full_like(o.input_ids, -1)
-        out[keep] = self.classifier.predict(_window(o.hidden, o.mask, self.width)[keep])
+        out[o.mask.bool()] = self.classifier.predict(self._features(o))
         return out
 
 

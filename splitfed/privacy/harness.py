@@ -10,6 +10,7 @@ attack`` and ``bench/privacy.py`` are built on these two.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,26 +106,38 @@ def fine_tune(
     return Run(losses, eval_loss, clean, split.epsilon(), kept)
 
 
+def _score(
+    attack: Attack, stages: Mapping[str, tuple[Sequence[Observation], Scorer]]
+) -> dict[str, dict[str, Any]]:
+    results = {}
+    for stage, (observations, scorer) in stages.items():
+        if not observations:
+            continue
+        if attack.name == "label_leakage" and observations[0].grad is None:
+            continue
+        scorer.reset()
+        for o in observations:
+            scorer.add(o.examples, o.input_ids, attack.predict(o))
+        results[stage] = scorer.score.summary()
+    return results
+
+
 def score_attacks(
     attacks: Sequence[Attack],
     knowledge: Knowledge,
     stages: Mapping[str, tuple[Sequence[Observation], Scorer]],
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """{attack: {stage: score summary}}: each attack fitted once, scored on every stage it
-    applies to (label leakage only where gradients were released)."""
+    applies to (label leakage only where gradients were released); the learned inversion
+    also after self-training on everything recorded (``learned_inversion_adapted``)."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for attack in attacks:
         attack.fit(knowledge)
-        results[attack.name] = {}
-        for stage, (observations, scorer) in stages.items():
-            if not observations:
-                continue
-            if attack.name == "label_leakage" and observations[0].grad is None:
-                continue
-            scorer.reset()
-            for o in observations:
-                scorer.add(o.examples, o.input_ids, attack.predict(o))
-            results[attack.name][stage] = scorer.score.summary()
+        results[attack.name] = _score(attack, stages)
+        if isinstance(attack, LearnedInversion):
+            adapted = copy.deepcopy(attack)
+            adapted.adapt([o for observations, _ in stages.values() for o in observations])
+            results[f"{attack.name}_adapted"] = _score(adapted, stages)
     return results
 
 

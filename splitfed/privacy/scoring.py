@@ -70,39 +70,52 @@ def field_positions(
 
 
 @dataclass
-class Score:
-    """What an attack recovered over everything it was shown."""
+class Tally:
+    """Hits out of a total."""
 
-    claimed: int = 0
-    correct: int = 0
-    fields: int = 0
-    fields_recovered: int = 0
-    rouge_sum: float = 0.0
-    rouge_count: int = 0
-    by_field: dict[str, list[int]] = field(default_factory=dict)
+    hits: float = 0
+    total: int = 0
+
+    def add(self, hit: float, count: int = 1) -> None:
+        self.hits += hit
+        self.total += count
+
+    @property
+    def rate(self) -> float | None:
+        return self.hits / self.total if self.total else None
+
+
+@dataclass
+class Score:
+    """What an attack recovered over everything it was shown: tokens right of those
+    claimed, sensitive values recovered whole (also per field), and the ROUGE-L sum over
+    examples."""
+
+    tokens: Tally = field(default_factory=Tally)
+    fields: Tally = field(default_factory=Tally)
+    rouge: Tally = field(default_factory=Tally)
+    by_field: dict[str, Tally] = field(default_factory=dict)
 
     @property
     def token_accuracy(self) -> float:
-        return self.correct / self.claimed if self.claimed else 0.0
+        return self.tokens.rate or 0.0
 
     @property
     def field_exact_match(self) -> float | None:
-        return self.fields_recovered / self.fields if self.fields else None
+        return self.fields.rate
 
     @property
     def rouge_l(self) -> float:
-        return self.rouge_sum / self.rouge_count if self.rouge_count else 0.0
+        return self.rouge.rate or 0.0
 
     def summary(self) -> dict[str, Any]:
         return {
             "token_accuracy": self.token_accuracy,
             "field_exact_match": self.field_exact_match,
             "rouge_l": self.rouge_l,
-            "tokens": self.claimed,
-            "fields": self.fields,
-            "by_field": {
-                name: hits / total for name, (hits, total) in sorted(self.by_field.items())
-            },
+            "tokens": self.tokens.total,
+            "fields": self.fields.total,
+            "by_field": {name: tally.rate for name, tally in sorted(self.by_field.items())},
         }
 
 
@@ -136,19 +149,15 @@ class Scorer:
         ``predicted`` -1 where the attack makes no claim; row i is example ``examples[i]``."""
         s = self.score
         claimed = predicted >= 0
-        s.claimed += int(claimed.sum())
-        s.correct += int(((predicted == truth) & claimed).sum())
+        s.tokens.add(int(((predicted == truth) & claimed).sum()), int(claimed.sum()))
         for row, index in enumerate(examples):
             p, t, c = predicted[row], truth[row], claimed[row]
             for span, positions in self.positions[index]:
-                if not all(bool(c[i]) for i in positions if i < len(c)) or positions[-1] >= len(c):
+                if positions[-1] >= len(c) or not all(bool(c[i]) for i in positions):
                     continue
                 hit = all(int(p[i]) == int(t[i]) for i in positions)
-                s.fields += 1
-                s.fields_recovered += hit
-                tally = s.by_field.setdefault(span.field, [0, 0])
-                tally[0] += hit
-                tally[1] += 1
+                s.fields.add(hit)
+                s.by_field.setdefault(span.field, Tally()).add(hit)
             keep = [i for i in range(len(t)) if bool(c[i]) and int(t[i]) not in self.special]
             if not keep:
                 continue
@@ -156,5 +165,4 @@ class Scorer:
             guess = self.tokenizer.decode(
                 [int(p[i]) for i in keep if int(p[i]) not in self.special]
             )
-            s.rouge_sum += self.rouge.score(reference, guess)["rougeL"].fmeasure
-            s.rouge_count += 1
+            s.rouge.add(self.rouge.score(reference, guess)["rougeL"].fmeasure)

@@ -141,8 +141,8 @@ def test_scores_against_hand_counts(tokenizer: Any) -> None:
     scorer.add([0, 1], truth, claimed)
     score = scorer.score
     tokens = len(rows[0][0]) + len(rows[1][0])
-    assert score.claimed == tokens and score.correct == tokens - 1
-    assert score.fields == 18 and score.fields_recovered == 17  # example 1's prompt name
+    assert score.tokens.total == tokens and score.tokens.hits == tokens - 1
+    assert score.fields.total == 18 and score.fields.hits == 17  # example 1's prompt name
     assert score.summary()["by_field"]["name"] == pytest.approx(3 / 4)
     assert 0.9 < score.rouge_l < 1.0
 
@@ -150,5 +150,5 @@ def test_scores_against_hand_counts(tokenizer: Any) -> None:
     nothing = torch.full_like(truth, -1)
     nothing[:, 1] = truth[:, 1]  # a claim on one position only: fields are not scored
     scorer.add([0, 1], truth, nothing)
-    assert scorer.score.claimed == 2 and scorer.score.fields == 0
+    assert scorer.score.tokens.total == 2 and scorer.score.fields.total == 0
     assert scorer.score.field_exact_match is None
