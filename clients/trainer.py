@@ -145,6 +145,10 @@ class TrainSettings:
             )
 
 
+# The fields of TrainSettings that are MicroBatches' options of the same names.
+_BATCHING = ("batch_size", "accumulation", "max_length", "seed", "shuffle", "chat_template")
+
+
 @dataclass
 class StepReport:
     step: int
@@ -195,24 +199,13 @@ class SplitTrainer:
             path, adapter, settings.k, settings.m
         )
         self.optimizer, self.scheduler = build_optimizer(self.params, optimizer)
-        self.data = MicroBatches(
-            read_examples(settings.data),
-            self.tokenizer,
-            batch_size=settings.batch_size,
-            accumulation=settings.accumulation,
-            max_length=settings.max_length,
-            seed=settings.seed,
-            shuffle=settings.shuffle,
-            chat_template=settings.chat_template,
-        )
+        batching = {name: getattr(settings, name) for name in _BATCHING}
+        self.data = MicroBatches(read_examples(settings.data), self.tokenizer, **batching)
         self.eval_data = (
             MicroBatches(
                 read_examples(settings.eval_data),
                 self.tokenizer,
-                batch_size=settings.batch_size,
-                max_length=settings.max_length,
-                shuffle=False,
-                chat_template=settings.chat_template,
+                **batching | {"accumulation": 1, "shuffle": False},
             )
             if settings.eval_data
             else None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
@@ -331,14 +331,8 @@ class PrivacyAccountant:
         return _epsilon(one, self.delta)
 
     def spent(self) -> PrivacySpent:
-        return PrivacySpent(
-            epsilon=self.epsilon,
-            delta=self.delta,
-            step_epsilon=self.step_epsilon,
-            steps=self.steps,
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-        )
+        """Each field of :class:`PrivacySpent`: this accountant's value of that name."""
+        return PrivacySpent(**{f.name: getattr(self, f.name) for f in fields(PrivacySpent)})
 
 
 def _epsilon(rdp: Any, delta: float) -> float:

@@ -4,6 +4,7 @@ of shared mode as an admin addresses it, and who may move which."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -18,16 +19,14 @@ from splitfed.services.backbone.training import Training
 SHARED_ADAPTER = "shared"
 
 
+@dataclass(eq=False)
 class AdapterIO:
     """Adapter import and export of the registry's sessions (``training``: whether a
     step is under way on an adapter)."""
 
-    def __init__(
-        self, settings: BackboneSettings, registry: SessionRegistry, training: Training
-    ) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.training = training
+    settings: BackboneSettings
+    registry: SessionRegistry
+    training: Training
 
     def export_adapter(self, session: Session) -> dict[str, torch.Tensor]:
         return {

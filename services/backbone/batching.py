@@ -35,7 +35,8 @@ on a new stream. A session that leaves a round that has not started yet just lea
 One module of some 650 lines: the rounds, their merged passes and the threads that wait
 on them share one condition variable and one set of invariants (one round runs at a
 time; a member is in at most one round), which are checked in one place. It depends only
-on the session (:mod:`.sessions`), the compute queue and the settings.
+on the session (:mod:`.sessions`), the compute queue, the settings and the STEP command
+of the contract (:class:`~splitfed.protocol.backbone.StepCommand`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from splitfed.errors import (
 )
 from splitfed.logs import redact
 from splitfed.models.optim import clip_factor, grad_sq_norm, scale_grads
+from splitfed.protocol.backbone import StepCommand
 from splitfed.services.backbone.compute import ComputeQueue
 from splitfed.services.backbone.sessions import Session
 from splitfed.services.backbone.settings import BackboneSettings
@@ -105,12 +107,6 @@ class _Pass:
     output: torch.Tensor | None = None
 
 
-@dataclass(frozen=True)
-class _Command:
-    client_sq_norm: float
-    max_norm: float
-
-
 @dataclass(eq=False)
 class _Round:
     """One merged optimizer step."""
@@ -120,7 +116,7 @@ class _Round:
     members: dict[str, Session] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
     passes: dict[int, _Pass] = field(default_factory=dict)
-    commands: dict[str, _Command] = field(default_factory=dict)
+    commands: dict[str, StepCommand] = field(default_factory=dict)
     # Membership is fixed once the first merged pass starts.
     closed: bool = False
     deadline: float = float("inf")
@@ -170,9 +166,9 @@ def _pieces(merged: torch.Tensor, slots: list[_Slot]) -> list[torch.Tensor]:
     return pieces
 
 
-def _group_max_norm(commands: dict[str, _Command]) -> float:
+def _group_max_norm(commands: dict[str, StepCommand]) -> float:
     """The smallest positive max norm the members asked for (0: none asked to clip)."""
-    positive = [c.max_norm for c in commands.values() if c.max_norm > 0]
+    positive = [c.max_grad_norm for c in commands.values() if c.max_grad_norm > 0]
     return min(positive) if positive else 0.0
 
 
@@ -372,7 +368,7 @@ class ClientBatcher:
                 self._drive(joined, sid, lambda: joined.results is not None)
                 assert joined.results is not None
                 return {**joined.results[sid], "already_applied": True}
-            joined.commands[sid] = _Command(client_sq_norm, max_norm)
+            joined.commands[sid] = StepCommand(client_sq_norm, max_norm)
             self._progress(joined)
             self._drive(joined, sid, lambda: joined.results is not None)
             assert joined.results is not None
@@ -633,7 +629,7 @@ class ClientBatcher:
             # The mean of the members' losses: their gradients summed, over their count.
             scale_grads(params, 1.0 / len(members))
             backbone_sq = grad_sq_norm(params)
-            total = backbone_sq + sum(c.client_sq_norm for c in commands.values())
+            total = backbone_sq + sum(c.client_grad_sq_norm for c in commands.values())
             scale_grads(params, clip_factor(total, _group_max_norm(commands)))
             learning_rate = float(trainable.optimizer.param_groups[0]["lr"])
             trainable.optimizer.step()
@@ -641,7 +637,7 @@ class ClientBatcher:
             trainable.optimizer.zero_grad(set_to_none=True)
             results = {}
             for sid, session in members.items():
-                others = sum(c.client_sq_norm for s, c in commands.items() if s != sid)
+                others = sum(c.client_grad_sq_norm for s, c in commands.items() if s != sid)
                 # The reply first: a STEP repeated meanwhile reads step, then the reply.
                 session.last_result = {
                     # All but this client's own part, so it clips by the group's factor.

@@ -3,6 +3,8 @@ queue) and the quotas on the bytes every cache holds."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from splitfed.errors import InvalidArgumentError, LimitExceededError
@@ -11,15 +13,13 @@ from splitfed.services.backbone.sessions import Session, SessionRegistry
 from splitfed.services.backbone.settings import BackboneSettings
 
 
+@dataclass(eq=False)
 class Generation:
     """The KV caches of the registry's sessions."""
 
-    def __init__(
-        self, settings: BackboneSettings, shared: SharedBody, registry: SessionRegistry
-    ) -> None:
-        self.settings = settings
-        self.shared = shared
-        self.registry = registry
+    settings: BackboneSettings
+    shared: SharedBody
+    registry: SessionRegistry
 
     def generate(self, session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         cache = session.cache if session.cache is not None else session.body.new_cache()

@@ -4,8 +4,9 @@ errors for everything wrong. The servicer only converts messages and calls these
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
 
@@ -34,6 +35,7 @@ from splitfed.services.backbone.sessions import Session
 from splitfed.services.backbone.state import BackboneState
 from splitfed.v1 import backbone_pb2
 from splitfed.wire import (
+    FrameSpec,
     IncomingFrame,
     OutgoingFrame,
     ReceiveBudget,
@@ -51,16 +53,9 @@ def tensor_limits(state: BackboneState) -> TensorLimits:
 
 
 def model_info(state: BackboneState, keys: BackboneKeys | None = None) -> ModelInfo:
-    summary, s = state.shared.summary, state.settings
+    s = state.settings
     return ModelInfo(
-        model_id=summary.model_id,
-        family=summary.family,
-        num_layers=summary.num_layers,
-        hidden_size=summary.hidden_size,
-        vocab_size=summary.vocab_size,
-        dtype=summary.dtype,
-        min_k=summary.min_k,
-        min_m=summary.min_m,
+        **asdict(state.shared.summary),
         max_sequence_length=s.max_sequence_length,
         max_batch_size=s.max_batch_size,
         encodings=tuple(s.encodings),
@@ -130,37 +125,62 @@ class _Inbox:
         return gather(self.tensors, received, needed)
 
 
-@contextmanager
-def _receiving(
-    state: BackboneState,
-    session: Session,
-    budget: ReceiveBudget,
-    crypto: SessionCrypto | None,
-    *,
-    training: bool,
-) -> Iterator[tuple[int, _Inbox]]:
-    """A stream of ``session`` held open (its generation) and the inbox of its incoming
-    tensors."""
-    with (
-        log_context(session=redact(session.session_id)),
-        state.stream(session, training=training) as generation,
-        TensorAssembler(tensor_limits(state), budget) as assembler,
-    ):
-        yield generation, _Inbox(assembler, crypto)
-        assembler.finish()
+@dataclass(frozen=True)
+class SessionStream:
+    """What one Train or Generate stream of ``session`` runs with (the servicer builds it
+    for each stream): ``crypto`` seals and opens its tensors when the session is
+    encrypted, ``budget`` bounds the bytes its incoming tensors may hold."""
+
+    state: BackboneState
+    session: Session
+    chunk_bytes: int
+    budget: ReceiveBudget
+    crypto: SessionCrypto | None = None
+
+    @contextmanager
+    def receiving(self, *, training: bool) -> Iterator[tuple[int, _Inbox]]:
+        """The stream held open (its generation) and the inbox of its incoming tensors."""
+        with (
+            log_context(session=redact(self.session.session_id)),
+            self.state.stream(self.session, training=training) as generation,
+            TensorAssembler(tensor_limits(self.state), self.budget) as assembler,
+        ):
+            yield generation, _Inbox(assembler, self.crypto)
+            assembler.finish()
+
+    def frames(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        spec: FrameSpec[Any],
+        *,
+        encoding: str = "raw",
+        **fields: int,
+    ) -> Iterator[OutgoingFrame]:
+        """The response frames of ``tensors``, each message with ``fields`` set, sealed
+        when the session is encrypted (:func:`tensor_frames`)."""
+        return tensor_frames(
+            tensors,
+            spec,
+            chunk_bytes=self.chunk_bytes,
+            encoding=encoding,
+            crypto=self.crypto,
+            context=None,  # the one op, step and micro_batch of ``fields`` name
+            **fields,
+        )
+
+    def output_frames(
+        self, h2: torch.Tensor, spec: FrameSpec[Any], **fields: int
+    ) -> Iterator[OutgoingFrame]:
+        """The frames of a forward pass's output, in the session's encoding."""
+        return self.frames({"h2": h2}, spec, encoding=self.session.encoding, **fields)
 
 
 def handle_train(
-    state: BackboneState,
-    session: Session,
-    frames: Iterable[IncomingFrame[backbone_pb2.TrainRequest]],
-    chunk_bytes: int,
-    budget: ReceiveBudget,
-    crypto: SessionCrypto | None = None,
+    stream: SessionStream, frames: Iterable[IncomingFrame[backbone_pb2.TrainRequest]]
 ) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
     """One training stream of one session: see ``Backbone.Train`` in backbone.proto."""
-    sid = session.session_id
-    with _receiving(state, session, budget, crypto, training=True) as (generation, inbox):
+    state, session = stream.state, stream.session
+    with stream.receiving(training=True) as (generation, inbox):
         current: tuple[int, int, int] | None = None
         for frame in frames:
             request = frame.message
@@ -188,29 +208,16 @@ def handle_train(
                 current = None
                 if op == backbone_pb2.TRAIN_OP_BACKWARD:
                     out = state.run_backward(session, step, micro, args["grad_h2"])
-                    yield from tensor_frames(
-                        {"grad_h1": out},
-                        TRAIN_RESPONSE,
-                        chunk_bytes=chunk_bytes,
-                        crypto=crypto,
-                        op=op,
-                        step=step,
-                        micro_batch=micro,
+                    yield from stream.frames(
+                        {"grad_h1": out}, TRAIN_RESPONSE, op=op, step=step, micro_batch=micro
                     )
                 else:
                     train = op == backbone_pb2.TRAIN_OP_FORWARD
                     out = state.run_forward(
                         session, step, micro, args["h1"], args["attention_mask"], train=train
                     )
-                    yield from tensor_frames(
-                        {"h2": out},
-                        TRAIN_RESPONSE,
-                        chunk_bytes=chunk_bytes,
-                        encoding=session.encoding,
-                        crypto=crypto,
-                        op=op,
-                        step=step,
-                        micro_batch=micro,
+                    yield from stream.output_frames(
+                        out, TRAIN_RESPONSE, op=op, step=step, micro_batch=micro
                     )
             elif op == backbone_pb2.TRAIN_OP_STEP:
                 step, command = request.step, StepCommand.from_proto(request.command)
@@ -221,22 +228,18 @@ def handle_train(
                     op=op, step=step, result=StepResult(**result).to_proto()
                 )
             elif op == backbone_pb2.TRAIN_OP_ZERO_GRAD:
-                state.queue.run(sid, partial(state.zero_grad, session))
+                state.queue.run(session.session_id, partial(state.zero_grad, session))
                 yield backbone_pb2.TrainResponse(op=op, step=request.step)
             else:
                 raise InvalidArgumentError(f"unknown training operation {op}")
 
 
 def handle_generate(
-    state: BackboneState,
-    session: Session,
-    frames: Iterable[IncomingFrame[backbone_pb2.GenerateRequest]],
-    chunk_bytes: int,
-    budget: ReceiveBudget,
-    crypto: SessionCrypto | None = None,
+    stream: SessionStream, frames: Iterable[IncomingFrame[backbone_pb2.GenerateRequest]]
 ) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
+    state, session = stream.state, stream.session
     sid = session.session_id
-    with _receiving(state, session, budget, crypto, training=False) as (_, inbox):
+    with stream.receiving(training=False) as (_, inbox):
         for frame in frames:
             request = frame.message
             session.touch()
@@ -251,15 +254,7 @@ def handle_generate(
                     "generate",
                 )
                 length = session.cache.length if session.cache is not None else 0
-                yield from tensor_frames(
-                    {"h2": out},
-                    GENERATE_RESPONSE,
-                    chunk_bytes=chunk_bytes,
-                    encoding=session.encoding,
-                    crypto=crypto,
-                    op=op,
-                    cache_length=length,
-                )
+                yield from stream.output_frames(out, GENERATE_RESPONSE, op=op, cache_length=length)
             elif op == backbone_pb2.GENERATE_OP_RESET:
                 state.queue.run(sid, partial(state.reset_cache, session))
                 yield backbone_pb2.GenerateResponse(op=op, cache_length=0)

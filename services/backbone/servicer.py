@@ -168,16 +168,10 @@ class BackboneServicer:
         """One Train or Generate stream of the caller's session, through ``handle``."""
         session = self._session(context)
         with self.streams.open(context, request_iterator, owner_of(context)) as requests:
-            yield from requests.pace(
-                handle(
-                    self.state,
-                    session,
-                    requests,
-                    self.chunk_bytes,
-                    self.budget,
-                    self._crypto(session),
-                )
+            stream = handlers.SessionStream(
+                self.state, session, self.chunk_bytes, self.budget, self._crypto(session)
             )
+            yield from requests.pace(handle(stream, requests))
 
     @stream_errors
     def Train(

@@ -23,25 +23,20 @@ from splitfed.services.backbone.sessions import PendingPass, Session, SessionReg
 from splitfed.services.backbone.settings import BackboneSettings
 
 
+@dataclasses.dataclass(eq=False)
 class Training:
     """Forward, backward and step of the registry's sessions; ``batcher`` (client-batch)
     or None."""
 
-    def __init__(
-        self,
-        settings: BackboneSettings,
-        shared: SharedBody,
-        registry: SessionRegistry,
-        queue: ComputeQueue,
-        batcher: ClientBatcher | None,
-    ) -> None:
-        self.settings = settings
-        self.shared = shared
-        self.registry = registry
-        self.queue = queue
-        self.batcher = batcher
-        # Graph costs by (k, m, adapter without its seed): sessions alike cost alike.
-        self._graph_costs: dict[tuple[int, int, AdapterSettings], GraphCost] = {}
+    settings: BackboneSettings
+    shared: SharedBody
+    registry: SessionRegistry
+    queue: ComputeQueue
+    batcher: ClientBatcher | None
+    # Graph costs by (k, m, adapter without its seed): sessions alike cost alike.
+    _graph_costs: dict[tuple[int, int, AdapterSettings], GraphCost] = dataclasses.field(
+        default_factory=dict, init=False
+    )
 
     # --- in a stream's thread --------------------------------------------------------
 

@@ -82,7 +82,6 @@ class RoundPlan:
             aggregator_pb2.RoundPlan,
             phase=aggregator_pb2.RoundPhase.ValueType(self.phase),
             peers=[to_message(p, aggregator_pb2.Peer) for p in self.peers],
-            dropped=list(self.dropped),
         )
 
     @classmethod
@@ -92,5 +91,4 @@ class RoundPlan:
             message,
             phase=Phase(message.phase),
             peers=tuple(from_message(Peer, p) for p in message.peers),
-            dropped=tuple(message.dropped),
         )

@@ -66,7 +66,7 @@ def adapter_to_proto(settings: AdapterSettings) -> backbone_pb2.AdapterConfig:
             prefix=backbone_pb2.PrefixConfig(length=settings.prefix_length), seed=settings.seed
         )
     return backbone_pb2.AdapterConfig(
-        lora=to_message(settings, backbone_pb2.LoraConfig, target_modules=settings.target_modules),
+        lora=to_message(settings, backbone_pb2.LoraConfig),
         seed=settings.seed,
     )
 
@@ -179,7 +179,6 @@ class ModelInfo:
             self,
             backbone_pb2.ModelInfo,
             dtype=dtype_to_proto(self.dtype) if self.dtype is not None else None,
-            encodings=list(self.encodings),
         )
 
     @classmethod
@@ -188,7 +187,6 @@ class ModelInfo:
             cls,
             message,
             dtype=dtype_from_proto(message.dtype) if message.dtype else None,
-            encodings=tuple(message.encodings),
         )
 
 
