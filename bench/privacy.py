@@ -74,6 +74,7 @@ from splitfed.privacy.attacks import (
     embedding_matrix,
 )
 from splitfed.privacy.harness import (
+    BASE,
     EVAL,
     GENERATION,
     TRAIN_END,
@@ -107,9 +108,9 @@ DEFAULTS: dict[str, Any] = {
     "steps": 96,
     "batch": 8,
     "learning-rate": 5e-3,
-    "attack-epochs": 6,
+    "attack-epochs": 5,
     "ks": "1,2,4",
-    "sigmas": "0,0.05,0.1,0.2,0.4",
+    "sigmas": "0,0.05,0.2",
     "grad-sigmas": "0.5,2",
     "max-loss-cost": 0.05,
 }
@@ -210,6 +211,7 @@ def run_point(
     inversion = bench.inversion(k, perturbation)
     kept = {stage: seen for stage, seen in run.observations.items() if seen}
     training = [stage for stage in (TRAIN_START, TRAIN_END) if stage in kept]
+    released = [stage for stage in (BASE, *training) if stage in kept]
     scores["learned_inversion"] = {
         stage: bench.score(inversion, seen, stage) for stage, seen in kept.items()
     }
@@ -220,7 +222,7 @@ def run_point(
     }
     nearest = NearestEmbedding(embedding_matrix(bench.path, k, M))
     scores["nearest_embedding"] = {
-        stage: bench.score(nearest, kept[stage], stage) for stage in training
+        stage: bench.score(nearest, kept[stage], stage) for stage in released
     }
     if labels:
         label = LabelLeakage(len(bench.tokenizer), epochs=args.attack_epochs)
@@ -245,7 +247,8 @@ def run_point(
             for name in ("learned_inversion", "learned_inversion_adapted")
             for s in scores[name].values()
         ),
-        "token_recovery_fresh": scores["learned_inversion"][TRAIN_START]["token_accuracy"],
+        "token_recovery_base": scores["learned_inversion"][BASE]["token_accuracy"],
+        "token_recovery_first_epoch": scores["learned_inversion"][TRAIN_START]["token_accuracy"],
         "token_recovery_stale": scores["learned_inversion"]
         .get(TRAIN_END, {})
         .get("token_accuracy"),
@@ -266,8 +269,9 @@ def run_point(
     }
     print(
         f"k={k} sigma={sigma:g} grad_sigma={grad_sigma:g}: tokens {point['token_recovery']:.1%} "
-        f"(fresh {point['token_recovery_fresh']:.1%}, "
-        f"stale {point['token_recovery_stale'] or 0:.1%}, "
+        f"(public head {point['token_recovery_base']:.1%}, "
+        f"first epoch {point['token_recovery_first_epoch']:.1%}, "
+        f"last epoch {point['token_recovery_stale'] or 0:.1%}, "
         f"adapted {point['token_recovery_stale_adapted'] or 0:.1%}), "
         f"fields {point['field_recovery']:.1%}"
         + (f", labels {point['label_recovery']:.1%}" if labels else "")
@@ -466,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
             batches(rows["prompts"], 0, 16),
             batches(rows["public"], 0, 16),
             {
+                BASE: train_scorer,
                 TRAIN_START: train_scorer,
                 TRAIN_END: train_scorer,
                 EVAL: eval_scorer,

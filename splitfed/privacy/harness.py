@@ -33,7 +33,8 @@ from splitfed.privacy.records import PrivateRecord, chance_rate
 from splitfed.privacy.scoring import Scorer
 
 # Stages of a run, in the order they happen.
-TRAIN_START = "train_start"  # first epoch: the head is the public one
+BASE = "base_head"  # the private notes under the public head (the first release of each)
+TRAIN_START = "train_start"  # first epoch: the head starts as the public one
 TRAIN_END = "train_end"  # last epoch: the head is fine-tuned
 EVAL = "eval"  # evaluation forwards over held-out private records
 GENERATION = "generation"  # generation prefills: the held-out records' prompts
@@ -86,11 +87,17 @@ def fine_tune(
 ) -> Run:
     """Train ``split`` for ``steps`` optimizer steps over ``train`` and keep the first and
     the last epoch's releases, then evaluate (perturbed as the client's evaluation is, and
-    clean) and prefill the ``generation`` prompts."""
+    clean) and prefill the ``generation`` prompts. Before training, the training notes'
+    releases under the public head (:data:`BASE`: what the backbone receives when the
+    client evaluates or generates with the base model, and the first step's notes)."""
+    base: list[Observation] = []
+    split.forward_only(
+        [(train.indices(i), train.batch(i)) for i in range(train.per_epoch)], base.append, BASE
+    )
     per_step = train.accumulation
     epoch_steps = max(1, train.per_epoch // per_step)
     last_epoch_from = max(1, steps - epoch_steps + 1)
-    kept: dict[str, list[Observation]] = {TRAIN_START: [], TRAIN_END: []}
+    kept: dict[str, list[Observation]] = {BASE: base, TRAIN_START: [], TRAIN_END: []}
     losses = []
     for step in range(1, steps + 1):
         first = (step - 1) * per_step
