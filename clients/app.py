@@ -318,12 +318,15 @@ def generate(
     config: ClientConfig,
     prompts: list[str],
     keymanager: KeyManagerClient | None = None,
+    *,
+    ledger: PrivacyLedger | None = None,
     **options: Any,
 ) -> list[str]:
-    """Complete ``prompts`` with the adapters of the training checkpoint (if any)."""
+    """Complete ``prompts`` with the adapters of the training checkpoint (if any); what
+    is sent is counted in ``ledger`` (see :func:`split_session`)."""
     train = config.training
     tokenizer = AutoTokenizer.from_pretrained(str(train.model_path), local_files_only=True)
-    with split_session(client, config, keymanager) as split:
+    with split_session(client, config, keymanager, ledger=ledger) as split:
         ids, mask = prompt_ids(tokenizer, prompts, chat_template=train.chat_template)
         generator = SplitGenerator(split.head, split.body(), split.tail)
         tokens = generator.generate(ids, mask, sampling_options(config, tokenizer, **options))

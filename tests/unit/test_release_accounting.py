@@ -171,7 +171,7 @@ def test_releases_without_noise_are_counted_apart_and_leave_epsilon_alone() -> N
     for _ in range(3):
         ledger.record(TRAINING)
     ledger.record(EVALUATION)
-    for call in range(2):
+    for _ in range(2):
         for index in range(5):
             ledger.record(GENERATION, call=index == 0)
     # A sender that does not perturb (splitfed evaluate) is clear whatever the settings.
