@@ -1,6 +1,11 @@
 """What ``splitfed train`` and ``splitfed generate`` run: a client config file
 ([backbone], [training], [adapter], [optimizer], [generation], [security], [metrics]) to a
-trainer or generator."""
+trainer or generator.
+
+Generation (``generate``, :class:`Chat`, and the SDK through :func:`split_session`) sends
+the hidden states of its prompts through :class:`ReleasedStage`: perturbed with
+``[training.perturbation] generation = true``, and counted in the client's privacy ledger
+either way (security/releases.py, docs/privacy.md)."""
 
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
 from splitfed.metrics import MetricsSettings
 from splitfed.models.adapters import AdapterSettings, load_adapter, load_adapter_state
-from splitfed.models.generation import SamplingOptions, SplitGenerator
+from splitfed.models.generation import BodyStage, SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.parts import Head, Tail
 from splitfed.protocol.backbone import SessionRequest
+from splitfed.security.perturbation import EVAL_STREAM, GENERATION_STREAM, Perturber
+from splitfed.security.releases import GENERATION, PrivacyLedger, perturbs
 from splitfed.serving import ConnectSettings, SecuritySettings
 from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel, parse_address
@@ -168,6 +175,44 @@ def prompt_ids(
     return left_padded(rows, int(tokenizer.pad_token_id))
 
 
+class ReleasedStage:
+    """A body stage whose inputs leave the client: each step (a generation call's prompt,
+    then each new token's vector) is one release of ``kind``, counted in ``ledger``
+    before it is sent and perturbed when ``perturber`` is given. A call begins at
+    :meth:`reset` (as :class:`SplitGenerator` does before each); its noise is drawn from
+    (the call's number, the step's index), so no two releases share noise."""
+
+    def __init__(
+        self,
+        body: BodyStage,
+        ledger: PrivacyLedger,
+        perturber: Perturber | None,
+        kind: str = GENERATION,
+    ) -> None:
+        self.body, self.ledger, self.perturber, self.kind = body, ledger, perturber, kind
+        self.stream = GENERATION_STREAM if kind == GENERATION else EVAL_STREAM
+        self._call = 0  # this call's number; 0 until its first step
+        self._index = 0
+
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        number = self.ledger.record(
+            self.kind, call=self._call == 0, perturbed=self.perturber is not None
+        )
+        self._call = self._call or number
+        if self.perturber is not None:
+            # After the prompt only the new positions are sent; the mask covers them all.
+            mask = attention_mask[:, attention_mask.shape[1] - hidden.shape[1] :]
+            hidden = self.perturber.hidden(
+                hidden, mask, release=self._call, micro=self._index, stream=self.stream
+            )
+        self._index += 1
+        return self.body.step(hidden, attention_mask)
+
+    def reset(self) -> None:
+        self.body.reset()
+        self._call, self._index = 0, 0
+
+
 @dataclass
 class SplitSession:
     """Head and tail here and a session of the body on the backbone: the split model
@@ -179,9 +224,19 @@ class SplitSession:
     stream: GenerateStream
     # Whether head, tail and session carry the checkpoint's trained adapter.
     trained: bool
+    # The client's privacy ledger (None without [training.perturbation]).
+    ledger: PrivacyLedger | None = None
 
-    def body(self) -> RemoteBodyStage:
-        return RemoteBodyStage(self.stream)
+    def body(self, kind: str = GENERATION, *, perturb: bool = True) -> BodyStage:
+        """The body as a stage for :class:`SplitGenerator`: with a ledger, every forward
+        is a release of ``kind``, perturbed as the settings say for it (never when not
+        ``perturb``: e.g. ``splitfed evaluate``, which measures the model as it is)."""
+        stage = RemoteBodyStage(self.stream)
+        if self.ledger is None:
+            return stage
+        settings = self.ledger.settings
+        perturber = Perturber(settings) if perturb and perturbs(settings, kind) else None
+        return ReleasedStage(stage, self.ledger, perturber, kind)
 
 
 @contextmanager
@@ -191,13 +246,18 @@ def split_session(
     keymanager: KeyManagerClient | None = None,
     *,
     trained: bool = True,
+    ledger: PrivacyLedger | None = None,
 ) -> Iterator[SplitSession]:
     """The split model of ``config``. With ``trained``: the adapters of the training
     checkpoint (head and tail from ``adapter.safetensors``, the body from the session the
     checkpoint names), or without a checkpoint a new session of the [adapter] settings.
     Without ``trained``: the base model (a new session whose LoRA adapter is a no-op).
-    A session opened here is deleted afterwards."""
+    A session opened here is deleted afterwards. With [training.perturbation] on, what
+    the session sends is counted in ``ledger`` (a trainer's, in the same process), by
+    default the one saved in the training checkpoint directory."""
     train = config.training
+    if ledger is None and train.perturbation.enabled:
+        ledger = PrivacyLedger(train.perturbation, directory=train.checkpoint_dir)
     head = load_head(train.model_path, train.k, train.m)
     tail = load_tail(train.model_path, train.k, train.m)
     session_id = ""
@@ -234,7 +294,9 @@ def split_session(
         crypto = client_crypto(keymanager, session.session_id)
     stream = GenerateStream(client, session.session_id, train.encoding, crypto)
     try:
-        yield SplitSession(head, tail, session.session_id, stream, trained=bool(session_id))
+        yield SplitSession(
+            head, tail, session.session_id, stream, trained=bool(session_id), ledger=ledger
+        )
     finally:
         stream.close()
         if not session_id:
@@ -256,12 +318,15 @@ def generate(
     config: ClientConfig,
     prompts: list[str],
     keymanager: KeyManagerClient | None = None,
+    *,
+    ledger: PrivacyLedger | None = None,
     **options: Any,
 ) -> list[str]:
-    """Complete ``prompts`` with the adapters of the training checkpoint (if any)."""
+    """Complete ``prompts`` with the adapters of the training checkpoint (if any); what
+    is sent is counted in ``ledger`` (see :func:`split_session`)."""
     train = config.training
     tokenizer = AutoTokenizer.from_pretrained(str(train.model_path), local_files_only=True)
-    with split_session(client, config, keymanager) as split:
+    with split_session(client, config, keymanager, ledger=ledger) as split:
         ids, mask = prompt_ids(tokenizer, prompts, chat_template=train.chat_template)
         generator = SplitGenerator(split.head, split.body(), split.tail)
         tokens = generator.generate(ids, mask, sampling_options(config, tokenizer, **options))

@@ -42,6 +42,7 @@ from splitfed.clients.keys import KeyManagerClient
 from splitfed.models.generation import BodyStage, LocalStage, SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_body, load_head, load_tail
 from splitfed.models.parts import Head, Tail
+from splitfed.security.releases import EVALUATION
 
 logger = logging.getLogger(__name__)
 
@@ -489,7 +490,8 @@ def split_models(
     if config.training.perturbation.enabled:
         logger.warning(
             "[eval] evaluation sends the hidden states of the evaluation data without "
-            "perturbation; use data that may be seen by the backbone"
+            "perturbation (counted in the privacy ledger as evaluation releases sent "
+            "without noise, outside epsilon); use data that may be seen by the backbone"
         )
 
     @contextmanager
@@ -497,7 +499,7 @@ def split_models(
         with split_session(client, config, keymanager, trained=trained) as split:
             if trained and not split.trained:
                 raise ValueError("the config names no training checkpoint with an adapter")
-            yield PartsModel(split.head, split.body(), split.tail)
+            yield PartsModel(split.head, split.body(EVALUATION, perturb=False), split.tail)
 
     where = f"{config.training.model_path} via {config.backbone.address}"
     models: dict[str, ModelSource] = {}

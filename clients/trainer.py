@@ -11,7 +11,8 @@ just before the client died (its gradients are written ahead of each step).
 
 With ``TrainSettings.perturbation`` on, the hidden states sent to the backbone (and
 optionally the gradients sent back) are clipped per token and noised, and a privacy
-accountant reports the (epsilon, delta) spent (security/perturbation.py, docs/privacy.md).
+ledger counts every release (training steps and evaluation passes) and reports the
+(epsilon, delta) spent (security/perturbation.py, security/releases.py, docs/privacy.md).
 
 Why one module (over 500 lines): the optimizer step, the reconnect-and-redo path and the
 write-ahead checkpoint share one piece of state (the step in flight, its gradients and
@@ -73,6 +74,13 @@ from splitfed.security.perturbation import (
     Perturber,
     PrivacyAccountant,
     PrivacySpent,
+)
+from splitfed.security.releases import (
+    EVALUATION,
+    TRAINING,
+    PrivacyLedger,
+    perturbs,
+    protects,
 )
 from splitfed.security.session_crypto import SessionCrypto
 
@@ -216,10 +224,19 @@ class SplitTrainer:
         self.body: RemoteBody | None = None
         perturbation = settings.perturbation
         self.perturber = Perturber(perturbation) if perturbation.enabled else None
-        self.accountant = (
-            PrivacyAccountant.for_settings(perturbation, self.sample_rate())
+        # Every release (step attempts, evaluation passes; generation through the same
+        # ledger in split_session) in one budget, saved in the checkpoint directory.
+        self.ledger = (
+            PrivacyLedger(
+                perturbation,
+                sample_rate=self.sample_rate(),
+                directory=settings.checkpoint_dir,
+            )
             if perturbation.enabled
             else None
+        )
+        self.accountant: PrivacyAccountant | None = (
+            self.ledger.accountant if self.ledger is not None else None
         )
 
     # --- privacy -------------------------------------------------------------------------
@@ -233,21 +250,14 @@ class SplitTrainer:
         per_step = self.settings.batch_size * self.settings.accumulation
         return min(1.0, per_step / len(self.data.encoded))
 
-    def _release(self) -> int:
-        """Account one more release of a step's hidden states (every attempt sends them,
-        a redone one too) before anything is sent, and return its number (>= 1; 0 without
-        perturbation). With a checkpoint directory the count is saved at once, so even an
-        attempt cut short by a crash stays counted."""
-        if self.accountant is None:
+    def _release(self, kind: str = TRAINING) -> int:
+        """Account one more release (a step's hidden states: every attempt sends them, a
+        redone one too; or an evaluation pass) before anything is sent, and return its
+        number among its kind's (>= 1; 0 without perturbation). With a checkpoint directory
+        the count is saved at once, so even an attempt cut short by a crash stays counted."""
+        if self.ledger is None:
             return 0
-        self.accountant.step()
-        directory = self.settings.checkpoint_dir
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            state = {"history": self.accountant.history()}
-            (directory / "privacy.tmp.json").write_text(json.dumps(state))
-            (directory / "privacy.tmp.json").replace(directory / "privacy.json")
-        return self.accountant.steps
+        return self.ledger.record(kind)
 
     def privacy_spent(self) -> PrivacySpent | None:
         """The (epsilon, delta) spent so far; ``None`` without perturbation."""
@@ -284,6 +294,12 @@ class SplitTrainer:
                 "[SplitTrainer.start] epsilon covers the hidden states only: the gradients "
                 "sent back (grad_h2, which depend on the labels) carry no noise; set "
                 "grad_clip_norm and grad_noise_multiplier to cover them"
+            )
+        if self.eval_data is not None and not protects(p, EVALUATION):
+            logger.warning(
+                "[SplitTrainer.start] evaluation passes send the evaluation data's hidden "
+                "states without noise (evaluation = false or noise_multiplier = 0): epsilon "
+                "does not cover them; they are counted apart"
             )
         if p.seed is not None:
             logger.warning(
@@ -526,14 +542,20 @@ class SplitTrainer:
         try:
             losses = []
             count = min(self.settings.eval_batches, self.eval_data.per_epoch)
+            # One release per pass (its batches hold distinct examples), counted first.
+            release = self._release(EVALUATION)
+            perturb = self.perturber is not None and perturbs(
+                self.settings.perturbation, EVALUATION
+            )
             for index in range(count):
                 batch = self.eval_data.batch(index)
                 hidden = self.head(batch.input_ids, batch.attention_mask)
-                if self.perturber is not None:
+                if perturb:
+                    assert self.perturber is not None
                     hidden = self.perturber.hidden(
                         hidden,
                         batch.attention_mask,
-                        release=self.accountant.steps if self.accountant is not None else 0,
+                        release=release,
                         micro=index,
                         stream=EVAL_STREAM,
                     )
@@ -643,20 +665,16 @@ class SplitTrainer:
         (directory / "client.tmp.json").replace(directory / "client.json")
 
     def _load_privacy(self, directory: Path) -> None:
-        """What the accountant counted before the restart (privacy.json, written before
-        every release); steps of a checkpoint without it were sent without noise."""
-        assert self.accountant is not None
-        path = directory / "privacy.json"
-        if path.is_file():
-            history = json.loads(path.read_text())["history"]
-            self.accountant.load_history([(float(s), float(q), int(n)) for s, q, n in history])
-        elif self.step > 0:
+        """The ledger read what was counted before the restart (privacy.json, written
+        before every release); steps of a checkpoint without it were sent without noise."""
+        assert self.ledger is not None
+        if not (directory / "privacy.json").is_file() and self.step > 0:
             logger.warning(
                 "[SplitTrainer.start] the checkpoint's %d steps were sent without "
                 "perturbation: epsilon is infinite",
                 self.step,
             )
-            self.accountant.load_history([(0.0, 1.0, self.step)])
+            self.ledger.assume_unperturbed_training(self.step)
 
     def _load_checkpoint(self) -> _ClientState | None:
         directory = self.settings.checkpoint_dir
@@ -674,7 +692,7 @@ class SplitTrainer:
                 state["optimizer"],
             )
         self.step = int(state["step"])
-        if self.accountant is not None:
+        if self.ledger is not None:
             self._load_privacy(directory)
         logger.info(
             "[trainer] resuming session %s at step %d", redact(state["session_id"]), self.step

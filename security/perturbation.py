@@ -17,8 +17,12 @@ What the guarantee covers, and what it does not (docs/privacy.md has the details
   it they travel in the clear and the label side is not protected.
 * The noise comes from torch's pseudo-random generators, which are not cryptographically
   secure; a fixed ``seed`` lets anyone who knows it remove the noise (tests only).
-* Generation sends its hidden states unperturbed; what never leaves the client (its
-  adapters, its checkpoints) is neither released nor covered.
+* Evaluation forwards are perturbed unless ``evaluation = false``; generation (the
+  prompt's vectors, then each new token's) only with ``generation = true``. Every release
+  is counted by kind in :class:`~splitfed.security.releases.PrivacyLedger`: perturbed
+  ones in the same accountant as training, those sent without noise apart, as not covered.
+  What never leaves the client (its adapters, its checkpoints) is neither released nor
+  covered.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 PRIVACY_EPSILON = Gauge(
     "splitfed_privacy_epsilon",
@@ -40,11 +44,19 @@ PRIVACY_EPSILON = Gauge(
     "on what it sent to the backbone (+Inf when it sends hidden states without noise).",
     ["session"],
 )
+PRIVACY_RELEASES = Counter(
+    "splitfed_privacy_releases",
+    "Hidden-state releases a client sent to the backbone, by kind (training, evaluation, "
+    "generation) and whether they carried noise and were accounted (protected true) or "
+    "were sent in the clear, outside epsilon (protected false).",
+    ["kind", "protected"],
+)
 
 # Streams of noise, each derived from (seed, stream, release, micro-batch).
 HIDDEN_STREAM = 0
 GRADIENT_STREAM = 1
 EVAL_STREAM = 2
+GENERATION_STREAM = 3
 
 _TINY_NORM = 1e-12
 
@@ -64,6 +76,9 @@ class PerturbationSettings:
     for the gradients sent back (``grad_h2``). ``delta`` is the delta of the reported
     (epsilon, delta). ``seed`` fixes the noise (reproducible runs and tests only: anyone
     who knows it can remove the noise); ``None`` draws a fresh seed from the OS.
+    ``evaluation`` perturbs the hidden states of evaluation forwards (on by default),
+    ``generation`` those generation sends (the prompt's, then each new token's; off by
+    default): both with ``clip_norm`` and ``noise_multiplier``.
     """
 
     clip_norm: float = 0.0
@@ -72,8 +87,18 @@ class PerturbationSettings:
     grad_noise_multiplier: float = 0.0
     delta: float = 1e-5
     seed: int | None = None
+    evaluation: bool = True
+    generation: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("evaluation", "generation"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.generation and self.clip_norm == 0:
+            raise ValueError(
+                "generation = true needs clip_norm > 0 (and noise_multiplier > 0 to protect "
+                "anything): generation's hidden states are clipped to clip_norm and noised"
+            )
         for name in ("clip_norm", "noise_multiplier", "grad_clip_norm", "grad_noise_multiplier"):
             _check_number(name, getattr(self, name))
         if self.noise_multiplier > 0 and self.clip_norm == 0:

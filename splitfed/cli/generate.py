@@ -7,6 +7,7 @@ splitfed/cli/__init__.py).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -34,7 +35,7 @@ def generate(
     except ValueError as exc:
         fail(ctx, exc, usage=True)
         return
-    options = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    options: dict[str, Any] = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
     try:
         with backbone_client(config.backbone) as client, keymanager_for(config) as keys:
             outputs = run_generate(client, config, list(prompts), keys, **options)

@@ -200,16 +200,50 @@ def own_certificate(tls: TLSConfig) -> dict[str, Any]:
 
 
 def privacy_spent(checkpoint: Path | None, settings: Any) -> dict[str, Any]:
-    """(epsilon, delta) spent by the training checkpoint's releases, if it perturbs."""
-    if checkpoint is None or not (checkpoint / "privacy.json").is_file():
+    """(epsilon, delta) spent by the client's releases (its checkpoint's privacy ledger),
+    with the releases by kind: covered (noised, accounted) and sent in the clear."""
+    if checkpoint is None:
         return {}
-    from splitfed.security.perturbation import PrivacyAccountant
+    from splitfed.security.releases import load_summary
 
-    history = json.loads((checkpoint / "privacy.json").read_text())["history"]
-    accountant = PrivacyAccountant.for_settings(settings, 1.0)
-    accountant.load_history([tuple(entry) for entry in history])
-    spent = accountant.spent()
-    return {"epsilon": spent.epsilon, "delta": spent.delta, "steps": spent.steps}
+    return load_summary(checkpoint, settings)
+
+
+# What calls of each kind are called in the status line (one, several).
+CALLS = {
+    "training": ("step", "steps"),
+    "evaluation": ("pass", "passes"),
+    "generation": ("call", "calls"),
+}
+
+
+def _calls(kind: str, count: int) -> str:
+    one, several = CALLS[kind]
+    return f"{count} {one if count == 1 else several}"
+
+
+def privacy_line(privacy: dict[str, Any]) -> str:
+    """The status line of a privacy summary: epsilon, the releases it covers by kind, and
+    the kinds sent without noise, which it does not cover."""
+    line = (
+        f"privacy spent: epsilon {privacy['epsilon']:.4g} at delta {privacy['delta']} "
+        f"over {privacy['steps']} releases"
+    )
+    releases: dict[str, dict[str, int]] = privacy.get("releases", {})
+    covered = []
+    for kind, counts in releases.items():
+        if counts.get("protected"):
+            part = f"{kind} {counts['protected']}"
+            if counts["protected"] != counts.get("protected_calls", counts["protected"]):
+                part += f" in {_calls(kind, counts['protected_calls'])}"
+            covered.append(part)
+    if covered:
+        line += " (" + ", ".join(covered) + ")"
+    for kind, counts in releases.items():
+        if counts.get("clear"):
+            calls = counts.get("clear_calls", counts["clear"])
+            line += f"; {kind}: {_calls(kind, calls)} sent without noise (not covered)"
+    return line
 
 
 # Samples worth a line in the status: metric sample name -> what the status calls it.
@@ -384,11 +418,7 @@ def status_command(
             )
         )
     if report.privacy:
-        p = report.privacy
-        console.print(
-            f"privacy spent: epsilon {p['epsilon']:.4g} at delta {p['delta']} "
-            f"over {p['steps']} releases"
-        )
+        console.print(privacy_line(report.privacy), markup=False)
     for url, figures in report.metrics.items():
         console.print(
             f"{url}: "
