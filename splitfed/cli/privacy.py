@@ -146,6 +146,7 @@ def attack(
             batch_size=t.batch_size,
             max_length=t.max_length,
             chat_template=t.chat_template,
+            perturb_generation=t.perturbation.generation,
             attacks=attacks or ATTACKS,
         )
     except (ValueError, OSError, RuntimeError, SplitfedError) as exc:
