@@ -1,5 +1,9 @@
 """Privacy, measured: what a curious backbone recovers, at which k and noise, for what loss.
 
+One script of some 530 lines on purpose: a benchmark is one runnable file whose docstring
+is its method; the attacks, the scoring and the in-process split are in splitfed.privacy,
+what is left here is the sweep, the two rows outside it, the choice and the plot.
+
 The task (``splitfed.privacy.records``): synthetic patient notes (name, date of birth,
 admission date, diagnosis, medication, amount billed) and an extraction response that
 repeats the name, diagnosis and amount. A public corpus of the same kind (``--public``

@@ -1,11 +1,13 @@
 """Run attacks on a client's releases and score them.
 
 :func:`fine_tune` trains a client's split in process (:class:`LocalSplit`) and keeps what
-the backbone saw in the first epoch (the head as published: the attacker's copy is exact)
-and in the last (the head fine-tuned: the attacker's copy is stale), then evaluates,
-keeping what evaluation and generation prefills release. :func:`score_attacks` fits each
-attack on the attacker's knowledge and scores it on every kept stage. ``splitfed privacy
-attack`` and ``bench/privacy.py`` are built on these two.
+the backbone saw, by stage: the notes under the public head (the attacker's copy of the
+head is exact), the first epoch (the head starts public and drifts) and the last (the head
+fine-tuned: the attacker's copy is stale), then what evaluation and generation prefills
+release. :func:`score_attacks` fits each attack on the attacker's knowledge and scores it
+on every kept stage; :func:`measure` is ``splitfed privacy attack``: one epoch of a
+client's data and a prefill of each prompt, with its settings. ``bench/privacy.py`` sweeps
+settings with :func:`fine_tune`.
 """
 
 from __future__ import annotations
