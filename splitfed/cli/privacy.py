@@ -122,6 +122,9 @@ def attack(
         if limit < 0:
             raise ValueError(f"--records must be >= 0, got {limit}")
         private = private[:limit] if limit else private
+        for path, records in ((t.data, private), (public_path, public)):
+            if not records:
+                raise ValueError(f"{path} holds no records: the attack needs some")
         tensors = load_adapter(adapter) if adapter is not None else None
     except (ValueError, OSError) as exc:
         fail(ctx, exc, usage=True)
@@ -160,7 +163,7 @@ def attack(
         for stage, score in stages.items():
             fields = score["field_exact_match"]
             click.echo(
-                f"{name:18} {stage:10} tokens {score['token_accuracy']:6.1%}  sensitive fields "
+                f"{name:25} {stage:10} tokens {score['token_accuracy']:6.1%}  sensitive fields "
                 + (f"{fields:6.1%}" if fields is not None else "   n/a")
                 + f"  ROUGE-L {score['rouge_l']:.3f}"
             )

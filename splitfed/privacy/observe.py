@@ -7,7 +7,7 @@ back (``grad_h2``). :class:`LocalSplit` runs a client's split in one process, he
 tail as :class:`~splitfed.clients.trainer.SplitTrainer` builds them, the body as the
 backbone holds it (frozen), with the same perturbation code and the same noise streams
 (seed, stream, release, micro-batch), and hands each release to an observer as an
-:class:`Observation`. tests/integration/test_privacy_observe.py checks that these are the
+:class:`Observation`. tests/integration/test_privacy.py checks that these are the
 very tensors a real backbone receives over mTLS from ``SplitTrainer``.
 
 Running it in process is what makes sweeps affordable (no services, one core); it is not a

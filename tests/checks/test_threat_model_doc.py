@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # "unit/test_x.py::test_y" starts a module; a following "::test_z" stays in it.
 REFERENCE = re.compile(
-    r"(?:(?P<module>(?:unit|integration|models)/test_\w+\.py))?::(?P<test>test_\w+)"
+    r"(?:(?P<module>(?:unit|integration|models)(?:/\w+)?/test_\w+\.py))?::(?P<test>test_\w+)"
 )
 
 

@@ -141,6 +141,13 @@ def test_privacy_attack_command(backbone: Deployment, tmp_path: Path) -> None:
     assert 0 <= stages["training"]["token_accuracy"] <= 1
     assert report["chance"]["field_exact_match"] is not None
 
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    refused = CliRunner().invoke(
+        cli, ["privacy", "attack", "--config", str(config), "--public", str(empty)]
+    )
+    assert refused.exit_code == 2 and "holds no records" in refused.output
+
     missing = CliRunner().invoke(
         cli, ["privacy", "attack", "--config", str(config), "--public", str(tmp_path / "no")]
     )
