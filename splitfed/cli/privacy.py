@@ -122,9 +122,6 @@ def attack(
         if limit < 0:
             raise ValueError(f"--records must be >= 0, got {limit}")
         private = private[:limit] if limit else private
-        for path, records in ((t.data, private), (public_path, public)):
-            if not records:
-                raise ValueError(f"{path} holds no records: the attack needs some")
         tensors = load_adapter(adapter) if adapter is not None else None
     except (ValueError, OSError) as exc:
         fail(ctx, exc, usage=True)

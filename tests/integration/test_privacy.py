@@ -146,7 +146,7 @@ def test_privacy_attack_command(backbone: Deployment, tmp_path: Path) -> None:
     refused = CliRunner().invoke(
         cli, ["privacy", "attack", "--config", str(config), "--public", str(empty)]
     )
-    assert refused.exit_code == 2 and "holds no records" in refused.output
+    assert refused.exit_code == 2 and "empty.jsonl holds no examples" in refused.output
 
     missing = CliRunner().invoke(
         cli, ["privacy", "attack", "--config", str(config), "--public", str(tmp_path / "no")]
