@@ -61,11 +61,13 @@ class Knowledge:
         seen: list[Observation] = []
         draws = self.noise_draws if settings.enabled else 1
         for draw in range(draws):
-            for micro in self.public:
+            for index, micro in enumerate(self.public):
+                # Every batch of every draw its own noise (release numbers never repeat).
+                release = draw * len(self.public) + index + 1
                 if gradients:
-                    split.forward_backward([micro], seen.append, "public", release=draw + 1)
+                    split.forward_backward([micro], seen.append, "public", release=release)
                 else:
-                    split.forward_only([micro], seen.append, "public", release=draw + 1)
+                    split.forward_only([micro], seen.append, "public", release=release)
         return seen
 
 

@@ -146,3 +146,15 @@ def test_fine_tuning_keeps_each_stage_and_adapts_the_decoder(world: Any) -> None
     for name in results:
         assert set(results[name]) == {TRAIN_START, TRAIN_END}
         assert results[name][TRAIN_START]["token_accuracy"] > 0.5
+
+
+def test_the_attackers_own_noise_is_fresh_for_every_batch_and_draw(world: Any) -> None:
+    path, tokenizer, corpora = world
+    rows = encoded(corpora.public[:4], tokenizer, MAX_LENGTH, chat_template=False)
+    twice = batches(rows, 0, 4) * 2  # the same batch twice, in each of two draws
+    noisy = PerturbationSettings(clip_norm=1.0, noise_multiplier=1.0)
+    seen = Knowledge(path, 1, 1, noisy, twice, noise_draws=2).observations()
+    assert len(seen) == 4
+    for i, first in enumerate(seen):
+        for second in seen[i + 1 :]:
+            assert not torch.equal(first.hidden, second.hidden)
