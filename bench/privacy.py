@@ -89,6 +89,7 @@ from splitfed.privacy.harness import (
     encoded,
     fine_tune,
     prompts,
+    score_stage,
 )
 from splitfed.privacy.observe import LocalSplit, Observation, SplitSetup, batches
 from splitfed.privacy.records import Corpora, chance_rate, make_corpora
@@ -181,11 +182,7 @@ class Bench:
         return self.inversions[key]
 
     def score(self, attack: Any, observations: list[Observation], stage: str) -> dict[str, Any]:
-        scorer = self.scorers[stage]
-        scorer.reset()
-        for o in observations:
-            scorer.add(o.examples, o.input_ids, attack.predict(o))
-        return scorer.score.summary()
+        return score_stage(attack, observations, self.scorers[stage])
 
 
 def perturbation_for(bench: Bench, k: int, sigma: float, grad_sigma: float) -> PerturbationSettings:

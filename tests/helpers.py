@@ -66,3 +66,15 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+def opacus_epsilon(entries: list[tuple[float, float, int]], delta: float) -> float:
+    """opacus' RDP accountant, fed each release one by one in the order given: the
+    independent reference the accounting tests compare against."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for sigma, rate, steps in entries:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=rate)
+    return float(accountant.get_epsilon(delta))

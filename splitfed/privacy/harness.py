@@ -115,6 +115,16 @@ def fine_tune(
     return Run(losses, eval_loss, clean, split.epsilon(), kept)
 
 
+def score_stage(
+    attack: Attack, observations: Sequence[Observation], scorer: Scorer
+) -> dict[str, Any]:
+    """The summary of what ``attack`` recovers from ``observations``."""
+    scorer.reset()
+    for o in observations:
+        scorer.add(o.examples, o.input_ids, attack.predict(o))
+    return scorer.score.summary()
+
+
 def _score(
     attack: Attack, stages: Mapping[str, tuple[Sequence[Observation], Scorer]]
 ) -> dict[str, dict[str, Any]]:
@@ -124,10 +134,7 @@ def _score(
             continue
         if attack.name == "label_leakage" and observations[0].grad is None:
             continue
-        scorer.reset()
-        for o in observations:
-            scorer.add(o.examples, o.input_ids, attack.predict(o))
-        results[stage] = scorer.score.summary()
+        results[stage] = score_stage(attack, observations, scorer)
     return results
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from backbone_kit import Deployment, deployment
-from opacus.accountants import RDPAccountant
+from helpers import opacus_epsilon
 
 from splitfed.cli.status import privacy_line, privacy_spent
 from splitfed.clients import backbone as backbone_module
@@ -78,14 +78,6 @@ def config(dep: Deployment, checkpoint: Path, perturbation: PerturbationSettings
         optimizer=OptimizerSettings(learning_rate=1e-3),
         generation=SamplingOptions(max_new_tokens=NEW_TOKENS),
     )
-
-
-def opacus_epsilon(entries: list[tuple[float, float, int]], delta: float) -> float:
-    accountant = RDPAccountant()
-    for sigma, rate, steps in entries:
-        for _ in range(steps):
-            accountant.step(noise_multiplier=sigma, sample_rate=rate)
-    return float(accountant.get_epsilon(delta))
 
 
 def test_training_evaluation_and_generation_add_up_in_one_budget(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 from backbone_kit import tiny_checkpoint
-from opacus.accountants import RDPAccountant
+from helpers import opacus_epsilon
 
 from splitfed.cli.status import privacy_line
 from splitfed.clients.app import ClientConfig, ReleasedStage
@@ -122,15 +122,6 @@ def test_config_errors_name_the_release_field(tmp_path: Path, section: str, mess
 
 
 # --- the ledger --------------------------------------------------------------------------
-
-
-def opacus_epsilon(entries: list[tuple[float, float, int]], delta: float) -> float:
-    """opacus' RDP accountant, fed each release one by one in the order given."""
-    accountant = RDPAccountant()
-    for sigma, rate, steps in entries:
-        for _ in range(steps):
-            accountant.step(noise_multiplier=sigma, sample_rate=rate)
-    return float(accountant.get_epsilon(delta))
 
 
 def test_every_kind_composes_into_one_epsilon_as_opacus_computes_it() -> None:
