@@ -13,7 +13,6 @@ everything down cleanly.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 import time
@@ -34,6 +33,7 @@ from splitfed.cli.deployment import (
     Deployment,
     metrics_summary,
 )
+from splitfed.cli.sample import write_sample
 from splitfed.clients.app import prompt_ids
 from splitfed.clients.backbone import (
     BackboneClient,
@@ -49,7 +49,6 @@ from splitfed.encodings import get_encoding
 from splitfed.errors import rpc_status
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.optim import OptimizerSettings
-from splitfed.models.tiny import BUNDLED_DATASET, make_tiny_checkpoint
 from splitfed.retry import RetryPolicy
 from splitfed.security.ca import CertificateAuthority
 from splitfed.tls import TLSConfig
@@ -57,29 +56,6 @@ from splitfed.transport import create_channel
 from splitfed.wire import MiB
 
 PROMPTS = ["Add 2 and 3.", "Add 4 and 4.", "What color is the cat?"]
-
-
-def _text(row: dict[str, str]) -> str:
-    return f"{row['prompt']}\n{row['response']}" if "prompt" in row else row["text"]
-
-
-def _model_and_data(workdir: Path) -> tuple[Path, Path]:
-    """A tiny base model that has read the bundled texts except the arithmetic, and the
-    arithmetic questions as the data owner's private fine-tuning set."""
-    rows = [json.loads(line) for line in BUNDLED_DATASET.read_text().splitlines()]
-    private = [r for r in rows if r.get("prompt", "").startswith("Add")]
-    public = [_text(r) for r in rows if r not in private]
-    data = workdir / "private.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in private))
-    model = make_tiny_checkpoint(
-        workdir / "model",
-        [_text(r) for r in rows],
-        layers=6,
-        hidden_size=64,
-        pretrain_texts=public,
-        pretrain_steps=300,
-    )
-    return model, data
 
 
 def run_demo(
@@ -102,7 +78,8 @@ def run_demo(
         with Deployment(root, console) as deployment:
             deployment.start_keymanager()
             deployment.enroll_parties()
-            model, data = _model_and_data(root)
+            sample = write_sample(root)
+            model, data = sample.model, sample.train
             deployment.start_backbone(model, link_check_bytes=size_mib * MiB)
             deployment.start_aggregator(model, rounds, max(1, steps // rounds))
             stranger = CertificateAuthority.create("some other CA").issue("mallory", "client")
