@@ -25,6 +25,13 @@ from splitfed.cli.options import dir_option, fail, file_option
 @dir_option(
     "--workdir", help="Keep certificates, state and logs here (default: a temporary directory)."
 )
+@dir_option(
+    "--write-configs",
+    help=(
+        "Do not run the demo: write a tiny model, its data and the config of every party "
+        "of the README's session into this new directory, and exit."
+    ),
+)
 @file_option(
     "--plot",
     default=Path("splitfed-demo-loss.png"),
@@ -33,7 +40,13 @@ from splitfed.cli.options import dir_option, fail, file_option
 )
 @click.pass_context
 def demo(
-    ctx: click.Context, size_mib: int, steps: int, rounds: int, workdir: Path | None, plot: Path
+    ctx: click.Context,
+    size_mib: int,
+    steps: int,
+    rounds: int,
+    workdir: Path | None,
+    write_configs: Path | None,
+    plot: Path,
 ) -> None:
     """Run the whole deployment on loopback (key manager, backbone, aggregator, two
     clients), federated split fine-tuning and generation, and report."""
@@ -41,6 +54,9 @@ def demo(
     from splitfed.cli.deployment import DemoError
     from splitfed.cli.walkthrough import run_demo
 
+    if write_configs is not None:
+        _write_configs(ctx, write_configs)
+        return
     if size_mib < 1:
         fail(ctx, ValueError("--size-mib must be at least 1"), usage=True)
     if rounds < 1 or steps < 2 * rounds:
@@ -52,3 +68,14 @@ def demo(
     except KeyboardInterrupt:
         click.echo("interrupted: every service was stopped", err=True)
         ctx.exit(130)
+
+
+def _write_configs(ctx: click.Context, root: Path) -> None:
+    from splitfed.cli.session import write_session
+
+    try:
+        written = write_session(root)
+    except FileExistsError as exc:
+        fail(ctx, exc, usage=True)
+    names = ", ".join(sorted(path.name for path in written.values()))
+    click.echo(f"wrote {names} to {root}; next: the README's session, from that directory")

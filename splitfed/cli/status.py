@@ -444,6 +444,14 @@ def status_command(
 )
 @click.option("--service", default="", help="Ask about this service (default: the server).")
 @click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True)
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Keep asking for up to this many seconds until the answer is SERVING (for a "
+    "service just started in the background).",
+)
 @click.pass_context
 def health(
     ctx: click.Context,
@@ -452,6 +460,7 @@ def health(
     server_name: str | None,
     service: str,
     timeout_s: float,
+    wait_s: float,
 ) -> None:
     """Exit 0 if ADDRESS answers its gRPC health check SERVING over mutual TLS, else 1.
 
@@ -465,14 +474,26 @@ def health(
         fail(ctx, exc, usage=False)
         return
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    deadline = time.monotonic() + wait_s
     with grpc.secure_channel(address, tls.channel_credentials(), options=options) as channel:
-        try:
-            answer = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
-            )
-        except grpc.RpcError as exc:
-            fail(ctx, RuntimeError(f"{address}: {exc.code().name}: {exc.details()}"), usage=False)
-            return
+        while True:
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+                )
+            except grpc.RpcError as exc:
+                if time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                fail(
+                    ctx, RuntimeError(f"{address}: {exc.code().name}: {exc.details()}"), usage=False
+                )
+                return
+            if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
     state = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
     click.echo(f"{address}: {state}")
     if answer.status != health_pb2.HealthCheckResponse.SERVING:
