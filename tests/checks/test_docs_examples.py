@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +56,24 @@ BASES: dict[str, dict[str, Any]] = {
         "training": {"data": "train.jsonl", "model_path": "model"},
     },
 }
+
+
 # What the docs show that is not a splitfed config, and how to tell it.
-NOT_SPLITFED = {"buf.gen.yaml": lambda data: "plugins" in data and "version" in data}
+def _buf_config(data: Mapping[str, Any]) -> bool:
+    return "plugins" in data and "version" in data
+
+
+NOT_SPLITFED: dict[str, Callable[[Mapping[str, Any]], bool]] = {"buf.gen.yaml": _buf_config}
 
 
 def _merged(base: Mapping[str, Any], snippet: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in snippet.items():
         old = merged.get(key)
-        is_table = isinstance(old, Mapping) and isinstance(value, Mapping)
-        merged[key] = _merged(old, value) if is_table else value
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            merged[key] = _merged(old, value)
+        else:
+            merged[key] = value
     return merged
 
 
