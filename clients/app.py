@@ -108,7 +108,7 @@ class ClientConfig:
             )
         training = section(config, "training")
         training.update({k: v for k, v in training_overrides.items() if v is not None})
-        return cls(
+        loaded = cls(
             backbone=build(ConnectSettings, section(config, "backbone"), "backbone"),
             training=build(TrainSettings, training, "training"),
             adapter=build(AdapterSettings, section(config, "adapter", required=False), "adapter"),
@@ -128,6 +128,13 @@ class ClientConfig:
             ),
             metrics=build(MetricsSettings, section(config, "metrics", required=False), "metrics"),
         )
+        if loaded.federated is None and loaded.optimizer.open_length:
+            raise ValueError(
+                f"[optimizer] schedule {loaded.optimizer.schedule!r} needs total_steps "
+                "(> warmup_steps), e.g. [training] max_steps; only in a federation does it "
+                "default (to the rounds x local_steps of the aggregator's plan)"
+            )
+        return loaded
 
 
 @contextmanager
