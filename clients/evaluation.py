@@ -398,7 +398,7 @@ class SetResult:
     task: str
     layout: str
     examples: int
-    # model column ("base", "adapter") -> metric -> value
+    # model column ("base", "adapter"; local: "model", "trained-model") -> metric -> value
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -513,15 +513,20 @@ def split_models(
     return models
 
 
+# The columns of a local evaluation: ``--model`` and ``--trained-model``.
+LOCAL_COLUMNS = ("model", "trained-model")
+
+
 def local_models(base: Path | None, trained: Path | None) -> dict[str, ModelSource]:
-    """Full local checkpoints (``trained``: e.g. one with a merged adapter), run here."""
+    """Full local checkpoints (``trained``: e.g. one with a merged adapter), run here, in
+    the columns :data:`LOCAL_COLUMNS` (what they are, not what they might hold)."""
 
     @contextmanager
     def open_local(path: Path) -> Iterator[EvalModel]:
         yield local_model(path)
 
     models: dict[str, ModelSource] = {}
-    for name, path in (("base", base), ("adapter", trained)):
+    for name, path in zip(LOCAL_COLUMNS, (base, trained), strict=True):
         if path is not None:
             models[name] = (f"{path}, local", partial(open_local, path))
     return models

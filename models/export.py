@@ -93,7 +93,7 @@ def merge_into_checkpoint(model_path: Path, peft_dir: Path, output: Path) -> Non
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(model_path), torch_dtype="auto")
+    base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype="auto")
     merged = PeftModel.from_pretrained(base, str(peft_dir)).merge_and_unload()
     output.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(output))

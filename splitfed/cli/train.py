@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from splitfed.cli.options import config_option, config_overrides, fail
+from splitfed.cli.options import config_option, config_overrides, fail, quiet_libraries
 from splitfed.cli.serve import start_metrics
 from splitfed.config import read_config
 from splitfed.errors import SplitfedError
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 )
 @config_overrides
 @click.pass_context
+@quiet_libraries
 def train(ctx: click.Context, config_path: Path, max_steps: int | None) -> None:
     """Fine-tune split: head and tail here, the body on the backbone; tokens stay here."""
     from splitfed.clients.app import ClientConfig, backbone_client, keymanager_for, make_trainer
