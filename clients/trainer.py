@@ -131,6 +131,9 @@ class TrainSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "model_path", Path(self.model_path))
+        for name in ("eval_data", "checkpoint_dir"):  # the SDK may pass a str
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         perturbation: object = self.perturbation
         if isinstance(perturbation, Mapping):
             perturbation = build(PerturbationSettings, perturbation, "perturbation")
