@@ -32,6 +32,7 @@ from splitfed.clients.federated import UPLOAD_CHUNK_BYTES, AggregatorClient, Fed
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
+from splitfed.files import StrPath
 from splitfed.metrics import MetricsSettings
 from splitfed.models.adapters import AdapterSettings, load_adapter, load_adapter_state
 from splitfed.models.generation import BodyStage, SamplingOptions, SplitGenerator
@@ -70,8 +71,9 @@ class FederatedSettings:
             raise ValueError("federation is required")
         if self.max_wait_s <= 0:
             raise ValueError(f"max_wait_s must be positive, got {self.max_wait_s}")
-        if self.join_token_file is not None:
-            object.__setattr__(self, "join_token_file", Path(self.join_token_file))
+        for name in ("record_updates", "join_token_file"):  # the SDK may pass a str
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
 
     def join_token(self) -> str:
         """The join token from ``join_token_file`` or $SPLITFED_JOIN_TOKEN ("" if none)."""
@@ -95,7 +97,8 @@ class ClientConfig:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     @classmethod
-    def load(cls, path: Path, **training_overrides: Any) -> ClientConfig:
+    def load(cls, path: StrPath, **training_overrides: Any) -> ClientConfig:
+        path = Path(path)
         return cls.from_mapping(read_config(path), **training_overrides)
 
     @classmethod
@@ -108,7 +111,7 @@ class ClientConfig:
             )
         training = section(config, "training")
         training.update({k: v for k, v in training_overrides.items() if v is not None})
-        return cls(
+        loaded = cls(
             backbone=build(ConnectSettings, section(config, "backbone"), "backbone"),
             training=build(TrainSettings, training, "training"),
             adapter=build(AdapterSettings, section(config, "adapter", required=False), "adapter"),
@@ -128,6 +131,13 @@ class ClientConfig:
             ),
             metrics=build(MetricsSettings, section(config, "metrics", required=False), "metrics"),
         )
+        if loaded.federated is None and loaded.optimizer.open_length:
+            raise ValueError(
+                f"[optimizer] schedule {loaded.optimizer.schedule!r} needs total_steps "
+                "(> warmup_steps), e.g. [training] max_steps; only in a federation does it "
+                "default (to the rounds x local_steps of the aggregator's plan)"
+            )
+        return loaded
 
 
 @contextmanager

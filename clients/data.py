@@ -21,6 +21,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from splitfed.files import StrPath
+
 IGNORE = -100
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
 LAYOUTS = "prompt/response, instruction/input/output or text"
@@ -149,8 +151,9 @@ def read_records(path: Path) -> list[Record]:
     return records
 
 
-def read_examples(path: Path) -> list[Example]:
+def read_examples(path: StrPath) -> list[Example]:
     """Training examples from a data file (see :func:`read_records`)."""
+    path = Path(path)
     return [example_of(r.fields, r.where) for r in read_records(path)]
 
 

@@ -39,6 +39,7 @@ from splitfed.clients.data import (
     read_records,
 )
 from splitfed.clients.keys import KeyManagerClient
+from splitfed.files import StrPath
 from splitfed.models.generation import BodyStage, LocalStage, SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_body, load_head, load_tail
 from splitfed.models.parts import Head, Tail
@@ -172,9 +173,10 @@ def _item(row: Mapping[str, Any], where: str, task: str) -> tuple[str, str, Eval
     return ("lm" if task == "auto" else task), layout, item
 
 
-def load_eval_set(path: Path, task: str = "auto", max_examples: int | None = None) -> EvalSet:
+def load_eval_set(path: StrPath, task: str = "auto", max_examples: int | None = None) -> EvalSet:
     """Read an evaluation file; ``task`` ``auto`` takes the task from the first row's
     fields, and every row must then fit it."""
+    path = Path(path)
     if task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     records: list[Record] = read_records(path)
@@ -222,8 +224,9 @@ class PartsModel:
         return generator.generate(input_ids, attention_mask, options)
 
 
-def local_model(path: Path) -> PartsModel:
+def local_model(path: StrPath) -> PartsModel:
     """A full local checkpoint, run in this process through the same split parts."""
+    path = Path(path)
     return PartsModel(load_head(path), LocalStage(load_body(path)), load_tail(path))
 
 
@@ -398,7 +401,7 @@ class SetResult:
     task: str
     layout: str
     examples: int
-    # model column ("base", "adapter") -> metric -> value
+    # model column ("base", "adapter"; local: "model", "trained-model") -> metric -> value
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -462,7 +465,8 @@ def results_table(report: Report) -> Any:
     return table
 
 
-def load_tokenizer(path: Path) -> Any:
+def load_tokenizer(path: StrPath) -> Any:
+    path = Path(path)
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
@@ -513,15 +517,20 @@ def split_models(
     return models
 
 
-def local_models(base: Path | None, trained: Path | None) -> dict[str, ModelSource]:
-    """Full local checkpoints (``trained``: e.g. one with a merged adapter), run here."""
+# The columns of a local evaluation: ``--model`` and ``--trained-model``.
+LOCAL_COLUMNS = ("model", "trained-model")
+
+
+def local_models(base: StrPath | None, trained: StrPath | None) -> dict[str, ModelSource]:
+    """Full local checkpoints (``trained``: e.g. one with a merged adapter), run here, in
+    the columns :data:`LOCAL_COLUMNS` (what they are, not what they might hold)."""
 
     @contextmanager
     def open_local(path: Path) -> Iterator[EvalModel]:
         yield local_model(path)
 
     models: dict[str, ModelSource] = {}
-    for name, path in (("base", base), ("adapter", trained)):
+    for name, path in zip(LOCAL_COLUMNS, (base, trained), strict=True):
         if path is not None:
-            models[name] = (f"{path}, local", partial(open_local, path))
+            models[name] = (f"{path}, local", partial(open_local, Path(path)))
     return models

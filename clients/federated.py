@@ -314,6 +314,7 @@ class FederatedTrainer:
                 f"{plan.adapter_seed}; this client's [adapter] seed is {self.trainer.adapter.seed}"
             )
         if self.trainer.session is None:
+            self._plan_schedule(plan)
             self.trainer.start(wait=True)  # a backbone restarting now is waited out
         reports: list[RoundReport] = []
         while plan.phase != Phase.FINISHED:
@@ -339,6 +340,35 @@ class FederatedTrainer:
                 plan = self._when_back(lambda: self.aggregator.plan(self.federation), deadline)
         self._load_version(0)
         return reports
+
+    def _plan_schedule(self, plan: RoundPlan) -> None:
+        """A learning-rate schedule left without a length ([optimizer] total_steps 0)
+        spans the federation: its rounds x local_steps (the steps this member trains if
+        it is selected in every round). An explicit total_steps wins."""
+        settings = getattr(self.trainer, "optimizer_settings", None)
+        if settings is None or not settings.open_length:
+            return
+        if not plan.rounds:
+            raise ValueError(
+                f"federation {self.federation!r} has no round limit, so schedule "
+                f"{settings.schedule!r} has no length: set [optimizer] total_steps"
+            )
+        total = plan.rounds * plan.local_steps
+        try:
+            self.trainer.set_schedule_length(total)
+        except ValueError as exc:
+            raise ValueError(
+                f"federation {self.federation!r} runs {plan.rounds} rounds x "
+                f"{plan.local_steps} local steps = {total} steps: {exc}; set [optimizer] "
+                "total_steps or fewer warmup_steps"
+            ) from None
+        logger.info(
+            "[FederatedTrainer] %s schedule over %d steps (%d rounds x %d local steps)",
+            settings.schedule,
+            total,
+            plan.rounds,
+            plan.local_steps,
+        )
 
     def _when_back(self, call: Callable[[], RoundPlan], deadline: float) -> RoundPlan:
         """``call``, repeated while the aggregator is unavailable (restarting), until

@@ -16,6 +16,7 @@ from cryptography import x509
 from google.protobuf.message import Message
 
 from splitfed.errors import PermissionDeniedError, UnauthenticatedError, error_from_rpc
+from splitfed.files import StrPath
 from splitfed.metrics import REVOCATION_LISTS
 from splitfed.periodic import Periodic
 from splitfed.protocol.keys import SessionKeyGrant
@@ -160,7 +161,7 @@ def enroll(
     ca_pem: bytes,
     token: str,
     identity: str,
-    out_dir: Path,
+    out_dir: StrPath,
     *,
     server_name: str | None = None,
     timeout_s: float = 30.0,
@@ -168,6 +169,7 @@ def enroll(
     """Enroll this party: generate its private key here, send a CSR and the bootstrap
     token to the key manager's enrollment port (server-authenticated TLS against
     ``ca_pem``), and write ``key.pem`` (0600), ``cert.pem`` and ``ca.pem`` to ``out_dir``."""
+    out_dir = Path(out_dir)
     parse_address(address)
     key = generate_private_key()
     options = [*DEFAULT_OPTIONS.channel_options()]
@@ -195,8 +197,11 @@ def enroll(
     return x509.load_pem_x509_certificate(response.certificate_pem)
 
 
-def renew_certificate(client: KeyManagerClient, tls_dir: Path, identity: str) -> x509.Certificate:
+def renew_certificate(
+    client: KeyManagerClient, tls_dir: StrPath, identity: str
+) -> x509.Certificate:
     """Renew the certificate in ``tls_dir`` over mTLS with a fresh local key."""
+    tls_dir = Path(tls_dir)
     key = generate_private_key()
     cert_pem, ca_pem = client.renew(make_csr(key, identity))
     # The key first: a reader that sees the new key with the old certificate refuses the
@@ -239,10 +244,11 @@ class CertificateRenewer(Periodic):
 
     @classmethod
     def reconnecting(
-        cls, client: KeyManagerClient, tls_dir: Path, settings: SecuritySettings
+        cls, client: KeyManagerClient, tls_dir: StrPath, settings: SecuritySettings
     ) -> CertificateRenewer:
         """The renewer of a party whose [security] section is ``settings``: once the
         certificate in ``tls_dir`` is renewed, ``client`` reconnects presenting it."""
+        tls_dir = Path(tls_dir)
         address, name = settings.keymanager, settings.keymanager_server_name
         return cls(
             tls_dir,

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,9 @@ class TrainSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "model_path", Path(self.model_path))
+        for name in ("eval_data", "checkpoint_dir"):  # the SDK may pass a str
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         perturbation: object = self.perturbation
         if isinstance(perturbation, Mapping):
             perturbation = build(PerturbationSettings, perturbation, "perturbation")
@@ -206,7 +209,12 @@ class SplitTrainer:
         self.head, self.tail, self.params = load_trainable_ends(
             path, adapter, settings.k, settings.m
         )
-        self.optimizer, self.scheduler = build_optimizer(self.params, optimizer)
+        # A schedule whose length is still open (a federation member's: see
+        # set_schedule_length) decays from start(); until then a constant one stands in.
+        self.optimizer, self.scheduler = build_optimizer(
+            self.params,
+            replace(optimizer, schedule="constant") if optimizer.open_length else optimizer,
+        )
         batching = {name: getattr(settings, name) for name in _BATCHING}
         self.data = MicroBatches(read_examples(settings.data), self.tokenizer, **batching)
         self.eval_data = (
@@ -335,12 +343,28 @@ class SplitTrainer:
             federation=self.settings.federation,
         )
 
+    def set_schedule_length(self, total_steps: int) -> None:
+        """Give the learning-rate schedule its length where [optimizer] leaves total_steps
+        open (0): a federation member's is the plan's rounds x local_steps. Before
+        :meth:`start`; an explicit total_steps wins."""
+        if self.session is not None or self.step:
+            raise RuntimeError("the schedule's length is set before the trainer starts")
+        settings = self.optimizer_settings.with_length(total_steps)
+        if settings is not self.optimizer_settings:
+            self.optimizer_settings = settings
+            self.optimizer, self.scheduler = build_optimizer(self.params, settings)
+
     def start(self, *, wait: bool = False) -> SessionInfo:
         """Open a session, or resume the one of the checkpoint in ``checkpoint_dir``.
         A resumed session waits out a backbone that is restarting; a new one does too with
         ``wait`` (a federation member: it has joined, others count on it), else it fails
         after one call's retries (a person at a prompt, who may have mistyped the address).
         A new session whose answer was lost in a restart is left to expire unused."""
+        if self.optimizer_settings.open_length:
+            raise ValueError(
+                f"schedule {self.optimizer_settings.schedule!r} needs [optimizer] total_steps "
+                "(> warmup_steps); a federation member takes rounds x local_steps"
+            )
         self._log_privacy_settings()
         state = self._load_checkpoint()
         ahead = False  # the backbone applied a step the checkpoint lacks

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
+from splitfed.files import StrPath
 from splitfed.models.optim import init_adapter_tensors
 from splitfed.models.parts import SplitPart
 
@@ -268,15 +269,17 @@ def average_adapters(
 
 
 def save_adapter(
-    path: Path, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+    path: StrPath, state: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write adapter tensors as safetensors (contiguous CPU copies)."""
+    path = Path(path)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=dict(metadata or {}))
 
 
-def load_adapter(path: Path) -> dict[str, torch.Tensor]:
+def load_adapter(path: StrPath) -> dict[str, torch.Tensor]:
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"adapter file {path} does not exist")
     return load_file(str(path))

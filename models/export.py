@@ -22,6 +22,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import save_file
 
+from splitfed.files import StrPath
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.families import family_for
 from splitfed.models.loading import load_config
@@ -46,15 +47,17 @@ def adapter_layers(tensors: Mapping[str, torch.Tensor], layer_prefix: str) -> li
 
 
 def write_peft(
-    output: Path,
+    output: StrPath,
     tensors: Mapping[str, torch.Tensor],
     adapter: AdapterSettings,
-    model_path: Path,
+    model_path: StrPath,
     *,
     metadata: Mapping[str, Any] | None = None,
 ) -> LoraConfig:
     """Write ``tensors`` (the LoRA of some or all blocks, global names) as a PEFT adapter
     of the model at ``model_path``; returns its config."""
+    output = Path(output)
+    model_path = Path(model_path)
     if adapter.kind != "lora":
         raise ValueError(
             f"only LoRA adapters have a PEFT layout; this one is {adapter.kind!r} "
@@ -87,13 +90,16 @@ def write_peft(
     return config
 
 
-def merge_into_checkpoint(model_path: Path, peft_dir: Path, output: Path) -> None:
+def merge_into_checkpoint(model_path: StrPath, peft_dir: StrPath, output: StrPath) -> None:
     """A full checkpoint at ``output``: the model at ``model_path`` with the PEFT adapter
     at ``peft_dir`` merged into its weights (and the model's tokenizer files)."""
+    model_path = Path(model_path)
+    peft_dir = Path(peft_dir)
+    output = Path(output)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(model_path), torch_dtype="auto")
+    base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype="auto")
     merged = PeftModel.from_pretrained(base, str(peft_dir)).merge_and_unload()
     output.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(output))

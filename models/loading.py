@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
+from splitfed.files import StrPath
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.families import Family, family_for
 from splitfed.models.parts import (
@@ -36,16 +37,18 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def load_config(path: Path) -> PretrainedConfig:
+def load_config(path: StrPath) -> PretrainedConfig:
     """The model config of a local checkpoint directory (never downloads)."""
+    path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{path} is not a model directory: it has no config.json")
     config: PretrainedConfig = AutoConfig.from_pretrained(str(path), local_files_only=True)
     return config
 
 
-def checkpoint_index(path: Path) -> dict[str, Path]:
+def checkpoint_index(path: StrPath) -> dict[str, Path]:
     """Tensor name -> safetensors file, for a single-file or sharded checkpoint."""
+    path = Path(path)
     index_file = path / INDEX_FILE
     if index_file.is_file():
         try:
@@ -106,7 +109,7 @@ def part_tensor_names(
 
 
 def load_part(
-    path: Path,
+    path: StrPath,
     part: PartName,
     k: int = 1,
     m: int = 1,
@@ -119,6 +122,7 @@ def load_part(
     Parameters are frozen (adapters add the trainable ones) and the part is in eval mode.
     ``part.source_tensors`` lists the checkpoint tensors that were read.
     """
+    path = Path(path)
     config = load_config(path)
     family = family_for(config)
     spec = SplitSpec(family.num_layers(config), k, m)
@@ -166,29 +170,30 @@ def _is_persistent(module: nn.Module, name: str) -> bool:
     return buffer not in owner._non_persistent_buffers_set
 
 
-def load_head(path: Path, k: int = 1, m: int = 1, **kwargs: Any) -> Head:
+def load_head(path: StrPath, k: int = 1, m: int = 1, **kwargs: Any) -> Head:
     part = load_part(path, "head", k, m, **kwargs)
     assert isinstance(part, Head)
     return part
 
 
-def load_body(path: Path, k: int = 1, m: int = 1, **kwargs: Any) -> Body:
+def load_body(path: StrPath, k: int = 1, m: int = 1, **kwargs: Any) -> Body:
     part = load_part(path, "body", k, m, **kwargs)
     assert isinstance(part, Body)
     return part
 
 
-def load_tail(path: Path, k: int = 1, m: int = 1, **kwargs: Any) -> Tail:
+def load_tail(path: StrPath, k: int = 1, m: int = 1, **kwargs: Any) -> Tail:
     part = load_part(path, "tail", k, m, **kwargs)
     assert isinstance(part, Tail)
     return part
 
 
 def load_trainable_ends(
-    path: Path, adapter: AdapterSettings, k: int = 1, m: int = 1
+    path: StrPath, adapter: AdapterSettings, k: int = 1, m: int = 1
 ) -> tuple[Head, Tail, list[nn.Parameter]]:
     """A client's head and tail of the checkpoint at ``path`` with ``adapter`` applied,
     in training mode, and their trainable parameters (the head's first)."""
+    path = Path(path)
     head, tail = load_head(path, k, m), load_tail(path, k, m)
     for part in (head, tail):
         adapter.apply(part)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -31,7 +31,10 @@ class OptimizerSettings:
     eps: float = 1e-8
     schedule: str = "constant"
     warmup_steps: int = 0
-    total_steps: int = 0  # needed by "linear" and "cosine"
+    # The schedule's length ("linear" and "cosine"). 0 leaves it to the run: a federation
+    # member sets it to the plan's rounds x local_steps (:meth:`with_length`); a schedule
+    # whose length is still open cannot build an optimizer.
+    total_steps: int = 0
 
     def __post_init__(self) -> None:
         # Written so that NaN fails every check (a comparison with NaN is False).
@@ -49,11 +52,23 @@ class OptimizerSettings:
             )
         if self.warmup_steps < 0 or self.total_steps < 0:
             raise ValueError("warmup_steps and total_steps must be >= 0")
-        if self.schedule != "constant" and self.total_steps <= self.warmup_steps:
+        if self.schedule != "constant" and 0 < self.total_steps <= self.warmup_steps:
             raise ValueError(
                 f"schedule {self.schedule!r} needs total_steps > warmup_steps "
                 f"({self.total_steps} <= {self.warmup_steps})"
             )
+
+    @property
+    def open_length(self) -> bool:
+        """Whether the schedule decays but its length (total_steps) is not set yet."""
+        return self.schedule != "constant" and self.total_steps == 0
+
+    def with_length(self, total_steps: int) -> OptimizerSettings:
+        """These settings with the schedule's length ``total_steps`` if it is open; an
+        explicit total_steps wins."""
+        if not self.open_length:
+            return self
+        return replace(self, total_steps=total_steps)
 
     def factor(self, step: int) -> float:
         """Learning-rate multiplier after ``step`` optimizer steps."""
@@ -72,6 +87,11 @@ class OptimizerSettings:
 def build_optimizer(
     parameters: Iterable[torch.nn.Parameter], settings: OptimizerSettings
 ) -> tuple[AdamW, LambdaLR]:
+    if settings.open_length:
+        raise ValueError(
+            f"schedule {settings.schedule!r} needs total_steps (> warmup_steps, "
+            f"{settings.warmup_steps}): set [optimizer] total_steps"
+        )
     params = [p for p in parameters if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: add an adapter first")

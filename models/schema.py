@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from splitfed.files import StrPath
+
 SCHEMA_FORMAT = "splitfed-adapter-schema/1"
 # Deltas and global versions are float32 (secure aggregation masks them as int64).
 SCHEMA_DTYPE = "float32"
@@ -88,8 +90,9 @@ def schema_of(tensors: Mapping[str, torch.Tensor]) -> Schema:
     return schema_from_mapping({n: list(t.shape) for n, t in tensors.items()}, "adapter")
 
 
-def load_schema(path: Path) -> Schema:
+def load_schema(path: StrPath) -> Schema:
     """A schema from a ``.json`` file, or the header of a ``.safetensors`` adapter."""
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"schema file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -122,7 +125,8 @@ def schema_json(schema: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     }
 
 
-def write_schema(path: Path, schema: Mapping[str, tuple[int, ...]]) -> None:
+def write_schema(path: StrPath, schema: Mapping[str, tuple[int, ...]]) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(schema_json(schema), indent=1) + "\n")
 
@@ -137,12 +141,13 @@ def schema_bytes(schema: Mapping[str, tuple[int, ...]], itemsize: int = 4) -> in
     return sum(math.prod(shape) * itemsize for shape in schema.values())
 
 
-def adapter_schema(model_path: Path, adapter: Any, k: int = 1, m: int = 1) -> Schema:
+def adapter_schema(model_path: StrPath, adapter: Any, k: int = 1, m: int = 1) -> Schema:
     """The schema of a client's adapter (head and tail) for the model in ``model_path``,
     split at (k, m), with ``adapter`` (:class:`~splitfed.models.adapters.AdapterSettings`):
     what its clients upload in a federation. Reads only the model's config.json: the parts
     are built with storage but no weights (nothing is read or computed but the adapter's
     own initial values), so a 7B model's schema needs no checkpoint."""
+    model_path = Path(model_path)
     from splitfed.models.loading import load_config
 
     return adapter_schema_for(load_config(model_path), adapter, k, m)

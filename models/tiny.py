@@ -12,6 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from splitfed.files import StrPath
+
 # Package data of ``splitfed`` (splitfed/data/, see pyproject.toml): found in an editable
 # and in an installed layout alike.
 BUNDLED_DATASET = Path(str(resources.files("splitfed") / "data" / "tiny_instructions.jsonl"))
@@ -98,7 +100,7 @@ def llama_config(
 
 
 def make_tiny_checkpoint(
-    directory: Path,
+    directory: StrPath,
     texts: Iterable[str],
     *,
     layers: int = 6,
@@ -109,6 +111,7 @@ def make_tiny_checkpoint(
 ) -> Path:
     """Save a random Llama-layout model and a tokenizer trained on ``texts``; with
     ``pretrain_texts``, first train the whole model on them for ``pretrain_steps``."""
+    directory = Path(directory)
     tokenizer = train_tokenizer(texts)
     config = llama_config(len(tokenizer), hidden_size, layers)
     torch.manual_seed(seed)

@@ -36,7 +36,7 @@ from cryptography import x509
 from prometheus_client import Counter
 
 from splitfed.errors import UnauthenticatedError
-from splitfed.files import atomic_write
+from splitfed.files import StrPath, atomic_write
 from splitfed.interceptors import Handler, HandlerInterceptor
 from splitfed.security.identity import peer_identity
 
@@ -132,9 +132,10 @@ class RevocationList:
             _end_call(context, "certificate revoked")
         return len(victims)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: StrPath) -> None:
         """Write the list (version, serials, fetch time) to ``path``: mode 0600, replaced
         atomically, so a crash leaves the old file or the new one."""
+        path = Path(path)
         with self._lock:
             record = {
                 "version": self.version,
@@ -144,9 +145,10 @@ class RevocationList:
         with atomic_write(path) as out:
             out.write(json.dumps(record).encode() + b"\n")
 
-    def restore(self, path: Path) -> bool:
+    def restore(self, path: StrPath) -> bool:
         """Install the list last saved to ``path``; False (with a warning if the file is
         there but unreadable) when there is none."""
+        path = Path(path)
         try:
             record = json.loads(path.read_bytes())
             version, fetched_at, serials = (

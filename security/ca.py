@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from splitfed.files import atomic_write
+from splitfed.files import StrPath, atomic_write
 from splitfed.tls import CLOCK_SKEW, PrivateKey, load_private_key, same_public_key
 
 ROLES = frozenset({"client", "backbone", "aggregator", "keymanager", "admin"})
@@ -87,8 +87,9 @@ def make_csr(key: PrivateKey, identity: str) -> bytes:
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def write_pem(path: Path, data: bytes, *, private: bool) -> None:
+def write_pem(path: StrPath, data: bytes, *, private: bool) -> None:
     """Write PEM data; private material is created with mode 0600 and never widened."""
+    path = Path(path)
     with atomic_write(path, private=private) as out:
         out.write(data)
 
@@ -103,8 +104,9 @@ class IssuedCertificate:
     chain_pem: bytes
     key_pem: bytes | None = None
 
-    def write(self, directory: Path) -> None:
+    def write(self, directory: StrPath) -> None:
         """Write ``cert.pem``, ``ca.pem`` and (if present) ``key.pem`` into ``directory``."""
+        directory = Path(directory)
         write_pem(directory / "cert.pem", self.cert_pem, private=False)
         write_pem(directory / "ca.pem", self.chain_pem, private=False)
         if self.key_pem is not None:

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from splitfed.files import atomic_write
+from splitfed.files import StrPath, atomic_write
 from splitfed.security.perturbation import (
     PRIVACY_RELEASES,
     History,
@@ -90,11 +90,11 @@ class PrivacyLedger:
         settings: PerturbationSettings,
         *,
         sample_rate: float = 1.0,
-        directory: Path | None = None,
+        directory: StrPath | None = None,
     ) -> None:
         self.settings = settings
         self.sample_rate = sample_rate
-        self.directory = directory
+        self.directory = None if directory is None else Path(directory)
         self.accountant = PrivacyAccountant.for_settings(settings, sample_rate)
         self.counts = empty_counts()
         self._lock = threading.Lock()
@@ -223,8 +223,9 @@ def parse(state: dict[str, Any]) -> tuple[History, Counts]:
     return history, counts
 
 
-def load_summary(directory: Path, settings: PerturbationSettings) -> dict[str, Any]:
+def load_summary(directory: StrPath, settings: PerturbationSettings) -> dict[str, Any]:
     """The summary of the ledger saved in ``directory`` ({} when there is none)."""
+    directory = Path(directory)
     path = directory / FILE
     if not path.is_file():
         return {}

@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from splitfed.files import StrPath
+
 T = TypeVar("T")
 
 ENV_PREFIX = "SPLITFED__"
@@ -86,10 +88,11 @@ def apply_overrides(
     return data
 
 
-def read_config(path: Path, overrides: Sequence[str] | None = None) -> dict[str, Any]:
+def read_config(path: StrPath, overrides: Sequence[str] | None = None) -> dict[str, Any]:
     """The mapping in a ``.yaml``/``.yml`` or ``.toml`` file, with the environment's and
     the command line's overrides (``overrides``; default: the running command's
     ``--set`` options)."""
+    path = Path(path)
     data = _read_file(path)
     return apply_overrides(data, OVERRIDES.get() if overrides is None else overrides)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from splitfed.files import StrPath
 from splitfed.tls import TLSConfig
 from splitfed.transport import Server, TransportOptions, parse_address
 from splitfed.wire import DEFAULT_CHUNK_BYTES
@@ -58,9 +59,17 @@ class ServerSettings(EndpointSettings):
 
 
 def tls_config(
-    tls_dir: Path | None, ca: Path | None, cert: Path | None, key: Path | None, insecure: bool
+    tls_dir: StrPath | None,
+    ca: StrPath | None,
+    cert: StrPath | None,
+    key: StrPath | None,
+    insecure: bool,
 ) -> TLSConfig:
     """TLS material from a directory and/or explicit files, or plaintext if asked."""
+    tls_dir = None if tls_dir is None else Path(tls_dir)
+    ca = None if ca is None else Path(ca)
+    cert = None if cert is None else Path(cert)
+    key = None if key is None else Path(key)
     if insecure:
         if tls_dir or ca or cert or key:
             raise ValueError("insecure mode cannot be combined with tls_dir/ca/cert/key")

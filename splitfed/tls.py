@@ -16,6 +16,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from splitfed.files import StrPath
+
 logger = logging.getLogger(__name__)
 
 PrivateKey = ec.EllipticCurvePrivateKey
@@ -94,7 +96,10 @@ class TLSConfig:
         return "TLSConfig(insecure=True)" if self.insecure else "TLSConfig(mtls)"
 
     @classmethod
-    def from_files(cls, ca_cert: Path, cert_chain: Path, private_key: Path) -> TLSConfig:
+    def from_files(cls, ca_cert: StrPath, cert_chain: StrPath, private_key: StrPath) -> TLSConfig:
+        ca_cert = Path(ca_cert)
+        cert_chain = Path(cert_chain)
+        private_key = Path(private_key)
         return cls(
             ca_cert=_read(ca_cert, "CA certificate"),
             cert_chain=_read(cert_chain, "certificate"),
@@ -102,8 +107,9 @@ class TLSConfig:
         )
 
     @classmethod
-    def from_dir(cls, directory: Path) -> TLSConfig:
+    def from_dir(cls, directory: StrPath) -> TLSConfig:
         """Load ``ca.pem``, ``cert.pem`` and ``key.pem`` from one directory."""
+        directory = Path(directory)
         loaded = cls.from_files(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
         return dataclasses.replace(loaded, source_dir=directory)
 

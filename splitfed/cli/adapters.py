@@ -16,7 +16,16 @@ from rich.console import Console
 from rich.table import Table
 from safetensors import safe_open
 
-from splitfed.cli.options import config_option, config_overrides, dir_option, fail, file_option
+from splitfed.cli.options import (
+    config_option,
+    config_overrides,
+    dir_option,
+    fail,
+    file_option,
+    force_option,
+    quiet_libraries,
+    refuse_overwrite,
+)
 from splitfed.errors import SplitfedError
 
 
@@ -47,8 +56,10 @@ def adapters() -> None:
     default=None,
     help="Also write a full checkpoint with the adapter merged into the weights.",
 )
+@force_option("what --output and --merged name")
 @config_overrides
 @click.pass_context
+@quiet_libraries
 def export(
     ctx: click.Context,
     config_path: Path,
@@ -56,6 +67,7 @@ def export(
     fmt: str,
     no_body: bool,
     merged: Path | None,
+    force: bool,
 ) -> None:
     """Put the head's and tail's adapter (from the training checkpoint) and the body's
     (from the backbone session the checkpoint names) together as one adapter of the
@@ -75,6 +87,8 @@ def export(
             )
         if merged is not None and fmt != "peft":
             raise ValueError("--merged needs --format peft")
+        refuse_overwrite(output, "--output", force)
+        refuse_overwrite(merged, "--merged", force)
         state = json.loads((checkpoint / "client.json").read_text())
         tensors = load_adapter(checkpoint / "adapter.safetensors")
     except ValueError as exc:

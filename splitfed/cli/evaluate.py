@@ -13,7 +13,16 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from splitfed.cli.options import config_option, config_overrides, dir_option, fail, file_option
+from splitfed.cli.options import (
+    config_option,
+    config_overrides,
+    dir_option,
+    fail,
+    file_option,
+    force_option,
+    quiet_libraries,
+    refuse_overwrite,
+)
 from splitfed.errors import SplitfedError
 
 
@@ -48,7 +57,8 @@ from splitfed.errors import SplitfedError
 @file_option(
     "--output", default=Path("eval.json"), show_default=True, help="Write the scores here as JSON."
 )
-@click.option("--no-base", is_flag=True, help="Skip the base model.")
+@force_option("--output")
+@click.option("--no-base", is_flag=True, help="Skip the base model (with --model: that model).")
 @click.option("--no-adapter", is_flag=True, help="Skip the trained adapter.")
 @click.option("--max-examples", type=int, default=None, help="Evaluate the first N of each file.")
 @click.option("--batch-size", type=int, default=None, help="Default: [training] batch_size, or 8.")
@@ -56,6 +66,7 @@ from splitfed.errors import SplitfedError
 @click.option("--no-chat-template", is_flag=True, help="Never apply the tokenizer's template.")
 @config_overrides
 @click.pass_context
+@quiet_libraries
 def eval_command(
     ctx: click.Context,
     config_path: Path | None,
@@ -64,6 +75,7 @@ def eval_command(
     data_paths: tuple[Path, ...],
     task: str,
     output: Path,
+    force: bool,
     no_base: bool,
     no_adapter: bool,
     max_examples: int | None,
@@ -72,7 +84,8 @@ def eval_command(
     no_chat_template: bool,
 ) -> None:
     """Score the base model and the trained adapter side by side: loss and perplexity,
-    accuracy (classification prompts) and ROUGE (summaries)."""
+    accuracy (classification prompts) and ROUGE (summaries). With --model: that local
+    checkpoint (and --trained-model beside it)."""
     from splitfed.clients import evaluation as ev
     from splitfed.clients.app import ClientConfig, backbone_client, keymanager_for
     from splitfed.clients.app import sampling_options as config_sampling
@@ -85,6 +98,7 @@ def eval_command(
             raise ValueError("give either --config (split) or --model (local)")
         if max_examples is not None and max_examples < 1:
             raise ValueError("--max-examples must be at least 1")
+        refuse_overwrite(output, "--output", force)
         overrides = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
         config = None if config_path is None else ClientConfig.load(config_path)
         if config is not None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from splitfed.cli.options import config_option, config_overrides, fail
+from splitfed.cli.options import config_option, config_overrides, fail, quiet_libraries
 from splitfed.errors import SplitfedError
 
 
@@ -23,6 +23,7 @@ from splitfed.errors import SplitfedError
 @click.option("--max-new-tokens", type=int, default=None)
 @config_overrides
 @click.pass_context
+@quiet_libraries
 def generate(
     ctx: click.Context, config_path: Path, prompts: tuple[str, ...], max_new_tokens: int | None
 ) -> None:
@@ -48,11 +49,16 @@ def generate(
 
 @click.command()
 @config_option("The client config used for training (its checkpoint holds the adapters).")
-@click.option("--system", default="", help="A system turn (with a chat template).")
+@click.option(
+    "--system",
+    default="",
+    help="A system turn; without a chat template, the conversation's first line.",
+)
 @click.option("--max-new-tokens", type=int, default=None, help="Reply length limit.")
 @click.option("--base", is_flag=True, help="Talk to the base model, not the trained adapter.")
 @config_overrides
 @click.pass_context
+@quiet_libraries
 def chat(
     ctx: click.Context,
     config_path: Path,
@@ -72,6 +78,7 @@ def chat(
         sampling_options,
         split_session,
     )
+    from splitfed.clients.data import has_chat_template
     from splitfed.models.loading import load_config
 
     try:
@@ -84,6 +91,12 @@ def chat(
     except (ValueError, OSError) as exc:
         fail(ctx, exc, usage=True)
         return
+    if system and not (train.chat_template and has_chat_template(tokenizer)):
+        click.echo(
+            "note: no chat template (the tokenizer has none, or [training] chat_template "
+            "is false): --system is sent as the conversation's first line",
+            err=True,
+        )
     try:
         with (
             backbone_client(config.backbone) as client,

@@ -1,11 +1,15 @@
-"""What the commands share: the one-line failure, and the option blocks (``--config``,
-``--set``, TLS material, the key manager, the options of every ``serve`` command)."""
+"""What the commands share: the one-line failure, the option blocks (``--config``,
+``--set``, TLS material, the key manager, the options of every ``serve`` command),
+``--force`` against overwriting, and quiet model libraries."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -182,3 +186,60 @@ def serve_options(
             ),
         ]
     )
+
+
+def force_option(what: str) -> Callable[[F], F]:
+    """``--force``: overwrite ``what`` (an option's file or directory) if it exists."""
+    return click.option("--force", is_flag=True, help=f"Overwrite {what} if it exists.")
+
+
+def refuse_overwrite(path: Path | None, option: str, force: bool) -> None:
+    """Raise ``ValueError`` if ``path`` (what ``option`` names) already holds something and
+    ``force`` is not given: a file, or a directory that is not empty."""
+    if path is None or force or not path.exists():
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    raise ValueError(f"{option} {path} already exists: give another path, or --force to overwrite")
+
+
+# Python warnings a person at a terminal cannot act on: deprecations inside the libraries.
+_QUIET_CATEGORIES = (DeprecationWarning, FutureWarning, PendingDeprecationWarning)
+_QUIET_MODULES = r"(transformers|peft|huggingface_hub|accelerate|torch|tokenizers)(\.|$)"
+
+
+@contextmanager
+def library_output_hidden() -> Iterator[None]:
+    """Hide what transformers and its kin print on their own while a command runs:
+    progress bars ("Loading weights", "Writing model shards"), their advisory logs and
+    deprecation warnings. splitfed's own logs and output are untouched; afterwards all is
+    as it was. Imports transformers: only for the commands that load models."""
+    with warnings.catch_warnings():
+        for category in _QUIET_CATEGORIES:
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", module=_QUIET_MODULES)
+        from transformers.utils import logging as hf_logging
+
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def quiet_libraries(func: F) -> F:
+    """Run a command with :func:`library_output_hidden` (``--debug`` shows it all)."""
+
+    @functools.wraps(func)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        obj: Context | None = click.get_current_context().find_root().obj
+        if obj is not None and obj.debug:
+            return func(*args, **kwargs)
+        with library_output_hidden():
+            return func(*args, **kwargs)
+
+    return cast(F, run)

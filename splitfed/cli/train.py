@@ -12,9 +12,16 @@ from typing import TYPE_CHECKING
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from splitfed.cli.options import config_option, config_overrides, fail
+from splitfed.cli.options import config_option, config_overrides, fail, quiet_libraries
 from splitfed.cli.serve import start_metrics
+from splitfed.config import read_config
 from splitfed.errors import SplitfedError
+
+# In a federation the aggregator's round plan decides how long a member trains.
+FEDERATED_STEPS = (
+    "{what} does not apply with [federated]: the aggregator's plan decides "
+    "(rounds x local_steps; docs/federated.md)"
+)
 
 if TYPE_CHECKING:
     from splitfed.clients.app import ClientConfig
@@ -24,18 +31,29 @@ if TYPE_CHECKING:
 
 @click.command()
 @config_option("YAML or TOML with [backbone], [training], [adapter] and [optimizer] sections.")
-@click.option("--max-steps", type=int, default=None, help="Override [training] max_steps.")
+@click.option(
+    "--max-steps",
+    type=int,
+    default=None,
+    help="Override [training] max_steps (not with [federated]: the aggregator's plan decides).",
+)
 @config_overrides
 @click.pass_context
+@quiet_libraries
 def train(ctx: click.Context, config_path: Path, max_steps: int | None) -> None:
     """Fine-tune split: head and tail here, the body on the backbone; tokens stay here."""
     from splitfed.clients.app import ClientConfig, backbone_client, keymanager_for, make_trainer
 
     try:
-        config = ClientConfig.load(config_path, max_steps=max_steps)
+        mapping = read_config(config_path)
+        config = ClientConfig.from_mapping(mapping, max_steps=max_steps)
+        if config.federated is not None and max_steps is not None:
+            raise ValueError(FEDERATED_STEPS.format(what="--max-steps"))
     except ValueError as exc:
         fail(ctx, exc, usage=True)
         return
+    if config.federated is not None and "max_steps" in mapping.get("training", {}):
+        click.echo("warning: " + FEDERATED_STEPS.format(what="[training] max_steps"), err=True)
     try:
         if config.metrics.port is not None:  # served until the process ends
             start_metrics(config.metrics.host, config.metrics.port)

@@ -100,7 +100,7 @@ def optimizer_from_proto(config: backbone_pb2.OptimizerConfig) -> OptimizerSetti
     """The settings ``config`` asks for; unset (zero) fields take the defaults."""
     defaults = OptimizerSettings()
     try:
-        return OptimizerSettings(
+        settings = OptimizerSettings(
             learning_rate=config.learning_rate or defaults.learning_rate,
             weight_decay=config.weight_decay,
             beta1=config.beta1 or defaults.beta1,
@@ -112,6 +112,11 @@ def optimizer_from_proto(config: backbone_pb2.OptimizerConfig) -> OptimizerSetti
         )
     except ValueError as exc:
         raise InvalidArgumentError(f"optimizer: {exc}") from None
+    if settings.open_length:  # the client sets it before it opens a session
+        raise InvalidArgumentError(
+            f"optimizer: schedule {settings.schedule!r} needs total_steps > warmup_steps"
+        )
+    return settings
 
 
 @dataclass(frozen=True)

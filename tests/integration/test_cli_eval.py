@@ -100,9 +100,10 @@ def test_eval_reports_base_and_adapter_split_and_local(
     )
     assert result.exit_code == 0, result.output
     local_report = json.loads(local.read_text())
-    assert list(local_report["models"]) == ["base"]
+    # A local run's column is what it is: the --model checkpoint (its path beside it).
+    assert local_report["models"] == {"model": f"{dep.model_path}, local"}
     for split_result, local_result in zip(report["results"], local_report["results"], strict=True):
-        split_scores, local_scores = split_result["scores"]["base"], local_result["scores"]["base"]
+        split_scores, local_scores = split_result["scores"]["base"], local_result["scores"]["model"]
         assert set(split_scores) == set(local_scores)
         for metric, value in local_scores.items():
             assert split_scores[metric] == pytest.approx(value, rel=1e-4, abs=1e-5), metric
@@ -166,6 +167,20 @@ def test_an_exported_adapter_is_the_split_model_in_one_piece(
     result = CliRunner().invoke(cli, [*export, "--output", str(peft_dir), "--merged", str(merged)])
     assert result.exit_code == 0, result.output
     assert "with the body" in result.output
+    # Only what splitfed says: no progress bars or deprecation warnings of the libraries.
+    for noise in ("Loading weights", "Writing model shards", "it/s]", "Warning"):
+        assert noise not in result.output
+    # An export never overwrites one silently.
+    again = CliRunner().invoke(cli, [*export, "--output", str(peft_dir), "--no-body"])
+    assert again.exit_code == 2, again.output
+    assert f"error: --output {peft_dir} already exists: give another path, or --force" in (
+        again.output
+    )
+    again = CliRunner().invoke(
+        cli, [*export, "--output", str(tmp_path / "p2"), "--merged", str(merged), "--no-body"]
+    )
+    assert again.exit_code == 2 and f"--merged {merged} already exists" in again.output
+    assert not (tmp_path / "p2").exists()
     peft_config = PeftConfig.from_pretrained(str(peft_dir))
     assert peft_config.layers_to_transform == [0, 1, 2, 3]  # head, body and tail blocks
     data = ["--data", str(write_jsonl(tmp_path / "d.jsonl", TRAIN)), "--task", "lm"]
@@ -179,7 +194,7 @@ def test_an_exported_adapter_is_the_split_model_in_one_piece(
     )
     assert result.exit_code == 0, result.output
     split_loss = json.loads(split.read_text())["results"][0]["scores"]["adapter"]["loss"]
-    whole_loss = json.loads(whole.read_text())["results"][0]["scores"]["base"]["loss"]
+    whole_loss = json.loads(whole.read_text())["results"][0]["scores"]["model"]["loss"]
     assert whole_loss == pytest.approx(split_loss, rel=1e-4)
     # inspect reads what export wrote.
     summary = tmp_path / "summary.json"
@@ -213,3 +228,34 @@ def test_chat_keeps_the_conversation_until_reset(trained: tuple[Deployment, Path
     result = CliRunner().invoke(cli, ["chat", "--config", str(config), "--base"], input="")
     assert result.exit_code == 0, result.output
     assert "chatting with the base model" in result.output
+
+
+def test_eval_refuses_to_overwrite_its_output_without_force(
+    trained: tuple[Deployment, Path], tmp_path: Path
+) -> None:
+    dep, _ = trained
+    output = tmp_path / "eval.json"
+    output.write_text("earlier scores\n")
+    data = write_jsonl(tmp_path / "d.jsonl", TRAIN)
+    run = ["eval", "--model", str(dep.model_path), "--data", str(data), "--output", str(output)]
+    result = CliRunner().invoke(cli, run)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == (
+        f"error: --output {output} already exists: give another path, or --force to overwrite"
+    )
+    assert output.read_text() == "earlier scores\n"
+    result = CliRunner().invoke(cli, [*run, "--force"])
+    assert result.exit_code == 0, result.output
+    assert list(json.loads(output.read_text())["models"]) == ["model"]
+
+
+def test_chat_says_where_the_system_text_goes_without_a_template(
+    trained: tuple[Deployment, Path],
+) -> None:
+    _, config = trained  # the tiny tokenizer has no chat template
+    chat = ["chat", "--config", str(config), "--max-new-tokens", "2"]
+    result = CliRunner().invoke(cli, [*chat, "--system", "Be brief."], input="Hi\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("--system is sent as the conversation's first line") == 1
+    result = CliRunner().invoke(cli, chat, input="/exit\n")
+    assert result.exit_code == 0 and "--system" not in result.stderr
