@@ -32,6 +32,7 @@ from splitfed.clients.federated import UPLOAD_CHUNK_BYTES, AggregatorClient, Fed
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
+from splitfed.failures import Endpoint
 from splitfed.files import StrPath
 from splitfed.metrics import MetricsSettings
 from splitfed.models.adapters import AdapterSettings, load_adapter, load_adapter_state
@@ -142,14 +143,13 @@ class ClientConfig:
 
 @contextmanager
 def backbone_client(settings: ConnectSettings) -> Iterator[BackboneClient]:
+    tls = settings.tls()
     channel: grpc.Channel = create_channel(
-        settings.address,
-        settings.tls(),
-        server_name=settings.server_name,
-        options=settings.options(),
+        settings.address, tls, server_name=settings.server_name, options=settings.options()
     )
+    endpoint = Endpoint("backbone", settings.address, settings.server_name, tls.source_dir)
     with channel:
-        yield BackboneClient(channel, chunk_bytes=settings.chunk_bytes)
+        yield BackboneClient(channel, chunk_bytes=settings.chunk_bytes, endpoint=endpoint)
 
 
 @contextmanager
@@ -429,7 +429,11 @@ def federated_trainer(
         yield FederatedTrainer(
             trainer,
             AggregatorClient(
-                channel, chunk_bytes=min(config.backbone.chunk_bytes, UPLOAD_CHUNK_BYTES)
+                channel,
+                chunk_bytes=min(config.backbone.chunk_bytes, UPLOAD_CHUNK_BYTES),
+                endpoint=Endpoint(
+                    "aggregator", federated.aggregator, federated.server_name, tls.source_dir
+                ),
             ),
             federated.federation,
             identity=certificate_identity(tls),

@@ -15,6 +15,7 @@ from torch import nn
 
 from splitfed.clients.keys import KeyManagerClient
 from splitfed.errors import error_from_rpc, rpc_status
+from splitfed.failures import ConnectionFailedError, Endpoint, call_failure
 from splitfed.protocol.backbone import (
     EXPORT_RESPONSE,
     FEDERATION_METADATA,
@@ -91,8 +92,10 @@ class _Stream:
         chunk_bytes: int,
         timeout_s: float | None,
         crypto: SessionCrypto | None = None,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self._outbox = _Outbox()
+        self.endpoint = endpoint
         self.chunk_bytes = chunk_bytes
         self.crypto = crypto
         # One receiver (opener) per stream: its replay state follows this stream's frames
@@ -129,7 +132,7 @@ class _Stream:
         except StopIteration:
             raise StreamLostError("the backbone ended the stream") from None
         except grpc.RpcError as err:
-            raise _translate(err) from None
+            raise _translate(err, self.endpoint) from None
 
     def receive_tensor(self) -> tuple[Any, torch.Tensor]:
         with TensorAssembler(CLIENT_LIMITS) as assembler:
@@ -144,8 +147,15 @@ class _Stream:
         self._call.cancel()
 
 
-def _translate(err: grpc.RpcError) -> Exception:
+def _translate(err: grpc.RpcError, endpoint: Endpoint | None = None) -> Exception:
     code, details = rpc_status(err)
+    failure = call_failure(err, endpoint)
+    if failure is not None:
+        if isinstance(failure, ConnectionFailedError) and failure.cause.retryable:
+            # Waited out like a lost stream (a backbone restarting); said plainly if it
+            # does not come back.
+            return StreamLostError(str(failure))
+        return failure  # TLS or a revoked certificate: no retry helps
     # ABORTED: the backbone gave up the step (a client-batch partner went away); the
     # trainer reconnects and redoes it like after any lost stream.
     if code in RETRYABLE or code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED):
@@ -172,7 +182,7 @@ class _SessionStream:
         self.encoding = encoding
         call = client.train_call if self.spec is TRAIN_REQUEST else client.generate_call
         self._stream = _Stream(
-            call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto
+            call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto, client.endpoint
         )
 
     def _forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> torch.Tensor:
@@ -246,8 +256,11 @@ class BackboneClient:
         retry: RetryPolicy | None = None,
         timeout_s: float = 60.0,
         stream_timeout_s: float | None = None,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self._stub = backbone_pb2_grpc.BackboneStub(channel)
+        # The other end, as the error messages name it (None: the raw gRPC details).
+        self.endpoint = endpoint
         methods = SERVICE.methods_by_name
         self.train_call = framed_stream(channel, methods["Train"], TRAIN_REQUEST, TRAIN_RESPONSE)
         self.generate_call = framed_stream(
@@ -272,7 +285,7 @@ class BackboneClient:
         try:
             return call_with_retry(call, self.retry, what=what)
         except grpc.RpcError as err:
-            raise _translate(err) from None
+            raise _translate(err, self.endpoint) from None
 
     def model_info(self) -> ModelInfo:
         response = self._unary(

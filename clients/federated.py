@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from splitfed.errors import AbortedError, FailedPreconditionError, error_from_rpc
+from splitfed.failures import Endpoint, call_failure
 from splitfed.logs import log_context
 from splitfed.models.adapters import save_adapter
 from splitfed.models.schema import schema_digest, schema_of
@@ -34,7 +35,7 @@ from splitfed.protocol.aggregator import (
     Phase,
     RoundPlan,
 )
-from splitfed.retry import DEFAULT_RETRY, RETRYABLE, RetryPolicy, call_with_retry
+from splitfed.retry import DEFAULT_RETRY, RetryPolicy, call_with_retry, is_retryable
 from splitfed.v1 import aggregator_pb2, aggregator_pb2_grpc
 from splitfed.wire import ChunkView, OutgoingFrame, TensorLimits, iter_frames, iter_tensors
 
@@ -43,7 +44,13 @@ logger = logging.getLogger(__name__)
 LIMITS = TensorLimits(max_tensor_bytes=8 << 30, max_rank=4)
 
 
-def _mapped(err: grpc.RpcError) -> Exception:
+def _mapped(err: grpc.RpcError, endpoint: Endpoint | None = None) -> Exception:
+    """The error to raise for a failed call: a connection or TLS failure explained (see
+    :mod:`splitfed.failures`; still a :class:`grpc.RpcError` with the call's code), a
+    status with a splitfed error, else the call's own error."""
+    failure = call_failure(err, endpoint)
+    if failure is not None:
+        return failure
     mapped = error_from_rpc(err)
     return mapped if mapped is not None else err
 
@@ -61,8 +68,11 @@ class AggregatorClient:
         chunk_bytes: int = UPLOAD_CHUNK_BYTES,
         retry: RetryPolicy = DEFAULT_RETRY,
         timeout_s: float = 60.0,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self._stub = aggregator_pb2_grpc.AggregatorStub(channel)
+        # The other end, as the error messages name it (None: the raw gRPC details).
+        self.endpoint = endpoint
         self._upload = channel.stream_unary(
             f"/{SERVICE.full_name}/UploadUpdate",
             request_serializer=UPLOAD_REQUEST.serialize,
@@ -81,7 +91,7 @@ class AggregatorClient:
         try:
             return call_with_retry(call, self.retry, what=what)
         except grpc.RpcError as err:
-            raise _mapped(err) from None
+            raise _mapped(err, self.endpoint) from None
 
     def join(self, federation: str, num_samples: int, join_token: str = "") -> RoundPlan:
         """Join as a member with a dataset of ``num_samples`` examples (no update may claim
@@ -196,7 +206,7 @@ class AggregatorClient:
                     return plan
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise _mapped(err) from None
+                raise _mapped(err, self.endpoint) from None
         finally:
             call.cancel()
         return self.plan(plan.federation)
@@ -330,7 +340,7 @@ class FederatedTrainer:
                     else self.aggregator.wait_for_change(plan, timeout_s=10.0)
                 )
             except grpc.RpcError as err:
-                if err.code() not in RETRYABLE:
+                if not is_retryable(err):  # a TLS failure waits for nothing
                     raise
                 # The aggregator is restarting: its state is durable, ask again.
                 logger.warning(
@@ -377,7 +387,7 @@ class FederatedTrainer:
             try:
                 return call()
             except grpc.RpcError as err:
-                if err.code() not in RETRYABLE or time.monotonic() > deadline:
+                if not is_retryable(err) or time.monotonic() > deadline:
                     raise
                 logger.warning(
                     "[FederatedTrainer] aggregator unavailable (%s); retrying", err.code()

@@ -16,6 +16,7 @@ from cryptography import x509
 from google.protobuf.message import Message
 
 from splitfed.errors import PermissionDeniedError, UnauthenticatedError, error_from_rpc
+from splitfed.failures import Endpoint, call_failure
 from splitfed.files import StrPath
 from splitfed.metrics import REVOCATION_LISTS
 from splitfed.periodic import Periodic
@@ -37,11 +38,15 @@ logger = logging.getLogger(__name__)
 R = TypeVar("R", bound=Message)
 
 
-def _call(fn: Callable[[], object], what: str, retry: RetryPolicy) -> object:
+def _call(
+    fn: Callable[[], object], what: str, retry: RetryPolicy, endpoint: Endpoint | None = None
+) -> object:
+    """``fn`` under ``retry``; a failure as a splitfed error where one fits (a connection
+    or TLS failure explained for ``endpoint``: :mod:`splitfed.failures`)."""
     try:
         return call_with_retry(fn, retry, what=what)
     except grpc.RpcError as err:
-        mapped = error_from_rpc(err)
+        mapped = call_failure(err, endpoint) or error_from_rpc(err)
         if mapped is not None:
             raise mapped from None
         raise
@@ -72,9 +77,12 @@ class KeyManagerClient:
         *,
         retry: RetryPolicy = DEFAULT_RETRY,
         timeout_s: float = 30.0,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self.channel = channel
         self._stub = keys_pb2_grpc.KeyManagerStub(channel)
+        # The other end, as the error messages name it (None: the raw gRPC details).
+        self.endpoint = endpoint
         self.retry = retry
         self.timeout_s = timeout_s
 
@@ -87,7 +95,10 @@ class KeyManagerClient:
         server_name: str | None = None,
         options: TransportOptions = DEFAULT_OPTIONS,
     ) -> KeyManagerClient:
-        return cls(create_channel(address, tls, server_name=server_name, options=options))
+        return cls(
+            create_channel(address, tls, server_name=server_name, options=options),
+            endpoint=Endpoint("key manager", address, server_name, tls.source_dir),
+        )
 
     def close(self) -> None:
         self.channel.close()
@@ -97,6 +108,7 @@ class KeyManagerClient:
         old = self.channel
         self.channel = create_channel(address, tls, server_name=server_name)
         self._stub = keys_pb2_grpc.KeyManagerStub(self.channel)
+        self.endpoint = Endpoint("key manager", address, server_name, tls.source_dir)
         old.close()
 
     def _rpc(self, method: str, request: Message, response_type: type[R]) -> R:
@@ -105,6 +117,7 @@ class KeyManagerClient:
             lambda: getattr(self._stub, method)(request, timeout=self.timeout_s),
             f"KeyManager.{method}",
             self.retry,
+            self.endpoint,
         )
         assert isinstance(r, response_type)
         return r
@@ -187,6 +200,7 @@ def enroll(
             ),
             "KeyManager.Enroll",
             DEFAULT_RETRY,
+            Endpoint("key manager's enrollment port", address, server_name),
         )
     finally:
         channel.close()

@@ -144,7 +144,9 @@ class TLSConfig:
         if when > leaf.not_valid_after_utc:
             raise ValueError(
                 f"certificate {leaf.subject.rfc4514_string()} expired at "
-                f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC; renew it"
+                f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC; renew it before expiry "
+                "next time (`splitfed keys renew`), now enroll again with a new token "
+                "(`splitfed keys enroll`)"
             )
         if when < leaf.not_valid_before_utc - CLOCK_SKEW:
             raise ValueError(

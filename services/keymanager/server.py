@@ -59,8 +59,11 @@ class KeyManagerServers(ServedBy):
 
 
 def server_tls(settings: KeyManagerSettings, server: ServerSettings) -> TLSConfig:
-    """The [server] TLS material, defaulting to the certificate `keys init` made."""
-    if server.tls_dir or server.ca or server.cert or server.key or server.insecure:
+    """The [server] TLS material, defaulting to the certificate `keys init` made (what
+    ``serve keymanager`` and ``config validate`` both load)."""
+    if server.insecure:
+        raise ValueError("the key manager always uses TLS; drop insecure from [server]")
+    if server.tls_dir or server.ca or server.cert or server.key:
         return server.tls()
     return TLSConfig.from_dir(Path(settings.state_dir) / SERVER_DIR)
 
@@ -76,8 +79,6 @@ def build_servers(
     """The key manager's two servers over its state directory (``allow_weak_kdf``: tests
     only, see :mod:`.kek`)."""
     tls = server_tls(settings, server)
-    if tls.insecure:
-        raise ValueError("the key manager always uses TLS; drop insecure from [server]")
     authority = KeyAuthority(
         settings.state_dir,
         settings.kek(),

@@ -8,7 +8,8 @@ an aggregator, ``[training]`` a client (training, generation, evaluation, chat),
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import ipaddress
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
@@ -171,7 +172,9 @@ def check_files(config: Config) -> None:
     not checked."""
     inputs: list[tuple[str, Path | None]] = []
     tls_sections: list[tuple[str, EndpointSettings]] = []
-    if isinstance(config, BackboneConfig | KeyManagerConfig | AggregatorConfig):
+    if isinstance(config, KeyManagerConfig):
+        _check_keymanager_tls(config)
+    elif isinstance(config, BackboneConfig | AggregatorConfig):
         tls_sections.append(("[server]", config.server))
     else:  # a client
         inputs += [
@@ -202,3 +205,87 @@ def check_files(config: Config) -> None:
                 f"{where} TLS material: {exc}; set tls_dir (ca.pem, cert.pem, key.pem) "
                 "or ca, cert and key"
             ) from None
+
+
+def _check_keymanager_tls(config: KeyManagerConfig) -> None:
+    """The key manager's TLS material as ``serve keymanager`` loads it: [server], else the
+    certificate `keys init` wrote to ``state_dir/server``. Its expiry is not checked:
+    the key manager renews its own certificate as it starts."""
+    from splitfed.services.keymanager.server import server_tls
+
+    try:
+        server_tls(config.keymanager, config.server)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"[server] TLS material: {exc}; without tls_dir (or ca, cert and key) the key "
+            f"manager uses {config.keymanager.state_dir / 'server'}, which `splitfed keys "
+            "init` writes"
+        ) from None
+
+
+def name_warnings(config: Config, server_certs: Sequence[Path] = ()) -> list[str]:
+    """Where a client's server names cannot match the servers' certificates, as far as
+    can be known without connecting: an address that is an IP literal without
+    server_name (the certificate then needs that IP, `--ip`), and, for each certificate
+    in ``server_certs``, the section of its role (backbone, aggregator, key manager)
+    whose name it does not carry."""
+    if isinstance(config, BackboneConfig | KeyManagerConfig | AggregatorConfig):
+        return []
+    targets = [("[backbone]", "backbone", config.backbone.address, config.backbone.server_name)]
+    if config.federated is not None:
+        federated = config.federated
+        targets.append(("[federated]", "aggregator", federated.aggregator, federated.server_name))
+    if config.security.keymanager:
+        security = config.security
+        targets.append(
+            ("[security]", "keymanager", security.keymanager, security.keymanager_server_name)
+        )
+    certificates = [(path, *_certificate_names(path)) for path in server_certs]
+    warnings = []
+    for where, role, address, server_name in targets:
+        host = address.rpartition(":")[0].strip("[]")
+        expected = server_name or host
+        if server_name is None and _is_ip(host):
+            warnings.append(
+                f"{where} {address} is an IP address and no server_name is set: the "
+                f"{role}'s certificate must carry IP {host} (a token made with `--ip "
+                f"{host}`), or set server_name to a DNS name it carries"
+            )
+        for path, cert_role, names in certificates:
+            if cert_role == role and expected not in names:
+                key = "keymanager_server_name" if role == "keymanager" else "server_name"
+                warnings.append(
+                    f"{where} expects the name {expected!r} but the {role} certificate "
+                    f"{path} carries {', '.join(names) or 'no names'}: set {key} to one of "
+                    f"them, or enroll the {role} again with `--dns {expected}` (or `--ip`)"
+                )
+    return warnings
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _certificate_names(path: Path) -> tuple[str, list[str]]:
+    """(role, DNS names and IP addresses) of the certificate in ``path``."""
+    from cryptography import x509
+
+    from splitfed.security.identity import identity_from_uri
+
+    try:
+        cert = x509.load_pem_x509_certificates(path.read_bytes())[0]
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        raise ValueError(
+            f"--server-cert {path}: not a readable server certificate ({exc})"
+        ) from None
+    identities = [
+        identity_from_uri(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)
+    ]
+    role = next((i.role for i in identities if i is not None), "")
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return role, [*san.get_values_for_type(x509.DNSName), *ips]

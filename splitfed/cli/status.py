@@ -3,9 +3,15 @@
 For each service given (backbone, aggregator, key manager): whether it answers its
 gRPC health check over mutual TLS, and what it says about itself (the backbone's model
 and adapter mode, the federation's round, the certificates the key manager issued when
-the caller is an admin); this party's own certificate and its expiry; the privacy
-spent by the client's training checkpoint; and, from Prometheus endpoints, the live
-figures (sessions, rounds, denials, epsilon, certificates close to expiry).
+the caller is an admin, else whether the caller's certificate is revoked); this party's
+own certificate and its expiry; the privacy spent by the client's training checkpoint;
+and, from Prometheus endpoints, the live figures (sessions, rounds, denials, epsilon,
+certificates close to expiry).
+
+Status asks a service only what the caller's role (in its certificate) may ask, by the
+service's own authorization table (its servicer's ``POLICY``): a refused call would be
+logged and counted as an authorization denial, which feeds the deployment's alert. A
+service that does not answer shows why in one line (:mod:`splitfed.failures`).
 
 ``splitfed health``, the probe a pod runs on itself, lives here too. The transport and
 the privacy accountant import torch: they are imported where used (see
@@ -39,6 +45,7 @@ from splitfed.cli.options import (
     tls_from_options,
     tls_options,
 )
+from splitfed.security.identity import Identity, identity_from_uri
 from splitfed.tls import TLSConfig
 from splitfed.v1 import (
     aggregator_pb2,
@@ -83,17 +90,53 @@ def _rpc_error(exc: grpc.RpcError) -> str:
     return f"{exc.code().name}: {exc.details()}"
 
 
+# What status asks a service beyond its health (where the caller's role may).
+Describe = Callable[[grpc.Channel], dict[str, Any]]
+
+
+def _policies() -> dict[str, Any]:
+    """The authorization table of each service, by the name status gives the service."""
+    from splitfed.services.aggregator.servicer import POLICY as AGGREGATOR
+    from splitfed.services.backbone.servicer import POLICY as BACKBONE
+    from splitfed.services.keymanager.servicer import POLICY as KEYMANAGER
+
+    return {"backbone": BACKBONE, "aggregator": AGGREGATOR, "keymanager": KEYMANAGER}
+
+
+def may_call(service: str, method: str, role: str | None) -> bool:
+    """Whether a caller in ``role`` may call ``method`` of ``service`` (no role: plaintext,
+    where nothing is checked)."""
+    if role is None:
+        return True
+    return role in _policies()[service].get(method, frozenset())
+
+
+def _health_of(failure: Exception | None) -> str:
+    """What the health column says of a service whose health check failed."""
+    from splitfed.errors import UnauthenticatedError
+    from splitfed.failures import ConnectionFailedError
+
+    if isinstance(failure, UnauthenticatedError):
+        return "REVOKED"
+    if isinstance(failure, ConnectionFailedError) and not failure.cause.retryable:
+        return "TLS FAILED"
+    return "UNREACHABLE"
+
+
 def check_service(
     service: str,
     address: str,
     tls: TLSConfig,
     server_name: str | None,
-    describe: Callable[[grpc.Channel], dict[str, Any]] | None = None,
+    describe: Describe | None = None,
     timeout_s: float = 5.0,
 ) -> ServiceStatus:
+    from splitfed.failures import Endpoint, call_failure
     from splitfed.transport import create_channel
 
     status = ServiceStatus(service, address)
+    what = "key manager" if service == "keymanager" else service
+    endpoint = Endpoint(what, address, server_name, tls.source_dir)
     try:
         channel = create_channel(address, tls, server_name=server_name)
     except (OSError, ValueError) as exc:
@@ -106,8 +149,9 @@ def check_service(
             )
             status.health = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
         except grpc.RpcError as exc:
-            status.health = "UNREACHABLE"
-            status.details = {"error": _rpc_error(exc)}
+            failure = call_failure(exc, endpoint)
+            status.health = _health_of(failure)
+            status.details = {"error": str(failure) if failure else _rpc_error(exc)}
             return status
         if describe is not None:
             try:
@@ -143,7 +187,7 @@ def describe_aggregator(federation: str) -> Callable[[grpc.Channel], dict[str, A
         )
         return {
             "federation": federation,
-            "round": f"{plan.round}/{plan.rounds or '-'}",
+            "round": round_text(plan),
             "phase": aggregator_pb2.RoundPhase.Name(plan.phase).removeprefix("ROUND_PHASE_"),
             "global_version": plan.global_version,
             "attempt": plan.attempt,
@@ -151,6 +195,14 @@ def describe_aggregator(federation: str) -> Callable[[grpc.Channel], dict[str, A
         }
 
     return describe
+
+
+def round_text(plan: aggregator_pb2.RoundPlan) -> str:
+    """The round column: "2/5" while a federation runs, "finished: 5/5 rounds" once it
+    is done (its round number is then one past the last)."""
+    if plan.phase == aggregator_pb2.ROUND_PHASE_FINISHED and plan.rounds:
+        return f"finished: {plan.rounds}/{plan.rounds} rounds"
+    return f"{plan.round}/{plan.rounds or '-'}"
 
 
 def federation_privacy(plan: aggregator_pb2.RoundPlan) -> str:
@@ -165,6 +217,7 @@ def federation_privacy(plan: aggregator_pb2.RoundPlan) -> str:
 
 
 def describe_keymanager(channel: grpc.Channel) -> dict[str, Any]:
+    """What the key manager tells an admin: the certificates it issued."""
     records = (
         keys_pb2_grpc.KeyManagerStub(channel)
         .ListCertificates(keys_pb2.ListCertificatesRequest(), timeout=5.0)
@@ -181,6 +234,38 @@ def describe_keymanager(channel: grpc.Channel) -> dict[str, Any]:
     if soonest is not None:
         details["next_expiry"] = f"{soonest.identity} in {_duration(soonest.not_after - now)}"
     return details
+
+
+def describe_own_revocation(serial: str) -> Describe:
+    """What the key manager tells any party: whether its own certificate is revoked."""
+
+    def describe(channel: grpc.Channel) -> dict[str, Any]:
+        revoked = (
+            keys_pb2_grpc.KeyManagerStub(channel)
+            .GetRevocations(keys_pb2.GetRevocationsRequest(), timeout=5.0)
+            .revoked
+        )
+        mine = any(r.serial == serial for r in revoked)
+        return {"this certificate": "REVOKED" if mine else "not revoked"}
+
+    return describe
+
+
+def own_identity(tls: TLSConfig) -> Identity | None:
+    """The identity and role in this party's certificate (``None``: plaintext, or a
+    certificate without a splitfed identity)."""
+    if tls.insecure or tls.cert_chain is None:
+        return None
+    cert = x509.load_pem_x509_certificates(tls.cert_chain)[0]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        identity = identity_from_uri(uri)
+        if identity is not None:
+            return identity
+    return None
 
 
 def own_certificate(tls: TLSConfig) -> dict[str, Any]:
@@ -311,14 +396,28 @@ def collect(
     perturbation: Any = None,
 ) -> Report:
     report = Report(certificate=own_certificate(tls))
+    identity = own_identity(tls)
+    role = identity.role if identity is not None else None
+    if identity is None and not tls.insecure:
+        role = ""  # a certificate without a splitfed identity may call nothing
+    if role is not None:
+        report.certificate["role"] = role or "none"
+
+    def asked(service: str, method: str, describe: Describe) -> Describe | None:
+        return describe if may_call(service, method, role) else None
+
     for address, name in backbones:
-        report.services.append(check_service("backbone", address, tls, name, describe_backbone))
+        describe = asked("backbone", "GetModelInfo", describe_backbone)
+        report.services.append(check_service("backbone", address, tls, name, describe))
     for address, name in aggregators:
-        report.services.append(
-            check_service("aggregator", address, tls, name, describe_aggregator(federation))
-        )
+        describe = asked("aggregator", "GetRoundPlan", describe_aggregator(federation))
+        report.services.append(check_service("aggregator", address, tls, name, describe))
+    serial = report.certificate.get("serial", "")
     for address, name in keymanagers:
-        report.services.append(check_service("keymanager", address, tls, name, describe_keymanager))
+        describe = asked("keymanager", "ListCertificates", describe_keymanager) or asked(
+            "keymanager", "GetRevocations", describe_own_revocation(serial)
+        )
+        report.services.append(check_service("keymanager", address, tls, name, describe))
     if perturbation is not None and getattr(perturbation, "enabled", False):
         report.privacy = privacy_spent(checkpoint, perturbation)
     for url in metrics:
@@ -482,12 +581,17 @@ def health(
                     health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
                 )
             except grpc.RpcError as exc:
-                if time.monotonic() < deadline:
+                from splitfed.failures import ConnectionFailedError, Endpoint, call_failure
+
+                failure = call_failure(exc, Endpoint("server", address, server_name, tls_dir))
+                waiting_helps = failure is None or (
+                    isinstance(failure, ConnectionFailedError) and failure.cause.retryable
+                )
+                if waiting_helps and time.monotonic() < deadline:
                     time.sleep(0.5)
                     continue
-                fail(
-                    ctx, RuntimeError(f"{address}: {exc.code().name}: {exc.details()}"), usage=False
-                )
+                message = str(failure) if failure else f"{exc.code().name}: {exc.details()}"
+                fail(ctx, RuntimeError(f"{address}: {message}"), usage=False)
                 return
             if answer.status == health_pb2.HealthCheckResponse.SERVING:
                 break

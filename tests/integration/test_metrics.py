@@ -323,7 +323,9 @@ def check_status(
     assert by_service["backbone"]["details"]["adapter_mode"] == "per-client"
     assert by_service["aggregator"]["details"]["phase"] == "FINISHED"
     assert by_service["aggregator"]["details"]["global_version"] == 1
-    assert "PERMISSION_DENIED" in by_service["keymanager"]["details"]["note"]  # not an admin
+    # Not an admin: only whether its own certificate is revoked (no ListCertificates).
+    assert by_service["keymanager"]["details"] == {"this certificate": "not revoked"}
+    assert report["certificate"]["role"] == "client"
     assert report["certificate"]["identity"] == "hospital-a"
     assert report["certificate"]["expires_in_s"] > 3600
     (figures,) = report["metrics"].values()
