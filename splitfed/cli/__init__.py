@@ -13,6 +13,18 @@ the command that needs it; every such module says so once.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# gRPC's C core prints some failures to stderr itself (a TLS handshake refused: "E1207
+# ... ssl_transport_security.cc ... No match found for server name"), before the CLI's
+# own one-line error that names the cause and the fix (splitfed/failures.py). It reads
+# GRPC_VERBOSITY once, when grpc is imported, so it is set here, before any command
+# module imports grpc; --debug, or GRPC_VERBOSITY set by the caller, keeps those lines.
+# Services started by the CLI inherit it.
+if "--debug" not in sys.argv[1:] and "grpc" not in sys.modules:
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import click
 
 from splitfed import __version__

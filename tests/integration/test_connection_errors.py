@@ -12,8 +12,11 @@ module; nothing trains.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -281,3 +284,19 @@ def test_config_validate_warns_where_a_server_name_cannot_match(world: World) ->
     named = config(world, world.good.address, NAME)
     result = run("config", "validate", "--config", str(named), "--server-cert", str(cert))
     assert result.exit_code == 0 and "warning" not in result.output, result.output
+
+
+def test_the_command_line_prints_one_line_and_no_grpc_core_log(world: World) -> None:
+    # In a process of its own: gRPC's C core logs the refused handshake to stderr unless
+    # GRPC_VERBOSITY was set before grpc was imported (splitfed/cli/__init__.py does).
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    args = [sys.executable, "-m", "splitfed.cli", "health", world.good.address]
+    args += ["--tls-dir", str(world.client), "--server-name", "wrong.example"]
+    done = subprocess.run(args, check=False, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        f"error: {world.good.address}: the certificate of the server at {world.good.address} "
+        f"does not carry the name 'wrong.example' (it has: {NAME}): set server_name to one "
+        "of those names, or re-enroll the server with a token from "
+        "`splitfed keys token create ... --dns wrong.example`"
+    ], done.stderr
