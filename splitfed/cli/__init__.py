@@ -13,6 +13,14 @@ the command that needs it; every such module says so once.
 
 from __future__ import annotations
 
+import os
+
+# gRPC's C core logs what is below an error (at INFO, e.g. every TLS handshake a peer
+# fails, as the demo's strangers do on purpose) straight to stderr, around the commands'
+# own messages; it reads GRPC_VERBOSITY once, when grpc is first imported, so before any
+# import here. ERROR and above still show; a GRPC_VERBOSITY the user sets wins.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import click
 
 from splitfed import __version__
