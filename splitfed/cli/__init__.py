@@ -16,14 +16,16 @@ from __future__ import annotations
 import os
 import sys
 
-# gRPC's C core prints some failures to stderr itself (a TLS handshake refused: "E1207
-# ... ssl_transport_security.cc ... No match found for server name"), before the CLI's
-# own one-line error that names the cause and the fix (splitfed/failures.py). It reads
+# gRPC's C core logs to stderr itself: at INFO every TLS handshake a peer fails (the
+# demo's strangers, on purpose), at ERROR a handshake this side refuses ("E1207 ...
+# ssl_transport_security.cc ... No match found for server name"), around the commands'
+# own one-line errors, which name the cause and the fix (splitfed/failures.py). It reads
 # GRPC_VERBOSITY once, when grpc is imported, so it is set here, before any command
-# module imports grpc; --debug, or GRPC_VERBOSITY set by the caller, keeps those lines.
-# Services started by the CLI inherit it.
+# module imports grpc: NONE for the client commands, ERROR for services (`serve`, their
+# logs); --debug, or a GRPC_VERBOSITY the caller sets, keeps gRPC's default. Child
+# processes inherit it.
 if "--debug" not in sys.argv[1:] and "grpc" not in sys.modules:
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if "serve" in sys.argv[1:] else "NONE")
 
 import click
 

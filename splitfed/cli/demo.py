@@ -17,9 +17,9 @@ from splitfed.cli.options import dir_option, fail, file_option
 @click.option(
     "--steps",
     type=int,
-    default=60,
+    default=90,
     show_default=True,
-    help="Local training steps per client, over all rounds.",
+    help="Local training steps per client, over all rounds (16 questions each).",
 )
 @click.option("--rounds", type=int, default=3, show_default=True, help="Federated rounds.")
 @dir_option(

@@ -3,24 +3,29 @@ project has (the deployment's processes: splitfed/cli/deployment.py).
 
 Today: create a deployment CA in a key manager process; enroll a backbone, an aggregator
 and two hospitals with one-time tokens (each party generates its own key); build a tiny
-model from the bundled dataset; start the backbone and the aggregator as processes on
+model (the bundled texts and counting); start the backbone and the aggregator as processes on
 loopback with mutual TLS; check the link (who the backbone thinks we are, a large tensor
 through every wire encoding, strangers refused); run a few federated rounds of split
 fine-tuning (activations encrypted, updates masked by secure aggregation, body adapters
-averaged) with the loss going down; generate text with the global adapter; shut
-everything down cleanly.
+averaged) on a task the tiny model learns (splitfed/cli/sample.py), with the loss going
+down; score the base model and the global adapter on held-out questions through the split
+path, side by side, and show their answers; shut everything down cleanly.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -33,8 +38,7 @@ from splitfed.cli.deployment import (
     Deployment,
     metrics_summary,
 )
-from splitfed.cli.sample import write_sample
-from splitfed.clients.app import prompt_ids
+from splitfed.cli.sample import Sample, write_sample
 from splitfed.clients.backbone import (
     BackboneClient,
     GenerateStream,
@@ -42,26 +46,28 @@ from splitfed.clients.backbone import (
     client_crypto,
 )
 from splitfed.clients.diagnostics import DiagnosticsClient
+from splitfed.clients.evaluation import EvalSettings, PartsModel, generate_texts
 from splitfed.clients.federated import AggregatorClient, FederatedTrainer, RoundReport
 from splitfed.clients.keys import KeyManagerClient
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.encodings import get_encoding
 from splitfed.errors import rpc_status
-from splitfed.models.generation import SamplingOptions, SplitGenerator
+from splitfed.models.adapters import AdapterSettings
+from splitfed.models.generation import SamplingOptions
+from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import OptimizerSettings
+from splitfed.protocol.backbone import SessionRequest
 from splitfed.retry import RetryPolicy
 from splitfed.security.ca import CertificateAuthority
 from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel
 from splitfed.wire import MiB
 
-PROMPTS = ["Add 2 and 3.", "Add 4 and 4.", "What color is the cat?"]
-
 
 def run_demo(
     size_mib: int = 64,
     workdir: Path | None = None,
-    steps: int = 100,
+    steps: int = 90,
     rounds: int = 3,
     plot: Path | None = None,
 ) -> None:
@@ -79,9 +85,8 @@ def run_demo(
             deployment.start_keymanager()
             deployment.enroll_parties()
             sample = write_sample(root)
-            model, data = sample.model, sample.train
-            deployment.start_backbone(model, link_check_bytes=size_mib * MiB)
-            deployment.start_aggregator(model, rounds, max(1, steps // rounds))
+            deployment.start_backbone(sample.model, link_check_bytes=size_mib * MiB)
+            deployment.start_aggregator(sample.model, rounds, max(1, steps // rounds))
             stranger = CertificateAuthority.create("some other CA").issue("mallory", "client")
             assert stranger.key_pem is not None
             _link(
@@ -91,7 +96,7 @@ def run_demo(
                 TLSConfig(stranger.cert_pem, stranger.cert_pem, stranger.key_pem),
                 size_mib,
             )
-            _federate(console, deployment, model, data, steps, plot)
+            _federate(console, deployment, sample, steps, plot)
             metrics_summary(console, deployment.metrics)
         console.rule("[bold green]demo finished")
 
@@ -156,14 +161,13 @@ def _link(
 def _federate(
     console: Console,
     deployment: Deployment,
-    model: Path,
-    data: Path,
+    sample: Sample,
     steps: int,
     plot: Path | None,
 ) -> None:
     console.rule("federated split fine-tuning: two hospitals, encrypted activations")
     root = deployment.root
-    rows = data.read_text().splitlines()
+    rows = sample.train.read_text().splitlines()
     shards = {"hospital-a": rows[0::2], "hospital-b": rows[1::2]}
     trainers: dict[str, FederatedTrainer] = {}
     channels: list[grpc.Channel] = []
@@ -181,15 +185,15 @@ def _federate(
         keys.append(keymanager)
         settings = TrainSettings(
             data=path,
-            model_path=model,
-            batch_size=4,
+            model_path=sample.model,
+            batch_size=16,
             max_steps=steps,
             max_length=48,
             seed=1,
             encrypted=True,
             federation=FEDERATION,
         )
-        optimizer = OptimizerSettings(learning_rate=1e-2, schedule="constant")
+        optimizer = OptimizerSettings(learning_rate=3e-3, schedule="constant")
         trainer = SplitTrainer(
             BackboneClient(backbone), settings, ADAPTER, optimizer, keymanager=keymanager
         )
@@ -263,7 +267,7 @@ def _federate(
             f"global version {version}: every update was masked (secure aggregation); the "
             "backbone's body adapters were averaged too"
         )
-        _generate(console, trainers["hospital-a"].trainer, keys[0])
+        _evaluate(console, trainers["hospital-a"].trainer, keys[0], sample.heldout)
     finally:
         for federated in trainers.values():
             federated.trainer.close()
@@ -301,28 +305,87 @@ def plot_losses(path: Path, reports: dict[str, list[RoundReport]]) -> None:
     plt.close(figure)
 
 
-# What the metrics summary shows: (metric sample name, labels to match, what it is).
+# The held-out questions shown with their answers under the accuracy table.
+SHOWN = 5
 
 
-def _generate(console: Console, trainer: SplitTrainer, keymanager: KeyManagerClient) -> None:
-    console.rule("split generation with the global adapter, against the backbone's KV cache")
-    assert trainer.session is not None
-    crypto = client_crypto(keymanager, trainer.session.session_id)
-    stream = GenerateStream(trainer.client, trainer.session.session_id, "raw", crypto)
+def _evaluate(
+    console: Console, trainer: SplitTrainer, keymanager: KeyManagerClient, heldout: Path
+) -> None:
+    """Exact-match accuracy on the held-out questions of the base model and of the global
+    adapter, side by side, both through the split path (head and tail here, the body in a
+    backbone session over its Generate stream); raises DemoError unless the adapter wins."""
+    console.rule("held-out questions: the base model and the global adapter, split generation")
+    rows = [json.loads(line) for line in heldout.read_text().splitlines()]
+    prompts = [str(r["prompt"]) for r in rows]
+    answers = [str(r["response"]) for r in rows]
     tokenizer = trainer.tokenizer
-    try:
-        ids, mask = prompt_ids(tokenizer, PROMPTS)
-        sampling = SamplingOptions(
-            max_new_tokens=16,
+    settings = EvalSettings(
+        batch_size=len(prompts),
+        max_length=trainer.settings.max_length,
+        sampling=SamplingOptions(
+            max_new_tokens=8,
             stop_token_ids=(int(tokenizer.eos_token_id),),
             pad_token_id=int(tokenizer.pad_token_id),
+        ),
+    )
+    generated = {}
+    for name in ("base model", "global adapter"):
+        with _split_model(trainer, keymanager, base=name == "base model") as model:
+            generated[name] = generate_texts(model, prompts, tokenizer, settings)
+    accuracy = {
+        name: sum(g == a for g, a in zip(texts, answers, strict=True)) / len(answers)
+        for name, texts in generated.items()
+    }
+    table = Table(title=f"held-out accuracy: {len(answers)} questions never trained on")
+    table.add_column("exact match (greedy)")
+    for name in generated:
+        table.add_column(name, justify="right")
+    table.add_row("accuracy", *(f"{value:.0%}" for value in accuracy.values()))
+    console.print(table)
+    examples = Table(title="a few held-out answers")
+    for column in ("question", "expected", *generated):
+        examples.add_column(column)
+    for index in range(min(SHOWN, len(prompts))):
+        cells = [
+            f"[green]{texts[index]}[/]"
+            if texts[index] == answers[index]
+            else escape(texts[index]) or "[dim](nothing)[/]"
+            for texts in generated.values()
+        ]
+        examples.add_row(prompts[index], answers[index], *cells)
+    console.print(examples)
+    if not accuracy["global adapter"] > accuracy["base model"]:
+        raise DemoError(
+            f"the global adapter ({accuracy['global adapter']:.0%}) does not beat the base "
+            f"model ({accuracy['base model']:.0%}) on the held-out questions"
         )
-        trainer.head.eval()
-        trainer.tail.eval()
-        tokens = SplitGenerator(trainer.head, RemoteBodyStage(stream), trainer.tail).generate(
-            ids, mask, sampling
+
+
+@contextmanager
+def _split_model(
+    trainer: SplitTrainer, keymanager: KeyManagerClient, *, base: bool
+) -> Iterator[PartsModel]:
+    """The trainer's split model (its head, tail and backbone session: the global adapter
+    after the rounds), or with ``base`` the base model: fresh head and tail and a new
+    encrypted session whose LoRA adapter is a no-op, closed afterwards."""
+    assert trainer.session is not None
+    client, settings = trainer.client, trainer.settings
+    head, tail, session_id = trainer.head, trainer.tail, trainer.session.session_id
+    if base:
+        head = load_head(settings.model_path, settings.k, settings.m)
+        tail = load_tail(settings.model_path, settings.k, settings.m)
+        request = SessionRequest(
+            k=settings.k, m=settings.m, adapter=AdapterSettings(), encrypted=True
         )
+        session_id = client.open_session(request).session_id
+    head.eval()
+    tail.eval()
+    crypto = client_crypto(keymanager, session_id)
+    stream = GenerateStream(client, session_id, "raw", crypto)
+    try:
+        yield PartsModel(head, RemoteBodyStage(stream), tail)
     finally:
         stream.close()
-    for prompt, row in zip(PROMPTS, tokens.tolist(), strict=True):
-        console.print(f"[bold]> {prompt}[/]\n{tokenizer.decode(row, skip_special_tokens=True)}")
+        if base:
+            client.close_session(session_id)
