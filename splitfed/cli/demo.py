@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from splitfed.cli.options import dir_option, fail, file_option
+from splitfed.cli.options import dir_option, fail, file_option, quiet_libraries
 
 
 @click.command()
@@ -39,6 +39,7 @@ from splitfed.cli.options import dir_option, fail, file_option
     help="Write the clients' loss curves here (PNG).",
 )
 @click.pass_context
+@quiet_libraries
 def demo(
     ctx: click.Context,
     size_mib: int,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,11 @@ def task_rows() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     return rows[HELD_OUT:], rows[:HELD_OUT]
 
 
+def _with_choices(row: dict[str, str]) -> dict[str, object]:
+    a, b = re.findall(r"\d", row["prompt"])
+    return {**row, "choices": [a, b], "label": row["response"]}
+
+
 def counting_texts() -> list[str]:
     """Public text the base model learns the numbers from: counting, 0 to 200."""
     return [" ".join(str(n) for n in range(start, start + 8)) for start in range(0, 200, 3)]
@@ -66,7 +72,9 @@ def write_sample(root: Path) -> Sample:
     train_rows, heldout_rows = task_rows()
     train, heldout = root / "train.jsonl", root / "heldout.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
-    heldout.write_text("".join(json.dumps(r) + "\n" for r in heldout_rows))
+    # The held-out rows also name both candidates and the right one, so `splitfed eval
+    # --data heldout.jsonl` scores them as classification (accuracy) besides the loss.
+    heldout.write_text("".join(json.dumps(_with_choices(r)) + "\n" for r in heldout_rows))
     bundled = [_text(json.loads(line)) for line in BUNDLED_DATASET.read_text().splitlines()]
     public = bundled + counting_texts()
     # One thread: the tiny model's 64-wide matrices gain nothing from more, and on a busy

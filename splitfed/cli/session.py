@@ -85,8 +85,8 @@ state_dir = "aggregator-state"
 name = "{FEDERATION}"
 members = ["hospital-a"]
 min_clients = 1
-rounds = 2
-local_steps = 20
+rounds = 3
+local_steps = 30
 adapter_seed = {ADAPTER.seed}
 # The tensors every update must hold (`splitfed adapters schema --config client.toml`).
 schema_file = "{schema.name}"
@@ -113,7 +113,7 @@ model_path = "{sample.model.name}"
 data = "{sample.train.name}"
 eval_data = "{sample.heldout.name}"
 checkpoint_dir = "hospital-a-adapter"
-batch_size = 4
+batch_size = 16
 max_length = 48
 # Activations and gradients sealed with a per-session key from the key manager.
 encrypted = true
@@ -126,7 +126,7 @@ target_modules = {_toml_list(tuple(ADAPTER.target_modules))}
 seed = {ADAPTER.seed}
 
 [optimizer]
-learning_rate = 0.01
+learning_rate = 0.003
 schedule = "constant"
 
 [generation]
