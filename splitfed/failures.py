@@ -195,7 +195,8 @@ def explain(
         return (
             f"the certificate of {where} was not issued by the CA in {endpoint.ca_file}: the "
             "two parties hold different CAs; use the deployment's ca.pem (the one `splitfed "
-            "keys enroll` writes to its --out-dir, or `splitfed keys init --admin-dir`'s)"
+            "keys enroll` writes to its --out directory, or ca.pem in the --state-dir of "
+            "`splitfed keys init`)"
         )
     if cause is Cause.EXPIRED:
         return (
