@@ -60,8 +60,10 @@ class Cause(StrEnum):
 
     @property
     def retryable(self) -> bool:
-        """Whether waiting may help (a service restarting), as opposed to a fix by hand."""
-        return self in (Cause.UNREACHABLE, Cause.NO_ANSWER)
+        """Whether waiting may help (a service restarting), as opposed to a fix by hand.
+        A connection closed under a call is one: a service killed mid-stream says "Socket
+        closed" or "Connection reset" as one refusing this party's certificate does."""
+        return self in (Cause.UNREACHABLE, Cause.NO_ANSWER, Cause.CLOSED)
 
 
 # Lowercased markers in the details, most specific first (an expired certificate's

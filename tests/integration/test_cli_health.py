@@ -82,7 +82,7 @@ def test_wrong_server_name_exits_1(diagnostics_server: Server, pki: Pki, tmp_pat
         "2",
     )
     assert code == 1
-    assert "UNAVAILABLE" in output
+    assert "does not carry the name 'someone-else.local'" in output
 
 
 def test_expired_own_certificate_exits_1(

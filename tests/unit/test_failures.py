@@ -154,3 +154,13 @@ def test_a_finished_federation_shows_its_rounds_done() -> None:
     assert round_text(plan) == "finished: 2/2 rounds"
     plan = aggregator_pb2.RoundPlan(round=2, rounds=2, phase=aggregator_pb2.ROUND_PHASE_UPLOAD)
     assert round_text(plan) == "2/2"
+
+
+@pytest.mark.parametrize("details", ["Socket closed", "Connection reset by peer"])
+def test_a_backbone_killed_under_a_stream_is_a_lost_stream(details: str) -> None:
+    # What a SIGKILLed backbone leaves its clients (make chaos): waited out and redone
+    # like any lost stream, not reported as a certificate refused.
+    from splitfed.clients.backbone import StreamLostError, _translate
+
+    endpoint = Endpoint("backbone", "backbone:7450")
+    assert isinstance(_translate(FakeRpcError(U, details), endpoint), StreamLostError)
