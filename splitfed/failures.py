@@ -136,7 +136,8 @@ class Endpoint:
         return "this party's CA certificate (ca.pem, or --ca)"
 
 
-def _is_ip(name: str) -> bool:
+def is_ip_address(name: str) -> bool:
+    """Whether ``name`` is an IP literal (a certificate then needs it as an IP SAN)."""
     try:
         ipaddress.ip_address(name)
     except ValueError:
@@ -178,7 +179,7 @@ def explain(
     where = f"the {endpoint.service} at {endpoint.address}"
     if cause is Cause.HOSTNAME:
         expected = endpoint.expected_name
-        kind, flag = ("IP address", "--ip") if _is_ip(expected) else ("name", "--dns")
+        kind, flag = ("IP address", "--ip") if is_ip_address(expected) else ("name", "--dns")
         carried = names(endpoint.address)
         has = f" (it has: {', '.join(carried)})" if carried else ""
         choose = "one of those names" if carried else "a name it carries"

@@ -8,13 +8,13 @@ an aggregator, ``[training]`` a client (training, generation, evaluation, chat),
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from splitfed.config import build, read_config, section
+from splitfed.failures import is_ip_address
 from splitfed.services.backbone.settings import BackboneSettings, server_workers
 from splitfed.services.diagnostics.settings import DiagnosticsSettings
 from splitfed.services.keymanager.settings import KeyManagerSettings
@@ -245,7 +245,7 @@ def name_warnings(config: Config, server_certs: Sequence[Path] = ()) -> list[str
     for where, role, address, server_name in targets:
         host = address.rpartition(":")[0].strip("[]")
         expected = server_name or host
-        if server_name is None and _is_ip(host):
+        if server_name is None and is_ip_address(host):
             warnings.append(
                 f"{where} {address} is an IP address and no server_name is set: the "
                 f"{role}'s certificate must carry IP {host} (a token made with `--ip "
@@ -260,14 +260,6 @@ def name_warnings(config: Config, server_certs: Sequence[Path] = ()) -> list[str
                     f"them, or enroll the {role} again with `--dns {expected}` (or `--ip`)"
                 )
     return warnings
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _certificate_names(path: Path) -> tuple[str, list[str]]:
