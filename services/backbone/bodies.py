@@ -27,6 +27,13 @@ from splitfed.models.optim import (
     optimizer_tensors,
 )
 from splitfed.models.parts import Body, SplitSpec, empty_base
+from splitfed.models.placement import (
+    AUTO,
+    auto_blocks,
+    blocks_per_device,
+    parse_device,
+    place_blocks,
+)
 from splitfed.services.backbone.quotas import GraphCost
 from splitfed.services.backbone.settings import BackboneSettings
 
@@ -55,14 +62,29 @@ class SharedBody:
         self.num_layers = self.family.num_layers(self.config)
         SplitSpec(self.num_layers, settings.min_k, settings.min_m)
         dtype = DTYPES.get(settings.dtype)
+        plan = parse_device(settings.device)
+        one_device = isinstance(plan, str) and plan != AUTO
         self.part = load_part(
             settings.model_path,
             "body",
             settings.min_k,
             settings.min_m,
             dtype=dtype,
-            device=settings.device,
+            device=settings.device if one_device else "cpu",
         )
+        # The device of each block (several: the body spans the GPUs of a node).
+        blocks = len(self.part.blocks)
+        if one_device:
+            self.block_devices = [settings.device] * blocks
+        elif plan == AUTO:
+            gpus = max(1, torch.cuda.device_count())
+            reserve = (settings.max_cache_bytes + settings.max_pending_bytes) // gpus
+            self.block_devices = auto_blocks(self.part, reserve)
+        else:
+            assert not isinstance(plan, str)
+            self.block_devices = blocks_per_device(plan, blocks)
+        place_blocks(self.part, self.block_devices)
+        self.input_device = torch.device(self.block_devices[0])
         self.part.requires_grad_(False)
         self.dtype = next(self.part.parameters()).dtype
         self.summary = ModelSummary(
@@ -99,7 +121,9 @@ class SharedBody:
         copies = [copy.deepcopy(block, shared) for block in blocks]
         base = empty_base(self.config, self.family, "body", spec.layers("body"))
         self.family.set_layers(base, copies)
-        body = Body(self.family, self.config, spec, base).to(self.settings.device)
+        body = Body(self.family, self.config, spec, base)
+        devices = [self.block_devices[i - self.settings.min_k] for i in spec.layers("body")]
+        place_blocks(body, devices)
         body.train()
         return body
 
@@ -135,8 +159,8 @@ class SharedBody:
             raise InvalidArgumentError(f"attention mask must be integer, got {mask.dtype}")
 
     def inputs(self, hidden: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h1 and its mask on this body's device, h1 in its dtype."""
-        device = self.settings.device
+        """h1 and its mask on this body's (first) device, h1 in its dtype."""
+        device = self.input_device
         return hidden.to(device=device, dtype=self.dtype), mask.to(device=device)
 
 

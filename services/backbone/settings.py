@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from splitfed.encodings import encoding_names
+from splitfed.models.placement import parse_device
 
 ADAPTER_MODES = ("per-client", "shared")
 # A per-identity quota left unset is this fraction of its global limit (at least 1).
@@ -27,6 +28,9 @@ class BackboneSettings:
     min_m: int = 1
     # Weights dtype: "float32", "bfloat16" or "float16"; "auto" keeps the checkpoint's.
     dtype: str = "auto"
+    # "cpu", "cuda", "cuda:N"; "auto": the blocks over every visible GPU by free memory
+    # (less max_cache_bytes + max_pending_bytes, shared out); or blocks per device, in
+    # order: "cuda:0=16,cuda:1=14" (models/placement.py).
     device: str = "cpu"
     adapter_mode: str = "per-client"
     # Where session state (adapters, optimizer state) is checkpointed; none: memory only.
@@ -93,6 +97,7 @@ class BackboneSettings:
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
+        parse_device(self.device)  # ValueError naming what is wrong
         if self.adapter_mode not in ADAPTER_MODES:
             raise ValueError(
                 f"adapter_mode must be one of {', '.join(ADAPTER_MODES)}, got {self.adapter_mode!r}"
