@@ -117,10 +117,12 @@ def centralized_step(
 
 
 class SplitClient:
-    def __init__(self, path: Path, client: BackboneClient) -> None:
-        self.head, self.tail, self.params = load_trainable_ends(path, ADAPTER)
+    def __init__(
+        self, path: Path, client: BackboneClient, adapter: AdapterSettings = ADAPTER
+    ) -> None:
+        self.head, self.tail, self.params = load_trainable_ends(path, adapter)
         self.optimizer, self.scheduler = build_optimizer(self.params, OPTIMIZER)
-        request = SessionRequest(k=1, m=1, adapter=ADAPTER)
+        request = SessionRequest(k=1, m=1, adapter=adapter)
         self.session = client.open_session(request).session_id
         self.stream = TrainStream(client, self.session, "raw")
         self.body = RemoteBody(self.stream).train()

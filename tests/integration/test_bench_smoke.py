@@ -1,4 +1,5 @@
-"""bench/transport.py runs and reports in its documented format (figures are not checked)."""
+"""The benchmarks in bench/ run and report in their documented format (figures are not
+checked)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,27 @@ def test_aggregator_memory_bench_checks_the_average_and_writes_json(tmp_path: Pa
     assert figures["figures"]["errors"] == []
     assert figures["figures"]["max_abs_error"] <= 1e-5
     assert figures["figures"]["baseline_kb"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_concurrency_bench_prints_its_ratios_and_writes_json_and_plot(tmp_path: Path) -> None:
+    out, png = tmp_path / "concurrency.json", tmp_path / "scaling.png"
+    tiny = ["--quick", "--sessions", "1,8", "--new-tokens", "2", "--prompt-tokens", "4"]
+    result = run_bench(
+        "concurrency.py", *tiny, "--tokens", "8", "--json", str(out), "--plot", str(png)
+    )
+    expected = {
+        f"{kind} {n} sessions batched/serial" for kind in ("generation", "training") for n in (1, 8)
+    }
+    for what in expected:
+        assert f"ratio {what}: " in result.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["ratios"]) == expected
+    assert figures["settings"]["sessions"] == [1, 8]
+    for kind, unit in (("generation", "tokens_per_s"), ("training", "samples_per_s")):
+        assert set(figures["figures"][kind]) == {"1", "8"}
+        for entry in figures["figures"][kind].values():
+            assert all(entry[unit][mode] > 0 for mode in ("serial", "concurrent"))
+            assert set(entry) >= {"blocks", "seconds", "client_cores", "backbone_cores"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
