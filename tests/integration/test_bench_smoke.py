@@ -60,3 +60,40 @@ def test_aggregator_memory_bench_checks_the_average_and_writes_json(tmp_path: Pa
     assert figures["figures"]["errors"] == []
     assert figures["figures"]["max_abs_error"] <= 1e-5
     assert figures["figures"]["baseline_kb"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_gpu_scale_bench_runs_tiny_on_cpu_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_scale.json"
+    result = run_bench(
+        "gpu_scale.py", "--config", "tiny", "--device", "cpu", "--quick", "--json", str(out)
+    )
+    expected = {
+        "split/centralized step",
+        "split/generate tokens/s",
+        "generation 1 sessions concurrent/serial",
+        "generation 4 sessions concurrent/serial",
+        "training 1 sessions concurrent/serial",
+        "training 2 sessions concurrent/serial",
+    }
+    printed = {
+        line[6:].rsplit(":", 1)[0]
+        for line in result.stdout.splitlines()
+        if line.startswith("ratio ")
+    }
+    assert printed == expected
+    figures = json.loads(out.read_text())
+    assert figures["benchmark"] == "gpu_scale" and figures["partial"] is False
+    assert set(figures["ratios"]) == expected
+    assert all(value > 0 for value in figures["ratios"].values())
+    assert {"machine", "settings", "figures"} <= set(figures)
+    assert set(figures["figures"]) == {
+        "step",
+        "generate",
+        "generation_sessions",
+        "training_sessions",
+    }
+    assert set(figures["figures"]["generation_sessions"]["concurrent"]) == {"1", "4"}
+    assert figures["machine"]["device"] == "cpu"
+    assert (tmp_path / "gpu_scale_backbone.log").exists()
