@@ -148,6 +148,7 @@ class Results:
         self.path = path
         self.parts: dict[str, Any] = {**parts, "figures": {}}
         self.ratios: dict[str, float] = {}
+        self.write()  # the machine and settings, even if nothing else comes
 
     def phase(self, name: str, figures: dict[str, Any], ratios: dict[str, float]) -> None:
         self.parts["figures"][name] = figures
@@ -155,6 +156,9 @@ class Results:
             if what not in self.ratios:
                 say(f"{name}: {what} = {value:.3f}")
         self.ratios.update(ratios)
+        self.write()
+
+    def write(self) -> None:
         if self.path is not None:
             document = {"benchmark": "gpu_scale", "partial": True, **self.parts}
             document["ratios"] = self.ratios
@@ -684,16 +688,22 @@ def main(argv: list[str] | None = None) -> int:
         models = [random_model(CONFIGS[args.config](), dtype, device)]
         parameters = sum(p.numel() for p in models[0].parameters())
         say(f"{parameters / 1e6:,.1f} M parameters; saving")
+        built = time.perf_counter()
         models[0].save_pretrained(root / "model")
         say("saved")
+        setup = {"build_s": built - START, "save_s": time.perf_counter() - built}
         ca = CertificateAuthority.create("bench CA")
         ca.issue("backbone-0", "backbone", dns_names=[SERVER_NAME]).write(root / "tls")
         me = ca.issue("bench", "client")
         assert me.key_pem is not None
         tls = TLSConfig(ca.cert_pem, me.cert_pem, me.key_pem)
         log = (log_dir or root) / "gpu_scale_backbone.log"
+        starting = time.perf_counter()
         with backbone(root, args, log) as address:
             say(f"backbone up at {address}")
+            results.phase(
+                "setup", {**setup, "backbone_start_s": time.perf_counter() - starting}, {}
+            )
             # In a thread, as the sessions' clients are: the same generation timed on the
             # main thread ran 1.4 to 5 times slower than on a thread (tiny, 2 shared CPU
             # cores; cause not established), which would tilt serial against concurrent.

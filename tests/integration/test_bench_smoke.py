@@ -89,6 +89,7 @@ def test_gpu_scale_bench_runs_tiny_on_cpu_and_writes_json(tmp_path: Path) -> Non
     assert all(value > 0 for value in figures["ratios"].values())
     assert {"machine", "settings", "figures"} <= set(figures)
     assert set(figures["figures"]) == {
+        "setup",
         "step",
         "generate",
         "generation_sessions",
