@@ -85,3 +85,41 @@ def test_concurrency_bench_prints_its_ratios_and_writes_json_and_plot(tmp_path: 
             assert all(entry[unit][mode] > 0 for mode in ("serial", "concurrent"))
             assert set(entry) >= {"blocks", "seconds", "client_cores", "backbone_cores"}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.long
+def test_gpu_scale_bench_runs_tiny_on_cpu_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_scale.json"
+    result = run_bench(
+        "gpu_scale.py", "--config", "tiny", "--device", "cpu", "--quick", "--json", str(out)
+    )
+    expected = {
+        "split/centralized step",
+        "split/generate tokens/s",
+        "generation 1 sessions concurrent/serial",
+        "generation 4 sessions concurrent/serial",
+        "training 1 sessions concurrent/serial",
+        "training 2 sessions concurrent/serial",
+    }
+    printed = {
+        line[6:].rsplit(":", 1)[0]
+        for line in result.stdout.splitlines()
+        if line.startswith("ratio ")
+    }
+    assert printed == expected
+    figures = json.loads(out.read_text())
+    assert figures["benchmark"] == "gpu_scale" and figures["partial"] is False
+    assert set(figures["ratios"]) == expected
+    assert all(value > 0 for value in figures["ratios"].values())
+    assert {"machine", "settings", "figures"} <= set(figures)
+    assert set(figures["figures"]) == {
+        "setup",
+        "step",
+        "generate",
+        "generation_sessions",
+        "training_sessions",
+    }
+    assert set(figures["figures"]["generation_sessions"]["concurrent"]) == {"1", "4"}
+    assert figures["machine"]["device"] == "cpu"
+    assert (tmp_path / "gpu_scale_backbone.log").exists()
