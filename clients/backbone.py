@@ -397,13 +397,13 @@ class _RemoteBodyFunction(torch.autograd.Function):
         key = body.next_key()
         ctx.body, ctx.key = body, key
         output = body.stream.forward(key[0], key[1], hidden.detach(), mask, train=True)
-        return output.to(hidden.dtype)
+        return output.to(hidden.device, hidden.dtype)  # where the head put h1 (a GPU)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         step, micro = ctx.key
         grad_in = ctx.body.stream.backward(step, micro, grad.contiguous())
-        return grad_in.to(grad.dtype), None, None, None
+        return grad_in.to(grad.device, grad.dtype), None, None, None
 
 
 class RemoteBody(nn.Module):
@@ -439,7 +439,7 @@ class RemoteBody(nn.Module):
             )
             return output
         result = self.stream.forward(self.step, 0, hidden.detach(), attention_mask, train=False)
-        return result.to(hidden.dtype)
+        return result.to(hidden.device, hidden.dtype)
 
 
 class RemoteBodyStage:
@@ -449,7 +449,7 @@ class RemoteBodyStage:
         self.stream = stream
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.stream.forward(hidden, attention_mask).to(hidden.dtype)
+        return self.stream.forward(hidden, attention_mask).to(hidden.device, hidden.dtype)
 
     def reset(self) -> None:
         self.stream.reset()
