@@ -166,9 +166,9 @@ def test_right_padding_to_a_merged_batch_leaves_every_real_token_alone(family: s
 # --- settings ------------------------------------------------------------------------
 
 
-def test_client_batch_needs_the_shared_adapter_mode(model_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"client_batch .* needs adapter_mode 'shared'"):
-        BackboneSettings(model_path=model_path, client_batch=True)
+def test_client_batch_settings_are_checked(model_path: Path) -> None:
+    # Both adapter modes batch (per-client: multi-adapter passes).
+    assert BackboneSettings(model_path=model_path, client_batch=True).client_batch
     for field, value in (
         ("batch_window_ms", -1.0),
         ("max_merged_sessions", 0),
