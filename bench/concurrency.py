@@ -40,8 +40,12 @@ which bounds the ratio once batching makes the backbone cheap.
 
     python bench/concurrency.py [--sessions 1,2,4,8,16] [--layers 16] [--new-tokens 32]
                                 [--prompt-tokens 16] [--steps 3] [--tokens 32]
-                                [--blocks 3] [--quick] [--device cpu] [--plot PATH]
-                                [--json PATH]
+                                [--blocks 3] [--quick] [--device cpu]
+                                [--client-batch [WINDOW_MS]] [--plot PATH] [--json PATH]
+
+``--client-batch`` turns the backbone's ``client_batch`` on (``batch_window_ms``
+WINDOW_MS, 5 by default): concurrent training steps run as multi-adapter passes
+(docs/backbone.md, "Client-batch"). Generation is unchanged.
 
 ``--quick`` is a smoke run (sessions 1,2,8, 3 layers, 4 new tokens, 1 step, 1 block);
 options given explicitly win over it.
@@ -252,15 +256,20 @@ def measure(
 
 
 @contextmanager
-def backbone(root: Path, device: str) -> Iterator[ServiceProcess]:
-    """The per-client backbone on the second half of the cores."""
+def backbone(root: Path, device: str, window_ms: float | None) -> Iterator[ServiceProcess]:
+    """The per-client backbone on the second half of the cores (``window_ms``, not None:
+    client_batch on with that window, concurrent training passes merged into
+    multi-adapter passes)."""
     config = root / "backbone.yaml"
     config.write_text(
         "backbone:\n"
         f"  model_path: {json.dumps(str(root / 'model'))}\n"
         f"  device: {json.dumps(device)}\n"
         "  adapter_mode: per-client\n"
-        f"server:\n  tls_dir: {json.dumps(str(root / 'tls'))}\n"
+        f"  client_batch: {json.dumps(window_ms is not None)}\n"
+        + (f"  batch_window_ms: {window_ms}\n" if window_ms is not None else "")
+        + "server:\n"
+        f"  tls_dir: {json.dumps(str(root / 'tls'))}\n"
     )
     threads = pin(os.getpid(), second_half=True)  # the child inherits these cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -285,7 +294,8 @@ def run(root: Path, counts: list[int], args: Any) -> dict[str, Any]:
     ca = CertificateAuthority.create("bench CA")
     ca.issue("backbone-0", "backbone", dns_names=[SERVER_NAME]).write(root / "tls")
     figures: dict[str, Any] = {}
-    with backbone(root, args.device) as server, ExitStack() as stack:
+    window = args.client_batch_window_ms
+    with backbone(root, args.device, window) as server, ExitStack() as stack:
         assert server.address is not None
         clients = []
         for index in range(max(counts)):
@@ -347,6 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blocks", type=int, help="alternating blocks per mode (3)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (about 30 s)")
     parser.add_argument("--device", default="cpu", help="the backbone's device (cuda:0, ...)")
+    parser.add_argument(
+        "--client-batch",
+        dest="client_batch_window_ms",
+        type=float,
+        nargs="?",
+        const=5.0,
+        help="the backbone merges concurrent training passes (client_batch: true), "
+        "with this batch_window_ms (5)",
+    )
     parser.add_argument("--plot", type=Path, help="the scaling curve, as a PNG")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -421,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             "tokens": args.tokens,
             "blocks": args.blocks,
             "device": args.device,
+            "client_batch_window_ms": args.client_batch_window_ms,
         },
         figures=figures,
         wall_s=wall_s,

@@ -150,6 +150,8 @@ class MultiAdapterBody(nn.Module):
         adapted = _adapted(first)
         if bool(adapted) == (first.prefix is not None):
             raise ValueError("session 0's body must have either a LoRA adapter or a prefix")
+        # Each body's LoRA projections, walked once (not once per projection).
+        each = [_adapted(body) for body in bodies]
         for index, body in enumerate(bodies):
             if body.layer_range != first.layer_range or body.family.name != first.family.name:
                 raise ValueError(
@@ -169,7 +171,7 @@ class MultiAdapterBody(nn.Module):
                         f"session {index}'s body does not share the frozen tensor {name} of "
                         "session 0's: batched sessions must share one frozen body"
                     )
-            if set(_adapted(body)) != set(adapted):
+            if set(each[index]) != set(adapted):
                 raise ValueError(f"session {index}'s LoRA adapts other modules than session 0's")
         self.sessions = len(bodies)
         self._routing = _Routing()
@@ -179,7 +181,7 @@ class MultiAdapterBody(nn.Module):
         # The sessions' prefixes stay theirs: read here, not registered.
         self._prefixes: list[PrefixEncoder] = [b.prefix for b in bodies if b.prefix is not None]
         for name, layer in adapted.items():
-            layers = [_adapted(body)[name] for body in bodies]
+            layers = [own[name] for own in each]
             self.body.set_submodule(
                 name, GroupedLoraLinear(layer.base_layer, layers, self._routing)
             )

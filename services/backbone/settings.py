@@ -71,8 +71,9 @@ class BackboneSettings:
     # The largest LoRA rank a session may ask for: a session's adapter memory grows with
     # it (per layer 2 x r x hidden size values, and their optimizer state).
     max_lora_rank: int = 256
-    # Client-batch (adapter_mode "shared" only): the training passes of concurrent sessions
-    # run as one batched pass and one optimizer step (docs/backbone.md, "Client-batch").
+    # Client-batch: the training passes of concurrent sessions run as one batched pass;
+    # shared mode: and one optimizer step; per-client mode: one multi-adapter pass, each
+    # session its own adapter and step (docs/backbone.md, "Client-batch").
     client_batch: bool = False
     # How long a merged step waits for more sessions once it could start.
     batch_window_ms: float = 5.0
@@ -133,11 +134,6 @@ class BackboneSettings:
             )
         if self.idle_timeout_s <= 0:
             raise ValueError(f"idle_timeout_s must be positive, got {self.idle_timeout_s}")
-        if self.client_batch and self.adapter_mode != "shared":
-            raise ValueError(
-                "client_batch merges sessions that train one adapter: it needs "
-                f"adapter_mode 'shared', got {self.adapter_mode!r}"
-            )
         if self.batch_window_ms < 0:
             raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
         if self.max_merged_sessions < 1:

@@ -37,7 +37,7 @@ class BackboneState:
         self.store = store
         self.queue = ComputeQueue()
         self.registry = SessionRegistry(settings, self.shared, store)
-        # Client-batch: training passes of concurrent sessions run merged (shared mode).
+        # Client-batch: training passes of concurrent sessions run merged.
         self.batcher = (
             ClientBatcher(settings, self.queue, self.registry.checkpoint)
             if settings.client_batch

@@ -1,11 +1,14 @@
 """Client-batch over real mTLS, backbone in its own process: four clients' concurrent
 steps run as one merged pass and one optimizer step whose gradient is the one of their
 concatenated batch run centrally; each client gets back its own results; a client that
-goes away makes the others redo the step, and the trainer does so by itself."""
+goes away makes the others redo the step, and the trainer does so by itself. In
+per-client mode, three sessions' concurrent steps run as multi-adapter passes and each
+trains exactly as it would alone."""
 
 from __future__ import annotations
 
 import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +22,13 @@ from splitfed.clients.backbone import BackboneClient, StreamLostError, TrainStre
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.models.adapters import AdapterSettings, adapter_state, load_adapter_state
 from splitfed.models.loading import load_part
-from splitfed.models.optim import OptimizerSettings, build_optimizer, grad_sq_norm
+from splitfed.models.optim import (
+    OptimizerSettings,
+    build_optimizer,
+    clip_factor,
+    grad_sq_norm,
+    scale_grads,
+)
 from splitfed.models.parts import SplitPart
 from splitfed.models.tiny import BUNDLED_DATASET
 from splitfed.protocol.backbone import SessionRequest
@@ -268,3 +277,122 @@ def test_trainers_with_accumulation_train_together(tmp_path: Path) -> None:
         assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+
+
+# Per-client mode: AdamW with an eps well above float noise, so that a gradient element
+# near zero cannot turn rounding differences into a full step.
+PER_CLIENT_OPTIMIZER = OptimizerSettings(learning_rate=1e-2, eps=1e-3)
+PER_CLIENT_STEPS = 4
+MAX_NORM = 0.05  # every step clips, each session by its own norm
+
+
+def step_inputs(index: int, step: int) -> Inputs:
+    """Session ``index``'s micro-batch of ``step``: two rows of ``LENGTHS[index]`` tokens."""
+    gen = torch.Generator().manual_seed(100 * index + step)
+    tokens = LENGTHS[index]
+    hidden = torch.randn(2, tokens, HIDDEN, generator=gen)
+    mask = torch.ones(2, tokens, dtype=torch.int8)
+    if index == 2:
+        mask[1, :3] = 0
+    return Inputs(hidden, mask, torch.randn(2, tokens, HIDDEN, generator=gen))
+
+
+def forward_passes(address: str) -> float:
+    """The backbone's forward jobs so far (its /metrics)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    name = 'splitfed_backbone_compute_seconds_count{operation="forward"}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_per_client_sessions_in_multi_adapter_passes_train_as_they_would_alone(
+    tmp_path: Path,
+) -> None:
+    dep = deployment(
+        tmp_path,
+        adapter_mode="per-client",
+        client_batch=True,
+        batch_window_ms=6e5,
+        server={"metrics_port": 0},
+    )
+    dep.start()
+    clients = 3
+    client_sq = [0.0001, 0.0004, 0.0009]
+    try:
+        assert dep.process is not None
+        metrics = next(
+            line.removeprefix("metrics on ")
+            for line in dep.process.preamble
+            if line.startswith("metrics on ")
+        )
+        sessions, initial = [], []
+        for index in range(clients):
+            channel, client = dep.connect(f"hospital-{index}")
+            with channel:
+                adapter = AdapterSettings(kind="lora", r=2 + index, alpha=8, seed=index)
+                session = open_session(client, PER_CLIENT_OPTIMIZER, adapter)
+                # Random values: LoRA B starts at zero, which leaves A without a gradient.
+                gen = torch.Generator().manual_seed(10 + index)
+                tensors = {
+                    name: torch.randn(t.shape, generator=gen) * 0.2
+                    for name, t in client.export_adapter(session).items()
+                }
+                client.import_adapter(session, tensors)
+                sessions.append(session)
+                initial.append((adapter, tensors))
+        ready = threading.Barrier(clients)
+
+        def train(index: int) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+            channel, client = dep.connect(f"hospital-{index}")
+            losses, norms = [], []
+            with channel:
+                stream = TrainStream(client, sessions[index], "raw")
+                first = step_inputs(index, 1)
+                stream.forward(1, 0, first.hidden, first.mask, train=False)  # stream open
+                ready.wait(timeout=60)
+                for step in range(1, PER_CLIENT_STEPS + 1):
+                    data = step_inputs(index, step)
+                    leaf = stream.forward(step, 0, data.hidden, data.mask).requires_grad_(True)
+                    loss = sample_losses(leaf, data.mask, data.weights).mean()
+                    loss.backward()
+                    assert leaf.grad is not None
+                    stream.backward(step, 0, leaf.grad)
+                    result = stream.step(step, client_sq[index], MAX_NORM)
+                    losses.append(float(loss.detach()))
+                    norms.append(result.backbone_grad_sq_norm)
+                stream.close()
+                return losses, norms, client.export_adapter(sessions[index])
+
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            runs = list(pool.map(train, range(clients)))
+        # One forward job per step for all three (and the three eval forwards).
+        assert forward_passes(metrics) == PER_CLIENT_STEPS + clients
+    finally:
+        dep.stop()
+
+    # Each session alone, one after the other: its own clipping and AdamW.
+    for index, (losses, norms, served) in enumerate(runs):
+        adapter, tensors = initial[index]
+        body = load_part(dep.model_path, "body", 1, 1)
+        adapter.apply(body)
+        load_adapter_state(body, tensors)
+        body.train()
+        params = [p for p in body.parameters() if p.requires_grad]
+        optimizer, scheduler = build_optimizer(params, PER_CLIENT_OPTIMIZER)
+        for step in range(1, PER_CLIENT_STEPS + 1):
+            data = step_inputs(index, step)
+            loss = sample_losses(body(data.hidden, data.mask), data.mask, data.weights).mean()
+            loss.backward()
+            backbone_sq = grad_sq_norm(params)
+            scale_grads(params, clip_factor(backbone_sq + client_sq[index], MAX_NORM))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            # Losses of some 100: float32 rounding of a merged pass is ~1e-7 of that.
+            assert losses[step - 1] == pytest.approx(float(loss.detach()), rel=ATOL)
+            assert norms[step - 1] == pytest.approx(backbone_sq, rel=1e-4)
+        expected = adapter_state(body)
+        assert served.keys() == expected.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(served[name], tensor, atol=ATOL, rtol=0, msg=name)
+            assert not torch.equal(served[name], tensors[name]), name

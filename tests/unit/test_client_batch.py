@@ -44,10 +44,12 @@ def make_state(model_path: Path) -> Iterator[Callable[..., BackboneState]]:
     states: list[BackboneState] = []
 
     def make(**overrides: Any) -> BackboneState:
-        values: dict[str, Any] = {"batch_window_ms": FOREVER_MS, **overrides}
-        settings = BackboneSettings(
-            model_path=model_path, adapter_mode="shared", client_batch=True, **values
-        )
+        values: dict[str, Any] = {
+            "adapter_mode": "shared",
+            "batch_window_ms": FOREVER_MS,
+            **overrides,
+        }
+        settings = BackboneSettings(model_path=model_path, client_batch=True, **values)
         states.append(BackboneState(settings))
         return states[-1]
 
@@ -166,9 +168,9 @@ def test_right_padding_to_a_merged_batch_leaves_every_real_token_alone(family: s
 # --- settings ------------------------------------------------------------------------
 
 
-def test_client_batch_needs_the_shared_adapter_mode(model_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"client_batch .* needs adapter_mode 'shared'"):
-        BackboneSettings(model_path=model_path, client_batch=True)
+def test_client_batch_settings_are_checked(model_path: Path) -> None:
+    # Both adapter modes batch (per-client: multi-adapter passes).
+    assert BackboneSettings(model_path=model_path, client_batch=True).client_batch
     for field, value in (
         ("batch_window_ms", -1.0),
         ("max_merged_sessions", 0),
@@ -285,6 +287,26 @@ def test_max_merged_sessions_splits_the_clients_into_rounds(
     assert state.batcher is not None
     assert list(state.batcher.pass_sizes) == [2, 1] and state.batcher.rounds_applied == 2
     assert [s.step for s in sessions] == [1, 1, 1]
+
+
+def test_per_client_rounds_run_without_waiting_for_each_other(
+    make_state: Callable[..., BackboneState], pool: ThreadPoolExecutor
+) -> None:
+    """Per-client mode: while one session's round waits for its gradient, another
+    session's round runs its whole step (in shared mode it would wait: one round at a
+    time, each at the adapter the previous one left)."""
+    state = make_state(adapter_mode="per-client")
+    held, other = open_sessions(state, 2)
+    hidden, mask = inputs(0, 1, 5)
+    with state.stream(held, training=True):
+        h2 = state.run_forward(held, 1, 0, hidden, mask, train=True)
+        pool.submit(train_step, state, other, 1, (1, 6, HIDDEN)).result(timeout=30)
+        assert (held.step, other.step) == (0, 1)
+        state.run_backward(held, 1, 0, grad_for(h2, 0))
+        state.run_step(held, 1, 0.0, 0.0)
+    assert state.batcher is not None
+    assert list(state.batcher.pass_sizes) == [1, 1] and state.batcher.rounds_applied == 2
+    assert (held.step, other.step) == (1, 1)
 
 
 def test_a_session_that_leaves_before_the_round_starts_just_leaves(
