@@ -188,7 +188,9 @@ def test_a_client_that_disappears_leaves_nothing_after_expiry(tmp_path: Path) ->
         dep.stop()
 
 
+# make test-long: the chaos sample in make test kills the backbone mid-training too.
 @pytest.mark.slow
+@pytest.mark.long
 def test_backbone_killed_mid_training_resumes_with_the_same_result(tmp_path: Path) -> None:
     def run(dep: Deployment, kill_at: int | None) -> tuple[list[float], dict[str, torch.Tensor]]:
         channel, client = dep.connect()

@@ -51,6 +51,7 @@ def test_parallel_bench_prints_its_ratio_and_writes_json(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_aggregator_memory_bench_checks_the_average_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "memory.json"
     memory = ["--clients", "3", "--adapter-mib", "1", "--concurrency", "2", "--json", str(out)]

@@ -50,6 +50,7 @@ def test_federated_bench_trains_both_runs_and_reports_the_ratio(tmp_path: Path) 
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_simulation_runs_both_modes(tmp_path: Path) -> None:
     out = tmp_path / "sim.jsonl"
     common = ["--rounds", "2", "--local-steps", "2", "--pretrain-steps", "0", "--evals", "2"]
