@@ -126,6 +126,9 @@ def test_an_expired_certificate_exits_1(
     assert "expired" in one_line_error(result)
 
 
+# make test-long: the README session test runs every command through the installed entry
+# point, and test_connection_errors.py checks its one-line error in a process of its own.
+@pytest.mark.long
 def test_the_installed_entry_point_reports_the_same(
     setup: tuple[Path, CertificateAuthority],
 ) -> None:

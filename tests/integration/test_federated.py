@@ -184,6 +184,9 @@ def test_an_aggregator_killed_mid_round_loses_and_doubles_nothing(tmp_path: Path
         fed.stop()
 
 
+# make test-long: the README session test averages server-side adapters (one backbone)
+# in make test.
+@pytest.mark.long
 def test_server_side_adapters_are_averaged_across_backbone_replicas(tmp_path: Path) -> None:
     """Server-hierarchical: two backbone replicas, each with its clients' body adapters;
     after every round each session holds the sample-weighted average."""
