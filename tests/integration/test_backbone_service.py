@@ -247,7 +247,10 @@ def test_backbone_killed_mid_training_resumes_with_the_same_result(tmp_path: Pat
         torch.testing.assert_close(adapter[name], tensor, atol=1e-5, rtol=0, msg=name)
 
 
+# make test-long: tests/integration/test_client_batch.py trains per-client sessions
+# concurrently against their runs alone in make test.
 @pytest.mark.slow
+@pytest.mark.long
 def test_eight_clients_train_concurrently_each_matching_its_centralized_run(tmp_path: Path) -> None:
     dep = deployment(tmp_path)
     dep.start()

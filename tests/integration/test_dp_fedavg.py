@@ -19,15 +19,10 @@ from splitfed.security.dp_fedavg import privatize_update, squared_norm
 CLIP, SIGMA, DELTA, ROUNDS = 1e-3, 0.5, 1e-5, 2
 
 
-# make test runs the plain variant end to end; the clients' share of the noise under
-# secure aggregation is checked in tests/unit/test_dp_fedavg.py, and here by make test-long.
-@pytest.mark.parametrize(
-    "secure",
-    [
-        pytest.param(False, id="plain"),
-        pytest.param(True, id="secure-aggregation", marks=pytest.mark.long),
-    ],
-)
+# make test-long: the noise, its clipping and the accounting (the aggregator's and the
+# clients' share under secure aggregation) are checked in tests/unit/test_dp_fedavg.py.
+@pytest.mark.long
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
 def test_a_dp_fedavg_federation_completes_and_reports_its_epsilon(
     tmp_path: Path, secure: bool
 ) -> None:
