@@ -111,15 +111,10 @@ def _running_sum_with_one_update(
             os.kill(process.pid, signal.SIGCONT)
 
 
-# make test runs the secure variant (the harder one: the dead client's masks are revealed);
-# make test-long both.
-@pytest.mark.parametrize(
-    "secure",
-    [
-        pytest.param(False, id="plain", marks=pytest.mark.long),
-        pytest.param(True, id="secure-aggregation"),
-    ],
-)
+# make test-long (both variants): the reveal of a dead client's masks is unit-tested
+# (tests/unit/test_secagg.py), the rounds' deadlines in tests/unit/test_aggregator_rounds.py.
+@pytest.mark.long
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-aggregation"])
 def test_a_client_killed_mid_round_does_not_block_the_round(tmp_path: Path, secure: bool) -> None:
     fed = federation(
         tmp_path,
