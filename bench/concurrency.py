@@ -60,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -166,6 +167,39 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# What each kind's passes count in the backbone's metrics: (steps in passes, passes).
+PASS_METRICS = {
+    "generation": (
+        "splitfed_backbone_generate_pass_sessions_sum",
+        "splitfed_backbone_generate_pass_sessions_count",
+    ),
+    "training": (None, 'splitfed_backbone_compute_seconds_count{operation="forward"}'),
+}
+
+
+# The time of the backbone's compute jobs, every operation.
+DEVICE_SECONDS = "splitfed_backbone_compute_seconds_sum"
+
+
+def metrics_address(server: ServiceProcess) -> str:
+    return next(
+        line.removeprefix("metrics on ")
+        for line in server.preamble
+        if line.startswith("metrics on ")
+    )
+
+
+def scrape(address: str, name: str) -> float:
+    """The sum of the series of ``name`` (a name, or a name with labels) on /metrics."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name)] in " {"
+    )
+
+
 def run_block(mode: str, sessions: Sequence[Session], repeats: int) -> tuple[float, float]:
     """(wall seconds, client CPU seconds) for ``repeats`` units of work of every session:
     one session after another (serial) or all at once, one thread each (concurrent)."""
@@ -203,7 +237,12 @@ def run_block(mode: str, sessions: Sequence[Session], repeats: int) -> tuple[flo
 
 
 def measure(
-    kind: str, sessions: Sequence[Session], counts: list[int], args: Any, backbone_pid: int
+    kind: str,
+    sessions: Sequence[Session],
+    counts: list[int],
+    args: Any,
+    backbone_pid: int,
+    metrics: str,
 ) -> dict[str, dict[str, Any]]:
     """Every figure of ``kind`` for each N of ``counts``, keyed by str(N)."""
     repeats = 1 if kind == "generation" else args.steps
@@ -216,12 +255,23 @@ def measure(
         seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
         client_cpu: dict[str, float] = dict.fromkeys(MODES, 0.0)
         backbone_cpu: dict[str, float] = dict.fromkeys(MODES, 0.0)
+        passes: dict[str, float] = dict.fromkeys(MODES, 0.0)
+        device: dict[str, float] = dict.fromkeys(MODES, 0.0)
+        steps: dict[str, float] = dict.fromkeys(MODES, 0.0)
+        steps_name, passes_name = PASS_METRICS[kind]
         # serial, concurrent, serial, ...: drifts of the machine hit both
         for _ in range(args.blocks):
             for mode in MODES:
                 before = process_cpu_s(backbone_pid)
+                before_passes = scrape(metrics, passes_name)
+                before_steps = scrape(metrics, steps_name) if steps_name else 0.0
+                before_device = scrape(metrics, DEVICE_SECONDS)
                 wall, cpu = run_block(mode, group, repeats)
                 backbone_cpu[mode] += process_cpu_s(backbone_pid) - before
+                passes[mode] += scrape(metrics, passes_name) - before_passes
+                if steps_name:
+                    steps[mode] += scrape(metrics, steps_name) - before_steps
+                device[mode] += scrape(metrics, DEVICE_SECONDS) - before_device
                 client_cpu[mode] += cpu
                 seconds[mode].append(wall)
         block_units = n * repeats * per_unit
@@ -232,6 +282,17 @@ def measure(
             "seconds": seconds,
             "client_cores": {mode: client_cpu[mode] / total[mode] for mode in MODES},
             "backbone_cores": {mode: backbone_cpu[mode] / total[mode] for mode in MODES},
+            # Sessions' steps per pass of the body (training: samples per forward job).
+            "steps_per_pass": {
+                mode: (steps[mode] if steps_name else args.blocks * n * repeats)
+                / max(passes[mode], 1.0)
+                for mode in MODES
+            },
+            # The compute jobs' time per unit (the model's passes; the rest of the
+            # backbone's CPU time is gRPC, TLS, framing and threads).
+            "device_ms_per_unit": {
+                mode: 1000 * device[mode] / (args.blocks * block_units) for mode in MODES
+            },
             # What batching must lower: the backbone's CPU time per token or sample.
             "backbone_cpu_ms_per_unit": {
                 mode: 1000 * backbone_cpu[mode] / (args.blocks * block_units) for mode in MODES
@@ -270,6 +331,7 @@ def backbone(root: Path, device: str, window_ms: float | None) -> Iterator[Servi
         + (f"  batch_window_ms: {window_ms}\n" if window_ms is not None else "")
         + "server:\n"
         f"  tls_dir: {json.dumps(str(root / 'tls'))}\n"
+        "  metrics_port: 0\n"
     )
     threads = pin(os.getpid(), second_half=True)  # the child inherits these cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -313,7 +375,9 @@ def run(root: Path, counts: list[int], args: Any) -> dict[str, Any]:
         for kind, session_type in kinds.items():
             sessions = [session_type(path, c, i, args) for i, c in enumerate(clients)]
             try:
-                figures[kind] = measure(kind, sessions, counts, args, server.pid)
+                figures[kind] = measure(
+                    kind, sessions, counts, args, server.pid, metrics_address(server)
+                )
             finally:  # the streams of one kind are closed before the next opens its own
                 for session in sessions:
                     session.close()
@@ -409,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{kind + ' (' + shown + ')':24} {'serial':>8} {'concurrent':>11} {'ratio':>6} "
             f"{'client cores':>13} {'backbone cores':>15} {'backbone ms/unit':>17} "
-            f"{'client limit':>13}"
+            f"{'client limit':>13} {'steps/pass':>11} {'compute ms/unit':>16}"
         )
         for n in counts:
             entry = figures[kind][str(n)]
@@ -421,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ratio:>6.2f} {entry['client_cores']['concurrent']:>13.2f} "
                 f"{entry['backbone_cores']['concurrent']:>15.2f} "
                 f"{entry['backbone_cpu_ms_per_unit']['concurrent']:>17.1f} "
-                f"{entry['client_bound_ratio']:>13.2f}"
+                f"{entry['client_bound_ratio']:>13.2f} "
+                f"{entry['steps_per_pass']['concurrent']:>11.2f} "
+                f"{entry['device_ms_per_unit']['concurrent']:>16.1f}"
             )
     print(f"\nwall time {wall_s:.0f} s\n")
     if args.plot is not None:

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -44,14 +45,23 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from splitfed.models.adapters import ADAPTER, PrefixEncoder
-from splitfed.models.parts import Body
+from splitfed.models.continuous import CachedStep, base_run, merged_cached_pass
+from splitfed.models.parts import Body, PartCache
+
+# Member sets whose stacked adapters one projection keeps (generation, eval).
+STACKS_KEPT = 16
 
 
 class _Routing:
-    """The rows of each session in the pass that is running (shared by every layer)."""
+    """The sessions in the pass that is running and the rows of each (shared by every
+    layer): segment ``i`` of the batch is ``counts[i]`` rows of session ``members[i]``."""
 
     def __init__(self) -> None:
+        self.members: list[int] = []
         self.counts: list[int] = []
+        # Without autograd: a number that changes whenever an adapter tensor of the
+        # sessions changed since the last pass (None: do not keep stacked adapters).
+        self.epoch: int | None = None
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -73,32 +83,60 @@ class GroupedLoraLinear(nn.Module):
         self._b = [_weight(layer.lora_B[ADAPTER]) for layer in layers]
         self._scaling = [float(layer.scaling[ADAPTER]) for layer in layers]
         self._dropout = [float(getattr(layer.lora_dropout[ADAPTER], "p", 0.0)) for layer in layers]
+        # Without autograd: the stacked, scaled adapters of the latest member sets, valid
+        # for the routing's epoch they were made in.
+        self._stacks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacks_epoch: int | None = None
+
+    def _stacked(self, members: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The members' A^T and scaled B^T, stacked for ``bmm`` (``[S, in, r]``,
+        ``[S, r, out]``). Without autograd (generation, eval) the stacks are kept for
+        the next passes of the same members while the adapters stay as they are."""
+        epoch = self._routing.epoch
+        if epoch is None or torch.is_grad_enabled():
+            return self._stack(members)
+        if epoch != self._stacks_epoch:
+            self._stacks, self._stacks_epoch = {}, epoch
+        key = tuple(members)
+        stacks = self._stacks.get(key)
+        if stacks is None:
+            if len(self._stacks) >= STACKS_KEPT:
+                self._stacks.clear()
+            stacks = self._stacks[key] = self._stack(members)
+        return stacks
+
+    def _stack(self, members: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.stack([self._a[i] for i in members]).transpose(1, 2)
+        b = torch.stack([self._b[i] * self._scaling[i] for i in members]).transpose(1, 2)
+        return a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.base_layer(x)
-        counts = self._routing.counts
+        members, counts = self._routing.members, self._routing.counts
         if x.dim() != 3 or sum(counts) != x.shape[0]:
             raise ValueError(f"rows {list(x.shape)} do not match the pass's sessions {counts}")
-        x = x.to(self._a[0].dtype)
+        x = x.to(self._a[members[0]].dtype)
+        dropout = self.training and any(self._dropout[i] for i in members)
         segments = list(torch.split(x, counts))
-        if self.training and any(self._dropout):
-            segments = [F.dropout(s, p, True) for s, p in zip(segments, self._dropout, strict=True)]
-        ranks = {int(a.shape[0]) for a in self._a}
+        if dropout:
+            segments = [
+                F.dropout(s, self._dropout[i], True) for s, i in zip(segments, members, strict=True)
+            ]
+        ranks = {int(self._a[i].shape[0]) for i in members}
         if len(set(counts)) == 1 and len(ranks) == 1:
-            # Grouped GEMM: [S, rows*T, in] x [S, in, r] x [S, r, out].
+            # Grouped GEMM: [S, rows*T, in] x [S, in, r] x [S, r, out]; the segments are
+            # consecutive rows of x, so without dropout x itself is their stack.
             rows, tokens = counts[0], x.shape[1]
-            stacked = torch.stack(segments).reshape(len(counts), rows * tokens, -1)
-            low = torch.bmm(stacked, torch.stack(self._a).transpose(1, 2))
-            delta = torch.bmm(low, torch.stack(self._b).transpose(1, 2))
-            scaling = delta.new_tensor(self._scaling).view(-1, 1, 1)
-            delta = (delta * scaling).reshape(x.shape[0], tokens, -1)
+            grouped = torch.stack(segments) if dropout else x
+            grouped = grouped.reshape(len(counts), rows * tokens, -1)
+            stacked_a, stacked_b = self._stacked(members)
+            delta = torch.bmm(torch.bmm(grouped, stacked_a), stacked_b)
+            delta = delta.reshape(x.shape[0], tokens, -1)
         else:
             delta = torch.cat(
                 [
-                    (s @ a.t()) @ b.t() * scale
-                    for s, a, b, scale in zip(
-                        segments, self._a, self._b, self._scaling, strict=True
-                    )
+                    (s @ self._a[i].t()) @ self._b[i].t() * self._scaling[i]
+                    for s, i in zip(segments, members, strict=True)
                 ]
             )
         return result + delta.to(result.dtype)
@@ -175,6 +213,12 @@ class MultiAdapterBody(nn.Module):
                 raise ValueError(f"session {index}'s LoRA adapts other modules than session 0's")
         self.sessions = len(bodies)
         self._routing = _Routing()
+        # Every session's adapter tensors and, at the last cached pass, their versions.
+        self._adapter_tensors = [
+            p for body in bodies for n, p in body.named_parameters() if p.requires_grad
+        ]
+        self._versions: tuple[tuple[int, int], ...] = ()
+        self._epochs = 0
         memo = {id(t): t for t in itertools.chain(first.parameters(), first.buffers())}
         self.body: Body = copy.deepcopy(first, memo)  # the module tree only: tensors shared
         self.body.prefix = None
@@ -208,16 +252,60 @@ class MultiAdapterBody(nn.Module):
         hidden = torch.cat([F.pad(h, (0, 0, 0, longest - h.shape[1])) for h in inputs])
         mask = torch.cat([F.pad(m, (0, longest - m.shape[1])) for m in masks])
         counts = [int(h.shape[0]) for h in inputs]
-        self._routing.counts = counts
-        try:
+        with self._routed(list(range(self.sessions)), counts):
             output = (
                 self._prefixed(hidden, mask, counts) if self._prefixes else self.body(hidden, mask)
             )
-        finally:
-            self._routing.counts = []
         return [
             piece[:, :length] for piece, length in zip(output.split(counts), lengths, strict=True)
         ]
+
+    @contextmanager
+    def _routed(
+        self, members: list[int], counts: list[int], epoch: int | None = None
+    ) -> Iterator[None]:
+        """Rows ``counts[i]`` of the batch belong to session ``members[i]`` meanwhile."""
+        if not members or any(not 0 <= i < self.sessions for i in members):
+            raise ValueError(f"sessions {members} are not all among the {self.sessions} bodies")
+        routing = self._routing
+        routing.members, routing.counts, routing.epoch = members, counts, epoch
+        try:
+            yield
+        finally:
+            routing.members, routing.counts, routing.epoch = [], [], None
+
+    def cached(
+        self,
+        members: Sequence[int],
+        inputs: Sequence[torch.Tensor],
+        masks: Sequence[torch.Tensor],
+        caches: Sequence[PartCache],
+    ) -> list[torch.Tensor]:
+        """Generation, continuously batched: ONE pass for the next positions of the
+        sessions ``members`` (indices into the bodies, each at most once), each after
+        what its own KV cache ``caches[i]`` holds (``inputs[i]`` ``[rows, t, hidden]``,
+        ``masks[i]`` ``[rows, cache length + t]``, as :class:`Body` takes them alone);
+        each cache takes its new positions (:func:`merged_cached_pass`)."""
+        if not len(members) == len(inputs) == len(masks) == len(caches):
+            raise ValueError("each session of a pass needs its input, mask and cache")
+        if len(set(members)) != len(members):
+            raise ValueError(f"a session appears twice in one pass: {list(members)}")
+        steps = [
+            CachedStep(hidden, mask, cache, self._prefixes[i] if self._prefixes else None)
+            for i, hidden, mask, cache in zip(members, inputs, masks, caches, strict=True)
+        ]
+        run = base_run(self.body.base)
+        with self._routed(list(members), [step.rows for step in steps], self._epoch()):
+            return merged_cached_pass(self.body.family, steps, run)
+
+    def _epoch(self) -> int:
+        """A number that changes when any session's adapter tensor was written since the
+        last call (their version counters move on an optimizer step or an import)."""
+        versions = tuple((t.data_ptr(), t._version) for t in self._adapter_tensors)
+        if versions != self._versions:
+            self._versions = versions
+            self._epochs += 1
+        return self._epochs
 
     def _prefixed(
         self, hidden: torch.Tensor, mask: torch.Tensor, counts: list[int]

@@ -171,3 +171,32 @@ def place_blocks(part: SplitPart, devices: list[str]) -> SplitPart:
         if not placed:
             block.register_forward_pre_hook(_align, with_kwargs=True)
     return part
+
+
+def free_bytes(device: torch.device | str) -> int | None:
+    """Memory ``device`` can still give: a GPU's free memory plus what torch's allocator
+    holds unused; for the CPU, the kernel's MemAvailable. None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + held)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def utilisation(device: torch.device | str) -> float | None:
+    """Percent of the last sample period a GPU was busy (NVML), None where unknown."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # no pynvml, or NVML refuses: not available here
+        return None

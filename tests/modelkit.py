@@ -98,3 +98,67 @@ def assert_adapter_grads_equal(model: Any, parts: Any, atol: float = 1e-5) -> in
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference[name], atol=atol, rtol=0, msg=name)
     return len(grads)
+
+
+# --- sessions' adapted bodies over one frozen body (multi-adapter, continuous batching) --
+
+from splitfed.models.adapters import AdapterSettings  # noqa: E402
+
+HIDDEN = 32
+# Distinct seeds, ranks and alphas: each session's adapter is its own.
+SESSIONS = (
+    AdapterSettings(kind="lora", r=4, alpha=8, seed=11),
+    AdapterSettings(kind="lora", r=4, alpha=4, seed=12),
+    AdapterSettings(kind="lora", r=2, alpha=8, seed=13),
+    AdapterSettings(kind="lora", r=4, alpha=16, seed=14),
+)
+# Each session's micro-batch: (rows, tokens), padded differently.
+SHAPES = ((2, 6), (1, 4), (3, 7), (2, 4))
+
+
+def shared_body() -> Any:
+    """The frozen body of a tiny 4-layer llama (k=1, m=1: two blocks), as SharedBody."""
+    from splitfed.models import split_model
+
+    body = split_model(tiny_model("llama", layers=4), 1, 1).body
+    body.requires_grad_(False)
+    return body
+
+
+def session_body(frozen: Any, settings: AdapterSettings) -> Any:
+    """A session's body as SharedBody.body_for makes it: the blocks' frozen tensors are
+    shared, the adapter is the session's own; B is drawn at random (not zero) so that
+    every tensor gets a non-trivial gradient from the first step."""
+    import copy
+    import itertools
+
+    import torch
+
+    from splitfed.models.adapters import adapter_state
+
+    shared = {id(t): t for t in itertools.chain(frozen.parameters(), frozen.buffers())}
+    body = copy.deepcopy(frozen, shared)
+    settings.apply(body)
+    generator = torch.Generator().manual_seed(settings.seed)
+    with torch.no_grad():
+        for name, tensor in adapter_state(body).items():
+            if ".lora_B." in name:
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+    return body
+
+
+def micro_batch(seed: int, rows: int, tokens: int) -> Any:
+    """h1 ``[rows, tokens, HIDDEN]`` and a mask with left padding in some rows, right
+    padding in others."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, tokens, HIDDEN, generator=generator)
+    mask = torch.ones(rows, tokens, dtype=torch.long)
+    for row in range(1, rows):
+        pad = min(tokens - 1, row + 1)
+        if row % 2:
+            mask[row, :pad] = 0
+        else:
+            mask[row, tokens - pad :] = 0
+    return hidden, mask

@@ -38,6 +38,11 @@ class Family:
     num_layers_attr: str = "num_hidden_layers"
     # Extra config fields that are per-layer lists and must be sliced per part.
     per_layer_config: tuple[str, ...] = field(default=("layer_types",))
+    # Whether the 2-D mask may hold padding anywhere (not only in front or behind every
+    # row): continuous batching lays sessions' caches side by side with padding between
+    # a session's past and its new positions (models/continuous.py). Families that say
+    # no merge only sessions at equal lengths.
+    pads_anywhere: bool = True
 
     def num_layers(self, config: PretrainedConfig) -> int:
         return int(getattr(config, self.num_layers_attr))

@@ -580,5 +580,8 @@ CHATGLM = register_family(
         lora_targets=("query_key_value", "attention.dense"),
         num_layers_attr="num_layers",
         per_layer_config=("layer_ids",),
+        # The context (2) and causal (1) parts of its mask: not checked with padding
+        # between a session's past and its new positions.
+        pads_anywhere=False,
     )
 )

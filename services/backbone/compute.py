@@ -1,9 +1,12 @@
 """One worker runs all model computation of a backbone, fairly across sessions.
 
 Work for the device is serialised (one forward or backward at a time keeps memory
-predictable and avoids thrashing the GPU); sessions take turns: the worker picks the
-next job round-robin over the sessions that have work waiting, so a session that
-queues many jobs cannot starve the others.
+predictable and avoids thrashing the GPU); identities and their sessions take turns:
+the worker picks the next job round-robin over the identities that have work waiting,
+and within an identity round-robin over its sessions, so neither a session that queues
+many jobs nor an identity that opens many sessions can starve the others. (Merged work,
+a generation pass of many sessions or a client-batch round, takes the turn of the
+session and identity it is queued for.)
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from splitfed.services.backbone.metrics import (
     COMPUTE_QUEUE_DEPTH,
@@ -24,6 +27,16 @@ from splitfed.services.backbone.metrics import (
 T = TypeVar("T")
 # A job, its future, when it was queued, and its operation (a metrics label).
 _Item = tuple[Callable[[], Any], Future[Any], float, str]
+
+
+class Turn(Protocol):
+    """Whose turn a job takes: a session of an identity."""
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def owner(self) -> str: ...
 
 
 def _timed(operation: str, job: Callable[[], T]) -> T:
@@ -37,7 +50,8 @@ def _timed(operation: str, job: Callable[[], T]) -> T:
 class ComputeQueue:
     def __init__(self, name: str = "backbone-compute") -> None:
         self._lock = threading.Condition()
-        self._queues: OrderedDict[str, deque[_Item]] = OrderedDict()
+        # Waiting jobs by identity, then by key (a session): both in turn order.
+        self._queues: OrderedDict[str, OrderedDict[str, deque[_Item]]] = OrderedDict()
         self._closed = False
         # A job is running (on the worker, or inline in a caller): others wait.
         self._running = False
@@ -46,17 +60,22 @@ class ComputeQueue:
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
         self._worker.start()
 
-    def submit(self, key: str, job: Callable[[], T], operation: str = "other") -> Future[T]:
+    def submit(
+        self, key: str, job: Callable[[], T], operation: str = "other", owner: str = ""
+    ) -> Future[T]:
+        """Queue ``job`` in the turn of session ``key`` of identity ``owner`` (by default
+        an identity of its own)."""
         future: Future[T] = Future()
         with self._lock:
             if self._closed:
                 raise RuntimeError("the compute queue is closed")
-            self._queues.setdefault(key, deque()).append((job, future, time.monotonic(), operation))
+            keys = self._queues.setdefault(owner or key, OrderedDict())
+            keys.setdefault(key, deque()).append((job, future, time.monotonic(), operation))
             COMPUTE_QUEUE_DEPTH.inc()
             self._lock.notify()
         return future
 
-    def run(self, key: str, job: Callable[[], T], operation: str = "other") -> T:
+    def run(self, key: str, job: Callable[[], T], operation: str = "other", owner: str = "") -> T:
         """Run ``job`` in ``key``'s turn and return its result.
 
         When nothing else is running or waiting, the job runs at once in the calling
@@ -67,7 +86,7 @@ class ComputeQueue:
             if idle:
                 self._running = True
         if not idle:
-            return self.submit(key, job, operation).result()
+            return self.submit(key, job, operation, owner).result()
         self.jobs += 1
         COMPUTE_WAIT_SECONDS.observe(0.0)
         try:
@@ -77,10 +96,14 @@ class ComputeQueue:
                 self._running = False
                 self._lock.notify_all()
 
+    def run_for(self, session: Turn, job: Callable[[], T], operation: str = "other") -> T:
+        """:meth:`run` in the turn of ``session`` and its identity."""
+        return self.run(session.session_id, job, operation, session.owner)
+
     @property
     def depth(self) -> int:
         with self._lock:
-            return sum(len(q) for q in self._queues.values())
+            return sum(len(q) for keys in self._queues.values() for q in keys.values())
 
     def _next(self) -> _Item | None:
         with self._lock:
@@ -89,13 +112,18 @@ class ComputeQueue:
             if not self._queues:
                 return None
             self._running = True
-            key, queue = next(iter(self._queues.items()))
+            owner, keys = next(iter(self._queues.items()))
+            key, queue = next(iter(keys.items()))
             item = queue.popleft()
             COMPUTE_QUEUE_DEPTH.dec()
-            # Round robin: this session goes to the back of the line.
-            del self._queues[key]
+            # Round robin: this session goes to the back of its identity's line, and
+            # the identity to the back of the line of identities.
+            del keys[key]
             if queue:
-                self._queues[key] = queue
+                keys[key] = queue
+            del self._queues[owner]
+            if keys:
+                self._queues[owner] = keys
             return item
 
     def _run(self) -> None:
@@ -122,7 +150,9 @@ class ComputeQueue:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            pending = [item for queue in self._queues.values() for item in queue]
+            pending = [
+                item for keys in self._queues.values() for queue in keys.values() for item in queue
+            ]
             self._queues.clear()
             COMPUTE_QUEUE_DEPTH.dec(len(pending))
             self._lock.notify_all()

@@ -22,6 +22,23 @@ class Generation:
     registry: SessionRegistry
 
     def generate(self, session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """A step of ``session`` alone (on the compute queue, in its turn)."""
+        hidden, mask = self.admit(session, hidden, mask)
+        assert session.cache is not None
+        with torch.no_grad():
+            try:
+                output: torch.Tensor = session.body(hidden, mask, session.cache)
+            finally:
+                self.settle(session)
+        return output
+
+    def admit(
+        self, session: Session, hidden: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Check a step of ``session`` against its cache and the KV-cache quotas (on the
+        compute queue), reserve the bytes its cache will hold after it (until
+        :meth:`settle`) and give the session a cache; returns h1 and its mask on the
+        body's device."""
         cache = session.cache if session.cache is not None else session.body.new_cache()
         self.shared.check_inputs(hidden, mask, cache.length)
         rows = cache.batch if cache.length else None
@@ -50,12 +67,13 @@ class Generation:
                 f"identity is {self.settings.max_cache_bytes_per_identity}: reset a cache "
                 "(GENERATE_OP_RESET) or close a session"
             )
-        hidden, mask = self.shared.inputs(hidden, mask)
-        with torch.no_grad():
-            output: torch.Tensor = session.body(hidden, mask, cache)
         session.cache = cache
-        session.cache_bytes = cache.nbytes()
-        return output
+        session.cache_bytes = max(session.cache_bytes, new_bytes)
+        return self.shared.inputs(hidden, mask)
+
+    def settle(self, session: Session) -> None:
+        """Count the bytes the session's cache holds after a step (done or failed)."""
+        session.cache_bytes = session.cache.nbytes() if session.cache is not None else 0
 
     def reset_cache(self, session: Session) -> None:
         session.cache = None

@@ -228,7 +228,7 @@ def handle_train(
                     op=op, step=step, result=StepResult(**result).to_proto()
                 )
             elif op == backbone_pb2.TRAIN_OP_ZERO_GRAD:
-                state.queue.run(session.session_id, partial(state.zero_grad, session))
+                state.queue.run_for(session, partial(state.zero_grad, session))
                 yield backbone_pb2.TrainResponse(op=op, step=request.step)
             else:
                 raise InvalidArgumentError(f"unknown training operation {op}")
@@ -238,7 +238,6 @@ def handle_generate(
     stream: SessionStream, frames: Iterable[IncomingFrame[backbone_pb2.GenerateRequest]]
 ) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
     state, session = stream.state, stream.session
-    sid = session.session_id
     with stream.receiving(training=False) as (_, inbox):
         for frame in frames:
             request = frame.message
@@ -248,19 +247,15 @@ def handle_generate(
                 args = inbox.arguments(frame, FORWARD_TENSORS)
                 if args is None:
                     continue
-                out = state.queue.run(
-                    sid,
-                    partial(state.generate, session, args["h1"], args["attention_mask"]),
-                    "generate",
-                )
+                out = state.generate(session, args["h1"], args["attention_mask"])
                 length = session.cache.length if session.cache is not None else 0
                 yield from stream.output_frames(out, GENERATE_RESPONSE, op=op, cache_length=length)
             elif op == backbone_pb2.GENERATE_OP_RESET:
-                state.queue.run(sid, partial(state.reset_cache, session))
+                state.queue.run_for(session, partial(state.reset_cache, session))
                 yield backbone_pb2.GenerateResponse(op=op, cache_length=0)
             elif op == backbone_pb2.GENERATE_OP_TRIM:
                 target = request.length
-                length = state.queue.run(sid, partial(state.trim_cache, session, target))
+                length = state.queue.run_for(session, partial(state.trim_cache, session, target))
                 yield backbone_pb2.GenerateResponse(op=op, cache_length=length)
             else:
                 raise InvalidArgumentError(f"unknown generation operation {op}")
@@ -271,7 +266,7 @@ def handle_export(
 ) -> Iterator[OutgoingFrame]:
     """The session's adapter tensors, sealed with ``crypto`` (the owner of an encrypted
     session: :func:`export_context`)."""
-    tensors = state.queue.run(session.session_id, partial(state.export_adapter, session))
+    tensors = state.queue.run_for(session, partial(state.export_adapter, session))
     step = session.step
     return tensor_frames(
         tensors,
@@ -303,7 +298,7 @@ def handle_import(
                     raise InvalidArgumentError(f"tensor {received.name!r} was sent twice")
                 tensors[received.name] = received.tensor
         assembler.finish()
-    count = state.queue.run(session.session_id, partial(state.import_adapter, session, tensors))
+    count = state.queue.run_for(session, partial(state.import_adapter, session, tensors))
     logger.info(
         "[Backbone.ImportAdapter] session %s: %d tensors", redact(session.session_id), count
     )

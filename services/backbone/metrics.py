@@ -29,3 +29,40 @@ COMPUTE_SECONDS = Histogram(
     ["operation"],
     buckets=COMPUTE_BUCKETS,
 )
+
+# Continuous batching of generation (services/backbone/decoding.py).
+GENERATE_PASS_SESSIONS = Histogram(
+    "splitfed_backbone_generate_pass_sessions",
+    "Sessions whose generation steps ran in one pass.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+GENERATE_PASS_TOKENS = Histogram(
+    "splitfed_backbone_generate_pass_tokens",
+    "New positions one generation pass computed (rows x its longest step, padding included).",
+    buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384),
+)
+GENERATE_PASS_SECONDS = Histogram(
+    "splitfed_backbone_generate_pass_seconds",
+    "Time of one generation pass (no window), by sessions in it (1, 2-4, 5-8, 9-16, 17+).",
+    ["sessions"],
+    buckets=COMPUTE_BUCKETS,
+)
+GENERATE_WAIT_SECONDS = Histogram(
+    "splitfed_backbone_generate_wait_seconds",
+    "Time a generation step waited from its arrival to its first pass.",
+    buckets=COMPUTE_BUCKETS,
+)
+GENERATE_WINDOW_SECONDS = Histogram(
+    "splitfed_backbone_generate_window_seconds",
+    "Time a generation pass waited for steps due soon before it ran (the adaptive window).",
+    buckets=COMPUTE_BUCKETS,
+)
+GENERATE_TOKEN_BUDGET = Gauge(
+    "splitfed_backbone_generate_token_budget",
+    "New positions the next generation pass may hold (max_pass_tokens, less where free "
+    "device memory would not hold them).",
+)
+DEVICE_UTILISATION = Gauge(
+    "splitfed_backbone_device_utilisation",
+    "Percent of the last sample period the body's (first) GPU was busy (NVML; absent on a CPU).",
+)

@@ -78,6 +78,19 @@ class BackboneSettings:
     # How long a merged step waits for more sessions once it could start.
     batch_window_ms: float = 5.0
     max_merged_sessions: int = 8
+    # Continuous batching: concurrent sessions' generation steps (decode steps, and
+    # prompts in chunks) run as one pass, each session with its own KV cache
+    # (docs/backbone.md, "Continuous batching"); false: one session's step at a time.
+    merge_generation: bool = True
+    # New positions one generation pass may hold (rows x its longest step), less where
+    # the device's free memory would not hold them; longer prompts run in chunks.
+    max_pass_tokens: int = 4096
+    # Sessions one generation pass may hold.
+    max_pass_sessions: int = 32
+    # The adaptive window: before a pass, wait for the steps of sessions whose next step
+    # is due (their clients' turnaround, learnt), at most what a pass costs by itself
+    # and at most this long; no wait when none is due or other work is queued.
+    max_window_ms: float = 50.0
     # A merged step that waits this long for a member's next frame is given up: every
     # member gets ABORTED and redoes the step.
     batch_timeout_s: float = 60.0
@@ -136,6 +149,12 @@ class BackboneSettings:
             raise ValueError(f"idle_timeout_s must be positive, got {self.idle_timeout_s}")
         if self.batch_window_ms < 0:
             raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if self.max_pass_tokens < 1:
+            raise ValueError(f"max_pass_tokens must be >= 1, got {self.max_pass_tokens}")
+        if self.max_pass_sessions < 1:
+            raise ValueError(f"max_pass_sessions must be >= 1, got {self.max_pass_sessions}")
+        if self.max_window_ms < 0:
+            raise ValueError(f"max_window_ms must be >= 0, got {self.max_window_ms}")
         if self.max_merged_sessions < 1:
             raise ValueError(f"max_merged_sessions must be >= 1, got {self.max_merged_sessions}")
         if self.batch_timeout_s <= 0:

@@ -53,15 +53,15 @@ class Training:
         """A forward pass in the session's turn on the compute queue; with client-batch,
         a training forward runs merged with other sessions' (``ClientBatcher``)."""
         if not train:
-            return self.queue.run(
-                session.session_id, partial(self._evaluate, hidden, mask, session), "forward"
+            return self.queue.run_for(
+                session, partial(self._evaluate, hidden, mask, session), "forward"
             )
         if self.batcher is None:
             job = partial(self._forward, session, step, micro, hidden, mask)
-            return self.queue.run(session.session_id, job, "forward")
+            return self.queue.run_for(session, job, "forward")
         self.shared.check_inputs(hidden, mask, 0)
         if session.trainable.graph_cost is None:  # probe passes: on the compute queue
-            self.queue.run(session.session_id, partial(self._graph_cost, session))
+            self.queue.run_for(session, partial(self._graph_cost, session))
         nbytes = self._admit_pass(session, hidden.shape[0], hidden.shape[1])
         hidden, mask = self.shared.inputs(hidden, mask)
         return self.batcher.forward(session, step, micro, hidden, mask, graph_bytes=nbytes)
@@ -71,8 +71,8 @@ class Training:
     ) -> torch.Tensor:
         if self.batcher is not None:
             return self.batcher.backward(session, step, micro, grad)
-        return self.queue.run(
-            session.session_id, partial(self._backward, session, step, micro, grad), "backward"
+        return self.queue.run_for(
+            session, partial(self._backward, session, step, micro, grad), "backward"
         )
 
     def run_step(
@@ -83,8 +83,8 @@ class Training:
             if replay is not None:
                 return replay
             return self.batcher.step(session, step, client_sq_norm, max_norm)
-        return self.queue.run(
-            session.session_id,
+        return self.queue.run_for(
+            session,
             partial(self._apply_step, session, step, client_sq_norm, max_norm),
             "step",
         )

@@ -35,6 +35,27 @@ def test_queue_takes_sessions_in_turns() -> None:
     queue.close()
 
 
+def test_an_identity_with_many_sessions_gets_no_more_turns_than_one_with_one() -> None:
+    queue = ComputeQueue()
+    gate = threading.Event()
+    order: list[str] = []
+    blocker = queue.submit("x", gate.wait)
+    # "many" opened four sessions, each with two jobs; "one" has one session.
+    futures = [
+        queue.submit(f"m{s}", lambda s=s, i=i: order.append(f"m{s}.{i}"), owner="many")
+        for i in range(2)
+        for s in range(4)
+    ]
+    futures += [queue.submit("o", lambda i=i: order.append(f"o{i}"), owner="one") for i in range(4)]
+    gate.set()
+    for future in [blocker, *futures]:
+        future.result(timeout=10)
+    # Identities alternate; within "many", its sessions take turns.
+    assert order[:8] == ["m0.0", "o0", "m1.0", "o1", "m2.0", "o2", "m3.0", "o3"]
+    assert sorted(order[8:]) == ["m0.1", "m1.1", "m2.1", "m3.1"]
+    queue.close()
+
+
 def test_queue_runs_one_job_at_a_time_and_reports_errors() -> None:
     queue = ComputeQueue()
     running = 0

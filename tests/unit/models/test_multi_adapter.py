@@ -5,13 +5,11 @@ AdamW steps), with no gradient crossing from one session's rows to another's ada
 
 from __future__ import annotations
 
-import copy
-import itertools
 from typing import Any
 
 import pytest
 import torch
-from modelkit import tiny_model
+from modelkit import SESSIONS, SHAPES, micro_batch, session_body, shared_body, tiny_model
 
 from splitfed.models import Body, split_model
 from splitfed.models.adapters import AdapterSettings, adapter_state
@@ -19,52 +17,6 @@ from splitfed.models.multi_adapter import MultiAdapterBody
 from splitfed.models.optim import OptimizerSettings, build_optimizer
 
 ATOL = 1e-5
-HIDDEN = 32
-# Distinct seeds, ranks and alphas: each session's adapter is its own.
-SESSIONS = (
-    AdapterSettings(kind="lora", r=4, alpha=8, seed=11),
-    AdapterSettings(kind="lora", r=4, alpha=4, seed=12),
-    AdapterSettings(kind="lora", r=2, alpha=8, seed=13),
-    AdapterSettings(kind="lora", r=4, alpha=16, seed=14),
-)
-# Each session's micro-batch: (rows, tokens), padded differently.
-SHAPES = ((2, 6), (1, 4), (3, 7), (2, 4))
-
-
-def shared_body() -> Body:
-    """The frozen body of a tiny 4-layer llama (k=1, m=1: two blocks), as SharedBody."""
-    body = split_model(tiny_model("llama", layers=4), 1, 1).body
-    body.requires_grad_(False)
-    return body
-
-
-def session_body(frozen: Body, settings: AdapterSettings) -> Body:
-    """A session's body as SharedBody.body_for makes it: the blocks' frozen tensors are
-    shared, the adapter is the session's own; B is drawn at random (not zero) so that
-    every tensor gets a non-trivial gradient from the first step."""
-    shared = {id(t): t for t in itertools.chain(frozen.parameters(), frozen.buffers())}
-    body = copy.deepcopy(frozen, shared)
-    settings.apply(body)
-    generator = torch.Generator().manual_seed(settings.seed)
-    with torch.no_grad():
-        for name, tensor in adapter_state(body).items():
-            if ".lora_B." in name:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-    return body
-
-
-def micro_batch(seed: int, rows: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """h1 and a mask with left padding in some rows, right padding in others."""
-    generator = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, tokens, HIDDEN, generator=generator)
-    mask = torch.ones(rows, tokens, dtype=torch.long)
-    for row in range(1, rows):
-        pad = min(tokens - 1, row + 1)
-        if row % 2:
-            mask[row, :pad] = 0
-        else:
-            mask[row, tokens - pad :] = 0
-    return hidden, mask
 
 
 def loss_of(output: torch.Tensor, mask: torch.Tensor, seed: int) -> torch.Tensor:
