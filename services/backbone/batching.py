@@ -92,6 +92,12 @@ logger = logging.getLogger(__name__)
 BATCH_KEY = "client-batch"
 # Per-client mode: multi-adapter bodies kept, one per member set (module trees, no tensors).
 MULTI_BODIES = 16
+# A client's turnaround is learnt as an EWMA of this weight; a round waits for a session
+# until its turnaround times this slack (at least the window) after its last step came
+# back; a pause longer than the limit is not a turnaround.
+EWMA = 0.3
+WINDOW_SLACK = 1.5
+IDLE_LIMIT_S = 60.0
 
 
 class _Phase(enum.Enum):
@@ -233,6 +239,10 @@ class ClientBatcher:
         self._aborted: dict[str, str] = {}
         # Open training streams per session.
         self._live: Counter[str] = Counter()
+        # When each session's last step came back, and its client's turnaround (EWMA):
+        # a round does not wait for a session that is idle.
+        self._returned: dict[str, float] = {}
+        self._turnaround: dict[str, float] = {}
         self._numbers = itertools.count(1)
         # Sessions per merged pass (the latest ones), and rounds applied.
         self.pass_sizes: deque[int] = deque(maxlen=1024)
@@ -270,6 +280,12 @@ class ClientBatcher:
             if session.generation == generation:
                 self._leave(sid, "ended its training stream")
             self._cond.notify_all()
+
+    def forget(self, session: Session) -> None:
+        """``session`` closed or expired: its client's timings are dropped."""
+        with self._cond:
+            self._returned.pop(session.session_id, None)
+            self._turnaround.pop(session.session_id, None)
 
     def discard(self, session: Session) -> None:
         """``session`` starts its step over (a new stream, ZERO_GRAD, closed): it leaves
@@ -323,6 +339,7 @@ class ClientBatcher:
                         "redo the step from its first micro-batch"
                     )
                 session.expect_next_step(step)
+                self._note_arrival(sid)
                 rnd = self._joinable(self._batch_key(session))
                 rnd.members[sid] = session
                 rnd.steps[sid] = step
@@ -460,9 +477,32 @@ class ClientBatcher:
             if rnd.deadline == float("inf"):
                 rnd.deadline = time.monotonic() + self.window_s
 
+    def _note_arrival(self, sid: str) -> None:
+        """``sid`` begins a step: learn how long its client took since its last step came
+        back (an EWMA; a pause longer than ``IDLE_LIMIT_S`` is not a turnaround)."""
+        returned = self._returned.get(sid)
+        if returned is None:
+            return
+        gap = time.monotonic() - returned
+        if gap <= IDLE_LIMIT_S:
+            last = self._turnaround.get(sid)
+            self._turnaround[sid] = gap if last is None else last + EWMA * (gap - last)
+
+    def _due(self, sid: str, now: float) -> bool:
+        """Whether a round should wait for ``sid``: it has not finished a step yet, or its
+        last one came back less than the window (or 1.5 x its client's usual turnaround)
+        ago. A session idle longer than that is not waited for (an idle device runs the
+        others at once)."""
+        returned = self._returned.get(sid)
+        return returned is None or now < returned + self._patience(sid)
+
+    def _patience(self, sid: str) -> float:
+        return max(self.window_s, WINDOW_SLACK * self._turnaround.get(sid, 0.0))
+
     def _everyone_joined(self) -> bool:
-        """Every session with an open training stream is in a round."""
-        return all(sid in self._round_of for sid in self._live)
+        """Every session with an open training stream is in a round, or idle."""
+        now = time.monotonic()
+        return all(sid in self._round_of or not self._due(sid, now) for sid in self._live)
 
     def _leave(self, sid: str, reason: str) -> None:
         rnd = self._round_of.get(sid)
@@ -490,7 +530,9 @@ class ClientBatcher:
         """Take ``rnd`` out: applied (``error`` None) or given up."""
         if rnd in self._rounds:
             self._rounds.remove(rnd)
+        now = time.monotonic()
         for sid in rnd.members:
+            self._returned[sid] = now
             if self._round_of.get(sid) is rnd:
                 del self._round_of[sid]
             if error is not None:
@@ -535,7 +577,13 @@ class ClientBatcher:
     def _round_tick(self, head: _Round) -> float | None:
         now = time.monotonic()
         if not head.closed:
-            return max(0.0, head.deadline - now)
+            # The window's end, or sooner when the last session awaited turns idle.
+            idle_at = [
+                self._returned[sid] + self._patience(sid)
+                for sid in self._live
+                if sid not in self._round_of and sid in self._returned
+            ]
+            return max(0.0, min([head.deadline, *(t for t in idle_at if t > now)]) - now)
         if head.busy or head.applying:
             return None  # the job's end notifies
         idle = now - head.progress

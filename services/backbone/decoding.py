@@ -5,13 +5,15 @@ Every Generate stream hands its forward (a prompt or a decode step) to one
 generation pass, the batcher takes the steps waiting at that moment (at most one per
 session: a session's steps stay in order) and runs them as ONE forward of the body
 (models/continuous.py): each session keeps its own KV cache, sessions join and leave
-between passes, and each gets what it gets alone. Nothing sleeps to gather a batch: a
-pass starts as soon as the compute queue gives it its turn, and whatever arrived while
-the previous pass ran is the next batch (the window adapts to the load).
+between passes, and each gets what it gets alone. No fixed sleep gathers a batch: a
+pass starts when the compute queue gives it its turn, and whatever arrived while the
+previous pass ran is the next batch; the adaptive window (:meth:`_hold_window`) waits
+only for steps of sessions that are due (their clients' turnaround, learnt), for a
+cohort's worth, and at most what a pass of one session costs.
 
 What a pass holds (the scheduler's rules, docs/backbone.md "Continuous batching"):
 
-* one step per session, oldest first, at most ``max_merged_sessions`` sessions;
+* one step per session, oldest first, at most ``max_pass_sessions`` sessions;
 * decode steps (one position) and prompts (several) in separate passes: the oldest
   waiting step decides which; a merged pass costs rows x its longest step;
 * at most the token budget of new positions (rows x the longest step): the smaller of
@@ -25,8 +27,9 @@ What a pass holds (the scheduler's rules, docs/backbone.md "Continuous batching"
 * a step is admitted against the KV-cache quotas before it runs (RESOURCE_EXHAUSTED,
   nothing changed, when the caches are full).
 
-The pass runs on the compute queue in the turn of its oldest step's session and
-identity, so generation and training take turns fairly (services/backbone/compute.py).
+A pass runs on the compute queue in the turn of the session (and identity) whose step
+found no pass queued (after a pass: of the oldest waiting step), so generation and
+training take turns fairly (services/backbone/compute.py).
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ class BackboneState:
         if self.batcher is not None:
             # A session that closes or expires leaves its round first.
             self.registry.on_drop.append(self.batcher.discard)
+            self.registry.on_drop.append(self.batcher.forget)
         self.training = Training(settings, self.shared, self.registry, self.queue, self.batcher)
         self.generation = Generation(settings, self.shared, self.registry)
         # Continuous batching: concurrent sessions' generation steps run merged.

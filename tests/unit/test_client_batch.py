@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -270,6 +271,33 @@ def test_the_window_closes_a_round_without_a_session_that_sends_nothing(
     assert state.batcher is not None
     assert list(state.batcher.pass_sizes) == [1, 1]
     assert (active.step, idle.step) == (1, 1)
+
+
+def test_a_round_does_not_wait_for_a_session_that_is_idle(
+    make_state: Callable[..., BackboneState],
+    pool: ThreadPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A session whose stream is open but whose last step came back longer ago than the
+    window (and its client's usual turnaround) is not waited for: a lone active client
+    steps at once, even with an hour's window."""
+    clock = [time.monotonic()]
+    monkeypatch.setattr("splitfed.services.backbone.batching.time.monotonic", lambda: clock[0])
+    state = make_state(batch_window_ms=3_600_000, adapter_mode="per-client")
+    active, idle = open_sessions(state, 2)
+    started = threading.Barrier(2)
+    results(
+        [
+            pool.submit(train_step, state, s, i, (1, 5, HIDDEN), started=started)
+            for i, s in enumerate((active, idle))
+        ]
+    )
+    assert state.batcher is not None and list(state.batcher.pass_sizes) == [2]
+    with state.stream(idle, training=True):  # idle keeps a stream open
+        clock[0] += 7200.0  # two hours later, only "active" steps
+        train_step(state, active, 2, (1, 5, HIDDEN))
+    assert list(state.batcher.pass_sizes) == [2, 1]
+    assert (active.step, idle.step) == (2, 1)
 
 
 def test_max_merged_sessions_splits_the_clients_into_rounds(
