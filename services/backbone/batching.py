@@ -79,7 +79,6 @@ from splitfed.errors import (
 )
 from splitfed.logs import redact
 from splitfed.models.multi_adapter import MultiAdapterBody
-from splitfed.models.optim import clip_factor, grad_sq_norm, scale_grads
 from splitfed.models.parts import Body
 from splitfed.protocol.backbone import StepCommand
 from splitfed.services.backbone.compute import ComputeQueue
@@ -827,42 +826,22 @@ class ClientBatcher:
         members, commands, steps = dict(rnd.members), dict(rnd.commands), dict(rnd.steps)
 
         def job() -> dict[str, dict[str, Any]]:
+            # The mean of the members' losses: their gradients summed, over their count;
+            # clipped by the norm of everything (the backbone's and every client's).
+            clients_sq = sum(c.client_grad_sq_norm for c in commands.values())
             trainable = next(iter(members.values())).trainable
-            params = trainable.params
-            # The mean of the members' losses: their gradients summed, over their count.
-            scale_grads(params, 1.0 / len(members))
-            backbone_sq = grad_sq_norm(params)
-            total = backbone_sq + sum(c.client_grad_sq_norm for c in commands.values())
-            scale_grads(params, clip_factor(total, _group_max_norm(commands)))
-            learning_rate = float(trainable.optimizer.param_groups[0]["lr"])
-            trainable.optimizer.step()
-            trainable.scheduler.step()
-            trainable.optimizer.zero_grad(set_to_none=True)
+            backbone_sq, learning_rate = trainable.step(
+                clients_sq, _group_max_norm(commands), mean_of=len(members)
+            )
             results = {}
             for sid, session in members.items():
+                # All but this client's own part, so it clips by the group's factor.
                 others = sum(c.client_grad_sq_norm for s, c in commands.items() if s != sid)
-                # The reply first: a STEP repeated meanwhile reads step, then the reply.
-                session.last_result = {
-                    # All but this client's own part, so it clips by the group's factor.
-                    "backbone_grad_sq_norm": backbone_sq + others,
-                    "learning_rate": learning_rate,
-                    "already_applied": False,
-                }
-                session.step = steps[sid]
+                results[sid] = session.applied(steps[sid], backbone_sq + others, learning_rate)
                 self._checkpoint(session)
-                results[sid] = session.last_result
             return results
 
-        def finish(result: Any) -> None:
-            if isinstance(result, Exception):
-                rnd.applying = False
-                self._failed(rnd, result)
-                return
-            rnd.results = result
-            self.rounds_applied += 1
-            self._end(rnd, None)
-
-        return _Work(rnd, "optimizer step", len(members), job, finish, "step")
+        return _Work(rnd, "optimizer step", len(members), job, self._applied(rnd), "step")
 
     def _per_client_apply_work(self, rnd: _Round) -> _Work:
         members, commands, steps = dict(rnd.members), dict(rnd.commands), dict(rnd.steps)
@@ -870,25 +849,18 @@ class ClientBatcher:
         def job() -> dict[str, dict[str, Any]]:
             results = {}
             for sid, session in members.items():
-                # Exactly this session's step alone: its own norm, clipping and AdamW.
-                trainable, command = session.trainable, commands[sid]
-                backbone_sq = grad_sq_norm(trainable.params)
-                total = backbone_sq + command.client_grad_sq_norm
-                scale_grads(trainable.params, clip_factor(total, command.max_grad_norm))
-                learning_rate = float(trainable.optimizer.param_groups[0]["lr"])
-                trainable.optimizer.step()
-                trainable.scheduler.step()
-                trainable.optimizer.zero_grad(set_to_none=True)
-                session.last_result = {
-                    "backbone_grad_sq_norm": backbone_sq,
-                    "learning_rate": learning_rate,
-                    "already_applied": False,
-                }
-                session.step = steps[sid]
-                session.in_step = False
+                # Exactly this session's step alone (training.py): its own norm,
+                # clipping, AdamW step and schedule.
+                command = commands[sid]
+                stepped = session.trainable.step(command.client_grad_sq_norm, command.max_grad_norm)
+                results[sid] = session.applied(steps[sid], *stepped)
                 self._checkpoint(session)
-                results[sid] = session.last_result
             return results
+
+        return _Work(rnd, "optimizer steps", len(members), job, self._applied(rnd), "step")
+
+    def _applied(self, rnd: _Round) -> Callable[[Any], None]:
+        """What ends a round once its steps job ran: its results, or its failure."""
 
         def finish(result: Any) -> None:
             if isinstance(result, Exception):
@@ -899,4 +871,4 @@ class ClientBatcher:
             self.rounds_applied += 1
             self._end(rnd, None)
 
-        return _Work(rnd, "optimizer steps", len(members), job, finish, "step")
+        return finish

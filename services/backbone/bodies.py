@@ -23,8 +23,11 @@ from splitfed.models.loading import load_config, load_part
 from splitfed.models.optim import (
     OptimizerSettings,
     build_optimizer,
+    clip_factor,
+    grad_sq_norm,
     load_optimizer_tensors,
     optimizer_tensors,
+    scale_grads,
 )
 from splitfed.models.parts import Body, SplitSpec, empty_base
 from splitfed.models.placement import (
@@ -175,6 +178,21 @@ class Trainable:
         self.optimizer, self.scheduler = build_optimizer(self.params, optimizer)
         # What a training pass's graph holds, fitted on first use (quotas.GraphCost).
         self.graph_cost: GraphCost | None = None
+
+    def step(self, client_sq_norm: float, max_norm: float, mean_of: int = 1) -> tuple[float, float]:
+        """One AdamW step with global-norm clipping across both sides of the wire: the
+        gradient divided by ``mean_of`` first (the members of a merged shared step),
+        then scaled by ``clip_factor(backbone's + client_sq_norm, max_norm)``. Returns
+        the backbone's squared gradient norm (before clipping) and the learning rate."""
+        if mean_of != 1:
+            scale_grads(self.params, 1.0 / mean_of)
+        backbone_sq = grad_sq_norm(self.params)
+        scale_grads(self.params, clip_factor(backbone_sq + client_sq_norm, max_norm))
+        learning_rate = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return backbone_sq, learning_rate
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.body)

@@ -92,6 +92,21 @@ class Session:
                 f"{self.step + 1}, got {step}"
             )
 
+    def applied(
+        self, step: int, backbone_grad_sq_norm: float, learning_rate: float
+    ) -> dict[str, Any]:
+        """Step ``step`` was applied: its reply is stored first (a STEP repeated meanwhile
+        reads the step, then the reply), then the step; returns the reply."""
+        result: dict[str, Any] = {
+            "backbone_grad_sq_norm": backbone_grad_sq_norm,
+            "learning_rate": learning_rate,
+            "already_applied": False,
+        }
+        self.last_result = result
+        self.step = step
+        self.in_step = False
+        return result
+
     def cannot_apply(self, step: int) -> FailedPreconditionError:
         """The refusal of a STEP that is not the session's next one."""
         return FailedPreconditionError(

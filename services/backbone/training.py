@@ -14,7 +14,6 @@ import torch
 
 from splitfed.errors import FailedPreconditionError, InvalidArgumentError, LimitExceededError
 from splitfed.models.adapters import AdapterSettings
-from splitfed.models.optim import clip_factor, grad_sq_norm, scale_grads
 from splitfed.services.backbone.batching import ClientBatcher
 from splitfed.services.backbone.bodies import SharedBody
 from splitfed.services.backbone.compute import ComputeQueue
@@ -227,22 +226,9 @@ class Training:
             raise FailedPreconditionError(
                 f"{len(session.pending)} forward passes of step {step} still await their gradients"
             )
-        trainable = session.trainable
-        backbone_sq = grad_sq_norm(trainable.params)
-        scale_grads(trainable.params, clip_factor(client_sq_norm + backbone_sq, max_norm))
-        learning_rate = trainable.optimizer.param_groups[0]["lr"]
-        trainable.optimizer.step()
-        trainable.scheduler.step()
-        trainable.optimizer.zero_grad(set_to_none=True)
-        session.step = step
-        session.in_step = False
-        session.last_result = {
-            "backbone_grad_sq_norm": backbone_sq,
-            "learning_rate": float(learning_rate),
-            "already_applied": False,
-        }
+        result = session.applied(step, *session.trainable.step(client_sq_norm, max_norm))
         self.registry.checkpoint(session)
-        return session.last_result
+        return result
 
     def zero_grad(self, session: Session) -> None:
         session.pending.clear()

@@ -17,6 +17,7 @@ from rich.table import Table
 from splitfed.cli.launcher import ServiceProcess, ServiceStartError
 from splitfed.clients.keys import KeyManagerClient, enroll
 from splitfed.models.adapters import AdapterSettings
+from splitfed.models.optim import OptimizerSettings
 from splitfed.models.schema import adapter_schema, write_schema
 from splitfed.services.keymanager.authority import init_authority
 from splitfed.tls import TLSConfig
@@ -27,6 +28,11 @@ AGGREGATOR_NAME = "aggregator.splitfed.local"
 FEDERATION = "demo"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER = AdapterSettings(kind="lora", r=16, alpha=32, target_modules=PROJECTIONS, seed=1)
+# How every hospital of the demo trains (the walkthrough, and the configs that
+# `splitfed demo --write-configs` writes for the README session).
+OPTIMIZER = OptimizerSettings(learning_rate=3e-3, schedule="constant")
+BATCH_SIZE = 16
+MAX_LENGTH = 48
 
 
 class DemoError(RuntimeError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from splitfed.cli.deployment import ADAPTER
+from splitfed.cli.deployment import ADAPTER, BATCH_SIZE, MAX_LENGTH, OPTIMIZER
 from splitfed.cli.sample import Sample, write_sample
 from splitfed.models.schema import adapter_schema, write_schema
 
@@ -113,8 +113,8 @@ model_path = "{sample.model.name}"
 data = "{sample.train.name}"
 eval_data = "{sample.heldout.name}"
 checkpoint_dir = "hospital-a-adapter"
-batch_size = 16
-max_length = 48
+batch_size = {BATCH_SIZE}
+max_length = {MAX_LENGTH}
 # Activations and gradients sealed with a per-session key from the key manager.
 encrypted = true
 
@@ -126,8 +126,8 @@ target_modules = {_toml_list(tuple(ADAPTER.target_modules))}
 seed = {ADAPTER.seed}
 
 [optimizer]
-learning_rate = 0.003
-schedule = "constant"
+learning_rate = {OPTIMIZER.learning_rate}
+schedule = "{OPTIMIZER.schedule}"
 
 [generation]
 max_new_tokens = 16

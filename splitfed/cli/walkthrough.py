@@ -33,7 +33,10 @@ from splitfed.cli.deployment import (
     ADAPTER,
     AGGREGATOR_NAME,
     BACKBONE_NAME,
+    BATCH_SIZE,
     FEDERATION,
+    MAX_LENGTH,
+    OPTIMIZER,
     DemoError,
     Deployment,
     metrics_summary,
@@ -55,7 +58,6 @@ from splitfed.errors import rpc_status
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions
 from splitfed.models.loading import load_head, load_tail
-from splitfed.models.optim import OptimizerSettings
 from splitfed.protocol.backbone import SessionRequest
 from splitfed.retry import RetryPolicy
 from splitfed.security.ca import CertificateAuthority
@@ -186,14 +188,14 @@ def _federate(
         settings = TrainSettings(
             data=path,
             model_path=sample.model,
-            batch_size=16,
+            batch_size=BATCH_SIZE,
             max_steps=steps,
-            max_length=48,
+            max_length=MAX_LENGTH,
             seed=1,
             encrypted=True,
             federation=FEDERATION,
         )
-        optimizer = OptimizerSettings(learning_rate=3e-3, schedule="constant")
+        optimizer = OPTIMIZER
         trainer = SplitTrainer(
             BackboneClient(backbone), settings, ADAPTER, optimizer, keymanager=keymanager
         )
