@@ -68,6 +68,16 @@ class Deployment:
         assert self.process is not None and self.process.address
         return self.process.address
 
+    @property
+    def metrics(self) -> str:
+        """The address of the backbone's /metrics (``server.metrics_port`` set)."""
+        assert self.process is not None
+        return next(
+            line.removeprefix("metrics on ")
+            for line in self.process.preamble
+            if line.startswith("metrics on ")
+        )
+
     def client_tls(self, identity: str, role: str = "client") -> TLSConfig:
         issued = self.ca.issue(identity, role)
         assert issued.key_pem is not None

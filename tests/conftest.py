@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -63,3 +64,10 @@ def connect(diagnostics_server: Server) -> Iterator[Callable[..., grpc.Channel]]
     yield _connect
     for channel in channels:
         channel.close()
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    """Threads for a test's concurrent clients (eight at most)."""
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        yield executor

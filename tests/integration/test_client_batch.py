@@ -319,12 +319,7 @@ def test_per_client_sessions_in_multi_adapter_passes_train_as_they_would_alone(
     clients = 3
     client_sq = [0.0001, 0.0004, 0.0009]
     try:
-        assert dep.process is not None
-        metrics = next(
-            line.removeprefix("metrics on ")
-            for line in dep.process.preamble
-            if line.startswith("metrics on ")
-        )
+        metrics = dep.metrics
         sessions, initial = [], []
         for index in range(clients):
             channel, client = dep.connect(f"hospital-{index}")

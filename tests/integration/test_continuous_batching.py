@@ -74,12 +74,7 @@ def test_concurrent_organisations_get_exactly_their_tokens_alone_in_shared_passe
     dep = deployment(tmp_path, adapter_mode="per-client", server={"metrics_port": 0})
     dep.start()
     try:
-        assert dep.process is not None
-        metrics = next(
-            line.removeprefix("metrics on ")
-            for line in dep.process.preamble
-            if line.startswith("metrics on ")
-        )
+        metrics = dep.metrics
         alone = [generate(dep, index, None) for index in range(ORGANISATIONS)]
         passes = metric(metrics, "splitfed_backbone_generate_pass_sessions_count")
         steps = metric(metrics, "splitfed_backbone_generate_pass_sessions_sum")

@@ -59,12 +59,6 @@ def make_state(model_path: Path) -> Iterator[Callable[..., BackboneState]]:
         state.close()
 
 
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(max_workers=8) as executor:
-        yield executor
-
-
 def open_sessions(state: BackboneState, count: int) -> list[Session]:
     return [
         state.open_session(

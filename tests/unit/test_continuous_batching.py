@@ -59,12 +59,6 @@ def make_state(model_path: Path) -> Iterator[Callable[..., BackboneState]]:
         state.close()
 
 
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(max_workers=8) as executor:
-        yield executor
-
-
 def open_session(state: BackboneState, index: int) -> Session:
     adapter = ADAPTERS[index]
     session = state.open_session(
@@ -119,15 +113,27 @@ def timed(call: Callable[..., torch.Tensor], *args: Any) -> tuple[torch.Tensor, 
     return call(*args), time.monotonic()
 
 
+def evaluation(state: BackboneState) -> Callable[..., torch.Tensor]:
+    def forward(session: Session, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return state.run_forward(session, 1, 0, hidden, mask, train=False)
+
+    return forward
+
+
 def submit_together(
-    state: BackboneState, pool: ThreadPoolExecutor, steps: list[tuple[Session, Any, Any]]
+    state: BackboneState,
+    pool: ThreadPoolExecutor,
+    steps: list[tuple[Session, Any, Any]],
+    *,
+    evaluate: bool = False,
 ) -> list[Future[tuple[torch.Tensor, float]]]:
-    """Submit ``steps`` while the compute queue is busy, so the next pass finds them
-    all waiting (as concurrent streams' steps arrive during a pass); each future gives
-    h2 and when it came back."""
+    """Submit ``steps`` (generation steps, or with ``evaluate`` EVAL forwards) while the
+    compute queue is busy, so the next pass finds them all waiting (as concurrent
+    streams' steps arrive during a pass); each future gives h2 and when it came back."""
     release = threading.Event()
     state.queue.submit("busy", release.wait)
-    futures = [pool.submit(timed, state.generate, *step) for step in steps]
+    call = evaluation(state) if evaluate else state.generate
+    futures = [pool.submit(timed, call, *step) for step in steps]
     deadline = time.monotonic() + 30
     while waiting(state) < len(steps) and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -228,19 +234,13 @@ def test_evaluation_forwards_merge_and_leave_the_generation_caches_alone(
     assert state.decoder is not None
     sessions = [open_session(state, i) for i in range(len(ADAPTERS))]
     inputs = [Steps(s, *PROMPTS[i], seed=50 + i).next() for i, s in enumerate(sessions)]
-    release = threading.Event()
-    state.queue.submit("busy", release.wait)
-    futures = [
-        pool.submit(state.run_forward, s, 1, 0, h, m, train=False)
-        for s, (h, m) in zip(sessions, inputs, strict=True)
-    ]
-    while waiting(state) < len(sessions):
-        time.sleep(0.005)
-    release.set()
+    futures = submit_together(
+        state, pool, [(s, h, m) for s, (h, m) in zip(sessions, inputs, strict=True)], evaluate=True
+    )
     for session, future, (hidden, mask) in zip(sessions, futures, inputs, strict=True):
         with torch.no_grad():
             alone = session.body(hidden, mask)
-        torch.testing.assert_close(future.result(timeout=60), alone, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(future.result(timeout=60)[0], alone, atol=ATOL, rtol=RTOL)
         assert session.cache is None and session.cache_bytes == 0
     assert list(state.decoder.pass_sizes) == [3, 1]
 
