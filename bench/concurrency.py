@@ -67,8 +67,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from common import machine, report, save_random_llama
-from split_step import ALL_CORES, SERVER_NAME, SplitClient, pin
+from common import report, save_random_llama
+from split_step import SERVER_NAME, SplitClient, client_half, pin
 
 from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.backbone import BackboneClient, GenerateStream, RemoteBodyStage
@@ -152,8 +152,7 @@ class Training:
         self.split.step(self.ids, self.mask)
 
     def close(self) -> None:
-        self.split.stream.close()
-        self.client.close_session(self.split.session)
+        self.split.close()
 
 
 def process_cpu_s(pid: int) -> float:
@@ -446,12 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--new-tokens, --prompt-tokens, --steps and --blocks must be >= 1")
     if args.tokens < 2 or args.layers < 3:
         parser.error("--tokens must be >= 2 and --layers >= 3 (head and tail keep one each)")
-    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    threads = pin(os.getpid(), second_half=False)
-    torch.set_num_threads(threads)
-    described = machine(
-        load=load, **{"backbone device": args.device}, threads=threads, cores=len(ALL_CORES)
-    )
+    _, described = client_half(**{"backbone device": args.device})
     tune_allocator()
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:

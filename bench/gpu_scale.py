@@ -55,8 +55,7 @@ from typing import Any
 
 import torch
 from common import greedy_generate, left_padded_prompts, machine, report
-from peft import inject_adapter_in_model
-from split_step import ADAPTER, MAX_NORM, OPTIMIZER, SERVER_NAME
+from split_step import ADAPTER, MAX_NORM, OPTIMIZER, SERVER_NAME, SplitClient, lora_params
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,7 +65,6 @@ from splitfed.clients.backbone import (
     GenerateStream,
     RemoteBody,
     RemoteBodyStage,
-    TrainStream,
 )
 from splitfed.clients.trainer import causal_lm_loss
 from splitfed.models.generation import SamplingOptions, SplitGenerator
@@ -75,7 +73,6 @@ from splitfed.models.optim import (
     build_optimizer,
     clip_factor,
     grad_sq_norm,
-    init_adapter_tensors,
     scale_grads,
 )
 from splitfed.models.tiny import llama_config
@@ -185,19 +182,6 @@ def random_model(config: LlamaConfig, dtype: torch.dtype, device: torch.device) 
     return model
 
 
-def lora_params(model: nn.Module) -> list[nn.Parameter]:
-    """Inject ADAPTER's LoRA on q, k, v, o of the frozen ``model``; its parameters."""
-    model.requires_grad_(False)
-    inject_adapter_in_model(
-        ADAPTER.lora().peft_config(["q_proj", "k_proj", "v_proj", "o_proj"]), model
-    )
-    named = {n.replace(".default", ""): p for n, p in model.named_parameters() if ".lora_" in n}
-    for parameter in named.values():
-        parameter.requires_grad_(True)
-    init_adapter_tensors({n: p.data for n, p in named.items()}, ADAPTER.seed)
-    return list(named.values())
-
-
 class OnDevice(nn.Module):
     """The remote body for clients on ``device``: the wire takes and gives CPU tensors."""
 
@@ -226,9 +210,10 @@ class StageOnDevice:
         self.stage.reset()
 
 
-class TrainingClient:
-    """One data owner: its own head and tail (with LoRA) on ``device``, session, Train
-    stream and optimizer."""
+class TrainingClient(SplitClient):
+    """One data owner: the split step of bench/split_step.py with its own head and tail
+    (with LoRA) on ``device``, session, Train stream and optimizer; h1, h2 and their
+    gradients cross through the CPU (:class:`OnDevice`)."""
 
     def __init__(self, path: Path, client: BackboneClient, device: torch.device) -> None:
         dtype = load_dtype(path)
@@ -241,28 +226,8 @@ class TrainingClient:
             p for part in (self.head, self.tail) for p in part.parameters() if p.requires_grad
         ]
         self.optimizer, self.scheduler = build_optimizer(self.params, OPTIMIZER)
-        self.client = client
-        self.session = client.open_session(SessionRequest(k=1, m=1, adapter=ADAPTER)).session_id
-        self.stream = TrainStream(client, self.session, "raw")
-        self.remote = RemoteBody(self.stream).train()
+        self.open(client, ADAPTER)
         self.body = OnDevice(self.remote, device)
-        self.step_number = 0
-
-    def step(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        self.step_number += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.remote.begin_step(self.step_number)
-        logits = self.tail(self.body(self.head(ids, mask), mask), mask)
-        causal_lm_loss(logits, ids).backward()
-        client_sq = grad_sq_norm(self.params)
-        result = self.stream.step(self.step_number, client_sq, MAX_NORM)
-        scale_grads(self.params, clip_factor(client_sq + result.backbone_grad_sq_norm, MAX_NORM))
-        self.optimizer.step()
-        self.scheduler.step()
-
-    def close(self) -> None:
-        self.stream.close()
-        self.client.close_session(self.session)
 
 
 def load_dtype(path: Path) -> torch.dtype:

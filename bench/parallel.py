@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import machine, report, save_random_llama
-from split_step import ALL_CORES, SERVER_NAME, SplitClient, pin
+from common import report, save_random_llama
+from split_step import SERVER_NAME, SplitClient, client_half, pin
 
 from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.backbone import BackboneClient
@@ -155,12 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch >= 1, --tokens >= 2, --window-ms >= 0")
     if args.layers < 3:
         parser.error("--layers must be >= 3 (head and tail keep one each)")
-    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
-    threads = pin(os.getpid(), second_half=False)
-    torch.set_num_threads(threads)
-    described = machine(
-        load=load, **{"backbone device": args.device}, threads=threads, cores=len(ALL_CORES)
-    )
+    _, described = client_half(**{"backbone device": args.device})
     tune_allocator()
     with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
         root = Path(tmp)

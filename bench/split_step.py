@@ -89,8 +89,19 @@ def pin(pid: int, *, second_half: bool) -> int:
     return len(chosen)
 
 
-def centralized(path: Path) -> tuple[Any, list[torch.nn.Parameter], Any, Any]:
-    model = LlamaForCausalLM.from_pretrained(str(path), local_files_only=True)
+def client_half(**described: Any) -> tuple[int, dict[str, Any]]:
+    """Pin this process (the clients) to the first half of the cores, as many torch
+    threads; the threads and the machine's description (with ``described``, the load
+    average first)."""
+    load = " ".join(f"{v:.1f}" for v in os.getloadavg())
+    threads = pin(os.getpid(), second_half=False)
+    torch.set_num_threads(threads)
+    return threads, machine(load=load, **described, threads=threads, cores=len(ALL_CORES))
+
+
+def lora_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Inject ADAPTER's LoRA on q, k, v, o of the frozen ``model`` (initialised as the
+    split parts' adapters are); its parameters."""
     model.requires_grad_(False)
     inject_adapter_in_model(
         ADAPTER.lora().peft_config(["q_proj", "k_proj", "v_proj", "o_proj"]), model
@@ -99,8 +110,14 @@ def centralized(path: Path) -> tuple[Any, list[torch.nn.Parameter], Any, Any]:
     for parameter in named.values():
         parameter.requires_grad_(True)
     init_adapter_tensors({n: p.data for n, p in named.items()}, ADAPTER.seed)
-    optimizer, scheduler = build_optimizer(named.values(), OPTIMIZER)
-    return model.train(), list(named.values()), optimizer, scheduler
+    return list(named.values())
+
+
+def centralized(path: Path) -> tuple[Any, list[torch.nn.Parameter], Any, Any]:
+    model = LlamaForCausalLM.from_pretrained(str(path), local_files_only=True)
+    params = lora_params(model)
+    optimizer, scheduler = build_optimizer(params, OPTIMIZER)
+    return model.train(), params, optimizer, scheduler
 
 
 def centralized_step(
@@ -122,17 +139,26 @@ class SplitClient:
     ) -> None:
         self.head, self.tail, self.params = load_trainable_ends(path, adapter)
         self.optimizer, self.scheduler = build_optimizer(self.params, OPTIMIZER)
+        self.open(client, adapter)
+
+    def open(self, client: BackboneClient, adapter: AdapterSettings) -> None:
+        """The session, its Train stream and the body over it (``self.body``: what the
+        head's output goes through, the remote body itself here)."""
+        self.client = client
         request = SessionRequest(k=1, m=1, adapter=adapter)
         self.session = client.open_session(request).session_id
         self.stream = TrainStream(client, self.session, "raw")
-        self.body = RemoteBody(self.stream).train()
+        self.remote = RemoteBody(self.stream).train()
+        self.body: torch.nn.Module = self.remote
         self.step_number = 0
 
     def step(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
+        """One split training step (forward, backward, the norm exchange, AdamW on both
+        sides); its seconds."""
         start = time.perf_counter()
         self.step_number += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.body.begin_step(self.step_number)
+        self.remote.begin_step(self.step_number)
         logits = self.tail(self.body(self.head(ids, mask), mask), mask)
         causal_lm_loss(logits, ids).backward()
         client_sq = grad_sq_norm(self.params)
@@ -141,6 +167,10 @@ class SplitClient:
         self.optimizer.step()
         self.scheduler.step()
         return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.stream.close()
+        self.client.close_session(self.session)
 
 
 def main(argv: list[str] | None = None) -> int:
