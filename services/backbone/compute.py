@@ -94,7 +94,8 @@ class ComputeQueue:
         finally:
             with self._lock:
                 self._running = False
-                self._lock.notify_all()
+                if self._queues:  # the worker waits for the device only with jobs queued
+                    self._lock.notify()
 
     def run_for(self, session: Turn, job: Callable[[], T], operation: str = "other") -> T:
         """:meth:`run` in the turn of ``session`` and its identity."""
@@ -145,7 +146,6 @@ class ComputeQueue:
             finally:
                 with self._lock:
                     self._running = False
-                    self._lock.notify_all()
 
     def close(self) -> None:
         with self._lock:

@@ -173,8 +173,9 @@ class GenerationBatcher:
         self._queue = queue
         self._generation = generation
         self._lock = threading.Lock()
-        # Notified when a step arrives (a pass holding its window stops waiting for it).
+        # Notified when a step arrives while a pass holds its window open.
         self._arrived = threading.Condition(self._lock)
+        self._holding = False
         # Waiting requests per session, in order (only the first of each runs).
         self._waiting: dict[str, deque[_Request]] = {}
         self._scheduled = False
@@ -213,7 +214,8 @@ class GenerationBatcher:
         with self._lock:
             self._waiting.setdefault(session.session_id, deque()).append(request)
             self._note_arrival(session.session_id, request.arrived)
-            self._arrived.notify_all()
+            if self._holding:
+                self._arrived.notify()
             lead = not self._scheduled
             self._scheduled = True
         if lead:
@@ -307,7 +309,11 @@ class GenerationBatcher:
                 break
             if len(self._waiting) >= self._cohort(len(self._waiting), due):
                 break
-            self._arrived.wait(min(max(t for t, _ in due), limit) - now)
+            self._holding = True
+            try:
+                self._arrived.wait(min(max(t for t, _ in due), limit) - now)
+            finally:
+                self._holding = False
         GENERATE_WINDOW_SECONDS.observe(time.monotonic() - opened)
 
     def token_budget(self) -> int:
