@@ -7,6 +7,8 @@ backward) for a batch made of all their micro-batches: the frozen matmuls, norms
 attention run once for the whole batch, and each row's LoRA delta comes from its own
 session's A and B, so gradients reach each session's own adapter only (rows of other
 sessions contribute nothing to it). Each session's optimizer then steps its own tensors.
+For generation, :meth:`MultiAdapterBody.cached` runs the next positions of any subset
+of the sessions, each after its own KV cache (continuous batching, models/continuous.py).
 
 How rows map to adapters: the sessions' micro-batches are concatenated in order, so the
 rows of session ``i`` are one contiguous segment. Each adapted projection computes
