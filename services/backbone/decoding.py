@@ -187,7 +187,7 @@ class GenerationBatcher:
         self._returned: dict[str, float] = {}
         self._turnaround: dict[str, float] = {}
         self._pass_s = 0.0
-        self._recent_pass_s = 0.0
+        self._step_s = 0.0
         # Sessions per pass and padded positions per pass (the latest ones), for tests.
         self.pass_sizes: deque[int] = deque(maxlen=1024)
         self.pass_tokens: deque[int] = deque(maxlen=1024)
@@ -286,14 +286,24 @@ class GenerationBatcher:
     def _cohort(self, waiting: int, due: list[tuple[float, float]]) -> int:
         """How many steps a pass should take when ``waiting`` wait and ``due`` are due.
 
-        While a pass of k steps runs (time P) the clients of the others turn around
-        (time T): with cohorts of N x P / (P + T) steps the device and the clients are
-        both kept busy (two cohorts alternate when T is about P; one cohort of every
-        session when the clients are quick, T << P)."""
+        The N active sessions are served in c cohorts that alternate: a pass of k = N/c
+        steps costs a + b k (a: a pass by itself, b: each step more, both learnt), and
+        while the other cohorts' passes run, a cohort's clients turn around (time T).
+        A round takes max(c a + b N, a + b N / c + T): the device busy, or one cohort's
+        pass and turnaround. The c that makes the round shortest gives the cohort: one
+        cohort of everyone when the clients are quick (T small against a pass), several
+        when the device would otherwise wait for them."""
         sessions = waiting + len(due)
+        if not self._pass_s:
+            return sessions  # nothing learnt yet: wait (within the window) for everyone
+        a, b = self._pass_s, self._step_s
         turnaround = sum(t for _, t in due) / len(due)
-        pass_s = self._recent_pass_s or self._pass_s
-        return math.ceil(sessions * pass_s / (pass_s + turnaround)) if pass_s else sessions
+        rounds = {
+            c: max(c * a + b * sessions, a + b * sessions / c + turnaround)
+            for c in range(1, sessions + 1)
+        }
+        cohorts = min(rounds, key=lambda c: (rounds[c], c))
+        return math.ceil(sessions / cohorts)
 
     def _hold_window(self) -> None:
         """Wait (lock held) for steps due soon before a pass, until the pass holds a
@@ -424,6 +434,17 @@ class GenerationBatcher:
             key = (*key, chunk.cache.length, chunk.tokens)
         return key
 
+    def _learn_pass(self, sessions: int, took: float) -> None:
+        """Learn from a decode pass what a pass costs by itself (the window's bound) and
+        what each step more costs (EWMAs; the scheduler's cohort model)."""
+        if sessions == 1:
+            last = self._pass_s
+            self._pass_s = took if not last else last + EWMA * (took - last)
+        elif self._pass_s:
+            step = max(0.0, (took - self._pass_s) / (sessions - 1))
+            last = self._step_s
+            self._step_s = step if not last else last + EWMA * (step - last)
+
     def _run_group(self, key: Hashable, chunks: list[_Chunk]) -> None:
         try:
             started = time.perf_counter()
@@ -436,12 +457,8 @@ class GenerationBatcher:
                     return
             took = time.perf_counter() - started
             GENERATE_PASS_SECONDS.labels(_size_class(len(chunks))).observe(took)
-            recent = self._recent_pass_s
-            self._recent_pass_s = took if not recent else recent + EWMA * (took - recent)
-            if len(chunks) == 1:  # what a pass costs by itself (the window's bound)
-                self._pass_s = (
-                    took if not self._pass_s else self._pass_s + EWMA * (took - self._pass_s)
-                )
+            if all(chunk.tokens == 1 for chunk in chunks):
+                self._learn_pass(len(chunks), took)
         except Exception as exc:  # the pass failed: each of its steps fails, none applied
             logger.warning("[Backbone.Generate] a pass of %d sessions failed: %s", len(chunks), exc)
             for chunk in chunks:
