@@ -8,8 +8,9 @@ session: a session's steps stay in order) and runs them as ONE forward of the bo
 between passes, and each gets what it gets alone. No fixed sleep gathers a batch: a
 pass starts when the compute queue gives it its turn, and whatever arrived while the
 previous pass ran is the next batch; the adaptive window (:meth:`_hold_window`) waits
-only for steps of sessions that are due (their clients' turnaround, learnt), for a
-cohort's worth, and at most what a pass of one session costs.
+only for steps of sessions that are due (their clients' turnaround, learnt), until the
+pass holds a cohort (:meth:`_cohort`: the cohort size that makes a round of all active
+sessions shortest), and at most what a pass of one session costs.
 
 What a pass holds (the scheduler's rules, docs/backbone.md "Continuous batching"):
 
