@@ -55,7 +55,14 @@ from typing import Any
 
 import torch
 from common import greedy_generate, left_padded_prompts, machine, report
-from split_step import ADAPTER, MAX_NORM, OPTIMIZER, SERVER_NAME, SplitClient, lora_params
+from split_step import (
+    ADAPTER,
+    OPTIMIZER,
+    SERVER_NAME,
+    SplitClient,
+    centralized_step,
+    lora_params,
+)
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,14 +73,10 @@ from splitfed.clients.backbone import (
     RemoteBody,
     RemoteBodyStage,
 )
-from splitfed.clients.trainer import causal_lm_loss
 from splitfed.models.generation import SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import (
     build_optimizer,
-    clip_factor,
-    grad_sq_norm,
-    scale_grads,
 )
 from splitfed.models.tiny import llama_config
 from splitfed.protocol.backbone import SessionRequest
@@ -381,14 +384,7 @@ def step_phase(
     model.train()
 
     def centralized() -> float:
-        start = clock()
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        causal_lm_loss(logits, ids).backward()
-        scale_grads(params, clip_factor(grad_sq_norm(params), MAX_NORM))
-        optimizer.step()
-        scheduler.step()
-        return clock() - start
+        return centralized_step(model, params, optimizer, scheduler, ids, mask, clock)
 
     split_client = TrainingClient(path, client, device)
 

@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,16 +122,24 @@ def centralized(path: Path) -> tuple[Any, list[torch.nn.Parameter], Any, Any]:
 
 
 def centralized_step(
-    model: Any, params: list[Any], optimizer: Any, scheduler: Any, ids: Any, mask: Any
+    model: Any,
+    params: list[Any],
+    optimizer: Any,
+    scheduler: Any,
+    ids: Any,
+    mask: Any,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
-    start = time.perf_counter()
+    """One unsplit training step with the same clipping and AdamW; its seconds on
+    ``clock`` (bench/gpu_scale.py passes one that synchronizes the GPU)."""
+    start = clock()
     optimizer.zero_grad(set_to_none=True)
     logits = model(input_ids=ids, attention_mask=mask).logits
     causal_lm_loss(logits, ids).backward()
     scale_grads(params, clip_factor(grad_sq_norm(params), MAX_NORM))
     optimizer.step()
     scheduler.step()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 class SplitClient:

@@ -119,13 +119,16 @@ class GroupedLoraLinear(nn.Module):
             raise ValueError(f"rows {list(x.shape)} do not match the pass's sessions {counts}")
         x = x.to(self._a[members[0]].dtype)
         dropout = self.training and any(self._dropout[i] for i in members)
-        segments = list(torch.split(x, counts))
+        ranks = {int(self._a[i].shape[0]) for i in members}
+        grouped_gemm = len(set(counts)) == 1 and len(ranks) == 1
+        segments: list[torch.Tensor] = []
+        if dropout or not grouped_gemm:  # without dropout, the grouped GEMM needs none
+            segments = list(torch.split(x, counts))
         if dropout:
             segments = [
                 F.dropout(s, self._dropout[i], True) for s, i in zip(segments, members, strict=True)
             ]
-        ranks = {int(self._a[i].shape[0]) for i in members}
-        if len(set(counts)) == 1 and len(ranks) == 1:
+        if grouped_gemm:
             # Grouped GEMM: [S, rows*T, in] x [S, in, r] x [S, r, out]; the segments are
             # consecutive rows of x, so without dropout x itself is their stack.
             rows, tokens = counts[0], x.shape[1]

@@ -106,10 +106,11 @@ def test_batched_pass_equals_sessions_one_by_one_for_ten_steps() -> None:
     assert any(max_diff(first[n], t) > 1e-3 for n, t in adapter_state(batched[1].body).items())
 
 
-def test_equal_micro_batches_and_ranks_take_the_grouped_matmul_and_agree() -> None:
-    frozen = shared_body()
-    group = [session_body(frozen, SESSIONS[i]) for i in (0, 1, 3)]  # all r=4
-    batches = [micro_batch(50 + i, 2, 6) for i in range(3)]
+def one_pass_equals_each_alone(
+    group: list[Body], batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[dict[str, torch.Tensor]]:
+    """One multi-adapter forward and backward of ``group`` against each body alone:
+    every output and every adapter gradient within ATOL; each body's gradients alone."""
     multi = MultiAdapterBody(group)
     outputs = multi([h for h, _ in batches], [m for _, m in batches])
     sent = [
@@ -119,12 +120,24 @@ def test_equal_micro_batches_and_ranks_take_the_grouped_matmul_and_agree() -> No
     batched = [adapter_state(body, grads=True) for body in group]
     for body in group:
         body.zero_grad(set_to_none=True)
+    grads = []
     for index, (body, (hidden, mask)) in enumerate(zip(group, batches, strict=True)):
         output = body(hidden, mask)
         torch.testing.assert_close(outputs[index], output, atol=ATOL, rtol=0)
         output.backward(client_side(output, mask, index)[1])
-        for name, grad in adapter_state(body, grads=True).items():
+        alone = adapter_state(body, grads=True)
+        assert set(alone) == set(batched[index])
+        for name, grad in alone.items():
             torch.testing.assert_close(batched[index][name], grad, atol=ATOL, rtol=0, msg=name)
+        grads.append(alone)
+    return grads
+
+
+def test_equal_micro_batches_and_ranks_take_the_grouped_matmul_and_agree() -> None:
+    frozen = shared_body()
+    group = [session_body(frozen, SESSIONS[i]) for i in (0, 1, 3)]  # all r=4
+    batches = [micro_batch(50 + i, 2, 6) for i in range(3)]
+    one_pass_equals_each_alone(group, batches)
 
 
 def test_rows_of_one_session_give_no_gradient_to_another_sessions_adapter() -> None:
@@ -165,23 +178,8 @@ def test_p_tuning_v2_sessions_batch_with_a_prefix_per_row() -> None:
         for i, n in enumerate(lengths)
     ]
     batches = [micro_batch(70 + i, *SHAPES[i]) for i in range(3)]
-    multi = MultiAdapterBody(group)
-    outputs = multi([h for h, _ in batches], [m for _, m in batches])
-    sent = [
-        client_side(o, m, i) for i, (o, (_, m)) in enumerate(zip(outputs, batches, strict=True))
-    ]
-    torch.autograd.backward(outputs, [grad for _, grad in sent])
-    batched = [adapter_state(body, grads=True) for body in group]
-    for body in group:
-        body.zero_grad(set_to_none=True)
-    for index, (body, (hidden, mask)) in enumerate(zip(group, batches, strict=True)):
-        output = body(hidden, mask)
-        torch.testing.assert_close(outputs[index], output, atol=ATOL, rtol=0)
-        output.backward(client_side(output, mask, index)[1])
-        alone = adapter_state(body, grads=True)
-        assert set(alone) == set(batched[index]) and len(alone) == 4  # 2 blocks x keys, values
-        for name, grad in alone.items():
-            torch.testing.assert_close(batched[index][name], grad, atol=ATOL, rtol=0, msg=name)
+    grads = one_pass_equals_each_alone(group, batches)
+    assert all(len(alone) == 4 for alone in grads)  # 2 blocks x keys, values
 
 
 def test_bodies_that_do_not_share_the_frozen_weights_or_split_are_refused() -> None:
