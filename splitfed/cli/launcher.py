@@ -41,9 +41,12 @@ class ServiceProcess(Running):
         *,
         log_path: Path | None = None,
         env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
-        self.args = [sys.executable, "-m", "splitfed", *args, "--stop-on-stdin-eof"]
+        # ``prefix``: a command that execs the rest (e.g. ``ip netns exec NS``: the service
+        # in a network namespace; the pid stays the service's).
+        self.args = [*prefix, sys.executable, "-m", "splitfed", *args, "--stop-on-stdin-eof"]
         self.log_path = log_path
         self.env = env
         self.address: str | None = None
