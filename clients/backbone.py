@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -51,6 +51,9 @@ from splitfed.wire import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Times a generation step reconnects and replays before its loss is the caller's.
+MAX_RECOVERIES = 5
 
 # Large enough for any activation a client receives (the backbone enforces its own).
 CLIENT_LIMITS = TensorLimits(max_tensor_bytes=8 << 30, max_rank=3)
@@ -231,20 +234,56 @@ class TrainStream(_SessionStream):
 
 
 class GenerateStream(_SessionStream):
+    """The generation stream of one session. A forward whose mask is the previous one's
+    extended by ones (a decode step) sends h1 alone, flagged ``extend_mask``: with h1
+    within a chunk, a step is one request message and one response message."""
+
     spec = GENERATE_REQUEST
+    # The mask the backbone holds for this stream (its last forward's; None: none, or
+    # unknown after a failure), which a decode step's mask extends.
+    _mask: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self._forward(hidden, mask, op=backbone_pb2.GENERATE_OP_FORWARD)
+        last, self._mask = self._mask, None
+        op = backbone_pb2.GENERATE_OP_FORWARD
+        if last is not None and _extends(mask, last, hidden.shape[1]):
+            self._stream.send_tensor(
+                hidden, "h1", GENERATE_REQUEST, self.encoding, op=op, extend_mask=True
+            )
+        else:
+            self._stream.send_tensor(hidden, "h1", GENERATE_REQUEST, self.encoding, op=op)
+            self._stream.send_tensor(
+                mask.to(torch.int8), "attention_mask", GENERATE_REQUEST, "raw", op=op
+            )
+        _, output = self._stream.receive_tensor()
+        self._mask = mask
+        return output
 
     def reset(self) -> None:
+        self._mask = None
         self._stream.send(backbone_pb2.GenerateRequest(op=backbone_pb2.GENERATE_OP_RESET))
         self._stream.next()
 
     def trim(self, length: int) -> int:
+        last, self._mask = self._mask, None
         self._stream.send(
             backbone_pb2.GenerateRequest(op=backbone_pb2.GENERATE_OP_TRIM, length=length)
         )
-        return int(self._stream.next().message.cache_length)
+        kept = int(self._stream.next().message.cache_length)
+        if last is not None:
+            self._mask = last[:, :kept]
+        return kept
+
+
+def _extends(mask: torch.Tensor, last: torch.Tensor, new: int) -> bool:
+    """Whether ``mask`` is ``last`` followed by ``new`` columns of ones."""
+    known = last.shape[1]
+    return (
+        mask.dim() == 2
+        and tuple(mask.shape) == (last.shape[0], known + new)
+        and torch.equal(mask[:, :known], last)
+        and bool((mask[:, known:] == 1).all())
+    )
 
 
 class BackboneClient:
@@ -443,16 +482,76 @@ class RemoteBody(nn.Module):
 
 
 class RemoteBodyStage:
-    """The body of :class:`~splitfed.models.generation.SplitGenerator`, on the backbone."""
+    """The body of :class:`~splitfed.models.generation.SplitGenerator`, on the backbone.
 
-    def __init__(self, stream: GenerateStream) -> None:
+    It keeps what it sent since the last :meth:`reset` (the prompt's h1 and mask, each
+    token's h1, the latest mask: the very values that went out, after any perturbation
+    above it). When the stream is lost and ``reconnect`` is given (it reopens the session,
+    waiting out a restarting backbone, and returns a fresh stream), the backbone's KV
+    cache is rebuilt: RESET, the prompt as it was sent, the tokens so far in one forward,
+    then the lost step again; the caller sees only a slower step."""
+
+    def __init__(
+        self,
+        stream: GenerateStream,
+        reconnect: Callable[[], GenerateStream] | None = None,
+        *,
+        max_recoveries: int = MAX_RECOVERIES,
+    ) -> None:
         self.stream = stream
+        self.reconnect = reconnect
+        self.max_recoveries = max_recoveries
+        self.recoveries = 0  # the cache rebuilds so far (for tests and logs)
+        self._prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tokens: list[torch.Tensor] = []
+        self._mask: torch.Tensor | None = None
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.stream.forward(hidden, attention_mask).to(hidden.device, hidden.dtype)
+        sent = hidden.detach()
+        try:
+            output = self.stream.forward(sent, attention_mask)
+        except StreamLostError as exc:
+            if self.reconnect is None:
+                raise
+            output = self._recover(exc, sent, attention_mask)
+        if self._prompt is None:
+            self._prompt = (sent, attention_mask)
+        else:
+            self._tokens.append(sent)
+            self._mask = attention_mask
+        return output.to(hidden.device, hidden.dtype)
 
     def reset(self) -> None:
-        self.stream.reset()
+        self._prompt, self._tokens, self._mask = None, [], None
+        try:
+            self.stream.reset()
+        except StreamLostError:
+            if self.reconnect is None:
+                raise
+            self.stream = self.reconnect()
+            self.stream.reset()
+
+    def _recover(
+        self, lost: StreamLostError, hidden: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Reconnect, rebuild the backbone's cache from what was sent, redo the step."""
+        assert self.reconnect is not None
+        for _ in range(self.max_recoveries):
+            replay = mask.shape[1] - hidden.shape[1]  # the positions the cache held
+            logger.warning("[generate] %s; reconnecting to replay %d positions", lost, replay)
+            self.stream = self.reconnect()  # waits out a restart; raises if it gives up
+            self.recoveries += 1
+            try:
+                self.stream.reset()
+                if self._prompt is not None:
+                    self.stream.forward(*self._prompt)
+                if self._tokens:
+                    assert self._mask is not None
+                    self.stream.forward(torch.cat(self._tokens, dim=1), self._mask)
+                return self.stream.forward(hidden, mask)
+            except StreamLostError as exc:
+                lost = exc
+        raise lost
 
 
 # Keys are fetched and rotated in the middle of training: a key manager that is restarting

@@ -43,6 +43,8 @@ FRAME_SPECS = (
 
 # The tensors a forward pass (training, evaluation, generation) and a backward pass send.
 FORWARD_TENSORS = frozenset({"h1", "attention_mask"})
+# A generation forward with ``extend_mask`` (the stream's last mask, extended by ones).
+H1_TENSORS = frozenset({"h1"})
 GRAD_TENSORS = frozenset({"grad_h2"})
 
 # The FrameContext op of sealed adapter transfers (encrypted sessions, docs/wire.md):

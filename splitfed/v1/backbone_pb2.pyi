@@ -72,8 +72,8 @@ class _GenerateOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GenerateOp
     DESCRIPTOR: _descriptor.EnumDescriptor
     GENERATE_OP_UNSPECIFIED: _GenerateOp.ValueType  # 0
     GENERATE_OP_FORWARD: _GenerateOp.ValueType  # 1
-    """Request: tensors "h1" (the new positions) and "attention_mask" (all positions);
-    response: tensor "h2".
+    """Request: tensors "h1" (the new positions) and "attention_mask" (all positions),
+    or with `extend_mask` "h1" alone; response: tensor "h2".
     """
     GENERATE_OP_RESET: _GenerateOp.ValueType  # 2
     """Request: empty the session's KV cache."""
@@ -84,8 +84,8 @@ class GenerateOp(_GenerateOp, metaclass=_GenerateOpEnumTypeWrapper): ...
 
 GENERATE_OP_UNSPECIFIED: GenerateOp.ValueType  # 0
 GENERATE_OP_FORWARD: GenerateOp.ValueType  # 1
-"""Request: tensors "h1" (the new positions) and "attention_mask" (all positions);
-response: tensor "h2".
+"""Request: tensors "h1" (the new positions) and "attention_mask" (all positions),
+or with `extend_mask` "h1" alone; response: tensor "h2".
 """
 GENERATE_OP_RESET: GenerateOp.ValueType  # 2
 """Request: empty the session's KV cache."""
@@ -562,8 +562,15 @@ class GenerateRequest(_message.Message):
     OP_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
+    EXTEND_MASK_FIELD_NUMBER: _builtins.int
     op: Global___GenerateOp.ValueType
     length: _builtins.int
+    extend_mask: _builtins.bool
+    """FORWARD: no "attention_mask" is sent; the mask is the one of this stream's previous
+    FORWARD (after any TRIM) extended by ones for the new positions, as in a decode
+    step. INVALID_ARGUMENT on a stream without a previous FORWARD (or after RESET), or
+    when h1's rows differ from that mask's. Set on every frame of the step's h1.
+    """
     @_builtins.property
     def chunk(self) -> _tensor_pb2.TensorChunk: ...
     def __init__(
@@ -572,10 +579,11 @@ class GenerateRequest(_message.Message):
         op: Global___GenerateOp.ValueType = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
         length: _builtins.int = ...,
+        extend_mask: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "length", b"length", "op", b"op"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "extend_mask", b"extend_mask", "length", b"length", "op", b"op"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
