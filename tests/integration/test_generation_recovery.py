@@ -263,7 +263,9 @@ def test_a_backbone_killed_mid_generation_changes_no_token(
     assert torch.equal(got, expected)
 
 
-def test_a_session_the_restarted_backbone_lost_is_opened_again(tmp_path: Path) -> None:
+def test_a_session_the_restarted_backbone_lost_is_opened_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Without a state directory the restarted backbone has forgotten the session: one
     opened for generation alone is opened again with the same settings (the same body)."""
     dep = deployment(tmp_path, layers=4, hidden_size=64, state_dir=None)
@@ -274,6 +276,7 @@ def test_a_session_the_restarted_backbone_lost_is_opened_again(tmp_path: Path) -
         got, recoveries = generate(dep, config, GREEDY, kill_and_restart(dep))
         assert recoveries >= 1
         assert torch.equal(got, expected)
+        assert "continuing in a new one" in caplog.text
     finally:
         dep.stop()
 
