@@ -256,6 +256,7 @@ class BackboneClient:
         retry: RetryPolicy | None = None,
         timeout_s: float = 60.0,
         stream_timeout_s: float | None = None,
+        transfer_timeout_s: float = 600.0,
         endpoint: Endpoint | None = None,
     ) -> None:
         self._stub = backbone_pb2_grpc.BackboneStub(channel)
@@ -280,6 +281,8 @@ class BackboneClient:
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
+        # Adapter exports and imports: their bytes over the slowest link we serve.
+        self.transfer_timeout_s = transfer_timeout_s
 
     def _unary(self, what: str, call: Any) -> Any:
         try:
@@ -339,7 +342,7 @@ class BackboneClient:
             request = backbone_pb2.ExportAdapterRequest(
                 session_id=session_id, federation=federation, owner=owner
             )
-            responses = self._export(request, timeout=self.timeout_s)
+            responses = self._export(request, timeout=self.transfer_timeout_s)
             receiver = FrameReceiver(
                 crypto,
                 context=lambda frame: export_context(frame.message.step),
@@ -384,7 +387,9 @@ class BackboneClient:
 
         response = self._unary(
             "Backbone.ImportAdapter",
-            lambda: self._import(frames(), metadata=tuple(metadata), timeout=self.timeout_s),
+            lambda: self._import(
+                frames(), metadata=tuple(metadata), timeout=self.transfer_timeout_s
+            ),
         )
         return int(response.tensors)
 
