@@ -14,6 +14,10 @@ optionally the gradients sent back) are clipped per token and noised, and a priv
 ledger counts every release (training steps and evaluation passes) and reports the
 (epsilon, delta) spent (security/perturbation.py, security/releases.py, docs/privacy.md).
 
+The micro-batches of a step are pipelined (``TrainSettings.pipeline_window``, several in
+flight on the stream: :mod:`splitfed.clients.pipeline`), with the sequential step's
+result; ``pipeline_window = 0`` runs them one after the other through :class:`RemoteBody`.
+
 Why one module (over 500 lines): the optimizer step, the reconnect-and-redo path and the
 write-ahead checkpoint share one piece of state (the step in flight, its gradients and
 the session's step on the backbone); split apart, each would have to reach into the
