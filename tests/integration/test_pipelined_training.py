@@ -6,7 +6,9 @@ test_security_deployment.py, which has the key manager.)"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from backbone_kit import Deployment, deployment
 import splitfed.clients.trainer as trainer_module
 from splitfed.clients.backbone import TrainStream
 from splitfed.clients.trainer import SplitTrainer, StepReport, TrainSettings
+from splitfed.errors import LimitExceededError
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.tiny import BUNDLED_DATASET
@@ -151,3 +154,39 @@ def test_a_stream_lost_in_a_pipelined_step_redoes_the_step(
     assert answers["dropped"] == 1
     assert [r.retries for r in redone[0]] == [0, 1, 0, 0]
     assert_same_training(redone, expected)
+
+
+@pytest.mark.slow
+def test_a_window_the_backbones_byte_quota_refuses_is_lowered(tmp_path: Path) -> None:
+    """A backbone whose pending-bytes quota holds one pass but not two: the trainer's
+    window of 3 is refused (RESOURCE_EXHAUSTED), lowered to 1, and the step redone to
+    the sequential result."""
+    sizes = {"max_length": 16, "eval_every": 0, "max_steps": 2}
+    probe = deployment(tmp_path / "probe", layers=4, hidden_size=32, max_pending_bytes=1)
+    probe.start()
+    try:
+        with pytest.raises(LimitExceededError, match="would hold about") as refused:
+            train(probe, pipeline_window=0, **sizes)
+    finally:
+        probe.stop()
+    found = re.search(r"would hold about (\d+) bytes", str(refused.value))
+    assert found is not None
+    one_pass = int(found.group(1))
+    quota = one_pass * 3 // 2
+    dep = deployment(
+        tmp_path / "tight",
+        layers=4,
+        hidden_size=32,
+        max_pending_bytes=quota,
+        max_pending_bytes_per_identity=quota,
+    )
+    dep.start()
+    try:
+        reports, tensors, trainer = train(dep, pipeline_window=3, **sizes)
+        assert trainer.window == 1 and reports[0].retries == 1
+        sequential = train(dep, pipeline_window=0, **sizes)
+    finally:
+        dep.stop()
+    assert [r.loss for r in reports] == pytest.approx([r.loss for r in sequential[0]], abs=ATOL)
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor, sequential[1][name], atol=ATOL, rtol=0, msg=name)
