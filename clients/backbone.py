@@ -185,9 +185,12 @@ class _SessionStream:
             call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto, client.endpoint
         )
 
-    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> torch.Tensor:
+    def _send_forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> None:
         self._stream.send_tensor(hidden, "h1", self.spec, self.encoding, **fields)
         self._stream.send_tensor(mask.to(torch.int8), "attention_mask", self.spec, "raw", **fields)
+
+    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> torch.Tensor:
+        self._send_forward(hidden, mask, **fields)
         _, output = self._stream.receive_tensor()
         return output
 
@@ -203,10 +206,26 @@ class TrainStream(_SessionStream):
     def forward(
         self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
     ) -> torch.Tensor:
-        op = backbone_pb2.TRAIN_OP_FORWARD if train else backbone_pb2.TRAIN_OP_EVAL
-        return self._forward(hidden, mask, op=op, step=step, micro_batch=micro)
+        self.send_forward(step, micro, hidden, mask, train=train)
+        return self.receive()[1]
 
     def backward(self, step: int, micro: int, grad: torch.Tensor) -> torch.Tensor:
+        self.send_backward(step, micro, grad)
+        return self.receive()[1]
+
+    # Without waiting (clients/pipeline.py): sends return at once (the outbox is written
+    # by gRPC's thread); the backbone answers every request in the order it was sent.
+
+    def send_forward(
+        self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
+    ) -> None:
+        """Send a FORWARD (an EVAL without ``train``) of h1 and the mask; its h2 comes
+        from :meth:`receive`."""
+        op = backbone_pb2.TRAIN_OP_FORWARD if train else backbone_pb2.TRAIN_OP_EVAL
+        self._send_forward(hidden, mask, op=op, step=step, micro_batch=micro)
+
+    def send_backward(self, step: int, micro: int, grad: torch.Tensor) -> None:
+        """Send the BACKWARD of dL/dh2; its dL/dh1 comes from :meth:`receive`."""
         self._stream.send_tensor(
             grad,
             "grad_h2",
@@ -216,8 +235,12 @@ class TrainStream(_SessionStream):
             step=step,
             micro_batch=micro,
         )
-        _, grad_in = self._stream.receive_tensor()
-        return grad_in
+
+    def receive(self) -> tuple[backbone_pb2.TrainResponse, torch.Tensor]:
+        """The next answer with a tensor: the response (its op, step, micro_batch) and
+        h2 or dL/dh1."""
+        message, tensor = self._stream.receive_tensor()
+        return message, tensor
 
     def step(self, step: int, client_sq_norm: float, max_grad_norm: float) -> StepResult:
         self._stream.send(
