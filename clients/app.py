@@ -157,7 +157,13 @@ def backbone_client(settings: ConnectSettings) -> Iterator[BackboneClient]:
     )
     endpoint = Endpoint("backbone", settings.address, settings.server_name, tls.source_dir)
     with channel:
-        yield BackboneClient(channel, chunk_bytes=settings.chunk_bytes, endpoint=endpoint)
+        yield BackboneClient(
+            channel,
+            chunk_bytes=settings.chunk_bytes,
+            timeout_s=settings.timeout_s,
+            transfer_timeout_s=settings.transfer_timeout_s,
+            endpoint=endpoint,
+        )
 
 
 @contextmanager
@@ -536,6 +542,9 @@ def federated_trainer(
             AggregatorClient(
                 channel,
                 chunk_bytes=min(config.backbone.chunk_bytes, UPLOAD_CHUNK_BYTES),
+                # The [backbone] section's deadlines: one link, one set of settings.
+                timeout_s=config.backbone.timeout_s,
+                transfer_timeout_s=config.backbone.transfer_timeout_s,
                 endpoint=Endpoint(
                     "aggregator", federated.aggregator, federated.server_name, tls.source_dir
                 ),

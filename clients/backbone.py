@@ -188,9 +188,12 @@ class _SessionStream:
             call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto, client.endpoint
         )
 
-    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> torch.Tensor:
+    def _send_forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> None:
         self._stream.send_tensor(hidden, "h1", self.spec, self.encoding, **fields)
         self._stream.send_tensor(mask.to(torch.int8), "attention_mask", self.spec, "raw", **fields)
+
+    def _forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> torch.Tensor:
+        self._send_forward(hidden, mask, **fields)
         _, output = self._stream.receive_tensor()
         return output
 
@@ -206,10 +209,26 @@ class TrainStream(_SessionStream):
     def forward(
         self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
     ) -> torch.Tensor:
-        op = backbone_pb2.TRAIN_OP_FORWARD if train else backbone_pb2.TRAIN_OP_EVAL
-        return self._forward(hidden, mask, op=op, step=step, micro_batch=micro)
+        self.send_forward(step, micro, hidden, mask, train=train)
+        return self.receive()[1]
 
     def backward(self, step: int, micro: int, grad: torch.Tensor) -> torch.Tensor:
+        self.send_backward(step, micro, grad)
+        return self.receive()[1]
+
+    # Without waiting (clients/pipeline.py): sends return at once (the outbox is written
+    # by gRPC's thread); the backbone answers every request in the order it was sent.
+
+    def send_forward(
+        self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
+    ) -> None:
+        """Send a FORWARD (an EVAL without ``train``) of h1 and the mask; its h2 comes
+        from :meth:`receive`."""
+        op = backbone_pb2.TRAIN_OP_FORWARD if train else backbone_pb2.TRAIN_OP_EVAL
+        self._send_forward(hidden, mask, op=op, step=step, micro_batch=micro)
+
+    def send_backward(self, step: int, micro: int, grad: torch.Tensor) -> None:
+        """Send the BACKWARD of dL/dh2; its dL/dh1 comes from :meth:`receive`."""
         self._stream.send_tensor(
             grad,
             "grad_h2",
@@ -219,8 +238,12 @@ class TrainStream(_SessionStream):
             step=step,
             micro_batch=micro,
         )
-        _, grad_in = self._stream.receive_tensor()
-        return grad_in
+
+    def receive(self) -> tuple[backbone_pb2.TrainResponse, torch.Tensor]:
+        """The next answer with a tensor: the response (its op, step, micro_batch) and
+        h2 or dL/dh1."""
+        message, tensor = self._stream.receive_tensor()
+        return message, tensor
 
     def step(self, step: int, client_sq_norm: float, max_grad_norm: float) -> StepResult:
         self._stream.send(
@@ -295,6 +318,7 @@ class BackboneClient:
         retry: RetryPolicy | None = None,
         timeout_s: float = 60.0,
         stream_timeout_s: float | None = None,
+        transfer_timeout_s: float = 600.0,
         endpoint: Endpoint | None = None,
     ) -> None:
         self._stub = backbone_pb2_grpc.BackboneStub(channel)
@@ -319,6 +343,8 @@ class BackboneClient:
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
+        # Adapter exports and imports: their bytes over the slowest link we serve.
+        self.transfer_timeout_s = transfer_timeout_s
 
     def _unary(self, what: str, call: Any) -> Any:
         try:
@@ -378,7 +404,7 @@ class BackboneClient:
             request = backbone_pb2.ExportAdapterRequest(
                 session_id=session_id, federation=federation, owner=owner
             )
-            responses = self._export(request, timeout=self.timeout_s)
+            responses = self._export(request, timeout=self.transfer_timeout_s)
             receiver = FrameReceiver(
                 crypto,
                 context=lambda frame: export_context(frame.message.step),
@@ -423,7 +449,9 @@ class BackboneClient:
 
         response = self._unary(
             "Backbone.ImportAdapter",
-            lambda: self._import(frames(), metadata=tuple(metadata), timeout=self.timeout_s),
+            lambda: self._import(
+                frames(), metadata=tuple(metadata), timeout=self.transfer_timeout_s
+            ),
         )
         return int(response.tensors)
 

@@ -62,6 +62,8 @@ def model_info(state: BackboneState, keys: BackboneKeys | None = None) -> ModelI
         encodings=tuple(s.encodings),
         adapter_mode=s.adapter_mode,
         encryption=keys is not None and keys.available,
+        max_pending_passes=s.max_pending_passes,
+        client_batch=s.client_batch,
     )
 
 

@@ -180,6 +180,10 @@ class ModelInfo:
     encodings: tuple[str, ...] = ()
     adapter_mode: str = ""
     encryption: bool = False
+    # Training forwards of one session that may await their gradient (0: not stated);
+    # client-batch: passes merged across sessions (a pipelining client sends in order).
+    max_pending_passes: int = 0
+    client_batch: bool = False
 
     def to_proto(self) -> backbone_pb2.ModelInfo:
         return to_message(

@@ -110,6 +110,8 @@ class ModelInfo(_message.Message):
     ENCODINGS_FIELD_NUMBER: _builtins.int
     ADAPTER_MODE_FIELD_NUMBER: _builtins.int
     ENCRYPTION_FIELD_NUMBER: _builtins.int
+    MAX_PENDING_PASSES_FIELD_NUMBER: _builtins.int
+    CLIENT_BATCH_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     family: _builtins.str
     """Model family in splitfed's registry ("llama", "glm", "gpt2", "chatglm")."""
@@ -127,6 +129,15 @@ class ModelInfo(_message.Message):
     """"per-client" (each session trains its own body adapter) or "shared" (one for all)."""
     encryption: _builtins.bool
     """Whether the backbone can encrypt activations (it has a key manager to get keys from)."""
+    max_pending_passes: _builtins.int
+    """The most training FORWARDs of one session that may await their BACKWARD at once
+    (0: not stated); a pipelining client keeps its window within it.
+    """
+    client_batch: _builtins.bool
+    """Whether training passes of concurrent sessions run merged (client-batch): every
+    member must then send its FORWARDs and BACKWARDs in the sequential order
+    (FORWARD i, BACKWARD i, FORWARD i+1, ...), i.e. a pipelining window of 1.
+    """
     @_builtins.property
     def encodings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Wire encodings the backbone accepts for activations ("raw", "bf16", "int8")."""
@@ -147,10 +158,12 @@ class ModelInfo(_message.Message):
         encodings: _abc.Iterable[_builtins.str] | None = ...,
         adapter_mode: _builtins.str = ...,
         encryption: _builtins.bool = ...,
+        max_pending_passes: _builtins.int = ...,
+        client_batch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mode", b"adapter_mode", "dtype", b"dtype", "encodings", b"encodings", "encryption", b"encryption", "family", b"family", "hidden_size", b"hidden_size", "max_batch_size", b"max_batch_size", "max_sequence_length", b"max_sequence_length", "min_k", b"min_k", "min_m", b"min_m", "model_id", b"model_id", "num_layers", b"num_layers", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mode", b"adapter_mode", "client_batch", b"client_batch", "dtype", b"dtype", "encodings", b"encodings", "encryption", b"encryption", "family", b"family", "hidden_size", b"hidden_size", "max_batch_size", b"max_batch_size", "max_pending_passes", b"max_pending_passes", "max_sequence_length", b"max_sequence_length", "min_k", b"min_k", "min_m", b"min_m", "model_id", b"model_id", "num_layers", b"num_layers", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
