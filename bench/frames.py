@@ -23,7 +23,8 @@ pinned to half the cores each (one each on a 2-core machine):
   ``GenerateStream`` send and receive with): ``send_tensor`` (``tensor_frames``: header
   with CRC-32C, ``FrameSpec`` serialisation) through its request queue, and
   ``receive_tensor`` (``FrameSpec`` parse, ``FrameReceiver``, a ``TensorAssembler`` with
-  the client's limits; a fresh buffer per tensor). The server is an echo servicer of the
+  the client's limits; a fresh buffer per tensor), then compares the tensor (untimed).
+  The server is an echo servicer of the
   Backbone service built from the backbone's own pieces: ``service_binding`` with the
   Backbone frame specs (malformed-request check), ``@stream_errors``, the RPC metrics
   interceptor of ``create_server``, a ``StreamGuard``, the backbone's inbox
@@ -34,7 +35,7 @@ pinned to half the cores each (one each on a 2-core machine):
   client puts the tensor's bytes on its request iterator (a ``queue.SimpleQueue``; gRPC's
   synchronous API takes requests from an iterator on its own thread), the server yields
   each message back, the client copies the answer into a fresh buffer (as the assembler
-  allocates one per tensor) and compares it.
+  allocates one per tensor), then compares it (untimed).
 
 Each path's stream opens once; a warm-up of ``--warmup`` round trips per frame and path,
 then ``--repeats`` rounds of ``--round-trips`` round trips each, interleaved (bare 2 MiB,
@@ -255,7 +256,7 @@ class BareStream:
         self._outbox.put(payload)
         out = bytearray(len(payload))
         out[:] = next(self._responses)
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start  # the check below is not the transport's
         if out != payload:
             raise BenchError("bare echo returned other bytes than it was sent")
         return elapsed
@@ -283,7 +284,7 @@ class SplitfedStream:
         start = time.perf_counter()
         self._stream.send_tensor(tensor, "h1", self.spec, "raw", **self.fields)
         _, echoed = self._stream.receive_tensor()
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start  # the check below is not the transport's
         if not torch.equal(echoed, tensor):
             raise BenchError("splitfed echo is not bit-exact")
         return elapsed
