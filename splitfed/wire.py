@@ -587,8 +587,9 @@ class _Pending:
 
 
 # Received bytes are check-summed and copied a block at a time, so that the copy reads
-# what the checksum just brought into the cache: one pass over memory, not two. At 2 MiB
-# that is ~30 % less time here (docs/benchmarks.md "Frame round trip").
+# what the checksum just brought into the cache: one pass over memory, not two. For 2-4 MiB
+# pieces not in the cache that is ~15 % less time here (docs/benchmarks.md "Frame round
+# trip"); small pieces are one block, as before.
 _COPY_BLOCK = 64 * KiB
 
 
