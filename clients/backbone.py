@@ -69,7 +69,9 @@ class _Outbox:
     _END = object()
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue()
+        # SimpleQueue (C): a put and a get without Queue's Python-level condition
+        # variables, on every frame of every step (docs/benchmarks.md "Frame round trip").
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def put(self, item: Any) -> None:
         self._queue.put(item)
