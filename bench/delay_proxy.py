@@ -349,9 +349,12 @@ class DelayProxy:
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` with HOST an IPv4 literal -> (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected IP:PORT, got {text!r}")
-    ipaddress.IPv4Address(host)
+    try:
+        ipaddress.IPv4Address(host)
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"expected IPv4:PORT, got {text!r}") from None
     return host, int(port)
 
 
