@@ -298,17 +298,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _namespace_pids(ns: str) -> list[int]:
+    """The processes inside ``ns`` (an exited child, a zombie until reaped, is not)."""
+    return [int(p) for p in _run(["ip", "netns", "pids", ns], check=False).split()]
+
+
 def _kill_namespace_processes(ns: str, grace_s: float = 3.0) -> None:
     """SIGTERM every process inside ``ns``, then SIGKILL those still there after
     ``grace_s``."""
-    pids = [int(p) for p in _run(["ip", "netns", "pids", ns], check=False).split()]
+    pids = _namespace_pids(ns)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if _pid_alive(pid)]
         time.sleep(0.02)
+        pids = _namespace_pids(ns)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
