@@ -220,7 +220,7 @@ def test_the_standard_profiles() -> None:
             wanlink.parse_profile(bad)
 
 
-def test_tbf_bursts_two_ms_and_queues_ten_more_with_floors() -> None:
+def test_tbf_bursts_two_ms_and_queues_ten_more_with_floors_for_slow_links() -> None:
     assert wanlink.tbf_params(wanlink.PROFILES["lan"]) is None
     metro = wanlink.tbf_params(wanlink.PROFILES["metro"])
     assert (metro.rate_bit, metro.burst_bytes, metro.limit_bytes) == (
@@ -238,8 +238,8 @@ def test_tbf_bursts_two_ms_and_queues_ten_more_with_floors() -> None:
         "1500000",
     ]
     poor = wanlink.tbf_params(wanlink.PROFILES["poor"])
-    # 2 ms of 20 Mbit/s is 5000 bytes, 10 ms 25000: the floors (16 KiB, 64 KiB) apply.
-    assert (poor.burst_bytes, poor.limit_bytes) == (16 << 10, (16 << 10) + (64 << 10))
+    # 2 ms of 20 Mbit/s is 5000 bytes, 10 ms 25000: the floors (16 KiB, 256 KiB) apply.
+    assert (poor.burst_bytes, poor.limit_bytes) == (16 << 10, (16 << 10) + (256 << 10))
 
 
 def test_the_proxy_holds_four_times_rate_times_delay_and_its_ring_fits_every_profile() -> None:
