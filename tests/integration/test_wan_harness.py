@@ -14,10 +14,13 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import bench_module
+from helpers import SERVER_NAME, Pki, bench_module
+
+from splitfed.cli.launcher import ServiceProcess
 
 wanlink = bench_module("wanlink")
 PROFILES = wanlink.PROFILES
@@ -35,6 +38,22 @@ with socket.create_connection((host, int(port)), timeout=30) as sock:
         echo += sock.recv(len(payload) - len(echo))
     print(echo == payload, flush=True)
     sys.stdin.read()
+"""
+
+
+# A splitfed client in client_ns: one health call over mTLS, then its time in ms.
+HEALTH = """
+import sys, time
+from splitfed.clients.diagnostics import DiagnosticsClient
+from splitfed.tls import TLSConfig
+from splitfed.transport import create_channel
+address, tls_dir, server_name = sys.argv[1:]
+with create_channel(address, TLSConfig.from_dir(tls_dir), server_name=server_name) as channel:
+    client = DiagnosticsClient(channel)
+    print(client.health())
+    start = time.perf_counter()
+    client.health()
+    print((time.perf_counter() - start) * 1000)
 """
 
 
@@ -85,6 +104,31 @@ def test_each_profile_measures_within_ten_percent_of_its_settings(link: Any, nam
     else:
         assert set(check.deviations()) == {"rtt", "up", "down"}
         assert check.within(0.10), context
+
+
+def test_a_service_in_server_ns_answers_a_client_in_client_ns_through_the_link(
+    link: Any, pki: Pki, tmp_path: Path
+) -> None:
+    """The way bench/wan.py runs splitfed: the service in the server's namespace
+    (``ServiceProcess(prefix=...)``, bound to server_ip:0), the client in the client's,
+    over mTLS through the delay proxy."""
+    link.set_profile(PROFILES["wan"])
+    pki.ca.issue("backbone-0", "backbone", dns_names=[SERVER_NAME]).write(tmp_path / "srv")
+    pki.ca.issue("hospital-a", "client").write(tmp_path / "cli")
+    args = ["serve", "diagnostics", "--tls-dir", str(tmp_path / "srv")]
+    args += ["--listen", f"{link.server_ip}:0"]
+    with ServiceProcess("diagnostics", args, prefix=link.command("server", [])) as service:
+        address = link.connect(service.port)
+        argv = [sys.executable, "-c", HEALTH, address, str(tmp_path / "cli"), SERVER_NAME]
+        result = subprocess.run(
+            link.command("client", argv), capture_output=True, text=True, timeout=60, check=False
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    status, elapsed_ms = result.stdout.split()
+    assert status == "SERVING"
+    # A lower bound only (load makes it slower, never faster): the call crossed the
+    # proxy, which may send at most 0.5 ms early each way.
+    assert float(elapsed_ms) >= PROFILES["wan"].rtt_ms - 1.0
 
 
 def test_the_proxy_refuses_any_target_outside_the_link(link: Any) -> None:
