@@ -328,15 +328,22 @@ def _delete_namespace(ns: str) -> None:
     _run(["ip", "netns", "del", ns], check=False)
 
 
+# The namespaces of this process's open links (a stale one may carry a reused pid).
+_live_namespaces: set[str] = set()
+
+
 def cleanup_stale() -> list[str]:
     """Delete the namespaces of WanLinks whose process is gone (killed before it could
-    clean up); returns their names."""
+    clean up; or an earlier process with this pid); returns their names."""
     pattern = re.compile(rf"^{NS_PREFIX}(\d+)x\d+[cs]$")
     stale = []
     for line in _run(["ip", "netns", "list"], check=False).splitlines():
         name = line.split(" ", 1)[0]
         match = pattern.match(name)
-        if match and int(match[1]) != os.getpid() and not _pid_alive(int(match[1])):
+        if match is None or name in _live_namespaces:
+            continue
+        pid = int(match[1])
+        if pid == os.getpid() or not _pid_alive(pid):
             _delete_namespace(name)
             stale.append(name)
     return stale
@@ -426,6 +433,7 @@ class WanLink:
             client_ip, server_ip = list(self.subnet.hosts())[:2]
             self.client_ip, self.server_ip = str(client_ip), str(server_ip)
             for ns in (self.client_ns, self.server_ns):
+                _live_namespaces.add(ns)
                 _run(["ip", "netns", "add", ns])
                 self._created.append(ns)
             peer = ["peer", "name", DEVICE, "netns", self.server_ns]
@@ -566,6 +574,7 @@ class WanLink:
         finally:
             for ns in self._created:
                 _delete_namespace(ns)
+            _live_namespaces.difference_update((self.client_ns, self.server_ns))
 
 
 @functools.cache
