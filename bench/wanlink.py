@@ -3,6 +3,11 @@ by a veth pair, bandwidth shaped with ``tc tbf`` on both ends, one-way delay add
 user-space TCP proxy (bench/delay_proxy.py) in the client's namespace (this kernel has
 no ``netem``).
 
+One module a little over 500 lines: the link, its check and the check's two ends
+(``sink``, ``probe``, which run this same file inside the namespaces) are one runnable
+file that bench/wan.py and the tests import; the proxy is its own script
+(bench/delay_proxy.py) because it runs alone in the client's namespace.
+
 Use it from a benchmark (bench/ is on sys.path) or a test (``helpers.bench_module``)::
 
     with WanLink(PROFILES["wan"]) as link:
