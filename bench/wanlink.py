@@ -3,7 +3,7 @@ by a veth pair, bandwidth shaped with ``tc tbf`` on both ends, one-way delay add
 user-space TCP proxy (bench/delay_proxy.py) in the client's namespace (this kernel has
 no ``netem``).
 
-One module a little over 500 lines: the link, its check and the check's two ends
+One module of ~780 lines: the link, its check and the check's two ends
 (``sink``, ``probe``, which run this same file inside the namespaces) are one runnable
 file that bench/wan.py and the tests import; the proxy is its own script
 (bench/delay_proxy.py) because it runs alone in the client's namespace.
