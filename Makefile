@@ -8,7 +8,7 @@ STAMP := $(VENV)/.splitfed-installed
 PYTEST_ARGS ?=
 CHAOS_ARGS ?= --kills 10
 
-.PHONY: help install demo test test-long lint format typecheck layers linktree protos protos-check test-unit test-integration test-checks bench fuzz chaos clean
+.PHONY: help install demo test test-long lint format typecheck layers linktree protos protos-check test-unit test-integration test-checks bench wan-check fuzz chaos clean
 
 help:
 	@echo "make demo    - create $(VENV), install, run the local end-to-end demo"
@@ -16,6 +16,7 @@ help:
 	@echo "make test-unit / test-integration / test-checks - one tier: pure Python / real services / tools"
 	@echo "make protos  - regenerate splitfed/v1 stubs from protos/"
 	@echo "make bench   - run the benchmarks in bench/"
+	@echo "make wan-check - the WAN harness's self-check: each profile's RTT and rate (needs root)"
 	@echo "make test-long - the long checks make test leaves out (bench smoke runs, kills)"
 	@echo "make fuzz    - send FUZZ_EXAMPLES (10000) hostile messages to the live services"
 	@echo "make chaos   - federated runs with services killed (SIGKILL) until >= 10 kills"
@@ -94,6 +95,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/transport.py
 	$(BIN)/python bench/split_overhead.py
 	$(BIN)/python bench/split_step.py
+
+# The WAN harness (bench/wanlink.py, docs/benchmarks.md "Emulating a WAN"): network
+# namespaces, tbf and a delay proxy; needs root. Prints each profile's measured RTT and
+# throughput and fails if one is more than 10 % off its setting.
+WAN_ARGS ?=
+
+wan-check: $(STAMP)
+	$(BIN)/python bench/wanlink.py check $(WAN_ARGS)
 
 # Hostile messages over mTLS to live services (tests/fuzz): `make test` sends a bounded
 # sample; this sends FUZZ_EXAMPLES cases, prints the count and every failure, and fails

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from splitfed.security.ca import CertificateAuthority, IssuedCertificate
 from splitfed.tls import TLSConfig
@@ -30,6 +32,14 @@ def run_bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def bench_module(name: str) -> ModuleType:
+    """Import ``bench/<name>.py`` as the scripts import each other (bench/ on sys.path,
+    as when ``run_bench`` runs one): e.g. ``bench_module("wanlink").WanLink``."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.append(str(ROOT / "bench"))
+    return importlib.import_module(name)
 
 
 def tls_of(ca: CertificateAuthority, issued: IssuedCertificate) -> TLSConfig:
