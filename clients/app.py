@@ -30,6 +30,7 @@ from splitfed.clients.backbone import (
 from splitfed.clients.data import conversation_tokens, left_padded, prompt_tokens
 from splitfed.clients.federated import UPLOAD_CHUNK_BYTES, AggregatorClient, FederatedTrainer
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
+from splitfed.clients.links import AUTO
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
 from splitfed.failures import Endpoint
@@ -302,7 +303,9 @@ def split_session(
     if train.encrypted:
         assert keymanager is not None
         crypto = client_crypto(keymanager, session.session_id)
-    stream = GenerateStream(client, session.session_id, train.encoding, crypto)
+    # "auto" chooses training's encodings; a token's hidden state is small: raw.
+    encoding = "raw" if train.encoding == AUTO else train.encoding
+    stream = GenerateStream(client, session.session_id, encoding, crypto)
     try:
         yield SplitSession(
             head, tail, session.session_id, stream, trained=bool(session_id), ledger=ledger
