@@ -143,7 +143,7 @@ def choose_encodings(
     if rtt_s < policy.local_rtt_s and rungs[0] == RAW:
         return RAW
     budget = max(policy.free_s, policy.slack * max(compute_s, 0.0))
-    position = rungs.index(current) if current in rungs else len(rungs)
+    position = rungs.index(current) if current in rungs else 0
     for index, rung in enumerate(rungs):
         if bandwidth_bytes_s <= 0:
             break
