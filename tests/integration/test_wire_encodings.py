@@ -6,6 +6,7 @@ without harm to the session or the service."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -13,12 +14,16 @@ from backbone_kit import Deployment, deployment
 
 from splitfed.clients.backbone import BackboneClient, GenerateStream, TrainStream
 from splitfed.clients.links import LinkMeter, WireEncodings
+from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.errors import InvalidArgumentError
 from splitfed.models.adapters import AdapterSettings
+from splitfed.models.optim import OptimizerSettings
+from splitfed.models.tiny import BUNDLED_DATASET
 from splitfed.protocol.backbone import TRAIN_REQUEST, SessionRequest
 from splitfed.v1 import backbone_pb2
 
 LORA = AdapterSettings(kind="lora", r=4, alpha=8, seed=3)
+OPTIMIZER = OptimizerSettings(learning_rate=5e-3)
 RAW = WireEncodings("raw", "raw")
 BF16 = WireEncodings("bf16", "bf16")
 
@@ -138,3 +143,40 @@ def test_a_reply_encoding_not_accepted_is_invalid_argument(
         assert stream.step(1, 0.0, 1.0).already_applied is False
         stream.close()
         client.close_session(session)
+
+
+def train(dep: Deployment, steps: int = 3, **overrides: Any) -> tuple[SplitTrainer, list[Any]]:
+    values: dict[str, Any] = {
+        "data": BUNDLED_DATASET,
+        "model_path": dep.model_path,
+        "batch_size": 2,
+        "accumulation": 2,
+        "max_steps": steps,
+        "max_length": 32,
+        "seed": 5,
+    }
+    channel, client = dep.connect()
+    with channel:
+        trainer = SplitTrainer(client, TrainSettings(**values | overrides), LORA, OPTIMIZER)
+        reports = trainer.run()
+        trainer.close(delete_session=True)
+    return trainer, reports
+
+
+@pytest.mark.slow
+def test_trainer_encodings_auto_stays_raw_on_loopback_and_explicit_ones_are_used(
+    backbone: Deployment,
+) -> None:
+    trainer, auto = train(backbone, encoding="auto", encoding_every=1)
+    assert [r.encodings for r in auto] == [RAW] * 3
+    assert trainer.auto is not None and trainer.auto.estimate is not None  # it measured
+    assert trainer.auto.estimate.rtt_s < 0.002
+    _, raw = train(backbone)
+    _, bf16 = train(backbone, encoding="bf16", gradient_encoding="bf16")
+    assert [r.encodings for r in raw] == [RAW] * 3
+    assert [r.encodings for r in bf16] == [BF16] * 3
+    assert [r.loss for r in auto] == [r.loss for r in raw]
+    # bf16 on all four tensors: the same losses within bf16's rounding.
+    torch.testing.assert_close(
+        torch.tensor([r.loss for r in bf16]), torch.tensor([r.loss for r in raw]), rtol=1e-2, atol=0
+    )
