@@ -477,6 +477,7 @@ class SplitTrainer:
         if self.settings.encrypted and self.crypto is None:
             assert self.keymanager is not None
             self.crypto = client_crypto(self.keymanager, self.session.session_id)
+        self.link.reset()  # nothing of a lost stream is in flight any more
         self.stream = TrainStream(
             self.client, self.session.session_id, self.encodings, self.crypto, meter=self.link
         )
