@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from splitfed.clients.backbone import (
     RemoteBodyStage,
     TrainStream,
 )
+from splitfed.clients.pipeline import DEFAULT_WINDOW, pipelined_step
 from splitfed.clients.trainer import causal_lm_loss
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions, SplitGenerator
@@ -142,6 +144,14 @@ def centralized_step(
     return clock() - start
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A micro-batch of a pipelined step: some rows of the batch (labels: the ids)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
 class SplitClient:
     def __init__(
         self, path: Path, client: BackboneClient, adapter: AdapterSettings = ADAPTER
@@ -161,15 +171,41 @@ class SplitClient:
         self.body: torch.nn.Module = self.remote
         self.step_number = 0
 
-    def step(self, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    def step(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        *,
+        pipelined: bool = False,
+        micro_batches: int = 4,
+        window: int = DEFAULT_WINDOW,
+    ) -> float:
         """One split training step (forward, backward, the norm exchange, AdamW on both
-        sides); its seconds."""
+        sides); its seconds. The batch goes as one pass, or ``pipelined`` as
+        ``micro_batches`` micro-batches of its rows with up to ``window`` in flight
+        (clients/pipeline.py: the SDK's pipelined step; the body is the remote one)."""
         start = time.perf_counter()
         self.step_number += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.remote.begin_step(self.step_number)
-        logits = self.tail(self.body(self.head(ids, mask), mask), mask)
-        causal_lm_loss(logits, ids).backward()
+        if pipelined:
+            pipelined_step(
+                self.stream,
+                self.step_number,
+                [
+                    Rows(rows, rows_mask)
+                    for rows, rows_mask in zip(
+                        ids.chunk(micro_batches), mask.chunk(micro_batches), strict=True
+                    )
+                ],
+                head=self.head,
+                tail=self.tail,
+                loss=lambda logits, rows: causal_lm_loss(logits, rows.input_ids),
+                window=window,
+            )
+        else:
+            self.remote.begin_step(self.step_number)
+            logits = self.tail(self.body(self.head(ids, mask), mask), mask)
+            causal_lm_loss(logits, ids).backward()
         client_sq = grad_sq_norm(self.params)
         result = self.stream.step(self.step_number, client_sq, MAX_NORM)
         scale_grads(self.params, clip_factor(client_sq + result.backbone_grad_sq_norm, MAX_NORM))

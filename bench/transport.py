@@ -59,7 +59,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
-from common import machine
+from common import machine, pin_half
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from splitfed.clients.diagnostics import DiagnosticsClient
@@ -230,15 +230,6 @@ def _serve(tls_dir: Path, chunk_sizes: list[int]) -> int:
     return 0
 
 
-def _pin(pid: int, *, server: bool) -> None:
-    """On 2+ cores, give the server process and this client process a core each, as two
-    machines would have; less scheduler noise between rounds."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) >= 2:
-        half = len(cores) // 2
-        os.sched_setaffinity(pid, cores[half:] if server else cores[:half])
-
-
 @contextlib.contextmanager
 def _server_process(tls_dir: Path, chunk_kib: list[int] | None) -> Iterator[dict[int, int]]:
     """Start the server child; yield its port per chunk size; always stop it."""
@@ -246,7 +237,7 @@ def _server_process(tls_dir: Path, chunk_kib: list[int] | None) -> Iterator[dict
     for kib in chunk_kib or ():
         command += ["--chunk-kib", str(kib)]
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    _pin(proc.pid, server=True)
+    pin_half(proc.pid, server=True)
     try:
         assert proc.stdout is not None
         ports: dict[int, int] = {}
@@ -435,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="splitfed-bench-") as tmp:
             ca.issue("bench-server", "backbone", dns_names=[SERVER_NAME]).write(Path(tmp))
-            _pin(os.getpid(), server=False)
+            pin_half(os.getpid(), server=False)
             with _server_process(Path(tmp), args.chunk_kib) as ports:
                 for chunk in chunk_sizes:
                     result = _measure(

@@ -10,8 +10,10 @@ either way (security/releases.py, docs/privacy.md)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -25,14 +27,17 @@ from splitfed.clients.backbone import (
     BackboneClient,
     GenerateStream,
     RemoteBodyStage,
+    StreamLostError,
     client_crypto,
 )
 from splitfed.clients.data import conversation_tokens, left_padded, prompt_tokens
 from splitfed.clients.federated import UPLOAD_CHUNK_BYTES, AggregatorClient, FederatedTrainer
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
 from splitfed.clients.links import AUTO
-from splitfed.clients.trainer import SplitTrainer, TrainSettings
+from splitfed.clients.streaming import TextDelta, text_deltas
+from splitfed.clients.trainer import RECONNECT, SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
+from splitfed.errors import PermissionDeniedError
 from splitfed.failures import Endpoint
 from splitfed.files import StrPath
 from splitfed.metrics import MetricsSettings
@@ -41,12 +46,15 @@ from splitfed.models.generation import BodyStage, SamplingOptions, SplitGenerato
 from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.parts import Head, Tail
-from splitfed.protocol.backbone import SessionRequest
+from splitfed.protocol.backbone import SessionInfo, SessionRequest
+from splitfed.retry import RetryPolicy
 from splitfed.security.perturbation import EVAL_STREAM, GENERATION_STREAM, Perturber
 from splitfed.security.releases import GENERATION, PrivacyLedger, perturbs
 from splitfed.serving import ConnectSettings, SecuritySettings
 from splitfed.tls import TLSConfig
 from splitfed.transport import create_channel, parse_address
+
+logger = logging.getLogger(__name__)
 
 JOIN_TOKEN_ENV = "SPLITFED_JOIN_TOKEN"
 
@@ -150,7 +158,13 @@ def backbone_client(settings: ConnectSettings) -> Iterator[BackboneClient]:
     )
     endpoint = Endpoint("backbone", settings.address, settings.server_name, tls.source_dir)
     with channel:
-        yield BackboneClient(channel, chunk_bytes=settings.chunk_bytes, endpoint=endpoint)
+        yield BackboneClient(
+            channel,
+            chunk_bytes=settings.chunk_bytes,
+            timeout_s=settings.timeout_s,
+            transfer_timeout_s=settings.transfer_timeout_s,
+            endpoint=endpoint,
+        )
 
 
 @contextmanager
@@ -237,12 +251,26 @@ class SplitSession:
     trained: bool
     # The client's privacy ledger (None without [training.perturbation]).
     ledger: PrivacyLedger | None = None
+    # Reopens the session after a lost stream or a restarted backbone (waiting for it):
+    # (session id, fresh stream); None: a lost stream is the caller's error.
+    reopen: Callable[[str], tuple[str, GenerateStream]] | None = None
+
+    def reconnect(self) -> GenerateStream:
+        """A fresh stream of the session (reopened, or where the backbone lost it and it
+        held no trained adapter, a new session of the same settings)."""
+        if self.reopen is None:
+            raise StreamLostError("the stream to the backbone was lost")
+        self.stream.close()
+        self.session_id, self.stream = self.reopen(self.session_id)
+        return self.stream
 
     def body(self, kind: str = GENERATION, *, perturb: bool = True) -> BodyStage:
         """The body as a stage for :class:`SplitGenerator`: with a ledger, every forward
         is a release of ``kind``, perturbed as the settings say for it (never when not
-        ``perturb``: e.g. ``splitfed evaluate``, which measures the model as it is)."""
-        stage = RemoteBodyStage(self.stream)
+        ``perturb``: e.g. ``splitfed evaluate``, which measures the model as it is).
+        A lost stream is replayed below the release (:class:`RemoteBodyStage`): the same
+        values again, not a new release."""
+        stage = RemoteBodyStage(self.stream, self.reconnect if self.reopen else None)
         if self.ledger is None:
             return stage
         settings = self.ledger.settings
@@ -258,6 +286,7 @@ def split_session(
     *,
     trained: bool = True,
     ledger: PrivacyLedger | None = None,
+    reconnect: RetryPolicy = RECONNECT,
 ) -> Iterator[SplitSession]:
     """The split model of ``config``. With ``trained``: the adapters of the training
     checkpoint (head and tail from ``adapter.safetensors``, the body from the session the
@@ -265,7 +294,13 @@ def split_session(
     Without ``trained``: the base model (a new session whose LoRA adapter is a no-op).
     A session opened here is deleted afterwards. With [training.perturbation] on, what
     the session sends is counted in ``ledger`` (a trainer's, in the same process), by
-    default the one saved in the training checkpoint directory."""
+    default the one saved in the training checkpoint directory.
+
+    A lost stream is reopened (waiting out a restarting backbone under ``reconnect``) and
+    the generation replayed into it (:class:`RemoteBodyStage`). A session opened here
+    that the backbone no longer has (it restarted without a state directory) is opened
+    again with the same settings: it holds no trained adapter, so it is the same body;
+    the checkpoint's session cannot be replaced, and losing it is an error."""
     train = config.training
     if ledger is None and train.perturbation.enabled:
         ledger = PrivacyLedger(train.perturbation, directory=train.checkpoint_dir)
@@ -290,30 +325,75 @@ def split_session(
         adapter = AdapterSettings()  # LoRA with B = 0: exactly the base model
     if train.encrypted and keymanager is None:
         raise ValueError("encrypted sessions need the key manager: set [security] keymanager")
-    session = client.open_session(
-        SessionRequest(
-            k=train.k,
-            m=train.m,
-            adapter=adapter,
-            session_id=session_id,
-            encrypted=train.encrypted,
-        )
+    request = SessionRequest(
+        k=train.k, m=train.m, adapter=adapter, session_id=session_id, encrypted=train.encrypted
     )
+    session = client.open_session(request)
     crypto = None
     if train.encrypted:
         assert keymanager is not None
         crypto = client_crypto(keymanager, session.session_id)
     # "auto" chooses training's encodings; a token's hidden state is small: raw.
     encoding = "raw" if train.encoding == AUTO else train.encoding
+
+    def reopen(current: str) -> tuple[str, GenerateStream]:
+        nonlocal crypto
+        reopened = _resume(client, replace(request, session_id=current), reconnect)
+        if reopened is None:
+            if session_id:
+                raise RuntimeError(
+                    f"the backbone lost session {current} of the training checkpoint (it "
+                    "restarted without its state directory?): its trained body adapter is "
+                    "gone, so generation cannot go on"
+                )
+            reopened = _resume(client, request, reconnect)
+            assert reopened is not None
+            logger.warning(
+                "[generate] the backbone lost session %s; continuing in a new one", current
+            )
+            if train.encrypted:
+                assert keymanager is not None
+                crypto = client_crypto(keymanager, reopened.session_id)
+        stream = GenerateStream(client, reopened.session_id, encoding, crypto)
+        return reopened.session_id, stream
+
     stream = GenerateStream(client, session.session_id, encoding, crypto)
+    split = SplitSession(
+        head,
+        tail,
+        session.session_id,
+        stream,
+        trained=bool(session_id),
+        ledger=ledger,
+        reopen=reopen,
+    )
     try:
-        yield SplitSession(
-            head, tail, session.session_id, stream, trained=bool(session_id), ledger=ledger
-        )
+        yield split
     finally:
-        stream.close()
+        split.stream.close()
         if not session_id:
-            client.close_session(session.session_id)
+            client.close_session(split.session_id)
+
+
+def _resume(
+    client: BackboneClient, request: SessionRequest, wait: RetryPolicy
+) -> SessionInfo | None:
+    """Open ``request``'s session (reopen it: ``session_id`` set), waiting out a backbone
+    that is restarting; None where the backbone no longer has the session."""
+    delays = wait.delays()
+    while True:
+        try:
+            return client.open_session(request)
+        except PermissionDeniedError:
+            if not request.session_id:
+                raise
+            return None  # gone (or never ours: the backbone says the same)
+        except StreamLostError as exc:
+            delay = next(delays, None)
+            if delay is None:
+                raise
+            logger.warning("[generate] %s; waiting for the backbone", exc)
+            time.sleep(delay)
 
 
 def sampling_options(config: ClientConfig, tokenizer: Any, **options: Any) -> SamplingOptions:
@@ -326,6 +406,30 @@ def sampling_options(config: ClientConfig, tokenizer: Any, **options: Any) -> Sa
     )
 
 
+def generate_stream(
+    client: BackboneClient,
+    config: ClientConfig,
+    prompts: list[str],
+    keymanager: KeyManagerClient | None = None,
+    *,
+    ledger: PrivacyLedger | None = None,
+    **options: Any,
+) -> Iterator[TextDelta]:
+    """Complete ``prompts`` (one batched generation) with the adapters of the training
+    checkpoint (if any), yielding each prompt's new text as its tokens arrive: per step,
+    a :class:`TextDelta` for each prompt with new text, and a ``finished`` one where a
+    prompt's completion ends. What is sent is counted in ``ledger`` (see
+    :func:`split_session`); a lost stream or restarted backbone is replayed, invisible
+    here but for a slower step."""
+    train = config.training
+    tokenizer = AutoTokenizer.from_pretrained(str(train.model_path), local_files_only=True)
+    with split_session(client, config, keymanager, ledger=ledger) as split:
+        ids, mask = prompt_ids(tokenizer, prompts, chat_template=train.chat_template)
+        generator = SplitGenerator(split.head, split.body(), split.tail)
+        sampling = sampling_options(config, tokenizer, **options)
+        yield from text_deltas(generator.stream(ids, mask, sampling), tokenizer, len(prompts))
+
+
 def generate(
     client: BackboneClient,
     config: ClientConfig,
@@ -336,14 +440,12 @@ def generate(
     **options: Any,
 ) -> list[str]:
     """Complete ``prompts`` with the adapters of the training checkpoint (if any); what
-    is sent is counted in ``ledger`` (see :func:`split_session`)."""
-    train = config.training
-    tokenizer = AutoTokenizer.from_pretrained(str(train.model_path), local_files_only=True)
-    with split_session(client, config, keymanager, ledger=ledger) as split:
-        ids, mask = prompt_ids(tokenizer, prompts, chat_template=train.chat_template)
-        generator = SplitGenerator(split.head, split.body(), split.tail)
-        tokens = generator.generate(ids, mask, sampling_options(config, tokenizer, **options))
-    return [str(tokenizer.decode(row, skip_special_tokens=True)) for row in tokens.tolist()]
+    is sent is counted in ``ledger`` (see :func:`split_session`). The completions of
+    :func:`generate_stream`, whole."""
+    texts = [""] * len(prompts)
+    for delta in generate_stream(client, config, prompts, keymanager, ledger=ledger, **options):
+        texts[delta.index] += delta.text
+    return texts
 
 
 class Chat:
@@ -388,13 +490,22 @@ class Chat:
                 return tokens[-self.budget :]
             self.turns.pop(0)
 
-    def say(self, prompt: str) -> str:
+    def stream(self, prompt: str) -> Iterator[str]:
+        """The reply to ``prompt``, text as it arrives (leading whitespace left out); the
+        turn joins the conversation once the reply is complete."""
         tokens = self._tokens(prompt)
         ids = torch.tensor([tokens], dtype=torch.long)
-        out = self.generator.generate(ids, torch.ones_like(ids), self.options)
-        reply = str(self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)).strip()
-        self.turns.append((prompt, reply))
-        return reply
+        steps = self.generator.stream(ids, torch.ones_like(ids), self.options)
+        reply = ""
+        for delta in text_deltas(steps, self.tokenizer, 1):
+            text = delta.text if reply.strip() else delta.text.lstrip()
+            reply += delta.text
+            if text:
+                yield text
+        self.turns.append((prompt, reply.strip()))
+
+    def say(self, prompt: str) -> str:
+        return "".join(self.stream(prompt)).strip()
 
     def reset(self) -> None:
         self.turns.clear()
@@ -434,6 +545,9 @@ def federated_trainer(
             AggregatorClient(
                 channel,
                 chunk_bytes=min(config.backbone.chunk_bytes, UPLOAD_CHUNK_BYTES),
+                # The [backbone] section's deadlines: one link, one set of settings.
+                timeout_s=config.backbone.timeout_s,
+                transfer_timeout_s=config.backbone.transfer_timeout_s,
                 endpoint=Endpoint(
                     "aggregator", federated.aggregator, federated.server_name, tls.source_dir
                 ),

@@ -8,7 +8,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -56,6 +56,9 @@ from splitfed.wire import (
 
 logger = logging.getLogger(__name__)
 
+# Times a generation step reconnects and replays before its loss is the caller's.
+MAX_RECOVERIES = 5
+
 # Large enough for any activation a client receives (the backbone enforces its own).
 CLIENT_LIMITS = TensorLimits(max_tensor_bytes=8 << 30, max_rank=3)
 
@@ -70,7 +73,9 @@ class _Outbox:
     _END = object()
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue()
+        # SimpleQueue (C): a put and a get without Queue's Python-level condition
+        # variables, on every frame of every step (docs/benchmarks.md "Frame round trip").
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def put(self, item: Any) -> None:
         self._queue.put(item)
@@ -271,19 +276,34 @@ class TrainStream(_SessionStream):
         # Per request in flight: whether the meter counts it (EVAL passes are not).
         self._metered: deque[bool] = deque()
 
+    def forward(
+        self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
+    ) -> torch.Tensor:
+        self.send_forward(step, micro, hidden, mask, train=train)
+        return self.receive()[1]
+
+    def backward(self, step: int, micro: int, grad: torch.Tensor) -> torch.Tensor:
+        self.send_backward(step, micro, grad)
+        return self.receive()[1]
+
+    # Without waiting (clients/pipeline.py): sends return at once (the outbox is written
+    # by gRPC's thread); the backbone answers every request in the order it was sent.
+
     def send_forward(
         self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
     ) -> None:
+        """Send a FORWARD (an EVAL without ``train``) of h1 and the mask; its h2 comes
+        from :meth:`receive`."""
         op = backbone_pb2.TRAIN_OP_FORWARD if train else backbone_pb2.TRAIN_OP_EVAL
         metered = self.meter is not None and train
         if metered:
             assert self.meter is not None
-            # Counted before the sends: a payload larger than the socket's buffers blocks.
             self.meter.sent(_wire_nbytes(hidden, self.encoding) + mask.numel(), _raw_nbytes(hidden))
         self._metered.append(metered)
         self._send_forward(hidden, mask, op=op, step=step, micro_batch=micro)
 
     def send_backward(self, step: int, micro: int, grad: torch.Tensor) -> None:
+        """Send the BACKWARD of dL/dh2; its dL/dh1 comes from :meth:`receive`."""
         encoding = self._encodings.gradients
         if self.meter is not None:
             self.meter.sent(_wire_nbytes(grad, encoding), _raw_nbytes(grad))
@@ -299,8 +319,9 @@ class TrainStream(_SessionStream):
             micro_batch=micro,
         )
 
-    def receive(self) -> torch.Tensor:
-        """The reply tensor of the oldest request in flight (h2 or dL/dh1)."""
+    def receive(self) -> tuple[backbone_pb2.TrainResponse, torch.Tensor]:
+        """The next answer with a tensor: the response (its op, step, micro_batch) and
+        h2 or dL/dh1, the reply of the oldest request in flight."""
         started = time.perf_counter()
         try:
             message, tensor = self._stream.receive_tensor()
@@ -317,17 +338,7 @@ class TrainStream(_SessionStream):
                 message.compute_us / 1e6,
                 time.perf_counter() - started,
             )
-        return tensor
-
-    def forward(
-        self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
-    ) -> torch.Tensor:
-        self.send_forward(step, micro, hidden, mask, train=train)
-        return self.receive()
-
-    def backward(self, step: int, micro: int, grad: torch.Tensor) -> torch.Tensor:
-        self.send_backward(step, micro, grad)
-        return self.receive()
+        return message, tensor
 
     def step(self, step: int, client_sq_norm: float, max_grad_norm: float) -> StepResult:
         self._stream.send(
@@ -341,20 +352,60 @@ class TrainStream(_SessionStream):
 
 
 class GenerateStream(_SessionStream):
+    """The generation stream of one session. A forward whose mask is the previous one's
+    extended by ones (a decode step) sends h1 alone, flagged ``extend_mask``: with h1
+    within a chunk, a step is one request message and one response message."""
+
     spec = GENERATE_REQUEST
+    # The mask the backbone holds for this stream (its last forward's; None: none, or
+    # unknown after a failure), which a decode step's mask extends.
+    _mask: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self._forward(hidden, mask, op=backbone_pb2.GENERATE_OP_FORWARD)
+        last, self._mask = self._mask, None
+        op = backbone_pb2.GENERATE_OP_FORWARD
+        reply = self._reply("activations")
+        if last is not None and _extends(mask, last, hidden.shape[1]):
+            self._stream.send_tensor(
+                hidden,
+                "h1",
+                GENERATE_REQUEST,
+                self.encoding,
+                op=op,
+                extend_mask=True,
+                reply_encoding=reply,
+            )
+        else:
+            self._send_forward(hidden, mask, op=op)
+        _, output = self._stream.receive_tensor()
+        self._mask = mask
+        return output
 
     def reset(self) -> None:
+        self._mask = None
         self._stream.send(backbone_pb2.GenerateRequest(op=backbone_pb2.GENERATE_OP_RESET))
         self._stream.next()
 
     def trim(self, length: int) -> int:
+        last, self._mask = self._mask, None
         self._stream.send(
             backbone_pb2.GenerateRequest(op=backbone_pb2.GENERATE_OP_TRIM, length=length)
         )
-        return int(self._stream.next().message.cache_length)
+        kept = int(self._stream.next().message.cache_length)
+        if last is not None:
+            self._mask = last[:, :kept]
+        return kept
+
+
+def _extends(mask: torch.Tensor, last: torch.Tensor, new: int) -> bool:
+    """Whether ``mask`` is ``last`` followed by ``new`` columns of ones."""
+    known = last.shape[1]
+    return (
+        mask.dim() == 2
+        and tuple(mask.shape) == (last.shape[0], known + new)
+        and torch.equal(mask[:, :known], last)
+        and bool((mask[:, known:] == 1).all())
+    )
 
 
 class BackboneClient:
@@ -366,6 +417,7 @@ class BackboneClient:
         retry: RetryPolicy | None = None,
         timeout_s: float = 60.0,
         stream_timeout_s: float | None = None,
+        transfer_timeout_s: float = 600.0,
         endpoint: Endpoint | None = None,
     ) -> None:
         self._stub = backbone_pb2_grpc.BackboneStub(channel)
@@ -390,6 +442,8 @@ class BackboneClient:
         self.retry = retry or RetryPolicy()
         self.timeout_s = timeout_s
         self.stream_timeout_s = stream_timeout_s
+        # Adapter exports and imports: their bytes over the slowest link we serve.
+        self.transfer_timeout_s = transfer_timeout_s
 
     def _unary(self, what: str, call: Any) -> Any:
         try:
@@ -449,7 +503,7 @@ class BackboneClient:
             request = backbone_pb2.ExportAdapterRequest(
                 session_id=session_id, federation=federation, owner=owner
             )
-            responses = self._export(request, timeout=self.timeout_s)
+            responses = self._export(request, timeout=self.transfer_timeout_s)
             receiver = FrameReceiver(
                 crypto,
                 context=lambda frame: export_context(frame.message.step),
@@ -494,7 +548,9 @@ class BackboneClient:
 
         response = self._unary(
             "Backbone.ImportAdapter",
-            lambda: self._import(frames(), metadata=tuple(metadata), timeout=self.timeout_s),
+            lambda: self._import(
+                frames(), metadata=tuple(metadata), timeout=self.transfer_timeout_s
+            ),
         )
         return int(response.tensors)
 
@@ -553,16 +609,76 @@ class RemoteBody(nn.Module):
 
 
 class RemoteBodyStage:
-    """The body of :class:`~splitfed.models.generation.SplitGenerator`, on the backbone."""
+    """The body of :class:`~splitfed.models.generation.SplitGenerator`, on the backbone.
 
-    def __init__(self, stream: GenerateStream) -> None:
+    It keeps what it sent since the last :meth:`reset` (the prompt's h1 and mask, each
+    token's h1, the latest mask: the very values that went out, after any perturbation
+    above it). When the stream is lost and ``reconnect`` is given (it reopens the session,
+    waiting out a restarting backbone, and returns a fresh stream), the backbone's KV
+    cache is rebuilt: RESET, the prompt as it was sent, the tokens so far in one forward,
+    then the lost step again; the caller sees only a slower step."""
+
+    def __init__(
+        self,
+        stream: GenerateStream,
+        reconnect: Callable[[], GenerateStream] | None = None,
+        *,
+        max_recoveries: int = MAX_RECOVERIES,
+    ) -> None:
         self.stream = stream
+        self.reconnect = reconnect
+        self.max_recoveries = max_recoveries
+        self.recoveries = 0  # the cache rebuilds so far (for tests and logs)
+        self._prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tokens: list[torch.Tensor] = []
+        self._mask: torch.Tensor | None = None
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.stream.forward(hidden, attention_mask).to(hidden.device, hidden.dtype)
+        sent = hidden.detach()
+        try:
+            output = self.stream.forward(sent, attention_mask)
+        except StreamLostError as exc:
+            if self.reconnect is None:
+                raise
+            output = self._recover(exc, sent, attention_mask)
+        if self._prompt is None:
+            self._prompt = (sent, attention_mask)
+        else:
+            self._tokens.append(sent)
+            self._mask = attention_mask
+        return output.to(hidden.device, hidden.dtype)
 
     def reset(self) -> None:
-        self.stream.reset()
+        self._prompt, self._tokens, self._mask = None, [], None
+        try:
+            self.stream.reset()
+        except StreamLostError:
+            if self.reconnect is None:
+                raise
+            self.stream = self.reconnect()
+            self.stream.reset()
+
+    def _recover(
+        self, lost: StreamLostError, hidden: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Reconnect, rebuild the backbone's cache from what was sent, redo the step."""
+        assert self.reconnect is not None
+        for _ in range(self.max_recoveries):
+            replay = mask.shape[1] - hidden.shape[1]  # the positions the cache held
+            logger.warning("[generate] %s; reconnecting to replay %d positions", lost, replay)
+            self.stream = self.reconnect()  # waits out a restart; raises if it gives up
+            self.recoveries += 1
+            try:
+                self.stream.reset()
+                if self._prompt is not None:
+                    self.stream.forward(*self._prompt)
+                if self._tokens:
+                    assert self._mask is not None
+                    self.stream.forward(torch.cat(self._tokens, dim=1), self._mask)
+                return self.stream.forward(hidden, mask)
+            except StreamLostError as exc:
+                lost = exc
+        raise lost
 
 
 # Keys are fetched and rotated in the middle of training: a key manager that is restarting

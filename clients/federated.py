@@ -68,6 +68,7 @@ class AggregatorClient:
         chunk_bytes: int = UPLOAD_CHUNK_BYTES,
         retry: RetryPolicy = DEFAULT_RETRY,
         timeout_s: float = 60.0,
+        transfer_timeout_s: float = 600.0,
         endpoint: Endpoint | None = None,
     ) -> None:
         self._stub = aggregator_pb2_grpc.AggregatorStub(channel)
@@ -86,6 +87,8 @@ class AggregatorClient:
         self.chunk_bytes = chunk_bytes
         self.retry = retry
         self.timeout_s = timeout_s
+        # Uploads and downloads of updates: their bytes over the slowest link we serve.
+        self.transfer_timeout_s = transfer_timeout_s
 
     def _call(self, what: str, call: Callable[[], Any]) -> Any:
         try:
@@ -163,7 +166,8 @@ class AggregatorClient:
                     yield frame
 
         response: aggregator_pb2.UploadUpdateResponse = self._call(
-            "Aggregator.UploadUpdate", lambda: self._upload(frames(), timeout=self.timeout_s)
+            "Aggregator.UploadUpdate",
+            lambda: self._upload(frames(), timeout=self.transfer_timeout_s),
         )
         return response
 
@@ -182,7 +186,7 @@ class AggregatorClient:
 
             def chunks() -> Iterator[ChunkView]:
                 nonlocal got
-                for frame in self._download(request, timeout=self.timeout_s):
+                for frame in self._download(request, timeout=self.transfer_timeout_s):
                     got = frame.message.version
                     if frame.message.HasField("chunk"):
                         yield frame.chunk_view()

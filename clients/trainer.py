@@ -14,6 +14,10 @@ optionally the gradients sent back) are clipped per token and noised, and a priv
 ledger counts every release (training steps and evaluation passes) and reports the
 (epsilon, delta) spent (security/perturbation.py, security/releases.py, docs/privacy.md).
 
+The micro-batches of a step are pipelined (``TrainSettings.pipeline_window``, several in
+flight on the stream: :mod:`splitfed.clients.pipeline`), with the sequential step's
+result; ``pipeline_window = 0`` runs them one after the other through :class:`RemoteBody`.
+
 Why one module (over 500 lines): the optimizer step, the reconnect-and-redo path and the
 write-ahead checkpoint share one piece of state (the step in flight, its gradients and
 the session's step on the backbone); split apart, each would have to reach into the
@@ -54,8 +58,10 @@ from splitfed.clients.links import (
     WireEncodings,
     measure_rtt,
 )
+from splitfed.clients.pipeline import DEFAULT_WINDOW, pipelined_eval, pipelined_step, window_for
 from splitfed.config import build
 from splitfed.encodings import encoding_names
+from splitfed.errors import LimitExceededError
 from splitfed.logs import log_context, redact
 from splitfed.models.adapters import (
     AdapterSettings,
@@ -141,6 +147,10 @@ class TrainSettings:
     federation: str = ""
     rotate_key_every_steps: int = 0
     rotate_key_every_s: float = 0.0
+    # Micro-batches in flight on the stream at once (clients/pipeline.py): forwards that
+    # await their gradient on the backbone, at most its max_pending_passes (1 with
+    # client-batch); 0: the sequential step (head -> RemoteBody -> tail, one at a time).
+    pipeline_window: int = DEFAULT_WINDOW
     # A nested section of the config file: [training.perturbation] in TOML.
     perturbation: PerturbationSettings = field(default_factory=PerturbationSettings)
 
@@ -191,6 +201,10 @@ class TrainSettings:
         if self.max_grad_norm < 0:
             raise ValueError(
                 f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}"
+            )
+        if self.pipeline_window < 0:
+            raise ValueError(
+                f"pipeline_window must be >= 0 (0: the sequential step), got {self.pipeline_window}"
             )
 
 
@@ -279,6 +293,10 @@ class SplitTrainer:
         )
         self.link = LinkMeter()
         self.auto: AutoEncodings | None = None
+        # The pipeline window in use (0: sequential), within what the backbone admits;
+        # lowered for the rest of the run if the backbone's pending quotas refuse it.
+        self.window = 0
+        self._window_cap = settings.pipeline_window
         perturbation = settings.perturbation
         self.perturber = Perturber(perturbation) if perturbation.enabled else None
         # Every release (step attempts, evaluation passes; generation through the same
@@ -483,6 +501,8 @@ class SplitTrainer:
         )
         self.body = RemoteBody(self.stream)
         self.body.train()
+        requested = min(self.settings.pipeline_window, self._window_cap)
+        self.window = window_for(requested, self.session.info) if requested else 0
 
     def _reconnect(self) -> int:
         assert self.session is not None
@@ -501,9 +521,29 @@ class SplitTrainer:
     # --- training ------------------------------------------------------------------------
 
     def _forward_backward(self, step: int, release: int) -> tuple[float, float]:
-        assert self.body is not None
+        assert self.body is not None and self.stream is not None
         batches = self.data.for_step(step)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.window:
+            perturber = self.perturber
+            total = pipelined_step(
+                self.stream,
+                step,
+                batches,
+                head=self.head,
+                tail=self.tail,
+                loss=lambda logits, batch: causal_lm_loss(logits, batch.labels),
+                window=self.window,
+                hidden_hook=None
+                if perturber is None
+                else lambda h, mask, micro: perturber.hidden(h, mask, release=release, micro=micro),
+                grad_hook=None
+                if perturber is None or not self.settings.perturbation.gradient_enabled
+                else lambda g, mask, micro: perturber.gradient(
+                    g, mask, release=release, micro=micro
+                ),
+            )
+            return total, grad_sq_norm(self.params)
         self.body.begin_step(step)
         total = 0.0
         for micro, batch in enumerate(batches):
@@ -569,9 +609,21 @@ class SplitTrainer:
                     self._save_pending(step, loss, client_sq)
                 result = self.stream.step(step, client_sq, self.settings.max_grad_norm)
                 break
-            except StreamLostError as exc:
+            except (StreamLostError, LimitExceededError) as exc:
+                if isinstance(exc, LimitExceededError):
+                    # The backbone's pending quotas refuse this many passes in flight.
+                    if self.window <= 1:
+                        raise
+                    self._window_cap = self.window // 2
+                    logger.warning(
+                        "[trainer] step %d: %s; pipeline window lowered to %d",
+                        step,
+                        exc,
+                        self._window_cap,
+                    )
+                else:
+                    logger.warning("[trainer] step %d: %s; reconnecting", step, exc)
                 retries += 1
-                logger.warning("[trainer] step %d: %s; reconnecting", step, exc)
                 server_step = self._reconnect()
                 if server_step < step:
                     backward_done = False  # the backbone lost this step: redo it
@@ -662,6 +714,24 @@ class SplitTrainer:
             perturb = self.perturber is not None and perturbs(
                 self.settings.perturbation, EVALUATION
             )
+            if self.window:
+                assert self.stream is not None
+                perturber = self.perturber
+                losses = pipelined_eval(
+                    self.stream,
+                    self.step,
+                    [self.eval_data.batch(index) for index in range(count)],
+                    head=self.head,
+                    tail=self.tail,
+                    loss=lambda logits, batch: causal_lm_loss(logits, batch.labels),
+                    window=self.window,
+                    hidden_hook=None
+                    if perturber is None or not perturb
+                    else lambda h, mask, micro: perturber.hidden(
+                        h, mask, release=release, micro=micro, stream=EVAL_STREAM
+                    ),
+                )
+                return sum(losses) / len(losses)
             for index in range(count):
                 batch = self.eval_data.batch(index)
                 hidden = self.head(batch.input_ids, batch.attention_mask)

@@ -26,6 +26,10 @@ class EndpointSettings:
     # Plaintext without authentication: local debugging only.
     insecure: bool = False
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    # HTTP/2 keepalive: a ping after this long without traffic; the connection is given up
+    # when its answer takes longer than keepalive_timeout_s (docs/deploy.md "Over a WAN").
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
 
     def tls(self) -> TLSConfig:
         return tls_config(self.tls_dir, self.ca, self.cert, self.key, self.insecure)
@@ -43,12 +47,17 @@ class ServerSettings(EndpointSettings):
         parse_address(self.listen)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in 0-65535, got {self.metrics_port}")
-        TransportOptions(chunk_bytes=self.chunk_bytes, max_workers=self.max_workers)
+        self.options()
         if self.grace_s < 0:
             raise ValueError(f"grace_s must be >= 0, got {self.grace_s}")
 
     def options(self) -> TransportOptions:
-        return TransportOptions(chunk_bytes=self.chunk_bytes, max_workers=self.max_workers)
+        return TransportOptions(
+            chunk_bytes=self.chunk_bytes,
+            max_workers=self.max_workers,
+            keepalive_time_s=self.keepalive_time_s,
+            keepalive_timeout_s=self.keepalive_timeout_s,
+        )
 
     def metrics_endpoint(self, listen: str | None = None) -> tuple[str, int] | None:
         """(host, port) of the metrics endpoint: ``metrics_port`` on the host of
@@ -91,13 +100,25 @@ class ConnectSettings(EndpointSettings):
     address: str
     # The name the server's certificate must carry (default: the host in address).
     server_name: str | None = None
+    # Deadlines: control calls (open a session, join a round, ...), and calls that move
+    # adapters or updates, which take bytes / bandwidth (a 7B LoRA adapter of ~70 MB
+    # needs ~30 s at 20 Mbit/s). Training and generation streams have none: a dead peer
+    # is found by the keepalive instead (docs/deploy.md "Over a WAN").
+    timeout_s: float = 60.0
+    transfer_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         parse_address(self.address)
-        TransportOptions(chunk_bytes=self.chunk_bytes)
+        self.options()
+        if self.timeout_s <= 0 or self.transfer_timeout_s <= 0:
+            raise ValueError("timeout_s and transfer_timeout_s must be positive")
 
     def options(self) -> TransportOptions:
-        return TransportOptions(chunk_bytes=self.chunk_bytes)
+        return TransportOptions(
+            chunk_bytes=self.chunk_bytes,
+            keepalive_time_s=self.keepalive_time_s,
+            keepalive_timeout_s=self.keepalive_timeout_s,
+        )
 
 
 @dataclass(frozen=True)

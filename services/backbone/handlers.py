@@ -21,6 +21,7 @@ from splitfed.protocol.backbone import (
     FORWARD_TENSORS,
     GENERATE_RESPONSE,
     GRAD_TENSORS,
+    H1_TENSORS,
     IMPORT_CONTEXT,
     TRAIN_RESPONSE,
     ModelInfo,
@@ -63,6 +64,8 @@ def model_info(state: BackboneState, keys: BackboneKeys | None = None) -> ModelI
         encodings=tuple(s.encodings),
         adapter_mode=s.adapter_mode,
         encryption=keys is not None and keys.available,
+        max_pending_passes=s.max_pending_passes,
+        client_batch=s.client_batch,
     )
 
 
@@ -276,18 +279,25 @@ def handle_generate(
     stream: SessionStream, frames: Iterable[IncomingFrame[backbone_pb2.GenerateRequest]]
 ) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
     state, session = stream.state, stream.session
+    # The attention mask of this stream's last FORWARD (trimmed with the cache): what a
+    # FORWARD with ``extend_mask`` extends by ones instead of sending it again.
+    last_mask: torch.Tensor | None = None
     with stream.receiving(training=False) as (_, inbox):
         for frame in frames:
             request = frame.message
             session.touch()
             op = request.op
             if op == backbone_pb2.GENERATE_OP_FORWARD:
-                args = inbox.arguments(frame, FORWARD_TENSORS)
+                extend = request.extend_mask
+                args = inbox.arguments(frame, H1_TENSORS if extend else FORWARD_TENSORS)
                 if args is None:
                     continue
                 started = time.perf_counter()
                 encoding = stream.reply_encoding(request.reply_encoding, session.encoding)
-                out = state.generate(session, args["h1"], args["attention_mask"])
+                hidden = args["h1"]
+                mask = extended_mask(last_mask, hidden) if extend else args["attention_mask"]
+                out = state.generate(session, hidden, mask)
+                last_mask = mask
                 length = session.cache.length if session.cache is not None else 0
                 yield from stream.output_frames(
                     out,
@@ -299,13 +309,32 @@ def handle_generate(
                 )
             elif op == backbone_pb2.GENERATE_OP_RESET:
                 state.queue.run_for(session, partial(state.reset_cache, session))
+                last_mask = None
                 yield backbone_pb2.GenerateResponse(op=op, cache_length=0)
             elif op == backbone_pb2.GENERATE_OP_TRIM:
                 target = request.length
                 length = state.queue.run_for(session, partial(state.trim_cache, session, target))
+                if last_mask is not None:
+                    last_mask = last_mask[:, :length]
                 yield backbone_pb2.GenerateResponse(op=op, cache_length=length)
             else:
                 raise InvalidArgumentError(f"unknown generation operation {op}")
+
+
+def extended_mask(last: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """A FORWARD with ``extend_mask``: the stream's last mask extended by ones for the
+    new positions of ``hidden``."""
+    if last is None:
+        raise InvalidArgumentError(
+            "extend_mask needs an earlier forward on this stream (since its last reset) "
+            "whose attention mask it extends; send the attention_mask"
+        )
+    if hidden.dim() != 3 or hidden.shape[0] != last.shape[0]:
+        raise InvalidArgumentError(
+            f"extend_mask: h1 has shape {list(hidden.shape)}, the mask it extends "
+            f"{last.shape[0]} rows; every step of a generation has the rows of its prompt"
+        )
+    return torch.cat([last, last.new_ones((last.shape[0], hidden.shape[1]))], dim=1)
 
 
 def handle_export(

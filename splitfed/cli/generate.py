@@ -27,9 +27,11 @@ from splitfed.errors import SplitfedError
 def generate(
     ctx: click.Context, config_path: Path, prompts: tuple[str, ...], max_new_tokens: int | None
 ) -> None:
-    """Generate with the split model: the body runs on the backbone with a KV cache."""
-    from splitfed.clients.app import ClientConfig, backbone_client, keymanager_for
-    from splitfed.clients.app import generate as run_generate
+    """Generate with the split model: the body runs on the backbone with a KV cache.
+
+    One prompt: its completion is printed as the tokens arrive. Several: they run as one
+    batch, and each completion is printed when it ends (its prompt above it)."""
+    from splitfed.clients.app import ClientConfig, backbone_client, generate_stream, keymanager_for
 
     try:
         config = ClientConfig.load(config_path)
@@ -37,14 +39,23 @@ def generate(
         fail(ctx, exc, usage=True)
         return
     options: dict[str, Any] = {} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}
+    texts = [""] * len(prompts)
+    started = False
     try:
         with backbone_client(config.backbone) as client, keymanager_for(config) as keys:
-            outputs = run_generate(client, config, list(prompts), keys, **options)
+            for delta in generate_stream(client, config, list(prompts), keys, **options):
+                if len(prompts) > 1:
+                    texts[delta.index] += delta.text
+                    if delta.finished:
+                        click.echo(f"> {prompts[delta.index]}\n{texts[delta.index]}")
+                    continue
+                if not started:  # the prompt once the first token is back
+                    click.echo(f"> {prompts[0]}")
+                    started = True
+                click.echo(delta.text, nl=delta.finished)  # click.echo flushes
     except (ValueError, RuntimeError, SplitfedError) as exc:
         fail(ctx, exc, usage=False)
         return
-    for prompt, output in zip(prompts, outputs, strict=True):
-        click.echo(f"> {prompt}\n{output}")
 
 
 @click.command()
@@ -126,7 +137,10 @@ def chat(
                     click.echo("(conversation forgotten)")
                     continue
                 if text:
-                    click.echo(f"model> {conversation.say(text)}")
+                    click.echo("model> ", nl=False)
+                    for piece in conversation.stream(text):
+                        click.echo(piece, nl=False)
+                    click.echo()
     except (ValueError, RuntimeError, SplitfedError) as exc:
         fail(ctx, exc, usage=False)
         return

@@ -43,6 +43,8 @@ FRAME_SPECS = (
 
 # The tensors a forward pass (training, evaluation, generation) and a backward pass send.
 FORWARD_TENSORS = frozenset({"h1", "attention_mask"})
+# A generation forward with ``extend_mask`` (the stream's last mask, extended by ones).
+H1_TENSORS = frozenset({"h1"})
 GRAD_TENSORS = frozenset({"grad_h2"})
 
 # The FrameContext op of sealed adapter transfers (encrypted sessions, docs/wire.md):
@@ -178,6 +180,10 @@ class ModelInfo:
     encodings: tuple[str, ...] = ()
     adapter_mode: str = ""
     encryption: bool = False
+    # Training forwards of one session that may await their gradient (0: not stated);
+    # client-batch: passes merged across sessions (a pipelining client sends in order).
+    max_pending_passes: int = 0
+    client_batch: bool = False
 
     def to_proto(self) -> backbone_pb2.ModelInfo:
         return to_message(

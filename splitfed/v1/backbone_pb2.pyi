@@ -72,8 +72,8 @@ class _GenerateOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GenerateOp
     DESCRIPTOR: _descriptor.EnumDescriptor
     GENERATE_OP_UNSPECIFIED: _GenerateOp.ValueType  # 0
     GENERATE_OP_FORWARD: _GenerateOp.ValueType  # 1
-    """Request: tensors "h1" (the new positions) and "attention_mask" (all positions);
-    response: tensor "h2".
+    """Request: tensors "h1" (the new positions) and "attention_mask" (all positions),
+    or with `extend_mask` "h1" alone; response: tensor "h2".
     """
     GENERATE_OP_RESET: _GenerateOp.ValueType  # 2
     """Request: empty the session's KV cache."""
@@ -84,8 +84,8 @@ class GenerateOp(_GenerateOp, metaclass=_GenerateOpEnumTypeWrapper): ...
 
 GENERATE_OP_UNSPECIFIED: GenerateOp.ValueType  # 0
 GENERATE_OP_FORWARD: GenerateOp.ValueType  # 1
-"""Request: tensors "h1" (the new positions) and "attention_mask" (all positions);
-response: tensor "h2".
+"""Request: tensors "h1" (the new positions) and "attention_mask" (all positions),
+or with `extend_mask` "h1" alone; response: tensor "h2".
 """
 GENERATE_OP_RESET: GenerateOp.ValueType  # 2
 """Request: empty the session's KV cache."""
@@ -110,6 +110,8 @@ class ModelInfo(_message.Message):
     ENCODINGS_FIELD_NUMBER: _builtins.int
     ADAPTER_MODE_FIELD_NUMBER: _builtins.int
     ENCRYPTION_FIELD_NUMBER: _builtins.int
+    MAX_PENDING_PASSES_FIELD_NUMBER: _builtins.int
+    CLIENT_BATCH_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     family: _builtins.str
     """Model family in splitfed's registry ("llama", "glm", "gpt2", "chatglm")."""
@@ -127,6 +129,15 @@ class ModelInfo(_message.Message):
     """"per-client" (each session trains its own body adapter) or "shared" (one for all)."""
     encryption: _builtins.bool
     """Whether the backbone can encrypt activations (it has a key manager to get keys from)."""
+    max_pending_passes: _builtins.int
+    """The most training FORWARDs of one session that may await their BACKWARD at once
+    (0: not stated); a pipelining client keeps its window within it.
+    """
+    client_batch: _builtins.bool
+    """Whether training passes of concurrent sessions run merged (client-batch): every
+    member must then send its FORWARDs and BACKWARDs in the sequential order
+    (FORWARD i, BACKWARD i, FORWARD i+1, ...), i.e. a pipelining window of 1.
+    """
     @_builtins.property
     def encodings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Wire encodings the backbone accepts for activations ("raw", "bf16", "int8")."""
@@ -147,10 +158,12 @@ class ModelInfo(_message.Message):
         encodings: _abc.Iterable[_builtins.str] | None = ...,
         adapter_mode: _builtins.str = ...,
         encryption: _builtins.bool = ...,
+        max_pending_passes: _builtins.int = ...,
+        client_batch: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mode", b"adapter_mode", "dtype", b"dtype", "encodings", b"encodings", "encryption", b"encryption", "family", b"family", "hidden_size", b"hidden_size", "max_batch_size", b"max_batch_size", "max_sequence_length", b"max_sequence_length", "min_k", b"min_k", "min_m", b"min_m", "model_id", b"model_id", "num_layers", b"num_layers", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mode", b"adapter_mode", "client_batch", b"client_batch", "dtype", b"dtype", "encodings", b"encodings", "encryption", b"encryption", "family", b"family", "hidden_size", b"hidden_size", "max_batch_size", b"max_batch_size", "max_pending_passes", b"max_pending_passes", "max_sequence_length", b"max_sequence_length", "min_k", b"min_k", "min_m", b"min_m", "model_id", b"model_id", "num_layers", b"num_layers", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -577,9 +590,16 @@ class GenerateRequest(_message.Message):
     OP_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
+    EXTEND_MASK_FIELD_NUMBER: _builtins.int
     REPLY_ENCODING_FIELD_NUMBER: _builtins.int
     op: Global___GenerateOp.ValueType
     length: _builtins.int
+    extend_mask: _builtins.bool
+    """FORWARD: no "attention_mask" is sent; the mask is the one of this stream's previous
+    FORWARD (after any TRIM) extended by ones for the new positions, as in a decode
+    step. INVALID_ARGUMENT on a stream without a previous FORWARD (or after RESET), or
+    when h1's rows differ from that mask's. Set on every frame of the step's h1.
+    """
     reply_encoding: _builtins.str
     """FORWARD: wire encoding of the reply's h2 (empty: the session's encoding); one of
     ModelInfo.encodings, as TrainRequest.reply_encoding.
@@ -592,11 +612,12 @@ class GenerateRequest(_message.Message):
         op: Global___GenerateOp.ValueType = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
         length: _builtins.int = ...,
+        extend_mask: _builtins.bool = ...,
         reply_encoding: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "length", b"length", "op", b"op", "reply_encoding", b"reply_encoding"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "extend_mask", b"extend_mask", "length", b"length", "op", b"op", "reply_encoding", b"reply_encoding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

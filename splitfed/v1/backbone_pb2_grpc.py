@@ -110,8 +110,10 @@ class BackboneServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Generate(self, request_iterator, context):
-        """Generation: one frame set per step (h1 of the new positions, the full mask),
-        answered by h2, against the session's KV cache; reset and trim the cache.
+        """Generation: one frame set per step (h1 of the new positions, the full mask, or
+        with `extend_mask` h1 alone), answered by h2, against the session's KV cache;
+        reset and trim the cache. A decode step whose h1 fits a chunk is one request
+        message and one response message.
         The session id travels in the call metadata "x-splitfed-session".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

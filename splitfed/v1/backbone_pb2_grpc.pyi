@@ -46,8 +46,10 @@ class BackboneStub:
     The session id travels in the call metadata "x-splitfed-session".
     """
     Generate: _grpc.StreamStreamMultiCallable[_backbone_pb2.GenerateRequest, _backbone_pb2.GenerateResponse]
-    """Generation: one frame set per step (h1 of the new positions, the full mask),
-    answered by h2, against the session's KV cache; reset and trim the cache.
+    """Generation: one frame set per step (h1 of the new positions, the full mask, or
+    with `extend_mask` h1 alone), answered by h2, against the session's KV cache;
+    reset and trim the cache. A decode step whose h1 fits a chunk is one request
+    message and one response message.
     The session id travels in the call metadata "x-splitfed-session".
     """
     ExportAdapter: _grpc.UnaryStreamMultiCallable[_backbone_pb2.ExportAdapterRequest, _backbone_pb2.ExportAdapterResponse]
@@ -78,8 +80,10 @@ class BackboneAsyncStub(BackboneStub):
     The session id travels in the call metadata "x-splitfed-session".
     """
     Generate: _aio.StreamStreamMultiCallable[_backbone_pb2.GenerateRequest, _backbone_pb2.GenerateResponse]  # type: ignore[assignment]
-    """Generation: one frame set per step (h1 of the new positions, the full mask),
-    answered by h2, against the session's KV cache; reset and trim the cache.
+    """Generation: one frame set per step (h1 of the new positions, the full mask, or
+    with `extend_mask` h1 alone), answered by h2, against the session's KV cache;
+    reset and trim the cache. A decode step whose h1 fits a chunk is one request
+    message and one response message.
     The session id travels in the call metadata "x-splitfed-session".
     """
     ExportAdapter: _aio.UnaryStreamMultiCallable[_backbone_pb2.ExportAdapterRequest, _backbone_pb2.ExportAdapterResponse]  # type: ignore[assignment]
@@ -137,8 +141,10 @@ class BackboneServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_backbone_pb2.GenerateRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_backbone_pb2.GenerateResponse], _abc.AsyncIterator[_backbone_pb2.GenerateResponse]]:
-        """Generation: one frame set per step (h1 of the new positions, the full mask),
-        answered by h2, against the session's KV cache; reset and trim the cache.
+        """Generation: one frame set per step (h1 of the new positions, the full mask, or
+        with `extend_mask` h1 alone), answered by h2, against the session's KV cache;
+        reset and trim the cache. A decode step whose h1 fits a chunk is one request
+        message and one response message.
         The session id travels in the call metadata "x-splitfed-session".
         """
 

@@ -24,6 +24,27 @@ def test_transport_bench_prints_ratios_and_writes_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_frames_bench_prints_its_ratios_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "frames.json"
+    tiny = ["--repeats", "1", "--round-trips", "2", "--warmup", "1", "--json", str(out)]
+    result = run_bench("frames.py", *tiny)
+    expected = {
+        "frame round trip bare/splitfed 2MiB",
+        "frame round trip bare/splitfed decode step",
+        "frame round trip bare/splitfed",
+    }
+    lines = [line for line in result.stdout.splitlines() if line.startswith("ratio ")]
+    assert {line[6:].rsplit(":", 1)[0] for line in lines} == expected
+    figures = json.loads(out.read_text())
+    assert set(figures["ratios"]) == expected
+    ratios = figures["ratios"]
+    assert ratios["frame round trip bare/splitfed"] == min(ratios.values())
+    for frame in ("2MiB", "decode step"):
+        times = figures["frames"][frame]["round_trip_s"]
+        assert all(len(times[path]) == 1 and times[path][0] > 0 for path in ("bare", "splitfed"))
+
+
+@pytest.mark.slow
 @pytest.mark.long
 def test_split_overhead_bench_prints_ratios_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "split.json"

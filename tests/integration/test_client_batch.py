@@ -232,9 +232,10 @@ def test_a_client_that_goes_away_makes_the_others_redo_the_step(backbone: Deploy
 
 
 def test_trainers_with_accumulation_train_together(tmp_path: Path) -> None:
-    """Two SplitTrainers (two micro-batches per step) on one client-batch backbone: they
-    finish, and both sessions see the one adapter they trained (which this deployment
-    lets clients read: export_shared_adapter)."""
+    """Two SplitTrainers (two micro-batches per step) on one client-batch backbone, one
+    sequential and one pipelined (its window 1 there: the sequential order on the wire,
+    which merged passes need): they finish, and both sessions see the one adapter they
+    trained (which this deployment lets clients read: export_shared_adapter)."""
     dep = deployment(
         tmp_path,
         adapter_mode="shared",
@@ -256,10 +257,12 @@ def test_trainers_with_accumulation_train_together(tmp_path: Path) -> None:
                     batch_size=2,
                     accumulation=2,
                     max_length=32,
+                    pipeline_window=0 if identity == "hospital-a" else 4,
                 )
                 trainer = SplitTrainer(client, settings, LORA, optimizer)
                 reports = trainer.run()
                 trainer.close()
+                assert trainer.window == (0 if identity == "hospital-a" else 1)
                 assert trainer.session is not None
                 return [r.loss for r in reports], trainer.session.session_id
 

@@ -426,6 +426,45 @@ def test_encrypted_training_with_rotation_equals_plain_training(stack: Stack) ->
     assert trainer.crypto is not None and trainer.crypto.key_id == 3  # rotated at 3 and 5
 
 
+def test_pipelined_encrypted_training_equals_sequential_encrypted_training(
+    stack: Stack,
+) -> None:
+    """Three micro-batches in flight on a sealed stream (clients/pipeline.py), with a key
+    rotation, give the sequential step's losses and adapters."""
+
+    def run(window: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+        settings = TrainSettings(
+            data=BUNDLED_DATASET,
+            model_path=stack.backbone.model_path,
+            max_steps=3,
+            batch_size=2,
+            accumulation=3,
+            max_length=32,
+            encrypted=True,
+            rotate_key_every_steps=2,
+            pipeline_window=window,
+        )
+        channel, client = stack.backbone_client(stack.alice)
+        with channel:
+            trainer = SplitTrainer(
+                client, settings, LORA, OPTIMIZER, keymanager=stack.keys(stack.alice)
+            )
+            reports = trainer.run()
+            assert trainer.window == window and all(r.retries == 0 for r in reports)
+            assert trainer.session is not None
+            body = client.export_adapter(trainer.session.session_id, trainer.crypto)
+            trainer.close(delete_session=True)
+        tensors = {**trainer.adapter_tensors(), **{f"body.{k}": v for k, v in body.items()}}
+        return [r.loss for r in reports], tensors
+
+    sequential_losses, sequential = run(0)
+    losses, tensors = run(3)
+    assert losses == pytest.approx(sequential_losses, abs=1e-5)
+    assert tensors.keys() == sequential.keys()
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor, sequential[name], rtol=0, atol=1e-5)
+
+
 def test_sealed_chunks_cannot_be_replayed_into_another_stream_of_the_session(
     stack: Stack,
 ) -> None:

@@ -13,7 +13,7 @@ import torch
 from backbone_kit import Deployment, deployment
 
 from splitfed.clients.backbone import BackboneClient, GenerateStream, TrainStream
-from splitfed.clients.links import LinkMeter, WireEncodings
+from splitfed.clients.links import LADDER, LinkMeter, WireEncodings
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.errors import InvalidArgumentError
 from splitfed.models.adapters import AdapterSettings
@@ -164,18 +164,20 @@ def train(dep: Deployment, steps: int = 3, **overrides: Any) -> tuple[SplitTrain
 
 
 @pytest.mark.slow
-def test_trainer_encodings_auto_stays_raw_on_loopback_and_explicit_ones_are_used(
+def test_trainer_encodings_auto_measures_and_explicit_ones_are_used(
     backbone: Deployment,
 ) -> None:
     trainer, auto = train(backbone, encoding="auto", encoding_every=1)
-    assert [r.encodings for r in auto] == [RAW] * 3
-    assert trainer.auto is not None and trainer.auto.estimate is not None  # it measured
-    assert trainer.auto.estimate.rtt_s < 0.002
+    # It starts raw and decides from measurements (what it picks depends on this
+    # machine's timings, so only its start and that it measured are checked here).
+    assert auto[0].encodings == RAW
+    assert all(r.encodings in LADDER for r in auto)
+    assert trainer.auto is not None and trainer.auto.estimate is not None
     _, raw = train(backbone)
     _, bf16 = train(backbone, encoding="bf16", gradient_encoding="bf16")
     assert [r.encodings for r in raw] == [RAW] * 3
     assert [r.encodings for r in bf16] == [BF16] * 3
-    assert [r.loss for r in auto] == [r.loss for r in raw]
+    assert auto[0].loss == raw[0].loss
     # bf16 on all four tensors: the same losses within bf16's rounding.
     torch.testing.assert_close(
         torch.tensor([r.loss for r in bf16]), torch.tensor([r.loss for r in raw]), rtol=1e-2, atol=0

@@ -16,6 +16,7 @@ from splitfed.wire import (
     ReceiveBudget,
     TensorAssembler,
     TensorLimits,
+    dtype_to_proto,
     iter_chunks,
     iter_tensors,
 )
@@ -352,3 +353,39 @@ def test_a_sink_gets_encoded_tensors_decoded() -> None:
     expected = tensor.to(torch.bfloat16).to(torch.float32)
     assert bytes(sink.data) == expected.numpy().tobytes()
     assert sink.begun == [("w", torch.float32, [6, 4])]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1000, 64 * 1024 - 1, 64 * 1024, 200_000, 1 << 20])
+def test_a_flipped_bit_anywhere_in_a_multi_block_tensor_is_data_loss(chunk_bytes: int) -> None:
+    # Received bytes are check-summed and copied a block (64 KiB) at a time: a bit flipped
+    # in any block, across chunk and block boundaries, still fails the checksum, and an
+    # intact stream arrives bit-exact.
+    tensor = torch.arange(300_000, dtype=torch.int32)  # 1.2 MB: many blocks
+    [received] = iter_tensors(iter_chunks(tensor, "t", chunk_bytes=chunk_bytes))
+    assert torch.equal(received.tensor, tensor)
+    for flipped in (0, 64 * 1024 - 1, 64 * 1024, 700_001, 4 * 300_000 - 1):
+        chunks = list(iter_chunks(tensor, "t", chunk_bytes=chunk_bytes))
+        seq, offset = divmod(flipped, chunk_bytes)
+        data = bytearray(chunks[seq].data)
+        data[offset] ^= 0x10
+        chunks[seq].data = bytes(data)
+        with pytest.raises(DataLossError, match="checksum mismatch"):
+            list(iter_tensors(chunks))
+
+
+def test_a_header_that_passed_once_is_still_checked_against_its_own_limits() -> None:
+    # TensorLimits remembers headers that passed; others are still refused, and two
+    # limits with different memories are equal.
+    limits = TensorLimits(max_tensor_bytes=1024, max_rank=2)
+    float32 = dtype_to_proto(torch.float32)
+    first = limits.check("h1", float32, [4, 8], "raw")
+    assert limits.check("h1", float32, [4, 8], "raw") == first
+    with pytest.raises(LimitExceededError):
+        limits.check("h1", float32, [4, 80], "raw")
+    with pytest.raises(InvalidArgumentError, match="rank"):
+        limits.check("h1", float32, [1, 4, 8], "raw")
+    for i in range(300):  # more passed headers than it keeps
+        limits.check(f"t{i}", float32, [i % 8, 1], "raw")
+    assert len(limits._passed) <= 256
+    assert limits == TensorLimits(max_tensor_bytes=1024, max_rank=2)
+    assert hash(limits) == hash(TensorLimits(max_tensor_bytes=1024, max_rank=2))
