@@ -33,6 +33,7 @@ from splitfed.clients.backbone import (
 from splitfed.clients.data import conversation_tokens, left_padded, prompt_tokens
 from splitfed.clients.federated import UPLOAD_CHUNK_BYTES, AggregatorClient, FederatedTrainer
 from splitfed.clients.keys import CertificateRenewer, KeyManagerClient
+from splitfed.clients.links import AUTO
 from splitfed.clients.streaming import TextDelta, text_deltas
 from splitfed.clients.trainer import RECONNECT, SplitTrainer, TrainSettings
 from splitfed.config import build, read_config, section
@@ -332,6 +333,8 @@ def split_session(
     if train.encrypted:
         assert keymanager is not None
         crypto = client_crypto(keymanager, session.session_id)
+    # "auto" chooses training's encodings; a token's hidden state is small: raw.
+    encoding = "raw" if train.encoding == AUTO else train.encoding
 
     def reopen(current: str) -> tuple[str, GenerateStream]:
         nonlocal crypto
@@ -351,10 +354,10 @@ def split_session(
             if train.encrypted:
                 assert keymanager is not None
                 crypto = client_crypto(keymanager, reopened.session_id)
-        stream = GenerateStream(client, reopened.session_id, train.encoding, crypto)
+        stream = GenerateStream(client, reopened.session_id, encoding, crypto)
         return reopened.session_id, stream
 
-    stream = GenerateStream(client, session.session_id, train.encoding, crypto)
+    stream = GenerateStream(client, session.session_id, encoding, crypto)
     split = SplitSession(
         head,
         tail,

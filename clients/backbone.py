@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -14,6 +16,8 @@ import torch
 from torch import nn
 
 from splitfed.clients.keys import KeyManagerClient
+from splitfed.clients.links import LinkMeter, WireEncodings
+from splitfed.encodings import get_encoding
 from splitfed.errors import error_from_rpc, rpc_status
 from splitfed.failures import ConnectionFailedError, Endpoint, call_failure
 from splitfed.protocol.backbone import (
@@ -113,6 +117,7 @@ class _Stream:
         )
         self._responses: Iterator[IncomingFrame[Any]] = iter(self._call)
         self._lock = threading.Lock()
+        self.last_encoding = "raw"
 
     def send_tensor(
         self, tensor: torch.Tensor, name: str, spec: FrameSpec[Any], encoding: str, **fields: Any
@@ -140,11 +145,14 @@ class _Stream:
             raise _translate(err, self.endpoint) from None
 
     def receive_tensor(self) -> tuple[Any, torch.Tensor]:
+        """The next tensor and the message of its last frame (:attr:`last_encoding`: the
+        encoding it came in)."""
         with TensorAssembler(CLIENT_LIMITS) as assembler:
             while True:
                 frame = self.next()
                 received = self._receiver.feed(assembler, frame)
                 if received is not None:
+                    self.last_encoding = received.encoding
                     return frame.message, received.tensor
 
     def close(self) -> None:
@@ -171,9 +179,23 @@ def _translate(err: grpc.RpcError, endpoint: Endpoint | None = None) -> Exceptio
     return mapped if mapped is not None else RuntimeError(f"backbone failed: {details}")
 
 
+def _wire_nbytes(tensor: torch.Tensor, encoding: str) -> int:
+    return get_encoding(encoding).encoded_nbytes(tensor.dtype, tuple(tensor.shape))
+
+
+def _raw_nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 class _SessionStream:
     """A stream of one session (Train or Generate): forward passes send h1 and the
-    attention mask under ``spec`` and await h2."""
+    attention mask under ``spec`` and await h2.
+
+    ``encodings``: a :class:`WireEncodings` (h1 and h2 in its activation encoding, asked
+    for in each request's ``reply_encoding``; on the training stream dL/dh2 and dL/dh1 in
+    its gradient encoding), or a name (the older form: h1 in it, h2 in the session's
+    encoding, gradients raw both ways). Set :attr:`encodings` between steps to change them.
+    """
 
     spec: FrameSpec[Any]
 
@@ -181,18 +203,44 @@ class _SessionStream:
         self,
         client: BackboneClient,
         session_id: str,
-        encoding: str,
+        encodings: WireEncodings | str,
         crypto: SessionCrypto | None = None,
     ) -> None:
-        self.encoding = encoding
+        self.encodings = encodings
         call = client.train_call if self.spec is TRAIN_REQUEST else client.generate_call
         self._stream = _Stream(
             call, session_id, client.chunk_bytes, client.stream_timeout_s, crypto, client.endpoint
         )
 
-    def _send_forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> None:
-        self._stream.send_tensor(hidden, "h1", self.spec, self.encoding, **fields)
-        self._stream.send_tensor(mask.to(torch.int8), "attention_mask", self.spec, "raw", **fields)
+    @property
+    def encodings(self) -> WireEncodings:
+        return self._encodings
+
+    @encodings.setter
+    def encodings(self, encodings: WireEncodings | str) -> None:
+        # A name keeps the replies as the session set them (no reply_encoding sent).
+        self._explicit = isinstance(encodings, WireEncodings)
+        self._encodings = (
+            encodings if isinstance(encodings, WireEncodings) else WireEncodings(encodings, "raw")
+        )
+
+    @property
+    def encoding(self) -> str:
+        """The activation encoding (h1)."""
+        return self._encodings.activations
+
+    def _reply(self, kind: str) -> str:
+        return getattr(self._encodings, kind) if self._explicit else ""
+
+    def _send_forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> int:
+        """Send h1 and its mask; the bytes put on the wire."""
+        encoding, reply = self._encodings.activations, self._reply("activations")
+        self._stream.send_tensor(hidden, "h1", self.spec, encoding, reply_encoding=reply, **fields)
+        mask = mask.to(torch.int8)
+        self._stream.send_tensor(
+            mask, "attention_mask", self.spec, "raw", reply_encoding=reply, **fields
+        )
+        return _wire_nbytes(hidden, encoding) + _raw_nbytes(mask)
 
     def _forward(self, hidden: torch.Tensor, mask: torch.Tensor, **fields: int) -> torch.Tensor:
         self._send_forward(hidden, mask, **fields)
@@ -204,9 +252,29 @@ class _SessionStream:
 
 
 class TrainStream(_SessionStream):
-    """The training stream of one session."""
+    """The training stream of one session.
+
+    ``meter`` (optional) counts every training exchange (FORWARD, BACKWARD): bytes both
+    ways, wall time, the backbone's ``compute_us`` and the time spent waiting for the
+    reply (:class:`~splitfed.clients.links.LinkMeter`). The ``send_*`` / :meth:`receive`
+    pair lets a caller keep several requests in flight; replies come in request order.
+    """
 
     spec = TRAIN_REQUEST
+
+    def __init__(
+        self,
+        client: BackboneClient,
+        session_id: str,
+        encodings: WireEncodings | str = "raw",
+        crypto: SessionCrypto | None = None,
+        *,
+        meter: LinkMeter | None = None,
+    ) -> None:
+        super().__init__(client, session_id, encodings, crypto)
+        self.meter = meter
+        # Per request in flight: whether the meter counts it (EVAL passes are not).
+        self._metered: deque[bool] = deque()
 
     def forward(
         self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
@@ -227,15 +295,25 @@ class TrainStream(_SessionStream):
         """Send a FORWARD (an EVAL without ``train``) of h1 and the mask; its h2 comes
         from :meth:`receive`."""
         op = backbone_pb2.TRAIN_OP_FORWARD if train else backbone_pb2.TRAIN_OP_EVAL
+        metered = self.meter is not None and train
+        if metered:
+            assert self.meter is not None
+            self.meter.sent(_wire_nbytes(hidden, self.encoding) + mask.numel(), _raw_nbytes(hidden))
+        self._metered.append(metered)
         self._send_forward(hidden, mask, op=op, step=step, micro_batch=micro)
 
     def send_backward(self, step: int, micro: int, grad: torch.Tensor) -> None:
         """Send the BACKWARD of dL/dh2; its dL/dh1 comes from :meth:`receive`."""
+        encoding = self._encodings.gradients
+        if self.meter is not None:
+            self.meter.sent(_wire_nbytes(grad, encoding), _raw_nbytes(grad))
+        self._metered.append(self.meter is not None)
         self._stream.send_tensor(
             grad,
             "grad_h2",
             TRAIN_REQUEST,
-            "raw",
+            encoding,
+            reply_encoding=self._reply("gradients"),
             op=backbone_pb2.TRAIN_OP_BACKWARD,
             step=step,
             micro_batch=micro,
@@ -243,8 +321,23 @@ class TrainStream(_SessionStream):
 
     def receive(self) -> tuple[backbone_pb2.TrainResponse, torch.Tensor]:
         """The next answer with a tensor: the response (its op, step, micro_batch) and
-        h2 or dL/dh1."""
-        message, tensor = self._stream.receive_tensor()
+        h2 or dL/dh1, the reply of the oldest request in flight."""
+        started = time.perf_counter()
+        try:
+            message, tensor = self._stream.receive_tensor()
+        except StreamLostError:
+            self._metered.clear()
+            if self.meter is not None:
+                self.meter.reset()
+            raise
+        metered = self._metered.popleft() if self._metered else False
+        if metered and self.meter is not None:
+            self.meter.replied(
+                _wire_nbytes(tensor, self._stream.last_encoding),
+                _raw_nbytes(tensor),
+                message.compute_us / 1e6,
+                time.perf_counter() - started,
+            )
         return message, tensor
 
     def step(self, step: int, client_sq_norm: float, max_grad_norm: float) -> StepResult:
@@ -271,15 +364,19 @@ class GenerateStream(_SessionStream):
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         last, self._mask = self._mask, None
         op = backbone_pb2.GENERATE_OP_FORWARD
+        reply = self._reply("activations")
         if last is not None and _extends(mask, last, hidden.shape[1]):
             self._stream.send_tensor(
-                hidden, "h1", GENERATE_REQUEST, self.encoding, op=op, extend_mask=True
+                hidden,
+                "h1",
+                GENERATE_REQUEST,
+                self.encoding,
+                op=op,
+                extend_mask=True,
+                reply_encoding=reply,
             )
         else:
-            self._stream.send_tensor(hidden, "h1", GENERATE_REQUEST, self.encoding, op=op)
-            self._stream.send_tensor(
-                mask.to(torch.int8), "attention_mask", GENERATE_REQUEST, "raw", op=op
-            )
+            self._send_forward(hidden, mask, op=op)
         _, output = self._stream.receive_tensor()
         self._mask = mask
         return output

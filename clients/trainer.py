@@ -50,8 +50,17 @@ from splitfed.clients.backbone import (
 )
 from splitfed.clients.data import MicroBatches, read_examples
 from splitfed.clients.keys import KeyManagerClient
+from splitfed.clients.links import (
+    AUTO,
+    LADDER,
+    AutoEncodings,
+    LinkMeter,
+    WireEncodings,
+    measure_rtt,
+)
 from splitfed.clients.pipeline import DEFAULT_WINDOW, pipelined_eval, pipelined_step, window_for
 from splitfed.config import build
+from splitfed.encodings import encoding_names
 from splitfed.errors import LimitExceededError
 from splitfed.logs import log_context, redact
 from splitfed.models.adapters import (
@@ -123,7 +132,14 @@ class TrainSettings:
     shuffle: bool = True
     # Format examples with the tokenizer's chat template when it has one.
     chat_template: bool = True
+    # Wire encoding of the activations (h1 sent, h2 replied): "raw", "bf16", "int8", or
+    # "auto": chosen per link from the measured bandwidth, RTT and compute time, for the
+    # gradients too (clients/links.py, docs/wire.md). Of the gradients (dL/dh2 sent,
+    # dL/dh1 replied): gradient_encoding, "" = raw (with "auto" leave it "").
     encoding: str = "raw"
+    gradient_encoding: str = ""
+    # With encoding = "auto": choose after the first step, then every N steps.
+    encoding_every: int = 4
     # Seal activations and gradients with the session's data keys (needs the key manager:
     # [security] keymanager); rotate the key every N steps and/or seconds (0: never).
     encrypted: bool = False
@@ -153,11 +169,33 @@ class TrainSettings:
                 "perturbation must be a mapping with the fields of PerturbationSettings "
                 f"(clip_norm, noise_multiplier, ...), got {perturbation!r}"
             )
+        known = encoding_names()
+        if self.encoding not in (*known, AUTO):
+            raise ValueError(
+                f"encoding {self.encoding!r} is unknown; use {AUTO!r} or one of {', '.join(known)}"
+            )
+        if self.gradient_encoding and self.gradient_encoding not in known:
+            raise ValueError(
+                f"gradient_encoding {self.gradient_encoding!r} is unknown; use one of "
+                f"{', '.join(known)}"
+            )
+        if self.encoding == AUTO and self.gradient_encoding:
+            raise ValueError(
+                'encoding = "auto" chooses the gradients\' encoding too; leave gradient_encoding '
+                "unset, or name both encodings"
+            )
         if self.rotate_key_every_steps < 0 or self.rotate_key_every_s < 0:
             raise ValueError("rotate_key_every_steps and rotate_key_every_s must be >= 0")
         if (self.rotate_key_every_steps or self.rotate_key_every_s) and not self.encrypted:
             raise ValueError("key rotation needs encrypted = true")
-        for name in ("batch_size", "accumulation", "max_steps", "max_length", "checkpoint_every"):
+        for name in (
+            "batch_size",
+            "accumulation",
+            "max_steps",
+            "max_length",
+            "checkpoint_every",
+            "encoding_every",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_grad_norm < 0:
@@ -187,6 +225,8 @@ class StepReport:
     epsilon: float | None = None
     delta: float | None = None
     step_epsilon: float | None = None
+    # The wire encodings the step ran with (None: a step finished from a checkpoint).
+    encodings: WireEncodings | None = None
 
 
 @dataclass
@@ -244,6 +284,15 @@ class SplitTrainer:
         self.step = 0
         self.stream: TrainStream | None = None
         self.body: RemoteBody | None = None
+        # The wire encodings of the next step; with encoding = "auto", ``auto`` changes
+        # them between steps from what ``link`` measures on the stream.
+        self.encodings = (
+            WireEncodings()
+            if settings.encoding == AUTO
+            else WireEncodings(settings.encoding, settings.gradient_encoding or "raw")
+        )
+        self.link = LinkMeter()
+        self.auto: AutoEncodings | None = None
         # The pipeline window in use (0: sequential), within what the backbone admits;
         # lowered for the rest of the run if the backbone's pending quotas refuse it.
         self.window = 0
@@ -355,7 +404,8 @@ class SplitTrainer:
             m=self.settings.m,
             adapter=self.adapter,
             optimizer=self.optimizer_settings,
-            encoding=self.settings.encoding,
+            # h2's encoding for a backbone that predates reply_encoding.
+            encoding="" if self.settings.encoding == AUTO else self.settings.encoding,
             session_id=session_id,
             encrypted=self.settings.encrypted,
             federation=self.settings.federation,
@@ -400,10 +450,29 @@ class SplitTrainer:
                     f"the backbone's session is at step {self.session.step} but the client "
                     f"checkpoint at step {self.step}; they cannot be brought together"
                 )
+        if self.settings.encoding == AUTO:
+            self._start_auto(self.session)
         self._open_stream()
         if ahead:
             self._finish_pending()
         return self.session
+
+    def _start_auto(self, session: SessionInfo) -> None:
+        """``encoding = "auto"``: start raw (or the most precise encodings the backbone
+        accepts) and let the policy decide from the first step's measurements on."""
+        accepted = session.info.encodings or tuple(encoding_names())
+        self.auto = AutoEncodings(
+            accepted,
+            lambda: measure_rtt(self.client.model_info),
+            every=self.settings.encoding_every,
+        )
+        if not self.encodings.usable(accepted):
+            self.encodings = next((r for r in LADDER if r.usable(accepted)), self.encodings)
+        self.auto.current = self.encodings
+        logger.info(
+            "[SplitTrainer.start] wire encodings chosen per link (auto), starting with %s",
+            self.encodings,
+        )
 
     def _resume(self, session_id: str) -> SessionInfo:
         """Reopen the session (``session_id`` "": open a new one), waiting out a backbone
@@ -426,8 +495,9 @@ class SplitTrainer:
         if self.settings.encrypted and self.crypto is None:
             assert self.keymanager is not None
             self.crypto = client_crypto(self.keymanager, self.session.session_id)
+        self.link.reset()  # nothing of a lost stream is in flight any more
         self.stream = TrainStream(
-            self.client, self.session.session_id, self.settings.encoding, self.crypto
+            self.client, self.session.session_id, self.encodings, self.crypto, meter=self.link
         )
         self.body = RemoteBody(self.stream)
         self.body.train()
@@ -529,6 +599,7 @@ class SplitTrainer:
         retries = 0
         loss, client_sq = math.nan, 0.0
         backward_done = False
+        encodings = self.encodings
         while True:
             assert self.stream is not None
             try:
@@ -560,7 +631,27 @@ class SplitTrainer:
                     raise RuntimeError(
                         f"the backbone is at step {server_step}, past {step}"
                     ) from exc
-        return self._apply(step, loss, client_sq, result, started, retries)
+        wall = time.monotonic() - started
+        report = self._apply(step, loss, client_sq, result, started, retries)
+        report.encodings = encodings
+        self._observe_link(step, wall, retries)
+        return report
+
+    def _observe_link(self, step: int, wall_s: float, retries: int) -> None:
+        """After a step: hand its link measurements to the policy (``auto``), which may
+        change the encodings for the next step. A step that reconnected measured the
+        reconnection, not the link: it is left out."""
+        sample = self.link.finish_step(wall_s)
+        if self.auto is None or retries:
+            return
+        chosen = self.auto.observe(sample)
+        if chosen is not None:
+            logger.info(
+                "[SplitTrainer.train_step] wire encodings from step %d: %s", step + 1, chosen
+            )
+            self.encodings = chosen
+            if self.stream is not None:
+                self.stream.encodings = chosen
 
     def _apply(
         self,

@@ -4,6 +4,7 @@ errors for everything wrong. The servicer only converts messages and calls these
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from splitfed.encodings import get_encoding
 from splitfed.errors import DataLossError, FailedPreconditionError, InvalidArgumentError
 from splitfed.logs import log_context, redact
 from splitfed.protocol.backbone import (
@@ -172,10 +174,31 @@ class SessionStream:
         )
 
     def output_frames(
-        self, h2: torch.Tensor, spec: FrameSpec[Any], **fields: int
+        self, h2: torch.Tensor, spec: FrameSpec[Any], *, encoding: str = "", **fields: int
     ) -> Iterator[OutgoingFrame]:
-        """The frames of a forward pass's output, in the session's encoding."""
-        return self.frames({"h2": h2}, spec, encoding=self.session.encoding, **fields)
+        """The frames of a forward pass's output, in ``encoding`` (empty: the session's)."""
+        return self.frames({"h2": h2}, spec, encoding=encoding or self.session.encoding, **fields)
+
+    def reply_encoding(self, requested: str, default: str) -> str:
+        """The encoding a request asked for its reply in (``reply_encoding``), checked
+        against the backbone's accepted encodings; ``default`` when it asked for none."""
+        if not requested:
+            return default
+        accepted = self.state.settings.encodings
+        if requested not in accepted:
+            raise InvalidArgumentError(
+                f"reply encoding {requested[:64]!r} is not accepted; use one of "
+                f"{', '.join(accepted)}"
+            )
+        if not get_encoding(requested).supports(self.state.shared.dtype):
+            raise InvalidArgumentError(
+                f"reply encoding {requested!r} does not apply to {self.state.shared.dtype}"
+            )
+        return requested
+
+
+def _elapsed_us(started: float) -> int:
+    return int((time.perf_counter() - started) * 1e6)
 
 
 def handle_train(
@@ -209,18 +232,33 @@ def handle_train(
                     continue
                 step, micro = request.step, request.micro_batch
                 current = None
+                started = time.perf_counter()
                 if op == backbone_pb2.TRAIN_OP_BACKWARD:
+                    encoding = stream.reply_encoding(request.reply_encoding, "raw")
                     out = state.run_backward(session, step, micro, args["grad_h2"])
                     yield from stream.frames(
-                        {"grad_h1": out}, TRAIN_RESPONSE, op=op, step=step, micro_batch=micro
+                        {"grad_h1": out},
+                        TRAIN_RESPONSE,
+                        encoding=encoding,
+                        op=op,
+                        step=step,
+                        micro_batch=micro,
+                        compute_us=_elapsed_us(started),
                     )
                 else:
+                    encoding = stream.reply_encoding(request.reply_encoding, session.encoding)
                     train = op == backbone_pb2.TRAIN_OP_FORWARD
                     out = state.run_forward(
                         session, step, micro, args["h1"], args["attention_mask"], train=train
                     )
                     yield from stream.output_frames(
-                        out, TRAIN_RESPONSE, op=op, step=step, micro_batch=micro
+                        out,
+                        TRAIN_RESPONSE,
+                        encoding=encoding,
+                        op=op,
+                        step=step,
+                        micro_batch=micro,
+                        compute_us=_elapsed_us(started),
                     )
             elif op == backbone_pb2.TRAIN_OP_STEP:
                 step, command = request.step, StepCommand.from_proto(request.command)
@@ -254,12 +292,21 @@ def handle_generate(
                 args = inbox.arguments(frame, H1_TENSORS if extend else FORWARD_TENSORS)
                 if args is None:
                     continue
+                started = time.perf_counter()
+                encoding = stream.reply_encoding(request.reply_encoding, session.encoding)
                 hidden = args["h1"]
                 mask = extended_mask(last_mask, hidden) if extend else args["attention_mask"]
                 out = state.generate(session, hidden, mask)
                 last_mask = mask
                 length = session.cache.length if session.cache is not None else 0
-                yield from stream.output_frames(out, GENERATE_RESPONSE, op=op, cache_length=length)
+                yield from stream.output_frames(
+                    out,
+                    GENERATE_RESPONSE,
+                    encoding=encoding,
+                    op=op,
+                    cache_length=length,
+                    compute_us=_elapsed_us(started),
+                )
             elif op == backbone_pb2.GENERATE_OP_RESET:
                 state.queue.run_for(session, partial(state.reset_cache, session))
                 last_mask = None

@@ -509,11 +509,18 @@ class TrainRequest(_message.Message):
     MICRO_BATCH_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
+    REPLY_ENCODING_FIELD_NUMBER: _builtins.int
     op: Global___TrainOp.ValueType
     step: _builtins.int
     """1-based optimizer step this frame belongs to."""
     micro_batch: _builtins.int
     """Micro-batch within the step (gradient accumulation)."""
+    reply_encoding: _builtins.str
+    """Wire encoding of this request's reply tensor: h2 for FORWARD and EVAL, dL/dh1 for
+    BACKWARD. Empty: the session's encoding for h2, "raw" for dL/dh1. It must be one of
+    ModelInfo.encodings (INVALID_ARGUMENT otherwise); read from the frame that completes
+    the request's tensors. Lets a client change encodings between steps, per tensor kind.
+    """
     @_builtins.property
     def chunk(self) -> _tensor_pb2.TensorChunk: ...
     @_builtins.property
@@ -526,10 +533,11 @@ class TrainRequest(_message.Message):
         micro_batch: _builtins.int = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
         command: Global___StepCommand | None = ...,
+        reply_encoding: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "command", b"command"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "command", b"command", "micro_batch", b"micro_batch", "op", b"op", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "command", b"command", "micro_batch", b"micro_batch", "op", b"op", "reply_encoding", b"reply_encoding", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -544,9 +552,15 @@ class TrainResponse(_message.Message):
     MICRO_BATCH_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
+    COMPUTE_US_FIELD_NUMBER: _builtins.int
     op: Global___TrainOp.ValueType
     step: _builtins.int
     micro_batch: _builtins.int
+    compute_us: _builtins.int
+    """FORWARD, EVAL and BACKWARD replies: microseconds the backbone spent on the request
+    between its last tensor arriving and its reply tensor being ready (its turn on the
+    compute queue and the pass), so a client can tell link time from compute time.
+    """
     @_builtins.property
     def chunk(self) -> _tensor_pb2.TensorChunk: ...
     @_builtins.property
@@ -559,10 +573,11 @@ class TrainResponse(_message.Message):
         micro_batch: _builtins.int = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
         result: Global___StepResult | None = ...,
+        compute_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "micro_batch", b"micro_batch", "op", b"op", "result", b"result", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "compute_us", b"compute_us", "micro_batch", b"micro_batch", "op", b"op", "result", b"result", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -576,6 +591,7 @@ class GenerateRequest(_message.Message):
     CHUNK_FIELD_NUMBER: _builtins.int
     LENGTH_FIELD_NUMBER: _builtins.int
     EXTEND_MASK_FIELD_NUMBER: _builtins.int
+    REPLY_ENCODING_FIELD_NUMBER: _builtins.int
     op: Global___GenerateOp.ValueType
     length: _builtins.int
     extend_mask: _builtins.bool
@@ -583,6 +599,10 @@ class GenerateRequest(_message.Message):
     FORWARD (after any TRIM) extended by ones for the new positions, as in a decode
     step. INVALID_ARGUMENT on a stream without a previous FORWARD (or after RESET), or
     when h1's rows differ from that mask's. Set on every frame of the step's h1.
+    """
+    reply_encoding: _builtins.str
+    """FORWARD: wire encoding of the reply's h2 (empty: the session's encoding); one of
+    ModelInfo.encodings, as TrainRequest.reply_encoding.
     """
     @_builtins.property
     def chunk(self) -> _tensor_pb2.TensorChunk: ...
@@ -593,10 +613,11 @@ class GenerateRequest(_message.Message):
         chunk: _tensor_pb2.TensorChunk | None = ...,
         length: _builtins.int = ...,
         extend_mask: _builtins.bool = ...,
+        reply_encoding: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "extend_mask", b"extend_mask", "length", b"length", "op", b"op"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "extend_mask", b"extend_mask", "length", b"length", "op", b"op", "reply_encoding", b"reply_encoding"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,9 +630,12 @@ class GenerateResponse(_message.Message):
     OP_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     CACHE_LENGTH_FIELD_NUMBER: _builtins.int
+    COMPUTE_US_FIELD_NUMBER: _builtins.int
     op: Global___GenerateOp.ValueType
     cache_length: _builtins.int
     """Positions in the cache after this request."""
+    compute_us: _builtins.int
+    """FORWARD: as TrainResponse.compute_us."""
     @_builtins.property
     def chunk(self) -> _tensor_pb2.TensorChunk: ...
     def __init__(
@@ -620,10 +644,11 @@ class GenerateResponse(_message.Message):
         op: Global___GenerateOp.ValueType = ...,
         chunk: _tensor_pb2.TensorChunk | None = ...,
         cache_length: _builtins.int = ...,
+        compute_us: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_length", b"cache_length", "chunk", b"chunk", "op", b"op"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_length", b"cache_length", "chunk", b"chunk", "compute_us", b"compute_us", "op", b"op"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

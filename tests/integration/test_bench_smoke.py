@@ -145,3 +145,17 @@ def test_gpu_scale_bench_runs_tiny_on_cpu_and_writes_json(tmp_path: Path) -> Non
     assert set(figures["figures"]["generation_sessions"]["concurrent"]) == {"1", "4"}
     assert figures["machine"]["device"] == "cpu"
     assert (tmp_path / "gpu_scale_backbone.log").exists()
+
+
+@pytest.mark.slow
+def test_encoding_fidelity_bench_prints_ratios_and_writes_curves(tmp_path: Path) -> None:
+    out = tmp_path / "encodings.json"
+    tiny = ["--steps", "2", "--layers", "3", "--tokens", "17", "--vocab", "128", "--active", "8"]
+    result = run_bench(
+        "encoding_fidelity.py", *tiny, "--encodings", "raw/raw,int8/bf16", "--json", str(out)
+    )
+    assert "ratio final loss act-int8+grad-bf16/raw: " in result.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures["ratios"]) == {"final loss act-int8+grad-bf16/raw"}
+    assert [len(curve) for curve in figures["curves"].values()] == [2, 2]
+    assert figures["rows"]["raw"]["mean_abs_diff"] == 0
