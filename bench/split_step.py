@@ -177,26 +177,27 @@ class SplitClient:
         mask: torch.Tensor,
         *,
         pipelined: bool = False,
-        micro_batches: int = 4,
+        micro_batches: int | None = None,
         window: int = DEFAULT_WINDOW,
     ) -> float:
         """One split training step (forward, backward, the norm exchange, AdamW on both
-        sides); its seconds. The batch goes as one pass, or ``pipelined`` as
-        ``micro_batches`` micro-batches of its rows with up to ``window`` in flight
-        (clients/pipeline.py: the SDK's pipelined step; the body is the remote one)."""
+        sides); its seconds. The batch goes as ``micro_batches`` micro-batches of its rows
+        (default: one pass, or four ``pipelined``): one after another through the remote
+        body, or ``pipelined`` with up to ``window`` in flight (clients/pipeline.py: the
+        SDK's pipelined step)."""
         start = time.perf_counter()
         self.step_number += 1
         self.optimizer.zero_grad(set_to_none=True)
+        count = micro_batches or (4 if pipelined else 1)
+        batches = [
+            Rows(rows, rows_mask)
+            for rows, rows_mask in zip(ids.chunk(count), mask.chunk(count), strict=True)
+        ]
         if pipelined:
             pipelined_step(
                 self.stream,
                 self.step_number,
-                [
-                    Rows(rows, rows_mask)
-                    for rows, rows_mask in zip(
-                        ids.chunk(micro_batches), mask.chunk(micro_batches), strict=True
-                    )
-                ],
+                batches,
                 head=self.head,
                 tail=self.tail,
                 loss=lambda logits, rows: causal_lm_loss(logits, rows.input_ids),
@@ -204,8 +205,12 @@ class SplitClient:
             )
         else:
             self.remote.begin_step(self.step_number)
-            logits = self.tail(self.body(self.head(ids, mask), mask), mask)
-            causal_lm_loss(logits, ids).backward()
+            for rows in batches:
+                hidden = self.body(
+                    self.head(rows.input_ids, rows.attention_mask), rows.attention_mask
+                )
+                logits = self.tail(hidden, rows.attention_mask)
+                (causal_lm_loss(logits, rows.input_ids) / len(batches)).backward()
         client_sq = grad_sq_norm(self.params)
         result = self.stream.step(self.step_number, client_sq, MAX_NORM)
         scale_grads(self.params, clip_factor(client_sq + result.backbone_grad_sq_norm, MAX_NORM))

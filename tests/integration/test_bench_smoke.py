@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import run_bench
+from helpers import bench_module, run_bench
 
 
 @pytest.mark.slow
@@ -159,3 +159,25 @@ def test_encoding_fidelity_bench_prints_ratios_and_writes_curves(tmp_path: Path)
     assert set(figures["ratios"]) == {"final loss act-int8+grad-bf16/raw"}
     assert [len(curve) for curve in figures["curves"].values()] == [2, 2]
     assert figures["rows"]["raw"]["mean_abs_diff"] == 0
+
+
+@pytest.mark.slow
+def test_wan_bench_prints_its_ratios_over_emulated_links(tmp_path: Path) -> None:
+    reason = bench_module("wanlink").unavailable()
+    if reason is not None:
+        pytest.skip(f"the WAN harness cannot run here: {reason}")
+    out = tmp_path / "wan.json"
+    args = ["--tiny", "--quick", "--profiles", "lan,wan", "--json", str(out)]
+    result = run_bench("wan.py", *args)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("ratio ")]
+    figures = json.loads(out.read_text())
+    assert set(figures["ratios"]) == {line[6:].rsplit(":", 1)[0] for line in lines}
+    assert {
+        "step wan/lan",
+        "step wan/lan sequential",
+        "step wan/lan pipelined raw",
+        "generation wan steps/s / floor",
+        "bytes per step int8/raw",
+    } <= set(figures["ratios"])
+    assert figures["figures"]["checks"]["wan"]["within_10_percent"] in (True, False)
+    assert set(figures["figures"]["profiles"]["lan"]["bytes_per_token"]) == {"raw", "bf16", "int8"}
