@@ -46,6 +46,7 @@ from splitfed.wire import (
     FrameSpec,
     IncomingFrame,
     OutgoingFrame,
+    PackedFrame,
     TensorAssembler,
     TensorLimits,
 )
@@ -113,6 +114,8 @@ class _Stream:
         )
         self._responses: Iterator[IncomingFrame[Any]] = iter(self._call)
         self._lock = threading.Lock()
+        # One for the stream (no budget: nothing held between tensors), not one per tensor.
+        self._assembler = TensorAssembler(CLIENT_LIMITS)
 
     def send_tensor(
         self, tensor: torch.Tensor, name: str, spec: FrameSpec[Any], encoding: str, **fields: Any
@@ -140,12 +143,16 @@ class _Stream:
             raise _translate(err, self.endpoint) from None
 
     def receive_tensor(self) -> tuple[Any, torch.Tensor]:
-        with TensorAssembler(CLIENT_LIMITS) as assembler:
+        assembler = self._assembler
+        try:
             while True:
                 frame = self.next()
                 received = self._receiver.feed(assembler, frame)
                 if received is not None:
                     return frame.message, received.tensor
+        except BaseException:
+            assembler.close()  # a tensor cut short is not continued by the next call
+            raise
 
     def close(self) -> None:
         self._outbox.close()
@@ -440,7 +447,7 @@ class BackboneClient:
         if federation or owner:
             metadata += [(FEDERATION_METADATA, federation), (OWNER_METADATA, owner)]
 
-        def frames() -> Iterator[OutgoingFrame]:
+        def frames() -> Iterator[OutgoingFrame | PackedFrame]:
             return tensor_frames(
                 tensors,
                 IMPORT_REQUEST,
