@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,25 @@ _SENT_CHUNKS = metrics.WIRE_CHUNKS.labels(direction="sent")
 _RECEIVED_BYTES = metrics.WIRE_BYTES.labels(direction="received")
 _RECEIVED_CHUNKS = metrics.WIRE_CHUNKS.labels(direction="received")
 SUPPORTED_DTYPES: frozenset[torch.dtype] = frozenset(_DTYPE_TO_PROTO)
+# The wire dtypes NumPy has (not bfloat16): a raw payload of one of these goes between
+# tensor and bytes through NumPy views, with one torch call instead of five to eight.
+# On a stream's hot path each torch call costs microseconds, more than NumPy's
+# (docs/benchmarks.md "Frame round trip"). Little-endian hosts only (the wire's order).
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = (
+    {
+        torch.float32: np.dtype(np.float32),
+        torch.float16: np.dtype(np.float16),
+        torch.float64: np.dtype(np.float64),
+        torch.int64: np.dtype(np.int64),
+        torch.int32: np.dtype(np.int32),
+        torch.int16: np.dtype(np.int16),
+        torch.int8: np.dtype(np.int8),
+        torch.uint8: np.dtype(np.uint8),
+        torch.bool: np.dtype(np.bool_),
+    }
+    if sys.byteorder == "little"
+    else {}
+)
 M = TypeVar("M", bound=Message)
 
 
@@ -512,6 +532,8 @@ class _Packing(NamedTuple):
     head: bytes
     mid: bytes
     tail: bytes
+    # Raw, of a dtype NumPy has: the payload is a NumPy view of the tensor.
+    numpy: bool
 
 
 class PackedFrame(NamedTuple):
@@ -637,7 +659,9 @@ class FrameSpec(Generic[M]):
         if not 0 < nbytes <= chunk_bytes:
             return None
         layout = self._layout(fields, name, dtype_value, shape, enc.name, nbytes)
-        return None if layout is None else _Packing(enc, nbytes, *layout)
+        if layout is None:
+            return None
+        return _Packing(enc, nbytes, *layout, enc.name == "raw" and dtype in _NUMPY_DTYPES)
 
     def _layout(
         self,
@@ -767,8 +791,12 @@ def pack_frame(
     packing = spec.packing(fields or {}, name, tensor.dtype, tensor.shape, encoding, chunk_bytes)
     if packing is None:
         return None
-    enc, nbytes, head, mid, tail = packing
-    payload: Payload = enc.encode(tensor.detach().cpu()).numpy()
+    enc, nbytes, head, mid, tail, numpy = packing
+    payload: Payload
+    if numpy:  # detached, on the CPU, in one torch call; then row-major bytes
+        payload = np.ascontiguousarray(tensor.numpy(force=True)).reshape(-1).view(np.uint8)
+    else:
+        payload = enc.encode(tensor.detach().cpu()).numpy()
     crc = google_crc32c.value(payload)
     wire = b"".join((head, crc.to_bytes(4, "little"), mid, payload.data, tail))
     if crc == 0:  # protobuf leaves a zero checksum out: the message path writes it so
@@ -956,16 +984,23 @@ class TensorAssembler(Closing):
         if budget is not None:
             budget.reserve(reserved, f"tensor {name!r}")
         try:
-            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            buffer = np.empty(nbytes, dtype=np.uint8)
             if nbytes:
-                crc = _check_and_copy(0, np.frombuffer(data, dtype=np.uint8), buffer.numpy(), 0)
+                crc = _check_and_copy(0, np.frombuffer(data, dtype=np.uint8), buffer, 0)
                 _RECEIVED_BYTES.inc(nbytes)
                 if crc != header.crc32c:
                     raise DataLossError(
                         f"tensor {name!r}: checksum mismatch (crc32c {crc:#010x}, "
                         f"header says {header.crc32c:#010x})"
                     )
-            tensor = _decode(encoding, buffer, dtype, list(header.shape), repr(name))
+            as_numpy = _NUMPY_DTYPES.get(dtype) if encoding.name == "raw" else None
+            if as_numpy is None:
+                payload = torch.from_numpy(buffer)
+                tensor = _decode(encoding, payload, dtype, list(header.shape), repr(name))
+            else:  # what RawEncoding.decode does, in NumPy views and one torch call
+                if dtype == torch.bool and nbytes and int(buffer.max()) > 1:
+                    raise InvalidArgumentError("bool tensor payload holds bytes other than 0 and 1")
+                tensor = torch.from_numpy(buffer.view(as_numpy).reshape(tuple(header.shape)))
         except BaseException:
             if budget is not None:
                 budget.release(reserved)
