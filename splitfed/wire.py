@@ -792,11 +792,14 @@ def pack_frame(
     if packing is None:
         return None
     enc, nbytes, head, mid, tail, numpy = packing
-    payload: Payload
-    if numpy:  # detached, on the CPU, in one torch call; then row-major bytes
-        payload = np.ascontiguousarray(tensor.numpy(force=True)).reshape(-1).view(np.uint8)
+    payload: np.ndarray[Any, Any]
+    if numpy:  # detached, on the CPU, in one torch call; its buffer is the raw payload
+        payload = tensor.numpy(force=True)
+        if not payload.flags.c_contiguous:
+            payload = np.ascontiguousarray(payload)  # row-major, as the wire wants
     else:
         payload = enc.encode(tensor.detach().cpu()).numpy()
+    # Both read a C-contiguous array's buffer as its bytes, whatever its dtype and shape.
     crc = google_crc32c.value(payload)
     wire = b"".join((head, crc.to_bytes(4, "little"), mid, payload.data, tail))
     if crc == 0:  # protobuf leaves a zero checksum out: the message path writes it so

@@ -94,6 +94,10 @@ def cases(draw: st.DrawFn) -> tuple[FrameSpec[Any], torch.Tensor, str, str, dict
         tensor = torch.randint(0, 2, shape, generator=generator).bool()
     else:
         tensor = torch.randint(-100 if dtype != torch.uint8 else 0, 100, shape).to(dtype)
+    if tensor.dim() >= 2 and draw(st.booleans()):
+        tensor = tensor.transpose(0, 1)  # not contiguous: its bytes are row-major anyway
+    if dtype.is_floating_point and draw(st.booleans()):
+        tensor = tensor.requires_grad_()
     name = draw(st.text(max_size=12))
     scalars = _scalar_fields(spec)
     chosen = draw(st.lists(st.sampled_from(sorted(scalars)), unique=True)) if scalars else []
