@@ -987,9 +987,14 @@ class TensorAssembler(Closing):
         if budget is not None:
             budget.reserve(reserved, f"tensor {name!r}")
         try:
-            buffer = np.empty(nbytes, dtype=np.uint8)
-            if nbytes:
+            buffer: Payload
+            if nbytes <= _COPY_BLOCK:  # small: copy, then check the copy (in the cache)
+                buffer = np.frombuffer(bytearray(data), dtype=np.uint8)
+                crc = google_crc32c.value(buffer) if nbytes else header.crc32c
+            else:  # one pass over memory for both, a block at a time
+                buffer = np.empty(nbytes, dtype=np.uint8)
                 crc = _check_and_copy(0, np.frombuffer(data, dtype=np.uint8), buffer, 0)
+            if nbytes:
                 _RECEIVED_BYTES.inc(nbytes)
                 if crc != header.crc32c:
                     raise DataLossError(
@@ -1000,10 +1005,11 @@ class TensorAssembler(Closing):
             if as_numpy is None:
                 payload = torch.from_numpy(buffer)
                 tensor = _decode(encoding, payload, dtype, list(header.shape), repr(name))
-            else:  # what RawEncoding.decode does, in NumPy views and one torch call
+            else:  # what RawEncoding.decode does, as one NumPy array and one torch call
+                array = np.ndarray(tuple(header.shape), dtype=as_numpy, buffer=buffer)
                 if dtype == torch.bool and nbytes and int(buffer.max()) > 1:
                     raise InvalidArgumentError("bool tensor payload holds bytes other than 0 and 1")
-                tensor = torch.from_numpy(buffer.view(as_numpy).reshape(tuple(header.shape)))
+                tensor = torch.from_numpy(array)
         except BaseException:
             if budget is not None:
                 budget.release(reserved)
