@@ -2,17 +2,21 @@
 
 * :func:`to_proto` / :func:`from_proto` convert a whole tensor to one ``Tensor`` message.
 * :func:`iter_chunks` splits a tensor into ``TensorChunk`` messages, header first;
-  :func:`iter_frames` writes the same chunks in place into a stream's own messages.
+  :func:`iter_frames` writes the same chunks in place into a stream's own messages;
+  :func:`pack_frame` writes a tensor that fits one chunk straight to the wire bytes of
+  its stream message (a :class:`PackedFrame`), exactly as protobuf would serialise it.
 * :class:`TensorAssembler` rebuilds tensors from chunks, checking every declared size
   against :class:`TensorLimits` *before* it allocates, and verifying order, byte counts
   and the CRC-32C checksum. :func:`iter_tensors` wraps it for a whole stream.
 
 Payload bytes are row-major and little-endian (see :mod:`splitfed.encodings`). No pickle,
-and no NumPy dtype conversion (bfloat16 has none): tensors are viewed as bytes directly.
+and no dtype conversion: tensors are viewed as bytes directly (through NumPy views for
+the dtypes NumPy has, which costs fewer torch calls per frame; bfloat16 through torch).
 
-Copies: sending copies each chunk once out of the tensor (protobuf needs ``bytes``);
+Copies: sending copies each chunk once out of the tensor (gRPC needs ``bytes``);
 receiving copies each chunk once into a buffer allocated for the whole payload, and the
-decoded tensor is a view of that buffer for ``raw`` payloads.
+decoded tensor is a view of that buffer for ``raw`` payloads. The checksum reads the
+payload once on each side. See docs/wire.md ("Frames", "Copies").
 
 Why one module (over 500 lines): the sending half (:func:`iter_frames`, which writes
 chunk fields in place into a stream's messages) and the receiving half
