@@ -228,3 +228,44 @@ def test_sealed_frames_take_the_message_path_and_parse_as_the_stubs_do(
         getattr(expected, spec.chunk_field).data = np.asarray(frame.data).tobytes()
         assert getattr(expected, spec.chunk_field).HasField("seal")
         assert spec.message_type.FromString(spec.serialize(frame)) == expected
+
+
+class _Responses:
+    """A fake call's responses: wire bytes parsed as the client parses them, or an
+    exception raised where one stands."""
+
+    def __init__(self, items: list[bytes | Exception]) -> None:
+        self.items = items
+
+    def __iter__(self) -> _Responses:
+        return self
+
+    def __next__(self) -> Any:
+        item = self.items.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return backbone.GENERATE_RESPONSE.parse(item)
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_client_stream_starts_afresh_after_a_receive_failed() -> None:
+    """The stream keeps one assembler; a tensor cut short by an error is dropped, not
+    continued by the next receive."""
+    from splitfed.clients.backbone import _Stream
+
+    spec = backbone.GENERATE_RESPONSE
+    cut_short = [
+        spec.serialize(f) for f in tensor_frames({"h2": torch.ones(64)}, spec, chunk_bytes=64, op=1)
+    ]
+    whole = torch.arange(4, dtype=torch.float32)
+    (next_one,) = [
+        spec.serialize(f) for f in tensor_frames({"h2": whole}, spec, chunk_bytes=BIG, op=1)
+    ]
+    responses = _Responses([cut_short[0], RuntimeError("connection reset"), next_one])
+    stream = _Stream(lambda requests, **kw: responses, "session", BIG, None)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="connection reset"):
+        stream.receive_tensor()
+    message, tensor = stream.receive_tensor()
+    assert message.op == 1 and torch.equal(tensor, whole)
