@@ -50,6 +50,7 @@ from splitfed.wire import (
     FrameSpec,
     IncomingFrame,
     OutgoingFrame,
+    PackedFrame,
     TensorAssembler,
     TensorLimits,
 )
@@ -118,6 +119,8 @@ class _Stream:
         self._responses: Iterator[IncomingFrame[Any]] = iter(self._call)
         self._lock = threading.Lock()
         self.last_encoding = "raw"
+        # One for the stream (no budget: nothing held between tensors), not one per tensor.
+        self._assembler = TensorAssembler(CLIENT_LIMITS)
 
     def send_tensor(
         self, tensor: torch.Tensor, name: str, spec: FrameSpec[Any], encoding: str, **fields: Any
@@ -147,13 +150,17 @@ class _Stream:
     def receive_tensor(self) -> tuple[Any, torch.Tensor]:
         """The next tensor and the message of its last frame (:attr:`last_encoding`: the
         encoding it came in)."""
-        with TensorAssembler(CLIENT_LIMITS) as assembler:
+        assembler = self._assembler
+        try:
             while True:
                 frame = self.next()
                 received = self._receiver.feed(assembler, frame)
                 if received is not None:
                     self.last_encoding = received.encoding
                     return frame.message, received.tensor
+        except BaseException:
+            assembler.close()  # a tensor cut short is not continued by the next call
+            raise
 
     def close(self) -> None:
         self._outbox.close()
@@ -537,7 +544,7 @@ class BackboneClient:
         if federation or owner:
             metadata += [(FEDERATION_METADATA, federation), (OWNER_METADATA, owner)]
 
-        def frames() -> Iterator[OutgoingFrame]:
+        def frames() -> Iterator[OutgoingFrame | PackedFrame]:
             return tensor_frames(
                 tensors,
                 IMPORT_REQUEST,

@@ -41,12 +41,10 @@ def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     No copy when ``tensor`` is contiguous (and the host little-endian); one copy otherwise.
     Works for every dtype, bfloat16 and bool included, without going through NumPy dtypes.
     """
-    flat = tensor.detach().contiguous().reshape(-1)  # copies only if not contiguous
-    if flat.dtype == torch.bool:
-        flat = flat.view(torch.uint8)
-    out = flat.view(torch.uint8)
-    if not _LITTLE_ENDIAN and flat.element_size() > 1:  # pragma: no cover - big-endian hosts
-        out = out.view(-1, flat.element_size()).flip(-1).reshape(-1)
+    # contiguous() copies only if needed; bool views as uint8 like any 1-byte dtype.
+    out = tensor.detach().contiguous().view(-1).view(torch.uint8)
+    if not _LITTLE_ENDIAN and tensor.element_size() > 1:  # pragma: no cover - big-endian
+        out = out.view(-1, tensor.element_size()).flip(-1).reshape(-1)
     return out
 
 

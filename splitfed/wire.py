@@ -2,17 +2,21 @@
 
 * :func:`to_proto` / :func:`from_proto` convert a whole tensor to one ``Tensor`` message.
 * :func:`iter_chunks` splits a tensor into ``TensorChunk`` messages, header first;
-  :func:`iter_frames` writes the same chunks in place into a stream's own messages.
+  :func:`iter_frames` writes the same chunks in place into a stream's own messages;
+  :func:`pack_frame` writes a tensor that fits one chunk straight to the wire bytes of
+  its stream message (a :class:`PackedFrame`), exactly as protobuf would serialise it.
 * :class:`TensorAssembler` rebuilds tensors from chunks, checking every declared size
   against :class:`TensorLimits` *before* it allocates, and verifying order, byte counts
   and the CRC-32C checksum. :func:`iter_tensors` wraps it for a whole stream.
 
 Payload bytes are row-major and little-endian (see :mod:`splitfed.encodings`). No pickle,
-and no NumPy dtype conversion (bfloat16 has none): tensors are viewed as bytes directly.
+and no dtype conversion: tensors are viewed as bytes directly (through NumPy views for
+the dtypes NumPy has, which costs fewer torch calls per frame; bfloat16 through torch).
 
-Copies: sending copies each chunk once out of the tensor (protobuf needs ``bytes``);
+Copies: sending copies each chunk once out of the tensor (gRPC needs ``bytes``);
 receiving copies each chunk once into a buffer allocated for the whole payload, and the
-decoded tensor is a view of that buffer for ``raw`` payloads.
+decoded tensor is a view of that buffer for ``raw`` payloads. The checksum reads the
+payload once on each side. See docs/wire.md ("Frames", "Copies").
 
 Why one module (over 500 lines): the sending half (:func:`iter_frames`, which writes
 chunk fields in place into a stream's messages) and the receiving half
@@ -25,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -70,6 +75,25 @@ _SENT_CHUNKS = metrics.WIRE_CHUNKS.labels(direction="sent")
 _RECEIVED_BYTES = metrics.WIRE_BYTES.labels(direction="received")
 _RECEIVED_CHUNKS = metrics.WIRE_CHUNKS.labels(direction="received")
 SUPPORTED_DTYPES: frozenset[torch.dtype] = frozenset(_DTYPE_TO_PROTO)
+# The wire dtypes NumPy has (not bfloat16): a raw payload of one of these goes between
+# tensor and bytes through NumPy views, with one torch call instead of five to eight.
+# On a stream's hot path each torch call costs microseconds, more than NumPy's
+# (docs/benchmarks.md "Frame round trip"). Little-endian hosts only (the wire's order).
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype[Any]] = (
+    {
+        torch.float32: np.dtype(np.float32),
+        torch.float16: np.dtype(np.float16),
+        torch.float64: np.dtype(np.float64),
+        torch.int64: np.dtype(np.int64),
+        torch.int32: np.dtype(np.int32),
+        torch.int16: np.dtype(np.int16),
+        torch.int8: np.dtype(np.int8),
+        torch.uint8: np.dtype(np.uint8),
+        torch.bool: np.dtype(np.bool_),
+    }
+    if sys.byteorder == "little"
+    else {}
+)
 M = TypeVar("M", bound=Message)
 
 
@@ -462,6 +486,80 @@ class ChunkView(NamedTuple):
     data: memoryview | bytes
 
 
+# The TensorChunk and TensorHeader fields a packed frame writes, as wire keys.
+def _key_of(message: Any, name: str, wire_type: int) -> bytes:
+    return _encode_varint((message.DESCRIPTOR.fields_by_name[name].number << 3) | wire_type)
+
+
+_VARINT = 0
+_FIXED32 = 5
+_HEADER_KEY = _key_of(tensor_pb2.TensorChunk, "header", _LEN)
+_NAME_KEY = _key_of(tensor_pb2.TensorHeader, "name", _LEN)
+_DTYPE_KEY = _key_of(tensor_pb2.TensorHeader, "dtype", _VARINT)
+_SHAPE_KEY = _key_of(tensor_pb2.TensorHeader, "shape", _LEN)  # packed (proto3)
+_TOTAL_KEY = _key_of(tensor_pb2.TensorHeader, "total_bytes", _VARINT)
+_CRC_KEY = _key_of(tensor_pb2.TensorHeader, "crc32c", _FIXED32)
+_ENCODING_KEY = _key_of(tensor_pb2.TensorHeader, "encoding", _LEN)
+# Scalar field types a packed frame writes (as varints), with the values each accepts.
+_FD = tensor_pb2.TensorChunk.DESCRIPTOR.fields_by_name["seq"]
+_VARINT_RANGES: dict[int, tuple[int, int]] = {
+    _FD.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
+    _FD.TYPE_ENUM: (-(1 << 31), (1 << 31) - 1),
+    _FD.TYPE_INT64: (-(1 << 63), (1 << 63) - 1),
+    _FD.TYPE_UINT32: (0, (1 << 32) - 1),
+    _FD.TYPE_UINT64: (0, (1 << 64) - 1),
+    _FD.TYPE_BOOL: (0, 1),
+}
+_BOOL = _FD.TYPE_BOOL
+# Layouts a FrameSpec remembers (then it starts over), as TensorLimits does headers.
+_LAYOUTS_KEPT = 256
+
+
+class _Scalar(NamedTuple):
+    """A stream message's scalar field that a packed frame can write."""
+
+    number: int
+    key: bytes
+    low: int
+    high: int
+    boolean: bool
+
+
+class _Packing(NamedTuple):
+    """How a kind of tensor goes out as a packed frame: its encoding, its payload's
+    length, and the frame's bytes around the checksum and the payload (``head`` ends
+    with the checksum's key, ``mid`` runs from after the checksum to the payload's first
+    byte, ``tail`` holds the stream message's fields numbered after the chunk)."""
+
+    encoding: Encoding
+    nbytes: int
+    head: bytes
+    mid: bytes
+    tail: bytes
+    # Raw, of a dtype NumPy has: the payload is a NumPy view of the tensor.
+    numpy: bool
+
+
+class PackedFrame(NamedTuple):
+    """A frame written straight to its wire bytes (:func:`pack_frame`), the bytes
+    :meth:`FrameSpec.serialize` sends as they are. ``message`` and ``data`` parse them
+    again, for inspection (tests); the stream path never reads them."""
+
+    wire: bytes
+    spec: FrameSpec[Any]
+
+    @property
+    def message(self) -> Message:
+        """The stream message, its chunk without payload (as in :class:`OutgoingFrame`)."""
+        message: Message = self.spec.parse(self.wire).message
+        return message
+
+    @property
+    def data(self) -> Payload:
+        """The chunk's payload."""
+        return np.frombuffer(self.spec.parse(self.wire).data, dtype=np.uint8)
+
+
 @dataclass(frozen=True)
 class FrameSpec(Generic[M]):
     """How the stream messages of type ``message_type`` carry a ``TensorChunk``."""
@@ -471,6 +569,14 @@ class FrameSpec(Generic[M]):
     # The chunk field's key, as a number and as wire bytes (set in __post_init__).
     _chunk_key: int = field(init=False, repr=False, compare=False)
     _chunk_key_bytes: bytes = field(init=False, repr=False, compare=False)
+    # The message's scalar fields a packed frame may set, by name; the chunk's number.
+    _scalars: dict[str, _Scalar] = field(init=False, repr=False, compare=False)
+    _chunk_number: int = field(init=False, repr=False, compare=False)
+    # How tensors go out as packed frames, by (fields, name, dtype, shape, encoding,
+    # chunk size): see packing().
+    _packings: dict[tuple[Any, ...], _Packing | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         field_descriptor = self.message_type.DESCRIPTOR.fields_by_name.get(self.chunk_field)
@@ -484,15 +590,28 @@ class FrameSpec(Generic[M]):
         key = int((field_descriptor.number << 3) | _LEN)
         object.__setattr__(self, "_chunk_key", key)
         object.__setattr__(self, "_chunk_key_bytes", _encode_varint(key))
+        object.__setattr__(self, "_chunk_number", field_descriptor.number)
+        # Singular scalars without presence (proto3's plain fields, not `optional` and
+        # not in a oneof): protobuf writes them as varints, and not at all when zero.
+        scalars = {
+            f.name: _Scalar(
+                f.number, _encode_varint(f.number << 3), *_VARINT_RANGES[f.type], f.type == _BOOL
+            )
+            for f in self.message_type.DESCRIPTOR.fields
+            if f.type in _VARINT_RANGES and not f.is_repeated and not f.has_presence
+        }
+        object.__setattr__(self, "_scalars", scalars)
 
     def new(self) -> tuple[M, tensor_pb2.TensorChunk]:
         message = self.message_type()
         return message, getattr(message, self.chunk_field)
 
-    def serialize(self, frame: OutgoingFrame | M) -> bytes:
+    def serialize(self, frame: PackedFrame | OutgoingFrame | M) -> bytes:
         """Wire bytes of a frame (one copy of its payload) or of a plain message."""
+        if type(frame) is PackedFrame:
+            return frame.wire
         if not isinstance(frame, OutgoingFrame):
-            return frame.SerializeToString()
+            return frame.SerializeToString()  # type: ignore[union-attr]
         if frame.data.size == 0:
             return frame.message.SerializeToString()
         # The chunk field once, as [chunk without data][data field]; the rest of the
@@ -505,8 +624,117 @@ class FrameSpec(Generic[M]):
         outer = self._chunk_key_bytes + _encode_varint(chunk_len)
         return b"".join((rest, outer, chunk, data_key, frame.data.data))
 
+    def packing(
+        self,
+        fields: Mapping[str, Any],
+        name: str,
+        dtype: torch.dtype,
+        shape: Sequence[int],
+        encoding: str,
+        chunk_bytes: int,
+    ) -> _Packing | None:
+        """How a tensor of this kind goes out as one packed frame; None where it does
+        not (:func:`pack_frame`). Remembered per kind: a stream sends the same few."""
+        key = (tuple(fields.items()), name, dtype, shape, encoding, chunk_bytes)
+        try:
+            return self._packings[key]
+        except KeyError:
+            pass
+        built = self._packing(fields, name, dtype, tuple(shape), encoding, chunk_bytes)
+        if len(self._packings) >= _LAYOUTS_KEPT:
+            self._packings.clear()
+        self._packings[key] = built
+        return built
+
+    def _packing(
+        self,
+        fields: Mapping[str, Any],
+        name: str,
+        dtype: torch.dtype,
+        shape: tuple[int, ...],
+        encoding: str,
+        chunk_bytes: int,
+    ) -> _Packing | None:
+        dtype_value = _DTYPE_TO_PROTO.get(dtype)
+        enc = get_encoding(encoding)
+        if dtype_value is None or not enc.supports(dtype):
+            return None
+        nbytes = enc.encoded_nbytes(dtype, shape)
+        if not 0 < nbytes <= chunk_bytes:
+            return None
+        layout = self._layout(fields, name, dtype_value, shape, enc.name, nbytes)
+        if layout is None:
+            return None
+        return _Packing(enc, nbytes, *layout, enc.name == "raw" and dtype in _NUMPY_DTYPES)
+
+    def _layout(
+        self,
+        fields: Mapping[str, Any],
+        name: str,
+        dtype_value: int,
+        shape: tuple[int, ...],
+        encoding: str,
+        nbytes: int,
+    ) -> tuple[bytes, bytes, bytes] | None:
+        """The bytes of a packed frame around its checksum and payload, exactly as
+        protobuf serialises the message (fields in number order, zeros left out): up
+        to the checksum's key, from after the checksum to the payload, after the chunk."""
+        before: list[tuple[int, bytes]] = []
+        after: list[tuple[int, bytes]] = []
+        for field_name, value in fields.items():
+            scalar = self._scalars.get(field_name)
+            # Anything else (an unknown field, a float, a bool for an integer): the
+            # message path, which sets it as protobuf does or raises as protobuf does.
+            if scalar is None or type(value) is not (bool if scalar.boolean else int):
+                return None
+            if not scalar.low <= value <= scalar.high:
+                return None
+            if value:
+                written = scalar.key + _encode_varint(int(value) & 0xFFFF_FFFF_FFFF_FFFF)
+                side = before if scalar.number < self._chunk_number else after
+                side.append((scalar.number, written))
+        try:
+            name_bytes = name.encode("utf-8")
+            encoding_bytes = encoding.encode("utf-8")
+        except UnicodeEncodeError:
+            return None
+        header = bytearray()
+        if name_bytes:
+            header += _NAME_KEY + _encode_varint(len(name_bytes)) + name_bytes
+        if dtype_value:
+            header += _DTYPE_KEY + _encode_varint(dtype_value)
+        if shape:
+            dims = b"".join(_encode_varint(d) for d in shape)
+            header += _SHAPE_KEY + _encode_varint(len(dims)) + dims
+        header += _TOTAL_KEY + _encode_varint(nbytes) + _CRC_KEY
+        tail_of_header = (
+            _ENCODING_KEY + _encode_varint(len(encoding_bytes)) + encoding_bytes
+            if encoding_bytes
+            else b""
+        )
+        header_len = len(header) + 4 + len(tail_of_header)
+        data_key = _DATA_KEY_BYTES + _encode_varint(nbytes)
+        # seq 0 is not written (proto3), nor a seal: the chunk is header then data.
+        chunk_len = len(_HEADER_KEY) + len(_encode_varint(header_len)) + header_len
+        chunk_len += len(data_key) + nbytes
+        head = b"".join(
+            (
+                *(written for _, written in sorted(before)),
+                self._chunk_key_bytes,
+                _encode_varint(chunk_len),
+                _HEADER_KEY,
+                _encode_varint(header_len),
+                header,
+            )
+        )
+        tail = b"".join(written for _, written in sorted(after))
+        return head, tail_of_header + data_key, tail
+
     def parse(self, raw: bytes) -> IncomingFrame[M]:
-        """A received message, its chunk's payload as a view into ``raw``."""
+        """A received message, its chunk's payload as a view into ``raw`` where that
+        saves a copy worth more than the parsing in Python it costs."""
+        if len(raw) < _VIEW_MIN_BYTES:
+            return self._parse_slow(raw)
         try:
             return self._parse_fast(raw)
         except (ValueError, IndexError):
@@ -539,6 +767,50 @@ class FrameSpec(Generic[M]):
         data = chunk.data
         chunk.ClearField("data")
         return IncomingFrame(message, memoryview(data), self.chunk_field)
+
+
+# Received messages shorter than this are parsed by protobuf, which copies their payload
+# (a 16 KiB decode step: ~1.4 us, against ~3.8 us for finding the payload in Python to
+# view it); longer ones are viewed (2 MiB: protobuf's parse and copies take ~1.4 ms).
+_VIEW_MIN_BYTES = 64 * KiB
+
+
+def pack_frame(
+    tensor: torch.Tensor,
+    name: str,
+    spec: FrameSpec[Any],
+    *,
+    chunk_bytes: int,
+    encoding: str = "raw",
+    fields: Mapping[str, Any] | None = None,
+) -> PackedFrame | None:
+    """``tensor`` as one frame of ``spec``'s messages with ``fields`` set, written
+    straight to its wire bytes: exactly what protobuf would serialise for the message
+    that :func:`iter_frames` builds (one chunk, seq 0, header and payload), without
+    building it. None where that does not apply (the tensor needs more than one chunk or
+    has no bytes, a field is not a plain scalar of the message, a value is one protobuf
+    would refuse or the checksum is 0): use :func:`iter_frames`, which raises what is
+    wrong. One pass over the payload for its checksum, one to copy it into the wire
+    bytes (gRPC sends only ``bytes``)."""
+    packing = spec.packing(fields or {}, name, tensor.dtype, tensor.shape, encoding, chunk_bytes)
+    if packing is None:
+        return None
+    enc, nbytes, head, mid, tail, numpy = packing
+    payload: np.ndarray[Any, Any]
+    if numpy:  # detached, on the CPU, in one torch call; its buffer is the raw payload
+        payload = tensor.numpy(force=True)
+        if not payload.flags.c_contiguous:
+            payload = np.ascontiguousarray(payload)  # row-major, as the wire wants
+    else:
+        payload = enc.encode(tensor.detach().cpu()).numpy()
+    # Both read a C-contiguous array's buffer as its bytes, whatever its dtype and shape.
+    crc = google_crc32c.value(payload)
+    wire = b"".join((head, crc.to_bytes(4, "little"), mid, payload.data, tail))
+    if crc == 0:  # protobuf leaves a zero checksum out: the message path writes it so
+        return None
+    _SENT_BYTES.inc(nbytes)
+    _SENT_CHUNKS.inc()
+    return PackedFrame(wire, spec)
 
 
 def _decode(
@@ -595,6 +867,9 @@ _COPY_BLOCK = 64 * KiB
 
 def _check_and_copy(crc: int, piece: Payload, out: Payload, offset: int) -> int:
     """Copy ``piece`` into ``out`` at ``offset``; its CRC-32C extends ``crc``."""
+    if piece.size <= _COPY_BLOCK:
+        out[offset : offset + piece.size] = piece
+        return int(google_crc32c.extend(crc, piece))
     for start in range(0, piece.size, _COPY_BLOCK):
         block = piece[start : start + _COPY_BLOCK]
         crc = google_crc32c.extend(crc, block)
@@ -657,7 +932,10 @@ class TensorAssembler(Closing):
                 )
             if chunk.seq != 0:
                 raise InvalidArgumentError(f"header chunk has seq {chunk.seq}; expected 0")
-            pending = self._start(chunk.header)
+            header = chunk.header
+            if self.sink is None and len(data) == header.total_bytes:
+                return self._whole(header, data)
+            pending = self._start(header)
         else:
             if chunk.HasField("header"):
                 raise InvalidArgumentError(
@@ -691,6 +969,57 @@ class TensorAssembler(Closing):
         if pending.received < pending.total:
             return None
         return self._complete(pending)
+
+    def _whole(self, header: tensor_pb2.TensorHeader, data: memoryview | bytes) -> ReceivedTensor:
+        """A tensor whose header chunk carries all its bytes (every tensor that fits a
+        chunk): what :meth:`_start`, the copy and :meth:`_complete` do, in one step and
+        with the same checks, without the state a tensor in pieces needs. Its buffer
+        becomes the tensor at once, so it never counts as held in ``WIRE_BUFFER_BYTES``."""
+        self.release_completed()
+        name = header.name
+        dtype, encoding, nbytes, decoded = self.limits.check(
+            name, header.dtype, header.shape, header.encoding
+        )
+        if header.total_bytes != nbytes:
+            raise InvalidArgumentError(
+                f"tensor {name!r}: header declares {header.total_bytes} bytes but "
+                f"dtype {dtype} and shape {list(header.shape)} in encoding {encoding.name!r} "
+                f"need {nbytes}"
+            )
+        budget = self.budget
+        reserved = nbytes + decoded if budget is not None else 0
+        if budget is not None:
+            budget.reserve(reserved, f"tensor {name!r}")
+        try:
+            buffer: Payload
+            if nbytes <= _COPY_BLOCK:  # small: copy, then check the copy (in the cache)
+                buffer = np.frombuffer(bytearray(data), dtype=np.uint8)
+                crc = google_crc32c.value(buffer) if nbytes else header.crc32c
+            else:  # one pass over memory for both, a block at a time
+                buffer = np.empty(nbytes, dtype=np.uint8)
+                crc = _check_and_copy(0, np.frombuffer(data, dtype=np.uint8), buffer, 0)
+            if nbytes:
+                _RECEIVED_BYTES.inc(nbytes)
+                if crc != header.crc32c:
+                    raise DataLossError(
+                        f"tensor {name!r}: checksum mismatch (crc32c {crc:#010x}, "
+                        f"header says {header.crc32c:#010x})"
+                    )
+            as_numpy = _NUMPY_DTYPES.get(dtype) if encoding.name == "raw" else None
+            if as_numpy is None:
+                payload = torch.from_numpy(buffer)
+                tensor = _decode(encoding, payload, dtype, list(header.shape), repr(name))
+            else:  # what RawEncoding.decode does, as one NumPy array and one torch call
+                array = np.ndarray(tuple(header.shape), dtype=as_numpy, buffer=buffer)
+                if dtype == torch.bool and nbytes and int(buffer.max()) > 1:
+                    raise InvalidArgumentError("bool tensor payload holds bytes other than 0 and 1")
+                tensor = torch.from_numpy(array)
+        except BaseException:
+            if budget is not None:
+                budget.release(reserved)
+            raise
+        self._completed_reservation += reserved
+        return ReceivedTensor(name, tensor, encoding.name)
 
     def _start(self, header: tensor_pb2.TensorHeader) -> _Pending:
         self.release_completed()

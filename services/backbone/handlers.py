@@ -41,6 +41,7 @@ from splitfed.wire import (
     FrameSpec,
     IncomingFrame,
     OutgoingFrame,
+    PackedFrame,
     ReceiveBudget,
     TensorAssembler,
     TensorLimits,
@@ -160,7 +161,7 @@ class SessionStream:
         *,
         encoding: str = "raw",
         **fields: int,
-    ) -> Iterator[OutgoingFrame]:
+    ) -> Iterator[OutgoingFrame | PackedFrame]:
         """The response frames of ``tensors``, each message with ``fields`` set, sealed
         when the session is encrypted (:func:`tensor_frames`)."""
         return tensor_frames(
@@ -175,7 +176,7 @@ class SessionStream:
 
     def output_frames(
         self, h2: torch.Tensor, spec: FrameSpec[Any], *, encoding: str = "", **fields: int
-    ) -> Iterator[OutgoingFrame]:
+    ) -> Iterator[OutgoingFrame | PackedFrame]:
         """The frames of a forward pass's output, in ``encoding`` (empty: the session's)."""
         return self.frames({"h2": h2}, spec, encoding=encoding or self.session.encoding, **fields)
 
@@ -203,7 +204,7 @@ def _elapsed_us(started: float) -> int:
 
 def handle_train(
     stream: SessionStream, frames: Iterable[IncomingFrame[backbone_pb2.TrainRequest]]
-) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
+) -> Iterator[OutgoingFrame | PackedFrame | backbone_pb2.TrainResponse]:
     """One training stream of one session: see ``Backbone.Train`` in backbone.proto."""
     state, session = stream.state, stream.session
     with stream.receiving(training=True) as (generation, inbox):
@@ -277,7 +278,7 @@ def handle_train(
 
 def handle_generate(
     stream: SessionStream, frames: Iterable[IncomingFrame[backbone_pb2.GenerateRequest]]
-) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
+) -> Iterator[OutgoingFrame | PackedFrame | backbone_pb2.GenerateResponse]:
     state, session = stream.state, stream.session
     # The attention mask of this stream's last FORWARD (trimmed with the cache): what a
     # FORWARD with ``extend_mask`` extends by ones instead of sending it again.
@@ -339,7 +340,7 @@ def extended_mask(last: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tens
 
 def handle_export(
     state: BackboneState, session: Session, chunk_bytes: int, crypto: SessionCrypto | None = None
-) -> Iterator[OutgoingFrame]:
+) -> Iterator[OutgoingFrame | PackedFrame]:
     """The session's adapter tensors, sealed with ``crypto`` (the owner of an encrypted
     session: :func:`export_context`)."""
     tensors = state.queue.run_for(session, partial(state.export_adapter, session))

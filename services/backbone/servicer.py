@@ -27,7 +27,7 @@ from splitfed.services.backbone.state import BackboneState
 from splitfed.streams import StreamGuard
 from splitfed.transport import ServiceBinding, TransportOptions, service_binding
 from splitfed.v1 import backbone_pb2
-from splitfed.wire import IncomingFrame, OutgoingFrame, ReceiveBudget
+from splitfed.wire import IncomingFrame, OutgoingFrame, PackedFrame, ReceiveBudget
 
 ANONYMOUS = "anonymous"
 
@@ -178,7 +178,7 @@ class BackboneServicer:
         self,
         request_iterator: Iterator[IncomingFrame[backbone_pb2.TrainRequest]],
         context: grpc.ServicerContext,
-    ) -> Iterator[OutgoingFrame | backbone_pb2.TrainResponse]:
+    ) -> Iterator[OutgoingFrame | PackedFrame | backbone_pb2.TrainResponse]:
         yield from self._session_stream(context, request_iterator, handlers.handle_train)
 
     @stream_errors
@@ -186,13 +186,13 @@ class BackboneServicer:
         self,
         request_iterator: Iterator[IncomingFrame[backbone_pb2.GenerateRequest]],
         context: grpc.ServicerContext,
-    ) -> Iterator[OutgoingFrame | backbone_pb2.GenerateResponse]:
+    ) -> Iterator[OutgoingFrame | PackedFrame | backbone_pb2.GenerateResponse]:
         yield from self._session_stream(context, request_iterator, handlers.handle_generate)
 
     @stream_errors
     def ExportAdapter(
         self, request: backbone_pb2.ExportAdapterRequest, context: grpc.ServicerContext
-    ) -> Iterator[OutgoingFrame]:
+    ) -> Iterator[OutgoingFrame | PackedFrame]:
         session, crypto = self._adapter_session(
             context,
             request.session_id,

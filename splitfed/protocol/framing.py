@@ -18,9 +18,11 @@ from splitfed.wire import (
     FrameSpec,
     IncomingFrame,
     OutgoingFrame,
+    PackedFrame,
     ReceivedTensor,
     TensorAssembler,
     iter_frames,
+    pack_frame,
 )
 
 
@@ -33,29 +35,55 @@ def tensor_frames(
     crypto: SessionCrypto | None = None,
     context: FrameContext | None = None,
     **fields: int,
-) -> Iterator[OutgoingFrame]:
+) -> Iterator[OutgoingFrame | PackedFrame]:
     """The frames of ``tensors`` (in name order), each message with ``fields`` set; with
     ``crypto``, sealed under ``context`` (default: the one ``op``, ``step`` and
-    ``micro_batch`` of ``fields`` name)."""
-
-    def stamped() -> Iterator[OutgoingFrame]:
-        for name in sorted(tensors):
-            for frame in iter_frames(
-                tensors[name], name, spec, chunk_bytes=chunk_bytes, encoding=encoding
-            ):
-                for key, value in fields.items():
-                    setattr(frame.message, key, value)
-                yield frame
-
+    ``micro_batch`` of ``fields`` name). Without ``crypto``, a tensor that fits one chunk
+    is one :class:`~splitfed.wire.PackedFrame`, written straight to its wire bytes."""
     if crypto is None:
-        return stamped()
+        return _packed(tensors, spec, chunk_bytes, encoding, fields)
     if context is None:
         context = FrameContext(
             op=int(fields.get("op", 0)),
             step=int(fields.get("step", 0)),
             micro_batch=int(fields.get("micro_batch", 0)),
         )
-    return crypto.seal(stamped(), context)
+    return crypto.seal(_stamped(tensors, spec, chunk_bytes, encoding, fields), context)
+
+
+def _stamped(
+    tensors: Mapping[str, torch.Tensor],
+    spec: FrameSpec[Any],
+    chunk_bytes: int,
+    encoding: str,
+    fields: Mapping[str, int],
+) -> Iterator[OutgoingFrame]:
+    for name in sorted(tensors):
+        for frame in iter_frames(
+            tensors[name], name, spec, chunk_bytes=chunk_bytes, encoding=encoding
+        ):
+            for key, value in fields.items():
+                setattr(frame.message, key, value)
+            yield frame
+
+
+def _packed(
+    tensors: Mapping[str, torch.Tensor],
+    spec: FrameSpec[Any],
+    chunk_bytes: int,
+    encoding: str,
+    fields: Mapping[str, int],
+) -> Iterator[OutgoingFrame | PackedFrame]:
+    """:func:`_stamped`, with each tensor that :func:`pack_frame` packs as one frame."""
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        packed = pack_frame(
+            tensor, name, spec, chunk_bytes=chunk_bytes, encoding=encoding, fields=fields
+        )
+        if packed is None:
+            yield from _stamped({name: tensor}, spec, chunk_bytes, encoding, fields)
+        else:
+            yield packed
 
 
 ContextOf = Callable[[IncomingFrame[Any]], FrameContext]
@@ -83,10 +111,12 @@ class FrameReceiver:
         self.sealed_error = sealed_error
 
     def view(self, frame: IncomingFrame[Any]) -> ChunkView:
-        if self.crypto is None or self.opener is None:
-            if frame.message.chunk.HasField("seal"):
+        if self.opener is None:
+            chunk = getattr(frame.message, frame.chunk_field)
+            if chunk.HasField("seal"):
                 raise InvalidArgumentError(self.sealed_error)
-            return frame.chunk_view()
+            return ChunkView(chunk, frame.data)
+        assert self.crypto is not None
         if self.context is None:
             return self.crypto.open(self.opener, frame)
         context = self.context if isinstance(self.context, FrameContext) else self.context(frame)

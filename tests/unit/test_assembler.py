@@ -389,3 +389,53 @@ def test_a_header_that_passed_once_is_still_checked_against_its_own_limits() -> 
     assert len(limits._passed) <= 256
     assert limits == TensorLimits(max_tensor_bytes=1024, max_rank=2)
     assert hash(limits) == hash(TensorLimits(max_tensor_bytes=1024, max_rank=2))
+
+
+def _one_chunk(tensor: torch.Tensor, name: str = "h1") -> tensor_pb2.TensorChunk:
+    (chunk,) = iter_chunks(tensor, name, chunk_bytes=1 << 20)
+    return chunk
+
+
+def test_a_tensor_in_one_chunk_keeps_its_reservation_until_the_next() -> None:
+    budget = ReceiveBudget(1 << 20)
+    tensor = torch.arange(10, dtype=torch.float32)
+    with TensorAssembler(budget=budget) as assembler:
+        received = assembler.feed(_one_chunk(tensor))
+        assert received is not None and torch.equal(received.tensor, tensor)
+        assert budget.held == 40 and buffered() == 0
+        assembler.release_completed()
+        assert budget.held == 0
+    assert budget.held == 0
+
+
+@pytest.mark.parametrize(
+    ("spoil", "error"),
+    [
+        (lambda c: setattr(c.header, "crc32c", c.header.crc32c ^ 1), DataLossError),
+        (lambda c: setattr(c, "data", b"\2" * len(c.data)), DataLossError),  # checksum
+        (lambda c: setattr(c.header, "total_bytes", 5), InvalidArgumentError),
+        (lambda c: c.header.shape.__setitem__(0, 3), InvalidArgumentError),  # 12 bytes, not 16
+    ],
+)
+def test_a_bad_tensor_in_one_chunk_holds_nothing(
+    spoil: Callable[[tensor_pb2.TensorChunk], None], error: type[Exception]
+) -> None:
+    budget = ReceiveBudget(1 << 20)
+    chunk = _one_chunk(torch.ones(4, dtype=torch.float32))
+    spoil(chunk)
+    with TensorAssembler(budget=budget) as assembler:
+        with pytest.raises(error):
+            assembler.feed(chunk)
+        assert budget.held == 0 and buffered() == 0 and not assembler.in_progress
+        # The stream goes on with the next tensor as with any other.
+        assert assembler.feed(_one_chunk(torch.zeros(2))) is not None
+
+
+def test_a_bool_tensor_in_one_chunk_with_other_bytes_frees_its_reservation() -> None:
+    budget = ReceiveBudget(1 << 20)
+    chunk = _one_chunk(torch.tensor([True, False, True]))
+    chunk.data = b"\x01\x02\x01"
+    chunk.header.crc32c = google_crc32c.value(chunk.data)
+    with TensorAssembler(budget=budget) as assembler, pytest.raises(InvalidArgumentError):
+        assembler.feed(chunk)
+    assert budget.held == 0

@@ -13,6 +13,7 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from splitfed import wire
 from splitfed.v1 import diagnostics_pb2
 from splitfed.wire import FrameSpec, OutgoingFrame, iter_frames, iter_tensors
 
@@ -99,19 +100,27 @@ def test_frames_are_protobuf_both_ways(f: dict[str, Any]) -> None:
     full, outgoing = build(f)
     # Outbound: any protobuf parser reads what FrameSpec writes.
     assert Frame.FromString(SPEC.serialize(outgoing)) == full
-    # Inbound: FrameSpec reads what protobuf writes, on its fast path, payload uncopied.
-    slow_calls: list[bytes] = []
-    original = FrameSpec._parse_slow
-    with mock.patch.object(
-        FrameSpec, "_parse_slow", lambda self, raw: slow_calls.append(raw) or original(self, raw)
-    ):
-        parsed = SPEC.parse(full.SerializeToString())
-    assert bytes(parsed.data) == f["data"]
+    # Inbound: FrameSpec reads what protobuf writes, on its fast path (here for messages
+    # of any size), payload uncopied; and on protobuf's path (small messages) alike.
     expected = Frame()
     expected.CopyFrom(full)
     expected.chunk.ClearField("data")
+    slow_calls: list[bytes] = []
+    original = FrameSpec._parse_slow
+    with (
+        mock.patch.object(
+            FrameSpec,
+            "_parse_slow",
+            lambda self, raw: slow_calls.append(raw) or original(self, raw),
+        ),
+        mock.patch.object(wire, "_VIEW_MIN_BYTES", 0),
+    ):
+        parsed = SPEC.parse(full.SerializeToString())
+    assert bytes(parsed.data) == f["data"]
     assert parsed.message == expected
     assert slow_calls == [] or f["data"] == b""
+    small = SPEC.parse(full.SerializeToString())
+    assert (small.message, bytes(small.data)) == (expected, f["data"])
 
 
 def test_repeated_chunk_fields_merge_like_protobuf(slow_calls: list[bytes]) -> None:
@@ -142,7 +151,10 @@ def test_spec_needs_a_tensor_chunk_field() -> None:
         FrameSpec(diagnostics_pb2.WhoAmIResponse)
 
 
-def test_tensor_round_trip_through_frames_keeps_the_payload_uncopied() -> None:
+def test_tensor_round_trip_through_frames_keeps_the_payload_uncopied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(wire, "_VIEW_MIN_BYTES", 0)  # views from the first byte on
     spec = FrameSpec(diagnostics_pb2.EchoTensorsRequest)
     tensor = torch.randn(1000)
     wires = [spec.serialize(f) for f in iter_frames(tensor, "h1", spec, chunk_bytes=1024)]
@@ -153,3 +165,45 @@ def test_tensor_round_trip_through_frames_keeps_the_payload_uncopied() -> None:
     )
     (received,) = list(iter_tensors(f.chunk_view() for f in incoming))
     assert torch.equal(received.tensor, tensor)
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    """A well-formed frame's bytes, then cut, flipped, spliced or repeated: what a
+    hostile or broken peer may send."""
+    full, _ = build(draw(frames))
+    raw = bytearray(full.SerializeToString())
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(raw)))
+        kind = draw(st.sampled_from(["flip", "cut", "insert", "repeat", "truncate"]))
+        if kind == "flip" and at < len(raw):
+            raw[at] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "cut":
+            del raw[at : at + draw(st.integers(1, 8))]
+        elif kind == "insert":
+            raw[at:at] = draw(st.binary(min_size=1, max_size=8))
+        elif kind == "repeat":
+            raw += raw[at:]
+        else:
+            del raw[at:]
+    return bytes(raw)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(raw=mutated(), view_min=st.sampled_from([0, 1 << 16]))
+def test_any_bytes_parse_as_the_stubs_parse_them_or_are_refused(raw: bytes, view_min: int) -> None:
+    """Both parse paths (viewing the payload, here for messages of any size, and
+    protobuf's) give what the generated parser gives, or fail where it fails."""
+    try:
+        reference = Frame.FromString(raw)
+    except DecodeError:
+        with mock.patch.object(wire, "_VIEW_MIN_BYTES", view_min), pytest.raises(DecodeError):
+            SPEC.parse(raw)
+        return
+    with mock.patch.object(wire, "_VIEW_MIN_BYTES", view_min):
+        parsed = SPEC.parse(raw)
+    data = reference.chunk.data if reference.HasField("chunk") else b""
+    if reference.HasField("chunk"):
+        reference.chunk.ClearField("data")
+    assert parsed.message == reference
+    assert bytes(parsed.data) == data
