@@ -29,8 +29,8 @@ LoRA r=16 on q, k, v, o; k = m = 1). Per profile:
 The harness checks itself first: each profile's RTT and throughput, measured through the
 same path, within 10 % of its settings.
 
-    python bench/wan.py [--profiles lan,metro,wan,poor] [--steps 4] [--new-tokens 32]
-                        [--generations 2] [--quick] [--tiny] [--json PATH]
+    python bench/wan.py [--profiles lan,metro,wan,poor] [--steps 6] [--new-tokens 32]
+                        [--generations 3] [--quick] [--tiny] [--json PATH]
 
 ``--quick``: 2 steps, 4 new tokens, one generation per profile; ``--tiny``: a tiny model
 (hidden 64, 3 layers, vocab 1000) and 4 x 32 tokens, for the smoke test.
@@ -56,6 +56,9 @@ BENCH = Path(__file__).resolve().parent
 SERVER_NAME = "backbone.bench.local"
 ENCODINGS = ("raw", "bf16", "int8")
 TINY_VOCAB = 1000
+# Each step variant runs in this many blocks (after two warm-up steps in the first, one
+# in the others: a new session's first steps and an encoding switch cost more).
+BLOCKS = 3
 
 
 # --- the client, inside the client namespace -----------------------------------------------
@@ -141,8 +144,9 @@ def worker(args: argparse.Namespace) -> int:
     with create_channel(args.address, tls, server_name=SERVER_NAME) as channel:
         client = BackboneClient(channel)
 
-        def step_times(split: WanClient, pipelined: bool, count: int) -> list[float]:
-            split.step(ids, mask, micro_batches=4, pipelined=pipelined)  # warm-up
+        def step_times(split: WanClient, pipelined: bool, count: int, warmup: int) -> list[float]:
+            for _ in range(warmup):
+                split.step(ids, mask, micro_batches=4, pipelined=pipelined)
             return [
                 split.step(ids, mask, micro_batches=4, pipelined=pipelined) for _ in range(count)
             ]
@@ -154,7 +158,7 @@ def worker(args: argparse.Namespace) -> int:
         if split.estimate is not None:
             figures["link_estimate"] = vars(split.estimate)
         steps: dict[str, list[float]] = {}
-        for _ in range(2):  # alternating blocks: drifts of the machine hit both
+        for block in range(BLOCKS):  # alternating blocks: drifts of the machine hit all
             for name, pipelined, encodings in (
                 ("sequential", False, WireEncodings()),
                 ("pipelined raw", True, WireEncodings()),
@@ -162,7 +166,9 @@ def worker(args: argparse.Namespace) -> int:
             ):
                 split.stream.encodings = encodings
                 steps.setdefault(name, []).extend(
-                    step_times(split, pipelined, max(1, args.steps // 2))
+                    step_times(
+                        split, pipelined, max(1, args.steps // BLOCKS), 2 if block == 0 else 1
+                    )
                 )
         figures["step_s"] = {name: statistics.median(times) for name, times in steps.items()}
         figures["step_raw_s"] = steps
@@ -257,9 +263,9 @@ def _run_worker(link: Any, address: str, root: Path, profile: str, args: Any) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--profiles", default="lan,metro,wan,poor")
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--generations", type=int, default=2)
+    parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer steps and tokens")
     parser.add_argument(
         "--tiny", action="store_true", help="a tiny model and 4 x 32 tokens (a smoke test)"
@@ -292,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     from common import llama_512x8, machine, report, save_random_llama
     from split_step import ALL_CORES, pin
 
-    from splitfed.models.tiny import llama_config
     from splitfed.cli.launcher import ServiceProcess
+    from splitfed.models.tiny import llama_config
 
     load = " ".join(f"{v:.1f}" for v in os.getloadavg())
     described = machine(load=load, cores=len(ALL_CORES))
