@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from splitfed.serving import ConnectSettings, ServerSettings
+from splitfed.transport import TransportOptions
 
 
 def test_keepalive_and_deadlines_are_settings() -> None:
@@ -31,3 +32,11 @@ def test_keepalive_and_deadlines_are_settings() -> None:
 def test_a_deadline_must_be_positive(field: str) -> None:
     with pytest.raises(ValueError, match="positive"):
         ConnectSettings(address="backbone.example:50051", insecure=True, **{field: 0.0})
+
+
+def test_channels_open_a_wide_stream_window_and_servers_keep_grpcs() -> None:
+    options = ConnectSettings(address="backbone.example:50051", insecure=True).options()
+    assert dict(options.channel_options())["grpc.http2.lookahead_bytes"] == 4 << 20
+    assert "grpc.http2.lookahead_bytes" not in dict(options.server_options())
+    with pytest.raises(ValueError, match="stream_window_bytes"):
+        TransportOptions(stream_window_bytes=1024)
