@@ -8,7 +8,7 @@ STAMP := $(VENV)/.splitfed-installed
 PYTEST_ARGS ?=
 CHAOS_ARGS ?= --kills 10
 
-.PHONY: help install demo test test-long lint format typecheck layers linktree protos protos-check test-unit test-integration test-checks bench wan-check fuzz chaos clean
+.PHONY: help install demo test test-long lint format typecheck layers linktree protos protos-check test-unit test-integration test-checks bench bench-wan wan-check fuzz chaos clean
 
 help:
 	@echo "make demo    - create $(VENV), install, run the local end-to-end demo"
@@ -17,6 +17,7 @@ help:
 	@echo "make protos  - regenerate splitfed/v1 stubs from protos/"
 	@echo "make bench   - run the benchmarks in bench/"
 	@echo "make wan-check - the WAN harness's self-check: each profile's RTT and rate (needs root)"
+	@echo "make bench-wan - split steps and generation over the emulated links (needs root)"
 	@echo "make test-long - the long checks make test leaves out (bench smoke runs, kills)"
 	@echo "make fuzz    - send FUZZ_EXAMPLES (10000) hostile messages to the live services"
 	@echo "make chaos   - federated runs with services killed (SIGKILL) until >= 10 kills"
@@ -103,6 +104,12 @@ WAN_ARGS ?=
 
 wan-check: $(STAMP)
 	$(BIN)/python bench/wanlink.py check $(WAN_ARGS)
+
+# Split training and generation over the four emulated links (bench/wan.py, ~7 min on
+# 2 cores; needs root): the ratios against `lan`, docs/benchmarks.md "Over emulated
+# internet links".
+bench-wan: $(STAMP)
+	$(BIN)/python bench/wan.py $(WAN_ARGS)
 
 # Hostile messages over mTLS to live services (tests/fuzz): `make test` sends a bounded
 # sample; this sends FUZZ_EXAMPLES cases, prints the count and every failure, and fails

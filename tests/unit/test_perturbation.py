@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +381,23 @@ class LocalStream:
         # ``more``/``options``: whatever else TrainStream takes (sealing, ...), unused here.
         self.backbone = client
         self.pending: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # Replies of the pipelined schedule's sends (send_forward, send_backward), in order.
+        self.replies: deque[tuple[backbone_pb2.TrainResponse, torch.Tensor]] = deque()
+
+    def send_forward(
+        self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
+    ) -> None:
+        out = self.forward(step, micro, hidden, mask, train=train)
+        op = backbone_pb2.TRAIN_OP_FORWARD if train else backbone_pb2.TRAIN_OP_EVAL
+        self.replies.append((backbone_pb2.TrainResponse(op=op, step=step, micro_batch=micro), out))
+
+    def send_backward(self, step: int, micro: int, grad: torch.Tensor) -> None:
+        out = self.backward(step, micro, grad)
+        op = backbone_pb2.TRAIN_OP_BACKWARD
+        self.replies.append((backbone_pb2.TrainResponse(op=op, step=step, micro_batch=micro), out))
+
+    def receive(self) -> tuple[backbone_pb2.TrainResponse, torch.Tensor]:
+        return self.replies.popleft()
 
     def forward(
         self, step: int, micro: int, hidden: torch.Tensor, mask: torch.Tensor, *, train: bool = True
