@@ -162,6 +162,7 @@ def test_encoding_fidelity_bench_prints_ratios_and_writes_curves(tmp_path: Path)
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 35 s: make test-long (the harness itself is checked in make test)
 def test_wan_bench_prints_its_ratios_over_emulated_links(tmp_path: Path) -> None:
     reason = bench_module("wanlink").unavailable()
     if reason is not None:
