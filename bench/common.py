@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,18 @@ def save_random_llama(path: Path, config: LlamaConfig) -> None:
 
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
+
+
+def stop_child(proc: subprocess.Popen[Any]) -> None:
+    """Stop a benchmark's server child that serves until its stdin closes: close it, wait
+    up to 30 s, then kill."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def report(path: Path | None, benchmark: str, ratios: dict[str, float], **parts: Any) -> None:

@@ -69,7 +69,7 @@ from typing import Any
 
 import grpc
 import torch
-from common import machine, pin_half, report
+from common import machine, pin_half, report, stop_child
 
 from splitfed.clients.backbone import BackboneClient, _Stream
 from splitfed.errors import stream_errors
@@ -226,13 +226,7 @@ def _server_process(tls_dir: Path) -> Iterator[int]:
             raise BenchError(f"server process exited with code {proc.wait()} before serving")
         yield int(words[1])
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)
 
 
 # --- client side ------------------------------------------------------------------------

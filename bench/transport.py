@@ -59,7 +59,7 @@ from typing import Any
 import grpc
 import numpy as np
 import torch
-from common import machine, pin_half
+from common import machine, pin_half, stop_child
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from splitfed.clients.diagnostics import DiagnosticsClient
@@ -251,13 +251,7 @@ def _server_process(tls_dir: Path, chunk_kib: list[int] | None) -> Iterator[dict
             raise BenchError(f"server process exited with code {proc.wait()} before serving")
         yield ports
     finally:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_child(proc)
 
 
 # --- client side ------------------------------------------------------------------------

@@ -67,8 +67,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any, Literal
+
+from splitfed.lifecycle import Closing
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +417,7 @@ class _Child:
 _link_numbers = itertools.count()
 
 
-class WanLink:
+class WanLink(Closing):
     """Two network namespaces joined by a shaped veth pair, plus delay proxies; a context
     manager that leaves no namespace or child behind, even on failure or Ctrl-C."""
 
@@ -452,17 +454,6 @@ class WanLink:
         except BaseException:
             self.close()
             raise
-
-    def __enter__(self) -> WanLink:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def command(self, side: Side, argv: list[str]) -> list[str]:
         """``argv`` run inside the client's or the server's namespace."""
