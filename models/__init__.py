@@ -13,9 +13,15 @@ from splitfed.models.parts import (
     Tail,
     split_model,
 )
+from splitfed.models.quantization import QUANTIZATIONS, prepare_imports
+
+# Before anything imports peft (which imports bitsandbytes when it is installed), so that
+# bitsandbytes' import does not reach for the network (models/quantization.py).
+prepare_imports()
 
 __all__ = [
     "PARTS",
+    "QUANTIZATIONS",
     "Body",
     "Family",
     "Head",

@@ -25,6 +25,7 @@ from transformers.cache_utils import DynamicCache
 from splitfed.files import StrPath
 from splitfed.models.optim import init_adapter_tensors
 from splitfed.models.parts import SplitPart
+from splitfed.models.quantization import compute_dtype
 
 ADAPTER = "default"
 # Far above any rank used in practice (8-256); a service may cap it lower.
@@ -169,7 +170,7 @@ def kv_geometry(part: SplitPart) -> tuple[int, int]:
 def add_prefix(part: SplitPart, length: int = 16) -> PrefixEncoder:
     """Give the part a P-Tuning v2 prefix of ``length`` positions for each of its blocks."""
     kv_heads, head_dim = kv_geometry(part)
-    dtype = next(part.base.parameters()).dtype
+    dtype = compute_dtype(part.base)
     prefix = PrefixEncoder(len(part.layer_range), length, kv_heads, head_dim, dtype)
     part.prefix = prefix
     freeze_base(part)

@@ -32,6 +32,13 @@ from splitfed.models.parts import (
     empty_base,
     meta_parameters,
 )
+from splitfed.models.quantization import (
+    NONE,
+    check_quantization,
+    linear_weight,
+    quantizable,
+    quantized_linear,
+)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -116,12 +123,16 @@ def load_part(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    quantization: str = NONE,
 ) -> SplitPart:
     """Build ``part`` of the checkpoint in ``path`` split at (k, m), reading only its tensors.
 
     Parameters are frozen (adapters add the trainable ones) and the part is in eval mode.
-    ``part.source_tensors`` lists the checkpoint tensors that were read.
+    ``part.source_tensors`` lists the checkpoint tensors that were read. With a
+    ``quantization`` (models/quantization.py) the projections of the part's blocks are
+    quantized as they are read, one at a time.
     """
+    check_quantization(quantization)
     path = Path(path)
     config = load_config(path)
     family = family_for(config)
@@ -139,6 +150,10 @@ def load_part(
     holder.base = base
     if lm_head is not None:
         holder.lm_head = lm_head
+    expected = {name for name, _ in holder.named_parameters()} | {
+        name for name, _ in holder.named_buffers() if _is_persistent(holder, name)
+    }
+    loader = _Quantizer(holder, family, quantization, dtype, device)
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in names:
@@ -149,11 +164,10 @@ def load_part(
                 tensor = handle.get_tensor(name)
                 if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(dtype)
-                state[names[name]] = tensor
-    expected = {name for name, _ in holder.named_parameters()} | {
-        name for name, _ in holder.named_buffers() if _is_persistent(holder, name)
-    }
-    missing = sorted(expected - set(state))
+                if not loader.take(names[name], tensor):
+                    state[names[name]] = tensor
+    loader.finish()
+    missing = sorted(expected - set(state) - loader.loaded)
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors of the {part}: {', '.join(missing[:5])}")
     holder.load_state_dict(state, strict=False, assign=True)
@@ -162,6 +176,72 @@ def load_part(
     built.eval()
     built.source_tensors = tuple(sorted(names))  # type: ignore[assignment]
     return built.to(device)
+
+
+class _Quantizer:
+    """Quantizes the projections of a part's blocks as their tensors arrive: a
+    projection is replaced as soon as its weight (and bias) are read, so at most one
+    projection is ever held in full precision."""
+
+    def __init__(
+        self,
+        holder: nn.Module,
+        family: Family,
+        mode: str,
+        dtype: torch.dtype | None,
+        device: str | torch.device,
+    ) -> None:
+        self.holder, self.mode, self.dtype, self.device = holder, mode, dtype, device
+        blocks = f"base.{family.layers_attr}."
+        self.modules: dict[str, nn.Module] = (
+            {}
+            if mode == NONE
+            else {
+                name: module
+                for name, module in holder.named_modules()
+                if name.startswith(blocks) and quantizable(module)
+            }
+        )
+        self.pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        self.loaded: set[str] = set()
+
+    def take(self, name: str, tensor: torch.Tensor) -> bool:
+        """Keep ``tensor`` if it belongs to a projection to quantize (True)."""
+        owner, _, attr = name.rpartition(".")
+        module = self.modules.get(owner)
+        if module is None or attr not in ("weight", "bias"):
+            return False
+        parts = self.pending[owner]
+        parts[attr] = tensor
+        if "weight" in parts and ("bias" in parts or module.bias is None):
+            self._replace(owner, module, parts)
+        return True
+
+    def _replace(self, owner: str, module: nn.Module, parts: dict[str, torch.Tensor]) -> None:
+        weight = parts["weight"]
+        if not isinstance(module, nn.Linear):
+            weight = weight.t()  # GPT-2's Conv1D stores [in, out]
+        expected = tuple(linear_weight(module).shape)
+        if tuple(weight.shape) != expected:
+            raise ValueError(
+                f"checkpoint tensor of {owner}.weight has shape {list(weight.shape)}, "
+                f"expected {list(expected)}"
+            )
+        quantized = quantized_linear(
+            weight,
+            parts.get("bias"),
+            self.mode,
+            compute_dtype=self.dtype or weight.dtype,
+            device=self.device,
+        )
+        self.holder.set_submodule(owner, quantized)
+        self.loaded.update(f"{owner}.{attr}" for attr in ("weight", "bias"))
+        del self.pending[owner]
+
+    def finish(self) -> None:
+        if self.pending:
+            owner = sorted(self.pending)[0]
+            raise ValueError(f"checkpoint lacks the weight or bias of {owner}")
 
 
 def _is_persistent(module: nn.Module, name: str) -> bool:
@@ -189,12 +269,19 @@ def load_tail(path: StrPath, k: int = 1, m: int = 1, **kwargs: Any) -> Tail:
 
 
 def load_trainable_ends(
-    path: StrPath, adapter: AdapterSettings, k: int = 1, m: int = 1
+    path: StrPath,
+    adapter: AdapterSettings,
+    k: int = 1,
+    m: int = 1,
+    *,
+    quantization: str = NONE,
 ) -> tuple[Head, Tail, list[nn.Parameter]]:
     """A client's head and tail of the checkpoint at ``path`` with ``adapter`` applied,
-    in training mode, and their trainable parameters (the head's first)."""
+    in training mode, and their trainable parameters (the head's first); their blocks'
+    projections quantized with ``quantization``."""
     path = Path(path)
-    head, tail = load_head(path, k, m), load_tail(path, k, m)
+    head = load_head(path, k, m, quantization=quantization)
+    tail = load_tail(path, k, m, quantization=quantization)
     for part in (head, tail):
         adapter.apply(part)
         part.train()

@@ -10,13 +10,15 @@ from typing import Any
 TINY_FAMILIES = ("llama", "qwen2", "mistral", "glm", "glm4", "gpt2")
 
 
-def tiny_config(family: str, layers: int = 6) -> Any:
+def tiny_config(family: str, layers: int = 6, hidden: int = 32) -> Any:
+    """A tiny config of ``family``: 4 attention heads over ``hidden`` (32; 64 where NF4's
+    blocks of 64 weights need it)."""
     import transformers as tf
 
     common = {
         "vocab_size": 128,
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
         "num_hidden_layers": layers,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
@@ -34,13 +36,13 @@ def tiny_config(family: str, layers: int = 6) -> Any:
     if family == "mistral":
         return tf.MistralConfig(**common, sliding_window=6)
     if family == "glm":
-        return tf.GlmConfig(**common, head_dim=8)
+        return tf.GlmConfig(**common, head_dim=hidden // 4)
     if family == "glm4":
-        return tf.Glm4Config(**common, head_dim=8)
+        return tf.Glm4Config(**common, head_dim=hidden // 4)
     if family == "gpt2":
         return tf.GPT2Config(
             vocab_size=128,
-            n_embd=32,
+            n_embd=hidden,
             n_layer=layers,
             n_head=4,
             n_positions=256,

@@ -4,7 +4,6 @@ trainable copy of it (adapter, optimizer, schedule). No sessions, no gRPC in her
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ from splitfed.models.placement import (
     parse_device,
     place_blocks,
 )
+from splitfed.models.quantization import compute_dtype, frozen_memo, weight_bytes
 from splitfed.services.backbone.quotas import GraphCost
 from splitfed.services.backbone.settings import BackboneSettings
 
@@ -89,7 +89,7 @@ class SharedBody:
         place_blocks(self.part, self.block_devices)
         self.input_device = torch.device(self.block_devices[0])
         self.part.requires_grad_(False)
-        self.dtype = next(self.part.parameters()).dtype
+        self.dtype = compute_dtype(self.part)
         self.summary = ModelSummary(
             model_id=settings.model_id,
             family=self.family.name,
@@ -103,7 +103,7 @@ class SharedBody:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.part.parameters())
+        return weight_bytes(self.part)
 
     def body_for(self, k: int, m: int) -> Body:
         """A body for the split (k, m), sharing this body's frozen tensors (no copy)."""
@@ -119,8 +119,7 @@ class SharedBody:
         blocks = [self.part.blocks[i - self.settings.min_k] for i in spec.layers("body")]
         shared: dict[int, Any] = {}
         for block in blocks:
-            for tensor in itertools.chain(block.parameters(), block.buffers()):
-                shared[id(tensor)] = tensor
+            shared.update(frozen_memo(block))
         copies = [copy.deepcopy(block, shared) for block in blocks]
         base = empty_base(self.config, self.family, "body", spec.layers("body"))
         self.family.set_layers(base, copies)
