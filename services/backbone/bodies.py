@@ -53,6 +53,7 @@ class ModelSummary:
     dtype: torch.dtype
     min_k: int
     min_m: int
+    quantization: str
 
 
 class SharedBody:
@@ -74,6 +75,7 @@ class SharedBody:
             settings.min_m,
             dtype=dtype,
             device=settings.device if one_device else "cpu",
+            quantization=settings.quantization,
         )
         # The device of each block (several: the body spans the GPUs of a node).
         blocks = len(self.part.blocks)
@@ -99,6 +101,7 @@ class SharedBody:
             dtype=self.dtype,
             min_k=settings.min_k,
             min_m=settings.min_m,
+            quantization=settings.quantization,
         )
 
     @property

@@ -8,6 +8,7 @@ from typing import Any
 
 from splitfed.encodings import encoding_names
 from splitfed.models.placement import parse_device
+from splitfed.models.quantization import check_quantization
 
 ADAPTER_MODES = ("per-client", "shared")
 # A per-identity quota left unset is this fraction of its global limit (at least 1).
@@ -28,6 +29,9 @@ class BackboneSettings:
     min_m: int = 1
     # Weights dtype: "float32", "bfloat16" or "float16"; "auto" keeps the checkpoint's.
     dtype: str = "auto"
+    # The body's projections: "none" (as dtype says), "int8" or "nf4" (bitsandbytes),
+    # quantized while loading (models/quantization.py); compute stays in dtype.
+    quantization: str = "none"
     # "cpu", "cuda", "cuda:N"; "auto": the blocks over every visible GPU by free memory
     # (less max_cache_bytes + max_pending_bytes, shared out); or blocks per device, in
     # order: "cuda:0=16,cuda:1=14" (models/placement.py).
@@ -112,6 +116,7 @@ class BackboneSettings:
                 f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
         parse_device(self.device)  # ValueError naming what is wrong
+        check_quantization(self.quantization)
         if self.adapter_mode not in ADAPTER_MODES:
             raise ValueError(
                 f"adapter_mode must be one of {', '.join(ADAPTER_MODES)}, got {self.adapter_mode!r}"

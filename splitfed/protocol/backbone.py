@@ -184,6 +184,8 @@ class ModelInfo:
     # client-batch: passes merged across sessions (a pipelining client sends in order).
     max_pending_passes: int = 0
     client_batch: bool = False
+    # How the body's projections are stored ("none", "int8", "nf4"; "" not stated).
+    quantization: str = ""
 
     def to_proto(self) -> backbone_pb2.ModelInfo:
         return to_message(

@@ -112,6 +112,7 @@ class ModelInfo(_message.Message):
     ENCRYPTION_FIELD_NUMBER: _builtins.int
     MAX_PENDING_PASSES_FIELD_NUMBER: _builtins.int
     CLIENT_BATCH_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     family: _builtins.str
     """Model family in splitfed's registry ("llama", "glm", "gpt2", "chatglm")."""
@@ -138,6 +139,10 @@ class ModelInfo(_message.Message):
     member must then send its FORWARDs and BACKWARDs in the sequential order
     (FORWARD i, BACKWARD i, FORWARD i+1, ...), i.e. a pipelining window of 1.
     """
+    quantization: _builtins.str
+    """How the body's projections are stored: "none", "int8" or "nf4" (models/quantization.py).
+    Empty from a backbone older than this field: not quantized.
+    """
     @_builtins.property
     def encodings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Wire encodings the backbone accepts for activations ("raw", "bf16", "int8")."""
@@ -160,10 +165,11 @@ class ModelInfo(_message.Message):
         encryption: _builtins.bool = ...,
         max_pending_passes: _builtins.int = ...,
         client_batch: _builtins.bool = ...,
+        quantization: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mode", b"adapter_mode", "client_batch", b"client_batch", "dtype", b"dtype", "encodings", b"encodings", "encryption", b"encryption", "family", b"family", "hidden_size", b"hidden_size", "max_batch_size", b"max_batch_size", "max_pending_passes", b"max_pending_passes", "max_sequence_length", b"max_sequence_length", "min_k", b"min_k", "min_m", b"min_m", "model_id", b"model_id", "num_layers", b"num_layers", "vocab_size", b"vocab_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_mode", b"adapter_mode", "client_batch", b"client_batch", "dtype", b"dtype", "encodings", b"encodings", "encryption", b"encryption", "family", b"family", "hidden_size", b"hidden_size", "max_batch_size", b"max_batch_size", "max_pending_passes", b"max_pending_passes", "max_sequence_length", b"max_sequence_length", "min_k", b"min_k", "min_m", b"min_m", "model_id", b"model_id", "num_layers", b"num_layers", "quantization", b"quantization", "vocab_size", b"vocab_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
