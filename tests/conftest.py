@@ -10,6 +10,9 @@ import grpc
 import pytest
 from helpers import SERVER_NAME, SMALL_CHUNKS, Pki, tls_of
 
+# Before any test module imports peft (which imports bitsandbytes): bitsandbytes must be
+# imported without reaching for the Hugging Face Hub (models/quantization.py).
+import splitfed.models  # noqa: F401
 from splitfed.security.ca import CertificateAuthority
 from splitfed.services.diagnostics import binding
 from splitfed.tls import TLSConfig
