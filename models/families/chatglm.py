@@ -123,7 +123,8 @@ def check_chatglm_config(config: PretrainedConfig) -> None:
     if getattr(config, "quantization_bit", 0):
         raise ValueError(
             f"quantization_bit={config.quantization_bit} checkpoints (ChatGLM's own int4/int8 "
-            "kernels) are not supported; load the float16 checkpoint"
+            "kernels) are not supported; load the float16 checkpoint and set quantization = "
+            '"int8" or "nf4" (splitfed quantizes it while loading)'
         )
     if getattr(config, "pre_seq_len", None) is not None:
         raise ValueError(
