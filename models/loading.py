@@ -164,8 +164,13 @@ def load_part(
                 tensor = handle.get_tensor(name)
                 if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(dtype)
-                if not loader.take(names[name], tensor):
-                    state[names[name]] = tensor
+                if loader.take(names[name], tensor):
+                    continue
+                if quantization != NONE and tensor.device.type == "cpu":
+                    # Not a view of the memory map: one would keep the whole map, the
+                    # full-precision pages of the projections too, resident.
+                    tensor = tensor.clone()
+                state[names[name]] = tensor
     loader.finish()
     missing = sorted(expected - set(state) - loader.loaded)
     if missing:
