@@ -38,6 +38,7 @@ from splitfed.models.quantization import (
     linear_weight,
     quantizable,
     quantized_linear,
+    release_freed_memory,
 )
 
 SINGLE_FILE = "model.safetensors"
@@ -172,6 +173,8 @@ def load_part(
                     tensor = tensor.clone()
                 state[names[name]] = tensor
     loader.finish()
+    if quantization != NONE:
+        release_freed_memory()
     missing = sorted(expected - set(state) - loader.loaded)
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors of the {part}: {', '.join(missing[:5])}")

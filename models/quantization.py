@@ -27,6 +27,7 @@ memory, not time: its matmuls dequantize first and are slower than bfloat16 ones
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import sys
@@ -96,6 +97,17 @@ def bitsandbytes() -> ModuleType:
             f"quantization needs bitsandbytes (pip install 'bitsandbytes>=0.49'): {exc}"
         ) from None
     return bitsandbytes
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by quantizing back to the system (glibc keeps the temporaries
+    of quantization, several times the quantized weights, in its heap otherwise)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def quantizable(module: nn.Module) -> bool:
