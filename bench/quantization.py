@@ -115,7 +115,7 @@ def llama7b_config(body_layers: int, *, tiny: bool) -> tuple[LlamaConfig, int, i
         config = llama_config(
             32000, 4096, k + body_layers + m, intermediate_size=11008, heads=32, kv_heads=32
         )
-    config.torch_dtype = torch.bfloat16
+    config.dtype = torch.bfloat16
     config.tie_word_embeddings = False
     return config, k, m
 
