@@ -182,3 +182,34 @@ def test_wan_bench_prints_its_ratios_over_emulated_links(tmp_path: Path) -> None
     } <= set(figures["ratios"])
     assert figures["figures"]["checks"]["wan"]["within_10_percent"] in (True, False)
     assert set(figures["figures"]["profiles"]["lan"]["bytes_per_token"]) == {"raw", "bf16", "int8"}
+
+
+@pytest.mark.slow
+@pytest.mark.long  # ~35 s: make test-long
+def test_quantization_bench_prints_its_ratios_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "quantization.json"
+    result = run_bench("quantization.py", "--tiny", "--quick", "--json", str(out))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("ratio ")]
+    figures = json.loads(out.read_text())
+    assert set(figures["ratios"]) == {line[6:].rsplit(":", 1)[0] for line in lines}
+    assert set(figures["ratios"]) == {
+        "body memory fp32/bf16",
+        "body memory int8/bf16",
+        "body memory nf4/bf16",
+        "eval loss int8/none",
+        "eval loss nf4/none",
+        "step time int8/fp32",
+        "step time nf4/fp32",
+        "generation tokens/s int8/fp32",
+        "generation tokens/s nf4/fp32",
+    }
+    assert all(value > 0 for value in figures["ratios"].values())
+    memory = figures["memory"]["modes"]
+    assert set(memory) == {"fp32", "bf16", "int8", "nf4"}
+    # What each mode's weights take is exact; resident memory is only reported.
+    assert memory["nf4"]["weight_bytes"] < memory["int8"]["weight_bytes"]
+    assert memory["int8"]["weight_bytes"] < memory["bf16"]["weight_bytes"]
+    assert memory["bf16"]["weight_bytes"] < memory["fp32"]["weight_bytes"]
+    fidelity = figures["fidelity"]["modes"]
+    assert set(fidelity["nf4"]["logits"]) >= {"max_abs", "mean_abs", "mean_kl", "top1_agreement"}
+    assert fidelity["int8"]["logits"]["max_abs"] > 0
