@@ -104,10 +104,8 @@ def release_freed_memory() -> None:
     of quantization, several times the quantized weights, in its heap otherwise)."""
     if not sys.platform.startswith("linux"):
         return
-    try:
+    with suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
 
 
 def quantizable(module: nn.Module) -> bool:
