@@ -160,18 +160,21 @@ def load_part(
     for name in names:
         by_file[files[name]].append(name)
     for file, file_names in sorted(by_file.items()):
-        with safe_open(str(file), framework="pt", device=str(device)) as handle:
-            for name in sorted(file_names):
-                tensor = handle.get_tensor(name)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
-                if loader.take(names[name], tensor):
-                    continue
-                if quantization != NONE and tensor.device.type == "cpu":
-                    # Not a view of the memory map: one would keep the whole map, the
-                    # full-precision pages of the projections too, resident.
-                    tensor = tensor.clone()
-                state[names[name]] = tensor
+        # A file stays memory-mapped while its handle is open, and every page read stays
+        # resident until then: quantizing, each tensor is read through its own handle,
+        # so the pages of a projection go once it is quantized (not a shard's worth).
+        reads = [[n] for n in sorted(file_names)] if loader.modules else [sorted(file_names)]
+        for read in reads:
+            with safe_open(str(file), framework="pt", device=str(device)) as handle:
+                for name in read:
+                    tensor = handle.get_tensor(name)
+                    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                        tensor = tensor.to(dtype)
+                    if not loader.take(names[name], tensor):
+                        # Quantizing reads (pages in) the projections' bytes; a tensor kept
+                        # as read is a view of the memory-mapped file and would keep those
+                        # pages resident for the part's life: keep a copy (norms, biases).
+                        state[names[name]] = tensor.clone() if loader.modules else tensor
     loader.finish()
     if quantization != NONE:
         release_freed_memory()

@@ -35,7 +35,6 @@ adapters inside one module, while each session here owns its module.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -49,6 +48,7 @@ from transformers.cache_utils import DynamicCache
 from splitfed.models.adapters import ADAPTER, PrefixEncoder
 from splitfed.models.continuous import CachedStep, base_run, merged_cached_pass
 from splitfed.models.parts import Body, PartCache
+from splitfed.models.quantization import frozen_memo
 
 # Member sets whose stacked adapters one projection keeps (generation, eval).
 STACKS_KEPT = 16
@@ -224,8 +224,9 @@ class MultiAdapterBody(nn.Module):
         ]
         self._versions: tuple[tuple[int, int], ...] = ()
         self._epochs = 0
-        memo = {id(t): t for t in itertools.chain(first.parameters(), first.buffers())}
-        self.body: Body = copy.deepcopy(first, memo)  # the module tree only: tensors shared
+        # The module tree only: tensors shared, and a quantized projection's state too
+        # (an int8 projection keeps its weight in its matmul state as well).
+        self.body: Body = copy.deepcopy(first, frozen_memo(first))
         self.body.prefix = None
         # The sessions' prefixes stay theirs: read here, not registered.
         self._prefixes: list[PrefixEncoder] = [b.prefix for b in bodies if b.prefix is not None]

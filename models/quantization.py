@@ -173,7 +173,7 @@ def quantized_linear(
         setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
     if bias is not None:
         module.bias = nn.Parameter(
-            bias.detach().to(compute_dtype).contiguous(), requires_grad=False
+            bias.detach().to(compute_dtype, copy=True).contiguous(), requires_grad=False
         )
     # Moving the parameters to a real device is what quantizes them (bitsandbytes).
     quantized: nn.Module = module.to(device)

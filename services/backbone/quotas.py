@@ -35,6 +35,8 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from splitfed.models.quantization import compute_dtype
+
 # Probe lengths (tokens of one row): three points fit the degree-2 polynomial exactly.
 PROBE_TOKENS = (16, 32, 64)
 
@@ -89,8 +91,8 @@ class GraphCost:
     def calibrate(cls, body: nn.Module, hidden_size: int) -> GraphCost:
         """Fit the cost of ``body``'s passes from three probe passes (see the module
         docstring). Leaves gradients, the graph and the random state as they were."""
-        parameter = next(body.parameters())
-        device, dtype = parameter.device, parameter.dtype
+        # The dtype it computes in (a quantized body's first weight is an integer one).
+        device, dtype = next(body.parameters()).device, compute_dtype(body)
         output_per_token = hidden_size * dtype.itemsize
         measured = []
         devices = [device] if device.type == "cuda" else []

@@ -171,6 +171,8 @@ def describe_backbone(channel: grpc.Channel) -> dict[str, Any]:
         "model": info.model_id,
         "family": info.family,
         "layers": info.num_layers,
+        # A backbone older than the field says nothing: its body is not quantized.
+        "quantization": info.quantization or "none",
         "adapter_mode": info.adapter_mode,
         "encryption": info.encryption,
     }
