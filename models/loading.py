@@ -246,6 +246,10 @@ class _Quantizer:
             device=self.device,
         )
         self.holder.set_submodule(owner, quantized)
+        parts.clear()
+        # glibc would keep the freed full-precision temporaries in its heap (its mmap
+        # threshold rises to their size), growing the peak by a few projections' worth.
+        release_freed_memory()
         self.loaded.update(f"{owner}.{attr}" for attr in ("weight", "bias"))
         del self.pending[owner]
 
