@@ -43,6 +43,7 @@ from splitfed.files import StrPath
 from splitfed.metrics import MetricsSettings
 from splitfed.models.adapters import AdapterSettings, load_adapter, load_adapter_state
 from splitfed.models.generation import BodyStage, SamplingOptions, SplitGenerator
+from splitfed.models.identity import TrainedAgainst, mismatches
 from splitfed.models.loading import load_head, load_tail
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.parts import Head, Tail
@@ -304,9 +305,10 @@ def split_session(
     train = config.training
     if ledger is None and train.perturbation.enabled:
         ledger = PrivacyLedger(train.perturbation, directory=train.checkpoint_dir)
-    head = load_head(train.model_path, train.k, train.m)
-    tail = load_tail(train.model_path, train.k, train.m)
+    head = load_head(train.model_path, train.k, train.m, quantization=train.quantization)
+    tail = load_tail(train.model_path, train.k, train.m, quantization=train.quantization)
     session_id = ""
+    trained_against: TrainedAgainst | None = None
     adapter = config.adapter
     checkpoint = train.checkpoint_dir
     if trained and checkpoint is not None and (checkpoint / "client.json").is_file():
@@ -316,6 +318,7 @@ def split_session(
             config.adapter.apply(part)
             load_adapter_state(part, tensors)
         session_id = state["session_id"]
+        trained_against = TrainedAgainst.from_metadata(state)
     elif not trained:
         if client.model_info().adapter_mode == "shared":
             raise ValueError(
@@ -329,6 +332,8 @@ def split_session(
         k=train.k, m=train.m, adapter=adapter, session_id=session_id, encrypted=train.encrypted
     )
     session = client.open_session(request)
+    for warning in mismatches(trained_against, session.info.quantization, train.quantization):
+        logger.warning("[generate] %s", warning)
     crypto = None
     if train.encrypted:
         assert keymanager is not None

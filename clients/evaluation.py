@@ -224,10 +224,14 @@ class PartsModel:
         return generator.generate(input_ids, attention_mask, options)
 
 
-def local_model(path: StrPath) -> PartsModel:
-    """A full local checkpoint, run in this process through the same split parts."""
+def local_model(path: StrPath, *, quantization: str = "none") -> PartsModel:
+    """A full local checkpoint, run in this process through the same split parts (with
+    ``quantization``, their blocks' projections quantized as a backbone's and a client's
+    would be: to compare a merged adapter with the quantized split model it came from)."""
     path = Path(path)
-    return PartsModel(load_head(path), LocalStage(load_body(path)), load_tail(path))
+    head = load_head(path, quantization=quantization)
+    body = load_body(path, quantization=quantization)
+    return PartsModel(head, LocalStage(body), load_tail(path, quantization=quantization))
 
 
 # --- scores --------------------------------------------------------------------------

@@ -469,6 +469,8 @@ class FederatedTrainer:
                         "base": str(plan.global_version),
                         # The trainer's steps so far: who trained a round twice shows here.
                         "steps": str(self.trainer.step),
+                        # What the update was trained against (models/identity.py).
+                        **self.trainer.trained_against().metadata(),
                     },
                 )
             session = self.trainer.session.session_id if self.trainer.session else ""

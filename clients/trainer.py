@@ -70,6 +70,7 @@ from splitfed.models.adapters import (
     load_adapter_state,
     save_adapter,
 )
+from splitfed.models.identity import TrainedAgainst, mismatches
 from splitfed.models.loading import load_trainable_ends
 from splitfed.models.optim import (
     OptimizerSettings,
@@ -80,6 +81,7 @@ from splitfed.models.optim import (
     optimizer_tensors,
     scale_grads,
 )
+from splitfed.models.quantization import check_quantization
 from splitfed.protocol.backbone import SessionInfo, SessionRequest, StepResult
 from splitfed.retry import RetryPolicy
 from splitfed.security.perturbation import (
@@ -151,6 +153,10 @@ class TrainSettings:
     # await their gradient on the backbone, at most its max_pending_passes (1 with
     # client-batch); 0: the sequential step (head -> RemoteBody -> tail, one at a time).
     pipeline_window: int = DEFAULT_WINDOW
+    # The client parts' (head and tail) block projections quantized at load: "none",
+    # "int8" or "nf4" (models/quantization.py), for data owners with small machines; the
+    # embeddings and the LM head stay in full precision, adapters train on top.
+    quantization: str = "none"
     # A nested section of the config file: [training.perturbation] in TOML.
     perturbation: PerturbationSettings = field(default_factory=PerturbationSettings)
 
@@ -169,6 +175,7 @@ class TrainSettings:
                 "perturbation must be a mapping with the fields of PerturbationSettings "
                 f"(clip_norm, noise_multiplier, ...), got {perturbation!r}"
             )
+        check_quantization(self.quantization)
         known = encoding_names()
         if self.encoding not in (*known, AUTO):
             raise ValueError(
@@ -234,6 +241,9 @@ class _ClientState:
     session_id: str
     step: int
     losses: list[float] = field(default_factory=list)
+    # What the checkpoint's adapter was trained against (None: a checkpoint from before
+    # quantization, which does not say).
+    trained_against: TrainedAgainst | None = None
 
 
 class SplitTrainer:
@@ -261,7 +271,7 @@ class SplitTrainer:
             str(path), local_files_only=True
         )
         self.head, self.tail, self.params = load_trainable_ends(
-            path, adapter, settings.k, settings.m
+            path, adapter, settings.k, settings.m, quantization=settings.quantization
         )
         # A schedule whose length is still open (a federation member's: see
         # set_schedule_length) decays from start(); until then a constant one stands in.
@@ -444,6 +454,7 @@ class SplitTrainer:
             self._save_checkpoint()
         else:
             self.session = self._resume(state.session_id)
+            self._check_trained_against(state.trained_against, self.session)
             ahead = self.session.step == self.step + 1 and self._pending_step() == self.step + 1
             if self.session.step != self.step and not ahead:
                 raise RuntimeError(
@@ -456,6 +467,18 @@ class SplitTrainer:
         if ahead:
             self._finish_pending()
         return self.session
+
+    def trained_against(self) -> TrainedAgainst:
+        """The quantization of the body (as the session's backbone states it) and of the
+        client parts this trainer trains with."""
+        body = self.session.info.quantization if self.session is not None else ""
+        return TrainedAgainst(body, self.settings.quantization)
+
+    def _check_trained_against(self, trained: TrainedAgainst | None, session: SessionInfo) -> None:
+        """Warn when the checkpoint's adapter was trained against a body (or with client
+        parts) quantized differently from what this session runs."""
+        for warning in mismatches(trained, session.info.quantization, self.settings.quantization):
+            logger.warning("[trainer] session %s: %s", redact(session.session_id), warning)
 
     def _start_auto(self, session: SessionInfo) -> None:
         """``encoding = "auto"``: start raw (or the most precise encodings the backbone
@@ -841,9 +864,17 @@ class SplitTrainer:
             return
         directory.mkdir(parents=True, exist_ok=True)
         tensors, meta = optimizer_tensors(self.optimizer, self.scheduler)
-        save_adapter(directory / "adapter.tmp.safetensors", self.adapter_tensors())
+        identity = self.trained_against().metadata()
+        save_adapter(
+            directory / "adapter.tmp.safetensors", self.adapter_tensors(), metadata=identity
+        )
         save_adapter(directory / "optimizer.tmp.safetensors", tensors)
-        state = {"session_id": self.session.session_id, "step": self.step, "optimizer": meta}
+        state = {
+            "session_id": self.session.session_id,
+            "step": self.step,
+            "optimizer": meta,
+            **identity,
+        }
         (directory / "client.tmp.json").write_text(json.dumps(state))
         for name in ("adapter", "optimizer"):
             (directory / f"{name}.tmp.safetensors").replace(directory / f"{name}.safetensors")
@@ -882,4 +913,6 @@ class SplitTrainer:
         logger.info(
             "[trainer] resuming session %s at step %d", redact(state["session_id"]), self.step
         )
-        return _ClientState(state["session_id"], self.step)
+        return _ClientState(
+            state["session_id"], self.step, trained_against=TrainedAgainst.from_metadata(state)
+        )

@@ -276,7 +276,9 @@ def save_adapter(
     path = Path(path)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=dict(metadata or {}))
+    # No metadata is None, not {}: safetensors writes an unreadable header for no
+    # tensors with an empty metadata dict (an optimizer checkpointed before its first step).
+    save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
 
 
 def load_adapter(path: StrPath) -> dict[str, torch.Tensor]:

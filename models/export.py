@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from splitfed.files import StrPath
 from splitfed.models.adapters import AdapterSettings
 from splitfed.models.families import family_for
+from splitfed.models.identity import BODY_KEY, PARTS_KEY
 from splitfed.models.loading import load_config
 
 PEFT_PREFIX = "base_model.model."
@@ -55,7 +56,9 @@ def write_peft(
     metadata: Mapping[str, Any] | None = None,
 ) -> LoraConfig:
     """Write ``tensors`` (the LoRA of some or all blocks, global names) as a PEFT adapter
-    of the model at ``model_path``; returns its config."""
+    of the model at ``model_path``; returns its config. ``metadata`` goes to
+    ``splitfed.json`` beside it, and what it was trained against (models/identity.py) into
+    the safetensors file's metadata too."""
     output = Path(output)
     model_path = Path(model_path)
     if adapter.kind != "lora":
@@ -83,7 +86,10 @@ def write_peft(
     save_file(
         {PEFT_PREFIX + name: t.detach().cpu().contiguous() for name, t in tensors.items()},
         str(output / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
+        metadata={
+            "format": "pt",
+            **{k: str(v) for k, v in (metadata or {}).items() if k in (BODY_KEY, PARTS_KEY)},
+        },
     )
     if metadata:
         (output / "splitfed.json").write_text(json.dumps(dict(metadata), indent=2) + "\n")

@@ -76,6 +76,7 @@ def export(
     from splitfed.clients.backbone import client_crypto
     from splitfed.models.adapters import load_adapter, save_adapter
     from splitfed.models.export import merge_into_checkpoint, write_peft
+    from splitfed.models.identity import TrainedAgainst, merge_warning
 
     try:
         config = ClientConfig.load(config_path)
@@ -118,6 +119,10 @@ def export(
             "model_path": str(config.training.model_path),
             "adapter": config.adapter.to_dict(),
         }
+        # What it was trained against (a checkpoint from before quantization: not said).
+        trained = TrainedAgainst.from_metadata(state)
+        identity = trained.metadata() if trained is not None else {}
+        metadata.update(identity)
         if fmt == "peft":
             write_peft(
                 output, tensors, config.adapter, config.training.model_path, metadata=metadata
@@ -126,10 +131,12 @@ def export(
             save_adapter(
                 output / "adapter.safetensors",
                 tensors,
-                metadata={"splitfed": json.dumps(metadata)},
+                metadata={"splitfed": json.dumps(metadata), **identity},
             )
         if merged is not None:
             merge_into_checkpoint(config.training.model_path, output, merged)
+            if trained is not None and merge_warning(trained.body):
+                click.echo(f"warning: {merge_warning(trained.body)}", err=True)
     except (ValueError, RuntimeError, OSError, SplitfedError) as exc:
         fail(ctx, exc, usage=False)
         return
@@ -154,6 +161,27 @@ def _adapter_file(path: Path) -> Path:
 
 
 _LAYER = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\.")
+# models/quantization.py QUANTIZATIONS (not imported here: it imports torch).
+_QUANTIZATIONS = ("none", "int8", "nf4")
+
+
+def _trained_against(file: Path, metadata: dict[str, str]) -> dict[str, str] | None:
+    """What the adapter was trained against (body and client parts' quantization): from
+    the file's metadata, else from ``splitfed.json`` (a PEFT export) or ``client.json`` (a
+    training checkpoint) beside it; ``None`` where nothing says."""
+    from splitfed.models.identity import TrainedAgainst
+
+    found = TrainedAgainst.from_metadata(metadata)
+    for name in ("splitfed.json", "client.json"):
+        side = file.parent / name
+        if found is None and side.is_file():
+            try:
+                values = json.loads(side.read_text())
+            except ValueError:
+                continue
+            if isinstance(values, dict):
+                found = TrainedAgainst.from_metadata(values)
+    return None if found is None else {"body": found.body, "parts": found.parts}
 
 
 def summarise(path: Path) -> dict[str, Any]:
@@ -191,6 +219,7 @@ def summarise(path: Path) -> dict[str, Any]:
         "layers": layers,
         "modules": modules,
         "metadata": metadata,
+        "quantization": _trained_against(file, metadata),
         "peft_config": json.loads(config_file.read_text()) if config_file.is_file() else None,
         "rows": rows,
     }
@@ -199,10 +228,25 @@ def summarise(path: Path) -> dict[str, Any]:
 @adapters.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor.")
+@click.option(
+    "--against",
+    type=click.Choice(_QUANTIZATIONS),
+    default=None,
+    help="The body quantization the adapter is to be used with: warn if it was trained "
+    "against another.",
+)
 @file_option("--json", "json_path", help="Also write the summary as JSON.")
 @click.pass_context
-def inspect(ctx: click.Context, path: Path, show_tensors: bool, json_path: Path | None) -> None:
-    """Summarise an adapter: a .safetensors file, a PEFT directory or a checkpoint_dir."""
+def inspect(
+    ctx: click.Context,
+    path: Path,
+    show_tensors: bool,
+    against: str | None,
+    json_path: Path | None,
+) -> None:
+    """Summarise an adapter: a .safetensors file, a PEFT directory or a checkpoint_dir.
+    With the quantization it was trained against where it records it (body and client
+    parts): an adapter of a quantized body differs from one of the full-precision model."""
     try:
         if not path.exists():
             raise ValueError(f"{path} does not exist")
@@ -223,9 +267,14 @@ def inspect(ctx: click.Context, path: Path, show_tensors: bool, json_path: Path 
         table.add_row(
             "peft", f"{peft.get('peft_type')} r={peft.get('r')} alpha={peft.get('lora_alpha')}"
         )
+    trained = summary["quantization"]
+    if trained is not None:
+        table.add_row("quantization", f"body {trained['body']}, client parts {trained['parts']}")
     for key, value in summary["metadata"].items():
         table.add_row(f"meta {key}", str(value)[:120])
     console.print(table)
+    for warning in _quantization_warnings(trained, against):
+        click.echo(f"warning: {warning}", err=True)
     if show_tensors:
         rows = Table("tensor", "shape", "dtype", "norm", "max |x|")
         for row in summary["rows"]:
@@ -239,6 +288,23 @@ def inspect(ctx: click.Context, path: Path, show_tensors: bool, json_path: Path 
         console.print(rows)
     if json_path is not None:
         json_path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _quantization_warnings(trained: dict[str, str] | None, against: str | None) -> list[str]:
+    """``inspect``'s warnings about the quantization the adapter was trained against."""
+    from splitfed.models.identity import body_mismatch, merge_warning
+
+    if trained is None:
+        if against is None:
+            return []
+        return [
+            "the adapter does not record the body quantization it was trained against "
+            "(written before splitfed recorded it); it cannot be compared with --against"
+        ]
+    warnings = [merge_warning(trained["body"])]
+    if against is not None:
+        warnings.append(body_mismatch(trained["body"], against, where="--against names"))
+    return [warning for warning in warnings if warning]
 
 
 @adapters.command("schema")

@@ -375,8 +375,10 @@ def _split_model(
     client, settings = trainer.client, trainer.settings
     head, tail, session_id = trainer.head, trainer.tail, trainer.session.session_id
     if base:
-        head = load_head(settings.model_path, settings.k, settings.m)
-        tail = load_tail(settings.model_path, settings.k, settings.m)
+        # The base model's parts as the trainer's are loaded (quantized alike).
+        quantization = settings.quantization
+        head = load_head(settings.model_path, settings.k, settings.m, quantization=quantization)
+        tail = load_tail(settings.model_path, settings.k, settings.m, quantization=quantization)
         request = SessionRequest(
             k=settings.k, m=settings.m, adapter=AdapterSettings(), encrypted=True
         )

@@ -69,6 +69,14 @@ def test_adapters_move_between_deployments_through_safetensors(tmp_path: Path) -
     assert not torch.equal(before, got)
 
 
+def test_no_tensors_round_trip(tmp_path: Path) -> None:
+    """An optimizer checkpointed before its first step has no tensors (safetensors would
+    write an unreadable header for them with an empty metadata dict)."""
+    for metadata in (None, {}, {"step": "0"}):
+        save_adapter(tmp_path / "empty.safetensors", {}, metadata)
+        assert load_adapter(tmp_path / "empty.safetensors") == {}
+
+
 def test_loading_needs_every_tensor_of_the_part_with_its_shape() -> None:
     head = lora_parts()[0]
     state = adapter_state(head)
