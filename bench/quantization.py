@@ -25,7 +25,10 @@ fidelity and speed, every figure against a baseline measured in the same run.
   fine-tuning (r 8 on the seven projections of head, body and tail, AdamW, global-norm
   clipping 1.0; same seed, data and steps) per mode, locally in this process, and the
   held-out eval loss: ``eval loss <mode>/none`` (targets int8 within 2 %, nf4 within
-  5 %).
+  5 %). Each quantized run's adapters are then merged into the unquantized checkpoint
+  the way ``splitfed adapters export --format peft --merged`` does (write_peft,
+  merge_into_checkpoint) and the merged plain model evaluated on the same examples:
+  ``eval loss merged <mode>/<mode>`` (what merging into full precision shifts).
 * speed: a random Llama-layout model (hidden 512, 6 layers of 8 heads, intermediate 1408:
   a multiple of 64 for nf4; vocab 4096), head, body and tail in this process (no
   backbone service: the body is what differs). A split training step (LoRA r 16 on q,
@@ -69,9 +72,11 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from splitfed.clients.data import Example, MicroBatches, collate, encode, left_padded
 from splitfed.clients.trainer import causal_lm_loss
-from splitfed.models.adapters import AdapterSettings
+from splitfed.models.adapters import AdapterSettings, adapter_state
+from splitfed.models.export import merge_into_checkpoint, write_peft
 from splitfed.models.generation import LocalStage, SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_body, load_config, load_part, load_trainable_ends
+from splitfed.models.masks import positions_from_mask
 from splitfed.models.optim import (
     OptimizerSettings,
     build_optimizer,
@@ -234,6 +239,8 @@ def memory_child(path: Path, warm: Path, mode: str, k: int, m: int, device: str)
         "file_growth": used["RssFile"] - before["RssFile"],
         "rss_growth_after_load": loaded["VmRSS"] - before["VmRSS"],
         "peak_growth": used["VmHWM"] - before["VmRSS"],
+        # The peak while loading alone (the forward's dequantized weights excluded).
+        "load_peak_growth": loaded["VmHWM"] - before["VmRSS"],
         "peak_reset": peak_reset,
         "weight_bytes": weight_bytes(body),
     }
@@ -264,7 +271,8 @@ def measure_memory(root: Path, args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"memory {mode:5} rss +{row['rss_growth'] / 2**20:8.1f} MiB "
             f"(anon {row['anon_growth'] / 2**20:.1f}, file {row['file_growth'] / 2**20:.1f}) "
-            f"peak +{row['peak_growth'] / 2**20:8.1f} MiB  "
+            f"peak +{row['peak_growth'] / 2**20:8.1f} MiB "
+            f"(load +{row['load_peak_growth'] / 2**20:.1f})  "
             f"weights {row['weight_bytes'] / 2**20:8.1f} MiB  load {row['load_s']:.1f} s",
             flush=True,
         )
@@ -381,6 +389,34 @@ def logit_errors(reference: torch.Tensor, other: torch.Tensor) -> dict[str, floa
     }
 
 
+def merged_eval_loss(split: Split, path: Path, root: Path, batches: list[Any]) -> float:
+    """The held-out loss of ``split``'s adapters (head, body, tail) merged into the
+    unquantized checkpoint at ``path`` through the export path of ``splitfed adapters
+    export --merged`` (write_peft, merge_into_checkpoint), run as one plain model."""
+    tensors = {
+        name: tensor.detach().cpu()
+        for part in split.parts()
+        for name, tensor in adapter_state(part).items()  # type: ignore[arg-type]
+    }
+    write_peft(root / "adapter", tensors, FIDELITY_ADAPTER, path)
+    merge_into_checkpoint(path, root / "adapter", root / "model")
+    model = LlamaForCausalLM.from_pretrained(str(root / "model"), local_files_only=True)
+    model = model.to(batches[0].input_ids.device).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            labelled = int((batch.labels[:, 1:] != -100).sum())
+            positions = positions_from_mask(batch.attention_mask, batch.input_ids.shape[1])
+            logits = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=positions,
+            ).logits
+            total += float(causal_lm_loss(logits, batch.labels)) * labelled
+            count += labelled
+    return total / count
+
+
 def measure_fidelity(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     fed = federated_bench()
     per_kind = max(1, args.train_examples // 4)
@@ -446,10 +482,18 @@ def measure_fidelity(root: Path, args: argparse.Namespace) -> dict[str, Any]:
             "eval_loss": split.eval_loss(moved),
             "train_s": seconds,
         }
+        if mode != "none":
+            # What `splitfed adapters export --format peft --merged` gives: the adapter
+            # folded into the unquantized checkpoint, evaluated as a plain model.
+            rows[mode]["eval_loss_merged"] = merged_eval_loss(
+                split, path, root / f"merged-{mode}", moved
+            )
         curves[mode] = curve
+        merged = rows[mode].get("eval_loss_merged")
         print(
             f"fidelity {mode:4} eval loss {before:.4f} -> {rows[mode]['eval_loss']:.4f} "
-            f"({args.steps} steps, {seconds:.1f} s)",
+            f"({args.steps} steps, {seconds:.1f} s)"
+            + (f"; merged into the unquantized model {merged:.4f}" if merged else ""),
             flush=True,
         )
         del split
@@ -579,6 +623,10 @@ def ratios_of(figures: dict[str, Any]) -> dict[str, float]:
         rows = figures["fidelity"]["modes"]
         for mode in QUANTIZED:
             ratios[f"eval loss {mode}/none"] = rows[mode]["eval_loss"] / rows["none"]["eval_loss"]
+        for mode in QUANTIZED:
+            ratios[f"eval loss merged {mode}/{mode}"] = (
+                rows[mode]["eval_loss_merged"] / rows[mode]["eval_loss"]
+            )
     if "speed" in figures:
         speed = figures["speed"]
         base = speed["baseline"]

@@ -1,5 +1,13 @@
 """Partition of Hugging Face causal LMs into head, body and tail (the U-shaped split)."""
 
+# First, before transformers' model code or peft import them: bitsandbytes without
+# reaching for the network, torchao without its import-time noise (models/quantization.py).
+from splitfed.models.quantization import prepare_imports
+
+prepare_imports()
+
+# ruff: noqa: E402
+
 from splitfed.models.families import Family, family_for, registered_families
 from splitfed.models.masks import extend_mask, positions_from_mask
 from splitfed.models.parts import (
@@ -13,11 +21,7 @@ from splitfed.models.parts import (
     Tail,
     split_model,
 )
-from splitfed.models.quantization import QUANTIZATIONS, prepare_imports
-
-# Before anything imports peft (which imports bitsandbytes when it is installed), so that
-# bitsandbytes' import does not reach for the network (models/quantization.py).
-prepare_imports()
+from splitfed.models.quantization import QUANTIZATIONS
 
 __all__ = [
     "PARTS",

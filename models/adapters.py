@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -118,7 +119,11 @@ def add_lora(part: SplitPart, settings: LoraSettings | None = None) -> list[str]
     settings = settings or LoraSettings()
     targets = list(settings.target_modules or part.family.lora_targets)
     config = settings.peft_config(targets)
-    inject_adapter_in_model(config, part.base, adapter_name=ADAPTER)
+    with warnings.catch_warnings():
+        # On a torchao-quantized projection (CPU int8) peft warns that merging is not
+        # possible: splitfed never merges into quantized weights (models/quantization.py).
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+        inject_adapter_in_model(config, part.base, adapter_name=ADAPTER)
     adapted = sorted(
         {
             name.rsplit(".lora_A", 1)[0]

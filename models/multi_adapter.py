@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.torchao import TorchaoLoraLinear
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
@@ -153,7 +154,12 @@ def _adapted(body: Body) -> dict[str, LoraLinear]:
     for name, module in body.named_modules():
         if not isinstance(module, LoraLayer):
             continue
-        if type(module) is not LoraLinear:
+        # peft wraps a torchao-quantized projection (CPU int8) in TorchaoLoraLinear: the
+        # same forward (base layer, then the delta), only merging differs.
+        if not isinstance(module, LoraLinear) or type(module) not in (
+            LoraLinear,
+            TorchaoLoraLinear,
+        ):
             raise ValueError(f"{name}: only LoRA on linear layers batches, not {type(module)}")
         if set(module.lora_A) != {ADAPTER} or module.merged or module.disable_adapters:
             raise ValueError(f"{name}: the session's LoRA must be its one unmerged adapter")

@@ -1,10 +1,12 @@
 """Quantized frozen weights: the linear layers of a part's blocks in 8-bit or 4-bit.
 
 ``none``  the checkpoint's weights as they are (in the part's dtype).
-``int8``  LLM.int8 weights through bitsandbytes (``Linear8bitLt``, one scale per output
-          row, outlier threshold 0: every weight is int8; ~1 byte per weight).
+``int8``  int8 weights, one scale per output row (~1 byte per weight): on a CPU torchao's
+          int8 weight-only tensor (``Int8WeightOnlyConfig``: the matmul dequantizes in
+          its kernel, activations stay in the compute dtype); on CUDA bitsandbytes'
+          ``Linear8bitLt`` (LLM.int8, outlier threshold 0: every weight int8).
 ``nf4``   4-bit NormalFloat through bitsandbytes (``Linear4bit``, blocks of 64 weights,
-          double-quantized scales as in QLoRA; ~0.53 byte per weight).
+          double-quantized scales as in QLoRA; ~0.53 byte per weight), CPU and CUDA.
 
 Only the linear projections inside the blocks are quantized (attention and MLP: what holds
 ~all of a block's weights); the input embeddings, the norms and the LM head stay in the
@@ -12,23 +14,22 @@ part's dtype, as bitsandbytes' transformers integration leaves them. Adapters tr
 top (QLoRA): peft wraps a quantized projection like any other (its LoRA A and B stay in
 floating point) and gradients flow through the frozen quantized weights to the inputs.
 
-Quantization happens while a part loads (``quantize_tensors`` is fed one projection at a
-time from the memory-mapped checkpoint), so a quantized part never exists in full
-precision: peak memory is the quantized part plus one projection.
+Quantization happens while a part loads (models/loading.py feeds ``quantized_linear`` one
+projection at a time from the memory-mapped checkpoint), so a quantized part never exists
+in full precision.
 
-Why bitsandbytes for both modes (measured, docs/models.md "Quantized bodies"): it is the
-one library that does int8 and NF4 on CPU and CUDA with the same weight format, peft's
-QLoRA path is built on it, and backward to the inputs works for both. torchao's int8
-weight-only matmul was as fast at float32 compute and 2-3x faster at bfloat16 on CPU, but
-it would be a second library for one mode, and once installed it is imported (by peft) in
-every process, at a second's cost and with log noise. On a CPU a quantized body saves
-memory, not time: its matmuls dequantize first and are slower than bfloat16 ones.
+Which library, measured (bench/quantization_backends.py, docs/models.md "Backends"): for
+int8 on a CPU, torchao's weight-only tensor was 1.4-6x faster than bitsandbytes' CPU int8
+(forward and backward, Llama-2-7B's projections, float32 and bfloat16) at the same error;
+bitsandbytes' eval-mode LLM.int8 doubles the error and bitsandbytes computes differently
+in training and eval mode on a CPU, which a body shared by training and generating
+sessions cannot have. NF4 is bitsandbytes' on both devices (torchao's NF4 is a training
+format for torchtune), and so is int8 on CUDA (LLM.int8 kernels).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import sys
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from transformers.pytorch_utils import Conv1D
 
 NONE = "none"
@@ -61,28 +63,62 @@ def _without_hub_kernels() -> Iterator[None]:
     warning about that is not shown."""
     saved = sys.modules.get("kernels", ...)
     sys.modules["kernels"] = None  # type: ignore[assignment]
-    quiet = [logging.getLogger(name) for name in ("bitsandbytes", "bitsandbytes.backends")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.ERROR)
     try:
-        yield
+        with _quiet(*_NOISY_IMPORTS):
+            yield
     finally:
-        for logger, level in zip(quiet, levels, strict=True):
-            logger.setLevel(level)
         if saved is ...:
             del sys.modules["kernels"]
         else:
             sys.modules["kernels"] = saved
 
 
+# Loggers that warn while bitsandbytes and torchao import (either imports the other):
+# bitsandbytes about the Hub kernel it is not given, torchao about CUDA extensions a CPU
+# build cannot load, torch about enums torchao registers.
+_NOISY_IMPORTS = ("bitsandbytes", "torchao", "torch.utils._pytree")
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def prepare_imports() -> None:
-    """Import bitsandbytes (if installed) before anything else does: peft imports it as
-    soon as it is installed, and its import must not reach the network."""
-    if "bitsandbytes" in sys.modules:
-        return
-    with suppress(ValueError):
-        bitsandbytes()
+    """Import bitsandbytes and torchao (where installed) before anything else does: peft
+    and transformers import them as soon as they are installed. bitsandbytes' import must
+    not reach the network; torchao's warns about CUDA extensions a CPU build cannot load
+    (and torch about enums torchao registers): not a user's concern."""
+    if "bitsandbytes" not in sys.modules:
+        with suppress(ValueError):
+            bitsandbytes()
+    if "torchao" not in sys.modules:
+        with suppress(ValueError):
+            torchao_quantization()
+        # transformers' torchao integration imports more of torchao, which warns too.
+        with _quiet(*_NOISY_IMPORTS), suppress(ImportError):
+            import transformers.quantizers  # noqa: F401
+
+
+def torchao_quantization() -> ModuleType:
+    """``torchao.quantization``; ``ValueError`` saying how to get it if it is missing."""
+    try:
+        with _quiet(*_NOISY_IMPORTS):
+            import torchao.quantization
+    except ImportError as exc:
+        raise ValueError(
+            f"int8 on a CPU needs torchao (pip install 'torchao>=0.14'): {exc}"
+        ) from None
+    module: ModuleType = torchao.quantization
+    return module
 
 
 def bitsandbytes() -> ModuleType:
@@ -122,27 +158,66 @@ def quantized_linear(
     compute_dtype: torch.dtype,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """A frozen quantized projection computing ``x @ weight.T + bias`` (``weight``:
-    ``[out, in]``, any floating dtype). Its output has the input's dtype."""
+    """A frozen quantized projection on ``device`` computing ``x @ weight.T + bias``
+    (``weight``: ``[out, in]``, any floating dtype) in ``compute_dtype``; its output has
+    the input's dtype."""
     check_quantization(mode)
     if mode == NONE:
         raise ValueError("quantized_linear needs a quantization other than none")
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"a projection's weight must be a 2-D float tensor, got {weight.shape}")
-    bnb = bitsandbytes()
-    out_features, in_features = (int(n) for n in weight.shape)
+    in_features = int(weight.shape[1])
     if mode == "nf4" and in_features % NF4_BLOCK:
         raise ValueError(
             f"nf4 needs projections whose input size is a multiple of {NF4_BLOCK}; this one "
             f"has {in_features}"
         )
-    has_bias = bias is not None
+    device = torch.device(device)
+    module: nn.Module
+    if mode == "int8" and device.type == "cpu":
+        module = _torchao_int8(weight, bias, compute_dtype)
+    else:
+        module = _bitsandbytes(weight, bias, mode, compute_dtype, device)
+    module.requires_grad_(False)
+    return module
+
+
+def _set_bias(module: nn.Module, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    if bias is not None:
+        # A copy: never a view of the checkpoint's memory map (models/loading.py).
+        copied = bias.detach().to(dtype, copy=True).contiguous()
+        module.bias = nn.Parameter(copied, requires_grad=False)
+
+
+def _torchao_int8(
+    weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype
+) -> nn.Module:
+    ao = torchao_quantization()
+    out_features, in_features = (int(n) for n in weight.shape)
+    module = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    module.weight = nn.Parameter(
+        weight.detach().to("cpu", compute_dtype).contiguous(), requires_grad=False
+    )
+    _set_bias(module, bias, compute_dtype)
+    ao.quantize_(module, ao.Int8WeightOnlyConfig())
+    return module
+
+
+def _bitsandbytes(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mode: str,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    bnb = bitsandbytes()
+    out_features, in_features = (int(n) for n in weight.shape)
     module: nn.Module
     if mode == "int8":
-        module = _int8_linear_class()(
+        module = bnb.nn.Linear8bitLt(
             in_features,
             out_features,
-            bias=has_bias,
+            bias=bias is not None,
             has_fp16_weights=False,
             threshold=0.0,
             device="meta",
@@ -154,7 +229,7 @@ def quantized_linear(
         module = bnb.nn.Linear4bit(
             in_features,
             out_features,
-            bias=has_bias,
+            bias=bias is not None,
             compute_dtype=compute_dtype,
             compress_statistics=True,
             quant_type="nf4",
@@ -171,43 +246,10 @@ def quantized_linear(
         # inference pass without autograd, and has no backward; a body shared by training
         # and generating sessions must keep one layout.
         setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010
-    if bias is not None:
-        module.bias = nn.Parameter(
-            bias.detach().to(compute_dtype, copy=True).contiguous(), requires_grad=False
-        )
+    _set_bias(module, bias, compute_dtype)
     # Moving the parameters to a real device is what quantizes them (bitsandbytes).
     quantized: nn.Module = module.to(device)
-    quantized.requires_grad_(False)
     return quantized
-
-
-@functools.cache
-def _int8_linear_class() -> type[nn.Module]:
-    bnb = bitsandbytes()
-
-    class Int8Linear(bnb.nn.Linear8bitLt):  # type: ignore[misc, name-defined]
-        """bitsandbytes' int8 projection computing the same way in training and in eval
-        mode. On a CPU bitsandbytes dequantizes the weight in training mode (weight-only
-        int8) but quantizes the inputs too in eval mode (LLM.int8: float16 then int8 per
-        row, slower on a CPU and further from the full-precision output); a body serving
-        training and generation at once must give one answer, so CPU projections always
-        take the weight-only path. CUDA keeps bitsandbytes' own choice (LLM.int8 in both
-        modes). The bias is cast per call, never rewritten in place (it is shared)."""
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            state = self.state
-            state.is_training = self.training or x.device.type in ("cpu", "xpu")
-            if self.weight.CB is not None:
-                self.init_8bit_state()
-            bias = self.bias
-            if bias is not None and bias.dtype != x.dtype:
-                bias = bias.to(x.dtype)
-            out: torch.Tensor = bnb.matmul(x, self.weight, bias=bias, state=state)
-            if not state.has_fp16_weights and state.CB is not None:
-                self.weight.data = state.CB
-            return out
-
-    return Int8Linear
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -244,14 +286,15 @@ def quantize_modules(
 
 def quantization_of(module: nn.Module) -> str:
     """The quantization of ``module``'s projections: ``int8``, ``nf4`` or ``none``."""
-    if "bitsandbytes" not in sys.modules:
-        return NONE
-    bnb = sys.modules["bitsandbytes"]
+    bnb = sys.modules.get("bitsandbytes")
     for sub in module.modules():
-        if isinstance(sub, bnb.nn.Linear8bitLt | _int8_linear_class()):
+        if bnb is not None and isinstance(sub, bnb.nn.Linear8bitLt):
             return "int8"
-        if isinstance(sub, bnb.nn.Linear4bit):
+        if bnb is not None and isinstance(sub, bnb.nn.Linear4bit):
             return "nf4"
+        weight = getattr(sub, "weight", None)
+        if type(weight).__module__.startswith("torchao"):
+            return "int8"
     return NONE
 
 
@@ -281,6 +324,17 @@ def frozen_memo(module: nn.Module) -> dict[int, Any]:
     return {id(item): item for item in _frozen_objects(module)}
 
 
+def tensor_storages(tensor: torch.Tensor) -> list[tuple[int, int]]:
+    """(data pointer, bytes) of each storage behind ``tensor``: its own, or for a wrapper
+    subclass (torchao's quantized tensors, which have none) those of its inner tensors."""
+    wrapper: Any = tensor
+    if is_traceable_wrapper_subclass(wrapper):
+        inner = wrapper.__tensor_flatten__()[0]
+        return [found for name in inner for found in tensor_storages(getattr(wrapper, name))]
+    storage = tensor.untyped_storage()
+    return [(storage.data_ptr(), storage.nbytes())]
+
+
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of ``module``'s weights as they sit in memory, quantized weights and their
     scales included (each storage counted once)."""
@@ -292,11 +346,10 @@ def weight_bytes(module: nn.Module) -> int:
         if isinstance(value, torch.Tensor):
             if value.is_meta:
                 return
-            storage = value.untyped_storage()
-            key = (str(value.device), storage.data_ptr())
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
+            for pointer, size in tensor_storages(value):
+                if (str(value.device), pointer) not in seen:
+                    seen.add((str(value.device), pointer))
+                    total += size
         elif hasattr(value, "absmax") or hasattr(value, "SCB"):  # quantization state
             for inner in vars(value).values():
                 count(inner)

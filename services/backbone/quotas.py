@@ -35,7 +35,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from splitfed.models.quantization import compute_dtype
+from splitfed.models.quantization import compute_dtype, tensor_storages
 
 # Probe lengths (tokens of one row): three points fit the degree-2 polynomial exactly.
 PROBE_TOKENS = (16, 32, 64)
@@ -45,14 +45,17 @@ PROBE_TOKENS = (16, 32, 64)
 def _saved_storages(module: nn.Module) -> Iterator[dict[int, int]]:
     """Storages (data pointer -> bytes) of the tensors autograd saves meanwhile, except
     ``module``'s parameters and buffers."""
-    weights = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
+    weights = {
+        pointer
+        for tensor in (*module.parameters(), *module.buffers())
+        for pointer, _ in tensor_storages(tensor)
+    }
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer not in weights:
-            seen[pointer] = storage.nbytes()
+        for pointer, size in tensor_storages(tensor):
+            if pointer not in weights:
+                seen[pointer] = size
         return tensor
 
     def unpack(tensor: torch.Tensor) -> torch.Tensor:
