@@ -22,9 +22,10 @@ fidelity and speed, every figure against a baseline measured in the same run.
   mode (head and tail unquantized, as a client with a quantized backbone). Logits on the
   held-out examples of bench/federated.py's task against the unquantized body: max and
   mean absolute error, mean KL(none || mode), top-1 agreement. Then the same LoRA
-  fine-tuning (r 8 on the seven projections of head, body and tail, AdamW, global-norm
-  clipping 1.0; same seed, data and steps) per mode, locally in this process, and the
-  held-out eval loss: ``eval loss <mode>/none`` (targets int8 within 2 %, nf4 within
+  fine-tuning (r 8 on the seven projections of head, body and tail, AdamW with a cosine
+  schedule to zero, global-norm clipping 1.0; same seeds, data and steps) per mode,
+  locally in this process, ``--seeds`` (5) runs each (data order and adapter init), and
+  the mean held-out eval loss: ``eval loss <mode>/none`` (targets int8 within 2 %, nf4 within
   5 %). Each quantized run's adapters are then merged into the unquantized checkpoint
   the way ``splitfed adapters export --format peft --merged`` does (write_peft,
   merge_into_checkpoint) and the merged plain model evaluated on the same examples:
@@ -52,6 +53,7 @@ import argparse
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import importlib.util
 import json
 import math
@@ -327,7 +329,9 @@ class Split:
         adapter: AdapterSettings,
         learning_rate: float,
         device: str,
+        steps: int = 0,
     ) -> None:
+        """``steps``: a cosine schedule to zero over that many steps (0: constant)."""
         self.head, self.tail, params = load_trainable_ends(path, adapter)
         self.head.to(device)
         self.tail.to(device)
@@ -336,8 +340,9 @@ class Split:
         self.body.to(device)
         self.body.train()
         self.params = params + [p for p in self.body.parameters() if p.requires_grad]
+        schedule = {"schedule": "cosine", "total_steps": steps} if steps else {}
         self.optimizer, self.scheduler = build_optimizer(
-            self.params, OptimizerSettings(learning_rate=learning_rate)
+            self.params, OptimizerSettings(learning_rate=learning_rate, **schedule)
         )
 
     def parts(self) -> tuple[torch.nn.Module, ...]:
@@ -389,7 +394,9 @@ def logit_errors(reference: torch.Tensor, other: torch.Tensor) -> dict[str, floa
     }
 
 
-def merged_eval_loss(split: Split, path: Path, root: Path, batches: list[Any]) -> float:
+def merged_eval_loss(
+    split: Split, path: Path, adapter: AdapterSettings, root: Path, batches: list[Any]
+) -> float:
     """The held-out loss of ``split``'s adapters (head, body, tail) merged into the
     unquantized checkpoint at ``path`` through the export path of ``splitfed adapters
     export --merged`` (write_peft, merge_into_checkpoint), run as one plain model."""
@@ -398,7 +405,7 @@ def merged_eval_loss(split: Split, path: Path, root: Path, batches: list[Any]) -
         for part in split.parts()
         for name, tensor in adapter_state(part).items()  # type: ignore[arg-type]
     }
-    write_peft(root / "adapter", tensors, FIDELITY_ADAPTER, path)
+    write_peft(root / "adapter", tensors, adapter, path)
     merge_into_checkpoint(path, root / "adapter", root / "model")
     model = LlamaForCausalLM.from_pretrained(str(root / "model"), local_files_only=True)
     model = model.to(batches[0].input_ids.device).eval()
@@ -440,7 +447,6 @@ def measure_fidelity(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     pad = int(tokenizer.pad_token_id)
     encoded = [encode(e, tokenizer, 256) for e in held_out]
     eval_batches = [collate(encoded[i : i + 16], pad) for i in range(0, len(encoded), 16)]
-    data = MicroBatches(train, tokenizer, batch_size=args.batch, seed=args.seed)
     device = args.device
     moved = [
         type(b)(b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
@@ -448,10 +454,7 @@ def measure_fidelity(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     ]
     modes = ("none", *QUANTIZED)
     logits: dict[str, torch.Tensor] = {}
-    rows: dict[str, dict[str, Any]] = {}
-    curves: dict[str, list[float]] = {}
     for mode in modes:
-        torch.manual_seed(args.seed)
         split = Split(path, mode, FIDELITY_ADAPTER, args.learning_rate, device)
         for part in split.parts():
             part.eval()
@@ -462,41 +465,70 @@ def measure_fidelity(root: Path, args: argparse.Namespace) -> dict[str, Any]:
                     for b in moved
                 ]
             ).cpu()
-        for part in split.parts():
-            part.train()
-        before = split.eval_loss(moved)
-        started = time.perf_counter()
-        curve = []
-        for step in range(1, args.steps + 1):
-            (batch,) = data.for_step(step)
-            curve.append(
-                split.step(
-                    batch.input_ids.to(device),
-                    batch.attention_mask.to(device),
-                    batch.labels.to(device),
+        del split
+    # One fine-tuning run is a noisy figure (runs that differ only by rounding end a few
+    # per cent apart): every mode runs the same seeds (data order, adapter init), and the
+    # ratio compares the means.
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
+    curves: dict[str, list[list[float]]] = {mode: [] for mode in modes}
+    for seed in range(args.seed, args.seed + args.seeds):
+        adapter = dataclasses.replace(FIDELITY_ADAPTER, seed=FIDELITY_ADAPTER.seed + seed)
+        for mode in modes:
+            data = MicroBatches(train, tokenizer, batch_size=args.batch, seed=seed)
+            torch.manual_seed(seed)
+            split = Split(path, mode, adapter, args.learning_rate, device, args.steps)
+            before = split.eval_loss(moved)
+            started = time.perf_counter()
+            curve = []
+            for step in range(1, args.steps + 1):
+                (batch,) = data.for_step(step)
+                curve.append(
+                    split.step(
+                        batch.input_ids.to(device),
+                        batch.attention_mask.to(device),
+                        batch.labels.to(device),
+                    )
                 )
+            run: dict[str, Any] = {
+                "seed": seed,
+                "eval_loss_before": before,
+                "eval_loss": split.eval_loss(moved),
+                "train_s": time.perf_counter() - started,
+            }
+            if mode != "none":
+                # What `splitfed adapters export --format peft --merged` gives: the
+                # adapter folded into the unquantized checkpoint, run as a plain model.
+                run["eval_loss_merged"] = merged_eval_loss(
+                    split, path, adapter, root / f"merged-{mode}-{seed}", moved
+                )
+            runs[mode].append(run)
+            curves[mode].append(curve)
+            merged = run.get("eval_loss_merged")
+            print(
+                f"fidelity {mode:4} seed {seed} eval loss {before:.4f} -> "
+                f"{run['eval_loss']:.4f} ({args.steps} steps, {run['train_s']:.1f} s)"
+                + (f"; merged into the unquantized model {merged:.4f}" if merged else ""),
+                flush=True,
             )
-        seconds = time.perf_counter() - started
+            del split
+    rows: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        losses = [run["eval_loss"] for run in runs[mode]]
         rows[mode] = {
-            "eval_loss_before": before,
-            "eval_loss": split.eval_loss(moved),
-            "train_s": seconds,
+            "eval_loss": statistics.mean(losses),
+            "eval_loss_min": min(losses),
+            "eval_loss_max": max(losses),
+            "runs": runs[mode],
         }
         if mode != "none":
-            # What `splitfed adapters export --format peft --merged` gives: the adapter
-            # folded into the unquantized checkpoint, evaluated as a plain model.
-            rows[mode]["eval_loss_merged"] = merged_eval_loss(
-                split, path, root / f"merged-{mode}", moved
+            rows[mode]["eval_loss_merged"] = statistics.mean(
+                run["eval_loss_merged"] for run in runs[mode]
             )
-        curves[mode] = curve
-        merged = rows[mode].get("eval_loss_merged")
         print(
-            f"fidelity {mode:4} eval loss {before:.4f} -> {rows[mode]['eval_loss']:.4f} "
-            f"({args.steps} steps, {seconds:.1f} s)"
-            + (f"; merged into the unquantized model {merged:.4f}" if merged else ""),
+            f"fidelity {mode:4} eval loss over {len(losses)} seeds: mean "
+            f"{rows[mode]['eval_loss']:.4f} (min {min(losses):.4f}, max {max(losses):.4f})",
             flush=True,
         )
-        del split
     for mode in QUANTIZED:
         rows[mode]["logits"] = logit_errors(logits["none"], logits[mode])
         errors = rows[mode]["logits"]
@@ -649,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-examples", type=int, default=256)
     parser.add_argument("--eval-examples", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200, help="fidelity: fine-tuning steps")
+    parser.add_argument("--seeds", type=int, default=5, help="fidelity: fine-tuning runs per mode")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--rounds", type=int, default=6, help="speed: timed steps per mode")
@@ -681,11 +714,11 @@ def main(argv: list[str] | None = None) -> int:
         args.train_examples, args.eval_examples = 32, 16
         args.tokens = min(args.tokens, 32)
     if args.quick:
-        args.steps = min(args.steps, 4)
+        args.steps, args.seeds = min(args.steps, 4), 1
         args.rounds, args.generations = 2, 1
         args.new_tokens = min(args.new_tokens, 4)
-    if args.body_layers < 1 or args.steps < 1 or args.rounds < 1 or args.new_tokens < 1:
-        parser.error("--body-layers, --steps, --rounds and --new-tokens must be >= 1")
+    if min(args.body_layers, args.steps, args.seeds, args.rounds, args.new_tokens) < 1:
+        parser.error("--body-layers, --steps, --seeds, --rounds and --new-tokens must be >= 1")
     if args.fid_hidden % 64 or args.fid_layers < 3:
         parser.error("--fid-hidden must be a multiple of 64 (nf4) and --fid-layers >= 3")
     threads = args.threads or len(os.sched_getaffinity(0))
