@@ -23,8 +23,8 @@ int8 on a CPU, torchao's weight-only tensor was 1.4-6x faster than bitsandbytes'
 (forward and backward, Llama-2-7B's projections, float32 and bfloat16) at the same error;
 bitsandbytes' eval-mode LLM.int8 doubles the error and bitsandbytes computes differently
 in training and eval mode on a CPU, which a body shared by training and generating
-sessions cannot have. NF4 is bitsandbytes' on both devices (torchao's NF4 is a training
-format for torchtune), and so is int8 on CUDA (LLM.int8 kernels).
+sessions cannot have. NF4 is bitsandbytes' on both devices (QLoRA's format, with CPU and
+CUDA kernels), and so is int8 on CUDA (LLM.int8 kernels).
 """
 
 from __future__ import annotations

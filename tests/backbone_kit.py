@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,8 @@ class Deployment:
     model_path: Path
     config_path: Path
     process: ServiceProcess | None = None
+    # The [backbone] settings the config file holds (model_path, state_dir, overrides).
+    backbone: dict[str, Any] = field(default_factory=dict)
 
     def start(self) -> str:
         args = ["serve", "backbone", "--config", str(self.config_path)]
@@ -116,7 +118,20 @@ def deployment(
     if security:
         lines += ["security:"] + [f"  {k}: {json.dumps(v)}" for k, v in security.items()]
     config.write_text("\n".join(lines) + "\n")
-    return Deployment(root, ca, model, config)
+    return Deployment(root, ca, model, config, backbone=settings)
+
+
+def training_data(dep: Deployment, train: TrainSettings) -> MicroBatches:
+    """The micro-batches a client of ``dep`` trains on with ``train`` (the same order)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(dep.model_path), local_files_only=True)
+    return MicroBatches(
+        read_examples(train.data),
+        tokenizer,
+        batch_size=train.batch_size,
+        accumulation=train.accumulation,
+        max_length=train.max_length,
+        seed=train.seed,
+    )
 
 
 class Centralized:
@@ -160,15 +175,7 @@ class Centralized:
             self.params = [self.keys, self.values]
         self.adapter = adapter
         self.optimizer, self.scheduler = build_optimizer(self.params, optimizer)
-        tokenizer = AutoTokenizer.from_pretrained(str(dep.model_path), local_files_only=True)
-        self.data = MicroBatches(
-            read_examples(train.data),
-            tokenizer,
-            batch_size=train.batch_size,
-            accumulation=train.accumulation,
-            max_length=train.max_length,
-            seed=train.seed,
-        )
+        self.data = training_data(dep, train)
         self.max_norm = train.max_grad_norm
 
     def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from splitfed.security.ca import CertificateAuthority, IssuedCertificate
 from splitfed.tls import TLSConfig
@@ -40,6 +41,31 @@ def bench_module(name: str) -> ModuleType:
     if str(ROOT / "bench") not in sys.path:
         sys.path.append(str(ROOT / "bench"))
     return importlib.import_module(name)
+
+
+def save_random_llama_450mb(path: Path) -> Any:
+    """A Llama checkpoint of ~450 MB in float32 with random weights (12 blocks of ~25 MB,
+    hidden 768, 4 of 12 heads for keys and values, vocab 32000) at ``path``, in shards
+    of 100 MB, built without holding it twice; returns its config."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.02)
+    model.save_pretrained(path, max_shard_size="100MB")
+    return config
 
 
 def tls_of(ca: CertificateAuthority, issued: IssuedCertificate) -> TLSConfig:

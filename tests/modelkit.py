@@ -129,17 +129,21 @@ def shared_body() -> Any:
 
 def session_body(frozen: Any, settings: AdapterSettings) -> Any:
     """A session's body as SharedBody.body_for makes it: the blocks' frozen tensors are
-    shared, the adapter is the session's own; B is drawn at random (not zero) so that
-    every tensor gets a non-trivial gradient from the first step."""
+    shared, the adapter is the session's own (:func:`with_session_adapter`)."""
     import copy
-    import itertools
 
+    from splitfed.models.quantization import frozen_memo
+
+    return with_session_adapter(copy.deepcopy(frozen, frozen_memo(frozen)), settings)
+
+
+def with_session_adapter(body: Any, settings: AdapterSettings) -> Any:
+    """``body`` with ``settings``' adapter, its LoRA B drawn at random (not zero) so that
+    every adapter tensor gets a non-trivial gradient from the first step."""
     import torch
 
     from splitfed.models.adapters import adapter_state
 
-    shared = {id(t): t for t in itertools.chain(frozen.parameters(), frozen.buffers())}
-    body = copy.deepcopy(frozen, shared)
     settings.apply(body)
     generator = torch.Generator().manual_seed(settings.seed)
     with torch.no_grad():

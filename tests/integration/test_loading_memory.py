@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import save_random_llama_450mb
 
 MEASURE = """
 import json, sys, torch
@@ -37,24 +37,7 @@ print(json.dumps({"growth": (kib("VmHWM") - before) * 1024, "bytes": total,
 @pytest.mark.slow
 def test_loading_head_and_tail_grows_peak_rss_by_at_most_1_3x_their_bytes(tmp_path: Path) -> None:
     """A model of ~450 MB; the client process loads head and tail and touches every byte."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.02)
-    model.save_pretrained(tmp_path, max_shard_size="100MB")
-    del model
+    save_random_llama_450mb(tmp_path)
     result = subprocess.run(
         [sys.executable, "-c", MEASURE, str(tmp_path)],
         capture_output=True,

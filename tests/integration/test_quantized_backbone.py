@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from backbone_kit import SERVER_NAME, Deployment, deployment
+from backbone_kit import SERVER_NAME, Deployment, deployment, training_data
 from click.testing import CliRunner
+from helpers import save_random_llama_450mb
 
 from splitfed.cli.launcher import ServiceStartError
 from splitfed.clients.backbone import GenerateStream, RemoteBodyStage
-from splitfed.clients.data import MicroBatches, read_examples
 from splitfed.clients.trainer import SplitTrainer, TrainSettings, causal_lm_loss
 from splitfed.models.adapters import AdapterSettings, adapter_state, load_adapter_state
 from splitfed.models.generation import LocalStage, SamplingOptions, SplitGenerator
@@ -66,7 +66,7 @@ def backbone(
 
 
 def mode_of(dep: Deployment) -> str:
-    return str(json.loads(dep.config_path.read_text().split("quantization: ")[1].split("\n")[0]))
+    return str(dep.backbone["quantization"])
 
 
 def settings(dep: Deployment) -> TrainSettings:
@@ -90,8 +90,6 @@ class LocalSplit:
     clipping by the global norm, as client and backbone do together."""
 
     def __init__(self, dep: Deployment, train: TrainSettings, quantization: str) -> None:
-        from transformers import AutoTokenizer
-
         self.head, self.tail, self.client_params = load_trainable_ends(
             dep.model_path, LORA, train.k, train.m
         )
@@ -102,15 +100,7 @@ class LocalSplit:
         self.body_params = [p for p in self.body.parameters() if p.requires_grad]
         self.params = self.client_params + self.body_params
         self.optimizer, self.scheduler = build_optimizer(self.params, OPTIMIZER)
-        tokenizer = AutoTokenizer.from_pretrained(str(dep.model_path), local_files_only=True)
-        self.data = MicroBatches(
-            read_examples(train.data),
-            tokenizer,
-            batch_size=train.batch_size,
-            accumulation=train.accumulation,
-            max_length=train.max_length,
-            seed=train.seed,
-        )
+        self.data = training_data(dep, train)
         self.max_norm = train.max_grad_norm
 
     def run(self, steps: int) -> list[float]:
@@ -255,26 +245,13 @@ def test_loading_an_nf4_body_never_holds_it_in_full_precision(tmp_path: Path) ->
     default (its threshold rises to the size of the freed float32 temporaries; loading
     hands them back after each projection, ~77 MiB here) it is still well under the
     body in full precision."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-    )
+    config = save_random_llama_450mb(tmp_path)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0, 0.02)
-    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+        layer = LlamaForCausalLM(config).model.layers[0]
+    block = sum(p.numel() * 4 for p in layer.parameters())  # in float32
     full = block * (config.num_hidden_layers - 2)
-    model.save_pretrained(tmp_path, max_shard_size="100MB")
-    del model
 
     def measure(**env: str) -> dict[str, int]:
         result = subprocess.run(

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from modelkit import tiny_config
+from modelkit import tiny_config, with_session_adapter
 from transformers import AutoModelForCausalLM
 
 from splitfed.cli.configs import BackboneConfig
@@ -56,13 +56,7 @@ def shared(path: Path, mode: str) -> SharedBody:
 def session_body(frozen: SharedBody, settings: AdapterSettings) -> Body:
     """A session's body as the backbone makes it, with a random (not zero) LoRA B so that
     every adapter tensor gets a gradient from the first step."""
-    body = frozen.body_for(1, 1)
-    settings.apply(body)
-    generator = torch.Generator().manual_seed(settings.seed)
-    with torch.no_grad():
-        for name, tensor in adapter_state(body).items():
-            if ".lora_B." in name:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+    body: Body = with_session_adapter(frozen.body_for(1, 1), settings)
     return body
 
 
