@@ -35,12 +35,12 @@ from common import (
     report,
     timing_figures,
 )
-from peft import inject_adapter_in_model
 from transformers import LlamaForCausalLM
 
 from splitfed.models import split_model
 from splitfed.models.adapters import LoraSettings
 from splitfed.models.generation import LocalStage, SamplingOptions, SplitGenerator
+from splitfed.models.peft_import import inject_adapter_in_model
 from splitfed.runtime import tune_allocator
 
 

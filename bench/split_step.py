@@ -42,7 +42,6 @@ from common import (
     save_random_llama,
     timing_figures,
 )
-from peft import inject_adapter_in_model
 from transformers import LlamaForCausalLM
 
 from splitfed.cli.launcher import ServiceProcess
@@ -66,6 +65,7 @@ from splitfed.models.optim import (
     init_adapter_tensors,
     scale_grads,
 )
+from splitfed.models.peft_import import inject_adapter_in_model
 from splitfed.protocol.backbone import SessionRequest
 from splitfed.runtime import tune_allocator
 from splitfed.security.ca import CertificateAuthority

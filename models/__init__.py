@@ -1,10 +1,11 @@
 """Partition of Hugging Face causal LMs into head, body and tail (the U-shaped split)."""
 
-# First, before transformers' model code or peft import them: bitsandbytes without
-# reaching for the network, torchao without its import-time noise (models/quantization.py).
-from splitfed.models.quantization import prepare_imports
+# First, before transformers' model code imports it: torchao without its import-time
+# noise (models/quantization.py). peft, and bitsandbytes with it, are imported only where
+# LoRA is used, through models/peft_import.py.
+from splitfed.models.quantization import prepare_torchao
 
-prepare_imports()
+prepare_torchao()
 
 # ruff: noqa: E402
 

@@ -15,10 +15,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.cache_utils import DynamicCache
@@ -27,6 +26,9 @@ from splitfed.files import StrPath
 from splitfed.models.optim import init_adapter_tensors
 from splitfed.models.parts import SplitPart
 from splitfed.models.quantization import compute_dtype
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 ADAPTER = "default"
 # Far above any rank used in practice (8-256); a service may cap it lower.
@@ -55,6 +57,8 @@ class LoraSettings:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
 
     def peft_config(self, default_targets: Sequence[str]) -> LoraConfig:
+        from splitfed.models.peft_import import LoraConfig
+
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
@@ -123,6 +127,8 @@ def add_lora(part: SplitPart, settings: LoraSettings | None = None) -> list[str]
         # On a torchao-quantized projection (CPU int8) peft warns that merging is not
         # possible: splitfed never merges into quantized weights (models/quantization.py).
         warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+        from splitfed.models.peft_import import inject_adapter_in_model
+
         inject_adapter_in_model(config, part.base, adapter_name=ADAPTER)
     adapted = sorted(
         {

@@ -16,10 +16,9 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 
 from splitfed.files import StrPath
@@ -27,6 +26,9 @@ from splitfed.models.adapters import AdapterSettings
 from splitfed.models.families import family_for
 from splitfed.models.identity import BODY_KEY, PARTS_KEY
 from splitfed.models.loading import load_config
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 _TOKENIZER_FILES = (
@@ -71,6 +73,8 @@ def write_peft(
     layers = adapter_layers(tensors, prefix)
     if not layers or any(".lora_" not in name for name in tensors):
         raise ValueError("the adapter holds no LoRA tensors of the model's blocks")
+    from splitfed.models.peft_import import LoraConfig
+
     config = LoraConfig(
         r=adapter.r,
         lora_alpha=adapter.alpha,  # type: ignore[arg-type]
@@ -102,8 +106,9 @@ def merge_into_checkpoint(model_path: StrPath, peft_dir: StrPath, output: StrPat
     model_path = Path(model_path)
     peft_dir = Path(peft_dir)
     output = Path(output)
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from splitfed.models.peft_import import PeftModel
 
     base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype="auto")
     merged = PeftModel.from_pretrained(base, str(peft_dir)).merge_and_unload()

@@ -40,15 +40,13 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from peft.tuners.lora import Linear as LoraLinear
-from peft.tuners.lora import LoraLayer
-from peft.tuners.lora.torchao import TorchaoLoraLinear
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from splitfed.models.adapters import ADAPTER, PrefixEncoder
 from splitfed.models.continuous import CachedStep, base_run, merged_cached_pass
 from splitfed.models.parts import Body, PartCache
+from splitfed.models.peft_import import LoraLayer, LoraLinear, TorchaoLoraLinear
 from splitfed.models.quantization import frozen_memo
 
 # Member sets whose stacked adapters one projection keeps (generation, eval).

@@ -93,13 +93,26 @@ def _quiet(*names: str) -> Iterator[None]:
 
 
 def prepare_imports() -> None:
-    """Import bitsandbytes and torchao (where installed) before anything else does: peft
-    and transformers import them as soon as they are installed. bitsandbytes' import must
-    not reach the network; torchao's warns about CUDA extensions a CPU build cannot load
-    (and torch about enums torchao registers): not a user's concern."""
+    """Import bitsandbytes and torchao (where installed) the quiet way, before peft or
+    transformers do (:func:`prepare_bitsandbytes`, :func:`prepare_torchao`)."""
+    prepare_bitsandbytes()
+    prepare_torchao()
+
+
+def prepare_bitsandbytes() -> None:
+    """Import bitsandbytes (if installed) before peft does (peft imports it at import
+    time whenever it is installed): its own import must not reach the network
+    (models/peft_import.py runs this first)."""
     if "bitsandbytes" not in sys.modules:
         with suppress(ValueError):
             bitsandbytes()
+
+
+def prepare_torchao() -> None:
+    """Import torchao (if installed) before transformers' model code does (it imports it
+    whenever it is installed): its import warns about CUDA extensions a CPU build cannot
+    load, and torch about enums torchao registers; not a user's concern
+    (models/__init__.py runs this first)."""
     if "torchao" not in sys.modules:
         with suppress(ValueError):
             torchao_quantization()
