@@ -238,6 +238,7 @@ print(json.dumps({"growth": (kib("VmHWM") - before) * 1024, "bytes": weight_byte
 
 
 @pytest.mark.slow
+@pytest.mark.long  # make test-long; make test keeps the unit test of the loading order
 def test_loading_an_nf4_body_never_holds_it_in_full_precision(tmp_path: Path) -> None:
     """A model of ~450 MB (body ~250 MB in float32, 10 blocks of ~25 MB) in shards of
     100 MB. Peak RSS growth while the body loads is at most 1.3 x (the nf4 body + one
