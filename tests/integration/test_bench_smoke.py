@@ -198,6 +198,8 @@ def test_quantization_bench_prints_its_ratios_and_writes_json(tmp_path: Path) ->
         "body memory nf4/bf16",
         "eval loss int8/none",
         "eval loss nf4/none",
+        "eval loss merged int8/int8",
+        "eval loss merged nf4/nf4",
         "step time int8/fp32",
         "step time nf4/fp32",
         "generation tokens/s int8/fp32",
