@@ -249,7 +249,7 @@ def test_loading_an_nf4_body_never_holds_it_in_full_precision(tmp_path: Path) ->
     100 MB. Peak RSS growth while the body loads is at most 1.3 x (the nf4 body + one
     block in float32) with glibc's malloc at a fixed mmap threshold; with glibc's
     default (its threshold rises to the size of the freed float32 temporaries; loading
-    hands them back after each projection, ~77 MiB here) it is still well under the
+    hands them back after each projection, ~73 MiB here) it is still well under the
     body in full precision."""
     from transformers import LlamaForCausalLM
 
