@@ -121,6 +121,31 @@ def deployment(
     return Deployment(root, ca, model, config, backbone=settings)
 
 
+def train_locally(trainer: Any, steps: int, groups: list[list[torch.nn.Parameter]]) -> list[float]:
+    """``steps`` steps of ``trainer`` (its ``data``, ``logits(ids, mask)``, ``optimizer``,
+    ``scheduler``, ``max_norm``) as a client and a backbone take them together: the
+    micro-batches' losses averaged, gradients clipped by the global norm summed over
+    ``groups`` in order (the client's parameters, then the body's), one optimizer step.
+    Returns each step's loss."""
+    params = [p for group in groups for p in group]
+    losses = []
+    for step in range(1, steps + 1):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        batches = trainer.data.for_step(step)
+        total = 0.0
+        for batch in batches:
+            logits = trainer.logits(batch.input_ids, batch.attention_mask)
+            loss = causal_lm_loss(logits, batch.labels)
+            (loss / len(batches)).backward()
+            total += float(loss.detach()) / len(batches)
+        squared = sum(grad_sq_norm(group) for group in groups)
+        scale_grads(params, clip_factor(squared, trainer.max_norm))
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+        losses.append(total)
+    return losses
+
+
 def training_data(dep: Deployment, train: TrainSettings) -> MicroBatches:
     """The micro-batches a client of ``dep`` trains on with ``train`` (the same order)."""
     tokenizer = AutoTokenizer.from_pretrained(str(dep.model_path), local_files_only=True)
@@ -200,22 +225,7 @@ class Centralized:
         ).logits
 
     def run(self, steps: int) -> list[float]:
-        losses = []
-        for step in range(1, steps + 1):
-            self.optimizer.zero_grad(set_to_none=True)
-            batches = self.data.for_step(step)
-            total = 0.0
-            for batch in batches:
-                loss = causal_lm_loss(
-                    self.logits(batch.input_ids, batch.attention_mask), batch.labels
-                )
-                (loss / len(batches)).backward()
-                total += float(loss.detach()) / len(batches)
-            scale_grads(self.params, clip_factor(grad_sq_norm(self.params), self.max_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-            losses.append(total)
-        return losses
+        return train_locally(self, steps, [self.params])
 
     def final(self) -> dict[str, torch.Tensor]:
         if self.adapter.kind == "lora":

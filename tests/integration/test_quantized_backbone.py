@@ -17,22 +17,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from backbone_kit import SERVER_NAME, Deployment, deployment, training_data
+from backbone_kit import SERVER_NAME, Deployment, deployment, train_locally, training_data
 from click.testing import CliRunner
 from helpers import save_random_llama_450mb
 
 from splitfed.cli.launcher import ServiceStartError
 from splitfed.clients.backbone import GenerateStream, RemoteBodyStage
-from splitfed.clients.trainer import SplitTrainer, TrainSettings, causal_lm_loss
+from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.models.adapters import AdapterSettings, adapter_state, load_adapter_state
 from splitfed.models.generation import LocalStage, SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_part, load_trainable_ends
 from splitfed.models.optim import (
     OptimizerSettings,
     build_optimizer,
-    clip_factor,
-    grad_sq_norm,
-    scale_grads,
 )
 from splitfed.models.quantization import quantization_of
 from splitfed.models.tiny import BUNDLED_DATASET
@@ -103,24 +100,12 @@ class LocalSplit:
         self.data = training_data(dep, train)
         self.max_norm = train.max_grad_norm
 
+    def logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.tail(self.body(self.head(ids, mask), mask), mask)
+        return logits
+
     def run(self, steps: int) -> list[float]:
-        losses = []
-        for step in range(1, steps + 1):
-            self.optimizer.zero_grad(set_to_none=True)
-            batches = self.data.for_step(step)
-            total = 0.0
-            for batch in batches:
-                mask = batch.attention_mask
-                logits = self.tail(self.body(self.head(batch.input_ids, mask), mask), mask)
-                loss = causal_lm_loss(logits, batch.labels)
-                (loss / len(batches)).backward()
-                total += float(loss.detach()) / len(batches)
-            squared = grad_sq_norm(self.client_params) + grad_sq_norm(self.body_params)
-            scale_grads(self.params, clip_factor(squared, self.max_norm))
-            self.optimizer.step()
-            self.scheduler.step()
-            losses.append(total)
-        return losses
+        return train_locally(self, steps, [self.client_params, self.body_params])
 
     def adapters(self) -> dict[str, torch.Tensor]:
         return {
