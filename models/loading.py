@@ -176,8 +176,6 @@ def load_part(
                         # pages resident for the part's life: keep a copy (norms, biases).
                         state[names[name]] = tensor.clone() if loader.modules else tensor
     loader.finish()
-    if quantization != NONE:
-        release_freed_memory()
     missing = sorted(expected - set(state) - loader.loaded)
     if missing:
         raise ValueError(f"checkpoint {path} lacks tensors of the {part}: {', '.join(missing[:5])}")

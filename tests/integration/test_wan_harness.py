@@ -86,6 +86,18 @@ def sink(link: Any) -> Iterator[int]:
     proc.wait(timeout=10)
 
 
+def start_client(link: Any, address: str) -> subprocess.Popen[str]:
+    """CLIENT in the client's namespace, talking to ``address``, its pipes open."""
+    client = subprocess.Popen(
+        link.command("client", [sys.executable, "-c", CLIENT, address]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert client.stdout is not None and client.stdin is not None
+    return client
+
+
 def _namespaces() -> set[str]:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     return {line.split(" ", 1)[0] for line in listed.stdout.splitlines()}
@@ -164,13 +176,7 @@ def test_the_proxy_connects_only_to_its_target_whatever_the_client_sends(
     link.set_profile(PROFILES["wan"])
     address = link.connect(sink)
     assert address.startswith("127.0.0.1:")
-    client = subprocess.Popen(
-        link.command("client", [sys.executable, "-c", CLIENT, address]),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert client.stdout is not None and client.stdin is not None
+    client = start_client(link, address)
     try:
         # The bytes reached the target verbatim (the sink echoed them).
         assert client.stdout.readline().strip() == "True"
@@ -199,13 +205,7 @@ def test_the_proxy_stops_cleanly_on_sigterm_with_a_connection_open(link: Any, si
     )
     assert proxy.stdout is not None and proxy.stdin is not None
     address = proxy.stdout.readline().removeprefix("listening on ").strip()
-    client = subprocess.Popen(
-        link.command("client", [sys.executable, "-c", CLIENT, address]),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert client.stdout is not None and client.stdin is not None
+    client = start_client(link, address)
     try:
         assert client.stdout.readline().strip() == "True"
         assert proxy.stdin.write("delay 1\n") and proxy.stdin.flush() is None
