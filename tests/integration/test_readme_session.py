@@ -46,6 +46,9 @@ def _namespaces_available() -> str | None:
     return None
 
 
+# About 90 s on 2 cores: make test-long runs it (make test keeps the check above that the
+# block is there and names every command).
+@pytest.mark.long
 @pytest.mark.skipif(_namespaces_available() is not None, reason=str(_namespaces_available()))
 def test_the_readme_session_runs_as_written(tmp_path: Path) -> None:
     block = session_block((ROOT / "README.md").read_text())
