@@ -340,3 +340,26 @@ def test_cli_eval_reads_a_messages_file_with_the_models_template(
     result = CliRunner().invoke(cli, [*args[:4], str(bad), "--output", str(tmp_path / "x")])
     assert result.exit_code == 2
     assert f"{bad}:1: the conversation has no assistant turn" in result.output
+
+
+@pytest.mark.parametrize(
+    ("start", "extra", "message"),
+    [
+        ([USER, USER], [], "start.json: message 2 is a second user turn in a row"),
+        (CONVERSATION[:2], ["--system", "Be long."], "has a system message: leave --system out"),
+    ],
+)
+def test_cli_chat_checks_its_messages_file_before_connecting(
+    model_dir: Path, tmp_path: Path, start: list[dict[str, str]], extra: list[str], message: str
+) -> None:
+    config = tmp_path / "client.toml"
+    config.write_text(
+        '[backbone]\naddress = "backbone.invalid:7450"\n'
+        f'[training]\ndata = "train.jsonl"\nmodel_path = "{model_dir}"\n'
+    )
+    path = tmp_path / "start.json"
+    path.write_text(json.dumps(start))
+    args = ["chat", "--config", str(config), "--messages", str(path), *extra]
+    result = CliRunner().invoke(cli, args, input="/exit\n")
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
