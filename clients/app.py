@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -455,7 +455,8 @@ def generate(
 
 class Chat:
     """A conversation with the split model: each reply is generated from the whole
-    conversation so far (the oldest turns are dropped when it outgrows the model)."""
+    conversation so far (the oldest turns are dropped when it outgrows the model). It
+    starts from ``turns`` (user, assistant), e.g. those of a messages file."""
 
     def __init__(
         self,
@@ -464,6 +465,7 @@ class Chat:
         options: SamplingOptions,
         *,
         system: str = "",
+        turns: Sequence[tuple[str, str]] = (),
         chat_template: bool = True,
         max_positions: int = 2048,
     ) -> None:
@@ -472,7 +474,8 @@ class Chat:
         self.options = options
         self.system = system
         self.chat_template = chat_template
-        self.turns: list[tuple[str, str]] = []
+        self.start = list(turns)
+        self.turns = list(turns)
         self.budget = max_positions - options.max_new_tokens
         if self.budget < 1:
             raise ValueError(
@@ -513,7 +516,8 @@ class Chat:
         return "".join(self.stream(prompt)).strip()
 
     def reset(self) -> None:
-        self.turns.clear()
+        """Back to the turns it started from."""
+        self.turns = list(self.start)
 
 
 def make_trainer(

@@ -6,7 +6,13 @@ Files are JSON Lines (``.jsonl``), a JSON array (``.json``), CSV (``.csv``), Par
 (``.parquet``, through pyarrow) or a directory written by ``datasets``' ``save_to_disk``.
 Nothing is ever downloaded. An example is a prompt and a response; when the tokenizer has
 a chat template (and it is not turned off), the prompt becomes the user's turn and the
-response the assistant's, otherwise the text is ``bos prompt \\n response eos``.
+response the assistant's, otherwise the text is ``bos prompt \\n response eos``. A
+``messages`` row is a whole conversation (system, user and assistant turns, as in the
+OpenAI and Hugging Face chat formats), framed by :func:`messages_tokens`: only the
+assistant turns carry labels.
+
+One module (a little over 500 lines) on purpose: reading, layouts and tokenisation are
+the one contract that training, evaluation, generation and chat share.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import csv
 import json
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,7 +31,8 @@ from splitfed.files import StrPath
 
 IGNORE = -100
 FORMATS = (".jsonl", ".json", ".csv", ".parquet")
-LAYOUTS = "prompt/response, instruction/input/output or text"
+LAYOUTS = "messages, prompt/response, instruction/input/output or text"
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,98 @@ class Record:
     where: str
 
 
-def example_of(row: Mapping[str, Any], where: str) -> Example:
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation: ``role`` is system, user or assistant."""
+
+    role: str
+    content: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A ``messages`` row: checked by :func:`parse_messages`; ``where`` it came from
+    names it in errors (not compared)."""
+
+    messages: tuple[Message, ...]
+    where: str = field(default="", compare=False)
+
+
+def _content(value: Any, what: str) -> str:
+    """A message's content: a string, or OpenAI's list of text parts (joined by newlines)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        texts = []
+        for part in value:
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(
+                    f"{what} has a {kind or type(part).__name__!r} content part; only "
+                    '{"type": "text", "text": "..."} parts are read'
+                )
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise ValueError(
+        f"{what} content must be a string or a list of text parts, got {type(value).__name__}"
+    )
+
+
+def parse_messages(value: Any, where: str, *, answer: bool = True) -> tuple[Message, ...]:
+    """The messages of a conversation (a list of ``{"role", "content"}`` objects; a JSON
+    string of one, as a CSV column holds it), checked: an optional system message first,
+    then user and assistant turns alternating, starting with a user turn; with
+    ``answer``, at least one assistant turn. Raises a one-line ValueError naming
+    ``where``."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"{where}: messages is not JSON ({exc}); write it as a JSON array of "
+                '{"role": ..., "content": ...} objects'
+            ) from None
+    if isinstance(value, Mapping) or not isinstance(value, Sequence):
+        raise ValueError(
+            f"{where}: messages must be a list of {{role, content}} objects, "
+            f"got {type(value).__name__}"
+        )
+    if not value:
+        raise ValueError(f"{where}: messages is empty; give a user and an assistant turn")
+    messages: list[Message] = []
+    for number, item in enumerate(value, start=1):
+        what = f"{where}: message {number}"
+        if not isinstance(item, Mapping) or "role" not in item or "content" not in item:
+            raise ValueError(f"{what} is not an object with a role and a content")
+        role = item["role"]
+        if role not in ROLES:
+            raise ValueError(f"{what} has unknown role {role!r}; use {', '.join(ROLES)}")
+        if role == "system" and number > 1:
+            raise ValueError(f"{what} is a system message; only the first message may be one")
+        previous = messages[-1].role if messages else "system"
+        if role != "system" and previous != "system" and role == previous:
+            raise ValueError(
+                f"{what} is a second {role} turn in a row; merge them into one "
+                "(user and assistant turns alternate)"
+            )
+        if role == "assistant" and previous == "system":
+            raise ValueError(f"{what} is an assistant turn before any user turn; start with one")
+        messages.append(Message(role, _content(item["content"], what)))
+    if answer and not any(m.role == "assistant" for m in messages):
+        raise ValueError(
+            f"{where}: the conversation has no assistant turn, so nothing to learn or score; "
+            "add the answer as an assistant message"
+        )
+    return tuple(messages)
+
+
+def example_of(row: Mapping[str, Any], where: str) -> Example | Conversation:
     """The example of a row in one of the training layouts (``LAYOUTS``)."""
+    if "messages" in row:
+        return Conversation(parse_messages(row["messages"], where), where)
     if "prompt" in row and "response" in row:
         return Example(str(row["prompt"]), str(row["response"]))
     if "instruction" in row and "output" in row:
@@ -151,10 +248,45 @@ def read_records(path: Path) -> list[Record]:
     return records
 
 
-def read_examples(path: StrPath) -> list[Example]:
+def read_examples(path: StrPath) -> list[Example | Conversation]:
     """Training examples from a data file (see :func:`read_records`)."""
     path = Path(path)
     return [example_of(r.fields, r.where) for r in read_records(path)]
+
+
+def read_conversation(path: StrPath) -> tuple[Message, ...]:
+    """The conversation that starts a chat: a ``.json`` file holding a messages list (or
+    an object with ``messages``), or a ``.jsonl`` file of one such row; it may end with a
+    user turn (still to be answered) and need not have an assistant turn."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read {path} ({exc.strerror or exc})") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if path.suffix.lower() == ".jsonl" and len(lines) != 1:
+        raise ValueError(f"{path}: holds {len(lines)} rows; give one conversation")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not JSON ({exc}); give a messages list") from None
+    if isinstance(value, Mapping):
+        if "messages" not in value:
+            raise ValueError(f"{path}: an object without messages; give a messages list")
+        value = value["messages"]
+    return parse_messages(value, str(path), answer=False)
+
+
+def conversation_parts(
+    messages: Sequence[Message],
+) -> tuple[str, list[tuple[str, str]], str | None]:
+    """The inverse of :func:`messages_of` for checked messages (see
+    :func:`parse_messages`): the system text ("" if none), the (user, assistant) turns,
+    and a final user turn still to be answered (None if there is none)."""
+    system = messages[0].content if messages and messages[0].role == "system" else ""
+    rest = [m.content for m in messages if m.role != "system"]
+    pending = rest.pop() if len(rest) % 2 else None
+    return system, list(zip(rest[::2], rest[1::2], strict=True)), pending
 
 
 class Batch(NamedTuple):
@@ -206,9 +338,19 @@ def response_tokens(
 
 
 def encode(
-    example: Example, tokenizer: Any, max_length: int, *, chat_template: bool = True
+    example: Example | Conversation,
+    tokenizer: Any,
+    max_length: int,
+    *,
+    chat_template: bool = True,
 ) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + response, and labels that ignore the prompt."""
+    """Token ids of prompt + response (or of a whole conversation), and labels that
+    ignore all but the response (the assistant turns); cut at ``max_length``."""
+    if isinstance(example, Conversation):
+        ids, labels = messages_tokens(
+            tokenizer, example.messages, chat_template=chat_template, where=example.where
+        )
+        return ids[:max_length], labels[:max_length]
     prompt = prompt_tokens(tokenizer, example.prompt, chat_template=chat_template)
     response = response_tokens(
         tokenizer, example.prompt, example.response, chat_template=chat_template
@@ -216,6 +358,115 @@ def encode(
     ids = [*prompt, *response][:max_length]
     labels = ([IGNORE] * len(prompt) + response)[:max_length]
     return ids, labels
+
+
+class _Framing:
+    """Token ids and labels made of pieces of text (and single tokens): consecutive
+    pieces that are labelled alike are encoded as one string, as :func:`encode` encodes
+    a prompt and a response."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.labels: list[int] = []
+        self.text = ""
+        self.labelled = False
+
+    def add_text(self, text: str, *, labelled: bool) -> None:
+        if labelled != self.labelled:
+            self.flush()
+            self.labelled = labelled
+        self.text += text
+
+    def add_token(self, token: int, *, labelled: bool) -> None:
+        self.flush()
+        self._extend([token], labelled)
+
+    def flush(self) -> None:
+        if self.text:
+            self._extend(
+                list(self.tokenizer.encode(self.text, add_special_tokens=False)), self.labelled
+            )
+            self.text = ""
+
+    def _extend(self, ids: list[int], labelled: bool) -> None:
+        self.ids += ids
+        self.labels += ids if labelled else [IGNORE] * len(ids)
+
+
+def messages_of(system: str, turns: Sequence[tuple[str, str]], prompt: str) -> tuple[Message, ...]:
+    """The messages of a conversation given as a system text (none if empty), earlier
+    (user, assistant) turns and the new user ``prompt``."""
+    messages = [Message("system", system)] if system else []
+    for user, reply in turns:
+        messages += [Message("user", user), Message("assistant", reply)]
+    return (*messages, Message("user", prompt))
+
+
+def messages_tokens(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    *,
+    chat_template: bool = True,
+    generation_prompt: bool = False,
+    where: str = "",
+) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and labels that keep only the assistant turns: each
+    one's content and what ends its turn; -100 for the rest (system and user turns, role
+    headers, the generation prompt).
+
+    With the tokenizer's chat template (when it has one and ``chat_template`` is on), the
+    whole conversation is rendered by ``apply_chat_template``, and each assistant turn is
+    the difference between the conversation up to it with the generation prompt and with
+    the turn (as :func:`response_tokens` finds a response); a template whose renderings
+    do not extend one another that way is an error. Without one: ``bos``, then each
+    system and user message and a newline, each assistant message and ``eos`` (a
+    one-turn conversation is exactly a prompt/response example). ``generation_prompt``
+    ends the text with what starts the next assistant turn (nothing without a template).
+    Text labelled alike is encoded in one piece."""
+    framing = _Framing(tokenizer)
+    if not (chat_template and has_chat_template(tokenizer)):
+        if tokenizer.bos_token_id is not None:
+            framing.add_token(tokenizer.bos_token_id, labelled=False)
+        for message in messages:
+            if message.role == "assistant":
+                framing.add_text(message.content, labelled=True)
+                framing.add_token(tokenizer.eos_token_id, labelled=True)
+            else:
+                framing.add_text(message.content + "\n", labelled=False)
+        framing.flush()
+        return framing.ids, framing.labels
+    prefix = f"{where}: " if where else ""
+
+    def render(count: int, generation: bool, done: str) -> str:
+        dicts = [m.as_dict() for m in messages[:count]]
+        try:
+            text = _template(tokenizer, dicts, generation=generation)
+        except Exception as exc:  # jinja2's TemplateError, or what the template raises
+            raise ValueError(
+                f"{prefix}the tokenizer's chat template cannot render the conversation "
+                f"({exc}); turn chat_template off"
+            ) from None
+        if not text.startswith(done):
+            raise ValueError(
+                f"{prefix}the tokenizer's chat template does not extend the conversation "
+                f"turn by turn (at message {count}): an earlier rendering is not the start "
+                "of a later one, so the assistant turns cannot be found; turn chat_template off"
+            )
+        return text
+
+    done = ""
+    for index, message in enumerate(messages):
+        if message.role == "assistant":
+            head = render(index, True, done)
+            framing.add_text(head[len(done) :], labelled=False)
+            done = render(index + 1, False, head)
+            framing.add_text(done[len(head) :], labelled=True)
+    if generation_prompt or (messages and messages[-1].role != "assistant"):
+        end = render(len(messages), generation_prompt, done)
+        framing.add_text(end[len(done) :], labelled=False)
+    framing.flush()
+    return framing.ids, framing.labels
 
 
 def collate(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> Batch:
@@ -240,20 +491,16 @@ def conversation_tokens(
     chat_template: bool = True,
 ) -> list[int]:
     """The tokens before the next reply of a conversation: earlier ``turns`` (user,
-    assistant) and the new ``prompt``, through the chat template when the tokenizer has
-    one (with ``system`` as the system turn), else in the training format: ``bos``, then
-    each user turn and reply on lines of their own."""
-    if chat_template and has_chat_template(tokenizer):
-        messages = [{"role": "system", "content": system}] if system else []
-        for user, reply in turns:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
-        messages.append({"role": "user", "content": prompt})
-        text = _template(tokenizer, messages, generation=True)
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    lines = [system] if system else []
-    for user, reply in turns:
-        lines += [user, reply]
-    return prompt_tokens(tokenizer, "\n".join([*lines, prompt]), chat_template=False)
+    assistant) and the new ``prompt``, framed as a ``messages`` row is for training
+    (:func:`messages_tokens` of :func:`messages_of`, with the generation prompt): through
+    the chat template when the tokenizer has one (with ``system`` as the system turn),
+    else ``bos``, the system text and each user turn on a line of their own, each reply
+    followed by ``eos``."""
+    messages = messages_of(system, turns, prompt)
+    ids, _ = messages_tokens(
+        tokenizer, messages, chat_template=chat_template, generation_prompt=True
+    )
+    return ids
 
 
 def left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,7 +520,7 @@ class MicroBatches:
 
     def __init__(
         self,
-        examples: Sequence[Example],
+        examples: Sequence[Example | Conversation],
         tokenizer: Any,
         *,
         batch_size: int,

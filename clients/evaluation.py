@@ -29,12 +29,15 @@ from splitfed.clients.backbone import BackboneClient
 from splitfed.clients.data import (
     IGNORE,
     LAYOUTS,
+    Conversation,
     Example,
+    Message,
     Record,
     collate,
     encode,
     example_of,
     left_padded,
+    messages_tokens,
     prompt_tokens,
     read_records,
 )
@@ -67,12 +70,15 @@ ALL_LAYOUTS = (
 class EvalItem:
     """One example: the prompt, the reference answer (its loss is measured; ROUGE compares
     generations with it), and for classification the candidate answers and the index of
-    the right one."""
+    the right one. A ``messages`` row keeps its conversation in ``messages`` (the loss is
+    that of all its assistant turns), with its last assistant turn as ``target`` (what
+    generation is compared with) and no ``prompt``."""
 
     prompt: str
     target: str
     choices: tuple[str, ...] = ()
     label: int = -1
+    messages: tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,10 @@ def summarization_item(row: Mapping[str, Any], where: str) -> tuple[str, EvalIte
 
 
 def lm_item(row: Mapping[str, Any], where: str) -> tuple[str, EvalItem]:
-    example: Example = example_of(row, where)
+    example = example_of(row, where)
+    if isinstance(example, Conversation):
+        last = [m for m in example.messages if m.role == "assistant"][-1]
+        return "messages", EvalItem("", last.content, messages=example.messages)
     layout = "text" if not example.prompt else "prompt/response"
     return layout, EvalItem(example.prompt, example.response)
 
@@ -155,11 +164,14 @@ def _item(row: Mapping[str, Any], where: str, task: str) -> tuple[str, str, Eval
         found = summarization_item(row, where)
         if found is not None:
             return "summarization", *found
-    try:
+    if "messages" in row:  # its errors are the row's, whatever the task
         layout, item = lm_item(row, where)
-    except ValueError:
-        layout, item = "", EvalItem("", "")
-    if task == "summarization" and not item.prompt:
+    else:
+        try:
+            layout, item = lm_item(row, where)
+        except ValueError:
+            layout, item = "", EvalItem("", "")
+    if task == "summarization" and not (item.prompt or item.messages):
         raise ValueError(
             f"{where}: not a summarization row (fields {', '.join(sorted(row))}); it needs "
             "a document and a reference summary: document/summary, article/highlights, "
@@ -285,7 +297,7 @@ def loss_scores(
     example) and its exponential, the perplexity."""
     rows = [
         encode(
-            Example(i.prompt, i.target),
+            Conversation(i.messages) if i.messages else Example(i.prompt, i.target),
             tokenizer,
             settings.max_length,
             chat_template=settings.chat_template,
@@ -358,17 +370,37 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
     return {name: total / len(predictions) for name, total in totals.items()}
 
 
+def generation_prompt(item: EvalItem, tokenizer: Any, *, chat_template: bool) -> list[int]:
+    """The tokens ``item``'s answer is generated from: its prompt as training formats it;
+    for a ``messages`` row, the conversation before its last assistant turn and the
+    generation prompt (later turns are left out)."""
+    if item.messages:
+        last = max(i for i, m in enumerate(item.messages) if m.role == "assistant")
+        ids, _ = messages_tokens(
+            tokenizer, item.messages[:last], chat_template=chat_template, generation_prompt=True
+        )
+        return ids
+    return prompt_tokens(tokenizer, item.prompt, chat_template=chat_template)
+
+
 def generate_texts(
     model: EvalModel, prompts: Sequence[str], tokenizer: Any, settings: EvalSettings
 ) -> list[str]:
     """Completions of ``prompts`` (as training formats them), decoded without special
     tokens."""
+    rows = [prompt_tokens(tokenizer, p, chat_template=settings.chat_template) for p in prompts]
+    return generate_from(model, rows, tokenizer, settings)
+
+
+def generate_from(
+    model: EvalModel, prompts: Sequence[list[int]], tokenizer: Any, settings: EvalSettings
+) -> list[str]:
+    """Completions of prompt tokens (their end kept where they are too long), decoded
+    without special tokens."""
     keep = max(1, settings.max_length - settings.sampling.max_new_tokens)
     texts: list[str] = []
     for chunk in _chunks(prompts, settings.batch_size):
-        rows = [
-            prompt_tokens(tokenizer, p, chat_template=settings.chat_template)[-keep:] for p in chunk
-        ]
+        rows = [p[-keep:] for p in chunk]
         ids, mask = left_padded(rows, int(tokenizer.pad_token_id))
         tokens = model.generate(ids, mask, settings.sampling)
         texts.extend(
@@ -387,7 +419,10 @@ def evaluate_set(
     if eval_set.task == "classification":
         scores.update(accuracy_scores(model, items, tokenizer, settings))
     elif eval_set.task == "summarization":
-        predictions = generate_texts(model, [i.prompt for i in items], tokenizer, settings)
+        prompts = [
+            generation_prompt(i, tokenizer, chat_template=settings.chat_template) for i in items
+        ]
+        predictions = generate_from(model, prompts, tokenizer, settings)
         scores.update(rouge(predictions, [i.target for i in items]))
     return scores
 

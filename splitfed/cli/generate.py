@@ -65,6 +65,13 @@ def generate(
     default="",
     help="A system turn; without a chat template, the conversation's first line.",
 )
+@click.option(
+    "--messages",
+    "messages_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="A JSON messages list (or a JSONL row with messages) that starts the conversation.",
+)
 @click.option("--max-new-tokens", type=int, default=None, help="Reply length limit.")
 @click.option("--base", is_flag=True, help="Talk to the base model, not the trained adapter.")
 @config_overrides
@@ -74,11 +81,13 @@ def chat(
     ctx: click.Context,
     config_path: Path,
     system: str,
+    messages_path: Path | None,
     max_new_tokens: int | None,
     base: bool,
 ) -> None:
     """Talk to the split model: the body runs on the backbone, the conversation stays
-    here. /reset forgets it, /exit (or end of input) leaves."""
+    here. --messages starts it from a file's turns (a last user turn there is answered
+    first). /reset goes back to the start, /exit (or end of input) leaves."""
     from transformers import AutoTokenizer
 
     from splitfed.clients.app import (
@@ -89,7 +98,7 @@ def chat(
         sampling_options,
         split_session,
     )
-    from splitfed.clients.data import has_chat_template
+    from splitfed.clients.data import conversation_parts, has_chat_template, read_conversation
     from splitfed.models.loading import load_config
 
     try:
@@ -99,6 +108,13 @@ def chat(
         tokenizer = AutoTokenizer.from_pretrained(str(train.model_path), local_files_only=True)
         positions = int(getattr(load_config(train.model_path), "max_position_embeddings", 2048))
         sampling = sampling_options(config, tokenizer, **options)
+        turns: list[tuple[str, str]] = []
+        pending = None
+        if messages_path is not None:
+            start, turns, pending = conversation_parts(read_conversation(messages_path))
+            if start and system:
+                raise ValueError(f"{messages_path} has a system message: leave --system out")
+            system = start or system
     except (ValueError, OSError) as exc:
         fail(ctx, exc, usage=True)
         return
@@ -119,11 +135,19 @@ def chat(
                 tokenizer,
                 sampling,
                 system=system,
+                turns=turns,
                 chat_template=train.chat_template,
                 max_positions=positions,
             )
             what = "the trained adapter" if split.trained else "the base model"
             click.echo(f"chatting with {what} (session {split.session_id}); /exit to leave")
+            if turns or pending is not None:
+                click.echo(f"(started from {messages_path}: {len(turns)} earlier turns)")
+            if pending is not None:
+                click.echo(f"you> {pending}\nmodel> ", nl=False)
+                for piece in conversation.stream(pending):
+                    click.echo(piece, nl=False)
+                click.echo()
             while True:
                 try:
                     line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)

@@ -29,6 +29,18 @@ TRAIN = [
     {"prompt": SUMMARY_PROMPT.format(document=r["document"]), "response": r["summary"]}
     for r in SUMMARIES
 ]
+# And a conversation (the messages layout): training and evaluation read both in one file.
+TRAIN += [
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Add 2 and 3."},
+            {"role": "assistant", "content": "The answer is 5."},
+            {"role": "user", "content": "And 1 and 2?"},
+            {"role": "assistant", "content": "The answer is 3."},
+        ]
+    }
+]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:

@@ -58,5 +58,8 @@ def test_without_a_chat_template_the_system_text_is_the_first_line() -> None:
 
     tokenizer = train_tokenizer(["Be brief. Add 1 and 2. 3 And 2 and 2?"])
     got = conversation_tokens(tokenizer, [("Add 1 and 2.", "3")], "And 2?", system="Be brief.")
-    expected = prompt_tokens(tokenizer, "Be brief.\nAdd 1 and 2.\n3\nAnd 2?", chat_template=False)
-    assert got == expected
+    # bos, the system line and the first turn as one prompt; the reply as training ends it
+    # (eos); the next turn on a line of its own.
+    first = prompt_tokens(tokenizer, "Be brief.\nAdd 1 and 2.", chat_template=False)
+    reply = [*tokenizer.encode("3", add_special_tokens=False), tokenizer.eos_token_id]
+    assert got == [*first, *reply, *tokenizer.encode("And 2?\n", add_special_tokens=False)]

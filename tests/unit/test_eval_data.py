@@ -76,7 +76,7 @@ def test_unknown_columns_name_the_file_and_the_layouts(tmp_path: Path, suffix: s
     path = write(tmp_path / f"d{suffix}", [{"question": "q", "answer": "a"}])
     message = one_line_error(path)
     assert "unknown columns answer, question" in message
-    assert "rename them to prompt/response, instruction/input/output or text" in message
+    assert "rename them to messages, prompt/response, instruction/input/output or text" in message
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
@@ -253,7 +253,12 @@ def test_a_conversation_is_framed_turn_by_turn(tokenizers: tuple[Any, Any]) -> N
     assert conversation_tokens(templated, [], "Add 1 and 2.") == prompt_tokens(
         templated, "Add 1 and 2."
     )
-    # Without a template: the training format with one line per turn.
-    assert conversation_tokens(plain, turns, "And 2 and 2?") == prompt_tokens(
-        plain, "Add 1 and 2.\n3\nAnd 2 and 2?"
-    )
+    # Without a template: the training format, a line per user turn, eos after each reply.
+    encoded = [plain.encode(t, add_special_tokens=False) for t in ("Add 1 and 2.\n", "3")]
+    assert conversation_tokens(plain, turns, "And 2 and 2?") == [
+        1,
+        *encoded[0],
+        *encoded[1],
+        2,
+        *plain.encode("And 2 and 2?\n", add_special_tokens=False),
+    ]
