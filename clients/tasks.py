@@ -109,7 +109,7 @@ def _list(row: Any, name: str, where: str, task: str, prefix: str = "") -> list[
     return value
 
 
-def _label(row: Any, where: str, task: str, names: Sequence[str], prefix: str = "") -> int:
+def _label(row: Any, where: str, names: Sequence[str], prefix: str = "") -> int:
     """The index of the row's label among ``names``; a bool, an index or a name (as a
     CSV or a Hugging Face copy may write it). Test files have no labels."""
     if not isinstance(row, Mapping) or row.get("label") is None:
@@ -146,7 +146,7 @@ def read_boolq(path: Path, max_rows: int | None) -> list[TaskItem]:
             passage=_text(row, "passage", where, "boolq"),
             question=_text(row, "question", where, "boolq"),
         )
-        items.append(_yes_no(prompt, _label(row, where, "boolq", ("false", "true"))))
+        items.append(_yes_no(prompt, _label(row, where, ("false", "true"))))
     return items
 
 
@@ -161,7 +161,7 @@ def read_cb(path: Path, max_rows: int | None) -> list[TaskItem]:
             premise=_text(row, "premise", where, "cb"),
             hypothesis=_text(row, "hypothesis", where, "cb"),
         )
-        label = _label(row, where, "cb", CB_LABELS)
+        label = _label(row, where, CB_LABELS)
         items.append(TaskItem(prompt, CB_ANSWERS[label], CB_ANSWERS, label))
     return items
 
@@ -181,7 +181,7 @@ def read_copa(path: Path, max_rows: int | None) -> list[TaskItem]:
         choices = tuple(
             _lower_first(_text(row, name, where, "copa").strip()) for name in ("choice1", "choice2")
         )
-        label = _label(row, where, "copa", ("choice1", "choice2"))
+        label = _label(row, where, ("choice1", "choice2"))
         items.append(TaskItem(prompt, choices[label], choices, label))
     return items
 
@@ -193,7 +193,7 @@ def read_rte(path: Path, max_rows: int | None) -> list[TaskItem]:
             premise=_text(row, "premise", where, "rte"),
             hypothesis=_text(row, "hypothesis", where, "rte"),
         )
-        label = _label(row, where, "rte", ("entailment", "not_entailment"))
+        label = _label(row, where, ("entailment", "not_entailment"))
         choices = ("yes", "no")
         items.append(TaskItem(prompt, choices[label], choices, label))
     return items
@@ -207,7 +207,7 @@ def read_wic(path: Path, max_rows: int | None) -> list[TaskItem]:
             sentence1=_text(row, "sentence1", where, "wic"),
             sentence2=_text(row, "sentence2", where, "wic"),
         )
-        items.append(_yes_no(prompt, _label(row, where, "wic", ("false", "true"))))
+        items.append(_yes_no(prompt, _label(row, where, ("false", "true"))))
     return items
 
 
@@ -220,7 +220,7 @@ def read_wsc(path: Path, max_rows: int | None) -> list[TaskItem]:
             noun=_text(target, "span1_text", where, "wsc", "target."),
             pronoun=_text(target, "span2_text", where, "wsc", "target."),
         )
-        items.append(_yes_no(prompt, _label(row, where, "wsc", ("false", "true"))))
+        items.append(_yes_no(prompt, _label(row, where, ("false", "true"))))
     return items
 
 
@@ -242,7 +242,7 @@ def read_multirc(path: Path, max_rows: int | None) -> list[TaskItem]:
                     question=text,
                     answer=_text(answer, "text", where, "multirc", option),
                 )
-                label = _label(answer, where, "multirc", ("false", "true"), option)
+                label = _label(answer, where, ("false", "true"), option)
                 items.append(TaskItem(prompt, YES_NO[label], YES_NO, label, group=group))
     return items
 
