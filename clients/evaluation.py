@@ -1,8 +1,9 @@
 """Evaluation of a model on local data: loss and perplexity, accuracy on
 classification-style prompts (scored by the log-likelihood of each candidate answer), and
-ROUGE-1/2/L of generated summaries. The base model and a trained adapter are evaluated
-side by side, through the split path (head and tail here, the body on the backbone, over
-its Generate stream) or in this process for a full local checkpoint.
+ROUGE-1/2/L/Lsum of generated summaries (the papers' tasks, in clients/tasks.py, bring
+their own metrics, from clients/metrics.py). The base model and a trained adapter are
+evaluated side by side, through the split path (head and tail here, the body on the
+backbone, over its Generate stream) or in this process for a full local checkpoint.
 
 How each score is computed is in docs/evaluation.md.
 
@@ -42,6 +43,7 @@ from splitfed.clients.data import (
     read_records,
 )
 from splitfed.clients.keys import KeyManagerClient
+from splitfed.clients.metrics import ROUGE_TYPES, rouge
 from splitfed.files import StrPath
 from splitfed.models.generation import BodyStage, LocalStage, SamplingOptions, SplitGenerator
 from splitfed.models.loading import load_body, load_head, load_tail
@@ -51,7 +53,6 @@ from splitfed.security.releases import EVALUATION
 logger = logging.getLogger(__name__)
 
 TASKS = ("auto", "lm", "classification", "summarization")
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 # Lower is better for these; higher for the rest.
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 
@@ -81,12 +82,18 @@ class EvalItem:
     messages: tuple[Message, ...] = ()
 
 
+# A task's own scores (the papers' tasks, clients/tasks.py): model, tokenizer, settings.
+TaskScorer = Callable[["EvalModel", Any, "EvalSettings"], dict[str, float]]
+
+
 @dataclass(frozen=True)
 class EvalSet:
     path: Path
-    task: str  # lm, classification or summarization
+    task: str  # lm, classification, summarization, or one of the papers' tasks
     layout: str
     items: tuple[EvalItem, ...]
+    # The papers' tasks score themselves (after loss and perplexity).
+    scorer: TaskScorer | None = field(default=None, compare=False, repr=False)
 
 
 def _label(value: Any, names: Sequence[tuple[str, ...]], where: str) -> int:
@@ -352,24 +359,6 @@ def accuracy_scores(
     return {"accuracy": correct / len(items)}
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1, ROUGE-2 and ROUGE-L F1 (Google's rouge-score: lower-cased, split on
-    anything but letters and digits, Porter-stemmed)."""
-    try:
-        from rouge_score import rouge_scorer
-    except ImportError:
-        raise ValueError("ROUGE needs the rouge-score package: pip install rouge-score") from None
-    if len(predictions) != len(references) or not predictions:
-        raise ValueError("rouge needs as many predictions as references, at least one")
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for prediction, reference in zip(predictions, references, strict=True):
-        scores = scorer.score(reference, prediction)
-        for name in ROUGE_TYPES:
-            totals[name] += float(scores[name].fmeasure)
-    return {name: total / len(predictions) for name, total in totals.items()}
-
-
 def generation_prompt(item: EvalItem, tokenizer: Any, *, chat_template: bool) -> list[int]:
     """The tokens ``item``'s answer is generated from: its prompt as training formats it;
     for a ``messages`` row, the conversation before its last assistant turn and the
@@ -413,10 +402,12 @@ def evaluate_set(
     model: EvalModel, eval_set: EvalSet, tokenizer: Any, settings: EvalSettings
 ) -> dict[str, float]:
     """Every score of ``eval_set``'s task: loss and perplexity always, accuracy for
-    classification, ROUGE for summarization."""
+    classification, ROUGE for summarization, a paper's task its own metrics."""
     items = eval_set.items
     scores = loss_scores(model, items, tokenizer, settings)
-    if eval_set.task == "classification":
+    if eval_set.scorer is not None:
+        scores.update(eval_set.scorer(model, tokenizer, settings))
+    elif eval_set.task == "classification":
         scores.update(accuracy_scores(model, items, tokenizer, settings))
     elif eval_set.task == "summarization":
         prompts = [
@@ -472,7 +463,7 @@ def evaluate_models(
     return Report({name: description for name, (description, _) in models.items()}, results)
 
 
-METRIC_ORDER = ("loss", "perplexity", "accuracy", *ROUGE_TYPES)
+METRIC_ORDER = ("loss", "perplexity", "accuracy", "macro_f1", "f1a", "f1", "em", *ROUGE_TYPES)
 
 
 def results_table(report: Report) -> Any:

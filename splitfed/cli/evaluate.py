@@ -25,6 +25,13 @@ from splitfed.cli.options import (
 )
 from splitfed.errors import SplitfedError
 
+# evaluation.TASKS, then tasks.TASK_NAMES (the papers' tasks); written out here, since the
+# command imports those modules only when it runs (a unit test checks they agree).
+TASK_CHOICES = (
+    *("auto", "lm", "classification", "summarization"),
+    *("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc", "coqa", "xsum"),
+)
+
 
 @click.command("eval")
 @config_option(
@@ -49,10 +56,11 @@ from splitfed.errors import SplitfedError
 )
 @click.option(
     "--task",
-    type=click.Choice(["auto", "lm", "classification", "summarization"]),
+    type=click.Choice(TASK_CHOICES),
     default="auto",
     show_default=True,
-    help="What to score; auto: from each file's fields.",
+    help="What to score; auto: from each file's fields; a paper's task (boolq ... xsum): "
+    "its official file format and metrics (docs/evaluation.md).",
 )
 @file_option(
     "--output", default=Path("eval.json"), show_default=True, help="Write the scores here as JSON."
@@ -84,11 +92,13 @@ def eval_command(
     no_chat_template: bool,
 ) -> None:
     """Score the base model and the trained adapter side by side: loss and perplexity,
-    accuracy (classification prompts) and ROUGE (summaries). With --model: that local
-    checkpoint (and --trained-model beside it)."""
+    accuracy (classification prompts) and ROUGE (summaries), or a paper's task and its
+    metrics (SuperGLUE, CoQA, XSum). With --model: that local checkpoint (and
+    --trained-model beside it)."""
     from splitfed.clients import evaluation as ev
     from splitfed.clients.app import ClientConfig, backbone_client, keymanager_for
     from splitfed.clients.app import sampling_options as config_sampling
+    from splitfed.clients.tasks import load_task_set
     from splitfed.models.generation import SamplingOptions
 
     try:
@@ -134,7 +144,7 @@ def eval_command(
             raise ValueError("give --data (or set [training] eval_data)")
         if no_base and not adapter:
             raise ValueError("nothing to evaluate: --no-base and no trained adapter")
-        sets = [ev.load_eval_set(p, task, max_examples) for p in paths]
+        sets = [load_task_set(p, task, max_examples) for p in paths]
     except (ValueError, OSError) as exc:
         fail(ctx, exc, usage=True)
         return
