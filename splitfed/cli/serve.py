@@ -465,7 +465,9 @@ def serve_openai(
         return
     try:
         with Engine.from_config(config, concurrency=concurrency, max_queued=max_queued) as engine:
-            server = built(ctx, lambda: HttpServer(build_app(engine, settings), host, port))
+            server = built(
+                ctx, lambda: HttpServer(build_app(engine, settings), host, port, grace_s=grace)
+            )
             run_until_signalled(
                 server, port_file=port_file, grace_s=grace, stop_on_stdin_eof=stop_on_stdin_eof
             )
