@@ -279,6 +279,43 @@ class SplitSession:
         return ReleasedStage(stage, self.ledger, perturber, kind)
 
 
+@dataclass(frozen=True)
+class SplitParts:
+    """What :func:`split_session` loads once and may share between sessions: head and
+    tail (with the checkpoint's adapter when trained) and the body adapter's settings.
+    Modules without state of their own: each generation makes its own caches."""
+
+    head: Head
+    tail: Tail
+    # The settings of the body's adapter (a no-op LoRA for the base model).
+    adapter: AdapterSettings
+    # The training checkpoint's session ("" : none, or the base model).
+    session_id: str = ""
+    trained_against: TrainedAgainst | None = None
+
+
+def load_parts(config: ClientConfig, *, trained: bool = True) -> SplitParts:
+    """Head and tail of ``config``: with ``trained``, carrying the training checkpoint's
+    adapter (from ``adapter.safetensors``) and naming its session; without, the base
+    model's (see :func:`split_session`)."""
+    train = config.training
+    head = load_head(train.model_path, train.k, train.m, quantization=train.quantization)
+    tail = load_tail(train.model_path, train.k, train.m, quantization=train.quantization)
+    checkpoint = train.checkpoint_dir
+    if trained and checkpoint is not None and (checkpoint / "client.json").is_file():
+        state = json.loads((checkpoint / "client.json").read_text())
+        tensors = load_adapter(checkpoint / "adapter.safetensors")
+        for part in (head, tail):
+            config.adapter.apply(part)
+            load_adapter_state(part, tensors)
+        return SplitParts(
+            head, tail, config.adapter, state["session_id"], TrainedAgainst.from_metadata(state)
+        )
+    if not trained:
+        return SplitParts(head, tail, AdapterSettings())  # LoRA with B = 0: the base model
+    return SplitParts(head, tail, config.adapter)
+
+
 @contextmanager
 def split_session(
     client: BackboneClient,
@@ -288,6 +325,8 @@ def split_session(
     trained: bool = True,
     ledger: PrivacyLedger | None = None,
     reconnect: RetryPolicy = RECONNECT,
+    parts: SplitParts | None = None,
+    body_adapter: Mapping[str, torch.Tensor] | None = None,
 ) -> Iterator[SplitSession]:
     """The split model of ``config``. With ``trained``: the adapters of the training
     checkpoint (head and tail from ``adapter.safetensors``, the body from the session the
@@ -297,47 +336,49 @@ def split_session(
     the session sends is counted in ``ledger`` (a trainer's, in the same process), by
     default the one saved in the training checkpoint directory.
 
+    ``parts`` (from :func:`load_parts`; ``trained`` is then theirs) shares head and tail
+    already loaded. ``body_adapter`` (a session's exported body adapter): a new session
+    of ``parts``' adapter settings holding a copy of it, not the checkpoint's session (so
+    several sessions can serve one trained model at once).
+
     A lost stream is reopened (waiting out a restarting backbone under ``reconnect``) and
     the generation replayed into it (:class:`RemoteBodyStage`). A session opened here
     that the backbone no longer has (it restarted without a state directory) is opened
-    again with the same settings: it holds no trained adapter, so it is the same body;
-    the checkpoint's session cannot be replaced, and losing it is an error."""
+    again with the same settings (and ``body_adapter`` imported again): it is the same
+    body; the checkpoint's session cannot be replaced, and losing it is an error."""
     train = config.training
     if ledger is None and train.perturbation.enabled:
         ledger = PrivacyLedger(train.perturbation, directory=train.checkpoint_dir)
-    head = load_head(train.model_path, train.k, train.m, quantization=train.quantization)
-    tail = load_tail(train.model_path, train.k, train.m, quantization=train.quantization)
-    session_id = ""
-    trained_against: TrainedAgainst | None = None
-    adapter = config.adapter
-    checkpoint = train.checkpoint_dir
-    if trained and checkpoint is not None and (checkpoint / "client.json").is_file():
-        state = json.loads((checkpoint / "client.json").read_text())
-        tensors = load_adapter(checkpoint / "adapter.safetensors")
-        for part in (head, tail):
-            config.adapter.apply(part)
-            load_adapter_state(part, tensors)
-        session_id = state["session_id"]
-        trained_against = TrainedAgainst.from_metadata(state)
-    elif not trained:
-        if client.model_info().adapter_mode == "shared":
+    if parts is None:
+        if not trained and client.model_info().adapter_mode == "shared":
             raise ValueError(
                 "the backbone trains one shared adapter (adapter_mode shared), so it cannot "
                 "run the base model; evaluate the adapter alone"
             )
-        adapter = AdapterSettings()  # LoRA with B = 0: exactly the base model
+        parts = load_parts(config, trained=trained)
+    session_id = parts.session_id if body_adapter is None else ""
     if train.encrypted and keymanager is None:
         raise ValueError("encrypted sessions need the key manager: set [security] keymanager")
     request = SessionRequest(
-        k=train.k, m=train.m, adapter=adapter, session_id=session_id, encrypted=train.encrypted
+        k=train.k,
+        m=train.m,
+        adapter=parts.adapter,
+        session_id=session_id,
+        encrypted=train.encrypted,
     )
     session = client.open_session(request)
-    for warning in mismatches(trained_against, session.info.quantization, train.quantization):
+    for warning in mismatches(parts.trained_against, session.info.quantization, train.quantization):
         logger.warning("[generate] %s", warning)
     crypto = None
     if train.encrypted:
         assert keymanager is not None
         crypto = client_crypto(keymanager, session.session_id)
+    if body_adapter is not None:
+        try:  # sealed with the crypto its stream uses: one sealer per session
+            client.import_adapter(session.session_id, body_adapter, crypto)
+        except BaseException:
+            client.close_session(session.session_id)
+            raise
     # "auto" chooses training's encodings; a token's hidden state is small: raw.
     encoding = "raw" if train.encoding == AUTO else train.encoding
 
@@ -359,16 +400,18 @@ def split_session(
             if train.encrypted:
                 assert keymanager is not None
                 crypto = client_crypto(keymanager, reopened.session_id)
+            if body_adapter is not None:
+                client.import_adapter(reopened.session_id, body_adapter, crypto)
         stream = GenerateStream(client, reopened.session_id, encoding, crypto)
         return reopened.session_id, stream
 
     stream = GenerateStream(client, session.session_id, encoding, crypto)
     split = SplitSession(
-        head,
-        tail,
+        parts.head,
+        parts.tail,
         session.session_id,
         stream,
-        trained=bool(session_id),
+        trained=bool(session_id) or body_adapter is not None,
         ledger=ledger,
         reopen=reopen,
     )

@@ -9,6 +9,7 @@ splitfed/cli/__init__.py).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -25,10 +26,13 @@ from splitfed.cli.options import (
     config_option,
     config_overrides,
     fail,
+    file_option,
+    quiet_libraries,
     serve_options,
     tls_from_options,
     tls_options,
 )
+from splitfed.errors import SplitfedError
 from splitfed.metrics import MetricsServer, serve_metrics
 
 if TYPE_CHECKING:
@@ -347,3 +351,157 @@ def run_until_signalled(
     server.stop(grace_s)
     if metrics_server is not None:
         metrics_server.close()
+
+
+@serve.command("openai")
+@config_option("The client config used for training (its checkpoint holds the adapters).")
+@serve_options(
+    "host:port to bind (port 0: a free one); anything but loopback needs an API key.",
+    listen_default="127.0.0.1:8000",
+    between=[
+        file_option(
+            "--api-key-file",
+            exists=True,
+            help="A file holding the API key clients send as 'Authorization: Bearer <key>' "
+            "(or env SPLITFED_OPENAI_API_KEY).",
+        ),
+        click.option(
+            "--model-name",
+            default=None,
+            help="The model name of /v1/models, which requests must name "
+            "(default: the checkpoint directory's name, or the model directory's).",
+        ),
+        click.option(
+            "--concurrency",
+            type=click.IntRange(1, 256),
+            default=4,
+            show_default=True,
+            help="Backbone sessions: requests generating at once (their steps batch on "
+            "the backbone).",
+        ),
+        click.option(
+            "--max-queued",
+            type=click.IntRange(0, 4096),
+            default=16,
+            show_default=True,
+            help="Requests waiting for a session; more are answered 429.",
+        ),
+        click.option(
+            "--max-request-bytes",
+            type=click.IntRange(1),
+            default=1 << 20,
+            show_default=True,
+            help="Larger request bodies are answered 413.",
+        ),
+        click.option(
+            "--max-tokens",
+            type=click.IntRange(1),
+            default=4096,
+            show_default=True,
+            help="The most tokens a request may ask for (max_tokens).",
+        ),
+        click.option(
+            "--max-batch",
+            type=click.IntRange(1, 256),
+            default=8,
+            show_default=True,
+            help="The most completions one request generates (prompts x n).",
+        ),
+    ],
+)
+@click.option(
+    "--grace",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds running requests get to finish on shutdown.",
+)
+@config_overrides
+@click.pass_context
+@quiet_libraries
+def serve_openai(
+    ctx: click.Context,
+    config_path: Path,
+    listen: str,
+    api_key_file: Path | None,
+    model_name: str | None,
+    concurrency: int,
+    max_queued: int,
+    max_request_bytes: int,
+    max_tokens: int,
+    max_batch: int,
+    port_file: Path | None,
+    stop_on_stdin_eof: bool,
+    grace: float,
+) -> None:
+    """Serve the split model through an OpenAI-compatible HTTP API (/v1/models,
+    /v1/completions, /v1/chat/completions, streaming; /health, /metrics): head and tail
+    here, the body on the backbone, the adapters of the training checkpoint
+    (docs/openai.md)."""
+    from splitfed.clients.app import ClientConfig
+    from splitfed.clients.engine import Engine
+    from splitfed.clients.openai_api import ApiSettings, HttpServer, build_app
+
+    try:
+        config = ClientConfig.load(config_path)
+        host, port = openai_listen(listen)
+        key = api_key(api_key_file)
+        if not key and not is_loopback(host):
+            raise ValueError(
+                f"--listen {listen} is not a loopback address: give --api-key-file (or "
+                f"{API_KEY_ENV}) so that only clients with the key are served"
+            )
+        train = config.training
+        name = model_name or (train.checkpoint_dir or train.model_path).name
+        settings = ApiSettings(
+            name,
+            api_key=key,
+            max_request_bytes=max_request_bytes,
+            max_tokens=max_tokens,
+            max_batch=max_batch,
+        )
+    except ValueError as exc:
+        fail(ctx, exc, usage=True)
+        return
+    try:
+        with Engine.from_config(config, concurrency=concurrency, max_queued=max_queued) as engine:
+            server = built(
+                ctx, lambda: HttpServer(build_app(engine, settings), host, port, grace_s=grace)
+            )
+            run_until_signalled(
+                server, port_file=port_file, grace_s=grace, stop_on_stdin_eof=stop_on_stdin_eof
+            )
+    except (ValueError, RuntimeError, SplitfedError) as exc:
+        fail(ctx, exc, usage=False)
+
+
+API_KEY_ENV = "SPLITFED_OPENAI_API_KEY"
+
+
+def openai_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--listen {listen!r}: give host:port, e.g. 127.0.0.1:8000")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key(path: Path | None) -> str:
+    """The API key from ``path`` or $SPLITFED_OPENAI_API_KEY ("" if neither)."""
+    if path is None:
+        return os.environ.get(API_KEY_ENV, "").strip()
+    try:
+        key = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read --api-key-file {path}: {exc}") from None
+    if not key:
+        raise ValueError(f"--api-key-file {path} is empty")
+    return key

@@ -21,6 +21,7 @@ import yaml
 from prometheus_client import REGISTRY, generate_latest
 
 # Import every module that defines metrics, so the registry knows them all.
+import splitfed.clients.openai_api
 import splitfed.security.authz
 import splitfed.security.perturbation
 import splitfed.services.aggregator.federation
