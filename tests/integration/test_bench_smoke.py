@@ -215,3 +215,19 @@ def test_quantization_bench_prints_its_ratios_and_writes_json(tmp_path: Path) ->
     fidelity = figures["fidelity"]["modes"]
     assert set(fidelity["nf4"]["logits"]) >= {"max_abs", "mean_abs", "mean_kl", "top1_agreement"}
     assert fidelity["int8"]["logits"]["max_abs"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.long  # ~20 s: make test-long
+def test_openai_bench_prints_its_ratios_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "openai.json"
+    result = run_bench("openai.py", "--quick", "--json", str(out))
+    lines = [line for line in result.stdout.splitlines() if line.startswith("ratio ")]
+    figures = json.loads(out.read_text())
+    assert set(figures["ratios"]) == {line[6:].rsplit(":", 1)[0] for line in lines}
+    assert set(figures["ratios"]) == {
+        "openai endpoint/direct generation tokens/s",
+        "openai endpoint 2 concurrent/1 request tokens/s",
+    }
+    assert all(value > 0 for value in figures["ratios"].values())
+    assert figures["figures"]["tokens"] == 8

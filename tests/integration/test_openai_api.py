@@ -306,6 +306,12 @@ def test_the_cli_serves_curl_and_refuses_an_open_listen_without_a_key(
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
         assert len(text) > 0
+        # The tokens of `splitfed generate` with the same config and prompt.
+        generated = CliRunner().invoke(
+            cli, ["generate", "--config", str(served.config_path), "--prompt", PROMPTS[0]]
+        )
+        assert generated.exit_code == 0, generated.output
+        assert generated.output == f"> {PROMPTS[0]}\n{text}\n"
         denied = subprocess.run(
             ["curl", "-s", f"http://{address}/v1/models"],
             capture_output=True,
