@@ -266,9 +266,7 @@ def measure(root: Path, args: Any) -> dict[str, Any]:
                     times[name].append(seconds)
             if tokens["direct"] != tokens["endpoint"]:
                 raise SystemExit(f"token counts differ: {tokens}")
-            concurrent = [
-                concurrent_rate(api, args.concurrency, args.new_tokens) for _ in range(3)
-            ]
+            concurrent = [concurrent_rate(api, args.concurrency, args.new_tokens) for _ in range(3)]
         finally:
             direct.close()
             endpoint.stop()
