@@ -235,7 +235,8 @@ class ChatMessage(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        # Joined as a messages row's parts are for training (clients/data.py).
+        return "\n".join(part.text for part in self.content)
 
 
 class ChatRequest(_Common):

@@ -180,7 +180,7 @@ def test_a_chat_maps_system_turns_and_content_parts(api: TestClient, engine: Fak
         {"role": "assistant", "content": "Hello."},
         {
             "role": "user",
-            "content": [{"type": "text", "text": "Add "}, {"type": "text", "text": "1"}],
+            "content": [{"type": "text", "text": "Add 1"}, {"type": "text", "text": "and 2"}],
         },
     ]
     response = api.post("/v1/chat/completions", json={"model": MODEL, "messages": messages})
@@ -188,8 +188,8 @@ def test_a_chat_maps_system_turns_and_content_parts(api: TestClient, engine: Fak
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"]["role"] == "assistant"
     assert body["choices"][0]["message"]["content"] == "Hello there"
-    assert body["usage"]["prompt_tokens"] == len("Add 1")
-    assert engine.chats == [("Be brief.", [("Hi", "Hello.")], "Add 1")]
+    assert body["usage"]["prompt_tokens"] == len("Add 1\nand 2")
+    assert engine.chats == [("Be brief.", [("Hi", "Hello.")], "Add 1\nand 2")]
 
 
 def test_conversation_needs_alternating_turns_ending_with_the_user() -> None:
