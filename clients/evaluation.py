@@ -80,6 +80,8 @@ class EvalItem:
     choices: tuple[str, ...] = ()
     label: int = -1
     messages: tuple[Message, ...] = ()
+    # The file and line it came from (errors name it; not compared).
+    where: str = field(default="", compare=False)
 
 
 # A task's own scores (the papers' tasks, clients/tasks.py): model, tokenizer, settings.
@@ -151,7 +153,7 @@ def lm_item(row: Mapping[str, Any], where: str) -> tuple[str, EvalItem]:
     example = example_of(row, where)
     if isinstance(example, Conversation):
         last = [m for m in example.messages if m.role == "assistant"][-1]
-        return "messages", EvalItem("", last.content, messages=example.messages)
+        return "messages", EvalItem("", last.content, messages=example.messages, where=where)
     layout = "text" if not example.prompt else "prompt/response"
     return layout, EvalItem(example.prompt, example.response)
 
@@ -304,7 +306,7 @@ def loss_scores(
     example) and its exponential, the perplexity."""
     rows = [
         encode(
-            Conversation(i.messages) if i.messages else Example(i.prompt, i.target),
+            Conversation(i.messages, i.where) if i.messages else Example(i.prompt, i.target),
             tokenizer,
             settings.max_length,
             chat_template=settings.chat_template,
@@ -366,7 +368,11 @@ def generation_prompt(item: EvalItem, tokenizer: Any, *, chat_template: bool) ->
     if item.messages:
         last = max(i for i, m in enumerate(item.messages) if m.role == "assistant")
         ids, _ = messages_tokens(
-            tokenizer, item.messages[:last], chat_template=chat_template, generation_prompt=True
+            tokenizer,
+            item.messages[:last],
+            chat_template=chat_template,
+            generation_prompt=True,
+            where=item.where,
         )
         return ids
     return prompt_tokens(tokenizer, item.prompt, chat_template=chat_template)

@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from splitfed.clients.engine import BackboneUnavailableError, Delta, OverloadedError
+from splitfed.files import StrPath
 from splitfed.models.generation import SamplingOptions
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ PATHS = (
 )
 # OpenAI's limit on stop strings.
 MAX_STOPS = 4
+# How often a request whose answer is not streaming yet looks whether its client left.
+DISCONNECT_POLL_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -445,6 +449,16 @@ class _Worker:
     async def next(self) -> Any:
         return await self.queue.get()
 
+    async def watch(self, request: Request) -> None:
+        """Cancel the generation once the client has gone: while the request waits for a
+        session or its first token, and for an answer that is not streamed (a streamed
+        one notices a disconnect itself when it writes)."""
+        while not self.cancel.is_set():
+            if await request.is_disconnected():
+                self.cancel.set()
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
 
 def _error_of(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
@@ -609,23 +623,25 @@ def build_app(engine: EngineLike, settings: ApiSettings) -> FastAPI:
         check_model(model)
         return model_card()
 
-    async def run(job: _Job, stream: bool) -> Response:
+    async def run(request: Request, job: _Job, stream: bool) -> Response:
         try:
             ticket = engine.admit()
         except OverloadedError as exc:
             raise ApiError(429, str(exc), type="rate_limit_error", code="overloaded") from None
         worker = _Worker(executor, ticket, job)
-        # The first delta (or the error) before answering: a backbone that is down is a
-        # 503, not a stream that breaks.
-        first = await worker.next()
-        if isinstance(first, BaseException):
-            raise _error_of(first)
-        if stream:
-            return EventSourceResponse(_events(job, worker, first), sep="\n")
-        texts = [""] * len(job.rows)
-        ends: list[tuple[str, int]] = [("length", 0)] * len(job.rows)
-        item = first
+        watcher = asyncio.create_task(worker.watch(request))
         try:
+            # The first delta (or the error) before answering: a backbone that is down is
+            # a 503, not a stream that breaks.
+            first = await worker.next()
+            if isinstance(first, BaseException):
+                raise _error_of(first)
+            if stream:
+                watcher.cancel()  # the stream sees the disconnect from here on
+                return EventSourceResponse(_events(job, worker, first), sep="\n")
+            texts = [""] * len(job.rows)
+            ends: list[tuple[str, int]] = [("length", 0)] * len(job.rows)
+            item = first
             while item is not _END:
                 if isinstance(item, BaseException):
                     raise _error_of(item)
@@ -633,8 +649,11 @@ def build_app(engine: EngineLike, settings: ApiSettings) -> FastAPI:
                 if item.finish_reason is not None:
                     ends[item.index] = (item.finish_reason, item.tokens)
                 item = await worker.next()
+        except BaseException:
+            worker.cancel.set()  # a request cancelled or failed here stops its generation
+            raise
         finally:
-            worker.cancel.set()  # a request cancelled here stops its generation
+            watcher.cancel()
         choices = [job.choice(i, t, ends[i][0], False) for i, t in enumerate(texts)]
         completion = sum(tokens for _, tokens in ends)
         return JSONResponse(
@@ -647,7 +666,7 @@ def build_app(engine: EngineLike, settings: ApiSettings) -> FastAPI:
         )
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(request: Request, body: CompletionRequest) -> Response:
         check_model(body.model)
         _refusals(body)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -657,10 +676,11 @@ def build_app(engine: EngineLike, settings: ApiSettings) -> FastAPI:
         ids = await run_in_threadpool(lambda: [engine.prompt_ids(p) for p in prompts])
         rows = [r for r in ids for _ in range(body.n)]
         sampling = plan_sampling(engine, settings, body, rows, body.max_tokens, "prompt")
-        return await run(_job(False, body, rows, sum(map(len, ids)), sampling), body.stream)
+        job = _job(False, body, rows, sum(map(len, ids)), sampling)
+        return await run(request, job, body.stream)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Response:
+    async def chat_completions(request: Request, body: ChatRequest) -> Response:
         check_model(body.model)
         _refusals(body)
         _check_batch(settings, 1, body.n)
@@ -671,7 +691,7 @@ def build_app(engine: EngineLike, settings: ApiSettings) -> FastAPI:
         if requested is None:
             requested, param = body.max_tokens, "max_tokens"
         sampling = plan_sampling(engine, settings, body, rows, requested, "messages", param)
-        return await run(_job(True, body, rows, len(ids), sampling), body.stream)
+        return await run(request, _job(True, body, rows, len(ids), sampling), body.stream)
 
     return app
 
@@ -737,8 +757,18 @@ class HttpServer:
     start with :func:`serve_in_thread`."""
 
     def __init__(
-        self, app: ASGIApp, host: str = "127.0.0.1", port: int = 0, *, grace_s: float = 5.0
+        self,
+        app: ASGIApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        grace_s: float = 5.0,
+        tls_cert: StrPath | None = None,
+        tls_key: StrPath | None = None,
     ) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("HTTPS needs both a certificate and its key (--tls-cert, --tls-key)")
+        self.tls = tls_cert is not None
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -755,7 +785,14 @@ class HttpServer:
             lifespan="on",
             timeout_graceful_shutdown=max(1, int(grace_s)),
             access_log=False,
+            ssl_certfile=None if tls_cert is None else str(tls_cert),
+            ssl_keyfile=None if tls_key is None else str(tls_key),
         )
+        try:
+            config.load()  # the certificate and key are read here: errors before serving
+        except (OSError, ssl.SSLError) as exc:
+            self.socket.close()
+            raise ValueError(f"cannot use the TLS certificate {tls_cert} and key: {exc}") from None
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -771,7 +808,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         """The API's base URL (what ``openai.OpenAI(base_url=...)`` takes)."""
-        return f"http://{self.address}/v1"
+        return f"{'https' if self.tls else 'http'}://{self.address}/v1"
 
     def start(self) -> HttpServer:
         self._thread = threading.Thread(
@@ -795,10 +832,18 @@ class HttpServer:
         self.stop()
 
 
-def serve_in_thread(app: ASGIApp, host: str = "127.0.0.1", port: int = 0) -> HttpServer:
-    """Start ``app`` on ``host:port`` (port 0: a free one) in a thread; ``url`` is its
-    base URL, ``stop()`` (or ``with``) ends it."""
-    return HttpServer(app, host, port).start()
+def serve_in_thread(
+    app: ASGIApp,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    tls_cert: StrPath | None = None,
+    tls_key: StrPath | None = None,
+) -> HttpServer:
+    """Start ``app`` on ``host:port`` (port 0: a free one) in a thread, HTTPS with
+    ``tls_cert`` and ``tls_key``; ``url`` is its base URL, ``stop()`` (or ``with``)
+    ends it."""
+    return HttpServer(app, host, port, tls_cert=tls_cert, tls_key=tls_key).start()
 
 
 def wait_ready(server: HttpServer, timeout_s: float = 30.0) -> None:

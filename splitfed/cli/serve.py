@@ -365,6 +365,12 @@ def run_until_signalled(
             help="A file holding the API key clients send as 'Authorization: Bearer <key>' "
             "(or env SPLITFED_OPENAI_API_KEY).",
         ),
+        file_option(
+            "--tls-cert",
+            exists=True,
+            help="Serve HTTPS with this certificate (PEM, the chain after it); with --tls-key.",
+        ),
+        file_option("--tls-key", exists=True, help="The private key of --tls-cert (PEM)."),
         click.option(
             "--model-name",
             default=None,
@@ -424,6 +430,8 @@ def serve_openai(
     config_path: Path,
     listen: str,
     api_key_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     model_name: str | None,
     concurrency: int,
     max_queued: int,
@@ -451,6 +459,8 @@ def serve_openai(
                 f"--listen {listen} is not a loopback address: give --api-key-file (or "
                 f"{API_KEY_ENV}) so that only clients with the key are served"
             )
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("give --tls-cert and --tls-key together (or neither: plain HTTP)")
         train = config.training
         name = model_name or (train.checkpoint_dir or train.model_path).name
         settings = ApiSettings(
@@ -466,7 +476,15 @@ def serve_openai(
     try:
         with Engine.from_config(config, concurrency=concurrency, max_queued=max_queued) as engine:
             server = built(
-                ctx, lambda: HttpServer(build_app(engine, settings), host, port, grace_s=grace)
+                ctx,
+                lambda: HttpServer(
+                    build_app(engine, settings),
+                    host,
+                    port,
+                    grace_s=grace,
+                    tls_cert=tls_cert,
+                    tls_key=tls_key,
+                ),
             )
             run_until_signalled(
                 server, port_file=port_file, grace_s=grace, stop_on_stdin_eof=stop_on_stdin_eof

@@ -271,3 +271,28 @@ def test_chat_says_where_the_system_text_goes_without_a_template(
     assert result.stderr.count("--system is sent as the conversation's first line") == 1
     result = CliRunner().invoke(cli, chat, input="/exit\n")
     assert result.exit_code == 0 and "--system" not in result.stderr
+
+
+def test_chat_starts_from_a_messages_file(trained: tuple[Deployment, Path], tmp_path: Path) -> None:
+    _, config = trained
+    start = tmp_path / "start.json"
+    start.write_text(
+        json.dumps(
+            [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Add 1 and 2."},
+                {"role": "assistant", "content": "3"},
+                {"role": "user", "content": "And 2 and 2?"},
+            ]
+        )
+    )
+    chat = ["chat", "--config", str(config), "--max-new-tokens", "2", "--messages", str(start)]
+    result = CliRunner().invoke(cli, chat, input="Hello\n/reset\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert f"(started from {start}: 1 earlier turns)" in result.output
+    assert "you> And 2 and 2?\nmodel> " in result.output  # the file's last question first
+    assert result.output.count("model> ") == 2
+    # A system message in the file and --system both: refused before connecting.
+    result = CliRunner().invoke(cli, [*chat, "--system", "Be long."], input="")
+    assert result.exit_code == 2
+    assert "has a system message: leave --system out" in result.output

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ from splitfed.models.adapters import AdapterSettings
 from splitfed.models.generation import SamplingOptions
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.tiny import BUNDLED_DATASET
+from splitfed.security.ca import CertificateAuthority
 from splitfed.serving import ConnectSettings
 
 pytestmark = pytest.mark.slow
@@ -262,6 +264,41 @@ def test_a_client_that_goes_mid_stream_frees_its_session(served: Served) -> None
     assert reply.choices[0].message.content == served.greedy[PROMPTS[0]]
 
 
+def test_a_client_that_goes_before_a_whole_answer_stops_its_generation(served: Served) -> None:
+    # Not streamed: the server notices the closed connection while it generates.
+    before = cancelled(served)
+    body = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 480}
+    timeout = httpx2.Timeout(10.0, read=0.3)
+    with (
+        httpx2.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=timeout) as http,
+        pytest.raises(httpx2.ReadTimeout),
+    ):
+        http.post(served.server.url + "/completions", json=body)
+    assert wait_until(lambda: cancelled(served) == before + 1, timeout_s=30)
+    assert wait_until(lambda: served.engine.idle_sessions == 2, timeout_s=10)
+
+
+def test_https_with_a_certificate(served: Served, tmp_path: Path) -> None:
+    ca = CertificateAuthority.create("hospital-a CA")
+    ca.issue("openai-endpoint", "backbone", ip_addresses=["127.0.0.1"]).write(tmp_path)
+    app = build_app(served.engine, ApiSettings(MODEL, api_key=KEY))
+    trusted = ssl.create_default_context(cafile=tmp_path / "ca.pem")
+    with (
+        serve_in_thread(
+            app, tls_cert=tmp_path / "cert.pem", tls_key=tmp_path / "key.pem"
+        ) as server,
+        httpx2.Client(verify=trusted) as http,
+    ):
+        assert server.url.startswith("https://127.0.0.1:")
+        api = openai.OpenAI(base_url=server.url, api_key=KEY, http_client=http)
+        reply = api.completions.create(model=MODEL, prompt=PROMPTS[0], temperature=0)
+        assert reply.choices[0].text == served.greedy[PROMPTS[0]]
+        with pytest.raises(httpx2.ConnectError):  # plain HTTP, or a CA it does not know
+            httpx2.get(server.url + "/models", verify=True)
+    with pytest.raises(ValueError, match="needs both a certificate and its key"):
+        serve_in_thread(app, tls_cert=tmp_path / "cert.pem")
+
+
 def test_the_cli_serves_curl_and_refuses_an_open_listen_without_a_key(
     served: Served, tmp_path: Path
 ) -> None:
@@ -271,6 +308,9 @@ def test_the_cli_serves_curl_and_refuses_an_open_listen_without_a_key(
     assert refused.exit_code == 2
     assert "not a loopback address: give --api-key-file" in refused.output
     (tmp_path / "key").write_text(KEY + "\n")
+    half = CliRunner(env=env).invoke(cli, [*args, "--tls-cert", str(tmp_path / "key")])
+    assert half.exit_code == 2
+    assert "give --tls-cert and --tls-key together" in half.output
     process = ServiceProcess(
         "openai",
         [*args, "--listen", "127.0.0.1:0", "--api-key-file", str(tmp_path / "key")],

@@ -145,7 +145,7 @@ def test_a_cut_conversation_keeps_what_fits(tokenizer: Any) -> None:
     assert labelled_runs(tokenizer, *cut) == ["3<|im_end|>\n", "4"]
 
 
-def test_a_template_that_rewrites_earlier_turns_is_an_error(tokenizer: Any) -> None:
+def test_a_template_that_rewrites_earlier_turns_is_an_error(tokenizer: Any, tmp_path: Path) -> None:
     # Earlier answers rendered differently from the last one (as templates that strip
     # reasoning from past turns do): the turn-by-turn difference does not exist.
     rewriting = copy.deepcopy(tokenizer)
@@ -159,6 +159,11 @@ def test_a_template_that_rewrites_earlier_turns_is_an_error(tokenizer: Any) -> N
     assert "turn chat_template off" in str(e.value) and "\n" not in str(e.value)
     plain = encode(Conversation(MESSAGES), rewriting, 512, chat_template=False)
     assert plain == encode(Conversation(MESSAGES), tokenizer, 512, chat_template=False)
+    # Evaluation names the row too.
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:1: the tokenizer's chat template does not"):
+        evaluate_set(Recorder(len(tokenizer), [2]), load_eval_set(path), rewriting, EvalSettings())
 
 
 def test_content_may_be_a_list_of_text_parts() -> None:
