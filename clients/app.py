@@ -339,7 +339,9 @@ def split_session(
     ``parts`` (from :func:`load_parts`; ``trained`` is then theirs) shares head and tail
     already loaded. ``body_adapter`` (a session's exported body adapter): a new session
     of ``parts``' adapter settings holding a copy of it, not the checkpoint's session (so
-    several sessions can serve one trained model at once).
+    several sessions can serve one trained model at once); empty: a new session and
+    nothing to copy (a backbone in shared adapter mode runs its one adapter in every
+    session).
 
     A lost stream is reopened (waiting out a restarting backbone under ``reconnect``) and
     the generation replayed into it (:class:`RemoteBodyStage`). A session opened here
@@ -373,7 +375,7 @@ def split_session(
     if train.encrypted:
         assert keymanager is not None
         crypto = client_crypto(keymanager, session.session_id)
-    if body_adapter is not None:
+    if body_adapter:
         try:  # sealed with the crypto its stream uses: one sealer per session
             client.import_adapter(session.session_id, body_adapter, crypto)
         except BaseException:
@@ -400,7 +402,7 @@ def split_session(
             if train.encrypted:
                 assert keymanager is not None
                 crypto = client_crypto(keymanager, reopened.session_id)
-            if body_adapter is not None:
+            if body_adapter:
                 client.import_adapter(reopened.session_id, body_adapter, crypto)
         stream = GenerateStream(client, reopened.session_id, encoding, crypto)
         return reopened.session_id, stream

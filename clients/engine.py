@@ -304,14 +304,17 @@ class Engine:
         logger.info("[openai] pool session %d: %s", slot.number, slot.split.session_id)
         return slot.split
 
-    def _trained_body(self) -> dict[str, torch.Tensor] | None:
-        """The checkpoint session's body adapter, for the pool's other sessions (None in
-        shared mode: every session runs the one adapter)."""
+    def _trained_body(self) -> dict[str, torch.Tensor]:
+        """The checkpoint session's body adapter, for the pool's other sessions (empty
+        in shared mode: every session runs the one adapter, so they are new sessions
+        with nothing to copy)."""
         with self._lock:
             if self._body_adapter is not None:
                 return self._body_adapter
         if self.client.model_info().adapter_mode == "shared":
-            return None
+            with self._lock:
+                self._body_adapter = {}
+            return {}
         session = self.parts.session_id
         crypto = None
         if self.config.training.encrypted and self.keymanager is not None:

@@ -33,7 +33,7 @@ from transformers import AutoTokenizer
 from splitfed.cli import cli
 from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.app import ClientConfig, backbone_client, generate
-from splitfed.clients.engine import Engine
+from splitfed.clients.engine import Engine, collect
 from splitfed.clients.openai_api import ApiSettings, HttpServer, build_app, serve_in_thread
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.models.adapters import AdapterSettings
@@ -361,3 +361,38 @@ def test_the_cli_serves_curl_and_refuses_an_open_listen_without_a_key(
         assert json.loads(denied.stdout)["error"]["code"] == "invalid_api_key"
     finally:
         assert process.stop() == 0
+
+
+def test_in_shared_adapter_mode_the_pool_opens_sessions_of_its_own(tmp_path: Path) -> None:
+    # Every session of a shared-mode backbone runs its one adapter: the pool's other
+    # sessions are new ones (nothing copied), never the checkpoint's session twice.
+    dep = deployment(tmp_path, layers=3, hidden_size=32, adapter_mode="shared")
+    dep.start()
+    try:
+        config, _ = client_config(dep, tmp_path)
+        with backbone_client(config.backbone) as client:
+            trainer = SplitTrainer(client, config.training, config.adapter, config.optimizer)
+            trainer.run()
+            trainer.close()
+            expected = generate(client, config, [PROMPTS[0]])[0]
+        state = json.loads((tmp_path / MODEL / "client.json").read_text())
+        with Engine.from_config(config, concurrency=2) as engine:
+            sessions = [slot.split.session_id for slot in engine._slots if slot.split]
+            assert sessions[0] == state["session_id"] and len(set(sessions)) == 2
+            rows = [engine.prompt_ids(PROMPTS[0])]
+            start = threading.Barrier(2)
+            texts: list[str] = []
+
+            def ask() -> None:
+                start.wait()
+                with engine.admit() as ticket:
+                    texts.append(collect(ticket.stream(rows, engine.defaults), 1)[0].text)
+
+            threads = [threading.Thread(target=ask) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert texts == [expected, expected]
+    finally:
+        dep.stop()
