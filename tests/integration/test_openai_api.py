@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,13 @@ import torch
 from backbone_kit import SERVER_NAME, Deployment, deployment
 from click.testing import CliRunner
 from helpers import fresh_log, wait_until
+from security_kit import SERVER_NAME as KEYMANAGER_NAME
+from security_kit import keymanager_kit
 from transformers import AutoTokenizer
 
 from splitfed.cli import cli
 from splitfed.cli.launcher import ServiceProcess
-from splitfed.clients.app import ClientConfig, backbone_client, generate
+from splitfed.clients.app import ClientConfig, backbone_client, generate, keymanager_for
 from splitfed.clients.engine import Engine, collect
 from splitfed.clients.openai_api import ApiSettings, HttpServer, build_app, serve_in_thread
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
@@ -41,7 +43,7 @@ from splitfed.models.generation import SamplingOptions
 from splitfed.models.optim import OptimizerSettings
 from splitfed.models.tiny import BUNDLED_DATASET
 from splitfed.security.ca import CertificateAuthority
-from splitfed.serving import ConnectSettings
+from splitfed.serving import ConnectSettings, SecuritySettings
 
 pytestmark = pytest.mark.slow
 
@@ -396,3 +398,49 @@ def test_in_shared_adapter_mode_the_pool_opens_sessions_of_its_own(tmp_path: Pat
             assert texts == [expected, expected]
     finally:
         dep.stop()
+
+
+def test_an_encrypted_checkpoint_is_copied_sealed_into_the_pools_sessions(
+    tmp_path: Path,
+) -> None:
+    # Encrypted sessions: the body adapter leaves the checkpoint's session sealed under
+    # its keys and enters the copy sealed under the copy's own.
+    ca = CertificateAuthority.create("openai test CA")
+    with pytest.MonkeyPatch.context() as mp:
+        km = keymanager_kit(tmp_path / "km", mp, ca=ca)
+        km.start()
+        dep = deployment(
+            tmp_path / "backbone",
+            layers=3,
+            hidden_size=32,
+            ca=ca,
+            security={"keymanager": km.address, "keymanager_server_name": KEYMANAGER_NAME},
+        )
+        dep.start()
+        try:
+            plain, _ = client_config(dep, tmp_path)
+            config = replace(
+                plain,
+                backbone=replace(plain.backbone, tls_dir=km.enroll("hospital-a")),
+                training=replace(plain.training, encrypted=True),
+                security=SecuritySettings(
+                    keymanager=km.address, keymanager_server_name=KEYMANAGER_NAME, renew=False
+                ),
+            )
+            with backbone_client(config.backbone) as client, keymanager_for(config) as keys:
+                trainer = SplitTrainer(
+                    client, config.training, config.adapter, config.optimizer, keymanager=keys
+                )
+                trainer.run()
+                trainer.close()
+                expected = generate(client, config, [PROMPTS[0]], keys)[0]
+            with Engine.from_config(config, concurrency=2) as engine:
+                assert all(slot.split is not None and slot.split.trained for slot in engine._slots)
+                rows = [engine.prompt_ids(PROMPTS[0])]
+                for _ in engine._slots:  # one after the other: each session once
+                    with engine.admit() as ticket:
+                        got = collect(ticket.stream(rows, engine.defaults), 1)[0].text
+                    assert got == expected
+        finally:
+            dep.stop()
+            km.stop()
