@@ -35,7 +35,9 @@ from transformers import AutoTokenizer
 from splitfed.cli import cli
 from splitfed.cli.launcher import ServiceProcess
 from splitfed.clients.app import ClientConfig, backbone_client, generate, keymanager_for
+from splitfed.clients.backbone import BackboneClient
 from splitfed.clients.engine import Engine, collect
+from splitfed.clients.keys import KeyManagerClient
 from splitfed.clients.openai_api import ApiSettings, HttpServer, build_app, serve_in_thread
 from splitfed.clients.trainer import SplitTrainer, TrainSettings
 from splitfed.models.adapters import AdapterSettings
@@ -118,6 +120,17 @@ def client_config(dep: Deployment, root: Path) -> tuple[ClientConfig, Path]:
     return config, path
 
 
+def train_checkpoint(
+    client: BackboneClient, config: ClientConfig, keys: KeyManagerClient | None = None
+) -> None:
+    """The config's training (one step): its checkpoint, and its session's trained body."""
+    trainer = SplitTrainer(
+        client, config.training, config.adapter, config.optimizer, keymanager=keys
+    )
+    trainer.run()
+    trainer.close()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("openai")
@@ -126,9 +139,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     try:
         config, path = client_config(dep, root)
         with backbone_client(config.backbone) as client:
-            trainer = SplitTrainer(client, config.training, config.adapter, config.optimizer)
-            trainer.run()
-            trainer.close()
+            train_checkpoint(client, config)
             greedy = {p: generate(client, config, [p])[0] for p in PROMPTS}
             sampled = {p: generate(client, config, [p], **SAMPLED)[0] for p in PROMPTS}
             batched = generate(client, config, PROMPTS, max_new_tokens=4)
@@ -373,9 +384,7 @@ def test_in_shared_adapter_mode_the_pool_opens_sessions_of_its_own(tmp_path: Pat
     try:
         config, _ = client_config(dep, tmp_path)
         with backbone_client(config.backbone) as client:
-            trainer = SplitTrainer(client, config.training, config.adapter, config.optimizer)
-            trainer.run()
-            trainer.close()
+            train_checkpoint(client, config)
             expected = generate(client, config, [PROMPTS[0]])[0]
         state = json.loads((tmp_path / MODEL / "client.json").read_text())
         with Engine.from_config(config, concurrency=2) as engine:
@@ -428,11 +437,7 @@ def test_an_encrypted_checkpoint_is_copied_sealed_into_the_pools_sessions(
                 ),
             )
             with backbone_client(config.backbone) as client, keymanager_for(config) as keys:
-                trainer = SplitTrainer(
-                    client, config.training, config.adapter, config.optimizer, keymanager=keys
-                )
-                trainer.run()
-                trainer.close()
+                train_checkpoint(client, config, keys)
                 expected = generate(client, config, [PROMPTS[0]], keys)[0]
             with Engine.from_config(config, concurrency=2) as engine:
                 assert all(slot.split is not None and slot.split.trained for slot in engine._slots)
