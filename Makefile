@@ -8,7 +8,7 @@ STAMP := $(VENV)/.splitfed-installed
 PYTEST_ARGS ?=
 CHAOS_ARGS ?= --kills 10
 
-.PHONY: help install demo test test-long lint format typecheck layers linktree protos protos-check test-unit test-integration test-checks bench bench-wan bench-quantization wan-check fuzz chaos clean
+.PHONY: help install demo test test-long lint format typecheck layers linktree protos protos-check test-unit test-integration test-checks bench bench-wan bench-quantization bench-openai wan-check fuzz chaos clean
 
 help:
 	@echo "make demo    - create $(VENV), install, run the local end-to-end demo"
@@ -19,6 +19,7 @@ help:
 	@echo "make wan-check - the WAN harness's self-check: each profile's RTT and rate (needs root)"
 	@echo "make bench-wan - split steps and generation over the emulated links (needs root)"
 	@echo "make bench-quantization - quantized bodies: memory, fidelity, speed (issue 21)"
+	@echo "make bench-openai - the OpenAI-compatible endpoint against direct generation (issue 22)"
 	@echo "make test-long - the long checks make test leaves out (bench smoke runs, kills)"
 	@echo "make fuzz    - send FUZZ_EXAMPLES (10000) hostile messages to the live services"
 	@echo "make chaos   - federated runs with services killed (SIGKILL) until >= 10 kills"
@@ -119,6 +120,9 @@ QUANT_ARGS ?=
 
 bench-quantization: $(STAMP)
 	$(BIN)/python bench/quantization.py $(QUANT_ARGS)
+
+bench-openai: $(STAMP)
+	$(BIN)/python bench/openai.py
 
 # Hostile messages over mTLS to live services (tests/fuzz): `make test` sends a bounded
 # sample; this sends FUZZ_EXAMPLES cases, prints the count and every failure, and fails
