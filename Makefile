@@ -8,7 +8,7 @@ STAMP := $(VENV)/.splitfed-installed
 PYTEST_ARGS ?=
 CHAOS_ARGS ?= --kills 10
 
-.PHONY: help install demo test test-long lint format typecheck layers linktree protos protos-check test-unit test-integration test-checks bench bench-wan bench-quantization bench-openai wan-check fuzz chaos clean
+.PHONY: help install demo test test-long lint format typecheck layers linktree protos protos-check test-unit test-integration test-checks bench bench-wan bench-quantization bench-openai images images-test wan-check fuzz chaos clean
 
 help:
 	@echo "make demo    - create $(VENV), install, run the local end-to-end demo"
@@ -20,6 +20,8 @@ help:
 	@echo "make bench-wan - split steps and generation over the emulated links (needs root)"
 	@echo "make bench-quantization - quantized bodies: memory, fidelity, speed (issue 21)"
 	@echo "make bench-openai - the OpenAI-compatible endpoint against direct generation (issue 22)"
+	@echo "make images  - build the CPU image and the CUDA one on the same base (podman or docker)"
+	@echo "make images-test - build, then smoke-test the image as an operator runs it"
 	@echo "make test-long - the long checks make test leaves out (bench smoke runs, kills)"
 	@echo "make fuzz    - send FUZZ_EXAMPLES (10000) hostile messages to the live services"
 	@echo "make chaos   - federated runs with services killed (SIGKILL) until >= 10 kills"
@@ -123,6 +125,16 @@ bench-quantization: $(STAMP)
 
 bench-openai: $(STAMP)
 	$(BIN)/python bench/openai.py
+
+# Container images (docker/images.py, docs/deploy.md "Building and testing the images"):
+# podman where it runs, else docker; the host's needs (podman's runtime and limits, a base
+# image without a registry, pip's CA and wheels behind a proxy) detected. Only the host's
+# Python is needed.
+images:
+	$(PYTHON) docker/images.py build --cuda
+
+images-test: images
+	$(PYTHON) docker/images.py test
 
 # Hostile messages over mTLS to live services (tests/fuzz): `make test` sends a bounded
 # sample; this sends FUZZ_EXAMPLES cases, prints the count and every failure, and fails

@@ -107,7 +107,14 @@ def test_there_is_a_cpu_and_a_cuda_image() -> None:
     cuda = (ROOT / "docker" / "Dockerfile.cuda").read_text()
     assert "TORCH_SPEC=torch==2.13.0" in cpu and "download.pytorch.org/whl/cpu" in cpu
     assert "TORCH_SPEC=torch==2.13.0" in cuda and "download.pytorch.org/whl/cu" in cuda
-    assert re.search(r"CUDA_IMAGE=nvidia/cuda:[0-9.]+-runtime-", cuda)
+    # The base flavour: torch's wheels bring the CUDA libraries the runtime one duplicates.
+    assert re.search(r"CUDA_IMAGE=nvidia/cuda:[0-9.]+-base-", cuda)
+    # One index per pip install: a second one (--extra-index-url) lets any package come
+    # from whichever index has the name (dependency confusion).
+    for dockerfile in (cpu, cuda):
+        assert "--extra-index-url" not in dockerfile
+    # Build-time settings stay out of the image.
+    assert "ENV DEBIAN_FRONTEND" not in cuda and "ARG DEBIAN_FRONTEND=noninteractive" in cuda
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
