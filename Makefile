@@ -21,7 +21,7 @@ help:
 	@echo "make bench-quantization - quantized bodies: memory, fidelity, speed (issue 21)"
 	@echo "make bench-openai - the OpenAI-compatible endpoint against direct generation (issue 22)"
 	@echo "make images  - build the CPU image and the CUDA one on the same base (podman or docker)"
-	@echo "make images-test - build, then smoke-test the image as an operator runs it"
+	@echo "make images-test - build, smoke-test the image, run the whole deployment in containers"
 	@echo "make test-long - the long checks make test leaves out (bench smoke runs, kills)"
 	@echo "make fuzz    - send FUZZ_EXAMPLES (10000) hostile messages to the live services"
 	@echo "make chaos   - federated runs with services killed (SIGKILL) until >= 10 kills"
@@ -135,6 +135,7 @@ images:
 
 images-test: images
 	$(PYTHON) docker/images.py test
+	$(PYTHON) docker/images.py deploy
 
 # Hostile messages over mTLS to live services (tests/fuzz): `make test` sends a bounded
 # sample; this sends FUZZ_EXAMPLES cases, prints the count and every failure, and fails
