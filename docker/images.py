@@ -91,7 +91,7 @@ class StepError(Exception):
 
 def run(args: Sequence[str], *, check: bool = True, timeout: float = 1800) -> str:
     """Run ``args``, echoing it; its output (stdout and stderr together)."""
-    shown = [re.sub(r"^(SPLITFED_KEK=).*", r"\1***", a) for a in args]
+    shown = [re.sub(r"^(SPLITFED_(KEK|TOKEN)=).*", r"\1***", a) for a in args]
     print("$ " + " ".join(shown), flush=True)
     started = time.perf_counter()
     done = subprocess.run(
@@ -688,6 +688,8 @@ class Deployment:
                     *self.mounts(**{client: "/work"}),
                     "-v",
                     f"{ca}:/ca:ro",
+                    "--env",
+                    f"SPLITFED_TOKEN={token}",  # as enroll.sh passes it: not in argv
                     image,
                     "keys",
                     "enroll",
@@ -695,8 +697,6 @@ class Deployment:
                     f"{KEYMANAGER}:7444",
                     "--ca",
                     "/ca/ca.pem",
-                    "--token",
-                    token,
                     "--identity",
                     client,
                     "--out",
